@@ -1,0 +1,1 @@
+"""Hardware layer: small interfaces the core depends on, with Raspberry Pi and simulated implementations."""

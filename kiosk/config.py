@@ -1,0 +1,243 @@
+"""The dispenser's one configuration file (TOML, read with :mod:`tomllib`).
+
+Every key has a documented default, so the desktop simulation needs no file at all. Every value is
+validated at start-up; a bad one raises :class:`ConfigError` whose message names the key, e.g.
+``limits.max_duration_ms: must be at most 600000, got 900000``. Unknown keys are errors too (a typo
+must not silently fall back to a default on a machine that pours water).
+
+``python main.py --print-config`` prints the effective configuration as TOML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range. The message names the key."""
+
+
+def _opt(default: Any, doc: str, *, min: Any = None, max: Any = None, choices: tuple = ()) -> Any:
+    return field(default=default, metadata={"doc": doc, "min": min, "max": max, "choices": choices})
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    id: str = _opt("SIM-0001", "Machine id as provisioned by the cloud (letters, digits, '-', '_').")
+    location: str = _opt("Desktop simulation", "Where the machine stands, shown on screen and phone.")
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    url: str = _opt("http://127.0.0.1:8700", "Base URL of the Tapshare cloud service.")
+
+
+@dataclass(frozen=True)
+class PricingConfig:
+    display_price_fen_per_l: int = _opt(
+        200, "Price shown before the cloud has answered (fen per litre). The grant's price is billed.",
+        min=0, max=100_000)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Hard limits of this machine. Every grant from the cloud is clamped to them."""
+
+    max_volume_ml: int = _opt(5_000, "Most water one session may pour.", min=50, max=50_000)
+    max_duration_ms: int = _opt(300_000, "Longest time the valve may stay open in one session.",
+                                min=1_000, max=600_000)
+    max_idle_ms: int = _opt(15_000, "Close the valve after this long with no flow (no-pulse timeout).",
+                            min=500, max=120_000)
+    max_credit_fen: int = _opt(10_000, "Most money one session may spend.", min=1, max=1_000_000)
+    min_dispense_ml: int = _opt(10, "Sessions that pour less are reported but not charged (drips, "
+                                "a change of mind).", min=0, max=500)
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    pulses_per_litre: float = _opt(450.0, "Flow meter calibration (YF-S201 class meters: about 450).",
+                                   min=1.0, max=100_000.0)
+    overrun_window_ms: int = _opt(1_000, "Pulses this soon after the valve closes are overrun: "
+                                  "recorded, not billed, not a leak.", min=0, max=10_000)
+    checkpoint_interval_ms: int = _opt(250, "How often a running session's pulse count is written "
+                                       "to disk.", min=10, max=250)
+    max_flow_ml_per_min: int = _opt(10_000, "Fastest flow the plumbing can deliver. A faster reading "
+                                    "is a meter fault.", min=100, max=100_000)
+    sample_interval_ms: int = _opt(20, "How often the core thread samples the pulse counter.",
+                                   min=1, max=100)
+
+
+@dataclass(frozen=True)
+class LeakConfig:
+    ghost_volume_ml: int = _opt(50, "Flow with the valve closed beyond this volume ...", min=1, max=10_000)
+    ghost_window_ms: int = _opt(600_000, "... within this window raises the leak alarm.",
+                                min=1_000, max=86_400_000)
+
+
+@dataclass(frozen=True)
+class ScreenConfig:
+    layout: str = _opt("landscape_800x480", "Screen layout.",
+                       choices=("landscape_800x480", "portrait_720x1280"))
+    fullscreen: bool = _opt(False, "Fill the screen (true on a dispenser).")
+    receipt_display_ms: int = _opt(15_000, "How long the bill stays on screen.", min=1_000, max=300_000)
+    language: str = _opt("zh", "Language shown first.", choices=("zh", "en"))
+
+
+@dataclass(frozen=True)
+class PinsConfig:
+    """BCM pin numbers. -1 means "not fitted"."""
+
+    valve: int = _opt(17, "Output driving the normally-closed solenoid valve's relay.", min=0, max=27)
+    valve_active_high: bool = _opt(True, "False for relay boards that switch on a low level.")
+    flow_meter: int = _opt(27, "Input from the hall-effect flow meter.", min=0, max=27)
+    stop_button: int = _opt(22, "Input from the machine's stop button (to ground, pull-up).", min=0, max=27)
+    leak_sensor: int = _opt(-1, "Input from a leak/flood sensor, -1 if none.", min=-1, max=27)
+    onewire: int = _opt(4, "1-Wire data pin of the DS18B20 tank thermometer.", min=0, max=27)
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    data_dir: str = _opt("~/.local/share/tapshare", "Where the ledger database lives (must survive "
+                         "reboots and power loss).")
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    event_log_max_rows: int = _opt(200_000, "Event log rows kept; older ones are pruned.",
+                                   min=1_000, max=10_000_000)
+    retention_days: int = _opt(90, "Reported sessions, checkpoints and sent reports older than this "
+                               "are pruned.", min=1, max=3_650)
+
+
+@dataclass(frozen=True)
+class Config:
+    machine: MachineConfig = field(default_factory=MachineConfig)
+    cloud: CloudConfig = field(default_factory=CloudConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    leak: LeakConfig = field(default_factory=LeakConfig)
+    screen: ScreenConfig = field(default_factory=ScreenConfig)
+    pins: PinsConfig = field(default_factory=PinsConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(os.path.expanduser(self.paths.data_dir))
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "ledger.db"
+
+    def replace(self, **sections: dict[str, Any]) -> Config:
+        """A copy with some keys changed, validated like a file: ``cfg.replace(flow={"sample_interval_ms": 5})``."""
+        data = to_dict(self)
+        for name, values in sections.items():
+            data.setdefault(name, {}).update(values)
+        return from_dict(data)
+
+
+def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
+    want = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str,
+                                                       "bool": bool}[f.type]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if (want is int and isinstance(value, bool)) or not isinstance(value, want):
+        raise ConfigError(f"{key}: must be {want.__name__}, got {type(value).__name__} {value!r}")
+    meta = f.metadata
+    if meta.get("min") is not None and value < meta["min"]:
+        raise ConfigError(f"{key}: must be at least {meta['min']}, got {value!r}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise ConfigError(f"{key}: must be at most {meta['max']}, got {value!r}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{key}: must be one of {', '.join(meta['choices'])}, got {value!r}")
+    if want is float and value != value:  # NaN
+        raise ConfigError(f"{key}: must be a number, got nan")
+    return value
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Validate parsed TOML. Raises :class:`ConfigError` naming the first bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError("configuration must be a table")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for name in data:
+        if name not in sections:
+            raise ConfigError(f"{name}: unknown section (known: {', '.join(sections)})")
+    built = {}
+    for name, sf in sections.items():
+        raw = data.get(name, {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{name}: must be a table, got {type(raw).__name__}")
+        cls = sf.default_factory  # type: ignore[misc]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key in raw:
+            if key not in fields:
+                raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(fields)})")
+        values = {k: _check_value(f"{name}.{k}", fields[k], v) for k, v in raw.items()}
+        built[name] = cls(**values)
+    cfg = Config(**built)
+    _check_cross_field(cfg)
+    return cfg
+
+
+def _check_cross_field(cfg: Config) -> None:
+    mid = cfg.machine.id
+    if not mid or len(mid) > 64 or not all(c.isascii() and (c.isalnum() or c in "-_") for c in mid):
+        raise ConfigError(f"machine.id: 1-64 letters, digits, '-' or '_', got {mid!r}")
+    if not cfg.cloud.url.startswith(("http://", "https://")):
+        raise ConfigError(f"cloud.url: must start with http:// or https://, got {cfg.cloud.url!r}")
+    if cfg.limits.min_dispense_ml >= cfg.limits.max_volume_ml:
+        raise ConfigError("limits.min_dispense_ml: must be below limits.max_volume_ml")
+    pins = {k: getattr(cfg.pins, k) for k in ("valve", "flow_meter", "stop_button", "leak_sensor", "onewire")}
+    used: dict[int, str] = {}
+    for name, pin in pins.items():
+        if pin < 0:
+            continue
+        if pin in used:
+            raise ConfigError(f"pins.{name}: pin {pin} is already used by pins.{used[pin]}")
+        used[pin] = name
+    if not cfg.paths.data_dir:
+        raise ConfigError("paths.data_dir: must not be empty")
+
+
+def load(path: str | os.PathLike | None) -> Config:
+    """Read and validate a TOML file; ``None`` gives the documented defaults."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: configuration file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    return from_dict(data)
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    """The configuration as commented TOML (also the documentation of every key)."""
+    out = []
+    for sf in dataclasses.fields(Config):
+        section = getattr(cfg, sf.name)
+        out.append(f"[{sf.name}]")
+        for f in dataclasses.fields(section):
+            v = getattr(section, f.name)
+            text = ("true" if v else "false") if isinstance(v, bool) else (
+                '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' if isinstance(v, str) else repr(v))
+            out.append(f"{f.name} = {text}  # {f.metadata['doc']}")
+        out.append("")
+    return "\n".join(out)

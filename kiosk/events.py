@@ -1,0 +1,281 @@
+"""What goes into the dispensing core (events) and what comes out (actions).
+
+Events carry no time: the core thread stamps each with its monotonic ``now_ms`` when it hands it
+to :meth:`kiosk.session.DispenserCore.handle`. Actions are plain data; :mod:`kiosk.runtime` carries
+them out in order, and stops a batch at the first one that fails (so a session whose row could not be
+written never gets its valve opened).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class State(StrEnum):
+    IDLE = "idle"                    # ready: QR on screen
+    DISPENSING = "dispensing"        # a grant is live and the valve is open
+    SETTLING = "settling"            # valve closed, counting overrun before the bill is final
+    RECEIPT = "receipt"              # showing the bill
+    OFFLINE = "offline"              # no link to the cloud: no new sessions
+    OUT_OF_SERVICE = "out_of_service"  # a lockout (leak, fault, operator) holds the machine
+    MAINTENANCE = "maintenance"      # a technician is at the machine
+
+
+class EndReason(StrEnum):
+    STOP_BUTTON = "stop_button"
+    CREDIT_EXHAUSTED = "credit_exhausted"
+    MAX_VOLUME = "max_volume"
+    MAX_DURATION = "max_duration"
+    IDLE = "idle"
+    CANCELLED = "cancelled"
+    FAULT = "fault"
+    LEAK = "leak"
+    SHUTDOWN = "shutdown"
+    POWER_LOSS = "power_loss"
+
+
+class ClearSource(StrEnum):
+    SITE = "site"        # a technician at the machine (maintenance mode or the local CLI)
+    REMOTE = "remote"    # an operator through the cloud
+
+
+# Lockouts: reason -> who may clear it. A leak sensor's lockout is cleared on site only.
+LOCKOUT_LEAK_SENSOR = "leak_sensor"
+LOCKOUT_GHOST_FLOW = "ghost_flow"
+LOCKOUT_REMOTE = "operator"
+SITE_ONLY_LOCKOUTS = frozenset({LOCKOUT_LEAK_SENSOR})
+
+
+def fault_lockout(kind: str) -> str:
+    return f"fault:{kind}"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """An authorization from the cloud to pour water for one session.
+
+    ``expires_at_ms`` is on the core's monotonic clock: the sync layer converts the grant's
+    time-to-live, counted from receipt, so a device with a wrong wall clock still expires it right.
+    """
+
+    session_id: str
+    machine_id: str
+    user_ref: str
+    price_fen_per_l: int
+    credit_limit_fen: int
+    max_volume_ml: int
+    max_duration_ms: int
+    max_idle_ms: int
+    expires_at_ms: int
+
+
+# ---------------------------------------------------------------- events (inputs)
+
+@dataclass(frozen=True)
+class GrantReceived:
+    grant: Grant
+
+
+@dataclass(frozen=True)
+class PulseCount:
+    """The flow meter's cumulative pulse count since it started (monotonic, never reset)."""
+
+    total_pulses: int
+
+
+@dataclass(frozen=True)
+class StopPressed:
+    source: str = "button"   # "button" (the machine's) or "screen" (on-screen stop)
+
+
+@dataclass(frozen=True)
+class CancelReceived:
+    session_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Tick:
+    pass
+
+
+@dataclass(frozen=True)
+class TemperatureReading:
+    """Tank temperature in degrees C, or ``None`` when the sensor's reading is unknown."""
+
+    temp_c: float | None
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault that makes pouring unsafe (flow meter, valve, storage, internal): closes the valve and
+    locks the machine out of service until cleared."""
+
+    kind: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class LeakSensor:
+    wet: bool
+
+
+@dataclass(frozen=True)
+class LinkChanged:
+    online: bool
+
+
+@dataclass(frozen=True)
+class SetOutOfService:
+    """An operator takes the machine out of service. A running session finishes first."""
+
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ClearLockout:
+    reason: str
+    source: ClearSource = ClearSource.SITE
+    actor: str = ""
+
+
+@dataclass(frozen=True)
+class EnterMaintenance:
+    actor: str = ""
+
+
+@dataclass(frozen=True)
+class ExitMaintenance:
+    actor: str = ""
+
+
+@dataclass(frozen=True)
+class ReceiptDismissed:
+    pass
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """The process is stopping (SIGTERM, normal exit): end any session and close the valve now."""
+
+    reason: str = "shutdown"
+
+
+Event = (GrantReceived | PulseCount | StopPressed | CancelReceived | Tick | TemperatureReading | Fault
+         | LeakSensor | LinkChanged | SetOutOfService | ClearLockout | EnterMaintenance | ExitMaintenance
+         | ReceiptDismissed | Shutdown)
+
+
+# ---------------------------------------------------------------- actions (outputs)
+
+@dataclass(frozen=True)
+class OpenValve:
+    """Open the valve. ``close_at_total_pulses`` is armed in the hardware layer so the valve closes in
+    the edge callback on the pulse that reaches the session's limit, without waiting for the core."""
+
+    session_id: str
+    close_at_total_pulses: int
+
+
+@dataclass(frozen=True)
+class CloseValve:
+    reason: str
+
+
+@dataclass(frozen=True)
+class SessionStarted:
+    """Write the session row. Must succeed before :class:`OpenValve` runs (it comes first in the batch)."""
+
+    session_id: str
+    user_ref: str
+    price_fen_per_l: int
+    credit_limit_fen: int
+    max_volume_ml: int
+    max_duration_ms: int
+    max_idle_ms: int
+    limit_pulses: int
+    milli_pulses_per_litre: int
+    min_dispense_ml: int
+    started_mono_ms: int
+    temp_c: float | None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Append a checkpoint of a running session (and add to the lifetime totalizer)."""
+
+    session_id: str
+    mono_ms: int
+    billed_pulses: int
+    overrun_pulses: int
+    temp_c: float | None
+    valve_open: bool
+    totalizer_pulses: int = 0
+    closing_reason: str | None = None   # set on the checkpoint written when the valve closes
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """A finished session: the bill and the rental record's summary."""
+
+    session_id: str
+    user_ref: str
+    reason: str
+    started_mono_ms: int
+    closed_mono_ms: int
+    ended_mono_ms: int
+    price_fen_per_l: int
+    credit_limit_fen: int
+    milli_pulses_per_litre: int
+    billed_pulses: int
+    overrun_pulses: int
+    volume_ml: int
+    cost_fen: int
+    below_minimum: bool
+    temp_start_c: float | None
+    temp_end_c: float | None
+
+    @property
+    def duration_ms(self) -> int:
+        return self.closed_mono_ms - self.started_mono_ms
+
+    @property
+    def avg_flow_ml_per_min(self) -> int:
+        return self.volume_ml * 60_000 // self.duration_ms if self.duration_ms > 0 else 0
+
+
+@dataclass(frozen=True)
+class SessionEnded:
+    """Write the session's end and its outgoing report in one transaction."""
+
+    record: SessionRecord
+    totalizer_pulses: int = 0
+
+
+@dataclass(frozen=True)
+class AddToTotalizer:
+    """Pulses seen outside any session (ghost flow, overrun after the bill was final)."""
+
+    pulses: int
+
+
+@dataclass(frozen=True)
+class RecordEvent:
+    """Append to the event log; ``report`` also queues it for the cloud in the same transaction."""
+
+    kind: str
+    detail: dict[str, Any] = field(default_factory=dict)
+    report: bool = False
+
+
+@dataclass(frozen=True)
+class SetLockout:
+    reason: str
+    active: bool
+    detail: str = ""
+
+
+Action = (OpenValve | CloseValve | SessionStarted | Checkpoint | SessionEnded | AddToTotalizer
+          | RecordEvent | SetLockout)

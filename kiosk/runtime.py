@@ -1,0 +1,310 @@
+"""The core thread: one event queue into the pure core, actions carried out against hal and the ledger.
+
+Threads that produce events (gpiozero callbacks, the network, the UI, the simulator) only call
+:meth:`Runtime.post`. The core thread samples the pulse counter every ``flow.sample_interval_ms``,
+hands each event to :class:`~kiosk.session.DispenserCore` with the monotonic time, and carries out the
+returned actions in order. Fail-safe rules:
+
+* The valve is commanded closed before anything else at boot, and in a ``finally`` at exit.
+* If a ledger write fails, the valve closes at once, any ``OpenValve`` left in that batch is dropped
+  (a session whose row was not written never pours), and the core gets a ``storage`` fault, which
+  locks the machine out of service.
+* An exception in the core closes the valve and becomes an ``internal`` fault.
+* If the valve is open while the core says it should not be, it is closed (checked every loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hal.base import Clock, FlowMeter, Valve
+from kiosk.config import Config
+from kiosk.events import (
+    Action,
+    AddToTotalizer,
+    Checkpoint,
+    ClearLockout,
+    ClearSource,
+    CloseValve,
+    Event,
+    Fault,
+    OpenValve,
+    PulseCount,
+    RecordEvent,
+    SessionEnded,
+    SessionStarted,
+    SetLockout,
+    SetOutOfService,
+    Shutdown,
+    Tick,
+    fault_lockout,
+)
+from kiosk.ledger import Ledger, LedgerError
+from kiosk.session import CoreSettings, DispenserCore, Snapshot
+
+log = logging.getLogger("tapshare.runtime")
+
+STORAGE_LOCKOUT = fault_lockout("storage")
+ADMIN_POLL_MS = 1_000
+PRUNE_INTERVAL_MS = 3_600_000
+VERSION = "0.1.0"
+
+
+@dataclass
+class BootReport:
+    ledger_error: str | None
+    recovered: list
+    lockouts: dict[str, str]
+
+
+class Runtime:
+    """Owns the core; :meth:`run` is the core thread's body."""
+
+    def __init__(self, cfg: Config, core: DispenserCore, ledger: Ledger | None, valve: Valve,
+                 meter: FlowMeter, clock: Clock, *, trace: Callable[[dict], None] | None = None) -> None:
+        self.cfg, self.core, self.ledger, self.valve, self.meter, self.clock = cfg, core, ledger, valve, meter, clock
+        self.ledger_ok = ledger is not None
+        self._events: queue.Queue[Event] = queue.Queue()
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._trace = trace
+        self._last_total: int | None = None
+        self._admin_polled_ms = 0
+        self._pruned_ms = 0
+        self.snapshot: Snapshot = core.snapshot()
+        self.listeners: list[Callable[[Snapshot, list[Action]], None]] = []
+        self.loop_count = 0
+
+    # ------------------------------------------------------------------ other threads
+    def post(self, event: Event) -> None:
+        """Queue an event for the core thread (safe from any thread)."""
+        self._events.put(event)
+
+    def request_stop(self, reason: str = "shutdown") -> None:
+        """Ask the core thread to end any session, close the valve and return (safe from signal handlers)."""
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self._events.put(Shutdown(reason))
+
+    def wait_stopped(self, timeout_s: float | None = None) -> bool:
+        return self._stopped.wait(timeout_s)
+
+    # ------------------------------------------------------------------ core thread
+    def run(self) -> None:
+        sample_s = self.cfg.flow.sample_interval_ms / 1000
+        try:
+            self._sample_meter()
+            while True:
+                try:
+                    event = self._events.get(timeout=sample_s)
+                except queue.Empty:
+                    event = None
+                while event is not None:
+                    self._feed(event)
+                    if isinstance(event, Shutdown):
+                        return
+                    try:
+                        event = self._events.get_nowait()
+                    except queue.Empty:
+                        event = None
+                self._sample_meter()
+                self._feed(Tick())
+                self._housekeeping()
+                self._enforce_valve()
+                self.loop_count += 1
+        finally:
+            self._safe_close_valve()
+            self.snapshot = self.core.snapshot()
+            self._stopped.set()
+
+    def _sample_meter(self) -> None:
+        try:
+            total = self.meter.total_pulses()
+        except Exception as e:  # a meter that cannot be read is a fault, never a reason to keep pouring
+            log.exception("flow meter read failed")
+            self._feed(Fault("flow_meter", f"cannot read the pulse counter: {e}"))
+            return
+        if total != self._last_total:
+            self._last_total = total
+            self._feed(PulseCount(total))
+
+    def _feed(self, event: Event) -> None:
+        now = self.clock.monotonic_ms()
+        if isinstance(event, ClearLockout) and event.reason == STORAGE_LOCKOUT:
+            self._retry_storage()
+        try:
+            actions = self.core.handle(event, now)
+        except Exception as e:
+            log.exception("core failed on %r", event)
+            self._safe_close_valve()
+            if isinstance(event, Fault) and event.kind == "internal":
+                raise
+            self._feed(Fault("internal", f"core error on {type(event).__name__}: {e!r}"))
+            return
+        self._execute(actions)
+        self.snapshot = self.core.snapshot()
+        if actions or not isinstance(event, (Tick, PulseCount)):
+            for fn in self.listeners:
+                fn(self.snapshot, actions)
+        if self._trace is not None and isinstance(event, PulseCount) and self.core.session_id:
+            self._trace({"t": "pulses", "session": self.core.session_id,
+                         "billed": self.core.session_billed_pulses})
+
+    def _execute(self, actions: list[Action]) -> None:
+        failed: LedgerError | None = None
+        for a in actions:
+            if failed is not None and isinstance(a, OpenValve):
+                log.error("not opening the valve for %s: its session row was not written", a.session_id)
+                continue
+            try:
+                self._do(a)
+            except LedgerError as e:
+                failed = e
+                self._safe_close_valve()
+                log.error("ledger write failed, valve closed, machine out of service: %s", e)
+            except Exception as e:
+                failed = LedgerError(str(e))
+                self._safe_close_valve()
+                log.exception("action %r failed; valve closed", a)
+        if failed is not None and self.ledger_ok:
+            self.ledger_ok = False
+            self._feed(Fault("storage", str(failed)))
+
+    def _do(self, a: Action) -> None:
+        if isinstance(a, CloseValve):
+            self._safe_close_valve()
+            self.meter.arm_limit(None)
+            log.info("valve closed (%s)", a.reason)
+            return
+        if isinstance(a, OpenValve):
+            self.meter.arm_limit(a.close_at_total_pulses)
+            self.valve.open()
+            log.info("valve opened for session %s (closes at pulse %d)", a.session_id, a.close_at_total_pulses)
+            return
+        ledger = self.ledger
+        if not self.ledger_ok or ledger is None:
+            if isinstance(a, SessionStarted):
+                raise LedgerError("the ledger is unavailable")
+            log.warning("ledger unavailable, not recorded: %r", a)
+            return
+        if isinstance(a, SessionStarted):
+            ledger.start_session(a)
+            self._emit({"t": "started", "session": a.session_id})
+        elif isinstance(a, Checkpoint):
+            ledger.checkpoint(a)
+            self._emit({"t": "checkpoint", "session": a.session_id, "billed": a.billed_pulses})
+        elif isinstance(a, SessionEnded):
+            event_id = ledger.end_session(a)
+            r = a.record
+            log.info("session %s ended (%s): %d ml, %d fen, report %s", r.session_id, r.reason, r.volume_ml,
+                     r.cost_fen, event_id)
+            self._emit({"t": "ended", "session": r.session_id, "billed": r.billed_pulses, "reason": r.reason,
+                        "cost_fen": r.cost_fen})
+        elif isinstance(a, AddToTotalizer):
+            ledger.add_to_totalizer(a.pulses)
+        elif isinstance(a, RecordEvent):
+            ledger.record_event(a.kind, a.detail, report=a.report)
+            if a.kind in ("lockout", "grant_rejected", "lockout_cleared", "lockout_clear_refused"):
+                log.warning("%s: %s", a.kind, a.detail)
+        elif isinstance(a, SetLockout):
+            ledger.set_lockout(a.reason, a.active, a.detail)
+        else:  # pragma: no cover - a new action type without an executor is a programming error
+            raise TypeError(f"no executor for {a!r}")
+
+    def _emit(self, record: dict) -> None:
+        if self._trace is not None:
+            self._trace(record)
+
+    def _safe_close_valve(self) -> None:
+        try:
+            self.valve.close()
+        except Exception:  # pragma: no cover - hal close() must not raise; log loudly if it does
+            log.critical("VALVE CLOSE FAILED", exc_info=True)
+
+    def _enforce_valve(self) -> None:
+        if self.valve.is_open and not self.core.valve_should_be_open:
+            log.error("valve was open outside a session: closing it")
+            self._safe_close_valve()
+
+    def _retry_storage(self) -> None:
+        if self.ledger is None or self.ledger_ok:
+            return
+        try:
+            self.ledger.record_event("storage_retry", {})
+            for r in self.ledger.recover_open_sessions():
+                log.warning("closed session %s left open by the storage fault (%s)", r.session_id, r.reason)
+            self.ledger_ok = True
+        except LedgerError as e:
+            log.error("ledger still failing: %s", e)
+
+    def _housekeeping(self) -> None:
+        now = self.clock.monotonic_ms()
+        if self.ledger is None or not self.ledger_ok:
+            return
+        if now - self._admin_polled_ms >= ADMIN_POLL_MS:
+            self._admin_polled_ms = now
+            try:
+                for cmd in self.ledger.take_admin_commands():
+                    self._admin(cmd)
+            except LedgerError as e:
+                log.error("cannot read admin commands: %s", e)
+        if now - self._pruned_ms >= PRUNE_INTERVAL_MS:
+            self._pruned_ms = now
+            try:
+                pruned = self.ledger.prune(event_log_max_rows=self.cfg.ledger.event_log_max_rows,
+                                           retention_days=self.cfg.ledger.retention_days)
+                if any(pruned.values()):
+                    log.info("pruned %s", pruned)
+            except LedgerError as e:
+                log.error("prune failed: %s", e)
+
+    def _admin(self, cmd: dict) -> None:
+        name, args = cmd["command"], cmd["args"]
+        log.warning("admin command %s %s", name, args)
+        if name == "clear_lockout":
+            self._feed(ClearLockout(args["reason"], ClearSource.SITE, actor=args.get("actor", "cli")))
+        elif name == "out_of_service":
+            self._feed(SetOutOfService(args.get("detail", "")))
+        else:
+            log.error("unknown admin command %r", name)
+
+
+def boot(cfg: Config, valve: Valve, meter: FlowMeter, clock: Clock, *,
+         trace: Callable[[dict], None] | None = None) -> tuple[Runtime, BootReport]:
+    """The start-up sequence: valve closed first, ledger opened and recovered, then the core built.
+
+    A ledger that cannot be opened does not stop the machine from starting: it starts out of service
+    with the valve closed and says why.
+    """
+    valve.close()
+    ledger: Ledger | None = None
+    error: str | None = None
+    recovered = []
+    lockouts: dict[str, str] = {}
+    seen: list[str] = []
+    try:
+        ledger = Ledger.open(cfg.db_path, machine_id=cfg.machine.id, wall_clock=clock.wall_ms,
+                             software_version=VERSION)
+        recovered = ledger.recover_open_sessions()
+        for r in recovered:
+            log.warning("session %s was left open (%s): closed, billed %d fen from its last checkpoint",
+                        r.session_id, r.reason, r.cost_fen)
+        lockouts = ledger.lockouts()
+        seen = ledger.recent_session_ids()
+        ledger.record_event("boot", {"version": VERSION, "boot_id": ledger.boot_id,
+                                     "recovered_sessions": [r.session_id for r in recovered],
+                                     "totalizer_pulses": ledger.totalizer_pulses()}, report=True)
+    except LedgerError as e:
+        error = str(e)
+        log.error("LEDGER UNAVAILABLE, machine out of service: %s", e)
+        lockouts[STORAGE_LOCKOUT] = error
+        if ledger is not None:
+            ledger.close()
+            ledger = None
+    core = DispenserCore(CoreSettings.from_config(cfg), lockouts=lockouts, seen_session_ids=seen)
+    rt = Runtime(cfg, core, ledger, valve, meter, clock, trace=trace)
+    return rt, BootReport(ledger_error=error, recovered=recovered, lockouts=lockouts)

@@ -1,0 +1,167 @@
+"""Tapshare dispenser: wiring only. Reads the config, builds hal + core + ledger (+ sync + UI later), runs.
+
+    python main.py --simulate --headless            simulated machine and users, logs what happens
+    python main.py --status                         lockouts, open sessions, totalizer, outbox
+    python main.py --clear-lockout ghost_flow       a technician clears a lockout on site
+    python main.py --print-config                   the effective configuration, every key documented
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from hal.base import SystemClock
+from kiosk import config as config_mod
+from kiosk.ledger import Ledger, LedgerError
+from kiosk.runtime import boot
+
+log = logging.getLogger("tapshare")
+
+EXIT_CONFIG = 2
+EXIT_STORAGE = 3
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    a, b = int(lo), int(hi or lo)
+    if a < 0 or b < a:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX with 0 <= MIN <= MAX, got {text!r}")
+    return a, b
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="main.py", description="Tapshare shared drinking-water dispenser.")
+    p.add_argument("--config", help="TOML configuration file (default: documented defaults)")
+    p.add_argument("--data-dir", help="override paths.data_dir")
+    p.add_argument("--simulate", action="store_true", help="simulated hardware and users (desktop)")
+    p.add_argument("--headless", action="store_true", help="no window: the same core and threads, logs only")
+    p.add_argument("--sessions", type=int, default=0, help="with --simulate: stop after N sessions (0: run on)")
+    p.add_argument("--seed", type=int, default=None, help="with --simulate: random seed")
+    p.add_argument("--pour-ms", type=_range, default=(1_500, 6_000), metavar="MIN:MAX",
+                   help="with --simulate: how long simulated users pour")
+    p.add_argument("--pause-ms", type=_range, default=(500, 2_000), metavar="MIN:MAX",
+                   help="with --simulate: pause between simulated users")
+    p.add_argument("--flow-ml-per-min", type=_range, default=(4_000, 8_000), metavar="MIN:MAX",
+                   help="with --simulate: simulated flow rate")
+    p.add_argument("--trace", action="store_true", help="print machine-readable JSON lines on stdout")
+    p.add_argument("--status", action="store_true", help="print the ledger's state and exit")
+    p.add_argument("--clear-lockout", metavar="REASON", help="clear a lockout on site (e.g. ghost_flow)")
+    p.add_argument("--actor", default="cli", help="who runs --clear-lockout (logged)")
+    p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace) -> config_mod.Config:
+    cfg = config_mod.load(args.config)
+    if args.data_dir:
+        cfg = cfg.replace(paths={"data_dir": args.data_dir})
+    return cfg
+
+
+def admin(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    clock = SystemClock()
+    try:
+        ledger = Ledger.open(cfg.db_path, machine_id=cfg.machine.id, wall_clock=clock.wall_ms, new_boot=False)
+    except LedgerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_STORAGE
+    try:
+        if args.clear_lockout:
+            locked = ledger.lockouts()
+            if args.clear_lockout not in locked:
+                print(f"error: no lockout {args.clear_lockout!r}; active: {', '.join(locked) or 'none'}",
+                      file=sys.stderr)
+                return 1
+            ledger.queue_admin_command("clear_lockout", {"reason": args.clear_lockout, "actor": args.actor})
+            print(f"queued: clear {args.clear_lockout} (the running dispenser applies it within a second; "
+                  "otherwise at its next start)")
+        if args.status:
+            print(json.dumps({
+                "db": str(cfg.db_path), "lockouts": ledger.lockouts(),
+                "open_sessions": [s["session_id"] for s in ledger.sessions("open")],
+                "ended_sessions": len(ledger.sessions("ended")),
+                "totalizer_pulses": ledger.totalizer_pulses(), "outbox_pending": ledger.outbox_depth(),
+                "outbox_dead": [{"event_id": r["event_id"], "error": r["last_error"]}
+                                for r in ledger.outbox("dead")],
+            }, indent=2, ensure_ascii=False))
+        return 0
+    finally:
+        ledger.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args)
+    except config_mod.ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.print_config:
+        print(config_mod.to_toml(cfg))
+        return 0
+    if args.status or args.clear_lockout:
+        return admin(cfg, args)
+    if not args.simulate:
+        print("error: real hardware (gpiozero, w1thermsensor) is not wired yet; run with --simulate",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    if not args.headless:
+        print("error: the touchscreen UI is not built yet; run with --headless", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from hal.sim import SimFlowMeter, SimValve
+    from kiosk.simulate import SimulatedUsers
+
+    clock = SystemClock()
+    valve = SimValve()
+    meter = SimFlowMeter(valve, clock, pulses_per_litre=cfg.flow.pulses_per_litre)
+    trace = None
+    if args.trace:
+        lock = threading.Lock()
+
+        def trace(record: dict) -> None:
+            with lock:
+                sys.stdout.write(json.dumps(record) + "\n")
+                sys.stdout.flush()
+
+    runtime, report = boot(cfg, valve, meter, clock, trace=trace)
+    if trace:
+        trace({"t": "ready", "recovered": [r.session_id for r in report.recovered],
+               "ledger_error": report.ledger_error, "state": runtime.snapshot.state.value})
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.warning("signal %s: stopping (valve closes, any session ends)", signal.Signals(signum).name)
+        runtime.request_stop(signal.Signals(signum).name.lower())
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    core_thread = threading.Thread(target=runtime.run, name="core", daemon=True)
+    core_thread.start()
+    users = SimulatedUsers(runtime, meter, clock, sessions=args.sessions, seed=args.seed, pour_ms=args.pour_ms,
+                           pause_ms=args.pause_ms, flow_ml_per_min=args.flow_ml_per_min,
+                           stop_when_done=report.ledger_error is None)
+    if report.ledger_error is None:
+        users.start()
+    else:
+        log.error("staying out of service with the valve closed; fix the ledger, then restart")
+        if args.sessions:
+            runtime.request_stop("ledger unavailable")
+    while not runtime.wait_stopped(0.2):
+        pass
+    users.halt()
+    if runtime.ledger is not None:
+        runtime.ledger.close()
+    log.info("stopped; valve %s", "OPEN" if valve.is_open else "closed")
+    return EXIT_STORAGE if report.ledger_error else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
