@@ -253,7 +253,8 @@ class DispenserCore:
             limit, limit_reason = by_credit, EndReason.CREDIT_EXHAUSTED
         else:
             limit, limit_reason = by_volume, EndReason.MAX_VOLUME
-        if limit <= 0:
+        if (g.price_fen_per_l > 0 and credit <= 0) or limit <= 0 or cal.volume_ml(limit) < st.min_dispense_ml:
+            # not even the minimum dispense is affordable: tell the user to top up (s5), pour nothing
             self._last_rejection = "insufficient_credit"
             return [RecordEvent("grant_rejected", {"session_id": g.session_id, "reason": "insufficient_credit"},
                                 report=True)]
