@@ -118,6 +118,15 @@ class Fault:
 
 
 @dataclass(frozen=True)
+class SessionStartFailed:
+    """The session row could not be written, so the valve was not opened: drop the session (nothing
+    was poured, nothing is billed, there is no receipt) and lock out as a storage fault."""
+
+    session_id: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class LeakSensor:
     wet: bool
 
@@ -164,8 +173,8 @@ class Shutdown:
 
 
 Event = (GrantReceived | PulseCount | StopPressed | CancelReceived | Tick | TemperatureReading | Fault
-         | LeakSensor | LinkChanged | SetOutOfService | ClearLockout | EnterMaintenance | ExitMaintenance
-         | ReceiptDismissed | Shutdown)
+         | SessionStartFailed | LeakSensor | LinkChanged | SetOutOfService | ClearLockout | EnterMaintenance
+         | ExitMaintenance | ReceiptDismissed | Shutdown)
 
 
 # ---------------------------------------------------------------- actions (outputs)

@@ -276,14 +276,17 @@ class Ledger:
             "flow_series": series, "valve_events": valve,
         }
 
-    def recover_open_sessions(self) -> list[SessionRecord]:
+    def recover_open_sessions(self, *, keep: str | None = None) -> list[SessionRecord]:
         """Close every session a crash or power loss left open, billed from its last checkpoint.
 
         The end reason is the one recorded when the valve closed, if it got that far, else
-        ``power_loss``. Each is written with its report in one transaction.
+        ``power_loss``. Each is written with its report in one transaction. ``keep`` names a session
+        the running core still holds (it will end it itself).
         """
         records = []
         for s in self._read("SELECT * FROM sessions WHERE state = 'open' ORDER BY started_wall_ms"):
+            if s["session_id"] == keep:
+                continue
             cp = self._read("""SELECT mono_ms, billed_pulses, overrun_pulses, temp_c, closing_reason
                 FROM checkpoints WHERE session_id = ? ORDER BY id DESC LIMIT 1""", [s["session_id"]])
             last = cp[0] if cp else {"mono_ms": s["started_mono_ms"], "billed_pulses": 0, "overrun_pulses": 0,

@@ -37,6 +37,7 @@ from kiosk.events import (
     RecordEvent,
     SessionEnded,
     SessionStarted,
+    SessionStartFailed,
     SetLockout,
     SetOutOfService,
     Shutdown,
@@ -156,6 +157,7 @@ class Runtime:
 
     def _execute(self, actions: list[Action]) -> None:
         failed: LedgerError | None = None
+        failed_start: str | None = None
         for a in actions:
             if failed is not None and isinstance(a, OpenValve):
                 log.error("not opening the valve for %s: its session row was not written", a.session_id)
@@ -164,6 +166,8 @@ class Runtime:
                 self._do(a)
             except LedgerError as e:
                 failed = e
+                if isinstance(a, SessionStarted):
+                    failed_start = a.session_id
                 self._safe_close_valve()
                 log.error("ledger write failed, valve closed, machine out of service: %s", e)
             except Exception as e:
@@ -172,7 +176,9 @@ class Runtime:
                 log.exception("action %r failed; valve closed", a)
         if failed is not None and self.ledger_ok:
             self.ledger_ok = False
-            self._feed(Fault("storage", str(failed)))
+            self._feed(SessionStartFailed(failed_start, str(failed)) if failed_start else Fault("storage", str(failed)))
+        elif failed_start is not None:
+            self._feed(SessionStartFailed(failed_start, str(failed)))
 
     def _do(self, a: Action) -> None:
         if isinstance(a, CloseValve):
@@ -235,7 +241,7 @@ class Runtime:
             return
         try:
             self.ledger.record_event("storage_retry", {})
-            for r in self.ledger.recover_open_sessions():
+            for r in self.ledger.recover_open_sessions(keep=self.core.session_id):
                 log.warning("closed session %s left open by the storage fault (%s)", r.session_id, r.reason)
             self.ledger_ok = True
         except LedgerError as e:

@@ -52,6 +52,7 @@ from kiosk.events import (
     SessionEnded,
     SessionRecord,
     SessionStarted,
+    SessionStartFailed,
     SetLockout,
     SetOutOfService,
     Shutdown,
@@ -373,6 +374,14 @@ class DispenserCore:
     def _on_fault(self, ev: Fault, now: int) -> list[Action]:
         return self._fault(ev.kind, ev.detail, now)
 
+    def _on_start_failed(self, ev: SessionStartFailed, now: int) -> list[Action]:
+        s = self._session
+        if self._phase is State.DISPENSING and s is not None and s.grant.session_id == ev.session_id:
+            self._session, self._phase = None, None     # never on disk, never poured: no bill, no receipt
+        actions: list[Action] = [RecordEvent("session_start_failed", {"session_id": ev.session_id,
+                                                                      "detail": ev.detail})]
+        return actions + self._fault("storage", ev.detail, now)
+
     def _on_leak(self, ev: LeakSensor, now: int) -> list[Action]:
         if not ev.wet:
             return [RecordEvent("leak_sensor_dry", {"locked_out": LOCKOUT_LEAK_SENSOR in self.lockouts})]
@@ -552,6 +561,7 @@ _HANDLERS = {
     Tick: DispenserCore._on_tick,
     TemperatureReading: DispenserCore._on_temperature,
     Fault: DispenserCore._on_fault,
+    SessionStartFailed: DispenserCore._on_start_failed,
     LeakSensor: DispenserCore._on_leak,
     LinkChanged: DispenserCore._on_link,
     SetOutOfService: DispenserCore._on_out_of_service,

@@ -1,5 +1,7 @@
 """The session state machine: every transition, every limit, every end reason."""
 
+import itertools
+
 import pytest
 
 from kiosk.events import (
@@ -270,7 +272,7 @@ def test_flow_after_the_overrun_window_is_ghost_flow():
     h.pour(30, dt=2_000)                 # stuck valve: flow long after the close
     h.tick(1_000)
     assert h.ended()[0].record.overrun_pulses == 0
-    assert [a for a in h.log if isinstance(a, RecordEvent) and a.kind == "ghost_flow"][0].detail["pulses"] == 30
+    assert next(a for a in h.log if isinstance(a, RecordEvent) and a.kind == "ghost_flow").detail["pulses"] == 30
 
 
 @pytest.mark.parametrize("reason, source, cleared", [
@@ -401,7 +403,7 @@ def test_checkpoints_at_least_every_interval_while_water_flows():
     h.start()
     h.flow(3)
     cps = [a for a in h.log if isinstance(a, Checkpoint)]
-    gaps = [b.mono_ms - a.mono_ms for a, b in zip(cps, cps[1:], strict=False)]
+    gaps = [b.mono_ms - a.mono_ms for a, b in itertools.pairwise(cps)]
     assert len(cps) >= 11 and max(gaps) <= 250 + 50
     assert all(cp.valve_open for cp in cps)
 
@@ -458,3 +460,15 @@ def test_snapshot_shows_live_volume_cost_and_flow():
 def test_shutdown_while_idle_still_closes_the_valve():
     h = Harness()
     assert h.send(Shutdown("sigterm"))[0] == CloseValve("sigterm")
+
+
+def test_a_session_whose_row_failed_is_dropped_without_a_bill():
+    from kiosk.events import SessionStartFailed
+    h = Harness()
+    h.start()
+    actions = h.send(SessionStartFailed("s1", "disk full"))
+    assert CloseValve("fault") in actions
+    assert h.state == "out_of_service"
+    assert h.core.snapshot().receipt is None and h.core.session_id is None
+    h.tick(2_000)
+    assert h.ended() == []

@@ -24,7 +24,6 @@ from kiosk.events import (
     Shutdown,
     State,
     StopPressed,
-    Tick,
 )
 from tests.core_harness import Harness, grant
 

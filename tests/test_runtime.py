@@ -1,0 +1,187 @@
+"""The core thread with simulated hardware and a real ledger: fail-safe paths end with the valve closed."""
+
+import threading
+import time
+
+from hal.base import SystemClock
+from hal.sim import SimFlowMeter, SimValve
+from kiosk.config import Config
+from kiosk.events import GrantReceived, LinkChanged, State, StopPressed
+from kiosk.ledger import Ledger
+from kiosk.runtime import STORAGE_LOCKOUT, boot
+from tests.core_harness import grant
+
+
+def wait_until(pred, timeout_s=5.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.005)
+    return pred()
+
+
+class Machine:
+    def __init__(self, tmp_path, **cfg_sections):
+        sections = {"paths": {"data_dir": str(tmp_path)}, "machine": {"id": "M1"},
+                    "flow": {"overrun_window_ms": 200, "sample_interval_ms": 5}}
+        for k, v in cfg_sections.items():
+            sections.setdefault(k, {}).update(v)
+        self.cfg = Config().replace(**sections)
+        self.clock = SystemClock()
+        self.valve = SimValve()
+        self.meter = SimFlowMeter(self.valve, self.clock, flow_ml_per_min=6_000)
+        self.rt, self.report = boot(self.cfg, self.valve, self.meter, self.clock)
+        self.thread = threading.Thread(target=self.rt.run, daemon=True)
+        self.valve_opened_at_least_once = False
+        self.valve.on_change(self._seen)
+
+    def _seen(self, opening):
+        self.valve_opened_at_least_once |= opening
+
+    def __enter__(self):
+        self.thread.start()
+        self.rt.post(LinkChanged(True))
+        assert wait_until(lambda: self.rt.snapshot.state is not State.OFFLINE or self.rt.core.lockouts)
+        return self
+
+    def __exit__(self, *exc):
+        self.rt.request_stop()
+        assert self.rt.wait_stopped(5)
+        assert not self.valve.is_open
+        if self.rt.ledger is not None:
+            self.rt.ledger.close()
+
+    def grant(self, sid="s1", **kw):
+        g = grant(sid, expires_at_ms=self.clock.monotonic_ms() + 30_000, **kw)
+        self.rt.post(GrantReceived(g))
+
+
+def test_a_session_runs_end_to_end(tmp_path):
+    with Machine(tmp_path) as m:
+        m.grant()
+        assert wait_until(lambda: m.valve.is_open)
+        assert wait_until(lambda: m.rt.snapshot.volume_ml > 50)
+        m.rt.post(StopPressed())
+        assert wait_until(lambda: m.rt.snapshot.state is State.RECEIPT)
+        assert not m.valve.is_open
+        receipt = m.rt.snapshot.receipt
+        ledger = m.rt.ledger
+        s = ledger.session("s1")
+        assert s["state"] == "ended" and s["end_reason"] == "stop_button"
+        assert s["billed_pulses"] == receipt.billed_pulses and s["cost_fen"] == receipt.cost_fen
+        assert len(ledger.checkpoints("s1")) >= 2
+        assert [r["payload"]["session_id"] for r in ledger.outbox() if r["kind"] == "session_ended"] == ["s1"]
+
+
+def test_the_hardware_limit_closes_the_valve_on_the_credit_pulse(tmp_path):
+    with Machine(tmp_path) as m:
+        m.grant(credit_limit_fen=20, price_fen_per_l=200)         # 100 ml
+        assert wait_until(lambda: m.rt.snapshot.state is State.RECEIPT)
+        r = m.rt.snapshot.receipt
+        assert r.reason == "credit_exhausted" and r.cost_fen == 20
+        assert r.billed_pulses == m.rt.core.settings.calibration.max_pulses_for_credit(20, 200)
+
+
+def test_a_session_row_that_cannot_be_written_never_opens_the_valve(tmp_path):
+    with Machine(tmp_path) as m:
+        m.rt.ledger.db.execute("""CREATE TRIGGER full BEFORE INSERT ON sessions
+                                  BEGIN SELECT RAISE(ABORT, 'database or disk full'); END""")
+        m.grant()
+        assert wait_until(lambda: STORAGE_LOCKOUT in m.rt.core.lockouts)
+        time.sleep(0.1)
+        assert not m.valve_opened_at_least_once
+        assert m.rt.snapshot.state is State.OUT_OF_SERVICE
+        assert "disk is full" in m.rt.core.lockouts[STORAGE_LOCKOUT]
+
+
+def test_a_full_disk_mid_session_closes_the_valve(tmp_path):
+    with Machine(tmp_path, flow={"checkpoint_interval_ms": 10}) as m:
+        m.grant()
+        assert wait_until(lambda: m.valve.is_open)
+        db = m.rt.ledger.db
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages}")           # SQLite's own SQLITE_FULL from here on
+        assert wait_until(lambda: STORAGE_LOCKOUT in m.rt.core.lockouts, 20)
+        assert not m.valve.is_open
+        assert m.rt.snapshot.state in (State.OUT_OF_SERVICE, State.RECEIPT, State.SETTLING)
+
+
+def test_the_storage_lockout_clears_once_the_disk_works_again(tmp_path):
+    from kiosk.events import ClearLockout
+    with Machine(tmp_path) as m:
+        db = m.rt.ledger.db
+        db.execute("CREATE TRIGGER full BEFORE INSERT ON checkpoints BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+        m.grant()
+        assert wait_until(lambda: STORAGE_LOCKOUT in m.rt.core.lockouts, 10)
+        assert not m.valve.is_open
+        db.execute("DROP TRIGGER full")
+        m.rt.post(ClearLockout(STORAGE_LOCKOUT))
+        assert wait_until(lambda: m.rt.snapshot.state in (State.IDLE, State.RECEIPT) and not m.rt.core.lockouts)
+        assert wait_until(lambda: m.rt.ledger.sessions("open") == [])   # the interrupted session was closed
+        assert m.rt.ledger_ok
+        m.grant("s2")
+        assert wait_until(lambda: m.valve.is_open)
+
+
+def test_an_exception_in_the_core_closes_the_valve_and_locks_out(tmp_path):
+    with Machine(tmp_path) as m:
+        m.grant()
+        assert wait_until(lambda: m.valve.is_open)
+        m.rt.post(object())                                      # the core raises on an unknown event
+        assert wait_until(lambda: "fault:internal" in m.rt.core.lockouts)
+        assert not m.valve.is_open
+        assert wait_until(lambda: m.rt.ledger.session("s1")["state"] == "ended")
+        assert m.rt.ledger.session("s1")["end_reason"] == "fault"
+
+
+def test_a_valve_open_outside_a_session_is_closed(tmp_path):
+    with Machine(tmp_path) as m:
+        m.valve.open()                                           # a stray command, a wiring fault
+        assert wait_until(lambda: not m.valve.is_open, 1)
+
+
+def test_ghost_flow_locks_out_and_the_cli_command_clears_it(tmp_path):
+    with Machine(tmp_path, leak={"ghost_volume_ml": 20}) as m:
+        m.meter.set_ghost_flow(3_000)                            # a stuck valve: 50 ml/s with the valve closed
+        assert wait_until(lambda: m.rt.snapshot.state is State.OUT_OF_SERVICE)
+        m.meter.set_ghost_flow(0)
+        assert m.rt.ledger.lockouts().keys() == {"ghost_flow"}
+        admin = Ledger.open(m.cfg.db_path, machine_id="M1", wall_clock=m.clock.wall_ms, new_boot=False)
+        admin.queue_admin_command("clear_lockout", {"reason": "ghost_flow", "actor": "tech-7"})
+        admin.close()
+        assert wait_until(lambda: m.rt.snapshot.state is State.IDLE, 3)
+        [cleared] = m.rt.ledger.events("lockout_cleared")
+        assert cleared["detail"]["actor"] == "tech-7"
+
+
+def test_a_corrupt_ledger_starts_out_of_service_with_the_valve_closed(tmp_path):
+    (tmp_path / "ledger.db").write_bytes(b"garbage" * 1000)
+    with Machine(tmp_path) as m:
+        assert m.report.ledger_error and "corrupt" in m.report.ledger_error
+        assert m.rt.snapshot.state is State.OUT_OF_SERVICE
+        m.grant()
+        time.sleep(0.1)
+        assert not m.valve_opened_at_least_once
+        assert m.rt.snapshot.last_rejection == "out_of_service"
+
+
+def test_lockouts_and_seen_sessions_survive_a_restart(tmp_path):
+    with Machine(tmp_path) as m:
+        m.grant()
+        assert wait_until(lambda: m.valve.is_open)
+        m.rt.post(StopPressed())
+        assert wait_until(lambda: m.rt.snapshot.state is State.RECEIPT)
+        m.meter.set_ghost_flow(6_000)
+        assert wait_until(lambda: "ghost_flow" in m.rt.core.lockouts, 10)
+        m.meter.set_ghost_flow(0)
+    with Machine(tmp_path) as m2:
+        assert m2.rt.snapshot.state is State.OUT_OF_SERVICE
+        from kiosk.events import ClearLockout, ClearSource
+        m2.rt.post(ClearLockout("ghost_flow", ClearSource.REMOTE))
+        assert wait_until(lambda: m2.rt.snapshot.state is State.IDLE)
+        m2.grant()                                                # the same session id again
+        assert wait_until(lambda: m2.rt.snapshot.last_rejection == "duplicate_session")
+        assert not m2.valve_opened_at_least_once
+
+
