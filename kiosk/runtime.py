@@ -146,14 +146,15 @@ class Runtime:
                 raise
             self._feed(Fault("internal", f"core error on {type(event).__name__}: {e!r}"))
             return
+        if self._trace is not None and isinstance(event, PulseCount) and self.core.session_id:
+            # printed before the ledger is written: the trace is never behind the disk
+            self._trace({"t": "pulses", "session": self.core.session_id,
+                         "billed": self.core.session_billed_pulses})
         self._execute(actions)
         self.snapshot = self.core.snapshot()
         if actions or not isinstance(event, (Tick, PulseCount)):
             for fn in self.listeners:
                 fn(self.snapshot, actions)
-        if self._trace is not None and isinstance(event, PulseCount) and self.core.session_id:
-            self._trace({"t": "pulses", "session": self.core.session_id,
-                         "billed": self.core.session_billed_pulses})
 
     def _execute(self, actions: list[Action]) -> None:
         failed: LedgerError | None = None

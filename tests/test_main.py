@@ -1,0 +1,107 @@
+"""main.py as a real process: signals, exit codes, clear errors, the admin commands."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from kiosk.ledger import Ledger
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, timeout=60):
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def fast(tmp_path) -> list[str]:
+    """A config whose timeouts suit a test: a walk-away ends after 0.5 s without flow."""
+    cfg = tmp_path / "fast.toml"
+    cfg.write_text("[limits]\nmax_idle_ms = 500\n[flow]\noverrun_window_ms = 100\n[screen]\n"
+                   "receipt_display_ms = 1000\n")
+    return ["--config", str(cfg), "--data-dir", str(tmp_path)]
+
+
+def test_print_config_is_valid_toml_with_every_key():
+    out = run("--print-config")
+    assert out.returncode == 0
+    data = tomllib.loads(out.stdout)
+    assert data["limits"]["max_duration_ms"] == 300_000 and data["pins"]["valve_active_high"] is True
+
+
+def test_a_bad_config_names_the_key(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[limits]\nmax_duration_ms = 900000\n")
+    out = run("--config", str(cfg), "--simulate", "--headless")
+    assert out.returncode == 2
+    assert "configuration error: limits.max_duration_ms: must be at most 600000, got 900000" in out.stderr
+
+
+def test_a_simulated_run_completes_its_sessions(tmp_path):
+    out = run("--simulate", "--headless", *fast(tmp_path), "--sessions", "3", "--trace",
+              "--pour-ms", "200:400", "--pause-ms", "0:50", "--seed", "3")
+    assert out.returncode == 0, out.stderr
+    ended = [json.loads(line) for line in out.stdout.splitlines() if '"ended"' in line]
+    assert len(ended) == 3
+    assert "stopped; valve closed" in out.stderr
+    status = json.loads(run("--status", "--data-dir", str(tmp_path)).stdout)
+    assert status["ended_sessions"] == 3 and status["open_sessions"] == [] and status["lockouts"] == {}
+    assert status["totalizer_pulses"] >= sum(e["billed"] for e in ended)
+    assert status["outbox_pending"] >= 4             # boot + three session reports
+
+
+def test_sigterm_mid_session_ends_it_and_closes_the_valve(tmp_path):
+    p = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--simulate", "--headless", "--data-dir",
+                          str(tmp_path), "--trace", "--pour-ms", "5000:6000"], cwd=ROOT, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    started = None
+    for line in p.stdout:
+        rec = json.loads(line)
+        if rec["t"] == "pulses" and rec["billed"] > 20:
+            started = rec["session"]
+            break
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=20)
+    assert p.returncode == 0
+    assert "signal SIGTERM: stopping" in err and "stopped; valve closed" in err
+    ledger = Ledger.open(tmp_path / "ledger.db", machine_id="SIM-0001", wall_clock=lambda: 0, new_boot=False)
+    s = ledger.session(started)
+    assert s["state"] == "ended" and s["end_reason"] == "shutdown" and not s["recovered"]
+    assert s["billed_pulses"] > 20
+
+
+def test_a_corrupt_ledger_keeps_the_machine_out_of_service(tmp_path):
+    (tmp_path / "ledger.db").write_bytes(b"\x00garbage" * 512)
+    out = run("--simulate", "--headless", "--data-dir", str(tmp_path), "--sessions", "1", "--trace")
+    assert out.returncode == 3
+    assert "LEDGER UNAVAILABLE" in out.stderr and "corrupt or not a database" in out.stderr
+    assert "valve opened" not in out.stderr
+    ready = json.loads(out.stdout.splitlines()[0])
+    assert ready["state"] == "out_of_service" and "corrupt" in ready["ledger_error"]
+    status = run("--status", "--data-dir", str(tmp_path))
+    assert status.returncode == 3 and "corrupt" in status.stderr
+
+
+def test_clear_lockout_needs_an_active_lockout(tmp_path):
+    run("--simulate", "--headless", *fast(tmp_path), "--sessions", "1", "--pour-ms", "50:60")
+    out = run("--clear-lockout", "ghost_flow", "--data-dir", str(tmp_path))
+    assert out.returncode == 1 and "no lockout 'ghost_flow'; active: none" in out.stderr
+    ledger = Ledger.open(tmp_path / "ledger.db", machine_id="SIM-0001", wall_clock=lambda: int(time.time() * 1000))
+    ledger.set_lockout("ghost_flow", True, "60 ml")
+    ledger.close()
+    out = run("--clear-lockout", "ghost_flow", "--actor", "tech-3", "--data-dir", str(tmp_path))
+    assert out.returncode == 0 and "queued" in out.stdout
+    # the next start applies it within a second
+    out = run("--simulate", "--headless", *fast(tmp_path), "--sessions", "1", "--pour-ms", "50:60", "--trace")
+    assert out.returncode == 0, out.stderr
+    assert '"ended"' in out.stdout
+    assert json.loads(run("--status", "--data-dir", str(tmp_path)).stdout)["lockouts"] == {}
+
+
+def test_without_simulate_it_says_what_is_missing():
+    out = run("--headless")
+    assert out.returncode == 2 and "--simulate" in out.stderr
