@@ -80,6 +80,26 @@ class LeakConfig:
 
 
 @dataclass(frozen=True)
+class SensorsConfig:
+    read_interval_ms: int = _opt(5_000, "How often the thermometer and TDS probe are read (a DS18B20 read "
+                                 "takes up to 750 ms).", min=1_000, max=600_000)
+    thermometer_id: str = _opt("", "DS18B20 id (e.g. 0316a2795fff); empty: the first one found.")
+    temp_sane_min_c: float = _opt(-5.0, "Readings below this are a sensor fault (unknown).", min=-55.0, max=50.0)
+    temp_sane_max_c: float = _opt(70.0, "Readings above this are a sensor fault (unknown).", min=0.0, max=125.0)
+    temp_band_min_c: float = _opt(2.0, "Safe tank temperature band, low end.", min=-10.0, max=50.0)
+    temp_band_max_c: float = _opt(35.0, "Safe tank temperature band, high end.", min=0.0, max=100.0)
+    temp_alarm_after_ms: int = _opt(600_000, "Stop sales when the tank stays outside the band this long.",
+                                    min=0, max=86_400_000)
+    tds_fitted: bool = _opt(False, "A TDS probe is wired to the MCP3008 (pins.tds_adc_channel).")
+    tds_limit_ppm: int = _opt(500, "TDS limit in mg/L: 500 for purified direct-drinking water (CJ 94), "
+                              "1000 for tap water (GB 5749-2022).", min=1, max=5_000)
+    tds_alarm_after_ms: int = _opt(60_000, "Stop sales when TDS stays above the limit this long.",
+                                   min=0, max=86_400_000)
+    tds_k_value: float = _opt(1.0, "TDS probe calibration factor.", min=0.1, max=10.0)
+    adc_vref: float = _opt(3.3, "MCP3008 reference voltage.", min=1.0, max=5.5)
+
+
+@dataclass(frozen=True)
 class ScreenConfig:
     layout: str = _opt("landscape_800x480", "Screen layout.",
                        choices=("landscape_800x480", "portrait_720x1280"))
@@ -97,7 +117,20 @@ class PinsConfig:
     flow_meter: int = _opt(27, "Input from the hall-effect flow meter.", min=0, max=27)
     stop_button: int = _opt(22, "Input from the machine's stop button (to ground, pull-up).", min=0, max=27)
     leak_sensor: int = _opt(-1, "Input from a leak/flood sensor, -1 if none.", min=-1, max=27)
+    low_water: int = _opt(-1, "Input from the tank's low-water float switch, -1 if none.", min=-1, max=27)
+    sensors_active_high: bool = _opt(False, "Leak and low-water sensors drive the line high when they trigger "
+                                     "(false: they pull it low).")
     onewire: int = _opt(4, "1-Wire data pin of the DS18B20 tank thermometer.", min=0, max=27)
+    tds_adc_channel: int = _opt(0, "MCP3008 channel of the TDS probe (SPI0: BCM 8-11).", min=0, max=7)
+    stop_debounce_ms: int = _opt(30, "Stop button debounce.", min=1, max=500)
+    stop_long_press_ms: int = _opt(3_000, "Holding the stop button this long is a technician's long press.",
+                                   min=500, max=30_000)
+
+
+@dataclass(frozen=True)
+class HardwareConfig:
+    pin_factory: str = _opt("lgpio", "gpiozero pin factory on the Pi: lgpio (every Pi, the only one on a "
+                            "Pi 5) or rpigpio (Pi 4 and older).", choices=("lgpio", "rpigpio"))
 
 
 @dataclass(frozen=True)
@@ -122,8 +155,10 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     leak: LeakConfig = field(default_factory=LeakConfig)
+    sensors: SensorsConfig = field(default_factory=SensorsConfig)
     screen: ScreenConfig = field(default_factory=ScreenConfig)
     pins: PinsConfig = field(default_factory=PinsConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
 
@@ -195,14 +230,22 @@ def _check_cross_field(cfg: Config) -> None:
         raise ConfigError(f"cloud.url: must start with http:// or https://, got {cfg.cloud.url!r}")
     if cfg.limits.min_dispense_ml >= cfg.limits.max_volume_ml:
         raise ConfigError("limits.min_dispense_ml: must be below limits.max_volume_ml")
-    pins = {k: getattr(cfg.pins, k) for k in ("valve", "flow_meter", "stop_button", "leak_sensor", "onewire")}
     used: dict[int, str] = {}
-    for name, pin in pins.items():
+    if cfg.sensors.tds_fitted:   # the MCP3008 on SPI0 takes BCM 8 (CE0), 9 (MISO), 10 (MOSI), 11 (SCLK)
+        used.update({8: "the MCP3008 on SPI0 (CE0)", 9: "the MCP3008 on SPI0 (MISO)",
+                     10: "the MCP3008 on SPI0 (MOSI)", 11: "the MCP3008 on SPI0 (SCLK)"})
+    for name in ("valve", "flow_meter", "stop_button", "leak_sensor", "low_water", "onewire"):
+        pin = getattr(cfg.pins, name)
         if pin < 0:
             continue
         if pin in used:
-            raise ConfigError(f"pins.{name}: pin {pin} is already used by pins.{used[pin]}")
-        used[pin] = name
+            raise ConfigError(f"pins.{name}: pin {pin} is already used by {used[pin]}")
+        used[pin] = f"pins.{name}"
+    s = cfg.sensors
+    if s.temp_band_min_c >= s.temp_band_max_c:
+        raise ConfigError("sensors.temp_band_min_c: must be below sensors.temp_band_max_c")
+    if s.temp_sane_min_c >= s.temp_sane_max_c:
+        raise ConfigError("sensors.temp_sane_min_c: must be below sensors.temp_sane_max_c")
     if not cfg.paths.data_dir:
         raise ConfigError("paths.data_dir: must not be empty")
 

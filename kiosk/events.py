@@ -45,6 +45,11 @@ class ClearSource(StrEnum):
 LOCKOUT_LEAK_SENSOR = "leak_sensor"
 LOCKOUT_GHOST_FLOW = "ghost_flow"
 LOCKOUT_REMOTE = "operator"
+# Condition alarms: set while a condition lasts, cleared by the core when it ends.
+LOCKOUT_TEMPERATURE = "temperature"
+LOCKOUT_TDS = "tds"
+LOCKOUT_LOW_WATER = "low_water"
+CONDITION_LOCKOUTS = frozenset({LOCKOUT_TEMPERATURE, LOCKOUT_TDS, LOCKOUT_LOW_WATER})
 SITE_ONLY_LOCKOUTS = frozenset({LOCKOUT_LEAK_SENSOR})
 
 
@@ -106,6 +111,22 @@ class TemperatureReading:
     """Tank temperature in degrees C, or ``None`` when the sensor's reading is unknown."""
 
     temp_c: float | None
+
+
+@dataclass(frozen=True)
+class WaterQualityReading:
+    """Total dissolved solids in mg/L (ppm); ``None`` when unknown; ``measured=False`` when no probe is
+    fitted (shown as "not measured", never as a number)."""
+
+    tds_ppm: int | None
+    measured: bool = True
+
+
+@dataclass(frozen=True)
+class LowWater:
+    """The tank's low-water switch: no sales while the tank is (nearly) empty."""
+
+    low: bool
 
 
 @dataclass(frozen=True)
@@ -172,9 +193,9 @@ class Shutdown:
     reason: str = "shutdown"
 
 
-Event = (GrantReceived | PulseCount | StopPressed | CancelReceived | Tick | TemperatureReading | Fault
-         | SessionStartFailed | LeakSensor | LinkChanged | SetOutOfService | ClearLockout | EnterMaintenance
-         | ExitMaintenance | ReceiptDismissed | Shutdown)
+Event = (GrantReceived | PulseCount | StopPressed | CancelReceived | Tick | TemperatureReading
+         | WaterQualityReading | LowWater | Fault | SessionStartFailed | LeakSensor | LinkChanged
+         | SetOutOfService | ClearLockout | EnterMaintenance | ExitMaintenance | ReceiptDismissed | Shutdown)
 
 
 # ---------------------------------------------------------------- actions (outputs)
@@ -245,6 +266,9 @@ class SessionRecord:
     below_minimum: bool
     temp_start_c: float | None
     temp_end_c: float | None
+    tds_ppm: int | None = None          # water quality at the end of the session (None: unknown)
+    tds_measured: bool = False
+    tds_limit_ppm: int = 500
 
     @property
     def duration_ms(self) -> int:

@@ -272,6 +272,8 @@ class Ledger:
             "overrun_pulses": r.overrun_pulses, "volume_ml": r.volume_ml, "cost_fen": r.cost_fen,
             "below_minimum": r.below_minimum, "avg_flow_ml_per_min": r.avg_flow_ml_per_min,
             "temp_start_c": r.temp_start_c, "temp_end_c": r.temp_end_c,
+            "water_quality": {"tds_ppm": r.tds_ppm, "tds_measured": r.tds_measured,
+                              "tds_limit_ppm": r.tds_limit_ppm},
             "flow_series_columns": ["t_ms", "billed_pulses", "overrun_pulses", "temp_c", "valve_open"],
             "flow_series": series, "valve_events": valve,
         }

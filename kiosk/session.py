@@ -27,7 +27,10 @@ from kiosk.config import Config
 from kiosk.events import (
     LOCKOUT_GHOST_FLOW,
     LOCKOUT_LEAK_SENSOR,
+    LOCKOUT_LOW_WATER,
     LOCKOUT_REMOTE,
+    LOCKOUT_TDS,
+    LOCKOUT_TEMPERATURE,
     SITE_ONLY_LOCKOUTS,
     Action,
     AddToTotalizer,
@@ -45,6 +48,7 @@ from kiosk.events import (
     GrantReceived,
     LeakSensor,
     LinkChanged,
+    LowWater,
     OpenValve,
     PulseCount,
     ReceiptDismissed,
@@ -60,6 +64,7 @@ from kiosk.events import (
     StopPressed,
     TemperatureReading,
     Tick,
+    WaterQualityReading,
     fault_lockout,
 )
 
@@ -87,6 +92,11 @@ class CoreSettings:
     ghost_window_ms: int
     receipt_display_ms: int
     display_price_fen_per_l: int
+    temp_band_min_c: float = 2.0
+    temp_band_max_c: float = 35.0
+    temp_alarm_after_ms: int = 600_000
+    tds_limit_ppm: int = 500
+    tds_alarm_after_ms: int = 60_000
 
     @classmethod
     def from_config(cls, cfg: Config, calibration: Calibration | None = None) -> CoreSettings:
@@ -105,6 +115,11 @@ class CoreSettings:
             ghost_window_ms=cfg.leak.ghost_window_ms,
             receipt_display_ms=cfg.screen.receipt_display_ms,
             display_price_fen_per_l=cfg.pricing.display_price_fen_per_l,
+            temp_band_min_c=cfg.sensors.temp_band_min_c,
+            temp_band_max_c=cfg.sensors.temp_band_max_c,
+            temp_alarm_after_ms=cfg.sensors.temp_alarm_after_ms,
+            tds_limit_ppm=cfg.sensors.tds_limit_ppm,
+            tds_alarm_after_ms=cfg.sensors.tds_alarm_after_ms,
         )
 
 
@@ -139,6 +154,9 @@ class Snapshot:
     lockouts: tuple[str, ...]
     temp_c: float | None
     display_price_fen_per_l: int
+    tds_ppm: int | None = None
+    tds_measured: bool = False
+    tds_limit_ppm: int = 500
     session_id: str | None = None
     price_fen_per_l: int = 0
     volume_ml: int = 0
@@ -163,6 +181,10 @@ class DispenserCore:
         self.online = False
         self.maintenance = False
         self.temp_c: float | None = None
+        self.tds_ppm: int | None = None
+        self.tds_measured = False
+        self._temp_out_since: int | None = None
+        self._tds_high_since: int | None = None
         self._phase: State | None = None            # DISPENSING, SETTLING or RECEIPT; None = resting
         self._session: _Session | None = None
         self._receipt: SessionRecord | None = None
@@ -220,6 +242,8 @@ class DispenserCore:
         base = Snapshot(state=self.state, machine_id=self.settings.machine_id, online=self.online,
                         lockouts=tuple(sorted(self.lockouts)), temp_c=self.temp_c,
                         display_price_fen_per_l=self.settings.display_price_fen_per_l,
+                        tds_ppm=self.tds_ppm, tds_measured=self.tds_measured,
+                        tds_limit_ppm=self.settings.tds_limit_ppm,
                         receipt=self._receipt if self._phase is State.RECEIPT else None,
                         last_rejection=self._last_rejection)
         s = self._session
@@ -365,11 +389,60 @@ class DispenserCore:
             actions += self._flush_totalizer(now)
         if self._ghost_unlogged and now - self._ghost_logged_ms >= GHOST_LOG_INTERVAL_MS:
             actions.append(self._ghost_log(now))
+        if self._temp_out_since is not None or self._tds_high_since is not None:
+            actions += self._check_conditions(now)
         return actions
 
     def _on_temperature(self, ev: TemperatureReading, now: int) -> list[Action]:
-        self.temp_c = ev.temp_c
-        return []
+        self.temp_c = t = ev.temp_c
+        st = self.settings
+        if t is None:                       # unknown: neither raise nor clear the alarm
+            self._temp_out_since = None
+            return []
+        if st.temp_band_min_c <= t <= st.temp_band_max_c:
+            self._temp_out_since = None
+            return self._clear_condition(LOCKOUT_TEMPERATURE, f"tank water back at {t:.1f} C")
+        if self._temp_out_since is None:
+            self._temp_out_since = now
+        return self._check_conditions(now)
+
+    def _on_water_quality(self, ev: WaterQualityReading, now: int) -> list[Action]:
+        self.tds_ppm, self.tds_measured = ev.tds_ppm, ev.measured
+        if ev.tds_ppm is None:
+            self._tds_high_since = None
+            return []
+        if ev.tds_ppm <= self.settings.tds_limit_ppm:
+            self._tds_high_since = None
+            return self._clear_condition(LOCKOUT_TDS, f"TDS back at {ev.tds_ppm} mg/L")
+        if self._tds_high_since is None:
+            self._tds_high_since = now
+        return self._check_conditions(now)
+
+    def _on_low_water(self, ev: LowWater, now: int) -> list[Action]:
+        if ev.low:
+            return self._lock(LOCKOUT_LOW_WATER, "the tank is nearly empty", now, None)
+        return self._clear_condition(LOCKOUT_LOW_WATER, "the tank has been refilled")
+
+    def _check_conditions(self, now: int) -> list[Action]:
+        st, actions = self.settings, []
+        if self._temp_out_since is not None and now - self._temp_out_since >= st.temp_alarm_after_ms \
+                and LOCKOUT_TEMPERATURE not in self.lockouts:
+            detail = (f"tank water at {self.temp_c:.1f} C, outside the safe band {st.temp_band_min_c:g}-"
+                      f"{st.temp_band_max_c:g} C for {(now - self._temp_out_since) // 1000} s")
+            actions += self._lock(LOCKOUT_TEMPERATURE, detail, now, None)
+        if self._tds_high_since is not None and now - self._tds_high_since >= st.tds_alarm_after_ms \
+                and LOCKOUT_TDS not in self.lockouts:
+            detail = (f"TDS {self.tds_ppm} mg/L above the limit of {st.tds_limit_ppm} mg/L for "
+                      f"{(now - self._tds_high_since) // 1000} s")
+            actions += self._lock(LOCKOUT_TDS, detail, now, None)
+        return actions
+
+    def _clear_condition(self, reason: str, detail: str) -> list[Action]:
+        if reason not in self.lockouts:
+            return []
+        del self.lockouts[reason]
+        return [SetLockout(reason, active=False), RecordEvent("alarm_cleared", {"reason": reason, "detail": detail},
+                                                              report=True)]
 
     def _on_fault(self, ev: Fault, now: int) -> list[Action]:
         return self._fault(ev.kind, ev.detail, now)
@@ -465,7 +538,8 @@ class DispenserCore:
             milli_pulses_per_litre=cal.milli_pulses_per_litre, billed_pulses=s.billed_pulses,
             overrun_pulses=s.overrun_pulses, volume_ml=volume,
             cost_fen=0 if below else cal.cost_fen(s.billed_pulses, s.price_fen_per_l),
-            below_minimum=below, temp_start_c=s.temp_start_c, temp_end_c=self.temp_c)
+            below_minimum=below, temp_start_c=s.temp_start_c, temp_end_c=self.temp_c,
+            tds_ppm=self.tds_ppm, tds_measured=self.tds_measured, tds_limit_ppm=st.tds_limit_ppm)
         pending, self._totalizer_pending = self._totalizer_pending, 0
         self._totalizer_flushed_ms = now
         self._session, self._receipt = None, record
@@ -560,6 +634,8 @@ _HANDLERS = {
     CancelReceived: DispenserCore._on_cancel,
     Tick: DispenserCore._on_tick,
     TemperatureReading: DispenserCore._on_temperature,
+    WaterQualityReading: DispenserCore._on_water_quality,
+    LowWater: DispenserCore._on_low_water,
     Fault: DispenserCore._on_fault,
     SessionStartFailed: DispenserCore._on_start_failed,
     LeakSensor: DispenserCore._on_leak,

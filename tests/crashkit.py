@@ -44,6 +44,7 @@ class RoundResult:
     ended: dict[str, tuple[int, int]] = field(default_factory=dict)   # id -> (billed pulses, cost fen)
     metered: dict[str, int] = field(default_factory=dict)             # id -> the core's last billed count
     recovered: dict[str, int] = field(default_factory=dict)           # id -> billed pulses after recovery
+    unbilled: dict[str, int] = field(default_factory=dict)            # id -> metered minus billed pulses
     killed_mid_session: bool = False
     problems: list[str] = field(default_factory=list)
 
@@ -131,6 +132,7 @@ def check(folder: Path, res: RoundResult) -> None:
         limit = bound_pulses(cfg)
         for sid, billed in res.recovered.items():
             metered = res.metered.get(sid, 0)
+            res.unbilled[sid] = metered - billed
             if billed > metered:
                 res.problems.append(f"{sid}: billed {billed} pulses but only {metered} were metered")
             if metered - billed > limit:
