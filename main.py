@@ -24,6 +24,7 @@ log = logging.getLogger("tapshare")
 
 EXIT_CONFIG = 2
 EXIT_STORAGE = 3
+EXIT_HARDWARE = 4
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -109,20 +110,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.status or args.clear_lockout:
         return admin(cfg, args)
-    if not args.simulate:
-        print("error: real hardware (gpiozero, w1thermsensor) is not wired yet; run with --simulate",
-              file=sys.stderr)
-        return EXIT_CONFIG
     if not args.headless:
         print("error: the touchscreen UI is not built yet; run with --headless", file=sys.stderr)
         return EXIT_CONFIG
 
-    from hal.sim import SimFlowMeter, SimValve
+    import queue
+
+    from hal.base import DisconnectedMeter, DisconnectedValve
+    from hal.machine import HardwareError, build, simulated_config
     from kiosk.simulate import SimulatedUsers
 
+    if args.simulate:
+        cfg = simulated_config(cfg)
     clock = SystemClock()
-    valve = SimValve()
-    meter = SimFlowMeter(valve, clock, pulses_per_litre=cfg.flow.pulses_per_litre)
+    events: queue.Queue = queue.Queue()
     trace = None
     if args.trace:
         lock = threading.Lock()
@@ -132,10 +133,24 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write(json.dumps(record) + "\n")
                 sys.stdout.flush()
 
-    runtime, report = boot(cfg, valve, meter, clock, trace=trace)
+    runtime = None
+    hw = None
+    hw_error = None
+    try:
+        hw = build(cfg, post=events.put, on_stop_press=lambda: runtime.stop_pressed() if runtime else None,
+                   on_stop_long_press=lambda: log.info("stop button long press (maintenance arrives later)"),
+                   simulate=args.simulate, sim_dir=cfg.data_dir / "sim", sim_seed=args.seed)
+        valve, meter = hw.valve, hw.meter
+    except HardwareError as e:
+        hw_error = str(e)
+        log.error("HARDWARE UNAVAILABLE, machine out of service: %s", e)
+        valve, meter = DisconnectedValve(), DisconnectedMeter()
+    runtime, report = boot(cfg, valve, meter, clock, trace=trace, events=events,
+                           lockouts={"fault:hardware": hw_error} if hw_error else None)
     if trace:
         trace({"t": "ready", "recovered": [r.session_id for r in report.recovered],
-               "ledger_error": report.ledger_error, "state": runtime.snapshot.state.value})
+               "ledger_error": report.ledger_error, "hardware_error": hw_error,
+               "state": runtime.snapshot.state.value})
 
     def on_signal(signum: int, _frame: object) -> None:
         log.warning("signal %s: stopping (valve closes, any session ends)", signal.Signals(signum).name)
@@ -145,22 +160,33 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     core_thread = threading.Thread(target=runtime.run, name="core", daemon=True)
     core_thread.start()
-    users = SimulatedUsers(runtime, meter, clock, sessions=args.sessions, seed=args.seed, pour_ms=args.pour_ms,
-                           pause_ms=args.pause_ms, flow_ml_per_min=args.flow_ml_per_min,
-                           stop_when_done=report.ledger_error is None)
-    if report.ledger_error is None:
+    if hw is not None:
+        hw.start()
+    users = None
+    healthy = report.ledger_error is None and hw_error is None
+    if healthy and hw is not None and hw.world is not None:
+        users = SimulatedUsers(runtime, hw.world, clock, sessions=args.sessions, seed=args.seed,
+                               pour_ms=args.pour_ms, pause_ms=args.pause_ms, flow_ml_per_min=args.flow_ml_per_min)
         users.start()
-    else:
-        log.error("staying out of service with the valve closed; fix the ledger, then restart")
+    elif not healthy:
+        log.error("staying out of service with the valve closed; fix the cause above, then restart")
         if args.sessions:
-            runtime.request_stop("ledger unavailable")
-    while not runtime.wait_stopped(0.2):
-        pass
-    users.halt()
-    if runtime.ledger is not None:
-        runtime.ledger.close()
+            runtime.request_stop("out of service")
+    try:
+        while not runtime.wait_stopped(0.2):
+            pass
+    finally:
+        if users is not None:
+            users.halt()
+        if hw is not None:
+            hw.close()
+        valve.close()
+        if runtime.ledger is not None:
+            runtime.ledger.close()
     log.info("stopped; valve %s", "OPEN" if valve.is_open else "closed")
-    return EXIT_STORAGE if report.ledger_error else 0
+    if report.ledger_error:
+        return EXIT_STORAGE
+    return EXIT_HARDWARE if hw_error else 0
 
 
 if __name__ == "__main__":

@@ -49,3 +49,25 @@ class SystemClock:
     def wall_ms(self) -> int:
         import time
         return time.time_ns() // 1_000_000
+
+
+class DisconnectedValve:
+    """Stands in when the valve's pin could not be set up: never opens (the machine is out of service)."""
+
+    is_open = False
+
+    def open(self) -> None:
+        raise RuntimeError("the valve is not connected")
+
+    def close(self) -> None:
+        pass
+
+
+class DisconnectedMeter:
+    """Stands in when the flow meter's pin could not be set up."""
+
+    def total_pulses(self) -> int:
+        return 0
+
+    def arm_limit(self, close_at_total_pulses: int | None) -> None:
+        pass

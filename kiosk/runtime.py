@@ -41,6 +41,7 @@ from kiosk.events import (
     SetLockout,
     SetOutOfService,
     Shutdown,
+    StopPressed,
     Tick,
     fault_lockout,
 )
@@ -66,10 +67,11 @@ class Runtime:
     """Owns the core; :meth:`run` is the core thread's body."""
 
     def __init__(self, cfg: Config, core: DispenserCore, ledger: Ledger | None, valve: Valve,
-                 meter: FlowMeter, clock: Clock, *, trace: Callable[[dict], None] | None = None) -> None:
+                 meter: FlowMeter, clock: Clock, *, trace: Callable[[dict], None] | None = None,
+                 events: queue.Queue | None = None) -> None:
         self.cfg, self.core, self.ledger, self.valve, self.meter, self.clock = cfg, core, ledger, valve, meter, clock
         self.ledger_ok = ledger is not None
-        self._events: queue.Queue[Event] = queue.Queue()
+        self._events: queue.Queue[Event] = events if events is not None else queue.Queue()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._trace = trace
@@ -84,6 +86,12 @@ class Runtime:
     def post(self, event: Event) -> None:
         """Queue an event for the core thread (safe from any thread)."""
         self._events.put(event)
+
+    def stop_pressed(self) -> None:
+        """The stop button's edge callback: the valve closes here and now, then the core is told.
+        Closing is always safe, whatever the core's state; the bill is settled on the core thread."""
+        self._safe_close_valve()
+        self._events.put(StopPressed())
 
     def request_stop(self, reason: str = "shutdown") -> None:
         """Ask the core thread to end any session, close the valve and return (safe from signal handlers)."""
@@ -281,7 +289,8 @@ class Runtime:
 
 
 def boot(cfg: Config, valve: Valve, meter: FlowMeter, clock: Clock, *,
-         trace: Callable[[dict], None] | None = None) -> tuple[Runtime, BootReport]:
+         trace: Callable[[dict], None] | None = None, events: queue.Queue | None = None,
+         lockouts: dict[str, str] | None = None) -> tuple[Runtime, BootReport]:
     """The start-up sequence: valve closed first, ledger opened and recovered, then the core built.
 
     A ledger that cannot be opened does not stop the machine from starting: it starts out of service
@@ -291,7 +300,8 @@ def boot(cfg: Config, valve: Valve, meter: FlowMeter, clock: Clock, *,
     ledger: Ledger | None = None
     error: str | None = None
     recovered = []
-    lockouts: dict[str, str] = {}
+    extra = dict(lockouts or {})
+    lockouts = {}
     seen: list[str] = []
     try:
         ledger = Ledger.open(cfg.db_path, machine_id=cfg.machine.id, wall_clock=clock.wall_ms,
@@ -312,6 +322,7 @@ def boot(cfg: Config, valve: Valve, meter: FlowMeter, clock: Clock, *,
         if ledger is not None:
             ledger.close()
             ledger = None
+    lockouts.update(extra)
     core = DispenserCore(CoreSettings.from_config(cfg), lockouts=lockouts, seen_session_ids=seen)
-    rt = Runtime(cfg, core, ledger, valve, meter, clock, trace=trace)
+    rt = Runtime(cfg, core, ledger, valve, meter, clock, trace=trace, events=events)
     return rt, BootReport(ledger_error=error, recovered=recovered, lockouts=lockouts)

@@ -14,8 +14,8 @@ import uuid
 from collections.abc import Callable
 
 from hal.base import Clock
-from hal.sim import SimFlowMeter
-from kiosk.events import CancelReceived, Grant, GrantReceived, LinkChanged, ReceiptDismissed, State, StopPressed
+from hal.machine import SimulatedWorld
+from kiosk.events import CancelReceived, Grant, GrantReceived, LinkChanged, ReceiptDismissed, State
 from kiosk.runtime import Runtime
 
 log = logging.getLogger("tapshare.simulate")
@@ -26,13 +26,13 @@ SCENARIOS = ("stop_button", "stop_button", "stop_button", "credit", "walk_away",
 class SimulatedUsers(threading.Thread):
     """Plays ``sessions`` sessions (0: until stopped), then asks the runtime to stop."""
 
-    def __init__(self, runtime: Runtime, meter: SimFlowMeter, clock: Clock, *, sessions: int = 0,
+    def __init__(self, runtime: Runtime, world: SimulatedWorld, clock: Clock, *, sessions: int = 0,
                  seed: int | None = None,
                  pour_ms: tuple[int, int] = (1_500, 6_000), flow_ml_per_min: tuple[int, int] = (4_000, 8_000),
                  pause_ms: tuple[int, int] = (500, 2_000), stop_when_done: bool = True,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         super().__init__(name="simulated-users", daemon=True)
-        self.rt, self.meter, self.clock = runtime, meter, clock
+        self.rt, self.world, self.clock = runtime, world, clock
         self.sessions, self.pour_ms, self.flow, self.pause_ms = sessions, pour_ms, flow_ml_per_min, pause_ms
         self.rng = random.Random(seed)
         self.stop_when_done = stop_when_done
@@ -70,7 +70,9 @@ class SimulatedUsers(threading.Thread):
         price = self.rng.choice((100, 150, 200, 300))
         credit = self.rng.randint(5, 40) if scenario == "credit" else self.rng.randint(200, 2_000)
         sid = "sim-" + uuid.uuid4().hex[:12]
-        self.meter.set_flow(self.rng.uniform(*self.flow))
+        self.world.water.set_flow(self.rng.uniform(*self.flow))
+        temp = self.world.thermometer.temp_c + self.rng.uniform(-0.3, 0.3)
+        self.world.thermometer.set(min(20.0, max(8.0, temp)))    # the tank drifts a little
         grant = Grant(session_id=sid, machine_id=cfg.machine.id, user_ref="sim-user",
                       price_fen_per_l=price, credit_limit_fen=credit, max_volume_ml=cfg.limits.max_volume_ml,
                       max_duration_ms=cfg.limits.max_duration_ms, max_idle_ms=cfg.limits.max_idle_ms,
@@ -83,13 +85,13 @@ class SimulatedUsers(threading.Thread):
         pour_s = self.rng.uniform(*self.pour_ms) / 1000
         if scenario == "stop_button":
             self._sleep(pour_s)
-            self.rt.post(StopPressed())
+            self.world.press_stop()          # the physical button: gpiozero edge, debounce, valve closes
         elif scenario == "cancel":
             self._sleep(pour_s)
             self.rt.post(CancelReceived(sid, "simulated cancel"))
         elif scenario == "walk_away":
             self._sleep(pour_s)
-            self.meter.set_flow(0)      # cup taken away: no flow, the idle timer closes the valve
+            self.world.water.set_flow(0)      # cup taken away: no flow, the idle timer closes the valve
         self._wait_for(lambda: self.rt.snapshot.session_id != sid or self.rt.snapshot.state is State.RECEIPT,
                        cfg.limits.max_duration_ms + 10_000)
         self._wait_for(lambda: self.rt.snapshot.state is not State.SETTLING, 10_000)

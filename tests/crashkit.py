@@ -58,7 +58,7 @@ def write_config(folder: Path) -> Path:
 
 def bound_pulses(cfg: Config) -> int:
     """At most one checkpoint interval (plus the sampling slack) of flow at the fastest simulated rate."""
-    per_ms = FLOW_MAX_ML_PER_MIN / 60_000 * cfg.flow.pulses_per_litre / 1000
+    per_ms = FLOW_MAX_ML_PER_MIN * 1.15 / 60_000 * cfg.flow.pulses_per_litre / 1000   # +15 %: meter noise
     return math.ceil((cfg.flow.checkpoint_interval_ms + 2 * cfg.flow.sample_interval_ms) * per_ms) + 1
 
 

@@ -102,6 +102,15 @@ def test_clear_lockout_needs_an_active_lockout(tmp_path):
     assert json.loads(run("--status", "--data-dir", str(tmp_path)).stdout)["lockouts"] == {}
 
 
-def test_without_simulate_it_says_what_is_missing():
-    out = run("--headless")
-    assert out.returncode == 2 and "--simulate" in out.stderr
+def test_without_gpio_hardware_it_stays_out_of_service(tmp_path):
+    p = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--headless", "--data-dir", str(tmp_path),
+                          "--trace"], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ready = json.loads(p.stdout.readline())
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=20)
+    assert ready["state"] == "out_of_service"
+    assert "pin factory lgpio" in ready["hardware_error"]
+    assert "HARDWARE UNAVAILABLE" in err and "stopped; valve closed" in err
+    assert p.returncode == 4
+    status = json.loads(run("--status", "--data-dir", str(tmp_path)).stdout)
+    assert status["lockouts"] == {}           # a hardware fault is re-checked at every start, not stored

@@ -3,8 +3,10 @@
 import threading
 import time
 
+import queue
+
 from hal.base import SystemClock
-from hal.sim import SimFlowMeter, SimValve
+from hal.machine import build, simulated_config
 from kiosk.config import Config
 from kiosk.events import GrantReceived, LinkChanged, State, StopPressed
 from kiosk.ledger import Ledger
@@ -27,11 +29,13 @@ class Machine:
                     "flow": {"overrun_window_ms": 200, "sample_interval_ms": 5}}
         for k, v in cfg_sections.items():
             sections.setdefault(k, {}).update(v)
-        self.cfg = Config().replace(**sections)
+        self.cfg = simulated_config(Config().replace(**sections))
         self.clock = SystemClock()
-        self.valve = SimValve()
-        self.meter = SimFlowMeter(self.valve, self.clock, flow_ml_per_min=6_000)
-        self.rt, self.report = boot(self.cfg, self.valve, self.meter, self.clock)
+        events: queue.Queue = queue.Queue()
+        self.hw = build(self.cfg, post=events.put, on_stop_press=lambda: self.rt.stop_pressed(), simulate=True,
+                        sim_dir=tmp_path / "sim")
+        self.valve, self.meter, self.world = self.hw.valve, self.hw.meter, self.hw.world
+        self.rt, self.report = boot(self.cfg, self.valve, self.meter, self.clock, events=events)
         self.thread = threading.Thread(target=self.rt.run, daemon=True)
         self.valve_opened_at_least_once = False
         self.valve.on_change(self._seen)
@@ -41,6 +45,7 @@ class Machine:
 
     def __enter__(self):
         self.thread.start()
+        self.hw.start()
         self.rt.post(LinkChanged(True))
         assert wait_until(lambda: self.rt.snapshot.state is not State.OFFLINE or self.rt.core.lockouts)
         return self
@@ -49,6 +54,7 @@ class Machine:
         self.rt.request_stop()
         assert self.rt.wait_stopped(5)
         assert not self.valve.is_open
+        self.hw.close()
         if self.rt.ledger is not None:
             self.rt.ledger.close()
 
@@ -143,9 +149,9 @@ def test_a_valve_open_outside_a_session_is_closed(tmp_path):
 
 def test_ghost_flow_locks_out_and_the_cli_command_clears_it(tmp_path):
     with Machine(tmp_path, leak={"ghost_volume_ml": 20}) as m:
-        m.meter.set_ghost_flow(3_000)                            # a stuck valve: 50 ml/s with the valve closed
+        m.world.water.set_ghost_flow(3_000)                            # a stuck valve: 50 ml/s with the valve closed
         assert wait_until(lambda: m.rt.snapshot.state is State.OUT_OF_SERVICE)
-        m.meter.set_ghost_flow(0)
+        m.world.water.set_ghost_flow(0)
         assert m.rt.ledger.lockouts().keys() == {"ghost_flow"}
         admin = Ledger.open(m.cfg.db_path, machine_id="M1", wall_clock=m.clock.wall_ms, new_boot=False)
         admin.queue_admin_command("clear_lockout", {"reason": "ghost_flow", "actor": "tech-7"})
@@ -172,9 +178,9 @@ def test_lockouts_and_seen_sessions_survive_a_restart(tmp_path):
         assert wait_until(lambda: m.valve.is_open)
         m.rt.post(StopPressed())
         assert wait_until(lambda: m.rt.snapshot.state is State.RECEIPT)
-        m.meter.set_ghost_flow(6_000)
+        m.world.water.set_ghost_flow(6_000)
         assert wait_until(lambda: "ghost_flow" in m.rt.core.lockouts, 10)
-        m.meter.set_ghost_flow(0)
+        m.world.water.set_ghost_flow(0)
     with Machine(tmp_path) as m2:
         assert m2.rt.snapshot.state is State.OUT_OF_SERVICE
         from kiosk.events import ClearLockout, ClearSource
