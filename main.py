@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hal.base import DisconnectedMeter, DisconnectedValve
     from hal.machine import HardwareError, build, simulated_config
-    from kiosk.simulate import SimulatedUsers
+    from hal.sim_users import SimulatedUsers
 
     if args.simulate:
         cfg = simulated_config(cfg)

@@ -21,7 +21,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hal.base import Clock, FlowMeter, Valve
 from kiosk.config import Config
 from kiosk.events import (
     Action,
@@ -46,6 +45,7 @@ from kiosk.events import (
     fault_lockout,
 )
 from kiosk.ledger import Ledger, LedgerError
+from kiosk.ports import Clock, FlowMeter, Valve
 from kiosk.session import CoreSettings, DispenserCore, Snapshot
 
 log = logging.getLogger("tapshare.runtime")

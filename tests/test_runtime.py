@@ -1,9 +1,8 @@
 """The core thread with simulated hardware and a real ledger: fail-safe paths end with the valve closed."""
 
+import queue
 import threading
 import time
-
-import queue
 
 from hal.base import SystemClock
 from hal.machine import build, simulated_config

@@ -13,12 +13,12 @@ import time
 import uuid
 from collections.abc import Callable
 
-from hal.base import Clock
 from hal.machine import SimulatedWorld
 from kiosk.events import CancelReceived, Grant, GrantReceived, LinkChanged, ReceiptDismissed, State
+from kiosk.ports import Clock
 from kiosk.runtime import Runtime
 
-log = logging.getLogger("tapshare.simulate")
+log = logging.getLogger("tapshare.sim_users")
 
 SCENARIOS = ("stop_button", "stop_button", "stop_button", "credit", "walk_away", "cancel")
 
