@@ -190,3 +190,43 @@ def test_lockouts_and_seen_sessions_survive_a_restart(tmp_path):
         assert not m2.valve_opened_at_least_once
 
 
+
+
+def test_the_physical_stop_button_ends_the_session(tmp_path):
+    with Machine(tmp_path) as m:
+        m.grant()
+        assert wait_until(lambda: m.rt.snapshot.volume_ml > 20)
+        m.world.press_stop()
+        assert not m.valve.is_open                 # closed in the edge callback, before the core ran
+        assert wait_until(lambda: m.rt.snapshot.state is State.RECEIPT)
+        assert m.rt.snapshot.receipt.reason == "stop_button"
+
+
+def test_a_wet_leak_sensor_stops_the_pour_and_needs_a_technician(tmp_path):
+    from kiosk.events import ClearLockout, ClearSource
+    with Machine(tmp_path) as m:
+        m.grant()
+        assert wait_until(lambda: m.valve.is_open)
+        m.world.set_leak(True)
+        assert wait_until(lambda: not m.valve.is_open)
+        assert wait_until(lambda: m.rt.ledger.session("s1")["state"] == "ended")
+        assert m.rt.ledger.session("s1")["end_reason"] == "leak"
+        m.world.set_leak(False)                    # dry again: still locked out
+        m.rt.post(ClearLockout("leak_sensor", ClearSource.REMOTE))
+        time.sleep(0.1)
+        assert "leak_sensor" in m.rt.core.lockouts
+        m.rt.post(ClearLockout("leak_sensor", ClearSource.SITE, actor="tech"))
+        assert wait_until(lambda: not m.rt.core.lockouts)
+
+
+def test_low_water_and_sensor_readings_reach_the_core(tmp_path):
+    with Machine(tmp_path, sensors={"read_interval_ms": 1_000}) as m:
+        assert wait_until(lambda: m.rt.snapshot.temp_c == 12.0)
+        assert wait_until(lambda: m.rt.snapshot.tds_measured and 75 <= m.rt.snapshot.tds_ppm <= 85)
+        m.world.thermometer.unplug()
+        assert wait_until(lambda: m.rt.snapshot.temp_c is None, 5)
+        assert m.rt.snapshot.state is State.IDLE   # an unknown temperature does not stop sales
+        m.world.set_low_water(True)
+        assert wait_until(lambda: m.rt.snapshot.state is State.OUT_OF_SERVICE)
+        m.world.set_low_water(False)
+        assert wait_until(lambda: m.rt.snapshot.state is State.IDLE)

@@ -472,3 +472,69 @@ def test_a_session_whose_row_failed_is_dropped_without_a_bill():
     assert h.core.snapshot().receipt is None and h.core.session_id is None
     h.tick(2_000)
     assert h.ended() == []
+
+
+# ---------------------------------------------------------------- condition alarms (temperature, TDS, low water)
+
+def test_a_tank_outside_its_band_for_long_enough_stops_sales_and_clears_itself():
+    from kiosk.events import LOCKOUT_TEMPERATURE
+    h = Harness(temp_alarm_after_ms=60_000)
+    h.send(TemperatureReading(38.0))
+    h.tick(59_999)
+    assert h.state == "idle"                      # a short excursion is tolerated
+    actions = h.tick(1)
+    assert h.state == "out_of_service"
+    assert "38.0 C, outside the safe band 2-35 C" in h.core.lockouts[LOCKOUT_TEMPERATURE]
+    assert any(isinstance(a, RecordEvent) and a.kind == "lockout" and a.report for a in actions)
+    h.send(TemperatureReading(None))              # unknown: neither clears nor raises
+    assert h.state == "out_of_service"
+    actions = h.send(TemperatureReading(20.0))
+    assert h.state == "idle"
+    assert SetLockout(LOCKOUT_TEMPERATURE, active=False) in actions
+
+
+def test_a_brief_excursion_resets_the_alarm_timer():
+    h = Harness(temp_alarm_after_ms=60_000)
+    h.send(TemperatureReading(1.0))
+    h.tick(50_000)
+    h.send(TemperatureReading(5.0))
+    h.send(TemperatureReading(1.0), 1_000)
+    h.tick(50_000)
+    assert h.state == "idle"
+
+
+def test_tds_above_the_limit_stops_sales_but_lets_the_pour_finish():
+    from kiosk.events import WaterQualityReading
+    h = Harness(tds_alarm_after_ms=10_000)
+    h.start()
+    h.send(WaterQualityReading(620))
+    h.flow(1)
+    h.tick(10_000)
+    assert "tds" in h.core.lockouts
+    assert h.state == "dispensing"                # the cup being filled is not cut off
+    h.send(StopPressed())
+    h.tick(1_000)
+    r = h.ended()[0].record
+    assert (r.tds_ppm, r.tds_measured, r.tds_limit_ppm) == (620, True, 500)
+    h.tick(15_000)
+    assert h.state == "out_of_service"
+    h.send(WaterQualityReading(90))
+    assert h.state == "idle"
+
+
+def test_tds_not_measured_is_not_a_number():
+    from kiosk.events import WaterQualityReading
+    h = Harness()
+    h.send(WaterQualityReading(None, measured=False))
+    s = h.core.snapshot()
+    assert s.tds_ppm is None and not s.tds_measured
+
+
+def test_low_water_stops_sales_until_refilled():
+    from kiosk.events import LowWater
+    h = Harness()
+    h.send(LowWater(True))
+    assert h.state == "out_of_service"
+    assert rejection(h.start()) == "out_of_service"
+    h.send(LowWater(False))
+    assert h.state == "idle"
