@@ -121,6 +121,10 @@ class GpioFlowMeter:
         with self._lock:
             return self._count
 
+    @property
+    def armed_limit(self) -> int | None:
+        return self._limit
+
     def arm_limit(self, close_at_total_pulses: int | None) -> None:
         close = False
         with self._lock:
