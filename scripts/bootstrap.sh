@@ -27,7 +27,7 @@ if [[ ! -x .venv/bin/python ]]; then
     fi
   fi
 fi
-want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)
+want=$(cat requirements.txt requirements-cloud.txt requirements-dev.txt | sha256sum | cut -c1-16)
 if [[ ! -f .venv/.installed || $(cat .venv/.installed) != "$want" ]]; then
   echo "installing Python packages into .venv (first run takes a minute) ..." >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt

@@ -1,0 +1,97 @@
+"""Golden vectors for the shared protocol: both sides import sync/protocol.py, and these pin it down."""
+
+import hashlib
+import hmac
+import struct
+
+import pytest
+from pydantic import ValidationError
+
+from sync import protocol as p
+
+SECRET = bytes(range(16))
+BODY = b'{"a":1}'
+NONCE = "00112233445566778899aabbccddeeff"
+
+
+def test_signature_golden_vector():
+    assert p.sign(SECRET, "POST", "/device/v1/events?x=1", 1_764_000_000_000, NONCE, BODY) == \
+        "c4da924788028d480a921be84e646e6ef789d6b1488d00a07cb0b1ff28a7510b"
+
+
+def test_signature_is_hmac_sha256_over_the_canonical_request():
+    key = hmac.new(SECRET, b"tapshare/request/v1", hashlib.sha256).digest()
+    msg = f"POST\n/device/v1/events?x=1\n1764000000000\n{NONCE}\n{hashlib.sha256(BODY).hexdigest()}".encode()
+    assert p.sign(SECRET, "post", "/device/v1/events?x=1", 1_764_000_000_000, NONCE, BODY) == \
+        hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+@pytest.mark.parametrize("change", ["method", "path", "ts", "nonce", "body", "secret"])
+def test_every_signed_part_matters(change):
+    args = dict(secret=SECRET, method="POST", path="/x", timestamp_ms=1, nonce=NONCE, body=BODY)
+    sig = p.sign(**args)
+    changed = {"method": ("method", "PUT"), "path": ("path", "/y"), "ts": ("timestamp_ms", 2),
+               "nonce": ("nonce", NONCE[::-1]), "body": ("body", b"{}"), "secret": ("secret", bytes(16))}[change]
+    args[changed[0]] = changed[1]
+    assert not p.verify_signature(signature=sig, **args)
+
+
+def test_short_secrets_are_refused():
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        p.sign(b"short", "GET", "/", 1, NONCE, b"")
+
+
+def test_clock_skew():
+    assert p.clock_problem(1_000_000, 1_000_000 + 299_000) is None
+    assert "off the server's clock" in p.clock_problem(1_000_000, 1_000_000 + 301_000)
+
+
+def test_qr_golden_vectors():
+    assert p.qr_code(SECRET, "M-1", 1_764_000_000) == "23063008"
+    assert p.qr_code(SECRET, "M-1", 1_764_000_029) == "23063008"     # same 30 s step
+    assert p.qr_code(SECRET, "M-1", 1_764_000_030) == "30055546"     # next step
+    assert p.qr_code(SECRET, "M-2", 1_764_000_000) == "46354139"     # bound to the machine
+
+
+def test_qr_is_the_rfc6238_construction_with_hmac_sha256():
+    key = hmac.new(SECRET, b"tapshare/qr/v1", hashlib.sha256).digest()
+    mac = hmac.new(key, b"M-1\x00" + struct.pack(">Q", 1_764_000_000 // 30), hashlib.sha256).digest()
+    off = mac[-1] & 0x0F
+    code = (struct.unpack(">I", mac[off:off + 4])[0] & 0x7FFFFFFF) % 10**8
+    assert p.qr_code(SECRET, "M-1", 1_764_000_000) == f"{code:08d}"
+
+
+def test_qr_accepts_one_step_of_skew_and_no_more():
+    t = 1_764_000_000
+    code = p.qr_code(SECRET, "M-1", t)
+    assert p.qr_step(SECRET, "M-1", code, t) == t // 30
+    assert p.qr_step(SECRET, "M-1", code, t + 30) == t // 30           # one step late: still fine
+    assert p.qr_step(SECRET, "M-1", code, t - 30) == t // 30           # device clock a step ahead
+    assert p.qr_step(SECRET, "M-1", code, t + 60) is None              # a photo from a minute ago
+    assert p.qr_step(SECRET, "M-2", code, t) is None                   # another machine
+    for bad in ("", "1234567", "abcdefgh", "123456789", None):
+        assert p.qr_step(SECRET, "M-1", bad, t) is None
+
+
+def test_qr_url():
+    assert p.qr_url("https://water.example/", "M-1", "01234567") == "https://water.example/m/M-1?c=01234567"
+
+
+def test_the_fee_rule_is_the_dispensers():
+    from kiosk.billing import Calibration
+    assert p.fee_fen(452, 450_000, 200) == Calibration(450_000).cost_fen(452, 200) == 200
+    assert p.volume_ml(450, 450_000) == 1000
+
+
+def test_messages_refuse_bad_input():
+    good = dict(session_id="s1", machine_id="M-1", user_ref="u1", price_fen_per_l=200, credit_limit_fen=500,
+                max_volume_ml=5000, max_duration_ms=300_000, max_idle_ms=15_000, ttl_ms=10_000)
+    p.GrantMsg(**good)
+    for field, value in [("price_fen_per_l", -1), ("credit_limit_fen", "lots"), ("max_volume_ml", 10**9),
+                         ("session_id", "a b"), ("ttl_ms", 0)]:
+        with pytest.raises(ValidationError):
+            p.GrantMsg(**{**good, field: value})
+    with pytest.raises(ValidationError):
+        p.GrantMsg(**good, extra_field=1)
+    with pytest.raises(ValidationError):
+        p.DeviceEvent(event_id="not-an-id", kind="x", payload={})
