@@ -1,0 +1,73 @@
+"""python -m cloud: run the Tapshare cloud, or administer it.
+
+    python -m cloud serve [--host 127.0.0.1] [--port 8700] [--database-url URL] [--data-dir DIR]
+    python -m cloud create-operator NAME --role admin|operator|viewer      (prints the bearer token once)
+    python -m cloud new-key                                                (a server key for TAPSHARE_CLOUD_KEY)
+
+The database is an embedded SQLite file in the data folder unless ``--database-url`` (or
+``TAPSHARE_DATABASE_URL``) names another, e.g. ``postgresql+psycopg://user:pass@localhost/tapshare``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from sqlalchemy import insert
+
+from cloud import db as t
+from cloud.app import ROLES, CloudSettings, create_app
+from cloud.db import Database
+from cloud.security import new_token, token_hash
+
+
+def create_operator(database_url: str, name: str, role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    database = Database(database_url)
+    database.create_all()
+    token = new_token()
+    with database.tx() as conn:
+        conn.execute(insert(t.operators).values(operator_id=name, role=role, token_hash=token_hash(token),
+                                                created_ms=time.time_ns() // 1_000_000))
+    database.dispose()
+    return token
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cloud", description="Tapshare reference cloud service")
+    sub = ap.add_subparsers(dest="cmd")
+    for name in ("serve", "create-operator"):
+        sp = sub.add_parser(name)
+        sp.add_argument("--database-url", default="")
+        sp.add_argument("--data-dir", default="data/cloud")
+    serve = sub.choices["serve"]
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8700)
+    serve.add_argument("--log-level", default="info")
+    op = sub.choices["create-operator"]
+    op.add_argument("name")
+    op.add_argument("--role", default="operator", choices=list(ROLES))
+    sub.add_parser("new-key")
+    args = ap.parse_args(argv)
+    if args.cmd == "new-key":
+        print(secrets.token_bytes(32).hex())
+        return 0
+    cmd = args.cmd or "serve"
+    settings = CloudSettings(database_url=getattr(args, "database_url", ""),
+                             data_dir=Path(getattr(args, "data_dir", "data/cloud")))
+    if cmd == "create-operator":
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        print(create_operator(settings.url(), args.name, args.role))
+        return 0
+    import uvicorn
+    uvicorn.run(create_app(settings), host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 8700),
+                log_level=getattr(args, "log_level", "info"), timeout_keep_alive=75)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

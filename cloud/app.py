@@ -1,0 +1,389 @@
+"""The HTTP API (FastAPI). Device endpoints are signed (see :mod:`sync.protocol`); operator and phone
+endpoints take bearer tokens. Every refusal is a 4xx with ``{"error": code, "message": text}``."""
+
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import and_, or_, select
+
+from cloud import db as t
+from cloud.db import Database
+from cloud.hub import CommandHub
+from cloud.security import SecretBox, token_hash
+from cloud.service import (
+    SILENT_AFTER_MS,
+    ApiError,
+    Commands,
+    MachineAuth,
+    Machines,
+    Sessions,
+    audit,
+    balance,
+    create_dev_user,
+)
+from sync import protocol as p
+
+log = logging.getLogger("tapshare.cloud")
+MAX_BODY_BYTES = 256 * 1024
+LONG_POLL_MAX_S = 30.0
+ROLES = {"viewer": 0, "operator": 1, "admin": 2}
+
+
+@dataclass
+class CloudSettings:
+    database_url: str = ""
+    data_dir: Path = field(default_factory=lambda: Path(os.environ.get("TAPSHARE_DATA_DIR", "data/cloud")))
+    public_url: str = field(default_factory=lambda: os.environ.get("TAPSHARE_PUBLIC_URL", "http://127.0.0.1:8700"))
+    production: bool = field(default_factory=lambda: os.environ.get("TAPSHARE_PRODUCTION", "") == "1")
+    background_interval_s: float = 1.0
+    clock_ms: Callable[[], int] = field(default=lambda: time.time_ns() // 1_000_000)
+
+    def url(self) -> str:
+        return self.database_url or os.environ.get("TAPSHARE_DATABASE_URL") or \
+            f"sqlite:///{(self.data_dir / 'cloud.db').resolve()}"
+
+
+class Err(BaseModel):
+    error: str
+    message: str
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# ---------------------------------------------------------------- request bodies
+
+class ProvisionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    machine_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    location: Annotated[str, Field(max_length=200)] = ""
+    price_fen_per_l: Annotated[int, Field(ge=0, le=100_000)]
+    max_volume_ml: Annotated[int, Field(ge=50, le=50_000)] = 5_000
+    max_duration_ms: Annotated[int, Field(ge=1_000, le=600_000)] = 300_000
+    max_idle_ms: Annotated[int, Field(ge=500, le=120_000)] = 15_000
+    max_credit_fen: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+
+
+class EnrollIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    machine_id: Annotated[str, Field(min_length=1, max_length=64)]
+    enrolment_token: Annotated[str, Field(min_length=10, max_length=200)]
+
+
+class PriceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    price_fen_per_l: Annotated[int, Field(ge=0, le=100_000)]
+
+
+class ServiceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    in_service: bool
+    detail: Annotated[str, Field(max_length=500)] = ""
+
+
+class StartIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    presence_token: Annotated[str, Field(min_length=10, max_length=200)]
+    expected_price_fen_per_l: Annotated[int, Field(ge=0, le=100_000)]
+
+
+class DevUserIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    phone: Annotated[str, Field(pattern=r"^1[3-9][0-9]{9}$")]
+    balance_fen: Annotated[int, Field(ge=0, le=10_000_000)] = 0
+    registered: bool = True
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": Err} for s in (400, 401, 403, 404, 409, 410, 413, 422)}
+
+
+def create_app(settings: CloudSettings | None = None) -> FastAPI:
+    settings = settings or CloudSettings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    database = Database(settings.url())
+    database.create_all()
+    box = SecretBox.from_env_or_file(settings.data_dir / "server.key", production=settings.production)
+    hub = CommandHub()
+    machines = Machines(database, box)
+    commands = Commands(database)
+    sessions = Sessions(database, machines, hub.connected, hub.notify)
+    now = settings.clock_ms
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        hub.bind(asyncio.get_running_loop())
+        task = asyncio.create_task(background())
+        yield
+        task.cancel()
+        database.dispose()
+
+    async def background() -> None:
+        ticks = 0
+        while True:
+            await asyncio.sleep(settings.background_interval_s)
+            try:
+                voided = await run_in_threadpool(sessions.void_unacknowledged, now())
+                for sid in voided:
+                    log.warning("session %s voided: no acknowledgement from the machine", sid)
+                ticks += 1
+                if ticks % 60 == 0:
+                    await run_in_threadpool(machines.prune_nonces, now())
+            except Exception:
+                log.exception("background task failed")
+
+    app = FastAPI(title="Tapshare cloud", version="0.1.0", lifespan=lifespan,
+                  description="Shared drinking-water dispensers: device protocol, phone API, operators.")
+    app.state.database, app.state.hub, app.state.machines, app.state.sessions = database, hub, machines, sessions
+    app.state.settings = settings
+
+    @app.exception_handler(ApiError)
+    async def api_error(_req: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse({"error": e.code, "message": e.message, **e.extra}, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_req: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return JSONResponse({"error": "invalid_request", "message": f"{where}: {first.get('msg', 'invalid')}",
+                             "details": [{"loc": list(x.get("loc", ())), "msg": x.get("msg")} for x in e.errors()]},
+                            status_code=422)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return JSONResponse({"error": "body_too_large", "message": f"request bodies are at most {MAX_BODY_BYTES} "
+                                 "bytes"}, status_code=413)
+        return await call_next(request)
+
+    # ---------------------------------------------------------------- auth dependencies
+    async def device(request: Request) -> MachineAuth:
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, "body_too_large", f"request bodies are at most {MAX_BODY_BYTES} bytes")
+        path = request.scope.get("raw_path", request.url.path.encode()).decode()
+        query = request.scope.get("query_string", b"").decode()
+        if query:
+            path += "?" + query
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        return await run_in_threadpool(machines.authenticate, request.method, path, headers, body, now())
+
+    def bearer(authorization: str | None) -> str:
+        if not authorization or not authorization.lower().startswith("bearer "):
+            raise ApiError(401, "unauthenticated", "log in first (Authorization: Bearer <token>)")
+        return authorization[7:].strip()
+
+    def operator(min_role: str) -> Callable[..., dict[str, Any]]:
+        def dep(authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+            tok = bearer(authorization)
+            with database.read() as conn:
+                row = conn.execute(select(t.operators).where(t.operators.c.token_hash == token_hash(tok))) \
+                    .mappings().first()
+            if row is None:
+                raise ApiError(401, "unauthenticated", "unknown operator token")
+            if ROLES[row["role"]] < ROLES[min_role]:
+                raise ApiError(403, "forbidden", f"this needs the {min_role} role; you are {row['role']}")
+            return dict(row)
+        return dep
+
+    def user(authorization: Annotated[str | None, Header()] = None) -> str:
+        tok = bearer(authorization)
+        with database.read() as conn:
+            row = conn.execute(select(t.user_tokens.c.user_id).where(t.user_tokens.c.token_hash == token_hash(tok))) \
+                .first()
+        if row is None:
+            raise ApiError(401, "unauthenticated", "your login has expired: log in again")
+        return row[0]
+
+    Device = Annotated[MachineAuth, Depends(device)]
+    User = Annotated[str, Depends(user)]
+
+    # ---------------------------------------------------------------- health
+    @app.get("/healthz", response_model=Out, tags=["health"])
+    def health() -> dict[str, Any]:
+        with database.read() as conn:
+            conn.execute(select(1))
+        return {"status": "ok", "database": "sqlite" if database.is_sqlite else "postgresql",
+                "connected_machines": hub.connected_count}
+
+    # ---------------------------------------------------------------- devices
+    @app.get("/device/v1/time", response_model=p.TimeResponse, tags=["device"])
+    def server_time() -> p.TimeResponse:
+        """Unsigned: a device with a wrong clock needs this before it can sign anything."""
+        return p.TimeResponse(server_time_ms=now())
+
+    @app.post("/device/v1/enroll", response_model=Out, responses=ERRORS, tags=["device"])
+    def enroll(body: EnrollIn) -> dict[str, Any]:
+        secret = machines.enroll(body.machine_id, body.enrolment_token, now())
+        return {"machine_id": body.machine_id, "secret_hex": secret.hex(),
+                "note": "store this secret on the machine now; it is not shown again"}
+
+    @app.get("/device/v1/commands", response_model=p.CommandsResponse, responses=ERRORS, tags=["device"])
+    async def poll_commands(auth: Device, wait_ms: Annotated[int, Query(ge=0, le=int(LONG_POLL_MAX_S * 1000))] = 25_000
+                            ) -> p.CommandsResponse:
+        """Long-poll: returns at once if commands are waiting, else when one is queued or ``wait_ms`` passes."""
+        async with hub.polling(auth.machine_id) as ev:
+            cmds = await run_in_threadpool(commands.pending, auth.machine_id, now())
+            if not cmds and wait_ms:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ev.wait(), wait_ms / 1000)
+                cmds = await run_in_threadpool(commands.pending, auth.machine_id, now())
+        return p.CommandsResponse(commands=cmds, server_time_ms=now())
+
+    @app.post("/device/v1/commands/{command_id}/ack", response_model=Out, responses=ERRORS, tags=["device"])
+    def ack_command(command_id: str, body: p.AckMsg, auth: Device) -> dict[str, Any]:
+        sessions.ack(auth.machine_id, command_id, body, now())
+        return {"ok": True}
+
+    @app.post("/device/v1/events", response_model=p.EventBatchResult, responses=ERRORS, tags=["device"])
+    def post_events(body: p.EventBatch, auth: Device) -> p.EventBatchResult:
+        return p.EventBatchResult(results=sessions.receive_events(auth.machine_id, body, now()), server_time_ms=now())
+
+    @app.post("/device/v1/progress", response_model=Out, responses=ERRORS, tags=["device"])
+    def post_progress(body: p.ProgressMsg, auth: Device) -> dict[str, Any]:
+        sessions.progress(auth.machine_id, body)
+        return {"ok": True}
+
+    @app.post("/device/v1/heartbeat", response_model=p.TimeResponse, responses=ERRORS, tags=["device"])
+    def post_heartbeat(body: p.HeartbeatMsg, auth: Device) -> p.TimeResponse:
+        machines.heartbeat(auth.machine_id, body, now())
+        return p.TimeResponse(server_time_ms=now())
+
+    # ---------------------------------------------------------------- phones
+    @app.get("/api/v1/scan", response_model=Out, responses=ERRORS, tags=["phone"])
+    def scan(machine: Annotated[str, Query(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")],
+             c: Annotated[str, Query(min_length=1, max_length=16)]) -> dict[str, Any]:
+        """What opening the QR link does: checks the time-based code, consumes nothing."""
+        token, info = sessions.scan(machine, c, now())
+        return {"presence_token": token, "machine": info}
+
+    @app.post("/api/v1/sessions", response_model=Out, responses={**ERRORS, 402: {"model": Err}, 503: {"model": Err}},
+              tags=["phone"])
+    def start_session(body: StartIn, user_id: User) -> dict[str, Any]:
+        return sessions.start(user_id, body.presence_token, body.expected_price_fen_per_l, now())
+
+    @app.get("/api/v1/sessions/{session_id}", response_model=Out, responses=ERRORS, tags=["phone"])
+    def get_session(session_id: Annotated[str, Field(max_length=64)], user_id: User) -> dict[str, Any]:
+        return sessions.view(user_id, session_id)
+
+    @app.post("/api/v1/sessions/{session_id}/stop", response_model=Out, responses=ERRORS, tags=["phone"])
+    def stop_session(session_id: Annotated[str, Field(max_length=64)], user_id: User) -> dict[str, Any]:
+        sessions.stop(user_id, session_id, now())
+        return {"ok": True}
+
+    @app.get("/api/v1/me", response_model=Out, responses=ERRORS, tags=["phone"])
+    def me(user_id: User) -> dict[str, Any]:
+        with database.read() as conn:
+            u = conn.execute(select(t.users).where(t.users.c.user_id == user_id)).mappings().first()
+            available, held = balance(conn, user_id)
+            bills = conn.execute(select(t.bills).where(t.bills.c.user_id == user_id)
+                                 .order_by(t.bills.c.created_ms.desc()).limit(50)).mappings().all()
+        return {"user_id": user_id, "registered": u["registered"], "points": u["points"],
+                "balance_fen": available + held, "held_fen": held, "available_fen": available,
+                "arrears_fen": max(0, -available), "bills": [dict(b) for b in bills]}
+
+    # ---------------------------------------------------------------- operators
+    Viewer = Annotated[dict, Depends(operator("viewer"))]
+    Operator = Annotated[dict, Depends(operator("operator"))]
+    Admin = Annotated[dict, Depends(operator("admin"))]
+
+    @app.post("/api/v1/operator/machines", response_model=Out, responses=ERRORS, tags=["operator"])
+    def provision(body: ProvisionIn, op: Admin) -> dict[str, Any]:
+        token = machines.provision(op["operator_id"], body.machine_id, body.location, body.price_fen_per_l,
+                                   max_volume_ml=body.max_volume_ml, max_duration_ms=body.max_duration_ms,
+                                   max_idle_ms=body.max_idle_ms, max_credit_fen=body.max_credit_fen, now_ms=now())
+        return {"machine_id": body.machine_id, "enrolment_token": token,
+                "note": "single use: give it to the technician who enrols the machine"}
+
+    @app.get("/api/v1/operator/machines", response_model=Out, tags=["operator"], responses=ERRORS)
+    def list_machines(op: Viewer) -> dict[str, Any]:
+        with database.read() as conn:
+            rows = conn.execute(select(t.machines).order_by(t.machines.c.machine_id)).mappings().all()
+        cut = now() - SILENT_AFTER_MS
+        out = []
+        for m in rows:
+            d = {k: v for k, v in m.items() if k != "secret_enc"}
+            d["enrolled"] = m["secret_enc"] is not None
+            d["online"] = hub.connected(m["machine_id"]) or (m["last_seen_ms"] or 0) > cut
+            out.append(d)
+        return {"machines": out}
+
+    @app.patch("/api/v1/operator/machines/{machine_id}/price", response_model=Out, responses=ERRORS,
+               tags=["operator"])
+    def set_price(machine_id: str, body: PriceIn, op: Operator) -> dict[str, Any]:
+        machines.get(machine_id)
+        with database.tx() as conn:
+            conn.execute(t.machines.update().where(t.machines.c.machine_id == machine_id)
+                         .values(price_fen_per_l=body.price_fen_per_l))
+            Commands.queue(conn, machine_id, "price", now(), price_fen_per_l=body.price_fen_per_l)
+            audit(conn, op["operator_id"], "set_price", machine_id, {"price_fen_per_l": body.price_fen_per_l}, now())
+        hub.notify(machine_id)
+        return {"machine_id": machine_id, "price_fen_per_l": body.price_fen_per_l}
+
+    @app.post("/api/v1/operator/machines/{machine_id}/service", response_model=Out, responses=ERRORS,
+              tags=["operator"])
+    def set_service(machine_id: str, body: ServiceIn, op: Operator) -> dict[str, Any]:
+        machines.get(machine_id)
+        kind: Literal["in_service", "out_of_service"] = "in_service" if body.in_service else "out_of_service"
+        with database.tx() as conn:
+            Commands.queue(conn, machine_id, kind, now(), detail=body.detail)
+            audit(conn, op["operator_id"], kind, machine_id, {"detail": body.detail}, now())
+        hub.notify(machine_id)
+        return {"machine_id": machine_id, "command": kind}
+
+    @app.get("/api/v1/operator/alarms", response_model=Out, responses=ERRORS, tags=["operator"])
+    def alarms(op: Viewer, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+        cut = now() - SILENT_AFTER_MS
+        with database.read() as conn:
+            ev = conn.execute(select(t.machine_events).where(t.machine_events.c.alarm.is_(True))
+                              .order_by(t.machine_events.c.received_ms.desc()).limit(limit)).mappings().all()
+            silent = conn.execute(select(t.machines.c.machine_id, t.machines.c.last_seen_ms).where(and_(
+                t.machines.c.secret_enc.is_not(None),
+                or_(t.machines.c.last_seen_ms.is_(None), t.machines.c.last_seen_ms < cut)))).mappings().all()
+        return {"alarms": [dict(e) for e in ev],
+                "silent_machines": [dict(s) for s in silent if not hub.connected(s["machine_id"])]}
+
+    @app.get("/api/v1/operator/records", response_model=Out, responses=ERRORS, tags=["operator"])
+    def records(op: Viewer, machine_id: Annotated[str | None, Query(max_length=64)] = None,
+                user_id: Annotated[str | None, Query(max_length=64)] = None,
+                from_ms: Annotated[int, Query(ge=0)] = 0, to_ms: Annotated[int, Query(ge=0)] = 2**62,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+        """s7: rental records by machine, user and time range."""
+        r = t.rental_records.c
+        q = select(t.rental_records).where(and_(r.started_ms >= from_ms, r.started_ms < to_ms))
+        if machine_id:
+            q = q.where(r.machine_id == machine_id)
+        if user_id:
+            q = q.where(r.user_id == user_id)
+        with database.read() as conn:
+            rows = conn.execute(q.order_by(r.started_ms.desc()).limit(limit)).mappings().all()
+        return {"records": [dict(x) for x in rows]}
+
+    @app.post("/api/v1/dev/users", response_model=Out, responses=ERRORS, tags=["development"])
+    def dev_user(body: DevUserIn, op: Admin) -> dict[str, Any]:
+        """Development only (refused in production mode): a user with a balance, until accounts exist."""
+        if settings.production:
+            raise ApiError(403, "production", "development users cannot be created in production mode")
+        try:
+            user_id, token = create_dev_user(database, body.phone, body.balance_fen, body.registered, now())
+        except Exception as e:
+            raise ApiError(409, "user_exists", f"a user with phone {body.phone} exists") from e
+        with database.tx() as conn:
+            audit(conn, op["operator_id"], "dev_create_user", user_id, {"balance_fen": body.balance_fen}, now())
+        return {"user_id": user_id, "token": token}
+
+    return app

@@ -1,0 +1,259 @@
+"""The cloud's data, in SQLAlchemy Core: embedded SQLite by default, PostgreSQL by URL.
+
+Balances are never a number that is overwritten: every change is a row in ``balance_entries``
+(top-up, hold, release, charge, refund, adjustment), written in the same transaction as the state
+change it belongs to, so a crash mid-request leaves the balance right. The available balance is the
+sum of all entries; the held amount is the sum of open holds.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+
+metadata = MetaData()
+
+machines = Table(
+    "machines", metadata,
+    Column("machine_id", String(64), primary_key=True),
+    Column("secret_enc", Text, nullable=True),          # AES-GCM with the server key; NULL until enrolled
+    Column("location", String(200), nullable=False, default=""),
+    Column("price_fen_per_l", Integer, nullable=False),
+    Column("max_volume_ml", Integer, nullable=False),
+    Column("max_duration_ms", Integer, nullable=False),
+    Column("max_idle_ms", Integer, nullable=False),
+    Column("max_credit_fen", Integer, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("last_seen_ms", BigInteger, nullable=True),
+    Column("heartbeat", JSON, nullable=True),
+    Column("open_session_id", String(64), nullable=True),
+)
+
+enrolment_tokens = Table(
+    "enrolment_tokens", metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("machine_id", String(64), ForeignKey("machines.machine_id"), nullable=False),
+    Column("created_by", String(64), nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+    Column("used_ms", BigInteger, nullable=True),
+)
+
+nonces = Table(
+    "nonces", metadata,
+    Column("machine_id", String(64), primary_key=True),
+    Column("nonce", String(64), primary_key=True),
+    Column("seen_ms", BigInteger, nullable=False, index=True),
+)
+
+commands = Table(
+    "commands", metadata,
+    Column("command_id", String(64), primary_key=True),
+    Column("machine_id", String(64), ForeignKey("machines.machine_id"), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("body", JSON, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+    Column("delivered_ms", BigInteger, nullable=True),
+    Column("acked_ms", BigInteger, nullable=True),
+    Column("ack_ok", Boolean, nullable=True),
+    Column("ack_reason", String(200), nullable=True),
+    Index("commands_pending", "machine_id", "acked_ms", "expires_ms"),
+)
+
+users = Table(
+    "users", metadata,
+    Column("user_id", String(64), primary_key=True),
+    Column("phone", String(20), nullable=False, unique=True),
+    Column("name", String(100), nullable=False, default=""),
+    Column("registered", Boolean, nullable=False, default=False),
+    Column("points", Integer, nullable=False, default=0),
+    Column("created_ms", BigInteger, nullable=False),
+)
+
+user_tokens = Table(      # bearer tokens of phone users (the accounts issue adds SMS login in front)
+    "user_tokens", metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+)
+
+balance_entries = Table(
+    "balance_entries", metadata,
+    Column("entry_id", Integer, primary_key=True, autoincrement=True),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False),
+    Column("kind", String(16), nullable=False),       # topup, hold, release, charge, refund, adjustment
+    Column("amount_fen", BigInteger, nullable=False),  # signed: what it does to the available balance
+    Column("session_id", String(64), nullable=True),
+    Column("note", String(200), nullable=False, default=""),
+    Column("created_ms", BigInteger, nullable=False),
+    Index("balance_by_user", "user_id"),
+)
+
+sessions = Table(
+    "sessions", metadata,
+    Column("session_id", String(64), primary_key=True),
+    Column("machine_id", String(64), ForeignKey("machines.machine_id"), nullable=False),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False),
+    Column("state", String(16), nullable=False),      # starting, active, ended, voided
+    Column("price_fen_per_l", Integer, nullable=False),
+    Column("credit_limit_fen", BigInteger, nullable=False),
+    Column("command_id", String(64), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("acked_ms", BigInteger, nullable=True),
+    Column("ended_ms", BigInteger, nullable=True),
+    Column("end_reason", String(32), nullable=True),
+    Column("void_reason", String(200), nullable=True),
+    Column("progress", JSON, nullable=True),
+    Column("fee_fen", BigInteger, nullable=True),
+    Column("volume_ml", Integer, nullable=True),
+    Index("sessions_by_user", "user_id", "state"),
+    Index("sessions_by_machine", "machine_id", "created_ms"),
+)
+
+reports = Table(       # idempotency: the first response to (machine, event id) is stored and replayed
+    "reports", metadata,
+    Column("machine_id", String(64), primary_key=True),
+    Column("event_id", String(40), primary_key=True),
+    Column("kind", String(64), nullable=False),
+    Column("body_sha256", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("detail", String(300), nullable=False, default=""),
+    Column("payload", JSON, nullable=False),
+    Column("received_ms", BigInteger, nullable=False),
+    Index("reports_by_kind", "machine_id", "kind", "received_ms"),
+)
+
+bills = Table(
+    "bills", metadata,
+    Column("session_id", String(64), ForeignKey("sessions.session_id"), primary_key=True),
+    Column("user_id", String(64), nullable=False, index=True),
+    Column("machine_id", String(64), nullable=False),
+    Column("started_at", String(40), nullable=False),
+    Column("ended_at", String(40), nullable=False),
+    Column("duration_ms", Integer, nullable=False),
+    Column("volume_ml", Integer, nullable=False),
+    Column("avg_flow_ml_per_min", Integer, nullable=False),
+    Column("amount_fen", BigInteger, nullable=False),
+    Column("price_fen_per_l", Integer, nullable=False),
+    Column("water_quality", JSON, nullable=False),
+    Column("points", Integer, nullable=False),
+    Column("end_reason", String(32), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+)
+
+rental_records = Table(
+    "rental_records", metadata,
+    Column("session_id", String(64), primary_key=True),
+    Column("machine_id", String(64), nullable=False),
+    Column("user_id", String(64), nullable=False),
+    Column("started_at", String(40), nullable=False),
+    Column("ended_at", String(40), nullable=False),
+    Column("started_ms", BigInteger, nullable=False),
+    Column("record", JSON, nullable=False),
+    Index("records_by_machine", "machine_id", "started_ms"),
+    Index("records_by_user", "user_id", "started_ms"),
+)
+
+machine_events = Table(
+    "machine_events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("machine_id", String(64), nullable=False),
+    Column("event_id", String(40), nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("received_ms", BigInteger, nullable=False),
+    Column("alarm", Boolean, nullable=False, default=False),
+    Index("events_by_machine", "machine_id", "received_ms"),
+)
+
+operators = Table(
+    "operators", metadata,
+    Column("operator_id", String(64), primary_key=True),
+    Column("role", String(16), nullable=False),       # admin, operator, viewer
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_ms", BigInteger, nullable=False),
+)
+
+audit_log = Table(
+    "audit_log", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("operator_id", String(64), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", String(128), nullable=False),
+    Column("detail", JSON, nullable=False),
+    Column("at_ms", BigInteger, nullable=False),
+)
+
+presence_tokens = Table(
+    "presence_tokens", metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("machine_id", String(64), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+    Column("used_session_id", String(64), nullable=True),
+    UniqueConstraint("used_session_id"),
+)
+
+
+class Database:
+    """An engine plus a write lock for SQLite (one writer; PostgreSQL uses row locks instead)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        kwargs: dict = {"future": True}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self.is_sqlite:
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(dbapi_conn, _record) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=FULL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.close()
+        self._write_lock = threading.Lock()
+
+    def create_all(self) -> None:
+        metadata.create_all(self.engine)
+
+    @contextmanager
+    def tx(self) -> Iterator[Connection]:
+        """One transaction; on SQLite writers are serialised (no lock-upgrade failures)."""
+        if self.is_sqlite:
+            with self._write_lock, self.engine.begin() as conn:
+                yield conn
+        else:
+            with self.engine.begin() as conn:
+                yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,454 @@
+"""The cloud's rules (patent steps s2, s3, s6, s7) as transactions on :class:`cloud.db.Database`.
+
+Every function either completes in one transaction or changes nothing, and raises :class:`ApiError`
+(an HTTP status, a stable machine-readable code and a message for people) for anything refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import Connection, and_, func, insert, select, update
+
+from cloud import db as t
+from cloud.db import Database
+from cloud.security import SecretBox, new_token, token_hash
+from sync import protocol as p
+
+ACK_TIMEOUT_MS = 5_000
+GRANT_TTL_MS = 10_000
+COMMAND_TTL_MS = 60_000
+PRESENCE_TTL_MS = 5 * 60_000
+ENROLMENT_TTL_MS = 7 * 86_400_000
+NONCE_KEEP_MS = 2 * p.MAX_CLOCK_SKEW_MS + 60_000
+MAX_BELOW_MINIMUM_ML = 50          # the most a device may call "below its minimum" (free)
+POINTS_PER_YUAN = 1
+ALARM_KINDS = frozenset({"lockout", "ghost_flow", "report_dead_lettered", "session_start_failed",
+                         "lockout_clear_refused"})
+SILENT_AFTER_MS = 120_000
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.extra = status, code, message, extra
+
+
+@dataclass
+class MachineAuth:
+    machine_id: str
+    secret: bytes
+
+
+def _one(conn: Connection, stmt) -> dict[str, Any] | None:
+    row = conn.execute(stmt).mappings().first()
+    return dict(row) if row else None
+
+
+# ---------------------------------------------------------------- machines and devices
+
+class Machines:
+    def __init__(self, db: Database, box: SecretBox) -> None:
+        self.db, self.box = db, box
+        self._secrets: dict[str, bytes] = {}
+
+    def provision(self, operator_id: str, machine_id: str, location: str, price_fen_per_l: int, *,
+                  max_volume_ml: int, max_duration_ms: int, max_idle_ms: int, max_credit_fen: int,
+                  now_ms: int) -> str:
+        """Create a machine and a single-use enrolment token (returned once)."""
+        if not p.MACHINE_ID_RE.match(machine_id):
+            raise ApiError(422, "bad_machine_id", "machine id: 1-64 letters, digits, '-' or '_'")
+        token = new_token()
+        with self.db.tx() as conn:
+            if _one(conn, select(t.machines.c.machine_id).where(t.machines.c.machine_id == machine_id)):
+                raise ApiError(409, "machine_exists", f"machine {machine_id} already exists")
+            conn.execute(insert(t.machines).values(
+                machine_id=machine_id, location=location, price_fen_per_l=price_fen_per_l,
+                max_volume_ml=max_volume_ml, max_duration_ms=max_duration_ms, max_idle_ms=max_idle_ms,
+                max_credit_fen=max_credit_fen, created_ms=now_ms))
+            conn.execute(insert(t.enrolment_tokens).values(
+                token_hash=token_hash(token), machine_id=machine_id, created_by=operator_id,
+                expires_ms=now_ms + ENROLMENT_TTL_MS))
+            audit(conn, operator_id, "provision_machine", machine_id,
+                  {"location": location, "price_fen_per_l": price_fen_per_l}, now_ms)
+        return token
+
+    def enroll(self, machine_id: str, token: str, now_ms: int) -> bytes:
+        """Exchange the enrolment token for the device secret (32 random bytes, shown once)."""
+        secret = secrets.token_bytes(32)
+        with self.db.tx() as conn:
+            row = _one(conn, select(t.enrolment_tokens).where(t.enrolment_tokens.c.token_hash == token_hash(token)))
+            if row is None or row["machine_id"] != machine_id:
+                raise ApiError(401, "bad_enrolment_token", "unknown enrolment token for this machine")
+            if row["used_ms"] is not None:
+                raise ApiError(401, "enrolment_token_used", "this enrolment token was already used")
+            if row["expires_ms"] < now_ms:
+                raise ApiError(401, "enrolment_token_expired", "this enrolment token has expired")
+            conn.execute(update(t.enrolment_tokens).where(t.enrolment_tokens.c.token_hash == row["token_hash"])
+                         .values(used_ms=now_ms))
+            conn.execute(update(t.machines).where(t.machines.c.machine_id == machine_id)
+                         .values(secret_enc=self.box.seal(secret, f"machine:{machine_id}")))
+        self._secrets.pop(machine_id, None)
+        return secret
+
+    def secret(self, machine_id: str) -> bytes | None:
+        cached = self._secrets.get(machine_id)
+        if cached is not None:
+            return cached
+        with self.db.read() as conn:
+            row = _one(conn, select(t.machines.c.secret_enc).where(t.machines.c.machine_id == machine_id))
+        if row is None or row["secret_enc"] is None:
+            return None
+        secret = self.box.open(row["secret_enc"], f"machine:{machine_id}")
+        self._secrets[machine_id] = secret
+        return secret
+
+    def authenticate(self, method: str, path: str, headers: dict[str, str], body: bytes, now_ms: int) -> MachineAuth:
+        """Check a signed dispenser request; raises 401 with the precise reason."""
+        machine_id = headers.get(p.HEADER_MACHINE.lower(), "")
+        ts_text = headers.get(p.HEADER_TIMESTAMP.lower(), "")
+        nonce = headers.get(p.HEADER_NONCE.lower(), "")
+        signature = headers.get(p.HEADER_SIGNATURE.lower(), "")
+        if not (machine_id and ts_text and nonce and signature):
+            raise ApiError(401, "unsigned", "missing signature headers (X-Tapshare-Machine, -Timestamp, -Nonce, "
+                                            "-Signature)")
+        if not p.MACHINE_ID_RE.match(machine_id) or not p.NONCE_RE.match(nonce) or not ts_text.isdigit():
+            raise ApiError(401, "malformed_signature_headers", "malformed signature headers")
+        secret = self.secret(machine_id)
+        if secret is None:
+            raise ApiError(401, "unknown_machine", f"machine {machine_id} is unknown or not enrolled")
+        ts = int(ts_text)
+        if not p.verify_signature(secret, method, path, ts, nonce, body, signature):
+            raise ApiError(401, "bad_signature", "the request signature does not match")
+        problem = p.clock_problem(ts, now_ms)
+        if problem:
+            raise ApiError(401, "clock_skew", problem, server_time_ms=now_ms)
+        with self.db.tx() as conn:
+            if _one(conn, select(t.nonces.c.nonce).where(and_(t.nonces.c.machine_id == machine_id,
+                                                              t.nonces.c.nonce == nonce))):
+                raise ApiError(401, "replayed_nonce", "this nonce was already used (a replayed request)")
+            conn.execute(insert(t.nonces).values(machine_id=machine_id, nonce=nonce, seen_ms=now_ms))
+        return MachineAuth(machine_id, secret)
+
+    def prune_nonces(self, now_ms: int) -> int:
+        with self.db.tx() as conn:
+            return conn.execute(t.nonces.delete().where(t.nonces.c.seen_ms < now_ms - NONCE_KEEP_MS)).rowcount
+
+    def get(self, machine_id: str) -> dict[str, Any]:
+        with self.db.read() as conn:
+            row = _one(conn, select(t.machines).where(t.machines.c.machine_id == machine_id))
+        if row is None:
+            raise ApiError(404, "unknown_machine", f"machine {machine_id} does not exist")
+        return row
+
+    def heartbeat(self, machine_id: str, hb: p.HeartbeatMsg, now_ms: int) -> None:
+        with self.db.tx() as conn:
+            values: dict[str, Any] = {"last_seen_ms": now_ms, "heartbeat": hb.model_dump()}
+            m = _one(conn, select(t.machines.c.open_session_id).where(t.machines.c.machine_id == machine_id))
+            if m and m["open_session_id"] and hb.session_id is None:
+                s = _one(conn, select(t.sessions.c.state).where(t.sessions.c.session_id == m["open_session_id"]))
+                if s is None or s["state"] != "starting":      # the machine says it is free: free it
+                    values["open_session_id"] = None
+            conn.execute(update(t.machines).where(t.machines.c.machine_id == machine_id).values(**values))
+
+
+# ---------------------------------------------------------------- commands
+
+class Commands:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @staticmethod
+    def queue(conn: Connection, machine_id: str, msg_kind: str, now_ms: int, ttl_ms: int = COMMAND_TTL_MS,
+              **fields: Any) -> str:
+        command_id = "c-" + uuid.uuid4().hex[:20]
+        body = p.CommandMsg(command_id=command_id, kind=msg_kind, **fields).model_dump(mode="json")
+        conn.execute(insert(t.commands).values(command_id=command_id, machine_id=machine_id, kind=msg_kind,
+                                               body=body, created_ms=now_ms, expires_ms=now_ms + ttl_ms))
+        return command_id
+
+    def pending(self, machine_id: str, now_ms: int) -> list[p.CommandMsg]:
+        c = t.commands.c
+        with self.db.tx() as conn:
+            rows = conn.execute(select(c.command_id, c.body).where(and_(
+                c.machine_id == machine_id, c.acked_ms.is_(None), c.expires_ms > now_ms)).order_by(c.created_ms)
+            ).all()
+            if rows:
+                conn.execute(update(t.commands).where(and_(c.command_id.in_([r[0] for r in rows]),
+                                                           c.delivered_ms.is_(None))).values(delivered_ms=now_ms))
+        return [p.CommandMsg(**r[1]) for r in rows]
+
+
+# ---------------------------------------------------------------- balances
+
+def balance(conn: Connection, user_id: str) -> tuple[int, int]:
+    """(available, held) in fen. Available is the sum of every entry; held is the sum of open holds."""
+    e = t.balance_entries.c
+    available = conn.execute(select(func.coalesce(func.sum(e.amount_fen), 0)).where(e.user_id == user_id)).scalar()
+    held = conn.execute(select(func.coalesce(func.sum(e.amount_fen), 0)).where(
+        and_(e.user_id == user_id, e.kind.in_(("hold", "release"))))).scalar()
+    return int(available), -int(held)
+
+
+def add_entry(conn: Connection, user_id: str, kind: str, amount_fen: int, now_ms: int, session_id: str | None = None,
+              note: str = "") -> None:
+    conn.execute(insert(t.balance_entries).values(user_id=user_id, kind=kind, amount_fen=amount_fen,
+                                                  session_id=session_id, note=note, created_ms=now_ms))
+
+
+def audit(conn: Connection, operator_id: str, action: str, target: str, detail: dict, now_ms: int) -> None:
+    conn.execute(insert(t.audit_log).values(operator_id=operator_id, action=action, target=target, detail=detail,
+                                            at_ms=now_ms))
+
+
+# ---------------------------------------------------------------- sessions (s1-s3, s6, s7)
+
+class Sessions:
+    def __init__(self, db: Database, machines: Machines, hub_connected, notify) -> None:
+        self.db, self.machines = db, machines
+        self._connected, self._notify = hub_connected, notify
+
+    def scan(self, machine_id: str, code: str, now_ms: int) -> tuple[str, dict[str, Any]]:
+        """The phone opened the QR link: check the time-based code, give a presence token (consumes nothing)."""
+        secret = self.machines.secret(machine_id)
+        if secret is None:
+            raise ApiError(404, "unknown_machine", f"machine {machine_id} does not exist")
+        if p.qr_step(secret, machine_id, code, now_ms // 1000) is None:
+            raise ApiError(410, "qr_expired", "this QR code has expired: scan the code on the machine's screen again")
+        token = new_token()
+        with self.db.tx() as conn:
+            conn.execute(insert(t.presence_tokens).values(token_hash=token_hash(token), machine_id=machine_id,
+                                                          created_ms=now_ms, expires_ms=now_ms + PRESENCE_TTL_MS))
+        return token, self.machine_info(machine_id, now_ms)
+
+    def machine_info(self, machine_id: str, now_ms: int) -> dict[str, Any]:
+        m = self.machines.get(machine_id)
+        hb = m["heartbeat"] or {}
+        return {"machine_id": machine_id, "location": m["location"], "price_fen_per_l": m["price_fen_per_l"],
+                "online": self._connected(machine_id), "temp_c": hb.get("temp_c"), "tds_ppm": hb.get("tds_ppm"),
+                "busy": m["open_session_id"] is not None, "state": hb.get("state", "unknown")}
+
+    def start(self, user_id: str, presence_token: str, expected_price_fen_per_l: int, now_ms: int) -> dict[str, Any]:
+        """s2 + s3: check the user and balance, hold the credit, queue the start command."""
+        with self.db.tx() as conn:
+            pt = _one(conn, select(t.presence_tokens)
+                      .where(t.presence_tokens.c.token_hash == token_hash(presence_token)))
+            if pt is None or pt["expires_ms"] < now_ms:
+                raise ApiError(410, "scan_again", "your visit to this machine has expired: scan its QR code again")
+            if pt["used_session_id"] is not None:
+                raise ApiError(409, "scan_again", "this scan already started a session: scan the QR code again")
+            machine_id = pt["machine_id"]
+            users_q = select(t.users).where(t.users.c.user_id == user_id)
+            if not self.db.is_sqlite:
+                users_q = users_q.with_for_update()      # one balance cannot pay for two machines at once
+            user = _one(conn, users_q)
+            if user is None or not user["registered"]:
+                raise ApiError(403, "not_registered", "register with your real name before buying water")
+            machine_q = select(t.machines).where(t.machines.c.machine_id == machine_id)
+            if not self.db.is_sqlite:
+                machine_q = machine_q.with_for_update()    # one session per machine
+            m = _one(conn, machine_q)
+            if m is None:
+                raise ApiError(404, "unknown_machine", f"machine {machine_id} does not exist")
+            if m["price_fen_per_l"] != expected_price_fen_per_l:
+                raise ApiError(409, "price_changed", "the price has changed; please confirm the new price",
+                               price_fen_per_l=m["price_fen_per_l"])
+            s = t.sessions.c
+            if _one(conn, select(s.session_id).where(and_(s.user_id == user_id, s.state.in_(("starting", "active"))))):
+                raise ApiError(409, "session_open", "you already have a session running")
+            if m["open_session_id"] is not None:
+                raise ApiError(409, "machine_busy", "this machine is serving someone else; please wait")
+            if not self._connected(machine_id):
+                raise ApiError(503, "machine_offline", "this machine is offline right now; you were not charged")
+            available, _ = balance(conn, user_id)
+            if available < 0:
+                raise ApiError(402, "arrears", f"your account is in arrears ({-available} fen): please top up",
+                               balance_fen=available)
+            credit = min(available, m["max_credit_fen"])
+            if credit < max(1, m["price_fen_per_l"] // 50):      # less than 20 ml of water
+                raise ApiError(402, "insufficient_balance", "your balance is too low: please top up",
+                               balance_fen=available)
+            session_id = "s-" + uuid.uuid4().hex[:20]
+            grant = p.GrantMsg(session_id=session_id, machine_id=machine_id, user_ref=user_id,
+                               price_fen_per_l=m["price_fen_per_l"], credit_limit_fen=credit,
+                               max_volume_ml=m["max_volume_ml"], max_duration_ms=m["max_duration_ms"],
+                               max_idle_ms=m["max_idle_ms"], ttl_ms=GRANT_TTL_MS)
+            command_id = Commands.queue(conn, machine_id, "start", now_ms, ttl_ms=ACK_TIMEOUT_MS, grant=grant,
+                                        session_id=session_id)
+            conn.execute(insert(t.sessions).values(
+                session_id=session_id, machine_id=machine_id, user_id=user_id, state="starting",
+                price_fen_per_l=m["price_fen_per_l"], credit_limit_fen=credit, command_id=command_id,
+                created_ms=now_ms))
+            add_entry(conn, user_id, "hold", -credit, now_ms, session_id, "held while the machine pours")
+            conn.execute(update(t.presence_tokens).where(t.presence_tokens.c.token_hash == pt["token_hash"])
+                         .values(used_session_id=session_id))
+            conn.execute(update(t.machines).where(t.machines.c.machine_id == machine_id)
+                         .values(open_session_id=session_id))
+        self._notify(machine_id)
+        return {"session_id": session_id, "state": "starting", "machine_id": machine_id,
+                "price_fen_per_l": grant.price_fen_per_l, "credit_limit_fen": credit}
+
+    def ack(self, machine_id: str, command_id: str, ack: p.AckMsg, now_ms: int) -> None:
+        with self.db.tx() as conn:
+            cmd = _one(conn, select(t.commands).where(t.commands.c.command_id == command_id))
+            if cmd is None or cmd["machine_id"] != machine_id:
+                raise ApiError(404, "unknown_command", "no such command for this machine")
+            if cmd["acked_ms"] is not None:
+                return                                   # a retried acknowledgement
+            conn.execute(update(t.commands).where(t.commands.c.command_id == command_id)
+                         .values(acked_ms=now_ms, ack_ok=ack.ok, ack_reason=ack.reason))
+            if cmd["kind"] != "start":
+                return
+            sid = cmd["body"]["session_id"]
+            s = _one(conn, select(t.sessions).where(t.sessions.c.session_id == sid))
+            if s is None or s["state"] != "starting":
+                return                                   # voided already (late ack): the report will settle it
+            if ack.ok:
+                conn.execute(update(t.sessions).where(t.sessions.c.session_id == sid)
+                             .values(state="active", acked_ms=now_ms))
+            else:
+                self._void(conn, s, f"the machine refused: {ack.reason}", now_ms)
+
+    def _void(self, conn: Connection, s: dict[str, Any], why: str, now_ms: int) -> None:
+        conn.execute(update(t.sessions).where(t.sessions.c.session_id == s["session_id"])
+                     .values(state="voided", void_reason=why, ended_ms=now_ms))
+        add_entry(conn, s["user_id"], "release", s["credit_limit_fen"], now_ms, s["session_id"], "not charged")
+        conn.execute(update(t.machines).where(and_(t.machines.c.machine_id == s["machine_id"],
+                                                   t.machines.c.open_session_id == s["session_id"]))
+                     .values(open_session_id=None))
+        conn.execute(update(t.commands).where(and_(t.commands.c.command_id == s["command_id"],
+                                                   t.commands.c.acked_ms.is_(None))).values(expires_ms=now_ms))
+
+    def void_unacknowledged(self, now_ms: int) -> list[str]:
+        """Sessions whose machine never said "valve opened" within the timeout: void, release the hold."""
+        s = t.sessions.c
+        voided = []
+        with self.db.tx() as conn:
+            for row in conn.execute(select(t.sessions).where(and_(
+                    s.state == "starting", s.created_ms < now_ms - ACK_TIMEOUT_MS))).mappings().all():
+                self._void(conn, dict(row), "the machine did not confirm in time", now_ms)
+                voided.append(row["session_id"])
+        return voided
+
+    def progress(self, machine_id: str, msg: p.ProgressMsg) -> None:
+        with self.db.tx() as conn:
+            conn.execute(update(t.sessions).where(and_(t.sessions.c.session_id == msg.session_id,
+                                                       t.sessions.c.machine_id == machine_id,
+                                                       t.sessions.c.state.in_(("starting", "active"))))
+                         .values(progress=msg.model_dump()))
+
+    def stop(self, user_id: str, session_id: str, now_ms: int) -> None:
+        with self.db.tx() as conn:
+            s = _one(conn, select(t.sessions).where(t.sessions.c.session_id == session_id))
+            if s is None or s["user_id"] != user_id:
+                raise ApiError(404, "unknown_session", "no such session")
+            if s["state"] not in ("starting", "active"):
+                raise ApiError(409, "session_over", f"this session is already {s['state']}")
+            Commands.queue(conn, s["machine_id"], "cancel", now_ms, session_id=session_id, reason="phone_stop")
+        self._notify(s["machine_id"])
+
+    def view(self, user_id: str, session_id: str) -> dict[str, Any]:
+        with self.db.read() as conn:
+            s = _one(conn, select(t.sessions).where(t.sessions.c.session_id == session_id))
+            if s is None or s["user_id"] != user_id:
+                raise ApiError(404, "unknown_session", "no such session")
+            bill = _one(conn, select(t.bills).where(t.bills.c.session_id == session_id))
+        out = {k: s[k] for k in ("session_id", "machine_id", "state", "price_fen_per_l", "credit_limit_fen",
+                                 "progress", "void_reason", "end_reason", "fee_fen", "volume_ml")}
+        out["charged"] = s["state"] == "ended"
+        out["bill"] = bill
+        return out
+
+    # ---------------------------------------------------------------- device events (s6, s7)
+
+    def receive_events(self, machine_id: str, batch: p.EventBatch, now_ms: int) -> list[p.EventResult]:
+        results = []
+        for ev in batch.events:
+            body = json.dumps({"kind": ev.kind, "payload": ev.payload}, sort_keys=True, separators=(",", ":"))
+            digest = hashlib.sha256(body.encode()).hexdigest()
+            with self.db.tx() as conn:
+                prior = _one(conn, select(t.reports).where(and_(t.reports.c.machine_id == machine_id,
+                                                                 t.reports.c.event_id == ev.event_id)))
+                if prior is not None:
+                    if prior["body_sha256"] != digest:
+                        results.append(p.EventResult(event_id=ev.event_id, status="rejected",
+                                                     detail="this event id was already used with a different body"))
+                    else:
+                        results.append(p.EventResult(event_id=ev.event_id, status="duplicate", detail=prior["detail"]))
+                    continue
+                try:
+                    status, detail = self._apply(conn, machine_id, ev, now_ms)
+                except ApiError as e:
+                    status, detail = "rejected", e.message
+                conn.execute(insert(t.reports).values(machine_id=machine_id, event_id=ev.event_id, kind=ev.kind,
+                                                      body_sha256=digest, status=status, detail=detail[:300],
+                                                      payload=ev.payload, received_ms=now_ms))
+            results.append(p.EventResult(event_id=ev.event_id, status=status, detail=detail))
+        return results
+
+    def _apply(self, conn: Connection, machine_id: str, ev: p.DeviceEvent, now_ms: int) -> tuple[str, str]:
+        if ev.kind == "session_ended":
+            return self._settle(conn, machine_id, ev, now_ms)
+        conn.execute(insert(t.machine_events).values(machine_id=machine_id, event_id=ev.event_id, kind=ev.kind,
+                                                     payload=ev.payload, received_ms=now_ms,
+                                                     alarm=ev.kind in ALARM_KINDS))
+        return "accepted", ""
+
+    def _settle(self, conn: Connection, machine_id: str, ev: p.DeviceEvent, now_ms: int) -> tuple[str, str]:
+        """s6: the server recomputes the fee and settles it in one transaction; s7: the rental record."""
+        try:
+            r = p.SessionEndedPayload(**ev.payload)
+        except ValidationError as e:
+            raise ApiError(422, "bad_report", f"malformed session report: {e.errors()[0]['msg']}") from e
+        s = _one(conn, select(t.sessions).where(t.sessions.c.session_id == r.session_id))
+        if s is None or s["machine_id"] != machine_id:
+            raise ApiError(404, "unknown_session", f"session {r.session_id} was not started on this machine")
+        if s["state"] == "ended":
+            return "duplicate", "this session was already settled"
+        expected_volume = p.volume_ml(r.billed_pulses, r.milli_pulses_per_litre)
+        free = r.below_minimum and expected_volume < MAX_BELOW_MINIMUM_ML
+        fee = 0 if free else p.fee_fen(r.billed_pulses, r.milli_pulses_per_litre, s["price_fen_per_l"])
+        if s["state"] in ("starting", "active"):
+            add_entry(conn, s["user_id"], "release", s["credit_limit_fen"], now_ms, s["session_id"])
+        if fee:
+            add_entry(conn, s["user_id"], "charge", -fee, now_ms, s["session_id"],
+                      f"{expected_volume} ml at {s['price_fen_per_l']} fen/l")
+        points = fee * POINTS_PER_YUAN // 100
+        conn.execute(update(t.users).where(t.users.c.user_id == s["user_id"]).values(points=t.users.c.points + points))
+        conn.execute(update(t.sessions).where(t.sessions.c.session_id == s["session_id"]).values(
+            state="ended", ended_ms=now_ms, end_reason=r.reason, fee_fen=fee, volume_ml=expected_volume))
+        conn.execute(update(t.machines).where(and_(t.machines.c.machine_id == machine_id,
+                                                   t.machines.c.open_session_id == s["session_id"]))
+                     .values(open_session_id=None))
+        wq = dict(r.water_quality)
+        wq.update(temp_start_c=r.temp_start_c, temp_end_c=r.temp_end_c)
+        avg = expected_volume * 60_000 // r.duration_ms if r.duration_ms else 0
+        conn.execute(insert(t.bills).values(
+            session_id=s["session_id"], user_id=s["user_id"], machine_id=machine_id, started_at=r.started_at,
+            ended_at=r.closed_at, duration_ms=r.duration_ms, volume_ml=expected_volume, avg_flow_ml_per_min=avg,
+            amount_fen=fee, price_fen_per_l=s["price_fen_per_l"], water_quality=wq, points=points,
+            end_reason=r.reason, created_ms=now_ms))
+        conn.execute(insert(t.rental_records).values(
+            session_id=s["session_id"], machine_id=machine_id, user_id=s["user_id"], started_at=r.started_at,
+            ended_at=r.closed_at, started_ms=s["created_ms"], record=r.model_dump(mode="json")))
+        note = "" if r.cost_fen == fee else f"device said {r.cost_fen} fen; billed {fee} fen by the server's tariff"
+        return "accepted", note
+
+
+# ---------------------------------------------------------------- users (until the accounts issue)
+
+def create_dev_user(db: Database, phone: str, balance_fen: int, registered: bool, now_ms: int) -> tuple[str, str]:
+    user_id = "u-" + uuid.uuid4().hex[:16]
+    token = new_token()
+    with db.tx() as conn:
+        conn.execute(insert(t.users).values(user_id=user_id, phone=phone, registered=registered, created_ms=now_ms))
+        conn.execute(insert(t.user_tokens).values(token_hash=token_hash(token), user_id=user_id, created_ms=now_ms))
+        if balance_fen:
+            add_entry(conn, user_id, "topup", balance_fen, now_ms, note="development top-up")
+    return user_id, token
