@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs (Debian package) and starts a local PostgreSQL for the cloud's tests, creates a role that may
+# create databases, and prints the URL to export as TAPSHARE_TEST_POSTGRES_URL. Needs root.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+  apt-get install -y -qq postgresql >/dev/null
+fi
+ver=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
+if ! pg_lsclusters -h | grep -q "^$ver main"; then
+  pg_createcluster "$ver" main >/dev/null
+fi
+pg_ctlcluster "$ver" main start 2>/dev/null || true
+for _ in $(seq 1 30); do
+  su postgres -c "psql -qAtc 'select 1'" >/dev/null 2>&1 && break
+  sleep 1
+done
+su postgres -c "psql -qAtc \"select 1 from pg_roles where rolname='tapshare_test'\"" | grep -q 1 ||
+  su postgres -c "psql -qc \"create role tapshare_test login createdb password 'tapshare_test'\"" >/dev/null
+port=$(pg_lsclusters -h | awk -v v="$ver" '$1 == v && $2 == "main" {print $3}')
+echo "postgresql+psycopg://tapshare_test:tapshare_test@127.0.0.1:${port}/postgres"

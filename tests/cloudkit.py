@@ -1,0 +1,129 @@
+"""A real cloud server on loopback (uvicorn in a thread) and a signed device client, for tests and benches."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+
+import requests
+import uvicorn
+
+from cloud.__main__ import create_operator
+from cloud.app import CloudSettings, create_app
+from sync import protocol as p
+
+PG_URL = os.environ.get("TAPSHARE_TEST_POSTGRES_URL", "")
+
+
+class CloudServer:
+    def __init__(self, data_dir: Path, database_url: str = "", **settings) -> None:
+        self.settings = CloudSettings(database_url=database_url, data_dir=data_dir, background_interval_s=0.1,
+                                      **settings)
+        self.app = create_app(self.settings)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
+                                                    timeout_keep_alive=75))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> CloudServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the cloud server did not start")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.admin = create_operator(self.settings.url(), f"admin-{secrets.token_hex(3)}", "admin")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def op(self, method: str, path: str, token: str | None = None, **kw) -> requests.Response:
+        return requests.request(method, self.url + path, timeout=10,
+                                headers={"Authorization": f"Bearer {token or self.admin}"}, **kw)
+
+    def provision(self, machine_id: str, price: int = 200, **limits) -> DeviceClient:
+        r = self.op("POST", "/api/v1/operator/machines",
+                    json={"machine_id": machine_id, "location": "Lobby", "price_fen_per_l": price, **limits})
+        assert r.status_code == 200, r.text
+        e = requests.post(self.url + "/device/v1/enroll", timeout=10,
+                          json={"machine_id": machine_id, "enrolment_token": r.json()["enrolment_token"]})
+        assert e.status_code == 200, e.text
+        return DeviceClient(self.url, machine_id, bytes.fromhex(e.json()["secret_hex"]))
+
+    def user(self, phone: str, balance_fen: int = 1_000, registered: bool = True) -> UserClient:
+        r = self.op("POST", "/api/v1/dev/users", json={"phone": phone, "balance_fen": balance_fen,
+                                                       "registered": registered})
+        assert r.status_code == 200, r.text
+        return UserClient(self.url, r.json()["token"], r.json()["user_id"])
+
+
+class DeviceClient:
+    """Signs every request like a dispenser does."""
+
+    def __init__(self, base: str, machine_id: str, secret: bytes, clock_offset_ms: int = 0) -> None:
+        self.base, self.machine_id, self.secret, self.offset = base, machine_id, secret, clock_offset_ms
+        self.http = requests.Session()
+
+    def request(self, method: str, path: str, body: dict | None = None, *, nonce: str | None = None,
+                timeout: float = 10, secret: bytes | None = None) -> requests.Response:
+        raw = json.dumps(body).encode() if body is not None else b""
+        headers = p.signed_headers(secret or self.secret, self.machine_id, method, path, raw,
+                                   timestamp_ms=time.time_ns() // 1_000_000 + self.offset,
+                                   nonce=nonce or secrets.token_hex(16))
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        return self.http.request(method, self.base + path, data=raw, headers=headers, timeout=timeout)
+
+    def poll(self, wait_ms: int = 0, timeout: float = 35) -> list[dict]:
+        r = self.request("GET", f"/device/v1/commands?wait_ms={wait_ms}", timeout=timeout)
+        assert r.status_code == 200, r.text
+        return r.json()["commands"]
+
+    def ack(self, command_id: str, ok: bool = True, reason: str = "") -> requests.Response:
+        return self.request("POST", f"/device/v1/commands/{command_id}/ack", {"ok": ok, "reason": reason})
+
+    def qr(self) -> str:
+        return p.qr_code(self.secret, self.machine_id, time.time_ns() // 1_000_000_000)
+
+    def report_end(self, event_id: str, session_id: str, billed_pulses: int, price: int = 200,
+                   reason: str = "stop_button", **extra) -> requests.Response:
+        payload = {"session_id": session_id, "reason": reason, "started_at": "2026-11-25T10:00:00.000Z",
+                   "closed_at": "2026-11-25T10:00:20.000Z", "duration_ms": 20_000, "price_fen_per_l": price,
+                   "milli_pulses_per_litre": 450_000, "billed_pulses": billed_pulses, "overrun_pulses": 2,
+                   "volume_ml": p.volume_ml(billed_pulses, 450_000),
+                   "cost_fen": p.fee_fen(billed_pulses, 450_000, price), "temp_start_c": 12.0, "temp_end_c": 12.5,
+                   "water_quality": {"tds_ppm": 80, "tds_measured": True, "tds_limit_ppm": 500},
+                   "flow_series": [[0, 0, 0, 12.0, True], [1000, 40, 0, 12.0, True]],
+                   "valve_events": [[0, "open"], [20000, "close", reason]], **extra}
+        return self.request("POST", "/device/v1/events",
+                            {"events": [{"event_id": event_id, "kind": "session_ended", "payload": payload}]})
+
+    def heartbeat(self, **fields) -> requests.Response:
+        body = {"state": "idle", "valve_open": False, **fields}
+        return self.request("POST", "/device/v1/heartbeat", body)
+
+
+class UserClient:
+    def __init__(self, base: str, token: str, user_id: str) -> None:
+        self.base, self.token, self.user_id = base, token, user_id
+
+    def call(self, method: str, path: str, **kw) -> requests.Response:
+        return requests.request(method, self.base + path, headers={"Authorization": f"Bearer {self.token}"},
+                                timeout=10, **kw)
+
+    def scan(self, machine_id: str, code: str) -> requests.Response:
+        return self.call("GET", "/api/v1/scan", params={"machine": machine_id, "c": code})
+
+    def start(self, presence: str, price: int = 200) -> requests.Response:
+        return self.call("POST", "/api/v1/sessions", json={"presence_token": presence,
+                                                           "expected_price_fen_per_l": price})
+
+    def me(self) -> dict:
+        return self.call("GET", "/api/v1/me").json()

@@ -1,0 +1,326 @@
+"""The cloud service over real HTTP on loopback, on SQLite and on PostgreSQL (the `cloud` fixture)."""
+
+import secrets
+import threading
+import time
+
+import requests
+
+from sync import protocol as p
+
+
+def connected(device):
+    """A machine counts as connected while it long-polls (and a moment after)."""
+    device.poll(wait_ms=0)
+
+
+def start_session(cloud, device, user, price=200):
+    connected(device)
+    scan = user.scan(device.machine_id, device.qr())
+    assert scan.status_code == 200, scan.text
+    r = user.start(scan.json()["presence_token"], price)
+    assert r.status_code == 200, r.text
+    [cmd] = device.poll()
+    assert cmd["kind"] == "start" and cmd["session_id"] == r.json()["session_id"]
+    return r.json(), cmd
+
+
+# ---------------------------------------------------------------- service basics
+
+def test_health_and_openapi(cloud):
+    h = requests.get(cloud.url + "/healthz", timeout=5).json()
+    assert h["status"] == "ok"
+    doc = requests.get(cloud.url + "/openapi.json", timeout=5).json()
+    assert "/device/v1/events" in doc["paths"] and "GrantMsg" in doc["components"]["schemas"]
+
+
+def test_operator_endpoints_need_a_token_and_a_role(cloud):
+    body = {"machine_id": "X1", "price_fen_per_l": 200}
+    assert requests.post(cloud.url + "/api/v1/operator/machines", json=body, timeout=5).status_code == 401
+    assert cloud.op("POST", "/api/v1/operator/machines", token="nope", json=body).status_code == 401
+    from cloud.__main__ import create_operator
+    viewer = create_operator(cloud.settings.url(), "v1", "viewer")
+    r = cloud.op("POST", "/api/v1/operator/machines", token=viewer, json=body)
+    assert r.status_code == 403 and r.json()["error"] == "forbidden"
+    assert cloud.op("GET", "/api/v1/operator/machines", token=viewer).status_code == 200
+
+
+def test_enrolment_tokens_are_single_use(cloud):
+    r = cloud.op("POST", "/api/v1/operator/machines", json={"machine_id": "E1", "price_fen_per_l": 150})
+    token = r.json()["enrolment_token"]
+    first = requests.post(cloud.url + "/device/v1/enroll", json={"machine_id": "E1", "enrolment_token": token},
+                          timeout=5)
+    assert first.status_code == 200 and len(bytes.fromhex(first.json()["secret_hex"])) == 32
+    again = requests.post(cloud.url + "/device/v1/enroll", json={"machine_id": "E1", "enrolment_token": token},
+                          timeout=5)
+    assert again.status_code == 401 and again.json()["error"] == "enrolment_token_used"
+    assert cloud.op("POST", "/api/v1/operator/machines",
+                    json={"machine_id": "E1", "price_fen_per_l": 1}).json()["error"] == "machine_exists"
+
+
+def test_device_secrets_are_encrypted_at_rest(cloud):
+    dev = cloud.provision("ENC1")
+    from sqlalchemy import select
+
+    from cloud import db as t
+    with cloud.app.state.database.read() as conn:
+        sealed = conn.execute(select(t.machines.c.secret_enc).where(t.machines.c.machine_id == "ENC1")).scalar()
+    assert dev.secret.hex() not in sealed and dev.secret not in sealed.encode()
+
+
+# ---------------------------------------------------------------- device authentication
+
+def test_signed_requests(cloud):
+    a = cloud.provision("A1")
+    b = cloud.provision("B1")
+    assert a.heartbeat().status_code == 200
+    nonce = secrets.token_hex(16)
+    assert a.request("POST", "/device/v1/heartbeat", {"state": "idle", "valve_open": False}, nonce=nonce).ok
+    replay = a.request("POST", "/device/v1/heartbeat", {"state": "idle", "valve_open": False}, nonce=nonce)
+    assert replay.status_code == 401 and replay.json()["error"] == "replayed_nonce"
+    forged = a.request("POST", "/device/v1/heartbeat", {"state": "idle", "valve_open": False}, secret=b.secret)
+    assert forged.status_code == 401 and forged.json()["error"] == "bad_signature"   # B's key cannot act for A
+    a.offset = -400_000
+    skew = a.heartbeat()
+    assert skew.status_code == 401 and skew.json()["error"] == "clock_skew" and "server_time_ms" in skew.json()
+    unsigned = requests.post(cloud.url + "/device/v1/heartbeat", json={"state": "idle", "valve_open": False},
+                             timeout=5)
+    assert unsigned.status_code == 401 and unsigned.json()["error"] == "unsigned"
+    ghost = type(a)(cloud.url, "NOPE", bytes(32))
+    assert ghost.heartbeat().json()["error"] == "unknown_machine"
+
+
+def test_the_body_is_signed(cloud):
+    a = cloud.provision("A2")
+    raw = b'{"state":"idle","valve_open":false}'
+    headers = p.signed_headers(a.secret, "A2", "POST", "/device/v1/heartbeat", raw,
+                               timestamp_ms=time.time_ns() // 1_000_000, nonce=secrets.token_hex(16))
+    tampered = b'{"state":"busy","valve_open":false}'
+    r = requests.post(cloud.url + "/device/v1/heartbeat", data=tampered, timeout=5,
+                      headers={**headers, "Content-Type": "application/json"})
+    assert r.status_code == 401 and r.json()["error"] == "bad_signature"
+
+
+def test_time_is_unsigned(cloud):
+    r = requests.get(cloud.url + "/device/v1/time", timeout=5).json()
+    assert abs(r["server_time_ms"] - time.time() * 1000) < 5_000
+
+
+# ---------------------------------------------------------------- the method: s1-s3, s6, s7
+
+def test_scan_start_pour_report_bill(cloud):
+    dev = cloud.provision("M1", price=200)
+    user = cloud.user("13800000001", balance_fen=1_000)
+    session, cmd = start_session(cloud, dev, user)
+    grant = p.GrantMsg(**cmd["grant"])
+    assert grant.machine_id == "M1" and grant.credit_limit_fen == 1_000 and grant.price_fen_per_l == 200
+    me = user.me()
+    assert (me["available_fen"], me["held_fen"], me["balance_fen"]) == (0, 1_000, 1_000)
+    assert dev.ack(cmd["command_id"]).status_code == 200
+    assert user.call("GET", f"/api/v1/sessions/{session['session_id']}").json()["state"] == "active"
+    prog = dev.request("POST", "/device/v1/progress", {"session_id": session["session_id"], "volume_ml": 250,
+                                                      "cost_fen": 50, "flow_ml_per_min": 6000, "elapsed_ms": 2500})
+    assert prog.ok
+    view = user.call("GET", f"/api/v1/sessions/{session['session_id']}").json()
+    assert view["progress"]["volume_ml"] == 250
+    r = dev.report_end("1-7", session["session_id"], billed_pulses=452)       # 1004 ml: 200 fen
+    assert r.json()["results"][0]["status"] == "accepted"
+    me = user.me()
+    assert (me["available_fen"], me["held_fen"], me["points"]) == (800, 0, 2)
+    [bill] = me["bills"]
+    assert (bill["amount_fen"], bill["volume_ml"], bill["duration_ms"]) == (200, 1004, 20_000)
+    assert bill["water_quality"]["tds_ppm"] == 80 and bill["water_quality"]["temp_end_c"] == 12.5
+    assert bill["avg_flow_ml_per_min"] == 1004 * 60_000 // 20_000
+    recs = cloud.op("GET", "/api/v1/operator/records", params={"machine_id": "M1"}).json()["records"]
+    assert len(recs) == 1 and recs[0]["user_id"] == user.user_id
+    assert recs[0]["record"]["flow_series"][1] == [1000, 40, 0, 12.0, True]
+    assert recs[0]["record"]["valve_events"][-1] == [20000, "close", "stop_button"]
+    assert cloud.op("GET", "/api/v1/operator/records", params={"user_id": "nobody"}).json()["records"] == []
+
+
+def test_reports_are_idempotent(cloud):
+    dev = cloud.provision("M2")
+    user = cloud.user("13800000002", balance_fen=1_000)
+    session, cmd = start_session(cloud, dev, user)
+    dev.ack(cmd["command_id"])
+    assert dev.report_end("3-1", session["session_id"], 225).json()["results"][0]["status"] == "accepted"
+    again = dev.report_end("3-1", session["session_id"], 225).json()["results"][0]
+    assert again["status"] == "duplicate"
+    changed = dev.report_end("3-1", session["session_id"], 300).json()["results"][0]
+    assert changed["status"] == "rejected" and "different body" in changed["detail"]
+    other_id = dev.report_end("4-1", session["session_id"], 225).json()["results"][0]
+    assert other_id["status"] == "duplicate" and "already settled" in other_id["detail"]
+    assert user.me()["available_fen"] == 900                                  # billed exactly once
+
+
+def test_the_server_bills_by_its_own_tariff(cloud):
+    dev = cloud.provision("M3", price=200)
+    user = cloud.user("13800000003", balance_fen=1_000)
+    session, cmd = start_session(cloud, dev, user)
+    dev.ack(cmd["command_id"])
+    res = dev.report_end("1-1", session["session_id"], 450, cost_fen=1, price_fen_per_l=1).json()["results"][0]
+    assert res["status"] == "accepted" and "billed 200 fen" in res["detail"]
+    assert user.me()["available_fen"] == 800
+
+
+def test_a_report_from_another_machine_is_rejected(cloud):
+    dev = cloud.provision("M4")
+    thief = cloud.provision("M5")
+    user = cloud.user("13800000004", balance_fen=1_000)
+    session, cmd = start_session(cloud, dev, user)
+    res = thief.report_end("1-1", session["session_id"], 10).json()["results"][0]
+    assert res["status"] == "rejected" and "not started on this machine" in res["detail"]
+    assert thief.ack(cmd["command_id"]).status_code == 404
+
+
+def test_start_refusals(cloud):
+    dev = cloud.provision("M6", price=200)
+    rich = cloud.user("13800000005", balance_fen=5_000)
+    scan = rich.scan("M6", dev.qr()).json()
+    offline = rich.start(scan["presence_token"])
+    assert offline.status_code == 503 and offline.json()["error"] == "machine_offline"
+    connected(dev)
+    assert rich.start(scan["presence_token"], price=150).json()["error"] == "price_changed"
+    unregistered = cloud.user("13800000006", balance_fen=5_000, registered=False)
+    r = unregistered.start(unregistered.scan("M6", dev.qr()).json()["presence_token"])
+    assert r.status_code == 403 and r.json()["error"] == "not_registered"
+    poor = cloud.user("13800000007", balance_fen=0)
+    r = poor.start(poor.scan("M6", dev.qr()).json()["presence_token"])
+    assert r.status_code == 402 and r.json()["error"] == "insufficient_balance"
+    ok = rich.start(scan["presence_token"])
+    assert ok.status_code == 200
+    reused = rich.start(scan["presence_token"])
+    assert reused.status_code == 409 and reused.json()["error"] == "scan_again"
+    again = rich.start(rich.scan("M6", dev.qr()).json()["presence_token"])
+    assert again.json()["error"] == "session_open"
+    other = cloud.user("13800000008", balance_fen=5_000)
+    busy = other.start(other.scan("M6", dev.qr()).json()["presence_token"])
+    assert busy.status_code == 409 and busy.json()["error"] == "machine_busy"
+
+
+def test_qr_codes_expire_and_are_bound_to_the_machine(cloud):
+    dev = cloud.provision("M7")
+    cloud.provision("M8")
+    user = cloud.user("13800000009")
+    old = p.qr_code(dev.secret, "M7", int(time.time()) - 90)
+    r = user.scan("M7", old)
+    assert r.status_code == 410 and r.json()["error"] == "qr_expired"
+    assert user.scan("M8", dev.qr()).status_code == 410
+    assert user.scan("NOPE", dev.qr()).status_code == 404
+    assert user.scan("M7", "not-digits").status_code == 410
+
+
+def test_an_unacknowledged_start_is_voided_and_not_charged(cloud):
+    from cloud import service
+    dev = cloud.provision("M9")
+    user = cloud.user("13800000010", balance_fen=1_000)
+    session, cmd = start_session(cloud, dev, user)
+    deadline = time.time() + service.ACK_TIMEOUT_MS / 1000 + 3
+    while time.time() < deadline:
+        view = user.call("GET", f"/api/v1/sessions/{session['session_id']}").json()
+        if view["state"] == "voided":
+            break
+        time.sleep(0.1)
+    assert view["state"] == "voided" and not view["charged"] and "did not confirm" in view["void_reason"]
+    assert user.me()["available_fen"] == 1_000
+    assert dev.ack(cmd["command_id"]).status_code == 200          # a late ack changes nothing
+    # but if the machine did pour, its report is still billed, into arrears if need be
+    assert dev.report_end("9-1", session["session_id"], 450 * 6).json()["results"][0]["status"] == "accepted"
+    me = user.me()
+    assert me["available_fen"] == 1_000 - 1_200 and me["arrears_fen"] == 200
+    connected(dev)
+    r = user.start(user.scan("M9", dev.qr()).json()["presence_token"])
+    assert r.status_code == 402 and r.json()["error"] == "arrears"
+
+
+def test_a_refused_start_releases_the_hold(cloud):
+    dev = cloud.provision("M10")
+    user = cloud.user("13800000011", balance_fen=700)
+    session, cmd = start_session(cloud, dev, user)
+    dev.ack(cmd["command_id"], ok=False, reason="out_of_service")
+    view = user.call("GET", f"/api/v1/sessions/{session['session_id']}").json()
+    assert view["state"] == "voided" and "out_of_service" in view["void_reason"]
+    assert user.me()["available_fen"] == 700
+
+
+def test_a_waiting_long_poll_gets_the_start_at_once(cloud):
+    dev = cloud.provision("M11")
+    user = cloud.user("13800000012", balance_fen=1_000)
+    got: dict = {}
+
+    def poll():
+        t0 = time.monotonic()
+        got["cmds"] = dev.poll(wait_ms=20_000)
+        got["t"] = time.monotonic()
+        got["waited"] = got["t"] - t0
+
+    th = threading.Thread(target=poll)
+    th.start()
+    time.sleep(0.3)
+    presence = user.scan("M11", dev.qr()).json()["presence_token"]
+    t_start = time.monotonic()
+    assert user.start(presence).status_code == 200
+    th.join(10)
+    assert got["cmds"][0]["kind"] == "start"
+    assert got["t"] - t_start < 1.0                     # delivered promptly, no fixed polling delay
+
+
+def test_the_phone_can_stop_and_operators_can_change_price_and_service(cloud):
+    dev = cloud.provision("M12")
+    user = cloud.user("13800000013", balance_fen=1_000)
+    session, cmd = start_session(cloud, dev, user)
+    dev.ack(cmd["command_id"])
+    assert user.call("POST", f"/api/v1/sessions/{session['session_id']}/stop").ok
+    [cancel] = dev.poll()
+    assert cancel["kind"] == "cancel" and cancel["session_id"] == session["session_id"]
+    dev.ack(cancel["command_id"])
+    assert cloud.op("PATCH", "/api/v1/operator/machines/M12/price", json={"price_fen_per_l": 250}).ok
+    assert cloud.op("POST", "/api/v1/operator/machines/M12/service", json={"in_service": False,
+                                                                           "detail": "filter change"}).ok
+    kinds = [(c["kind"], c.get("price_fen_per_l"), c.get("detail")) for c in dev.poll()]
+    assert kinds == [("price", 250, ""), ("out_of_service", None, "filter change")]
+
+
+def test_heartbeats_and_alarms(cloud):
+    dev = cloud.provision("M13")
+    assert dev.heartbeat(temp_c=11.5, tds_ppm=90, outbox_depth=3).ok
+    ev = {"events": [{"event_id": "2-5", "kind": "lockout", "payload": {"detail": {"reason": "ghost_flow"}}},
+                     {"event_id": "2-6", "kind": "boot", "payload": {"detail": {}}}]}
+    res = dev.request("POST", "/device/v1/events", ev).json()["results"]
+    assert [r["status"] for r in res] == ["accepted", "accepted"]
+    alarms = cloud.op("GET", "/api/v1/operator/alarms").json()
+    assert [a["kind"] for a in alarms["alarms"]] == ["lockout"]
+    machines = {m["machine_id"]: m for m in cloud.op("GET", "/api/v1/operator/machines").json()["machines"]}
+    assert machines["M13"]["heartbeat"]["tds_ppm"] == 90 and "secret_enc" not in machines["M13"]
+
+
+def test_a_machine_that_says_it_is_free_is_freed(cloud):
+    dev = cloud.provision("M14")
+    user = cloud.user("13800000014", balance_fen=1_000)
+    _, cmd = start_session(cloud, dev, user)
+    dev.ack(cmd["command_id"])
+    dev.heartbeat(session_id=None)
+    other = cloud.user("13800000015", balance_fen=1_000)
+    r = other.start(other.scan("M14", dev.qr()).json()["presence_token"])
+    assert r.status_code == 200
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_input_gets_clear_4xx(cloud):
+    dev = cloud.provision("M15")
+    user = cloud.user("13800000016")
+    r = dev.request("POST", "/device/v1/events", {"events": []})
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+    r = dev.request("POST", "/device/v1/events", {"events": [{"event_id": "1-1", "kind": "session_ended",
+                                                               "payload": {"session_id": "x", "volume_ml": -5}}]})
+    assert r.json()["results"][0]["status"] == "rejected" and "malformed" in r.json()["results"][0]["detail"]
+    raw = requests.post(cloud.url + "/api/v1/sessions", data=b"{not json", timeout=5,
+                        headers={"Authorization": f"Bearer {user.token}", "Content-Type": "application/json"})
+    assert raw.status_code == 422
+    big = requests.post(cloud.url + "/api/v1/sessions", data=b"x" * (300 * 1024), timeout=5,
+                        headers={"Authorization": f"Bearer {user.token}", "Content-Type": "application/json"})
+    assert big.status_code == 413 and big.json()["error"] == "body_too_large"
+    assert user.call("GET", "/api/v1/sessions/nope").status_code == 404
+    r = cloud.op("POST", "/api/v1/dev/users", json={"phone": "12345"})
+    assert r.status_code == 422 and "phone" in r.json()["message"]
