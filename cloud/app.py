@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -210,6 +211,8 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         return row[0]
 
     Device = Annotated[MachineAuth, Depends(device)]
+    IdPath = Annotated[str, PathParam(max_length=64)]
+    TimeMs = Annotated[int, Query(ge=0, le=2**62)]
     User = Annotated[str, Depends(user)]
 
     # ---------------------------------------------------------------- health
@@ -245,7 +248,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         return p.CommandsResponse(commands=cmds, server_time_ms=now())
 
     @app.post("/device/v1/commands/{command_id}/ack", response_model=Out, responses=ERRORS, tags=["device"])
-    def ack_command(command_id: str, body: p.AckMsg, auth: Device) -> dict[str, Any]:
+    def ack_command(command_id: IdPath, body: p.AckMsg, auth: Device) -> dict[str, Any]:
         sessions.ack(auth.machine_id, command_id, body, now())
         return {"ok": True}
 
@@ -277,11 +280,11 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         return sessions.start(user_id, body.presence_token, body.expected_price_fen_per_l, now())
 
     @app.get("/api/v1/sessions/{session_id}", response_model=Out, responses=ERRORS, tags=["phone"])
-    def get_session(session_id: Annotated[str, Field(max_length=64)], user_id: User) -> dict[str, Any]:
+    def get_session(session_id: IdPath, user_id: User) -> dict[str, Any]:
         return sessions.view(user_id, session_id)
 
     @app.post("/api/v1/sessions/{session_id}/stop", response_model=Out, responses=ERRORS, tags=["phone"])
-    def stop_session(session_id: Annotated[str, Field(max_length=64)], user_id: User) -> dict[str, Any]:
+    def stop_session(session_id: IdPath, user_id: User) -> dict[str, Any]:
         sessions.stop(user_id, session_id, now())
         return {"ok": True}
 
@@ -324,7 +327,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
 
     @app.patch("/api/v1/operator/machines/{machine_id}/price", response_model=Out, responses=ERRORS,
                tags=["operator"])
-    def set_price(machine_id: str, body: PriceIn, op: Operator) -> dict[str, Any]:
+    def set_price(machine_id: IdPath, body: PriceIn, op: Operator) -> dict[str, Any]:
         machines.get(machine_id)
         with database.tx() as conn:
             conn.execute(t.machines.update().where(t.machines.c.machine_id == machine_id)
@@ -336,7 +339,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
 
     @app.post("/api/v1/operator/machines/{machine_id}/service", response_model=Out, responses=ERRORS,
               tags=["operator"])
-    def set_service(machine_id: str, body: ServiceIn, op: Operator) -> dict[str, Any]:
+    def set_service(machine_id: IdPath, body: ServiceIn, op: Operator) -> dict[str, Any]:
         machines.get(machine_id)
         kind: Literal["in_service", "out_of_service"] = "in_service" if body.in_service else "out_of_service"
         with database.tx() as conn:
@@ -360,7 +363,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
     @app.get("/api/v1/operator/records", response_model=Out, responses=ERRORS, tags=["operator"])
     def records(op: Viewer, machine_id: Annotated[str | None, Query(max_length=64)] = None,
                 user_id: Annotated[str | None, Query(max_length=64)] = None,
-                from_ms: Annotated[int, Query(ge=0)] = 0, to_ms: Annotated[int, Query(ge=0)] = 2**62,
+                from_ms: TimeMs = 0, to_ms: TimeMs = 2**62,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
         """s7: rental records by machine, user and time range."""
         r = t.rental_records.c
