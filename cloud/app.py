@@ -4,6 +4,7 @@ endpoints take bearer tokens. Every refusal is a 4xx with ``{"error": code, "mes
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -40,7 +41,44 @@ from sync import protocol as p
 log = logging.getLogger("tapshare.cloud")
 MAX_BODY_BYTES = 256 * 1024
 LONG_POLL_MAX_S = 30.0
+NONCE_FLUSH_S = 0.1
 ROLES = {"viewer": 0, "operator": 1, "admin": 2}
+
+
+class BodyLimit:
+    """Refuses bodies over MAX_BODY_BYTES with 413, by Content-Length or while streaming (pure ASGI: no
+    per-request task overhead)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length" and (not v.isdigit() or int(v) > MAX_BODY_BYTES):
+                await self._refuse(send)
+                return
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY_BYTES:
+                raise ApiError(413, "body_too_large", f"request bodies are at most {MAX_BODY_BYTES} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+    @staticmethod
+    async def _refuse(send) -> None:
+        body = json.dumps({"error": "body_too_large",
+                           "message": f"request bodies are at most {MAX_BODY_BYTES} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 @dataclass
@@ -119,9 +157,14 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
     database.create_all()
     box = SecretBox.from_env_or_file(settings.data_dir / "server.key", production=settings.production)
     hub = CommandHub()
-    machines = Machines(database, box)
-    commands = Commands(database)
-    sessions = Sessions(database, machines, hub.connected, hub.notify)
+    machines = Machines(database, box, settings.clock_ms())
+    commands = Commands(database, settings.clock_ms())
+
+    def notify(machine_id: str) -> None:
+        commands.mark(machine_id)
+        hub.notify(machine_id)
+
+    sessions = Sessions(database, machines, hub.connected, notify)
     now = settings.clock_ms
 
     @contextlib.asynccontextmanager
@@ -130,18 +173,22 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         task = asyncio.create_task(background())
         yield
         task.cancel()
+        machines.flush_nonces()
         database.dispose()
 
     async def background() -> None:
-        ticks = 0
+        last_void = last_prune = time.monotonic()
         while True:
-            await asyncio.sleep(settings.background_interval_s)
+            await asyncio.sleep(NONCE_FLUSH_S)
             try:
-                voided = await run_in_threadpool(sessions.void_unacknowledged, now())
-                for sid in voided:
-                    log.warning("session %s voided: no acknowledgement from the machine", sid)
-                ticks += 1
-                if ticks % 60 == 0:
+                await run_in_threadpool(machines.flush_nonces)
+                mono = time.monotonic()
+                if mono - last_void >= settings.background_interval_s:
+                    last_void = mono
+                    for sid in await run_in_threadpool(sessions.void_unacknowledged, now()):
+                        log.warning("session %s voided: no acknowledgement from the machine", sid)
+                if mono - last_prune >= 60:
+                    last_prune = mono
                     await run_in_threadpool(machines.prune_nonces, now())
             except Exception:
                 log.exception("background task failed")
@@ -150,6 +197,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
                   description="Shared drinking-water dispensers: device protocol, phone API, operators.")
     app.state.database, app.state.hub, app.state.machines, app.state.sessions = database, hub, machines, sessions
     app.state.settings = settings
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(ApiError)
     async def api_error(_req: Request, e: ApiError) -> JSONResponse:
@@ -163,14 +211,6 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
                              "details": [{"loc": list(x.get("loc", ())), "msg": x.get("msg")} for x in e.errors()]},
                             status_code=422)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return JSONResponse({"error": "body_too_large", "message": f"request bodies are at most {MAX_BODY_BYTES} "
-                                 "bytes"}, status_code=413)
-        return await call_next(request)
-
     # ---------------------------------------------------------------- auth dependencies
     async def device(request: Request) -> MachineAuth:
         body = await request.body()
@@ -181,6 +221,9 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         if query:
             path += "?" + query
         headers = {k.lower(): v for k, v in request.headers.items()}
+        if machines.cached_secret(headers.get(p.HEADER_MACHINE.lower(), "")) is not None:
+            # no database work left (secret cached, nonces in memory): no thread hop
+            return machines.authenticate(request.method, path, headers, body, now())
         return await run_in_threadpool(machines.authenticate, request.method, path, headers, body, now())
 
     def bearer(authorization: str | None) -> str:
@@ -240,11 +283,14 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
                             ) -> p.CommandsResponse:
         """Long-poll: returns at once if commands are waiting, else when one is queued or ``wait_ms`` passes."""
         async with hub.polling(auth.machine_id) as ev:
-            cmds = await run_in_threadpool(commands.pending, auth.machine_id, now())
+            cmds = []
+            if auth.machine_id in commands.maybe_pending:
+                cmds = await run_in_threadpool(commands.pending, auth.machine_id, now())
             if not cmds and wait_ms:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ev.wait(), wait_ms / 1000)
-                cmds = await run_in_threadpool(commands.pending, auth.machine_id, now())
+                if ev.is_set():          # woken: a command was queued (no wake-up: nothing new to read)
+                    cmds = await run_in_threadpool(commands.pending, auth.machine_id, now())
         return p.CommandsResponse(commands=cmds, server_time_ms=now())
 
     @app.post("/device/v1/commands/{command_id}/ack", response_model=Out, responses=ERRORS, tags=["device"])
@@ -334,7 +380,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
                          .values(price_fen_per_l=body.price_fen_per_l))
             Commands.queue(conn, machine_id, "price", now(), price_fen_per_l=body.price_fen_per_l)
             audit(conn, op["operator_id"], "set_price", machine_id, {"price_fen_per_l": body.price_fen_per_l}, now())
-        hub.notify(machine_id)
+        notify(machine_id)
         return {"machine_id": machine_id, "price_fen_per_l": body.price_fen_per_l}
 
     @app.post("/api/v1/operator/machines/{machine_id}/service", response_model=Out, responses=ERRORS,
@@ -345,7 +391,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         with database.tx() as conn:
             Commands.queue(conn, machine_id, kind, now(), detail=body.detail)
             audit(conn, op["operator_id"], kind, machine_id, {"detail": body.detail}, now())
-        hub.notify(machine_id)
+        notify(machine_id)
         return {"machine_id": machine_id, "command": kind}
 
     @app.get("/api/v1/operator/alarms", response_model=Out, responses=ERRORS, tags=["operator"])

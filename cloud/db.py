@@ -223,7 +223,9 @@ class Database:
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict = {"future": True}
         if self.is_sqlite:
+            # enough pooled connections for the web threadpool (40): opening one runs the PRAGMAs
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            kwargs.update(pool_size=48, max_overflow=16)
         else:
             kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
         self.engine: Engine = create_engine(url, **kwargs)

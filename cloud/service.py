@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -54,9 +55,18 @@ def _one(conn: Connection, stmt) -> dict[str, Any] | None:
 # ---------------------------------------------------------------- machines and devices
 
 class Machines:
-    def __init__(self, db: Database, box: SecretBox) -> None:
+    def __init__(self, db: Database, box: SecretBox, now_ms: int = 0) -> None:
         self.db, self.box = db, box
         self._secrets: dict[str, bytes] = {}
+        # Replay protection: nonces seen within the clock-skew window, checked in memory and written to
+        # the database in group commits (flush_nonces), reloaded at start so a restart forgets nothing.
+        self._nonces: dict[tuple[str, str], int] = {}
+        self._unflushed: list[dict[str, Any]] = []
+        self._nonce_lock = threading.Lock()
+        with db.read() as conn:
+            for m, n, seen in conn.execute(select(t.nonces.c.machine_id, t.nonces.c.nonce, t.nonces.c.seen_ms)
+                                           .where(t.nonces.c.seen_ms >= now_ms - NONCE_KEEP_MS)):
+                self._nonces[(m, n)] = seen
 
     def provision(self, operator_id: str, machine_id: str, location: str, price_fen_per_l: int, *,
                   max_volume_ml: int, max_duration_ms: int, max_idle_ms: int, max_credit_fen: int,
@@ -109,6 +119,9 @@ class Machines:
         self._secrets[machine_id] = secret
         return secret
 
+    def cached_secret(self, machine_id: str) -> bytes | None:
+        return self._secrets.get(machine_id)
+
     def authenticate(self, method: str, path: str, headers: dict[str, str], body: bytes, now_ms: int) -> MachineAuth:
         """Check a signed dispenser request; raises 401 with the precise reason."""
         machine_id = headers.get(p.HEADER_MACHINE.lower(), "")
@@ -129,16 +142,29 @@ class Machines:
         problem = p.clock_problem(ts, now_ms)
         if problem:
             raise ApiError(401, "clock_skew", problem, server_time_ms=now_ms)
-        with self.db.tx() as conn:
-            if _one(conn, select(t.nonces.c.nonce).where(and_(t.nonces.c.machine_id == machine_id,
-                                                              t.nonces.c.nonce == nonce))):
+        with self._nonce_lock:
+            if (machine_id, nonce) in self._nonces:
                 raise ApiError(401, "replayed_nonce", "this nonce was already used (a replayed request)")
-            conn.execute(insert(t.nonces).values(machine_id=machine_id, nonce=nonce, seen_ms=now_ms))
+            self._nonces[(machine_id, nonce)] = now_ms
+            self._unflushed.append({"machine_id": machine_id, "nonce": nonce, "seen_ms": now_ms})
         return MachineAuth(machine_id, secret)
 
+    def flush_nonces(self) -> int:
+        """Write the nonces seen since the last flush, in one transaction (called every 100 ms)."""
+        with self._nonce_lock:
+            rows, self._unflushed = self._unflushed, []
+        if rows:
+            with self.db.tx() as conn:
+                conn.execute(insert(t.nonces), rows)
+        return len(rows)
+
     def prune_nonces(self, now_ms: int) -> int:
+        cut = now_ms - NONCE_KEEP_MS
+        with self._nonce_lock:
+            for key in [k for k, seen in self._nonces.items() if seen < cut]:
+                del self._nonces[key]
         with self.db.tx() as conn:
-            return conn.execute(t.nonces.delete().where(t.nonces.c.seen_ms < now_ms - NONCE_KEEP_MS)).rowcount
+            return conn.execute(t.nonces.delete().where(t.nonces.c.seen_ms < cut)).rowcount
 
     def get(self, machine_id: str) -> dict[str, Any]:
         with self.db.read() as conn:
@@ -161,8 +187,19 @@ class Machines:
 # ---------------------------------------------------------------- commands
 
 class Commands:
-    def __init__(self, db: Database) -> None:
+    """Commands for machines. ``maybe_pending`` is an in-memory hint of which machines may have commands
+    waiting, so an idle long-poll never touches the database; it is filled from the database at start
+    and by :meth:`mark`, and cleared when a read finds nothing."""
+
+    def __init__(self, db: Database, now_ms: int = 0) -> None:
         self.db = db
+        with db.read() as conn:
+            c = t.commands.c
+            self.maybe_pending: set[str] = {r[0] for r in conn.execute(
+                select(c.machine_id).where(and_(c.acked_ms.is_(None), c.expires_ms > now_ms)).distinct())}
+
+    def mark(self, machine_id: str) -> None:
+        self.maybe_pending.add(machine_id)
 
     @staticmethod
     def queue(conn: Connection, machine_id: str, msg_kind: str, now_ms: int, ttl_ms: int = COMMAND_TTL_MS,
@@ -175,13 +212,17 @@ class Commands:
 
     def pending(self, machine_id: str, now_ms: int) -> list[p.CommandMsg]:
         c = t.commands.c
-        with self.db.tx() as conn:
-            rows = conn.execute(select(c.command_id, c.body).where(and_(
+        with self.db.read() as conn:          # the common case (nothing waiting) takes no write lock
+            rows = conn.execute(select(c.command_id, c.body, c.delivered_ms).where(and_(
                 c.machine_id == machine_id, c.acked_ms.is_(None), c.expires_ms > now_ms)).order_by(c.created_ms)
             ).all()
-            if rows:
-                conn.execute(update(t.commands).where(and_(c.command_id.in_([r[0] for r in rows]),
-                                                           c.delivered_ms.is_(None))).values(delivered_ms=now_ms))
+        if not rows:
+            self.maybe_pending.discard(machine_id)
+        fresh = [r[0] for r in rows if r[2] is None]
+        if fresh:
+            with self.db.tx() as conn:
+                conn.execute(update(t.commands).where(and_(c.command_id.in_(fresh), c.delivered_ms.is_(None)))
+                             .values(delivered_ms=now_ms))
         return [p.CommandMsg(**r[1]) for r in rows]
 
 

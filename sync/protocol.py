@@ -16,6 +16,7 @@ Golden vectors in ``tests/test_protocol.py`` pin all of this down.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -42,6 +43,7 @@ NONCE_RE = re.compile(r"^[0-9a-f]{32,64}$")
 
 # ---------------------------------------------------------------- keys and signing
 
+@functools.lru_cache(maxsize=65_536)
 def _subkey(secret: bytes, purpose: bytes) -> bytes:
     """Separate keys for separate uses, so a QR code can never be used as a request signature."""
     if len(secret) < MIN_SECRET_BYTES:
