@@ -28,12 +28,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import insert  # noqa: E402
+from sqlalchemy import insert
 
-from cloud import db as t  # noqa: E402
-from cloud.db import Database  # noqa: E402
-from cloud.security import SecretBox, new_token, token_hash  # noqa: E402
-from sync import protocol as p  # noqa: E402
+from cloud import db as t
+from cloud.db import Database
+from cloud.security import SecretBox, new_token, token_hash
+from sync import protocol as p
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def free_port() -> int:
 
 
 def raise_fd_limit(n: int = 20_000) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(n, hard), hard))
 
 

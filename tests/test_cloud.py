@@ -324,3 +324,33 @@ def test_bad_input_gets_clear_4xx(cloud):
     assert user.call("GET", "/api/v1/sessions/nope").status_code == 404
     r = cloud.op("POST", "/api/v1/dev/users", json={"phone": "12345"})
     assert r.status_code == 422 and "phone" in r.json()["message"]
+
+
+def test_operator_actions_are_audit_logged(cloud):
+    cloud.provision("M16")
+    cloud.op("PATCH", "/api/v1/operator/machines/M16/price", json={"price_fen_per_l": 180})
+    cloud.user("13800000017")
+    from sqlalchemy import select
+
+    from cloud import db as t
+    with cloud.app.state.database.read() as conn:
+        actions = [r[0] for r in conn.execute(select(t.audit_log.c.action).order_by(t.audit_log.c.id))]
+    assert actions == ["provision_machine", "set_price", "dev_create_user"]
+
+
+def test_production_mode_refuses_development_users(tmp_path, monkeypatch):
+    from tests.cloudkit import CloudServer
+    monkeypatch.setenv("TAPSHARE_CLOUD_KEY", "11" * 32)
+    with CloudServer(tmp_path / "prod", production=True) as prod:
+        r = prod.op("POST", "/api/v1/dev/users", json={"phone": "13800000099", "balance_fen": 100})
+        assert r.status_code == 403 and r.json()["error"] == "production"
+
+
+def test_production_mode_needs_a_server_key(tmp_path, monkeypatch):
+    import pytest
+
+    from cloud.app import CloudSettings, create_app
+    from cloud.security import KeyError_
+    monkeypatch.delenv("TAPSHARE_CLOUD_KEY", raising=False)
+    with pytest.raises(KeyError_, match="production mode needs TAPSHARE_CLOUD_KEY"):
+        create_app(CloudSettings(data_dir=tmp_path / "p", production=True))
