@@ -131,7 +131,7 @@ class Bench:
     async def dispenser(self, i: int) -> None:
         mid, secret = self.machines[i]
         conn = Conn(self.port)
-        path = "/device/v1/commands?wait_ms=20000"
+        path = "/device/v1/commands?wait_ms=55000"
         first = True
         while not self.stop:
             try:
@@ -220,7 +220,7 @@ class Bench:
         await asyncio.gather(*tasks)
 
 
-async def run(port: int, machines, tokens, rate: float, seconds: float, ramp_s: float) -> Bench:
+async def run(port: int, machines, tokens, rate: float, seconds: float, ramp_s: float, server_pid: int) -> Bench:
     b = Bench(port, machines, tokens)
     tasks = []
     for i in range(len(machines)):
@@ -230,6 +230,10 @@ async def run(port: int, machines, tokens, rate: float, seconds: float, ramp_s: 
     while b.connected < len(machines):
         await asyncio.sleep(0.2)
     await asyncio.sleep(1)
+    if os.environ.get("BENCH_PROFILE"):              # profile the server during the phone phase only
+        subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(server_pid), "-d",
+                          str(int(seconds)), "-f", "raw", "-o", os.environ["BENCH_PROFILE"]],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.perf_counter()
     await b.phone(rate, seconds)
     await asyncio.sleep(3)                            # let the last reports land
@@ -262,11 +266,8 @@ def one_size(n: int, rate: float, seconds: float) -> None:
                 except OSError:
                     time.sleep(0.1)
             srv0, gen0 = cpu_seconds(server.pid), resource.getrusage(resource.RUSAGE_SELF)
-            if os.environ.get("BENCH_PROFILE"):
-                subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(server.pid), "-d",
-                                  "25", "-f", "raw", "-o", os.environ["BENCH_PROFILE"]], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
-            b = asyncio.run(run(port, machines, tokens, rate, seconds, ramp_s=max(2.0, n / 1000)))
+            b = asyncio.run(run(port, machines, tokens, rate, seconds, ramp_s=max(2.0, n / 1000),
+                                server_pid=server.pid))
             srv1, gen1 = cpu_seconds(server.pid), resource.getrusage(resource.RUSAGE_SELF)
         finally:
             server.terminate()

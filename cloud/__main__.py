@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import uvicorn
     uvicorn.run(create_app(settings), host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 8700),
-                log_level=getattr(args, "log_level", "info"), timeout_keep_alive=75, timeout_graceful_shutdown=3)
+                log_level=getattr(args, "log_level", "info"), timeout_keep_alive=75, timeout_graceful_shutdown=3,
+                backlog=4096)
     return 0
 
 

@@ -40,7 +40,7 @@ from sync import protocol as p
 
 log = logging.getLogger("tapshare.cloud")
 MAX_BODY_BYTES = 256 * 1024
-LONG_POLL_MAX_S = 30.0
+LONG_POLL_MAX_S = 60.0
 NONCE_FLUSH_S = 0.1
 ROLES = {"viewer": 0, "operator": 1, "admin": 2}
 

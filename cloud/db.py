@@ -25,7 +25,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    UniqueConstraint,
     create_engine,
     event,
 )
@@ -118,6 +117,7 @@ sessions = Table(
     Column("price_fen_per_l", Integer, nullable=False),
     Column("credit_limit_fen", BigInteger, nullable=False),
     Column("command_id", String(64), nullable=False),
+    Column("presence_hash", String(64), nullable=False, unique=True),   # each scan starts one session
     Column("created_ms", BigInteger, nullable=False),
     Column("acked_ms", BigInteger, nullable=True),
     Column("ended_ms", BigInteger, nullable=True),
@@ -203,17 +203,6 @@ audit_log = Table(
     Column("detail", JSON, nullable=False),
     Column("at_ms", BigInteger, nullable=False),
 )
-
-presence_tokens = Table(
-    "presence_tokens", metadata,
-    Column("token_hash", String(64), primary_key=True),
-    Column("machine_id", String(64), nullable=False),
-    Column("created_ms", BigInteger, nullable=False),
-    Column("expires_ms", BigInteger, nullable=False),
-    Column("used_session_id", String(64), nullable=True),
-    UniqueConstraint("used_session_id"),
-)
-
 
 class Database:
     """An engine plus a write lock for SQLite (one writer; PostgreSQL uses row locks instead)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
 import secrets
 from pathlib import Path
@@ -23,6 +24,11 @@ class SecretBox:
         if len(key) != 32:
             raise KeyError_("the server key must be 32 bytes (64 hex digits)")
         self._aead = AESGCM(key)
+        self._key = key
+
+    def subkey(self, purpose: str) -> bytes:
+        """A key for another use (signing presence tokens), derived so it never equals the AES key."""
+        return hmac.new(self._key, f"tapshare/{purpose}/v1".encode(), hashlib.sha256).digest()
 
     @classmethod
     def from_env_or_file(cls, key_file: Path, *, production: bool) -> SecretBox:
@@ -60,3 +66,29 @@ def new_token(nbytes: int = 32) -> str:
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+class PresenceTokens:
+    """What a phone gets for opening a machine's QR link: ``<machine>.<expires_ms>.<nonce>.<mac>``,
+    signed with a server key, so issuing one writes nothing (link previews may open the link too).
+    The session it starts records its hash, which makes each token start at most one session."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def issue(self, machine_id: str, expires_ms: int) -> str:
+        body = f"{machine_id}.{expires_ms}.{secrets.token_hex(8)}"
+        return f"{body}.{self._mac(body)}"
+
+    def _mac(self, body: str) -> str:
+        return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def check(self, token: str, now_ms: int) -> str | None:
+        """The machine id, if the token is genuine and unexpired; else ``None``."""
+        parts = token.split(".")
+        if len(parts) != 4 or not parts[1].isdigit():
+            return None
+        body = ".".join(parts[:3])
+        if not hmac.compare_digest(self._mac(body), parts[3]) or int(parts[1]) < now_ms:
+            return None
+        return parts[0]

@@ -19,7 +19,7 @@ from sqlalchemy import Connection, and_, func, insert, select, update
 
 from cloud import db as t
 from cloud.db import Database
-from cloud.security import SecretBox, new_token, token_hash
+from cloud.security import PresenceTokens, SecretBox, new_token, token_hash
 from sync import protocol as p
 
 ACK_TIMEOUT_MS = 5_000
@@ -64,6 +64,10 @@ class Machines:
         self._unflushed: list[dict[str, Any]] = []
         self._nonce_lock = threading.Lock()
         with db.read() as conn:
+            # every enrolled machine's secret, decrypted once: a request never waits for the database
+            for mid, sealed in conn.execute(select(t.machines.c.machine_id, t.machines.c.secret_enc)
+                                            .where(t.machines.c.secret_enc.is_not(None))):
+                self._secrets[mid] = box.open(sealed, f"machine:{mid}")
             for m, n, seen in conn.execute(select(t.nonces.c.machine_id, t.nonces.c.nonce, t.nonces.c.seen_ms)
                                            .where(t.nonces.c.seen_ms >= now_ms - NONCE_KEEP_MS)):
                 self._nonces[(m, n)] = seen
@@ -212,17 +216,12 @@ class Commands:
 
     def pending(self, machine_id: str, now_ms: int) -> list[p.CommandMsg]:
         c = t.commands.c
-        with self.db.read() as conn:          # the common case (nothing waiting) takes no write lock
-            rows = conn.execute(select(c.command_id, c.body, c.delivered_ms).where(and_(
+        with self.db.read() as conn:          # read-only: delivery is recorded with the acknowledgement
+            rows = conn.execute(select(c.command_id, c.body).where(and_(
                 c.machine_id == machine_id, c.acked_ms.is_(None), c.expires_ms > now_ms)).order_by(c.created_ms)
             ).all()
         if not rows:
             self.maybe_pending.discard(machine_id)
-        fresh = [r[0] for r in rows if r[2] is None]
-        if fresh:
-            with self.db.tx() as conn:
-                conn.execute(update(t.commands).where(and_(c.command_id.in_(fresh), c.delivered_ms.is_(None)))
-                             .values(delivered_ms=now_ms))
         return [p.CommandMsg(**r[1]) for r in rows]
 
 
@@ -254,6 +253,7 @@ class Sessions:
     def __init__(self, db: Database, machines: Machines, hub_connected, notify) -> None:
         self.db, self.machines = db, machines
         self._connected, self._notify = hub_connected, notify
+        self.presence = PresenceTokens(machines.box.subkey("presence"))
 
     def scan(self, machine_id: str, code: str, now_ms: int) -> tuple[str, dict[str, Any]]:
         """The phone opened the QR link: check the time-based code, give a presence token (consumes nothing)."""
@@ -262,11 +262,7 @@ class Sessions:
             raise ApiError(404, "unknown_machine", f"machine {machine_id} does not exist")
         if p.qr_step(secret, machine_id, code, now_ms // 1000) is None:
             raise ApiError(410, "qr_expired", "this QR code has expired: scan the code on the machine's screen again")
-        token = new_token()
-        with self.db.tx() as conn:
-            conn.execute(insert(t.presence_tokens).values(token_hash=token_hash(token), machine_id=machine_id,
-                                                          created_ms=now_ms, expires_ms=now_ms + PRESENCE_TTL_MS))
-        return token, self.machine_info(machine_id, now_ms)
+        return self.presence.issue(machine_id, now_ms + PRESENCE_TTL_MS), self.machine_info(machine_id, now_ms)
 
     def machine_info(self, machine_id: str, now_ms: int) -> dict[str, Any]:
         m = self.machines.get(machine_id)
@@ -277,14 +273,13 @@ class Sessions:
 
     def start(self, user_id: str, presence_token: str, expected_price_fen_per_l: int, now_ms: int) -> dict[str, Any]:
         """s2 + s3: check the user and balance, hold the credit, queue the start command."""
+        machine_id = self.presence.check(presence_token, now_ms)
+        if machine_id is None:
+            raise ApiError(410, "scan_again", "your visit to this machine has expired: scan its QR code again")
+        presence_hash = token_hash(presence_token)
         with self.db.tx() as conn:
-            pt = _one(conn, select(t.presence_tokens)
-                      .where(t.presence_tokens.c.token_hash == token_hash(presence_token)))
-            if pt is None or pt["expires_ms"] < now_ms:
-                raise ApiError(410, "scan_again", "your visit to this machine has expired: scan its QR code again")
-            if pt["used_session_id"] is not None:
+            if _one(conn, select(t.sessions.c.session_id).where(t.sessions.c.presence_hash == presence_hash)):
                 raise ApiError(409, "scan_again", "this scan already started a session: scan the QR code again")
-            machine_id = pt["machine_id"]
             users_q = select(t.users).where(t.users.c.user_id == user_id)
             if not self.db.is_sqlite:
                 users_q = users_q.with_for_update()      # one balance cannot pay for two machines at once
@@ -325,10 +320,8 @@ class Sessions:
             conn.execute(insert(t.sessions).values(
                 session_id=session_id, machine_id=machine_id, user_id=user_id, state="starting",
                 price_fen_per_l=m["price_fen_per_l"], credit_limit_fen=credit, command_id=command_id,
-                created_ms=now_ms))
+                presence_hash=presence_hash, created_ms=now_ms))
             add_entry(conn, user_id, "hold", -credit, now_ms, session_id, "held while the machine pours")
-            conn.execute(update(t.presence_tokens).where(t.presence_tokens.c.token_hash == pt["token_hash"])
-                         .values(used_session_id=session_id))
             conn.execute(update(t.machines).where(t.machines.c.machine_id == machine_id)
                          .values(open_session_id=session_id))
         self._notify(machine_id)
@@ -343,7 +336,8 @@ class Sessions:
             if cmd["acked_ms"] is not None:
                 return                                   # a retried acknowledgement
             conn.execute(update(t.commands).where(t.commands.c.command_id == command_id)
-                         .values(acked_ms=now_ms, ack_ok=ack.ok, ack_reason=ack.reason))
+                         .values(acked_ms=now_ms, ack_ok=ack.ok, ack_reason=ack.reason,
+                                 delivered_ms=func.coalesce(t.commands.c.delivered_ms, now_ms)))
             if cmd["kind"] != "start":
                 return
             sid = cmd["body"]["session_id"]

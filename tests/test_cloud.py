@@ -354,3 +354,17 @@ def test_production_mode_needs_a_server_key(tmp_path, monkeypatch):
     monkeypatch.delenv("TAPSHARE_CLOUD_KEY", raising=False)
     with pytest.raises(KeyError_, match="production mode needs TAPSHARE_CLOUD_KEY"):
         create_app(CloudSettings(data_dir=tmp_path / "p", production=True))
+
+
+def test_presence_tokens_cannot_be_forged_or_moved(cloud):
+    dev = cloud.provision("M17")
+    cloud.provision("M18")
+    user = cloud.user("13800000018", balance_fen=1_000)
+    connected(dev)
+    token = user.scan("M17", dev.qr()).json()["presence_token"]
+    machine, expires, nonce, mac = token.split(".")
+    for forged in (f"M18.{expires}.{nonce}.{mac}", f"{machine}.{int(expires) + 10**9}.{nonce}.{mac}",
+                   f"{machine}.{expires}.{nonce}.{'0' * 32}", "garbage-token-value"):
+        r = user.start(forged)
+        assert r.status_code == 410 and r.json()["error"] == "scan_again", forged
+    assert user.start(token).status_code == 200
