@@ -116,7 +116,7 @@ class Bench:
     def __init__(self, port: int, machines: list[tuple[str, bytes]], tokens: list[str]) -> None:
         self.port, self.machines, self.tokens = port, machines, tokens
         self.sent_at: dict[str, float] = {}          # session id -> when the phone sent the start
-        self.latencies: list[float] = []
+        self.got_at: dict[str, float] = {}           # session id -> when its dispenser had the command
         self.completed = 0
         self.errors: dict[str, int] = {}
         self.idle = set(range(len(machines)))
@@ -146,10 +146,8 @@ class Bench:
                 for cmd in body["commands"]:
                     if cmd["kind"] != "start":
                         continue
-                    got = time.perf_counter()
                     sid = cmd["session_id"]
-                    if sid in self.sent_at:
-                        self.latencies.append(got - self.sent_at.pop(sid))
+                    self.got_at.setdefault(sid, time.perf_counter())
                     ack_path = f"/device/v1/commands/{cmd['command_id']}/ack"
                     ack = json.dumps({"ok": True}).encode()
                     await conn.request("POST", ack_path, ack, self._signed(mid, secret, "POST", ack_path, ack))
@@ -194,7 +192,7 @@ class Bench:
                 body = json.dumps({"presence_token": scan["presence_token"], "expected_price_fen_per_l": 200})
                 t0 = time.perf_counter()
                 st, res = await c.request("POST", "/api/v1/sessions", body.encode(), auth)
-                if st == 200:
+                if st == 200:                 # the command may reach the dispenser before this response
                     self.sent_at[res["session_id"]] = t0
                 else:
                     self.errors[f"start {st} {res.get('error')}"] = self.errors.get(f"start {st} {res.get('error')}",
@@ -276,11 +274,12 @@ def one_size(n: int, rate: float, seconds: float) -> None:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
-        lat = sorted(b.latencies)
+        lat = sorted(b.got_at[s] - t0 for s, t0 in b.sent_at.items() if s in b.got_at)
+        missing = sum(1 for s in b.sent_at if s not in b.got_at)
         q = (lambda f: lat[min(len(lat) - 1, int(len(lat) * f))] * 1000) if lat else (lambda f: float("nan"))
         gen_cpu = gen1.ru_utime + gen1.ru_stime - gen0.ru_utime - gen0.ru_stime
         print(f"N={n:>6}: {b.completed} sessions in {b.elapsed:.1f} s = {b.completed / b.elapsed:.1f}/s; "
-              f"start->command p50 {q(.5):.1f} ms, p99 {q(.99):.1f} ms (n={len(lat)}); "
+              f"start->command p50 {q(.5):.1f} ms, p99 {q(.99):.1f} ms (n={len(lat)}, never received {missing}); "
               f"CPU server {srv1 - srv0:.1f} s, generator {gen_cpu:.1f} s; errors {b.errors or 'none'}")
 
 
