@@ -18,12 +18,34 @@ from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import and_, or_, select
 
 from cloud import db as t
 from cloud.db import Database
 from cloud.hub import CommandHub
+from cloud.schemas import (
+    AlarmsOut,
+    ClearLockoutIn,
+    CommandQueuedOut,
+    DevUserIn,
+    DevUserOut,
+    EnrollIn,
+    EnrollOut,
+    Err,
+    HealthOut,
+    MachineSettingsIn,
+    MachinesOut,
+    MeOut,
+    OkOut,
+    ProvisionIn,
+    ProvisionOut,
+    RecordsOut,
+    ScanOut,
+    ServiceIn,
+    SessionOut,
+    StartIn,
+    StartOut,
+)
 from cloud.security import SecretBox, token_hash
 from cloud.service import (
     SILENT_AFTER_MS,
@@ -93,58 +115,6 @@ class CloudSettings:
     def url(self) -> str:
         return self.database_url or os.environ.get("TAPSHARE_DATABASE_URL") or \
             f"sqlite:///{(self.data_dir / 'cloud.db').resolve()}"
-
-
-class Err(BaseModel):
-    error: str
-    message: str
-
-
-class Out(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-# ---------------------------------------------------------------- request bodies
-
-class ProvisionIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    machine_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
-    location: Annotated[str, Field(max_length=200)] = ""
-    price_fen_per_l: Annotated[int, Field(ge=0, le=100_000)]
-    max_volume_ml: Annotated[int, Field(ge=50, le=50_000)] = 5_000
-    max_duration_ms: Annotated[int, Field(ge=1_000, le=600_000)] = 300_000
-    max_idle_ms: Annotated[int, Field(ge=500, le=120_000)] = 15_000
-    max_credit_fen: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
-
-
-class EnrollIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    machine_id: Annotated[str, Field(min_length=1, max_length=64)]
-    enrolment_token: Annotated[str, Field(min_length=10, max_length=200)]
-
-
-class PriceIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    price_fen_per_l: Annotated[int, Field(ge=0, le=100_000)]
-
-
-class ServiceIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    in_service: bool
-    detail: Annotated[str, Field(max_length=500)] = ""
-
-
-class StartIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    presence_token: Annotated[str, Field(min_length=10, max_length=200)]
-    expected_price_fen_per_l: Annotated[int, Field(ge=0, le=100_000)]
-
-
-class DevUserIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    phone: Annotated[str, Field(pattern=r"^1[3-9][0-9]{9}$")]
-    balance_fen: Annotated[int, Field(ge=0, le=10_000_000)] = 0
-    registered: bool = True
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": Err} for s in (400, 401, 403, 404, 409, 410, 413, 422)}
@@ -253,13 +223,19 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
             raise ApiError(401, "unauthenticated", "your login has expired: log in again")
         return row[0]
 
+    def machine_out(m: dict[str, Any]) -> dict[str, Any]:
+        d = {k: v for k, v in m.items() if k != "secret_enc"}
+        d["enrolled"] = m["secret_enc"] is not None
+        d["online"] = hub.connected(m["machine_id"]) or (m["last_seen_ms"] or 0) > now() - SILENT_AFTER_MS
+        return d
+
     Device = Annotated[MachineAuth, Depends(device)]
     IdPath = Annotated[str, PathParam(max_length=64)]
     TimeMs = Annotated[int, Query(ge=0, le=2**62)]
     User = Annotated[str, Depends(user)]
 
     # ---------------------------------------------------------------- health
-    @app.get("/healthz", response_model=Out, tags=["health"])
+    @app.get("/healthz", response_model=HealthOut, tags=["health"])
     def health() -> dict[str, Any]:
         with database.read() as conn:
             conn.execute(select(1))
@@ -272,7 +248,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         """Unsigned: a device with a wrong clock needs this before it can sign anything."""
         return p.TimeResponse(server_time_ms=now())
 
-    @app.post("/device/v1/enroll", response_model=Out, responses=ERRORS, tags=["device"])
+    @app.post("/device/v1/enroll", response_model=EnrollOut, responses=ERRORS, tags=["device"])
     def enroll(body: EnrollIn) -> dict[str, Any]:
         secret = machines.enroll(body.machine_id, body.enrolment_token, now())
         return {"machine_id": body.machine_id, "secret_hex": secret.hex(),
@@ -293,7 +269,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
                     cmds = await run_in_threadpool(commands.pending, auth.machine_id, now())
         return p.CommandsResponse(commands=cmds, server_time_ms=now())
 
-    @app.post("/device/v1/commands/{command_id}/ack", response_model=Out, responses=ERRORS, tags=["device"])
+    @app.post("/device/v1/commands/{command_id}/ack", response_model=OkOut, responses=ERRORS, tags=["device"])
     def ack_command(command_id: IdPath, body: p.AckMsg, auth: Device) -> dict[str, Any]:
         sessions.ack(auth.machine_id, command_id, body, now())
         return {"ok": True}
@@ -302,7 +278,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
     def post_events(body: p.EventBatch, auth: Device) -> p.EventBatchResult:
         return p.EventBatchResult(results=sessions.receive_events(auth.machine_id, body, now()), server_time_ms=now())
 
-    @app.post("/device/v1/progress", response_model=Out, responses=ERRORS, tags=["device"])
+    @app.post("/device/v1/progress", response_model=OkOut, responses=ERRORS, tags=["device"])
     def post_progress(body: p.ProgressMsg, auth: Device) -> dict[str, Any]:
         sessions.progress(auth.machine_id, body)
         return {"ok": True}
@@ -313,28 +289,28 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         return p.TimeResponse(server_time_ms=now())
 
     # ---------------------------------------------------------------- phones
-    @app.get("/api/v1/scan", response_model=Out, responses=ERRORS, tags=["phone"])
+    @app.get("/api/v1/scan", response_model=ScanOut, responses=ERRORS, tags=["phone"])
     def scan(machine: Annotated[str, Query(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")],
              c: Annotated[str, Query(min_length=1, max_length=16)]) -> dict[str, Any]:
         """What opening the QR link does: checks the time-based code, consumes nothing."""
         token, info = sessions.scan(machine, c, now())
         return {"presence_token": token, "machine": info}
 
-    @app.post("/api/v1/sessions", response_model=Out, responses={**ERRORS, 402: {"model": Err}, 503: {"model": Err}},
-              tags=["phone"])
+    @app.post("/api/v1/sessions", response_model=StartOut, tags=["phone"],
+              responses={**ERRORS, 402: {"model": Err}, 503: {"model": Err}})
     def start_session(body: StartIn, user_id: User) -> dict[str, Any]:
         return sessions.start(user_id, body.presence_token, body.expected_price_fen_per_l, now())
 
-    @app.get("/api/v1/sessions/{session_id}", response_model=Out, responses=ERRORS, tags=["phone"])
+    @app.get("/api/v1/sessions/{session_id}", response_model=SessionOut, responses=ERRORS, tags=["phone"])
     def get_session(session_id: IdPath, user_id: User) -> dict[str, Any]:
         return sessions.view(user_id, session_id)
 
-    @app.post("/api/v1/sessions/{session_id}/stop", response_model=Out, responses=ERRORS, tags=["phone"])
+    @app.post("/api/v1/sessions/{session_id}/stop", response_model=OkOut, responses=ERRORS, tags=["phone"])
     def stop_session(session_id: IdPath, user_id: User) -> dict[str, Any]:
         sessions.stop(user_id, session_id, now())
         return {"ok": True}
 
-    @app.get("/api/v1/me", response_model=Out, responses=ERRORS, tags=["phone"])
+    @app.get("/api/v1/me", response_model=MeOut, responses=ERRORS, tags=["phone"])
     def me(user_id: User) -> dict[str, Any]:
         with database.read() as conn:
             u = conn.execute(select(t.users).where(t.users.c.user_id == user_id)).mappings().first()
@@ -350,7 +326,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
     Operator = Annotated[dict, Depends(operator("operator"))]
     Admin = Annotated[dict, Depends(operator("admin"))]
 
-    @app.post("/api/v1/operator/machines", response_model=Out, responses=ERRORS, tags=["operator"])
+    @app.post("/api/v1/operator/machines", response_model=ProvisionOut, responses=ERRORS, tags=["operator"])
     def provision(body: ProvisionIn, op: Admin) -> dict[str, Any]:
         token = machines.provision(op["operator_id"], body.machine_id, body.location, body.price_fen_per_l,
                                    max_volume_ml=body.max_volume_ml, max_duration_ms=body.max_duration_ms,
@@ -358,43 +334,51 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         return {"machine_id": body.machine_id, "enrolment_token": token,
                 "note": "single use: give it to the technician who enrols the machine"}
 
-    @app.get("/api/v1/operator/machines", response_model=Out, tags=["operator"], responses=ERRORS)
+    @app.get("/api/v1/operator/machines", response_model=MachinesOut, tags=["operator"], responses=ERRORS)
     def list_machines(op: Viewer) -> dict[str, Any]:
         with database.read() as conn:
             rows = conn.execute(select(t.machines).order_by(t.machines.c.machine_id)).mappings().all()
-        cut = now() - SILENT_AFTER_MS
-        out = []
-        for m in rows:
-            d = {k: v for k, v in m.items() if k != "secret_enc"}
-            d["enrolled"] = m["secret_enc"] is not None
-            d["online"] = hub.connected(m["machine_id"]) or (m["last_seen_ms"] or 0) > cut
-            out.append(d)
-        return {"machines": out}
+        return {"machines": [machine_out(dict(m)) for m in rows]}
 
-    @app.patch("/api/v1/operator/machines/{machine_id}/price", response_model=Out, responses=ERRORS,
+    @app.patch("/api/v1/operator/machines/{machine_id}", response_model=MachinesOut, responses=ERRORS,
                tags=["operator"])
-    def set_price(machine_id: IdPath, body: PriceIn, op: Operator) -> dict[str, Any]:
+    def change_machine(machine_id: IdPath, body: MachineSettingsIn, op: Operator) -> dict[str, Any]:
+        """Change a machine's price or limits (new grants use them); a new price is sent to the machine."""
+        machines.get(machine_id)
+        changes = body.model_dump(exclude_none=True)
+        with database.tx() as conn:
+            conn.execute(t.machines.update().where(t.machines.c.machine_id == machine_id).values(**changes))
+            if body.price_fen_per_l is not None:
+                Commands.queue(conn, machine_id, "price", now(), price_fen_per_l=body.price_fen_per_l)
+            audit(conn, op["operator_id"], "change_machine", machine_id, changes, now())
+        if body.price_fen_per_l is not None:
+            notify(machine_id)
+        return {"machines": [machine_out(machines.get(machine_id))]}
+
+    @app.post("/api/v1/operator/machines/{machine_id}/clear-lockout", response_model=CommandQueuedOut,
+              responses=ERRORS, tags=["operator"])
+    def clear_lockout(machine_id: IdPath, body: ClearLockoutIn, op: Operator) -> dict[str, Any]:
+        """Ask the machine to clear a lockout remotely (ghost flow, operator); a wet leak sensor's lockout is
+        refused by the machine itself: that needs a technician on site."""
         machines.get(machine_id)
         with database.tx() as conn:
-            conn.execute(t.machines.update().where(t.machines.c.machine_id == machine_id)
-                         .values(price_fen_per_l=body.price_fen_per_l))
-            Commands.queue(conn, machine_id, "price", now(), price_fen_per_l=body.price_fen_per_l)
-            audit(conn, op["operator_id"], "set_price", machine_id, {"price_fen_per_l": body.price_fen_per_l}, now())
+            cid = Commands.queue(conn, machine_id, "clear_lockout", now(), reason=body.reason)
+            audit(conn, op["operator_id"], "clear_lockout", machine_id, {"reason": body.reason}, now())
         notify(machine_id)
-        return {"machine_id": machine_id, "price_fen_per_l": body.price_fen_per_l}
+        return {"machine_id": machine_id, "command": "clear_lockout", "command_id": cid}
 
-    @app.post("/api/v1/operator/machines/{machine_id}/service", response_model=Out, responses=ERRORS,
+    @app.post("/api/v1/operator/machines/{machine_id}/service", response_model=CommandQueuedOut, responses=ERRORS,
               tags=["operator"])
     def set_service(machine_id: IdPath, body: ServiceIn, op: Operator) -> dict[str, Any]:
         machines.get(machine_id)
         kind: Literal["in_service", "out_of_service"] = "in_service" if body.in_service else "out_of_service"
         with database.tx() as conn:
-            Commands.queue(conn, machine_id, kind, now(), detail=body.detail)
+            cid = Commands.queue(conn, machine_id, kind, now(), detail=body.detail)
             audit(conn, op["operator_id"], kind, machine_id, {"detail": body.detail}, now())
         notify(machine_id)
-        return {"machine_id": machine_id, "command": kind}
+        return {"machine_id": machine_id, "command": kind, "command_id": cid}
 
-    @app.get("/api/v1/operator/alarms", response_model=Out, responses=ERRORS, tags=["operator"])
+    @app.get("/api/v1/operator/alarms", response_model=AlarmsOut, responses=ERRORS, tags=["operator"])
     def alarms(op: Viewer, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
         cut = now() - SILENT_AFTER_MS
         with database.read() as conn:
@@ -406,7 +390,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         return {"alarms": [dict(e) for e in ev],
                 "silent_machines": [dict(s) for s in silent if not hub.connected(s["machine_id"])]}
 
-    @app.get("/api/v1/operator/records", response_model=Out, responses=ERRORS, tags=["operator"])
+    @app.get("/api/v1/operator/records", response_model=RecordsOut, responses=ERRORS, tags=["operator"])
     def records(op: Viewer, machine_id: Annotated[str | None, Query(max_length=64)] = None,
                 user_id: Annotated[str | None, Query(max_length=64)] = None,
                 from_ms: TimeMs = 0, to_ms: TimeMs = 2**62,
@@ -422,7 +406,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
             rows = conn.execute(q.order_by(r.started_ms.desc()).limit(limit)).mappings().all()
         return {"records": [dict(x) for x in rows]}
 
-    @app.post("/api/v1/dev/users", response_model=Out, responses=ERRORS, tags=["development"])
+    @app.post("/api/v1/dev/users", response_model=DevUserOut, responses=ERRORS, tags=["development"])
     def dev_user(body: DevUserIn, op: Admin) -> dict[str, Any]:
         """Development only (refused in production mode): a user with a balance, until accounts exist."""
         if settings.production:

@@ -274,7 +274,7 @@ def test_the_phone_can_stop_and_operators_can_change_price_and_service(cloud):
     [cancel] = dev.poll()
     assert cancel["kind"] == "cancel" and cancel["session_id"] == session["session_id"]
     dev.ack(cancel["command_id"])
-    assert cloud.op("PATCH", "/api/v1/operator/machines/M12/price", json={"price_fen_per_l": 250}).ok
+    assert cloud.op("PATCH", "/api/v1/operator/machines/M12", json={"price_fen_per_l": 250}).ok
     assert cloud.op("POST", "/api/v1/operator/machines/M12/service", json={"in_service": False,
                                                                            "detail": "filter change"}).ok
     kinds = [(c["kind"], c.get("price_fen_per_l"), c.get("detail")) for c in dev.poll()]
@@ -328,14 +328,14 @@ def test_bad_input_gets_clear_4xx(cloud):
 
 def test_operator_actions_are_audit_logged(cloud):
     cloud.provision("M16")
-    cloud.op("PATCH", "/api/v1/operator/machines/M16/price", json={"price_fen_per_l": 180})
+    cloud.op("PATCH", "/api/v1/operator/machines/M16", json={"price_fen_per_l": 180})
     cloud.user("13800000017")
     from sqlalchemy import select
 
     from cloud import db as t
     with cloud.app.state.database.read() as conn:
         actions = [r[0] for r in conn.execute(select(t.audit_log.c.action).order_by(t.audit_log.c.id))]
-    assert actions == ["provision_machine", "set_price", "dev_create_user"]
+    assert actions == ["provision_machine", "change_machine", "dev_create_user"]
 
 
 def test_production_mode_refuses_development_users(tmp_path, monkeypatch):
@@ -368,3 +368,28 @@ def test_presence_tokens_cannot_be_forged_or_moved(cloud):
         r = user.start(forged)
         assert r.status_code == 410 and r.json()["error"] == "scan_again", forged
     assert user.start(token).status_code == 200
+
+
+def test_operators_change_limits_and_clear_lockouts_remotely(cloud):
+    dev = cloud.provision("M19")
+    r = cloud.op("PATCH", "/api/v1/operator/machines/M19", json={"max_volume_ml": 800, "max_credit_fen": 300})
+    assert r.status_code == 200 and r.json()["machines"][0]["max_volume_ml"] == 800
+    assert cloud.op("PATCH", "/api/v1/operator/machines/M19", json={}).status_code == 422
+    assert dev.poll() == []                         # limits apply to new grants; nothing to tell the machine
+    user = cloud.user("13800000019", balance_fen=1_000)
+    _, cmd = start_session(cloud, dev, user)
+    assert (cmd["grant"]["max_volume_ml"], cmd["grant"]["credit_limit_fen"]) == (800, 300)
+    r = cloud.op("POST", "/api/v1/operator/machines/M19/clear-lockout", json={"reason": "ghost_flow"})
+    assert r.status_code == 200
+    assert [(c["kind"], c["reason"]) for c in dev.poll()][-1] == ("clear_lockout", "ghost_flow")
+    assert cloud.op("POST", "/api/v1/operator/machines/NOPE/clear-lockout",
+                    json={"reason": "ghost_flow"}).status_code == 404
+
+
+def test_the_openapi_document_describes_every_response(cloud):
+    doc = requests.get(cloud.url + "/openapi.json", timeout=5).json()
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            schema = op["responses"]["200"]["content"]["application/json"]["schema"]
+            ref = schema.get("$ref", "")
+            assert ref and not ref.endswith("/Out"), (method, path, schema)

@@ -1,0 +1,225 @@
+"""Request and response models of the cloud's HTTP API (the device messages are in sync/protocol.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MachineIdStr = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Err(BaseModel):
+    error: str
+    message: str
+
+
+class OkOut(BaseModel):
+    ok: bool = True
+
+
+class HealthOut(BaseModel):
+    status: str
+    database: str
+    connected_machines: int
+
+
+# ---------------------------------------------------------------- machines
+
+class ProvisionIn(In):
+    machine_id: MachineIdStr
+    location: Annotated[str, Field(max_length=200)] = ""
+    price_fen_per_l: Annotated[int, Field(ge=0, le=100_000)]
+    max_volume_ml: Annotated[int, Field(ge=50, le=50_000)] = 5_000
+    max_duration_ms: Annotated[int, Field(ge=1_000, le=600_000)] = 300_000
+    max_idle_ms: Annotated[int, Field(ge=500, le=120_000)] = 15_000
+    max_credit_fen: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+
+
+class MachineSettingsIn(In):
+    """Any of a machine's price and limits; a price change is also sent to the machine."""
+
+    location: Annotated[str, Field(max_length=200)] | None = None
+    price_fen_per_l: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    max_volume_ml: Annotated[int, Field(ge=50, le=50_000)] | None = None
+    max_duration_ms: Annotated[int, Field(ge=1_000, le=600_000)] | None = None
+    max_idle_ms: Annotated[int, Field(ge=500, le=120_000)] | None = None
+    max_credit_fen: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+
+    @model_validator(mode="after")
+    def something(self) -> MachineSettingsIn:
+        if not self.model_dump(exclude_none=True):
+            raise ValueError("give at least one setting to change")
+        return self
+
+
+class ProvisionOut(BaseModel):
+    machine_id: str
+    enrolment_token: str
+    note: str
+
+
+class EnrollIn(In):
+    machine_id: Annotated[str, Field(min_length=1, max_length=64)]
+    enrolment_token: Annotated[str, Field(min_length=10, max_length=200)]
+
+
+class EnrollOut(BaseModel):
+    machine_id: str
+    secret_hex: str
+    note: str
+
+
+class MachineOut(BaseModel):
+    machine_id: str
+    location: str
+    price_fen_per_l: int
+    max_volume_ml: int
+    max_duration_ms: int
+    max_idle_ms: int
+    max_credit_fen: int
+    created_ms: int
+    last_seen_ms: int | None
+    heartbeat: dict[str, Any] | None
+    open_session_id: str | None
+    enrolled: bool
+    online: bool
+
+
+class MachinesOut(BaseModel):
+    machines: list[MachineOut]
+
+
+class ServiceIn(In):
+    in_service: bool
+    detail: Annotated[str, Field(max_length=500)] = ""
+
+
+class ClearLockoutIn(In):
+    reason: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z_:]+$")]
+
+
+class CommandQueuedOut(BaseModel):
+    machine_id: str
+    command: str
+    command_id: str
+
+
+class AlarmOut(BaseModel):
+    id: int
+    machine_id: str
+    event_id: str
+    kind: str
+    payload: dict[str, Any]
+    received_ms: int
+
+
+class SilentMachineOut(BaseModel):
+    machine_id: str
+    last_seen_ms: int | None
+
+
+class AlarmsOut(BaseModel):
+    alarms: list[AlarmOut]
+    silent_machines: list[SilentMachineOut]
+
+
+class RecordOut(BaseModel):
+    session_id: str
+    machine_id: str
+    user_id: str
+    started_at: str
+    ended_at: str
+    started_ms: int
+    record: dict[str, Any]
+
+
+class RecordsOut(BaseModel):
+    records: list[RecordOut]
+
+
+# ---------------------------------------------------------------- phones
+
+class MachineInfoOut(BaseModel):
+    machine_id: str
+    location: str
+    price_fen_per_l: int
+    online: bool
+    temp_c: float | None
+    tds_ppm: int | None
+    busy: bool
+    state: str
+
+
+class ScanOut(BaseModel):
+    presence_token: str
+    machine: MachineInfoOut
+
+
+class StartIn(In):
+    presence_token: Annotated[str, Field(min_length=10, max_length=200)]
+    expected_price_fen_per_l: Annotated[int, Field(ge=0, le=100_000)]
+
+
+class StartOut(BaseModel):
+    session_id: str
+    state: str
+    machine_id: str
+    price_fen_per_l: int
+    credit_limit_fen: int
+
+
+class BillOut(BaseModel):
+    session_id: str
+    machine_id: str
+    started_at: str
+    ended_at: str
+    duration_ms: int
+    volume_ml: int
+    avg_flow_ml_per_min: int
+    amount_fen: int
+    price_fen_per_l: int
+    water_quality: dict[str, Any]
+    points: int
+    end_reason: str
+
+
+class SessionOut(BaseModel):
+    session_id: str
+    machine_id: str
+    state: str
+    price_fen_per_l: int
+    credit_limit_fen: int
+    progress: dict[str, Any] | None
+    void_reason: str | None
+    end_reason: str | None
+    fee_fen: int | None
+    volume_ml: int | None
+    charged: bool
+    bill: BillOut | None
+
+
+class MeOut(BaseModel):
+    user_id: str
+    registered: bool
+    points: int
+    balance_fen: int
+    held_fen: int
+    available_fen: int
+    arrears_fen: int
+    bills: list[BillOut]
+
+
+class DevUserIn(In):
+    phone: Annotated[str, Field(pattern=r"^1[3-9][0-9]{9}$")]
+    balance_fen: Annotated[int, Field(ge=0, le=10_000_000)] = 0
+    registered: bool = True
+
+
+class DevUserOut(BaseModel):
+    user_id: str
+    token: str
