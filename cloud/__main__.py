@@ -3,6 +3,7 @@
     python -m cloud serve [--host 127.0.0.1] [--port 8700] [--database-url URL] [--data-dir DIR]
     python -m cloud create-operator NAME --role admin|operator|viewer      (prints the bearer token once)
     python -m cloud new-key                                                (a server key for TAPSHARE_CLOUD_KEY)
+    python -m cloud dev-user --phone 13800000000 --balance-fen 1000        (development only: a user and token)
 
 The database is an embedded SQLite file in the data folder unless ``--database-url`` (or
 ``TAPSHARE_DATABASE_URL``) names another, e.g. ``postgresql+psycopg://user:pass@localhost/tapshare``.
@@ -40,7 +41,7 @@ def create_operator(database_url: str, name: str, role: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cloud", description="Tapshare reference cloud service")
     sub = ap.add_subparsers(dest="cmd")
-    for name in ("serve", "create-operator"):
+    for name in ("serve", "create-operator", "dev-user"):
         sp = sub.add_parser(name)
         sp.add_argument("--database-url", default="")
         sp.add_argument("--data-dir", default="data/cloud")
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument("name")
     op.add_argument("--role", default="operator", choices=list(ROLES))
     sub.add_parser("new-key")
+    dev = sub.choices["dev-user"]
+    dev.add_argument("--phone", required=True)
+    dev.add_argument("--balance-fen", type=int, default=1_000)
+    dev.add_argument("--unregistered", action="store_true")
     args = ap.parse_args(argv)
     if args.cmd == "new-key":
         print(secrets.token_bytes(32).hex())
@@ -59,6 +64,24 @@ def main(argv: list[str] | None = None) -> int:
     cmd = args.cmd or "serve"
     settings = CloudSettings(database_url=getattr(args, "database_url", ""),
                              data_dir=Path(getattr(args, "data_dir", "data/cloud")))
+    if cmd == "dev-user":
+        from cloud.schemas import DevUserIn
+        from cloud.service import create_dev_user
+        if settings.production:
+            print("error: development users cannot be created in production mode", file=sys.stderr)
+            return 1
+        try:
+            body = DevUserIn(phone=args.phone, balance_fen=args.balance_fen, registered=not args.unregistered)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        database = Database(settings.url())
+        database.create_all()
+        user_id, token = create_dev_user(database, body.phone, body.balance_fen, body.registered,
+                                         time.time_ns() // 1_000_000)
+        print(f"user {user_id} token {token}")
+        return 0
     if cmd == "create-operator":
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         print(create_operator(settings.url(), args.name, args.role))

@@ -1,0 +1,29 @@
+"""python -m cloud's administrative commands."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "cloud", *args], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def test_create_operator_and_dev_user(tmp_path):
+    op = run("create-operator", "alice", "--role", "admin", "--data-dir", str(tmp_path))
+    assert op.returncode == 0 and len(op.stdout.strip()) >= 40
+    user = run("dev-user", "--phone", "13812345678", "--balance-fen", "500", "--data-dir", str(tmp_path))
+    assert user.returncode == 0 and user.stdout.startswith("user u-")
+    bad = run("dev-user", "--phone", "123", "--data-dir", str(tmp_path))
+    assert bad.returncode == 2 and "phone" in bad.stderr
+    prod = run("dev-user", "--phone", "13812345679", "--data-dir", str(tmp_path), env={"TAPSHARE_PRODUCTION": "1"})
+    assert prod.returncode == 1 and "production mode" in prod.stderr
+
+
+def test_new_key_is_32_random_bytes():
+    a, b = run("new-key").stdout.strip(), run("new-key").stdout.strip()
+    assert len(bytes.fromhex(a)) == 32 and a != b
