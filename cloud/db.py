@@ -140,6 +140,7 @@ reports = Table(       # idempotency: the first response to (machine, event id) 
     Column("detail", String(300), nullable=False, default=""),
     Column("payload", JSON, nullable=False),
     Column("received_ms", BigInteger, nullable=False),
+    Column("occurred_ms", BigInteger, nullable=False),          # received minus the device's age_ms
     Index("reports_by_kind", "machine_id", "kind", "received_ms"),
 )
 
@@ -182,6 +183,7 @@ machine_events = Table(
     Column("kind", String(64), nullable=False),
     Column("payload", JSON, nullable=False),
     Column("received_ms", BigInteger, nullable=False),
+    Column("occurred_ms", BigInteger, nullable=False),
     Column("alarm", Boolean, nullable=False, default=False),
     Index("events_by_machine", "machine_id", "received_ms"),
 )

@@ -116,6 +116,7 @@ class AlarmOut(BaseModel):
     kind: str
     payload: dict[str, Any]
     received_ms: int
+    occurred_ms: int
 
 
 class SilentMachineOut(BaseModel):

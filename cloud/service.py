@@ -423,7 +423,8 @@ class Sessions:
                     status, detail = "rejected", e.message
                 conn.execute(insert(t.reports).values(machine_id=machine_id, event_id=ev.event_id, kind=ev.kind,
                                                       body_sha256=digest, status=status, detail=detail[:300],
-                                                      payload=ev.payload, received_ms=now_ms))
+                                                      payload=ev.payload, received_ms=now_ms,
+                                                      occurred_ms=now_ms - ev.age_ms))
             results.append(p.EventResult(event_id=ev.event_id, status=status, detail=detail))
         return results
 
@@ -432,7 +433,7 @@ class Sessions:
             return self._settle(conn, machine_id, ev, now_ms)
         conn.execute(insert(t.machine_events).values(machine_id=machine_id, event_id=ev.event_id, kind=ev.kind,
                                                      payload=ev.payload, received_ms=now_ms,
-                                                     alarm=ev.kind in ALARM_KINDS))
+                                                     occurred_ms=now_ms - ev.age_ms, alarm=ev.kind in ALARM_KINDS))
         return "accepted", ""
 
     def _settle(self, conn: Connection, machine_id: str, ev: p.DeviceEvent, now_ms: int) -> tuple[str, str]:

@@ -182,6 +182,13 @@ class ExitMaintenance:
 
 
 @dataclass(frozen=True)
+class PriceChanged:
+    """The operator's new price, shown before the next grant (grants carry their own price)."""
+
+    price_fen_per_l: int
+
+
+@dataclass(frozen=True)
 class ReceiptDismissed:
     pass
 
@@ -195,7 +202,8 @@ class Shutdown:
 
 Event = (GrantReceived | PulseCount | StopPressed | CancelReceived | Tick | TemperatureReading
          | WaterQualityReading | LowWater | Fault | SessionStartFailed | LeakSensor | LinkChanged
-         | SetOutOfService | ClearLockout | EnterMaintenance | ExitMaintenance | ReceiptDismissed | Shutdown)
+         | SetOutOfService | ClearLockout | EnterMaintenance | ExitMaintenance | ReceiptDismissed | Shutdown
+         | PriceChanged)
 
 
 # ---------------------------------------------------------------- actions (outputs)

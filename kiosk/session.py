@@ -50,6 +50,7 @@ from kiosk.events import (
     LinkChanged,
     LowWater,
     OpenValve,
+    PriceChanged,
     PulseCount,
     ReceiptDismissed,
     RecordEvent,
@@ -180,6 +181,7 @@ class DispenserCore:
         self.lockouts: dict[str, str] = dict(lockouts or {})
         self.online = False
         self.maintenance = False
+        self.display_price_fen_per_l = settings.display_price_fen_per_l
         self.temp_c: float | None = None
         self.tds_ppm: int | None = None
         self.tds_measured = False
@@ -241,7 +243,7 @@ class DispenserCore:
         now = self._now_ms
         base = Snapshot(state=self.state, machine_id=self.settings.machine_id, online=self.online,
                         lockouts=tuple(sorted(self.lockouts)), temp_c=self.temp_c,
-                        display_price_fen_per_l=self.settings.display_price_fen_per_l,
+                        display_price_fen_per_l=self.display_price_fen_per_l,
                         tds_ppm=self.tds_ppm, tds_measured=self.tds_measured,
                         tds_limit_ppm=self.settings.tds_limit_ppm,
                         receipt=self._receipt if self._phase is State.RECEIPT else None,
@@ -498,6 +500,12 @@ class DispenserCore:
         self.maintenance = False
         return [RecordEvent("maintenance_exited", {"actor": ev.actor}, report=True)]
 
+    def _on_price(self, ev: PriceChanged, now: int) -> list[Action]:
+        if ev.price_fen_per_l < 0:
+            return [RecordEvent("price_refused", {"price_fen_per_l": ev.price_fen_per_l})]
+        old, self.display_price_fen_per_l = self.display_price_fen_per_l, ev.price_fen_per_l
+        return [RecordEvent("price_changed", {"from": old, "to": ev.price_fen_per_l})]
+
     def _on_receipt_dismissed(self, ev: ReceiptDismissed, now: int) -> list[Action]:
         return self._end_receipt() if self._phase is State.RECEIPT else []
 
@@ -645,5 +653,6 @@ _HANDLERS = {
     EnterMaintenance: DispenserCore._on_enter_maintenance,
     ExitMaintenance: DispenserCore._on_exit_maintenance,
     ReceiptDismissed: DispenserCore._on_receipt_dismissed,
+    PriceChanged: DispenserCore._on_price,
     Shutdown: DispenserCore._on_shutdown,
 }

@@ -182,6 +182,9 @@ class DeviceEvent(Msg):
     event_id: Annotated[str, Field(min_length=3, max_length=40, pattern=r"^[0-9]+-[0-9]+$")]
     kind: Annotated[str, Field(min_length=1, max_length=64)]
     payload: dict[str, Any]
+    # how long ago it happened, by the device's own clock at sending: the server dates the event
+    # "received minus age", right even when the device's wall clock is wrong
+    age_ms: Annotated[int, Field(ge=0, le=10 * 365 * 86_400_000)] = 0
 
 
 class EventBatch(Msg):
@@ -244,6 +247,8 @@ class HeartbeatMsg(Msg):
     lockouts: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=20)
     software_version: Annotated[str, Field(max_length=40)] = ""
     boot_id: Annotated[int, Field(ge=0)] = 0
+    dead_letters: Annotated[int, Field(ge=0)] = 0
+    uptime_s: Annotated[int, Field(ge=0)] = 0
 
 
 class TimeResponse(Msg):

@@ -1,0 +1,328 @@
+"""The dispenser's link to the cloud: commands in, acknowledgements, progress, reports and heartbeats out.
+
+Network threads never touch the core or the UI: commands become events posted to the runtime's
+queue; what the core does is observed through a runtime listener (called on the core thread, which
+only enqueues). Threads:
+
+* **commands**: syncs the clock, then long-polls. Start commands become grants (checked for this
+  machine; their time-to-live counts from receipt on the monotonic clock); cancel, price, out of
+  service, in service and clear-lockout become their events. The machine is "online" (shows a QR,
+  accepts grants) only after a time sync and while polls succeed.
+* **replies**: acknowledges a start once the core has opened the valve (or refused the grant), other
+  commands once posted; live progress about once a second while water flows (best effort).
+* **outbox**: sends the ledger's pending reports in order, in batches, each with its event id as the
+  idempotency key and its age; backs off with jitter on transient errors (honouring Retry-After);
+  re-syncs the clock on 401s and retries; dead-letters a message the cloud rejects (4xx), visibly.
+* **heartbeat**: telemetry every ``heartbeat_interval_ms``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+
+from kiosk.events import (
+    Action,
+    CancelReceived,
+    ClearLockout,
+    ClearSource,
+    Grant,
+    GrantReceived,
+    LinkChanged,
+    OpenValve,
+    PriceChanged,
+    RecordEvent,
+    SessionEnded,
+    SetOutOfService,
+    State,
+)
+from kiosk.ledger import Ledger
+from kiosk.runtime import Runtime
+from kiosk.session import Snapshot
+from sync import protocol as p
+from sync.client import AuthProblem, CloudClient, Rejected, SyncError, Transient
+
+log = logging.getLogger("tapshare.sync")
+
+
+class Backoff:
+    """Exponential backoff with full jitter: base, 2x base, ... up to ``max_s``; reset on success."""
+
+    def __init__(self, base_s: float, max_s: float, rng: random.Random | None = None) -> None:
+        self.base_s, self.max_s, self.attempt = base_s, max_s, 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self, retry_after_s: float | None = None) -> float:
+        cap = min(self.max_s, self.base_s * 2 ** self.attempt)
+        self.attempt += 1
+        delay = self._rng.uniform(0, cap)
+        return max(delay, retry_after_s or 0.0)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class SyncLink:
+    def __init__(self, runtime: Runtime, client: CloudClient, ledger: Ledger, *, software_version: str,
+                 poll_wait_ms: int = 55_000, heartbeat_interval_ms: int = 30_000, batch_size: int = 100,
+                 backoff_base_s: float = 1.0, backoff_max_s: float = 60.0, link_lost_after_ms: int = 15_000,
+                 progress_interval_ms: int = 1_000, mono_ms: Callable[[], int] | None = None) -> None:
+        self.rt, self.client, self.ledger = runtime, client, ledger
+        self.software_version = software_version
+        self.poll_wait_ms, self.heartbeat_interval_ms = poll_wait_ms, heartbeat_interval_ms
+        self.batch_size = batch_size
+        self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
+        self.link_lost_after_ms, self.progress_interval_ms = link_lost_after_ms, progress_interval_ms
+        self._mono = mono_ms or (lambda: time.monotonic_ns() // 1_000_000)
+        self._halt = threading.Event()
+        self._outbox_wake = threading.Event()
+        self._replies: queue.Queue = queue.Queue()
+        self._start_commands: dict[str, str] = {}     # session id -> command id of its start
+        self._online = False
+        self._last_ok_mono: int | None = None
+        self._last_progress_mono = 0
+        self.sent = 0
+        self.dead = 0
+        self._started_mono = self._mono()
+        self._threads = [threading.Thread(target=self._commands_loop, name="sync-commands", daemon=True),
+                         threading.Thread(target=self._replies_loop, name="sync-replies", daemon=True),
+                         threading.Thread(target=self._outbox_loop, name="sync-outbox", daemon=True),
+                         threading.Thread(target=self._heartbeat_loop, name="sync-heartbeat", daemon=True)]
+        runtime.listeners.append(self._observe)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._halt.set()
+        self._outbox_wake.set()
+        self._replies.put(None)
+        for t in self._threads:
+            t.join(timeout_s)
+
+    def wake_outbox(self) -> None:
+        self._outbox_wake.set()
+
+    # ------------------------------------------------------------------ QR
+    def current_qr_url(self, public_url: str) -> str | None:
+        """The QR payload now, or ``None`` while offline (the screen shows "offline" instead of a QR
+        that cannot work). Computed on the device from its secret and the synced clock."""
+        if not self._online or not self.client.time_synced:
+            return None
+        code = p.qr_code(self.client.secret, self.client.machine_id, self.client.server_now_ms() // 1000)
+        return p.qr_url(public_url, self.client.machine_id, code)
+
+    # ------------------------------------------------------------------ link state
+    def _set_online(self, online: bool) -> None:
+        if online != self._online:
+            self._online = online
+            log.warning("cloud link %s", "up" if online else "DOWN: no new sessions until it returns")
+            self.rt.post(LinkChanged(online))
+
+    def _ok(self) -> None:
+        self._last_ok_mono = self._mono()
+        self._set_online(True)
+
+    def _failed(self) -> None:
+        last = self._last_ok_mono
+        if last is None or self._mono() - last > self.link_lost_after_ms:
+            self._set_online(False)
+
+    # ------------------------------------------------------------------ commands
+    def _commands_loop(self) -> None:
+        backoff = Backoff(self.backoff_base_s, self.backoff_max_s)
+        while not self._halt.is_set():
+            try:
+                if not self.client.time_synced:
+                    self.client.sync_time()
+                commands = self.client.poll(self.poll_wait_ms)
+                self._ok()
+                backoff.reset()
+                for cmd in commands:
+                    self._dispatch(cmd)
+            except AuthProblem as e:
+                self._failed()
+                log.warning("poll refused (%s): re-syncing the clock", e.code)
+                self._resync()
+                self._halt.wait(backoff.next_delay())
+            except Transient as e:
+                self._failed()
+                delay = backoff.next_delay(e.retry_after_s)
+                log.info("poll failed (%s); retrying in %.1f s", e, delay)
+                self._halt.wait(delay)
+            except (Rejected, SyncError, ValueError) as e:
+                self._failed()
+                log.error("poll rejected: %s", e)
+                self._halt.wait(backoff.next_delay())
+
+    def _resync(self) -> None:
+        try:
+            self.client.sync_time()
+        except SyncError as e:
+            log.info("time sync failed: %s", e)
+
+    def _dispatch(self, cmd: p.CommandMsg) -> None:
+        log.info("command %s %s", cmd.kind, cmd.command_id)
+        if cmd.kind == "start":
+            g = cmd.grant
+            if g is None or g.machine_id != self.client.machine_id:
+                self._replies.put(("ack", cmd.command_id, False, "grant for another machine"))
+                return
+            if self.rt.core.session_id == g.session_id or self.ledger.session(g.session_id) is not None:
+                # a redelivery (our acknowledgement was lost): the session exists here, say so again
+                self._replies.put(("ack", cmd.command_id, True, "already started"))
+                return
+            self._start_commands[g.session_id] = cmd.command_id
+            self.rt.post(GrantReceived(Grant(
+                session_id=g.session_id, machine_id=g.machine_id, user_ref=g.user_ref,
+                price_fen_per_l=g.price_fen_per_l, credit_limit_fen=g.credit_limit_fen,
+                max_volume_ml=g.max_volume_ml, max_duration_ms=g.max_duration_ms, max_idle_ms=g.max_idle_ms,
+                expires_at_ms=self.rt.clock.monotonic_ms() + g.ttl_ms)))
+            return                        # acknowledged when the core has opened the valve (or refused)
+        event = {
+            "cancel": lambda: CancelReceived(cmd.session_id or "", cmd.reason or "cloud"),
+            "price": lambda: PriceChanged(cmd.price_fen_per_l if cmd.price_fen_per_l is not None else -1),
+            "out_of_service": lambda: SetOutOfService(cmd.detail),
+            "in_service": lambda: ClearLockout("operator", ClearSource.REMOTE, actor="cloud"),
+            "clear_lockout": lambda: ClearLockout(cmd.reason, ClearSource.REMOTE, actor="cloud"),
+        }.get(cmd.kind)
+        if event is None:
+            self._replies.put(("ack", cmd.command_id, False, f"unsupported command {cmd.kind}"))
+            return
+        self.rt.post(event())
+        self._replies.put(("ack", cmd.command_id, True, ""))
+
+    # ------------------------------------------------------------------ observing the core (core thread)
+    def _observe(self, snap: Snapshot, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, OpenValve):
+                cid = self._start_commands.pop(a.session_id, None)
+                if cid:
+                    self._replies.put(("ack", cid, True, "valve opened"))
+            elif isinstance(a, RecordEvent) and a.kind == "grant_rejected":
+                cid = self._start_commands.pop(str(a.detail.get("session_id")), None)
+                if cid:
+                    self._replies.put(("ack", cid, False, str(a.detail.get("reason"))))
+            if isinstance(a, SessionEnded) or (isinstance(a, RecordEvent) and a.report):
+                self._outbox_wake.set()
+        if snap.state is State.DISPENSING and snap.session_id:
+            now = self._mono()
+            if now - self._last_progress_mono >= self.progress_interval_ms:
+                self._last_progress_mono = now
+                self._replies.put(("progress", p.ProgressMsg(
+                    session_id=snap.session_id, volume_ml=snap.volume_ml, cost_fen=snap.cost_fen,
+                    flow_ml_per_min=snap.flow_ml_per_min, elapsed_ms=min(snap.elapsed_ms, 86_400_000))))
+
+    def _replies_loop(self) -> None:
+        while not self._halt.is_set():
+            job = self._replies.get()
+            if job is None:
+                return
+            if job[0] == "ack":
+                self._ack(*job[1:])
+            else:
+                try:
+                    self.client.progress(job[1])          # best effort: a lost progress message is fine
+                except SyncError as e:
+                    log.debug("progress not sent: %s", e)
+
+    def _ack(self, command_id: str, ok: bool, reason: str) -> None:
+        backoff = Backoff(0.05, 1.0)
+        for _ in range(8):                  # the cloud voids an unacknowledged start after a few seconds
+            try:
+                self.client.ack(command_id, ok, reason)
+                return
+            except AuthProblem:
+                self._resync()
+            except Transient:
+                pass
+            except Rejected as e:
+                log.warning("ack %s refused: %s", command_id, e)
+                return
+            if self._halt.wait(backoff.next_delay()):
+                return
+        log.error("could not acknowledge command %s", command_id)
+
+    # ------------------------------------------------------------------ outbox
+    def _outbox_loop(self) -> None:
+        backoff = Backoff(self.backoff_base_s, self.backoff_max_s)
+        while not self._halt.is_set():
+            try:
+                rows = self.ledger.outbox("pending", limit=self.batch_size)
+            except Exception:
+                log.exception("cannot read the outbox")
+                self._halt.wait(5)
+                continue
+            if not rows:
+                self._outbox_wake.wait(1.0)
+                self._outbox_wake.clear()
+                continue
+            if not self.client.time_synced:
+                self._halt.wait(0.2)
+                continue
+            try:
+                self._send_batch(rows)
+                backoff.reset()
+            except AuthProblem as e:
+                log.warning("reports refused (%s): re-syncing the clock and retrying", e.code)
+                self._resync()
+                self._halt.wait(backoff.next_delay())
+            except Transient as e:
+                delay = backoff.next_delay(e.retry_after_s)
+                log.info("reports not sent (%s); %d waiting; retrying in %.1f s", e, len(rows), delay)
+                self._halt.wait(delay)
+
+    def _event(self, row: dict) -> dict:
+        age = max(0, self.rt.clock.wall_ms() - row["created_wall_ms"])
+        return {"event_id": row["event_id"], "kind": row["kind"], "payload": row["payload"], "age_ms": age}
+
+    def _send_batch(self, rows: list[dict]) -> None:
+        try:
+            results = self.client.send_events([self._event(r) for r in rows])
+        except Rejected as e:
+            if len(rows) == 1:
+                self._dead(rows[0]["event_id"], str(e))
+                return
+            for row in rows:                   # find the one the cloud cannot accept; send the rest
+                self._send_batch([row])
+            return
+        sent = [r.event_id for r in results if r.status in ("accepted", "duplicate")]
+        if sent:
+            self.ledger.mark_sent(sent)
+            self.sent += len(sent)
+        for r in results:
+            if r.status == "rejected":
+                self._dead(r.event_id, r.detail)
+
+    def _dead(self, event_id: str, error: str) -> None:
+        log.error("report %s rejected by the cloud, dead-lettered: %s", event_id, error)
+        self.ledger.mark_dead(event_id, error[:500])
+        self.dead += 1
+
+    # ------------------------------------------------------------------ heartbeat
+    def heartbeat_msg(self) -> p.HeartbeatMsg:
+        snap = self.rt.snapshot
+        return p.HeartbeatMsg(
+            state=snap.state.value, session_id=snap.session_id, valve_open=self.rt.valve.is_open,
+            temp_c=snap.temp_c, tds_ppm=snap.tds_ppm if snap.tds_measured else None,
+            outbox_depth=self.ledger.outbox_depth(), dead_letters=len(self.ledger.outbox("dead", limit=1000)),
+            totalizer_pulses=self.ledger.totalizer_pulses(), lockouts=list(snap.lockouts)[:20],
+            software_version=self.software_version, boot_id=self.ledger.boot_id,
+            uptime_s=(self._mono() - self._started_mono) // 1000)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._halt.wait(self.heartbeat_interval_ms / 1000 if self.client.time_synced else 0.5):
+            if not self.client.time_synced:
+                continue
+            try:
+                self.client.heartbeat(self.heartbeat_msg())
+            except AuthProblem:
+                self._resync()
+            except SyncError as e:
+                log.info("heartbeat not sent: %s", e)

@@ -1,0 +1,202 @@
+"""The dispenser's sync link against the real cloud on loopback, through a fault-injecting proxy."""
+
+import queue
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+from hal.base import SystemClock
+from hal.machine import build, simulated_config
+from kiosk.config import Config
+from kiosk.events import State
+from kiosk.runtime import boot
+from sync.client import CloudClient
+from sync.link import SyncLink
+from tests.cloudkit import CloudServer
+from tests.faultproxy import FaultProxy
+
+
+def wait_until(pred, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()
+
+
+class OffsetClock(SystemClock):
+    """A Pi that booted with a wrong wall clock."""
+
+    def __init__(self, offset_ms: int = 0) -> None:
+        self.offset_ms = offset_ms
+
+    def wall_ms(self) -> int:
+        return super().wall_ms() + self.offset_ms
+
+
+class Dispenser:
+    def __init__(self, tmp_path, url, machine_id, secret, clock_offset_ms=0):
+        self.cfg = simulated_config(Config().replace(
+            paths={"data_dir": str(tmp_path / "dispenser")}, machine={"id": machine_id},
+            flow={"overrun_window_ms": 100, "sample_interval_ms": 5}, screen={"receipt_display_ms": 1_000}))
+        self.clock = OffsetClock(clock_offset_ms)
+        events = queue.Queue()
+        self.hw = build(self.cfg, post=events.put, on_stop_press=lambda: self.rt.stop_pressed(), simulate=True,
+                        sim_dir=tmp_path / "sim")
+        self.rt, _ = boot(self.cfg, self.hw.valve, self.hw.meter, self.clock, events=events)
+        self.client = CloudClient(url, machine_id, secret, wall_ms=self.clock.wall_ms,
+                                  mono_ms=self.clock.monotonic_ms, timeout_s=5)
+        self.link = SyncLink(self.rt, self.client, self.rt.ledger, software_version="test", poll_wait_ms=1_000,
+                             heartbeat_interval_ms=300, backoff_base_s=0.05, backoff_max_s=0.3,
+                             link_lost_after_ms=800)
+        self.thread = threading.Thread(target=self.rt.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        self.hw.start()
+        self.link.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.link.stop()
+        self.rt.request_stop()
+        self.rt.wait_stopped(5)
+        self.hw.close()
+        self.rt.ledger.close()
+
+    def qr_code(self, public_url):
+        url = self.link.current_qr_url(public_url)
+        assert url is not None
+        return urllib.parse.parse_qs(urllib.parse.urlparse(url).query)["c"][0]
+
+
+def buy_water(cloud, d, user, pour_s=0.4):
+    assert wait_until(lambda: d.rt.snapshot.state is State.IDLE), d.rt.snapshot
+    presence = user.scan(d.cfg.machine.id, d.qr_code(cloud.url)).json()["presence_token"]
+    start = user.start(presence)
+    assert start.status_code == 200, start.text
+    sid = start.json()["session_id"]
+    assert wait_until(lambda: d.hw.valve.is_open)
+    assert wait_until(lambda: user.call("GET", f"/api/v1/sessions/{sid}").json()["state"] == "active")
+    time.sleep(pour_s)
+    d.hw.world.press_stop()
+    assert wait_until(lambda: d.rt.ledger.session(sid) and d.rt.ledger.session(sid)["state"] == "ended")
+    return sid
+
+
+def settled(user, sid):
+    return user.call("GET", f"/api/v1/sessions/{sid}").json()["state"] == "ended"
+
+
+def assert_books_agree(d, user, sids):
+    device_total = sum(d.rt.ledger.session(s)["cost_fen"] for s in sids)
+    bills = user.me()["bills"]
+    assert sorted(b["session_id"] for b in bills) == sorted(sids)            # each billed exactly once
+    assert sum(b["amount_fen"] for b in bills) == device_total
+    for s in sids:
+        assert [b["volume_ml"] for b in bills if b["session_id"] == s] == [d.rt.ledger.session(s)["volume_ml"]]
+
+
+@pytest.fixture
+def world(tmp_path):
+    with CloudServer(tmp_path / "cloud") as cloud, FaultProxy(cloud.url) as proxy:
+        dev = cloud.provision("S1", price=200)
+        user = cloud.user("13700000001", balance_fen=5_000)
+        with Dispenser(tmp_path, proxy.url, "S1", dev.secret) as d:
+            assert wait_until(lambda: d.rt.snapshot.online)
+            yield cloud, proxy, d, user
+
+
+def test_scan_pour_stop_bill_through_the_link(world):
+    cloud, proxy, d, user = world
+    sid = buy_water(cloud, d, user, pour_s=1.2)
+    assert wait_until(lambda: settled(user, sid))
+    assert_books_agree(d, user, [sid])
+    view = user.call("GET", f"/api/v1/sessions/{sid}").json()
+    assert view["bill"]["water_quality"]["tds_ppm"] == 80 and view["end_reason"] == "stop_button"
+    assert wait_until(lambda: d.rt.ledger.outbox_depth() == 0)
+    machines = cloud.op("GET", "/api/v1/operator/machines").json()["machines"]
+    hb = machines[0]["heartbeat"]
+    assert hb["software_version"] == "test" and hb["totalizer_pulses"] > 0 and hb["temp_c"] == 12.0
+    assert any("/device/v1/progress" in s for s in proxy.seen)         # live progress while pouring
+
+
+def test_a_dropped_answer_after_the_server_committed_is_not_billed_twice(world):
+    cloud, proxy, d, user = world
+    proxy.inject("/device/v1/events", "drop_response", times=2)
+    proxy.inject("/device/v1/commands/", "drop_response", times=1)    # the start's ack is lost too
+    sid = buy_water(cloud, d, user)
+    assert wait_until(lambda: settled(user, sid) and d.rt.ledger.outbox_depth() == 0, 15)
+    assert proxy.faults == []                                 # every injected fault was hit
+    assert_books_agree(d, user, [sid])
+
+
+def test_5xx_garbage_and_duplicates_are_survived(world):
+    cloud, proxy, d, user = world
+    proxy.inject("/device/v1/events", "503", times=3)
+    proxy.inject("/device/v1/events", "garbage", times=1)
+    proxy.inject("/device/v1/events", "duplicate", times=1)
+    sids = [buy_water(cloud, d, user) for _ in range(2)]
+    assert wait_until(lambda: all(settled(user, s) for s in sids) and d.rt.ledger.outbox_depth() == 0, 15)
+    assert proxy.faults == []
+    assert_books_agree(d, user, sids)
+
+
+def test_an_outage_mid_session_finishes_the_pour_and_bills_later(world):
+    cloud, proxy, d, user = world
+    assert wait_until(lambda: d.rt.snapshot.state is State.IDLE)
+    presence = user.scan("S1", d.qr_code(cloud.url)).json()["presence_token"]
+    sid = user.start(presence).json()["session_id"]
+    assert wait_until(lambda: d.hw.valve.is_open)
+    assert wait_until(lambda: user.call("GET", f"/api/v1/sessions/{sid}").json()["state"] == "active")
+    proxy.down = True                                        # the network goes away mid-pour
+    time.sleep(1.5)
+    assert d.hw.valve.is_open                                # the authorized pour goes on
+    d.hw.world.press_stop()
+    assert wait_until(lambda: d.rt.snapshot.state is State.OFFLINE, 10)   # no QR that cannot work
+    assert d.link.current_qr_url(cloud.url) is None
+    assert d.rt.ledger.outbox_depth() >= 1                   # the report waits on disk
+    proxy.down = False
+    assert wait_until(lambda: settled(user, sid) and d.rt.ledger.outbox_depth() == 0, 15)
+    assert wait_until(lambda: d.rt.snapshot.state is State.IDLE)
+    assert_books_agree(d, user, [sid])
+
+
+def test_a_report_the_cloud_refuses_is_dead_lettered_not_dropped(world):
+    cloud, _, d, user = world
+    bad = d.rt.ledger.record_event("session_ended", {"session_id": "never-started"}, report=True)
+    sid = buy_water(cloud, d, user)
+    assert wait_until(lambda: settled(user, sid), 10)
+    assert wait_until(lambda: [r["event_id"] for r in d.rt.ledger.outbox("dead")] == [bad], 10)
+    assert "malformed" in d.rt.ledger.outbox("dead")[0]["last_error"]
+    assert d.rt.ledger.outbox_depth() == 0
+
+
+def test_a_wrong_clock_is_corrected_and_events_keep_true_times(tmp_path):
+    with CloudServer(tmp_path / "cloud") as cloud:
+        dev = cloud.provision("S2")
+        user = cloud.user("13700000002", balance_fen=5_000)
+        with Dispenser(tmp_path, cloud.url, "S2", dev.secret, clock_offset_ms=-3 * 86_400_000) as d:
+            assert wait_until(lambda: d.rt.snapshot.online)
+            assert abs(d.client.offset_ms - 3 * 86_400_000) < 5_000
+            sid = buy_water(cloud, d, user)
+            assert wait_until(lambda: settled(user, sid))
+            from sqlalchemy import select
+
+            from cloud import db as t
+            with cloud.app.state.database.read() as conn:
+                rows = conn.execute(select(t.reports.c.received_ms, t.reports.c.occurred_ms)).all()
+            assert rows and all(0 <= r.received_ms - r.occurred_ms < 60_000 for r in rows)
+
+
+def test_operator_commands_reach_the_core(world):
+    cloud, _, d, _ = world
+    cloud.op("PATCH", "/api/v1/operator/machines/S1", json={"price_fen_per_l": 250})
+    assert wait_until(lambda: d.rt.snapshot.display_price_fen_per_l == 250)
+    cloud.op("POST", "/api/v1/operator/machines/S1/service", json={"in_service": False, "detail": "cleaning"})
+    assert wait_until(lambda: d.rt.snapshot.state is State.OUT_OF_SERVICE)
+    cloud.op("POST", "/api/v1/operator/machines/S1/service", json={"in_service": True})
+    assert wait_until(lambda: d.rt.snapshot.state is State.IDLE)
