@@ -18,7 +18,7 @@ import threading
 from hal.base import SystemClock
 from kiosk import config as config_mod
 from kiosk.ledger import Ledger, LedgerError
-from kiosk.runtime import boot
+from kiosk.runtime import VERSION, boot
 
 log = logging.getLogger("tapshare")
 
@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clear-lockout", metavar="REASON", help="clear a lockout on site (e.g. ghost_flow)")
     p.add_argument("--actor", default="cli", help="who runs --clear-lockout (logged)")
     p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    p.add_argument("--provision", metavar="ENROLMENT_TOKEN",
+                   help="register this machine (machine.id) with the cloud (cloud.url) and store its secret")
+    p.add_argument("--force", action="store_true", help="with --provision: replace an existing secret")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p.parse_args(argv)
 
@@ -96,6 +99,44 @@ def admin(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         ledger.close()
 
 
+def provision(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from sync.client import SyncError, enroll
+    from sync.secret import SecretFileError, write_secret
+    if cfg.secret_path.exists() and not args.force:
+        print(f"error: {cfg.secret_path} exists: already provisioned (use --force to replace it)", file=sys.stderr)
+        return 1
+    try:
+        secret = enroll(cfg.cloud.url, cfg.machine.id, args.provision)
+        write_secret(cfg.secret_path, secret, overwrite=args.force)
+    except (SyncError, SecretFileError) as e:
+        print(f"error: provisioning failed: {e}", file=sys.stderr)
+        return 1
+    print(f"provisioned {cfg.machine.id} with {cfg.cloud.url}; secret stored in {cfg.secret_path} (mode 0600)")
+    return 0
+
+
+def start_link(cfg: config_mod.Config, runtime, clock):
+    """The cloud link, if this machine is provisioned; else ``None`` (and why)."""
+    from sync.client import CloudClient
+    from sync.link import SyncLink
+    from sync.secret import SecretFileError, read_secret
+    try:
+        secret = read_secret(cfg.secret_path)
+    except SecretFileError as e:
+        log.error("NOT CONNECTING TO THE CLOUD: %s", e)
+        return None
+    if secret is None or runtime.ledger is None:
+        return None
+    client = CloudClient(cfg.cloud.url, cfg.machine.id, secret, wall_ms=clock.wall_ms, mono_ms=clock.monotonic_ms,
+                         timeout_s=cfg.cloud.request_timeout_ms / 1000)
+    link = SyncLink(runtime, client, runtime.ledger, software_version=VERSION, poll_wait_ms=cfg.cloud.poll_wait_ms,
+                    heartbeat_interval_ms=cfg.cloud.heartbeat_interval_ms,
+                    link_lost_after_ms=cfg.cloud.link_lost_after_ms)
+    link.start()
+    log.info("cloud link to %s started", cfg.cloud.url)
+    return link
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
@@ -110,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.status or args.clear_lockout:
         return admin(cfg, args)
+    if args.provision:
+        return provision(cfg, args)
     if not args.headless:
         print("error: the touchscreen UI is not built yet; run with --headless", file=sys.stderr)
         return EXIT_CONFIG
@@ -164,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         hw.start()
     users = None
     healthy = report.ledger_error is None and hw_error is None
-    if healthy and hw is not None and hw.world is not None:
+    link = start_link(cfg, runtime, clock)
+    if link is None and healthy and hw is not None and hw.world is not None:
         users = SimulatedUsers(runtime, hw.world, clock, sessions=args.sessions, seed=args.seed,
                                pour_ms=args.pour_ms, pause_ms=args.pause_ms, flow_ml_per_min=args.flow_ml_per_min)
         users.start()
@@ -178,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if users is not None:
             users.halt()
+        if link is not None:
+            link.stop(flush_s=3.0)
         if hw is not None:
             hw.close()
         valve.close()

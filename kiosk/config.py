@@ -35,6 +35,14 @@ class MachineConfig:
 @dataclass(frozen=True)
 class CloudConfig:
     url: str = _opt("http://127.0.0.1:8700", "Base URL of the Tapshare cloud service.")
+    public_url: str = _opt("", "Base URL phones open from the QR code (empty: the same as url).")
+    secret_file: str = _opt("", "The device secret (mode 0600); empty: device.secret in paths.data_dir. "
+                            "Written by: main.py --provision ENROLMENT_TOKEN.")
+    poll_wait_ms: int = _opt(55_000, "Long-poll length for commands.", min=1_000, max=60_000)
+    heartbeat_interval_ms: int = _opt(30_000, "How often telemetry is sent.", min=1_000, max=3_600_000)
+    request_timeout_ms: int = _opt(10_000, "Timeout of every other request.", min=500, max=120_000)
+    link_lost_after_ms: int = _opt(15_000, "Show \"offline\" after this long without a successful poll.",
+                                   min=1_000, max=600_000)
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,15 @@ class Config:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "ledger.db"
+
+    @property
+    def secret_path(self) -> Path:
+        return Path(os.path.expanduser(self.cloud.secret_file)) if self.cloud.secret_file else \
+            self.data_dir / "device.secret"
+
+    @property
+    def public_url(self) -> str:
+        return self.cloud.public_url or self.cloud.url
 
     def replace(self, **sections: dict[str, Any]) -> Config:
         """A copy with some keys changed, validated like a file: ``cfg.replace(flow={"sample_interval_ms": 5})``."""

@@ -99,7 +99,18 @@ class SyncLink:
         for t in self._threads:
             t.start()
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 5.0, flush_s: float = 0.0) -> None:
+        """Stop the threads; first give the outbox up to ``flush_s`` to drain (what is left is sent after
+        the next start: it is on disk)."""
+        deadline = time.monotonic() + flush_s
+        while flush_s and time.monotonic() < deadline and self.client.time_synced:
+            try:
+                if self.ledger.outbox_depth() == 0:
+                    break
+            except Exception:
+                break
+            self._outbox_wake.set()
+            time.sleep(0.05)
         self._halt.set()
         self._outbox_wake.set()
         self._replies.put(None)
