@@ -403,30 +403,33 @@ class Sessions:
     # ---------------------------------------------------------------- device events (s6, s7)
 
     def receive_events(self, machine_id: str, batch: p.EventBatch, now_ms: int) -> list[p.EventResult]:
+        """One transaction for the whole batch (a backlog drains fast); each event is judged on its own."""
         results = []
-        for ev in batch.events:
-            body = json.dumps({"kind": ev.kind, "payload": ev.payload}, sort_keys=True, separators=(",", ":"))
-            digest = hashlib.sha256(body.encode()).hexdigest()
-            with self.db.tx() as conn:
-                prior = _one(conn, select(t.reports).where(and_(t.reports.c.machine_id == machine_id,
-                                                                 t.reports.c.event_id == ev.event_id)))
-                if prior is not None:
-                    if prior["body_sha256"] != digest:
-                        results.append(p.EventResult(event_id=ev.event_id, status="rejected",
-                                                     detail="this event id was already used with a different body"))
-                    else:
-                        results.append(p.EventResult(event_id=ev.event_id, status="duplicate", detail=prior["detail"]))
-                    continue
-                try:
-                    status, detail = self._apply(conn, machine_id, ev, now_ms)
-                except ApiError as e:
-                    status, detail = "rejected", e.message
-                conn.execute(insert(t.reports).values(machine_id=machine_id, event_id=ev.event_id, kind=ev.kind,
-                                                      body_sha256=digest, status=status, detail=detail[:300],
-                                                      payload=ev.payload, received_ms=now_ms,
-                                                      occurred_ms=now_ms - ev.age_ms))
-            results.append(p.EventResult(event_id=ev.event_id, status=status, detail=detail))
+        with self.db.tx() as conn:
+            for ev in batch.events:
+                results.append(self._receive(conn, machine_id, ev, now_ms))
         return results
+
+    def _receive(self, conn: Connection, machine_id: str, ev: p.DeviceEvent, now_ms: int) -> p.EventResult:
+        body = json.dumps({"kind": ev.kind, "payload": ev.payload}, sort_keys=True, separators=(",", ":"))
+        digest = hashlib.sha256(body.encode()).hexdigest()
+        prior = _one(conn, select(t.reports).where(and_(t.reports.c.machine_id == machine_id,
+                                                         t.reports.c.event_id == ev.event_id)))
+        if prior is not None:
+            if prior["body_sha256"] != digest:
+                return p.EventResult(event_id=ev.event_id, status="rejected",
+                                     detail="this event id was already used with a different body")
+            return p.EventResult(event_id=ev.event_id, status="duplicate", detail=prior["detail"])
+        try:
+            with conn.begin_nested():        # a refused event leaves no half-written rows behind
+                status, detail = self._apply(conn, machine_id, ev, now_ms)
+        except ApiError as e:
+            status, detail = "rejected", e.message
+        conn.execute(insert(t.reports).values(machine_id=machine_id, event_id=ev.event_id, kind=ev.kind,
+                                              body_sha256=digest, status=status, detail=detail[:300],
+                                              payload=ev.payload, received_ms=now_ms,
+                                              occurred_ms=now_ms - ev.age_ms))
+        return p.EventResult(event_id=ev.event_id, status=status, detail=detail)
 
     def _apply(self, conn: Connection, machine_id: str, ev: p.DeviceEvent, now_ms: int) -> tuple[str, str]:
         if ev.kind == "session_ended":

@@ -18,6 +18,7 @@ class FaultProxy:
         self.down = False
         self.faults: list[tuple[str, str]] = []      # (path prefix, fault) consumed in order
         self.delay_s = 0.0
+        self.slow_s = 6.0
         self.seen: list[str] = []
         proxy = self
 
@@ -41,6 +42,8 @@ class FaultProxy:
                     return self._reply(200, b"<html>captive portal</html>", {})
                 if proxy.delay_s:
                     time.sleep(proxy.delay_s)
+                if fault == "slow":
+                    time.sleep(proxy.slow_s)                 # longer than the client waits
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
                 sends = 2 if fault == "duplicate" else 1
                 for _ in range(sends):

@@ -393,3 +393,26 @@ def test_the_openapi_document_describes_every_response(cloud):
             schema = op["responses"]["200"]["content"]["application/json"]["schema"]
             ref = schema.get("$ref", "")
             assert ref and not ref.endswith("/Out"), (method, path, schema)
+
+
+def test_a_refused_event_in_a_batch_leaves_the_others_settled(cloud):
+    dev = cloud.provision("M20")
+    user = cloud.user("13800000020", balance_fen=1_000)
+    session, cmd = start_session(cloud, dev, user)
+    dev.ack(cmd["command_id"])
+    good_end = dev.report_end("7-2", session["session_id"], 225).request.body     # reuse its JSON shape
+    import json as _json
+    good = _json.loads(good_end)["events"][0]
+    thief_end = {"event_id": "7-1", "kind": "session_ended",
+                 "payload": {**good["payload"], "session_id": "someone-elses"}}
+    # the good one was already sent above; send a fresh batch: refused, accepted-duplicate, plain event
+    batch = {"events": [thief_end, good, {"event_id": "7-3", "kind": "boot", "payload": {}}]}
+    res = dev.request("POST", "/device/v1/events", batch).json()["results"]
+    assert [r["status"] for r in res] == ["rejected", "duplicate", "accepted"]
+    assert user.me()["available_fen"] == 900
+    from sqlalchemy import func, select
+
+    from cloud import db as t
+    with cloud.app.state.database.read() as conn:
+        assert conn.execute(select(func.count()).select_from(t.bills)).scalar() == 1
+        assert conn.execute(select(func.count()).select_from(t.reports)).scalar() == 3

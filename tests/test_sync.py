@@ -200,3 +200,13 @@ def test_operator_commands_reach_the_core(world):
     assert wait_until(lambda: d.rt.snapshot.state is State.OUT_OF_SERVICE)
     cloud.op("POST", "/api/v1/operator/machines/S1/service", json={"in_service": True})
     assert wait_until(lambda: d.rt.snapshot.state is State.IDLE)
+
+
+def test_a_slow_answer_the_device_gave_up_on_is_not_billed_twice(world):
+    cloud, proxy, d, user = world
+    proxy.slow_s = d.client.timeout_s + 1                  # the server commits after the client timed out
+    proxy.inject("/device/v1/events", "slow", times=1)
+    sid = buy_water(cloud, d, user)
+    assert wait_until(lambda: settled(user, sid) and d.rt.ledger.outbox_depth() == 0, 20)
+    assert proxy.faults == []
+    assert_books_agree(d, user, [sid])
