@@ -30,18 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import insert
 
+from bench.common import free_port
 from cloud import db as t
 from cloud.db import Database
 from cloud.security import SecretBox, new_token, token_hash
 from sync import protocol as p
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def raise_fd_limit(n: int = 20_000) -> None:

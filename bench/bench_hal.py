@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import pct
 from hal.base import SystemClock
 from hal.machine import build, simulated_config
 from kiosk.config import Config
@@ -98,11 +99,6 @@ class Rig:
                     time.sleep(target - now - 0.0003)
             self.pulse()
         return n, time.perf_counter() - t0
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(len(xs) * p))]
 
 
 def main() -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import queue
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import requests
 
+from bench.common import free_port, pct, wait_until
 from cloud.__main__ import create_operator
 from hal.base import SystemClock
 from hal.machine import build, simulated_config
@@ -35,26 +35,6 @@ from sync.client import CloudClient
 from sync.link import SyncLink
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(pred, timeout_s: float = 30.0, step_s: float = 0.0005) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step_s)
-    return False
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(len(xs) * q))]
 
 
 def main() -> int:

@@ -11,15 +11,7 @@ from kiosk.events import GrantReceived, LinkChanged, State, StopPressed
 from kiosk.ledger import Ledger
 from kiosk.runtime import STORAGE_LOCKOUT, boot
 from tests.core_harness import grant
-
-
-def wait_until(pred, timeout_s=5.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.005)
-    return pred()
+from tests.util import wait_until
 
 
 class Machine:

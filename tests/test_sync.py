@@ -16,15 +16,7 @@ from sync.client import CloudClient
 from sync.link import SyncLink
 from tests.cloudkit import CloudServer
 from tests.faultproxy import FaultProxy
-
-
-def wait_until(pred, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
+from tests.util import wait_until
 
 
 class OffsetClock(SystemClock):
