@@ -19,7 +19,6 @@ import os
 import random
 import resource
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import insert
 
-from bench.common import free_port
+from bench.common import free_port, start_cloud, stop_process
 from cloud import db as t
 from cloud.db import Database
 from cloud.security import SecretBox, new_token, token_hash
@@ -248,27 +247,14 @@ def one_size(n: int, rate: float, seconds: float) -> None:
         data = Path(d)
         machines, tokens = seed(data, n)
         port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "cloud", "serve", "--port", str(port), "--data-dir", str(data),
-                                   "--log-level", "warning"], cwd=ROOT, preexec_fn=raise_fd_limit,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        server = start_cloud(data, port, preexec_fn=raise_fd_limit)
         try:
-            for _ in range(100):
-                try:
-                    socket.create_connection(("127.0.0.1", port), 0.2).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
             srv0, gen0 = cpu_seconds(server.pid), resource.getrusage(resource.RUSAGE_SELF)
             b = asyncio.run(run(port, machines, tokens, rate, seconds, ramp_s=max(2.0, n / 1000),
                                 server_pid=server.pid))
             srv1, gen1 = cpu_seconds(server.pid), resource.getrusage(resource.RUSAGE_SELF)
         finally:
-            server.terminate()
-            try:
-                server.wait(15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_process(server)
         lat = sorted(b.got_at[s] - t0 for s, t0 in b.sent_at.items() if s in b.got_at)
         missing = sum(1 for s in b.sent_at if s not in b.got_at)
         q = (lambda f: lat[min(len(lat) - 1, int(len(lat) * f))] * 1000) if lat else (lambda f: float("nan"))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import queue
-import subprocess
 import sys
 import tempfile
 import threading
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import requests
 
-from bench.common import free_port, pct, wait_until
+from bench.common import free_port, pct, start_cloud, stop_process, wait_until
 from cloud.__main__ import create_operator
 from hal.base import SystemClock
 from hal.machine import build, simulated_config
@@ -46,12 +45,8 @@ def main() -> int:
         data = Path(d)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([sys.executable, "-m", "cloud", "serve", "--port", str(port), "--data-dir",
-                                   str(data / "cloud"), "--log-level", "warning"], cwd=ROOT,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = start_cloud(data / "cloud", port)
         try:
-            if not wait_until(lambda: _up(url), 30, 0.1):
-                raise RuntimeError("cloud did not start")
             admin = create_operator(f"sqlite:///{data / 'cloud' / 'cloud.db'}", "bench", "admin")
             auth = {"Authorization": f"Bearer {admin}"}
             tok = requests.post(url + "/api/v1/operator/machines", headers=auth, timeout=10,
@@ -119,19 +114,8 @@ def main() -> int:
             rt.wait_stopped(5)
             hw.close()
         finally:
-            server.terminate()
-            try:
-                server.wait(15)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_process(server)
     return 0
-
-
-def _up(url: str) -> bool:
-    try:
-        return requests.get(url + "/healthz", timeout=1).ok
-    except requests.RequestException:
-        return False
 
 
 if __name__ == "__main__":

@@ -26,3 +26,33 @@ def wait_until(pred: Callable[[], bool], timeout_s: float = 30.0, step_s: float 
             return True
         time.sleep(step_s)
     return bool(pred())
+
+
+def start_cloud(data_dir, port: int, preexec_fn=None):
+    """``python -m cloud serve`` as its own process (SQLite in data_dir); returns it once it accepts."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "cloud", "serve", "--port", str(port), "--data-dir",
+                             str(data_dir), "--log-level", "warning"], cwd=root, preexec_fn=preexec_fn,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    stop_process(proc)
+    raise RuntimeError("the cloud did not start")
+
+
+def stop_process(proc) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 15 s."""
+    import subprocess
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -369,8 +369,9 @@ class Ledger:
                           [state, limit])
         return [{**r, "payload": json.loads(r["payload"])} for r in rows]
 
-    def outbox_depth(self) -> int:
-        return self._read("SELECT COUNT(*) AS n FROM outbox WHERE state = 'pending'")[0]["n"]
+    def outbox_depth(self, state: str = "pending") -> int:
+        """How many reports are in ``state`` (pending by default; "dead" for dead letters)."""
+        return self._read("SELECT COUNT(*) AS n FROM outbox WHERE state = ?", [state])[0]["n"]
 
     def mark_sent(self, event_ids: list[str]) -> None:
         with self._tx("mark reports sent") as db:

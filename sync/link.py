@@ -322,7 +322,7 @@ class SyncLink:
         return p.HeartbeatMsg(
             state=snap.state.value, session_id=snap.session_id, valve_open=self.rt.valve.is_open,
             temp_c=snap.temp_c, tds_ppm=snap.tds_ppm if snap.tds_measured else None,
-            outbox_depth=self.ledger.outbox_depth(), dead_letters=len(self.ledger.outbox("dead", limit=1000)),
+            outbox_depth=self.ledger.outbox_depth(), dead_letters=self.ledger.outbox_depth("dead"),
             totalizer_pulses=self.ledger.totalizer_pulses(), lockouts=list(snap.lockouts)[:20],
             software_version=self.software_version, boot_id=self.ledger.boot_id,
             uptime_s=(self._mono() - self._started_mono) // 1000)
