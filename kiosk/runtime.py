@@ -162,7 +162,10 @@ class Runtime:
         self.snapshot = self.core.snapshot()
         if actions or not isinstance(event, (Tick, PulseCount)):
             for fn in self.listeners:
-                fn(self.snapshot, actions)
+                try:
+                    fn(self.snapshot, actions)
+                except Exception:      # an observer (sync, UI) must never take the core thread down
+                    log.exception("listener %r failed", fn)
 
     def _execute(self, actions: list[Action]) -> None:
         failed: LedgerError | None = None

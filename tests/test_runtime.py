@@ -222,3 +222,16 @@ def test_low_water_and_sensor_readings_reach_the_core(tmp_path):
         assert wait_until(lambda: m.rt.snapshot.state is State.OUT_OF_SERVICE)
         m.world.set_low_water(False)
         assert wait_until(lambda: m.rt.snapshot.state is State.IDLE)
+
+
+def test_a_failing_listener_does_not_stop_the_core(tmp_path):
+    def broken(snapshot, actions):
+        raise RuntimeError("observer bug")
+
+    with Machine(tmp_path) as m:
+        m.rt.listeners.append(broken)
+        m.grant()
+        assert wait_until(lambda: m.valve.is_open)
+        m.world.press_stop()
+        assert wait_until(lambda: m.rt.snapshot.state is State.RECEIPT)
+        assert m.thread.is_alive()
