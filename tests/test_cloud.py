@@ -416,3 +416,17 @@ def test_a_refused_event_in_a_batch_leaves_the_others_settled(cloud):
     with cloud.app.state.database.read() as conn:
         assert conn.execute(select(func.count()).select_from(t.bills)).scalar() == 1
         assert conn.execute(select(func.count()).select_from(t.reports)).scalar() == 3
+
+
+def test_reports_delivered_out_of_order_settle_each_session_once(cloud):
+    dev = cloud.provision("M21")
+    first, second = cloud.user("13800000021", balance_fen=1_000), cloud.user("13800000022", balance_fen=1_000)
+    s1, c1 = start_session(cloud, dev, first)
+    dev.ack(c1["command_id"])
+    dev.heartbeat(session_id=None)                # the machine is free again; its report is still queued
+    s2, c2 = start_session(cloud, dev, second)
+    dev.ack(c2["command_id"])
+    assert dev.report_end("5-9", s2["session_id"], 450).json()["results"][0]["status"] == "accepted"
+    assert dev.report_end("5-8", s1["session_id"], 225).json()["results"][0]["status"] == "accepted"
+    assert first.me()["available_fen"] == 900 and second.me()["available_fen"] == 800
+    assert dev.report_end("5-8", s1["session_id"], 225).json()["results"][0]["status"] == "duplicate"
