@@ -35,8 +35,6 @@ from cloud.db import Database
 from cloud.security import SecretBox, new_token, token_hash
 from sync import protocol as p
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def raise_fd_limit(n: int = 20_000) -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -13,7 +13,6 @@ the pulse that reaches the credit limit to the valve pin going inactive.
 from __future__ import annotations
 
 import argparse
-import queue
 import statistics
 import sys
 import tempfile
@@ -23,12 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import pct
+from bench.common import pct, wait_until
 from hal.base import SystemClock
-from hal.machine import build, simulated_config
+from hal.machine import simulated_config, simulated_dispenser
 from kiosk.config import Config
 from kiosk.events import Grant, GrantReceived, LinkChanged, ReceiptDismissed, State, StopPressed
-from kiosk.runtime import boot
 
 
 class Rig:
@@ -38,10 +36,7 @@ class Rig:
             paths={"data_dir": str(folder)}, flow={"pulses_per_litre": 20_000.0, "overrun_window_ms": 50},
             limits={"max_idle_ms": 120_000, "max_duration_ms": 600_000}, screen={"receipt_display_ms": 1_000}))
         self.clock = SystemClock()
-        events: queue.Queue = queue.Queue()
-        self.hw = build(self.cfg, post=events.put, on_stop_press=lambda: self.rt.stop_pressed(), simulate=True,
-                        sim_dir=folder / "sim")
-        self.rt, _ = boot(self.cfg, self.hw.valve, self.hw.meter, self.clock, events=events)
+        self.hw, self.rt, _ = simulated_dispenser(self.cfg, self.clock, folder / "sim")
         self.pin = self.hw.factory.pin(self.cfg.pins.flow_meter)
         self.pin_stop = self.hw.factory.pin(self.cfg.pins.stop_button)
         self.closed_at: float | None = None
@@ -56,12 +51,7 @@ class Rig:
             self.closed_at = time.perf_counter()
 
     def wait(self, pred, timeout=10.0) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if pred():
-                return True
-            time.sleep(0.0005)
-        return False
+        return wait_until(pred, timeout)
 
     def start_session(self, credit_fen: int = 100_000, price: int = 200) -> str:
         self.wait(lambda: self.rt.snapshot.state in (State.IDLE, State.RECEIPT))

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import queue
 import sys
 import tempfile
 import threading
@@ -25,15 +24,12 @@ import requests
 from bench.common import free_port, pct, start_cloud, stop_process, wait_until
 from cloud.__main__ import create_operator
 from hal.base import SystemClock
-from hal.machine import build, simulated_config
+from hal.machine import simulated_config, simulated_dispenser
 from kiosk.config import Config
 from kiosk.events import State
-from kiosk.runtime import boot
 from sync import protocol as p
 from sync.client import CloudClient
 from sync.link import SyncLink
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
@@ -61,12 +57,7 @@ def main() -> int:
                 paths={"data_dir": str(data / "dispenser")}, machine={"id": "BS1"},
                 flow={"overrun_window_ms": 50}, screen={"receipt_display_ms": 1_000}))
             clock = SystemClock()
-            events: queue.Queue = queue.Queue()
-            rt_box: list = []
-            hw = build(cfg, post=events.put, on_stop_press=lambda: rt_box[0].stop_pressed(), simulate=True,
-                       sim_dir=data / "sim")
-            rt, _ = boot(cfg, hw.valve, hw.meter, clock, events=events)
-            rt_box.append(rt)
+            hw, rt, _ = simulated_dispenser(cfg, clock, data / "sim")
             for i in range(args.backlog):      # what piles up during an outage
                 rt.ledger.record_event("telemetry", {"i": i, "temp_c": 12.0, "note": "queued while offline"},
                                        report=True)

@@ -51,7 +51,7 @@ class MachineSettingsIn(In):
     max_credit_fen: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
 
     @model_validator(mode="after")
-    def something(self) -> MachineSettingsIn:
+    def at_least_one(self) -> MachineSettingsIn:
         if not self.model_dump(exclude_none=True):
             raise ValueError("give at least one setting to change")
         return self

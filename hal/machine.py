@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -195,3 +196,17 @@ def build(cfg: Config, *, post: Callable[[Event], None], on_stop_press: Callable
         if sw.active:
             post(LeakSensor(True) if name == "leak" else LowWater(True))
     return hw
+
+
+def simulated_dispenser(cfg: Config, clock, sim_dir: Path, *, sim_seed: int | None = None):
+    """A whole simulated dispenser for tests and benchmarks: simulated hardware wired to a booted runtime
+    exactly as main.py wires them (one event queue; the stop edge closes the valve then tells the core).
+    Returns ``(hardware, runtime, boot_report)``; nothing is started yet."""
+    from kiosk.runtime import boot
+    events: queue.Queue = queue.Queue()
+    holder: list = []
+    hw = build(cfg, post=events.put, on_stop_press=lambda: holder[0].stop_pressed() if holder else None,
+               simulate=True, sim_dir=sim_dir, sim_seed=sim_seed)
+    rt, report = boot(cfg, hw.valve, hw.meter, clock, events=events)
+    holder.append(rt)
+    return hw, rt, report

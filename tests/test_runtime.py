@@ -1,15 +1,14 @@
 """The core thread with simulated hardware and a real ledger: fail-safe paths end with the valve closed."""
 
-import queue
 import threading
 import time
 
 from hal.base import SystemClock
-from hal.machine import build, simulated_config
+from hal.machine import simulated_config, simulated_dispenser
 from kiosk.config import Config
 from kiosk.events import GrantReceived, LinkChanged, State, StopPressed
 from kiosk.ledger import Ledger
-from kiosk.runtime import STORAGE_LOCKOUT, boot
+from kiosk.runtime import STORAGE_LOCKOUT
 from tests.core_harness import grant
 from tests.util import wait_until
 
@@ -22,11 +21,8 @@ class Machine:
             sections.setdefault(k, {}).update(v)
         self.cfg = simulated_config(Config().replace(**sections))
         self.clock = SystemClock()
-        events: queue.Queue = queue.Queue()
-        self.hw = build(self.cfg, post=events.put, on_stop_press=lambda: self.rt.stop_pressed(), simulate=True,
-                        sim_dir=tmp_path / "sim")
+        self.hw, self.rt, self.report = simulated_dispenser(self.cfg, self.clock, tmp_path / "sim")
         self.valve, self.meter, self.world = self.hw.valve, self.hw.meter, self.hw.world
-        self.rt, self.report = boot(self.cfg, self.valve, self.meter, self.clock, events=events)
         self.thread = threading.Thread(target=self.rt.run, daemon=True)
         self.valve_opened_at_least_once = False
         self.valve.on_change(self._seen)

@@ -1,6 +1,5 @@
 """The dispenser's sync link against the real cloud on loopback, through a fault-injecting proxy."""
 
-import queue
 import threading
 import time
 import urllib.parse
@@ -8,10 +7,9 @@ import urllib.parse
 import pytest
 
 from hal.base import SystemClock
-from hal.machine import build, simulated_config
+from hal.machine import simulated_config, simulated_dispenser
 from kiosk.config import Config
 from kiosk.events import State
-from kiosk.runtime import boot
 from sync.client import CloudClient
 from sync.link import SyncLink
 from tests.cloudkit import CloudServer
@@ -35,10 +33,7 @@ class Dispenser:
             paths={"data_dir": str(tmp_path / "dispenser")}, machine={"id": machine_id},
             flow={"overrun_window_ms": 100, "sample_interval_ms": 5}, screen={"receipt_display_ms": 1_000}))
         self.clock = OffsetClock(clock_offset_ms)
-        events = queue.Queue()
-        self.hw = build(self.cfg, post=events.put, on_stop_press=lambda: self.rt.stop_pressed(), simulate=True,
-                        sim_dir=tmp_path / "sim")
-        self.rt, _ = boot(self.cfg, self.hw.valve, self.hw.meter, self.clock, events=events)
+        self.hw, self.rt, _ = simulated_dispenser(self.cfg, self.clock, tmp_path / "sim")
         self.client = CloudClient(url, machine_id, secret, wall_ms=self.clock.wall_ms,
                                   mono_ms=self.clock.monotonic_ms, timeout_s=5)
         self.link = SyncLink(self.rt, self.client, self.rt.ledger, software_version="test", poll_wait_ms=1_000,
