@@ -21,8 +21,14 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import and_, or_, select
 
 from cloud import db as t
+from cloud.accounts import Accounts, AccountSettings, DevAutoVerify, DevSmsSink, ManualReview, SmsProvider, Verifier
 from cloud.db import Database
 from cloud.hub import CommandHub
+from cloud.identity import MAX_PHOTO_BYTES
+from cloud.pages import add_pages
+from cloud.payments import PaymentProvider, SandboxPay, Wallet
+from cloud.phone_api import PhoneDeps, add_phone_routes, bill_view, me_extra
+from cloud.rewards import Rewards
 from cloud.schemas import (
     AlarmsOut,
     ClearLockoutIn,
@@ -64,7 +70,8 @@ log = logging.getLogger("tapshare.cloud")
 MAX_BODY_BYTES = 256 * 1024
 LONG_POLL_MAX_S = 60.0
 NONCE_FLUSH_S = 0.1
-ROLES = {"viewer": 0, "operator": 1, "admin": 2}
+ROLES = {"viewer": 0, "operator": 1, "reviewer": 2, "admin": 3}   # reviewer: may see ID photos
+BODY_LIMITS = {"/api/v1/me/id-photo": MAX_PHOTO_BYTES + 64 * 1024}   # paths allowed more than MAX_BODY_BYTES
 
 
 class BodyLimit:
@@ -78,9 +85,10 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = BODY_LIMITS.get(scope.get("path", ""), MAX_BODY_BYTES)
         for k, v in scope.get("headers", ()):
-            if k == b"content-length" and (not v.isdigit() or int(v) > MAX_BODY_BYTES):
-                await self._refuse(send)
+            if k == b"content-length" and (not v.isdigit() or int(v) > limit):
+                await self._refuse(send, limit)
                 return
         seen = 0
 
@@ -88,16 +96,16 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > MAX_BODY_BYTES:
-                raise ApiError(413, "body_too_large", f"request bodies are at most {MAX_BODY_BYTES} bytes")
+            if seen > limit:
+                raise ApiError(413, "body_too_large", f"request bodies are at most {limit} bytes")
             return message
 
         await self.app(scope, limited, send)
 
     @staticmethod
-    async def _refuse(send) -> None:
+    async def _refuse(send, limit: int) -> None:
         body = json.dumps({"error": "body_too_large",
-                           "message": f"request bodies are at most {MAX_BODY_BYTES} bytes"}).encode()
+                           "message": f"request bodies are at most {limit} bytes"}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
@@ -111,6 +119,14 @@ class CloudSettings:
     production: bool = field(default_factory=lambda: os.environ.get("TAPSHARE_PRODUCTION", "") == "1")
     background_interval_s: float = 1.0
     clock_ms: Callable[[], int] = field(default=lambda: time.time_ns() // 1_000_000)
+    # accounts (issue 6); None picks the development providers, which production mode refuses
+    sms_provider: SmsProvider | None = None
+    verifier: Verifier | None = None
+    payment_provider: PaymentProvider | None = None
+    id_verify: str = field(default_factory=lambda: os.environ.get("TAPSHARE_ID_VERIFY", ""))
+    photo_retention_days: int = field(
+        default_factory=lambda: int(os.environ.get("TAPSHARE_ID_PHOTO_RETENTION_DAYS", "30")))
+    timezone: str = "Asia/Shanghai"
 
     def url(self) -> str:
         return self.database_url or os.environ.get("TAPSHARE_DATABASE_URL") or \
@@ -118,6 +134,29 @@ class CloudSettings:
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": Err} for s in (400, 401, 403, 404, 409, 410, 413, 422)}
+
+
+class ProductionRefused(RuntimeError):
+    pass
+
+
+def _providers(settings: CloudSettings, box: SecretBox) -> tuple[SmsProvider, Verifier, PaymentProvider]:
+    """The configured providers; production mode refuses every development one, with the reason."""
+    sms = settings.sms_provider or DevSmsSink()
+    mode = settings.id_verify or ("manual" if settings.production else "dev_auto")
+    if mode not in ("manual", "dev_auto"):
+        raise ProductionRefused(f"TAPSHARE_ID_VERIFY must be manual or dev_auto, not {mode!r}")
+    verifier = settings.verifier or (DevAutoVerify() if mode == "dev_auto" else ManualReview())
+    pay = settings.payment_provider or SandboxPay(box.subkey("sandbox-pay"))
+    if settings.production:
+        problems = [f"{what} is the development {p.name}" for what, p in
+                    (("the SMS provider", sms), ("identity verification", verifier), ("the payment provider", pay))
+                    if p.is_development]
+        if not settings.public_url.startswith("https://"):
+            problems.append(f"TAPSHARE_PUBLIC_URL must be https:// (is {settings.public_url})")
+        if problems:
+            raise ProductionRefused("production mode refuses to start: " + "; ".join(problems))
+    return sms, verifier, pay
 
 
 def create_app(settings: CloudSettings | None = None) -> FastAPI:
@@ -136,6 +175,12 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
 
     sessions = Sessions(database, machines, hub.connected, notify)
     now = settings.clock_ms
+    sms, verifier, pay = _providers(settings, box)
+    accounts = Accounts(database, box, sms, verifier, AccountSettings(
+        photo_dir=settings.data_dir / "private" / "id-photos", photo_retention_days=settings.photo_retention_days,
+        timezone=settings.timezone))
+    wallet = Wallet(database, pay)
+    rewards = Rewards(database)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -157,9 +202,14 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
                     last_void = mono
                     for sid in await run_in_threadpool(sessions.void_unacknowledged, now()):
                         log.warning("session %s voided: no acknowledgement from the machine", sid)
+                    for oid in await run_in_threadpool(wallet.close_expired, now()):
+                        log.info("top-up order %s closed unpaid", oid)
                 if mono - last_prune >= 60:
                     last_prune = mono
                     await run_in_threadpool(machines.prune_nonces, now())
+                    deleted = await run_in_threadpool(accounts.purge_photos, now())
+                    if deleted:
+                        log.info("%d ID photos deleted (retention %d days)", deleted, settings.photo_retention_days)
             except Exception:
                 log.exception("background task failed")
 
@@ -167,7 +217,10 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
                   description="Shared drinking-water dispensers: device protocol, phone API, operators.")
     app.state.database, app.state.hub, app.state.machines, app.state.sessions = database, hub, machines, sessions
     app.state.settings = settings
+    app.state.accounts, app.state.wallet, app.state.rewards = accounts, wallet, rewards
     app.add_middleware(BodyLimit)
+    if settings.production:
+        app.add_middleware(HttpsOnly)
 
     @app.exception_handler(ApiError)
     async def api_error(_req: Request, e: ApiError) -> JSONResponse:
@@ -217,9 +270,9 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
     def user(authorization: Annotated[str | None, Header()] = None) -> str:
         tok = bearer(authorization)
         with database.read() as conn:
-            row = conn.execute(select(t.user_tokens.c.user_id).where(t.user_tokens.c.token_hash == token_hash(tok))) \
-                .first()
-        if row is None:
+            row = conn.execute(select(t.user_tokens.c.user_id, t.user_tokens.c.expires_ms)
+                               .where(t.user_tokens.c.token_hash == token_hash(tok))).first()
+        if row is None or row[1] < now():
             raise ApiError(401, "unauthenticated", "your login has expired: log in again")
         return row[0]
 
@@ -303,7 +356,11 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
 
     @app.get("/api/v1/sessions/{session_id}", response_model=SessionOut, responses=ERRORS, tags=["phone"])
     def get_session(session_id: IdPath, user_id: User) -> dict[str, Any]:
-        return sessions.view(user_id, session_id)
+        out = sessions.view(user_id, session_id)
+        if out["bill"]:
+            with database.read() as conn:
+                out["bill"] = bill_view(conn, out["bill"])
+        return out
 
     @app.post("/api/v1/sessions/{session_id}/stop", response_model=OkOut, responses=ERRORS, tags=["phone"])
     def stop_session(session_id: IdPath, user_id: User) -> dict[str, Any]:
@@ -317,9 +374,11 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
             available, held = balance(conn, user_id)
             bills = conn.execute(select(t.bills).where(t.bills.c.user_id == user_id)
                                  .order_by(t.bills.c.created_ms.desc()).limit(50)).mappings().all()
+            extra = me_extra(conn, user_id)
+            bills = [bill_view(conn, dict(b)) for b in bills]
         return {"user_id": user_id, "registered": u["registered"], "points": u["points"],
                 "balance_fen": available + held, "held_fen": held, "available_fen": available,
-                "arrears_fen": max(0, -available), "bills": [dict(b) for b in bills]}
+                "arrears_fen": max(0, -available), "bills": bills, **extra}
 
     # ---------------------------------------------------------------- operators
     Viewer = Annotated[dict, Depends(operator("viewer"))]
@@ -419,4 +478,27 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
             audit(conn, op["operator_id"], "dev_create_user", user_id, {"balance_fen": body.balance_fen}, now())
         return {"user_id": user_id, "token": token}
 
+    add_phone_routes(app, PhoneDeps(database=database, accounts=accounts, wallet=wallet, rewards=rewards, now=now,
+                                    production=settings.production, errors=ERRORS, user=user, bearer=bearer,
+                                    operator=operator))
+    add_pages(app, settings, pay, now)
     return app
+
+
+class HttpsOnly:
+    """Production mode: plain HTTP is refused (behind a proxy, run uvicorn with --proxy-headers so the scheme
+    is the client's). Only /healthz answers over HTTP, for load-balancer probes."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope.get("scheme") != "https" and scope.get("path") != "/healthz":
+            body = json.dumps({"error": "https_required",
+                               "message": "this server accepts only HTTPS in production mode"}).encode()
+            await send({"type": "http.response.start", "status": 403,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)

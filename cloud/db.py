@@ -25,8 +25,11 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
+    inspect,
+    select,
 )
 from sqlalchemy.engine import Engine
 
@@ -46,6 +49,7 @@ machines = Table(
     Column("last_seen_ms", BigInteger, nullable=True),
     Column("heartbeat", JSON, nullable=True),
     Column("open_session_id", String(64), nullable=True),
+    Column("timezone", String(64), nullable=False, default="Asia/Shanghai"),   # bills are shown in it
 )
 
 enrolment_tokens = Table(
@@ -87,13 +91,118 @@ users = Table(
     Column("registered", Boolean, nullable=False, default=False),
     Column("points", Integer, nullable=False, default=0),
     Column("created_ms", BigInteger, nullable=False),
+    Column("deleted_ms", BigInteger, nullable=True),   # account deleted: personal data erased, records kept
 )
 
-user_tokens = Table(      # bearer tokens of phone users (the accounts issue adds SMS login in front)
+user_tokens = Table(      # bearer tokens of phone users, given by SMS login
     "user_tokens", metadata,
     Column("token_hash", String(64), primary_key=True),
     Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False),
     Column("created_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False, default=2**62),
+)
+
+sms_codes = Table(        # one-time login codes, stored only as an HMAC
+    "sms_codes", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("phone", String(20), nullable=False),
+    Column("code_mac", String(64), nullable=False),
+    Column("client_ip", String(64), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("used_ms", BigInteger, nullable=True),
+    Index("sms_by_phone", "phone", "created_ms"),
+    Index("sms_by_ip", "client_ip", "created_ms"),
+)
+
+consents = Table(         # PIPL: separate consent before sensitive personal information is collected
+    "consents", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False, index=True),
+    Column("kind", String(32), nullable=False),
+    Column("version", String(16), nullable=False),
+    Column("granted_ms", BigInteger, nullable=False),
+    Column("withdrawn_ms", BigInteger, nullable=True),
+)
+
+id_photos = Table(        # the files are encrypted, outside anything served; this row says where
+    "id_photos", metadata,
+    Column("photo_id", String(40), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False, index=True),
+    Column("width_px", Integer, nullable=False),
+    Column("height_px", Integer, nullable=False),
+    Column("stored_bytes", Integer, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("deleted_ms", BigInteger, nullable=True),
+)
+
+identities = Table(       # real-name registration (s4); name and number encrypted, masks for display
+    "identities", metadata,
+    Column("user_id", String(64), ForeignKey("users.user_id"), primary_key=True),
+    Column("doc_type", String(20), nullable=False),
+    Column("number_enc", Text, nullable=False),
+    Column("number_masked", String(40), nullable=False),
+    Column("number_mac", String(64), nullable=False, unique=True),     # one document, one account
+    Column("name_enc", Text, nullable=False),
+    Column("name_masked", String(80), nullable=False),
+    Column("photo_id", String(40), nullable=True),
+    Column("state", String(16), nullable=False),        # pending, verified, rejected
+    Column("verifier", String(64), nullable=False),
+    Column("reject_reason", String(200), nullable=True),
+    Column("submitted_ms", BigInteger, nullable=False),
+    Column("decided_ms", BigInteger, nullable=True),
+    Index("identities_by_state", "state", "submitted_ms"),
+)
+
+topup_orders = Table(     # s5: an order at the payment provider; credited only by a verified notification
+    "topup_orders", metadata,
+    Column("order_id", String(40), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False, index=True),
+    Column("amount_fen", BigInteger, nullable=False),
+    Column("state", String(16), nullable=False),        # pending, paid, closed
+    Column("provider", String(32), nullable=False),
+    Column("provider_txn_id", String(64), nullable=True),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+    Column("paid_ms", BigInteger, nullable=True),
+    Column("closed_ms", BigInteger, nullable=True),
+    Column("notifications", Integer, nullable=False, default=0),
+    Index("orders_pending", "state", "expires_ms"),
+)
+
+points_entries = Table(   # s6: growth points, every change a row (earn, redeem, adjust)
+    "points_entries", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False, index=True),
+    Column("delta", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("ref", String(64), nullable=True),
+    Column("note", String(200), nullable=False, default=""),
+    Column("created_ms", BigInteger, nullable=False),
+)
+
+gifts = Table(
+    "gifts", metadata,
+    Column("gift_id", String(40), primary_key=True),
+    Column("name_zh", String(100), nullable=False),
+    Column("name_en", String(100), nullable=False),
+    Column("points_cost", Integer, nullable=False),
+    Column("stock", Integer, nullable=False),
+    Column("active", Boolean, nullable=False, default=True),
+    Column("created_ms", BigInteger, nullable=False),
+)
+
+redemptions = Table(
+    "redemptions", metadata,
+    Column("redemption_id", String(40), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False),
+    Column("gift_id", String(40), ForeignKey("gifts.gift_id"), nullable=False),
+    Column("request_id", String(64), nullable=False),
+    Column("points", Integer, nullable=False),
+    Column("pickup_code", String(16), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    UniqueConstraint("user_id", "request_id", name="redemption_once"),
 )
 
 balance_entries = Table(
@@ -206,6 +315,14 @@ audit_log = Table(
     Column("at_ms", BigInteger, nullable=False),
 )
 
+SCHEMA_VERSION = 2     # 1: session 1's tables; 2: accounts, payments, points (no migrations yet)
+schema_info = Table("schema_info", metadata, Column("version", Integer, primary_key=True))
+
+
+class SchemaMismatch(RuntimeError):
+    pass
+
+
 class Database:
     """An engine plus a write lock for SQLite (one writer; PostgreSQL uses row locks instead)."""
 
@@ -231,7 +348,22 @@ class Database:
         self._write_lock = threading.Lock()
 
     def create_all(self) -> None:
+        """Create the tables of a new database; refuse, clearly, a database made by another version."""
+        if "machines" in inspect(self.engine).get_table_names():
+            with self.engine.connect() as conn:
+                try:
+                    version = conn.execute(select(schema_info.c.version)).scalar() or 1
+                except Exception:
+                    version = 1
+            if version != SCHEMA_VERSION:
+                raise SchemaMismatch(
+                    f"the database {self.engine.url.render_as_string(hide_password=True)} has schema version "
+                    f"{version}; this cloud needs {SCHEMA_VERSION} and has no migration for it yet: "
+                    "move the old database aside (development data) or use the matching release")
         metadata.create_all(self.engine)
+        with self.tx() as conn:
+            if conn.execute(select(schema_info.c.version)).first() is None:
+                conn.execute(schema_info.insert().values(version=SCHEMA_VERSION))
 
     @contextmanager
     def tx(self) -> Iterator[Connection]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -187,6 +187,11 @@ class BillOut(BaseModel):
     water_quality: dict[str, Any]
     points: int
     end_reason: str
+    timezone: str = "Asia/Shanghai"
+    started_local: str = ""
+    ended_local: str = ""
+    location: str = ""
+    refunded_fen: int = 0
 
 
 class SessionOut(BaseModel):
@@ -206,13 +211,248 @@ class SessionOut(BaseModel):
 
 class MeOut(BaseModel):
     user_id: str
+    phone_masked: str = ""
     registered: bool
+    identity_state: str = "none"
     points: int
     balance_fen: int
     held_fen: int
     available_fen: int
     arrears_fen: int
     bills: list[BillOut]
+
+
+# ---------------------------------------------------------------- accounts (issue 6)
+
+PhoneStr = Annotated[str, Field(min_length=1, max_length=24)]
+
+
+class SmsCodeIn(In):
+    phone: PhoneStr
+
+
+class SmsCodeOut(BaseModel):
+    sent: bool
+    phone_masked: str
+    resend_after_s: int
+    expires_in_s: int
+    development_sms_sink: bool
+
+
+class LoginIn(In):
+    phone: PhoneStr
+    code: Annotated[str, Field(min_length=1, max_length=12)]
+
+
+class LoginOut(BaseModel):
+    token: str
+    user_id: str
+    new_user: bool
+    expires_in_s: int
+
+
+class ConsentIn(In):
+    version: Annotated[str, Field(min_length=1, max_length=16)]
+    agree: bool
+
+    @model_validator(mode="after")
+    def agreed(self) -> ConsentIn:
+        if not self.agree:
+            raise ValueError("consent is given only by agreeing (agree: true); to refuse, do not register")
+        return self
+
+
+class PhotoOut(BaseModel):
+    photo_id: str
+    width_px: int
+    height_px: int
+
+
+class RegisterIn(In):
+    legal_name: Annotated[str, Field(min_length=1, max_length=80)]
+    doc_type: Literal["resident_id", "passport", "hk_macau_permit", "taiwan_permit"]
+    doc_number: Annotated[str, Field(min_length=1, max_length=40)]
+    photo_id: Annotated[str, Field(min_length=1, max_length=40)]
+
+
+class IdentityOut(BaseModel):
+    state: str
+    consent_given: bool
+    consent_version: str
+    review_hint: dict[str, str]
+    verifier: str
+    photo_retention_days: int
+    doc_type: str | None = None
+    number_masked: str | None = None
+    name_masked: str | None = None
+    reject_reason: str | None = None
+    submitted_ms: int | None = None
+    decided_ms: int | None = None
+
+
+class DeleteAccountIn(In):
+    confirm: Literal[True]
+    forfeit_balance: bool = False
+
+
+class DeleteAccountOut(BaseModel):
+    deleted: bool
+    forfeited_fen: int
+
+
+class ReviewIn(In):
+    approve: bool
+    reason: Annotated[str, Field(max_length=200)] = ""
+
+
+class PendingReviewOut(BaseModel):
+    user_id: str
+    doc_type: str
+    number_masked: str
+    name_masked: str
+    photo_id: str | None
+    submitted_ms: int
+
+
+class PendingReviewsOut(BaseModel):
+    pending: list[PendingReviewOut]
+
+
+class TopupIn(In):
+    amount_fen: Annotated[int, Field(ge=1, le=10_000_000)]
+    return_path: Annotated[str, Field(max_length=300, pattern=r"^/[A-Za-z0-9_./#?=&{}%-]*$")] = "/app#/wallet"
+
+
+class TopupOut(BaseModel):
+    order_id: str
+    amount_fen: int
+    state: str
+    pay_url: str
+    expires_ms: int
+    sandbox: bool
+
+
+class OrderOut(BaseModel):
+    order_id: str
+    amount_fen: int
+    state: str
+    created_ms: int
+    expires_ms: int
+    paid_ms: int | None
+
+
+class EntryOut(BaseModel):
+    kind: str
+    amount_fen: int
+    session_id: str | None
+    note: str
+    created_ms: int
+
+
+class WalletOut(BaseModel):
+    balance_fen: int
+    held_fen: int
+    available_fen: int
+    arrears_fen: int
+    entries: list[EntryOut]
+    orders: list[OrderOut]
+    sandbox: bool
+    min_topup_fen: int
+    max_topup_fen: int
+
+
+class RefundIn(In):
+    amount_fen: Annotated[int, Field(ge=1, le=10_000_000)]
+    reason: Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class RefundOut(BaseModel):
+    session_id: str
+    refunded_fen: int
+    charged_fen: int
+
+
+class BillsOut(BaseModel):
+    bills: list[BillOut]
+
+
+class PointsEntryOut(BaseModel):
+    delta: int
+    kind: str
+    ref: str | None
+    note: str
+    created_ms: int
+
+
+class PointsOut(BaseModel):
+    points: int
+    rule: str
+    history: list[PointsEntryOut]
+
+
+class GiftOut(BaseModel):
+    gift_id: str
+    name_zh: str
+    name_en: str
+    points_cost: int
+    stock: int
+    active: bool
+
+
+class GiftsOut(BaseModel):
+    gifts: list[GiftOut]
+
+
+class GiftIn(In):
+    name_zh: Annotated[str, Field(min_length=1, max_length=100)]
+    name_en: Annotated[str, Field(min_length=1, max_length=100)]
+    points_cost: Annotated[int, Field(ge=1, le=1_000_000)]
+    stock: Annotated[int, Field(ge=0, le=1_000_000)]
+
+
+class GiftChangeIn(In):
+    name_zh: Annotated[str, Field(min_length=1, max_length=100)] | None = None
+    name_en: Annotated[str, Field(min_length=1, max_length=100)] | None = None
+    points_cost: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    stock: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    active: bool | None = None
+
+    @model_validator(mode="after")
+    def at_least_one(self) -> GiftChangeIn:
+        if not self.model_dump(exclude_none=True):
+            raise ValueError("give at least one field to change")
+        return self
+
+
+class RedeemIn(In):
+    request_id: Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class RedemptionOut(BaseModel):
+    redemption_id: str
+    gift_id: str
+    points: int
+    pickup_code: str
+    created_ms: int
+    name_zh: str
+    name_en: str
+    repeated: bool
+
+
+class RedemptionsOut(BaseModel):
+    redemptions: list[RedemptionOut]
+
+
+class ClientConfigOut(BaseModel):
+    development_sms_sink: bool
+    sandbox_payments: bool
+    id_verifier: str
+    timezone: str
+
+
+class DevSmsOut(BaseModel):
+    note: str
+    messages: list[dict[str, Any]]
 
 
 class DevUserIn(In):

@@ -29,7 +29,7 @@ PRESENCE_TTL_MS = 5 * 60_000
 ENROLMENT_TTL_MS = 7 * 86_400_000
 NONCE_KEEP_MS = 2 * p.MAX_CLOCK_SKEW_MS + 60_000
 MAX_BELOW_MINIMUM_ML = 50          # the most a device may call "below its minimum" (free)
-POINTS_PER_YUAN = 1
+POINTS_PER_YUAN = 1               # growth points: one per whole yuan paid (see cloud/rewards.py)
 ALARM_KINDS = frozenset({"lockout", "ghost_flow", "report_dead_lettered", "session_start_failed",
                          "lockout_clear_refused"})
 SILENT_AFTER_MS = 120_000
@@ -240,6 +240,18 @@ def add_entry(conn: Connection, user_id: str, kind: str, amount_fen: int, now_ms
               note: str = "") -> None:
     conn.execute(insert(t.balance_entries).values(user_id=user_id, kind=kind, amount_fen=amount_fen,
                                                   session_id=session_id, note=note, created_ms=now_ms))
+
+
+def points_for_fee(fee_fen: int) -> int:
+    return max(0, fee_fen) // 100 * POINTS_PER_YUAN
+
+
+def earn_points(conn: Connection, user_id: str, points: int, session_id: str, now_ms: int) -> None:
+    if points <= 0:
+        return
+    conn.execute(update(t.users).where(t.users.c.user_id == user_id).values(points=t.users.c.points + points))
+    conn.execute(insert(t.points_entries).values(user_id=user_id, delta=points, kind="earn", ref=session_id,
+                                                 note="water bought", created_ms=now_ms))
 
 
 def audit(conn: Connection, operator_id: str, action: str, target: str, detail: dict, now_ms: int) -> None:
@@ -458,8 +470,8 @@ class Sessions:
         if fee:
             add_entry(conn, s["user_id"], "charge", -fee, now_ms, s["session_id"],
                       f"{expected_volume} ml at {s['price_fen_per_l']} fen/l")
-        points = fee * POINTS_PER_YUAN // 100
-        conn.execute(update(t.users).where(t.users.c.user_id == s["user_id"]).values(points=t.users.c.points + points))
+        points = points_for_fee(fee)
+        earn_points(conn, s["user_id"], points, s["session_id"], now_ms)
         conn.execute(update(t.sessions).where(t.sessions.c.session_id == s["session_id"]).values(
             state="ended", ended_ms=now_ms, end_reason=r.reason, fee_fen=fee, volume_ml=expected_volume))
         conn.execute(update(t.machines).where(and_(t.machines.c.machine_id == machine_id,

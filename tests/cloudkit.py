@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -13,6 +14,7 @@ import requests
 import uvicorn
 
 from cloud.__main__ import create_operator
+from cloud.accounts import CONSENT_VERSION
 from cloud.app import CloudSettings, create_app
 from sync import protocol as p
 
@@ -62,6 +64,62 @@ class CloudServer:
                                                        "registered": registered})
         assert r.status_code == 200, r.text
         return UserClient(self.url, r.json()["token"], r.json()["user_id"])
+
+
+    def sms_code(self, phone: str) -> str:
+        """The newest code the development SMS sink holds for ``phone`` (read like the demo page does)."""
+        r = requests.get(self.url + "/api/v1/dev/sms", params={"phone": phone}, timeout=10)
+        assert r.status_code == 200, r.text
+        return re.search(r"(\d{6})", r.json()["messages"][0]["text"]).group(1)
+
+    def login(self, phone: str) -> UserClient:
+        """A real SMS login (development sink)."""
+        r = requests.post(self.url + "/api/v1/auth/sms-code", json={"phone": phone}, timeout=10)
+        assert r.status_code == 200, r.text
+        r = requests.post(self.url + "/api/v1/auth/login", json={"phone": phone, "code": self.sms_code(phone)},
+                          timeout=10)
+        assert r.status_code == 200, r.text
+        return UserClient(self.url, r.json()["token"], r.json()["user_id"])
+
+    def signup(self, phone: str, id_number: str | None = None, name: str = "张三") -> UserClient:
+        """Login, consent, ID photo and real-name registration, as the phone pages do."""
+        user = self.login(phone)
+        assert user.call("POST", "/api/v1/me/consent", json={"version": CONSENT_VERSION, "agree": True}).ok
+        photo = user.call("PUT", "/api/v1/me/id-photo", data=id_photo(), headers={"Content-Type": "image/jpeg"})
+        assert photo.status_code == 200, photo.text
+        r = user.call("POST", "/api/v1/me/registration", json={
+            "legal_name": name, "doc_type": "resident_id", "doc_number": id_number or resident_id(),
+            "photo_id": photo.json()["photo_id"]})
+        assert r.status_code == 200, r.text
+        return user
+
+
+def resident_id(seed: int | None = None, birth: str = "19900307") -> str:
+    """A resident ID number with a correct GB 11643 check digit (Beijing Chaoyang, a made-up sequence)."""
+    from cloud.identity import check_digit
+    seq = seed if seed is not None else secrets.randbelow(1000)
+    first17 = f"110105{birth}{seq % 1000:03d}"
+    return first17 + check_digit(first17)
+
+
+def id_photo(width: int = 900, height: int = 570, fmt: str = "JPEG", exif: bool = True) -> bytes:
+    """A picture of a (fake) ID card, with EXIF (camera, GPS-like comment) unless exif=False."""
+    import io
+
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (width, height), (220, 232, 245))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((40, 40, width - 40, height - 40), outline=(30, 60, 120), width=6)
+    draw.text((80, 80), "RESIDENT IDENTITY CARD (TEST)", fill=(20, 20, 20))
+    out = io.BytesIO()
+    kwargs = {}
+    if exif and fmt == "JPEG":
+        ex = Image.Exif()
+        ex[0x010F] = "SecretCam"          # Make
+        ex[0x9286] = "taken at 39.9N 116.4E"   # UserComment
+        kwargs["exif"] = ex.tobytes()
+    img.save(out, format=fmt, **kwargs)
+    return out.getvalue()
 
 
 class DeviceClient:
@@ -114,9 +172,9 @@ class UserClient:
     def __init__(self, base: str, token: str, user_id: str) -> None:
         self.base, self.token, self.user_id = base, token, user_id
 
-    def call(self, method: str, path: str, **kw) -> requests.Response:
-        return requests.request(method, self.base + path, headers={"Authorization": f"Bearer {self.token}"},
-                                timeout=10, **kw)
+    def call(self, method: str, path: str, headers: dict | None = None, **kw) -> requests.Response:
+        return requests.request(method, self.base + path, timeout=10,
+                                headers={"Authorization": f"Bearer {self.token}", **(headers or {})}, **kw)
 
     def scan(self, machine_id: str, code: str) -> requests.Response:
         return self.call("GET", "/api/v1/scan", params={"machine": machine_id, "c": code})

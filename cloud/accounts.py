@@ -1,0 +1,436 @@
+"""Phone users' accounts (s4): SMS login, PIPL consent, real-name registration with an ID photo, review,
+photo retention and account deletion.
+
+Providers are small interfaces so an operator can plug in a real SMS gateway or identity-verification
+service: :class:`DevSmsSink` is **not** an SMS gateway (it keeps messages in memory for the demo and the
+tests) and :class:`DevAutoVerify` is a development shortcut; both are refused in production mode.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import threading
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from cloud import db as t
+from cloud.db import Database
+from cloud.identity import (
+    PhotoRejected,
+    mask_document,
+    mask_name,
+    mask_phone,
+    normalize_document,
+    normalize_name,
+    normalize_phone,
+    reencode_photo,
+)
+from cloud.security import SecretBox, new_token, token_hash
+from cloud.service import ApiError, _one, add_entry, audit, balance
+
+log = logging.getLogger("tapshare.cloud.accounts")
+
+CODE_TTL_MS = 5 * 60_000
+CODE_MAX_ATTEMPTS = 5
+RESEND_AFTER_MS = 60_000
+CODES_PER_PHONE_PER_HOUR = 5
+CODES_PER_PHONE_PER_DAY = 10
+CODES_PER_IP_PER_HOUR = 30
+TOKEN_TTL_MS = 30 * 86_400_000
+CONSENT_VERSION = "2026-11"
+CONSENT_KIND = "sensitive_pi_identity"
+HOUR_MS, DAY_MS = 3_600_000, 86_400_000
+
+
+# ---------------------------------------------------------------- providers
+
+class SmsProvider(Protocol):
+    name: str
+    is_development: bool
+
+    def send(self, phone: str, text: str) -> None: ...
+
+
+class DevSmsSink:
+    """Development only: NOT an SMS gateway. Keeps the last messages per number in memory so the demo page
+    and the tests can show the code. Nothing leaves this process."""
+
+    name = "dev_sink"
+    is_development = True
+
+    def __init__(self, keep_per_phone: int = 5) -> None:
+        self._lock = threading.Lock()
+        self._messages: dict[str, deque[dict[str, Any]]] = {}
+        self._keep = keep_per_phone
+
+    def send(self, phone: str, text: str) -> None:
+        with self._lock:
+            box = self._messages.setdefault(phone, deque(maxlen=self._keep))
+            box.append({"phone": phone, "text": text, "sent_ms": _wall_ms()})
+
+    def messages(self, phone: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(reversed(self._messages.get(phone, ())))
+
+
+def _wall_ms() -> int:
+    import time
+    return time.time_ns() // 1_000_000
+
+
+class Verifier(Protocol):
+    name: str
+    is_development: bool
+    review_hint: dict[str, str]
+
+    def decide_at_once(self, doc_type: str) -> bool:
+        """True if this verifier settles the document on submission (no person involved)."""
+
+
+class ManualReview:
+    """An operator with the reviewer role looks at the photo and approves or rejects."""
+
+    name = "manual"
+    is_development = False
+    review_hint: ClassVar[dict[str, str]] = {"zh": "人工审核，通常 1 个工作日内完成",
+                                             "en": "Reviewed by a person, usually within one working day"}
+
+    def decide_at_once(self, doc_type: str) -> bool:
+        return False
+
+
+class DevAutoVerify(ManualReview):
+    """Development only: a resident ID whose number passes the GB 11643 check is verified at once (nothing
+    is compared with the real register); other documents still go to manual review."""
+
+    name = "dev_auto"
+    is_development = True
+    review_hint: ClassVar[dict[str, str]] = {"zh": "开发模式：居民身份证号校验通过即自动认证（未核验真实身份）",
+                   "en": "Development mode: a resident ID with a valid checksum is verified at once "
+                         "(not checked against any register)"}
+
+    def decide_at_once(self, doc_type: str) -> bool:
+        return doc_type == "resident_id"
+
+
+# ---------------------------------------------------------------- accounts
+
+@dataclass
+class AccountSettings:
+    photo_dir: Path
+    photo_retention_days: int = 30
+    timezone: str = "Asia/Shanghai"
+
+
+class Accounts:
+    def __init__(self, db: Database, box: SecretBox, sms: SmsProvider, verifier: Verifier,
+                 settings: AccountSettings) -> None:
+        self.db, self.sms, self.verifier, self.settings = db, sms, verifier, settings
+        self.pii = SecretBox(box.subkey("pii"))          # a key of its own for personal information
+        self._code_key = box.subkey("sms-code")
+        self._doc_key = box.subkey("document-number")
+        settings.photo_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(settings.photo_dir, 0o700)
+
+    # ---------------------------------------------------------------- SMS login
+
+    def _code_mac(self, phone: str, code: str) -> str:
+        return hmac.new(self._code_key, f"{phone}:{code}".encode(), hashlib.sha256).hexdigest()
+
+    def request_code(self, raw_phone: str, client_ip: str, now_ms: int) -> dict[str, Any]:
+        phone = _phone(raw_phone)
+        c = t.sms_codes.c
+        with self.db.tx() as conn:
+            def count(where, since_ms: int) -> int:
+                return conn.execute(select(func.count()).select_from(t.sms_codes)
+                                    .where(and_(where, c.created_ms > now_ms - since_ms))).scalar() or 0
+
+            last = conn.execute(select(func.max(c.created_ms)).where(c.phone == phone)).scalar()
+            if last is not None and now_ms - last < RESEND_AFTER_MS:
+                wait_s = (RESEND_AFTER_MS - (now_ms - last) + 999) // 1000
+                raise ApiError(429, "sms_too_soon", f"a code was sent less than a minute ago; try again in {wait_s} s",
+                               retry_after_s=wait_s)
+            if count(c.phone == phone, HOUR_MS) >= CODES_PER_PHONE_PER_HOUR or \
+                    count(c.phone == phone, DAY_MS) >= CODES_PER_PHONE_PER_DAY:
+                raise ApiError(429, "sms_limit_phone", "too many codes for this number; try again later",
+                               retry_after_s=3600)
+            if count(c.client_ip == client_ip, HOUR_MS) >= CODES_PER_IP_PER_HOUR:
+                raise ApiError(429, "sms_limit_ip", "too many codes requested from this network; try again later",
+                               retry_after_s=3600)
+            code = f"{secrets.randbelow(1_000_000):06d}"
+            conn.execute(insert(t.sms_codes).values(phone=phone, code_mac=self._code_mac(phone, code),
+                                                    client_ip=client_ip[:64], created_ms=now_ms,
+                                                    expires_ms=now_ms + CODE_TTL_MS))
+        self.sms.send(phone, f"【Tapshare】您的登录验证码是 {code}，5 分钟内有效。Your login code is {code}.")
+        log.info("login code sent to %s", mask_phone(phone))
+        return {"sent": True, "phone_masked": mask_phone(phone), "resend_after_s": RESEND_AFTER_MS // 1000,
+                "expires_in_s": CODE_TTL_MS // 1000, "development_sms_sink": self.sms.is_development}
+
+    def login(self, raw_phone: str, code: str, now_ms: int) -> dict[str, Any]:
+        phone = _phone(raw_phone)
+        c = t.sms_codes.c
+        wrong: ApiError | None = None
+        with self.db.tx() as conn:           # a wrong code's attempt is committed, then refused
+            row = _one(conn, select(t.sms_codes).where(and_(c.phone == phone, c.used_ms.is_(None)))
+                       .order_by(c.created_ms.desc()).limit(1))
+            if row is None:
+                raise ApiError(401, "no_code", "request a code first")
+            if row["expires_ms"] < now_ms:
+                raise ApiError(401, "code_expired", "this code has expired: request a new one")
+            if row["attempts"] >= CODE_MAX_ATTEMPTS:
+                raise ApiError(401, "too_many_attempts", "too many wrong codes: request a new one")
+            if not hmac.compare_digest(row["code_mac"], self._code_mac(phone, code.strip())):
+                conn.execute(update(t.sms_codes).where(c.id == row["id"]).values(attempts=c.attempts + 1))
+                left = CODE_MAX_ATTEMPTS - row["attempts"] - 1
+                wrong = ApiError(401, "wrong_code", f"wrong code; {left} attempts left" if left else
+                                 "wrong code; request a new one", attempts_left=left)
+        if wrong is not None:
+            raise wrong
+        with self.db.tx() as conn:
+            claimed = conn.execute(update(t.sms_codes).where(and_(c.id == row["id"], c.used_ms.is_(None)))
+                                   .values(used_ms=now_ms)).rowcount
+            if claimed != 1:
+                raise ApiError(401, "code_used", "this code was already used: request a new one")
+            user = _one(conn, select(t.users).where(t.users.c.phone == phone))
+            new_user = user is None
+            if new_user:
+                user_id = "u-" + uuid.uuid4().hex[:16]
+                conn.execute(insert(t.users).values(user_id=user_id, phone=phone, registered=False, created_ms=now_ms))
+            else:
+                user_id = user["user_id"]
+            token = new_token()
+            conn.execute(insert(t.user_tokens).values(token_hash=token_hash(token), user_id=user_id,
+                                                      created_ms=now_ms, expires_ms=now_ms + TOKEN_TTL_MS))
+        return {"token": token, "user_id": user_id, "new_user": new_user, "expires_in_s": TOKEN_TTL_MS // 1000}
+
+    def logout(self, token: str) -> None:
+        with self.db.tx() as conn:
+            conn.execute(t.user_tokens.delete().where(t.user_tokens.c.token_hash == token_hash(token)))
+
+    # ---------------------------------------------------------------- consent, photo, registration
+
+    def consent(self, user_id: str, version: str, now_ms: int) -> dict[str, Any]:
+        if version != CONSENT_VERSION:
+            raise ApiError(409, "consent_outdated", f"the consent text has changed (now {CONSENT_VERSION}): "
+                                                    "read it again", current_version=CONSENT_VERSION)
+        with self.db.tx() as conn:
+            if not self._has_consent(conn, user_id):
+                conn.execute(insert(t.consents).values(user_id=user_id, kind=CONSENT_KIND, version=version,
+                                                       granted_ms=now_ms))
+        return {"kind": CONSENT_KIND, "version": version, "granted": True}
+
+    def withdraw_consent(self, user_id: str, now_ms: int) -> None:
+        with self.db.tx() as conn:
+            conn.execute(update(t.consents).where(and_(t.consents.c.user_id == user_id,
+                                                       t.consents.c.withdrawn_ms.is_(None)))
+                         .values(withdrawn_ms=now_ms))
+
+    @staticmethod
+    def _has_consent(conn, user_id: str) -> bool:
+        c = t.consents.c
+        return _one(conn, select(c.id).where(and_(c.user_id == user_id, c.kind == CONSENT_KIND,
+                                                  c.version == CONSENT_VERSION, c.withdrawn_ms.is_(None)))) is not None
+
+    def _need_consent(self, conn, user_id: str) -> None:
+        if not self._has_consent(conn, user_id):
+            raise ApiError(403, "consent_required", "agree to the processing of your ID information first",
+                           consent_version=CONSENT_VERSION)
+
+    def photo_path(self, photo_id: str) -> Path:
+        return self.settings.photo_dir / f"{photo_id}.enc"
+
+    def upload_photo(self, user_id: str, data: bytes, content_type: str, now_ms: int) -> dict[str, Any]:
+        with self.db.read() as conn:
+            self._need_consent(conn, user_id)
+        if content_type.split(";")[0].strip().lower() not in ("image/jpeg", "image/png"):
+            raise ApiError(415, "not_an_image", "upload the photo as image/jpeg or image/png")
+        try:
+            jpeg, w, h = reencode_photo(data)
+        except PhotoRejected as e:
+            raise ApiError(413 if e.code == "photo_too_large" else 422, e.code, str(e)) from None
+        photo_id = "p-" + uuid.uuid4().hex
+        sealed = self.pii.seal(jpeg, f"id-photo:{photo_id}").encode()
+        path = self.photo_path(photo_id)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(sealed)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            with self.db.tx() as conn:
+                conn.execute(insert(t.id_photos).values(photo_id=photo_id, user_id=user_id, width_px=w, height_px=h,
+                                                        stored_bytes=len(sealed), created_ms=now_ms))
+        except Exception:
+            path.unlink(missing_ok=True)
+            raise
+        return {"photo_id": photo_id, "width_px": w, "height_px": h}
+
+    def register(self, user_id: str, legal_name: str, doc_type: str, doc_number: str, photo_id: str,
+                 now_ms: int) -> dict[str, Any]:
+        today = dt.datetime.fromtimestamp(now_ms / 1000, ZoneInfo(self.settings.timezone)).date()
+        try:
+            name = normalize_name(legal_name)
+        except ValueError as e:
+            raise ApiError(422, "bad_name", str(e)) from None
+        try:
+            number = normalize_document(doc_type, doc_number, today)
+        except ValueError as e:
+            raise ApiError(422, "bad_id_number", str(e)) from None
+        mac = hmac.new(self._doc_key, f"{doc_type}:{number}".encode(), hashlib.sha256).hexdigest()
+        at_once = self.verifier.decide_at_once(doc_type)
+        with self.db.tx() as conn:
+            self._need_consent(conn, user_id)
+            photo = _one(conn, select(t.id_photos).where(t.id_photos.c.photo_id == photo_id))
+            if photo is None or photo["user_id"] != user_id or photo["deleted_ms"] is not None:
+                raise ApiError(422, "bad_photo", "upload a photo of the document first")
+            prior = _one(conn, select(t.identities).where(t.identities.c.user_id == user_id))
+            if prior is not None and prior["state"] in ("pending", "verified"):
+                raise ApiError(409, "already_submitted", f"your registration is already {prior['state']}")
+            if prior is not None:
+                conn.execute(t.identities.delete().where(t.identities.c.user_id == user_id))
+            values = dict(user_id=user_id, doc_type=doc_type,
+                          number_enc=self.pii.seal(number.encode(), f"doc:{user_id}"),
+                          number_masked=mask_document(number), number_mac=mac,
+                          name_enc=self.pii.seal(name.encode(), f"name:{user_id}"), name_masked=mask_name(name),
+                          photo_id=photo_id, state="verified" if at_once else "pending", verifier=self.verifier.name,
+                          submitted_ms=now_ms, decided_ms=now_ms if at_once else None)
+            try:
+                with conn.begin_nested():
+                    conn.execute(insert(t.identities).values(**values))
+            except IntegrityError:
+                raise ApiError(409, "document_in_use", "this document is already registered to another account") \
+                    from None
+            if at_once:
+                conn.execute(update(t.users).where(t.users.c.user_id == user_id).values(registered=True))
+        log.info("registration of %s: %s %s (%s)", user_id, doc_type, mask_document(number), values["state"])
+        return self.identity_view(user_id)
+
+    def identity_view(self, user_id: str) -> dict[str, Any]:
+        with self.db.read() as conn:
+            row = _one(conn, select(t.identities).where(t.identities.c.user_id == user_id))
+            consent = self._has_consent(conn, user_id)
+        base = {"consent_given": consent, "consent_version": CONSENT_VERSION,
+                "photo_retention_days": self.settings.photo_retention_days,
+                "review_hint": self.verifier.review_hint, "verifier": self.verifier.name}
+        if row is None:
+            return {**base, "state": "none"}
+        return {**base, "state": row["state"], "doc_type": row["doc_type"], "number_masked": row["number_masked"],
+                "name_masked": row["name_masked"], "reject_reason": row["reject_reason"],
+                "submitted_ms": row["submitted_ms"], "decided_ms": row["decided_ms"]}
+
+    # ---------------------------------------------------------------- review (operators with the reviewer role)
+
+    def pending_reviews(self, limit: int) -> list[dict[str, Any]]:
+        i = t.identities.c
+        with self.db.read() as conn:
+            rows = conn.execute(select(i.user_id, i.doc_type, i.number_masked, i.name_masked, i.photo_id,
+                                       i.submitted_ms).where(i.state == "pending").order_by(i.submitted_ms)
+                                .limit(limit)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def view_photo(self, operator_id: str, user_id: str, now_ms: int) -> bytes:
+        """The decrypted photo; every view is written to the audit log before the bytes leave."""
+        with self.db.tx() as conn:
+            row = _one(conn, select(t.identities.c.photo_id).where(t.identities.c.user_id == user_id))
+            photo = row and _one(conn, select(t.id_photos).where(t.id_photos.c.photo_id == row["photo_id"]))
+            if not photo or photo["deleted_ms"] is not None:
+                raise ApiError(404, "no_photo", "no stored photo for this user (never uploaded or already deleted)")
+            audit(conn, operator_id, "view_id_photo", user_id, {"photo_id": photo["photo_id"]}, now_ms)
+        try:
+            sealed = self.photo_path(photo["photo_id"]).read_bytes()
+        except FileNotFoundError:
+            raise ApiError(404, "no_photo", "the photo file is missing") from None
+        return self.pii.open(sealed.decode(), f"id-photo:{photo['photo_id']}")
+
+    def decide(self, operator_id: str, user_id: str, approve: bool, reason: str, now_ms: int) -> dict[str, Any]:
+        with self.db.tx() as conn:
+            row = _one(conn, select(t.identities).where(t.identities.c.user_id == user_id))
+            if row is None:
+                raise ApiError(404, "no_registration", "this user has not registered")
+            if row["state"] != "pending":
+                raise ApiError(409, "not_pending", f"this registration is already {row['state']}")
+            if not approve and not reason.strip():
+                raise ApiError(422, "reason_required", "say why the registration is rejected (the user sees it)")
+            conn.execute(update(t.identities).where(t.identities.c.user_id == user_id).values(
+                state="verified" if approve else "rejected", decided_ms=now_ms,
+                reject_reason=None if approve else reason))
+            if approve:
+                conn.execute(update(t.users).where(t.users.c.user_id == user_id).values(registered=True))
+            audit(conn, operator_id, "approve_identity" if approve else "reject_identity", user_id,
+                  {"reason": reason}, now_ms)
+        return self.identity_view(user_id)
+
+    def purge_photos(self, now_ms: int) -> int:
+        """Delete ID photos ``photo_retention_days`` after the registration was decided, and photos never
+        used by a registration after a day. Returns how many were deleted."""
+        keep_ms = self.settings.photo_retention_days * DAY_MS
+        p, i = t.id_photos.c, t.identities.c
+        with self.db.read() as conn:
+            decided = conn.execute(select(p.photo_id).select_from(t.id_photos.join(
+                t.identities, i.photo_id == p.photo_id)).where(and_(
+                    p.deleted_ms.is_(None), i.decided_ms.is_not(None), i.decided_ms < now_ms - keep_ms))
+            ).scalars().all()
+            unused = conn.execute(select(p.photo_id).select_from(t.id_photos.outerjoin(
+                t.identities, i.photo_id == p.photo_id)).where(and_(
+                    p.deleted_ms.is_(None), i.user_id.is_(None), p.created_ms < now_ms - DAY_MS))).scalars().all()
+        for photo_id in {*decided, *unused}:
+            self._delete_photo(photo_id, now_ms)
+        return len({*decided, *unused})
+
+    def _delete_photo(self, photo_id: str, now_ms: int) -> None:
+        self.photo_path(photo_id).unlink(missing_ok=True)
+        with self.db.tx() as conn:
+            conn.execute(update(t.id_photos).where(t.id_photos.c.photo_id == photo_id).values(deleted_ms=now_ms))
+
+    # ---------------------------------------------------------------- deleting an account
+
+    def delete_account(self, user_id: str, forfeit_balance: bool, now_ms: int) -> dict[str, Any]:
+        """Erase the person (phone, name, document, photos, tokens); keep the money records, which the law
+        requires, under the pseudonymous user id."""
+        with self.db.tx() as conn:
+            s = t.sessions.c
+            if _one(conn, select(s.session_id).where(and_(s.user_id == user_id, s.state.in_(("starting", "active"))))):
+                raise ApiError(409, "session_open", "finish your running session first")
+            available, _held = balance(conn, user_id)
+            if available < 0:
+                raise ApiError(402, "arrears", f"pay the {-available} fen you owe before deleting the account",
+                               balance_fen=available)
+            if available > 0 and not forfeit_balance:
+                raise ApiError(409, "balance_remaining",
+                               f"your balance of {available} fen would be lost; confirm with forfeit_balance",
+                               balance_fen=available)
+            if available > 0:
+                add_entry(conn, user_id, "adjustment", -available, now_ms, note="forfeited on account deletion")
+            photos = conn.execute(select(t.id_photos.c.photo_id).where(and_(
+                t.id_photos.c.user_id == user_id, t.id_photos.c.deleted_ms.is_(None)))).scalars().all()
+            conn.execute(t.identities.delete().where(t.identities.c.user_id == user_id))
+            conn.execute(t.user_tokens.delete().where(t.user_tokens.c.user_id == user_id))
+            phone = conn.execute(select(t.users.c.phone).where(t.users.c.user_id == user_id)).scalar()
+            conn.execute(t.sms_codes.delete().where(t.sms_codes.c.phone == phone))     # they hold the number too
+            conn.execute(update(t.consents).where(and_(t.consents.c.user_id == user_id,
+                                                       t.consents.c.withdrawn_ms.is_(None))).values(withdrawn_ms=now_ms))
+            conn.execute(update(t.users).where(t.users.c.user_id == user_id).values(
+                phone=f"del-{user_id[2:18]}", name="", registered=False, deleted_ms=now_ms))
+        for photo_id in photos:
+            self._delete_photo(photo_id, now_ms)
+        log.info("account %s deleted", user_id)
+        return {"deleted": True, "forfeited_fen": max(0, available)}
+
+
+def _phone(raw: str) -> str:
+    try:
+        return normalize_phone(raw)
+    except ValueError as e:
+        raise ApiError(422, "bad_phone", str(e)) from None

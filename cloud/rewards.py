@@ -1,0 +1,110 @@
+"""Growth points and gifts (s6).
+
+The rule: a settled session earns ``floor(amount charged in fen / 100) × POINTS_PER_YUAN`` points, i.e.
+one point per whole yuan (a 1.99 yuan bill earns 1 point, a free pour none). Every change of points is a
+row in ``points_entries``; ``users.points`` is the running total, changed only by conditional UPDATEs in
+the same transaction, so it can never go below zero. A redemption carries the phone's request id: the
+same request twice redeems once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import and_, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from cloud import db as t
+from cloud.db import Database
+from cloud.payments import new_pickup_code
+from cloud.service import POINTS_PER_YUAN, ApiError, _one, audit
+
+
+class Rewards:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def history(self, user_id: str, limit: int = 100) -> dict[str, Any]:
+        p = t.points_entries.c
+        with self.db.read() as conn:
+            total = conn.execute(select(t.users.c.points).where(t.users.c.user_id == user_id)).scalar() or 0
+            rows = conn.execute(select(p.delta, p.kind, p.ref, p.note, p.created_ms).where(p.user_id == user_id)
+                                .order_by(p.id.desc()).limit(limit)).mappings().all()
+        return {"points": total, "rule": f"{POINTS_PER_YUAN} point per whole yuan paid for water",
+                "history": [dict(r) for r in rows]}
+
+    def catalog(self, include_inactive: bool = False) -> list[dict[str, Any]]:
+        g = t.gifts.c
+        q = select(t.gifts).order_by(g.points_cost, g.gift_id)
+        if not include_inactive:
+            q = q.where(g.active.is_(True))
+        with self.db.read() as conn:
+            return [dict(r) for r in conn.execute(q).mappings().all()]
+
+    def add_gift(self, operator_id: str, name_zh: str, name_en: str, points_cost: int, stock: int,
+                 now_ms: int) -> dict[str, Any]:
+        gift_id = "g-" + uuid.uuid4().hex[:12]
+        with self.db.tx() as conn:
+            conn.execute(insert(t.gifts).values(gift_id=gift_id, name_zh=name_zh, name_en=name_en,
+                                                points_cost=points_cost, stock=stock, active=True, created_ms=now_ms))
+            audit(conn, operator_id, "add_gift", gift_id, {"name_zh": name_zh, "points_cost": points_cost,
+                                                           "stock": stock}, now_ms)
+            return dict(_one(conn, select(t.gifts).where(t.gifts.c.gift_id == gift_id)) or {})
+
+    def change_gift(self, operator_id: str, gift_id: str, changes: dict[str, Any], now_ms: int) -> dict[str, Any]:
+        with self.db.tx() as conn:
+            if conn.execute(update(t.gifts).where(t.gifts.c.gift_id == gift_id).values(**changes)).rowcount != 1:
+                raise ApiError(404, "unknown_gift", "no such gift")
+            audit(conn, operator_id, "change_gift", gift_id, changes, now_ms)
+            return dict(_one(conn, select(t.gifts).where(t.gifts.c.gift_id == gift_id)) or {})
+
+    def redeem(self, user_id: str, gift_id: str, request_id: str, now_ms: int) -> dict[str, Any]:
+        r = t.redemptions.c
+        with self.db.read() as conn:
+            prior = _one(conn, select(t.redemptions).where(and_(r.user_id == user_id, r.request_id == request_id)))
+        if prior is not None:
+            return self._out(prior, repeated=True)
+        try:
+            with self.db.tx() as conn:
+                gift = _one(conn, select(t.gifts).where(t.gifts.c.gift_id == gift_id))
+                if gift is None or not gift["active"]:
+                    raise ApiError(404, "unknown_gift", "this gift is not in the catalog")
+                cost = gift["points_cost"]
+                u = t.users.c
+                if conn.execute(update(t.users).where(and_(u.user_id == user_id, u.points >= cost))
+                                .values(points=u.points - cost)).rowcount != 1:
+                    have = conn.execute(select(u.points).where(u.user_id == user_id)).scalar() or 0
+                    raise ApiError(409, "insufficient_points", f"this gift needs {cost} points; you have {have}",
+                                   points=have, points_cost=cost)
+                g = t.gifts.c
+                if conn.execute(update(t.gifts).where(and_(g.gift_id == gift_id, g.stock > 0))
+                                .values(stock=g.stock - 1)).rowcount != 1:
+                    raise ApiError(409, "out_of_stock", "this gift is out of stock")
+                rid = "r-" + uuid.uuid4().hex[:16]
+                row = dict(redemption_id=rid, user_id=user_id, gift_id=gift_id, request_id=request_id, points=cost,
+                           pickup_code=new_pickup_code(), created_ms=now_ms)
+                conn.execute(insert(t.redemptions).values(**row))
+                conn.execute(insert(t.points_entries).values(user_id=user_id, delta=-cost, kind="redeem", ref=rid,
+                                                             note=gift["name_zh"], created_ms=now_ms))
+        except IntegrityError:            # the same request raced itself: the other one won
+            with self.db.read() as conn:
+                prior = _one(conn, select(t.redemptions).where(and_(r.user_id == user_id, r.request_id == request_id)))
+            if prior is None:
+                raise
+            return self._out(prior, repeated=True)
+        return self._out(row, repeated=False)
+
+    def _out(self, row: dict[str, Any], repeated: bool) -> dict[str, Any]:
+        with self.db.read() as conn:
+            gift = _one(conn, select(t.gifts.c.name_zh, t.gifts.c.name_en).where(t.gifts.c.gift_id == row["gift_id"]))
+        out = {k: row[k] for k in ("redemption_id", "gift_id", "points", "pickup_code", "created_ms")}
+        return out | {"name_zh": gift["name_zh"] if gift else "", "name_en": gift["name_en"] if gift else "",
+                      "repeated": repeated}
+
+    def redemptions(self, user_id: str) -> list[dict[str, Any]]:
+        r = t.redemptions.c
+        with self.db.read() as conn:
+            rows = conn.execute(select(t.redemptions).where(r.user_id == user_id).order_by(r.created_ms.desc())
+                                .limit(100)).mappings().all()
+        return [self._out(dict(x), repeated=False) for x in rows]
