@@ -84,7 +84,7 @@ def add_pages(app: FastAPI, settings, pay: PaymentProvider, now: Callable[[], in
 def _sandbox_html(title: str, body: str, status: int = 200) -> HTMLResponse:
     page = f"""<!doctype html><html lang="zh-CN"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>
-<link rel="stylesheet" href="/static/app.css"></head><body class="sandbox"><main>
+<link rel="icon" href="data:,"><link rel="stylesheet" href="/static/app.css"></head><body class="sandbox"><main>
 <div class="banner warn">沙箱支付：不会扣任何真实款项。<br>Sandbox payment provider: no real money moves.</div>
 <h1>{title}</h1>{body}</main></body></html>"""
     return HTMLResponse(page, status_code=status, headers=PAGE_HEADERS)

@@ -123,7 +123,9 @@ class SandboxPay:
             if o.state == "unpaid":
                 o.state, o.txn_id, o.paid_ms = "paid", "sbx-" + uuid.uuid4().hex[:20], now_ms
         for delay in (self.first_delay_s, self.first_delay_s + self.repeat_delay_s):
-            threading.Timer(delay, self._deliver, args=(o,)).start()
+            timer = threading.Timer(delay, self._deliver, args=(o,))
+            timer.daemon = True
+            timer.start()
         return o
 
     def notification(self, o: _SandboxOrder) -> Notification:

@@ -33,6 +33,7 @@ from cloud.schemas import (
     IdentityOut,
     LoginIn,
     LoginOut,
+    NotifyAckOut,
     OkOut,
     OrderOut,
     PendingReviewsOut,
@@ -168,8 +169,9 @@ def add_phone_routes(app: FastAPI, d: PhoneDeps) -> None:
     def pending(op: Reviewer, limit: Annotated[int, Query(ge=1, le=500)] = 100) -> dict[str, Any]:
         return {"pending": d.accounts.pending_reviews(limit)}
 
-    @app.get("/api/v1/operator/identities/{user_id}/photo", tags=["operator"], responses=ERR,
-             response_class=Response)
+    @app.get("/api/v1/operator/identities/{user_id}/photo", tags=["operator"], response_class=Response,
+             responses={**ERR, 200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                                     "description": "the re-encoded photo"}})
     def view_photo(user_id: IdPath, op: Reviewer) -> Response:
         """The document photo (reviewer role; every view is audit-logged)."""
         jpeg = d.accounts.view_photo(op["operator_id"], user_id, now())
@@ -208,7 +210,7 @@ def add_phone_routes(app: FastAPI, d: PhoneDeps) -> None:
     def order(order_id: IdPath, user_id: User) -> dict[str, Any]:
         return d.wallet.order(user_id, order_id)
 
-    @app.post("/api/v1/payments/notify", tags=["wallet"], responses=ERR)
+    @app.post("/api/v1/payments/notify", response_model=NotifyAckOut, tags=["wallet"], responses=ERR)
     async def payment_notify(request: Request) -> dict[str, Any]:
         """The payment provider's signed notification (server to server). Idempotent."""
         from fastapi.concurrency import run_in_threadpool

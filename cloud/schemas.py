@@ -320,7 +320,8 @@ class PendingReviewsOut(BaseModel):
 
 class TopupIn(In):
     amount_fen: Annotated[int, Field(ge=1, le=10_000_000)]
-    return_path: Annotated[str, Field(max_length=300, pattern=r"^/[A-Za-z0-9_./#?=&{}%-]*$")] = "/app#/wallet"
+    return_path: Annotated[str, Field(max_length=300, pattern=r"^/[A-Za-z0-9_./#?=&{}%-]*$")] = \
+        "/app#/wallet?order={order_id}"
 
 
 class TopupOut(BaseModel):
@@ -359,6 +360,14 @@ class WalletOut(BaseModel):
     sandbox: bool
     min_topup_fen: int
     max_topup_fen: int
+
+
+class NotifyAckOut(BaseModel):
+    """What the payment provider is told: SUCCESS stops its retries."""
+
+    code: str
+    credited: bool
+    duplicate: bool = False
 
 
 class RefundIn(In):

@@ -46,9 +46,10 @@ class CloudServer:
         self.server.should_exit = True
         self.thread.join(10)
 
-    def op(self, method: str, path: str, token: str | None = None, **kw) -> requests.Response:
+    def op(self, method: str, path: str, token: str | None = None, headers: dict | None = None,
+           **kw) -> requests.Response:
         return requests.request(method, self.url + path, timeout=10,
-                                headers={"Authorization": f"Bearer {token or self.admin}"}, **kw)
+                                headers={"Authorization": f"Bearer {token or self.admin}", **(headers or {})}, **kw)
 
     def provision(self, machine_id: str, price: int = 200, **limits) -> DeviceClient:
         r = self.op("POST", "/api/v1/operator/machines",

@@ -306,6 +306,11 @@ def test_production_refuses_development_providers_and_plain_http(tmp_path, monke
         for method, path in (("POST", "/api/v1/auth/sms-code"), ("GET", "/m/X1"), ("GET", "/api/v1/dev/sms")):
             r = requests.request(method, server.url + path, json={"phone": "13800001111"}, timeout=5)
             assert r.status_code == 403 and r.json()["error"] == "https_required"
+        # behind the TLS-terminating proxy (trusted on loopback) the same request works
+        r = requests.post(server.url + "/api/v1/auth/sms-code", json={"phone": "13800001111"}, timeout=5,
+                          headers={"X-Forwarded-Proto": "https"})
+        assert r.status_code == 200 and r.json()["development_sms_sink"] is False
+        assert server.settings.sms_provider.sent[0][0] == "13800001111"
 
 
 class _RealishPay:

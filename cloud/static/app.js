@@ -123,6 +123,7 @@ const yuan = (fen) => (fen / 100).toFixed(2);
 const token = () => localStorage.getItem("tapshare.token");
 const visit = () => { try { return JSON.parse(sessionStorage.getItem("tapshare.visit") || "null"); } catch { return null; } };
 let devMode = false;
+let clientConfig = {};
 
 class ApiError extends Error {
   constructor(status, body) { super(body.message || `HTTP ${status}`); this.status = status; this.code = body.error; this.body = body; }
@@ -334,6 +335,13 @@ async function registerView() {
 }
 
 // ---------------------------------------------------------------- wallet (s5)
+function entriesHtml(entries) {
+  return entries.map((e) => `<li><span>${t("kind_" + e.kind)}<br><small class="muted">${esc(localTime(e.created_ms))}</small></span>
+    <b class="${e.amount_fen < 0 ? "" : "ok"}">${e.amount_fen < 0 ? "-" : "+"}¥${yuan(Math.abs(e.amount_fen))}</b></li>`).join("");
+}
+function localTime(ms) {
+  return new Date(ms).toLocaleString(lang === "zh" ? "zh-CN" : "en-GB", {timeZone: clientConfig.timezone || "Asia/Shanghai", hour12: false});
+}
 async function walletView(params) {
   if (!token()) { location.hash = "#/login"; return; }
   const w = await api("GET", "/api/v1/me/wallet");
@@ -345,7 +353,7 @@ async function walletView(params) {
       <div id="order-state"></div></section>
     <section class="card"><h2>${t("topup")}</h2><div class="amounts">${amounts.map((a) => `<button class="secondary amt" data-fen="${a}">¥${a / 100}</button>`).join("")}</div>
       <p class="err" id="topup-error"></p>${w.sandbox ? `<p class="muted">${t("dev_banner")}</p>` : ""}</section>
-    <section class="card"><h2>${t("history")}</h2><ul class="list">${w.entries.map((e) => `<li><span>${t("kind_" + e.kind)}<br><small class="muted">${new Date(e.created_ms).toLocaleString(lang === "zh" ? "zh-CN" : "en-GB", {timeZone: "Asia/Shanghai"})}</small></span><b class="${e.amount_fen < 0 ? "" : "ok"}">${e.amount_fen < 0 ? "-" : "+"}¥${yuan(Math.abs(e.amount_fen))}</b></li>`).join("")}</ul></section>`);
+    <section class="card"><h2>${t("history")}</h2><ul class="list" id="entries">${entriesHtml(w.entries)}</ul></section>`);
   document.querySelectorAll("button.amt").forEach((b) => { b.onclick = async () => {
     try {
       const r = await api("POST", "/api/v1/me/topups", {amount_fen: Number(b.dataset.fen), return_path: "/app#/wallet?order={order_id}"});
@@ -359,7 +367,8 @@ async function walletView(params) {
       try {
         const o = await api("GET", `/api/v1/me/topups/${encodeURIComponent(orderId)}`);
         if (o.state === "paid") { clearTimers(); box.innerHTML = `<p class="ok" id="paid">${t("paid")} ¥${yuan(o.amount_fen)}</p>`;
-          const w2 = await api("GET", "/api/v1/me/wallet"); $("#available").textContent = `¥${yuan(w2.available_fen)}`; }
+          const w2 = await api("GET", "/api/v1/me/wallet"); $("#available").textContent = `¥${yuan(w2.available_fen)}`;
+          $("#entries").innerHTML = entriesHtml(w2.entries); }
         else if (o.state === "closed") { clearTimers(); box.innerHTML = `<p class="bad">${t("order_closed")}</p>`; }
         else box.innerHTML = `<p class="amber" id="paying">${t("paying")}</p><p class="muted">${t("return_note")}</p>`;
       } catch (e) { clearTimers(); showError(box, e); }
@@ -377,7 +386,7 @@ function sessionView(id) {
     try { s = await api("GET", `/api/v1/sessions/${encodeURIComponent(id)}`); } catch (e) { showError("#live-error", e); return; }
     const body = $("#live-body"); if (!body) return;
     if (s.state === "voided") { clearTimers(); body.innerHTML = `<p class="big ok">¥0.00</p><p id="voided">${t("voided")}</p><a class="button" href="#/">${t("back")}</a>`; return; }
-    if (s.state === "ended" && s.bill) { clearTimers(); body.innerHTML = `<h2>${t("ended")}</h2>` + billHtml(s.bill) + `<a class="button" href="#/">${t("back")}</a>`; return; }
+    if (s.state === "ended" && s.bill) { clearTimers(); $("#live h1").textContent = t("bill"); body.innerHTML = `<h2>${t("ended")}</h2>` + billHtml(s.bill) + `<a class="button" href="#/">${t("back")}</a>`; return; }
     if (s.state === "ended") return;       // the report is on its way
     if (s.state === "starting" || !s.progress) { body.innerHTML = `<p>${t("waiting_valve")}</p>`; return; }
     const p = s.progress, pct = Math.min(100, Math.round(100 * p.cost_fen / Math.max(1, s.credit_limit_fen)));
@@ -385,9 +394,10 @@ function sessionView(id) {
       <div class="stat"><span>${t("cost")}</span><b class="big" id="cost">${yuan(p.cost_fen)}</b><span>${t("yuan")}</span></div>
       <div class="stat"><span>${t("flow")}</span><b>${p.flow_ml_per_min}</b><span>${t("ml_per_min")}</span></div>
       <div class="stat"><span>${t("remaining")}</span><b>¥${yuan(Math.max(0, s.credit_limit_fen - p.cost_fen))}</b></div></div>
-      <div class="bar"><div style="width:${pct}%"></div></div>
+      <div class="bar"><div id="bar-fill"></div></div>
       <p class="note" id="press-stop">${t("press_stop")}</p>
       <button class="danger" id="stop" ${stopping ? "disabled" : ""}>${stopping ? t("stopping") : t("stop_phone")}</button>`;
+    $("#bar-fill").style.width = `${pct}%`;          // CSSOM, not an inline style attribute (CSP)
     $("#stop").onclick = async () => {
       stopping = true; $("#stop").disabled = true; $("#stop").textContent = t("stopping");
       try { await api("POST", `/api/v1/sessions/${encodeURIComponent(id)}/stop`); } catch (e) { showError("#live-error", e); }
@@ -497,7 +507,7 @@ async function route(scanError) {
 
 async function boot() {
   $("#lang").onclick = () => { lang = lang === "zh" ? "en" : "zh"; localStorage.setItem("tapshare.lang", lang); route(); };
-  try { const c = await api("GET", "/api/v1/client-config"); devMode = c.development_sms_sink || c.sandbox_payments; }
+  try { clientConfig = await api("GET", "/api/v1/client-config"); devMode = clientConfig.development_sms_sink || clientConfig.sandbox_payments; }
   catch { devMode = false; }
   const scanError = await scanFromUrl();
   window.addEventListener("hashchange", () => route());
