@@ -29,7 +29,7 @@ PRESENCE_TTL_MS = 5 * 60_000
 ENROLMENT_TTL_MS = 7 * 86_400_000
 NONCE_KEEP_MS = 2 * p.MAX_CLOCK_SKEW_MS + 60_000
 MAX_BELOW_MINIMUM_ML = 50          # the most a device may call "below its minimum" (free)
-POINTS_PER_YUAN = 1               # growth points: one per whole yuan paid (see cloud/rewards.py)
+POINTS_PER_YUAN = p.POINTS_PER_YUAN
 ALARM_KINDS = frozenset({"lockout", "ghost_flow", "report_dead_lettered", "session_start_failed",
                          "lockout_clear_refused"})
 SILENT_AFTER_MS = 120_000
@@ -242,8 +242,7 @@ def add_entry(conn: Connection, user_id: str, kind: str, amount_fen: int, now_ms
                                                   session_id=session_id, note=note, created_ms=now_ms))
 
 
-def points_for_fee(fee_fen: int) -> int:
-    return max(0, fee_fen) // 100 * POINTS_PER_YUAN
+points_for_fee = p.points_for_fee
 
 
 def earn_points(conn: Connection, user_id: str, points: int, session_id: str, now_ms: int) -> None:

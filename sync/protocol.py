@@ -123,6 +123,15 @@ def volume_ml(billed_pulses: int, milli_pulses_per_litre: int) -> int:
     return Calibration(milli_pulses_per_litre).volume_ml(billed_pulses)
 
 
+POINTS_PER_YUAN = 1
+
+
+def points_for_fee(fee_fen: int) -> int:
+    """Growth points (s6): one per whole yuan of a bill (1.99 yuan earns 1; a free pour none). The cloud
+    awards them; the kiosk's receipt shows the same number."""
+    return max(0, fee_fen) // 100 * POINTS_PER_YUAN
+
+
 # ---------------------------------------------------------------- messages
 
 class Msg(BaseModel):

@@ -1,0 +1,102 @@
+"""Every string on the dispenser's screen, Simplified Chinese first, English second. Pure data: no Kivy,
+so the tests can check that the shipped font has every glyph used here."""
+
+from __future__ import annotations
+
+LANGUAGES = ("zh", "en")
+
+STRINGS: dict[str, dict[str, str]] = {
+    "scan_to_drink": {"zh": "扫码取水", "en": "Scan to drink"},
+    "scan_hint": {"zh": "用手机扫描二维码，登录后点【开始取水】",
+                  "en": "Scan with your phone, log in, then tap Start"},
+    "price": {"zh": "单价", "en": "Price"},
+    "yuan_per_l": {"zh": "元/升", "en": "yuan/L"},
+    "water_temp": {"zh": "水温", "en": "Water temp."},
+    "water_quality": {"zh": "水质", "en": "Water quality"},
+    "tds_ok": {"zh": "合格", "en": "good"},
+    "tds_high": {"zh": "超标", "en": "too high"},
+    "unknown": {"zh": "未知", "en": "unknown"},
+    "machine_no": {"zh": "机器编号", "en": "Machine"},
+    "lang_button": {"zh": "English", "en": "中文"},
+    "dispensing": {"zh": "正在出水", "en": "Dispensing"},
+    "volume": {"zh": "水量", "en": "Volume"},
+    "litre": {"zh": "升", "en": "L"},
+    "cost": {"zh": "金额", "en": "Cost"},
+    "yuan": {"zh": "元", "en": "yuan"},
+    "remaining": {"zh": "剩余额度", "en": "Credit left"},
+    "flow": {"zh": "流速", "en": "Flow"},
+    "ml_per_min": {"zh": "毫升/分", "en": "ml/min"},
+    "press_stop": {"zh": "取水完毕请按机器上的【停止】按钮", "en": "Press the STOP button on the machine when done"},
+    "screen_stop": {"zh": "停止出水", "en": "Stop"},
+    "settling": {"zh": "正在结算……", "en": "Settling the bill…"},
+    "receipt": {"zh": "本次账单", "en": "Your bill"},
+    "time": {"zh": "时间", "en": "Time"},
+    "duration": {"zh": "时长", "en": "Duration"},
+    "avg_flow": {"zh": "平均流速", "en": "Average flow"},
+    "amount": {"zh": "金额", "en": "Amount"},
+    "points": {"zh": "获得积分", "en": "Points earned"},
+    "touch_to_return": {"zh": "轻触屏幕返回（{s} 秒）", "en": "Touch to return ({s} s)"},
+    "thanks": {"zh": "谢谢使用，账单已发送到您的手机", "en": "Thank you. The bill is on your phone too"},
+    "seconds": {"zh": "秒", "en": "s"},
+    "minutes": {"zh": "分", "en": "min"},
+    "offline_title": {"zh": "网络连接中断", "en": "No connection"},
+    "offline_body": {"zh": "暂时无法扫码取水，恢复连接后自动可用。",
+                     "en": "Scanning is paused until the connection returns."},
+    "out_of_service": {"zh": "暂停服务", "en": "Out of service"},
+    "support": {"zh": "如需帮助，请联系客服并告知机器编号", "en": "For help, call support and give the machine number"},
+    "maintenance_title": {"zh": "维护中", "en": "Maintenance"},
+    "maintenance_body": {"zh": "技术人员正在维护本机，请稍候。", "en": "A technician is working on this machine."},
+    "sim_panel": {"zh": "模拟硬件", "en": "Simulated hardware"},
+    "sim_stop": {"zh": "实体停止按钮（S 键）", "en": "Machine STOP button (S key)"},
+    "phone_link": {"zh": "手机链接", "en": "Phone link"},
+    "rejected": {"zh": "未能开始：{why}", "en": "Could not start: {why}"},
+    # why a machine is out of service, in words a person at the machine understands
+    "lock_leak_sensor": {"zh": "检测到漏水，需工作人员现场处理",
+                         "en": "A leak was detected: staff must check the machine"},
+    "lock_ghost_flow": {"zh": "检测到异常水流，已关闭出水", "en": "Water flowed when it should not: the valve is shut"},
+    "lock_operator": {"zh": "运营人员已暂停本机", "en": "Paused by the operator"},
+    "lock_temperature": {"zh": "水温异常，暂停供水", "en": "Water temperature out of range"},
+    "lock_tds": {"zh": "水质检测超标，暂停供水", "en": "Water quality out of limits"},
+    "lock_low_water": {"zh": "水箱水量不足", "en": "The tank is nearly empty"},
+    "lock_fault": {"zh": "设备故障，已关闭出水", "en": "A machine fault: the valve is shut"},
+    "lock_other": {"zh": "设备暂停使用", "en": "Temporarily unavailable"},
+    # end reasons on the receipt
+    "reason_stop_button": {"zh": "按下停止按钮", "en": "Stop button"},
+    "reason_screen_stop": {"zh": "屏幕停止", "en": "Screen stop"},
+    "reason_phone_stop": {"zh": "手机停止", "en": "Phone stop"},
+    "reason_credit_exhausted": {"zh": "额度用完", "en": "Credit used up"},
+    "reason_max_volume": {"zh": "达到单次上限", "en": "Volume limit"},
+    "reason_max_duration": {"zh": "达到最长时间", "en": "Time limit"},
+    "reason_idle": {"zh": "长时间无水流", "en": "No flow"},
+    "reason_cancelled": {"zh": "已取消", "en": "Cancelled"},
+    "reason_fault": {"zh": "设备故障", "en": "Machine fault"},
+    "reason_leak": {"zh": "检测到漏水", "en": "Leak detected"},
+    "reason_shutdown": {"zh": "设备关机", "en": "Machine shut down"},
+    "reason_power_loss": {"zh": "断电", "en": "Power loss"},
+    "reason_other": {"zh": "已结束", "en": "Ended"},
+}
+
+
+def tr(key: str, lang: str, **fmt: object) -> str:
+    entry = STRINGS.get(key)
+    if entry is None:
+        return key
+    text = entry.get(lang) or entry["zh"]
+    return text.format(**fmt) if fmt else text
+
+
+def lockout_text(reason: str, lang: str) -> str:
+    if reason.startswith("fault:"):
+        return tr("lock_fault", lang)
+    key = f"lock_{reason}"
+    return tr(key if key in STRINGS else "lock_other", lang)
+
+
+def reason_text(reason: str, lang: str) -> str:
+    key = f"reason_{reason}"
+    return tr(key if key in STRINGS else "reason_other", lang)
+
+
+def all_text() -> str:
+    """Every character the screen can show from this table (for the font-coverage test)."""
+    return "".join(v for entry in STRINGS.values() for v in entry.values())

@@ -1,0 +1,75 @@
+"""What each screen shows, as text, from the core's :class:`~kiosk.session.Snapshot`. Pure (no Kivy, no
+clock reads: the caller passes the wall time it saw the session start), so it is tested directly."""
+
+from __future__ import annotations
+
+from kiosk.events import State
+from kiosk.session import Snapshot
+from kiosk.ui.i18n import lockout_text, reason_text, tr
+from sync.protocol import points_for_fee
+
+SCREENS = {State.IDLE: "idle", State.DISPENSING: "dispensing", State.SETTLING: "dispensing",
+           State.RECEIPT: "receipt", State.OFFLINE: "offline", State.OUT_OF_SERVICE: "out_of_service",
+           State.MAINTENANCE: "maintenance"}
+
+
+def screen_for(snap: Snapshot) -> str:
+    return SCREENS[snap.state]
+
+
+def yuan(fen: int) -> str:
+    return f"{fen / 100:.2f}"
+
+
+def litres(ml: int) -> str:
+    return f"{ml / 1000:.3f}"
+
+
+def duration(ms: int, lang: str) -> str:
+    s = max(0, ms) // 1000
+    m, s = divmod(s, 60)
+    return f"{m} {tr('minutes', lang)} {s} {tr('seconds', lang)}" if m else f"{s} {tr('seconds', lang)}"
+
+
+def tds_text(snap_tds: int | None, measured: bool, limit: int, lang: str) -> str:
+    if not measured or snap_tds is None:
+        return tr("unknown", lang)
+    verdict = tr("tds_ok", lang) if snap_tds <= limit else tr("tds_high", lang)
+    return f"{snap_tds} ppm {verdict}"
+
+
+def temp_text(temp_c: float | None, lang: str) -> str:
+    return tr("unknown", lang) if temp_c is None else f"{temp_c:.1f} °C"
+
+
+def present(snap: Snapshot, lang: str, *, started_hhmm: str = "") -> dict[str, str | float | bool]:
+    """Every changing text on every screen, for this snapshot and language."""
+    v: dict[str, str | float | bool] = {
+        "machine": f"{tr('machine_no', lang)} {snap.machine_id}",
+        "price": f"{yuan(snap.display_price_fen_per_l)} {tr('yuan_per_l', lang)}",
+        "temp": temp_text(snap.temp_c, lang),
+        "tds": tds_text(snap.tds_ppm, snap.tds_measured, snap.tds_limit_ppm, lang),
+        "volume": litres(snap.volume_ml),
+        "cost": yuan(snap.cost_fen),
+        "remaining": f"¥{yuan(snap.remaining_credit_fen)}",
+        "flow": f"{snap.flow_ml_per_min} {tr('ml_per_min', lang)}",
+        "progress": min(1.0, snap.progress_permille / 1000),
+        "settling": snap.state is State.SETTLING,
+        "lockouts": "\n".join(dict.fromkeys(lockout_text(r, lang) for r in snap.lockouts)) or tr("lock_other", lang),
+        "rejection": tr("rejected", lang, why=snap.last_rejection) if snap.last_rejection else "",
+    }
+    r = snap.receipt
+    if r is not None:
+        v.update({
+            "r_time": started_hhmm,
+            "r_duration": duration(r.duration_ms, lang),
+            "r_volume": f"{litres(r.volume_ml)} {tr('litre', lang)}",
+            "r_avg_flow": f"{r.avg_flow_ml_per_min} {tr('ml_per_min', lang)}",
+            "r_amount": f"¥{yuan(r.cost_fen)}",
+            "r_price": f"{yuan(r.price_fen_per_l)} {tr('yuan_per_l', lang)}",
+            "r_temp": temp_text(r.temp_start_c, lang),
+            "r_tds": tds_text(r.tds_ppm, r.tds_measured, r.tds_limit_ppm, lang),
+            "r_points": f"+{points_for_fee(r.cost_fen)}",
+            "r_reason": reason_text(r.reason, lang),
+        })
+    return v
