@@ -1,5 +1,6 @@
-"""Tapshare dispenser: wiring only. Reads the config, builds hal + core + ledger (+ sync + UI later), runs.
+"""Tapshare dispenser: wiring only. Reads the config, builds hal + core + ledger + sync + UI, runs.
 
+    python main.py --simulate --embedded-cloud      the whole system on a desktop: cloud, kiosk window, phone pages
     python main.py --simulate --headless            simulated machine and users, logs what happens
     python main.py --status                         lockouts, open sessions, totalizer, outbox
     python main.py --clear-lockout ghost_flow       a technician clears a lockout on site
@@ -41,6 +42,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="override paths.data_dir")
     p.add_argument("--simulate", action="store_true", help="simulated hardware and users (desktop)")
     p.add_argument("--headless", action="store_true", help="no window: the same core and threads, logs only")
+    p.add_argument("--embedded-cloud", action="store_true",
+                   help="with --simulate: run the reference cloud in this process (data in <data_dir>/cloud), "
+                        "enrol this machine with it and serve the phone pages")
+    p.add_argument("--cloud-host", default="127.0.0.1", help="with --embedded-cloud: address to listen on")
+    p.add_argument("--cloud-port", type=int, default=8700, help="with --embedded-cloud: port (0: any free port)")
+    p.add_argument("--public-url", default="",
+                   help="with --embedded-cloud: the URL phones use (e.g. http://192.168.1.20:8700 for a phone on "
+                        "the same network; default: the local URL)")
     p.add_argument("--sessions", type=int, default=0, help="with --simulate: stop after N sessions (0: run on)")
     p.add_argument("--seed", type=int, default=None, help="with --simulate: random seed")
     p.add_argument("--pour-ms", type=_range, default=(1_500, 6_000), metavar="MIN:MAX",
@@ -137,6 +146,42 @@ def start_link(cfg: config_mod.Config, runtime, clock):
     return link
 
 
+def start_embedded_cloud(cfg: config_mod.Config, args: argparse.Namespace):
+    """The desktop simulation's cloud: started in-process, this machine enrolled, the config pointed at it."""
+    from cloud.embedded import EmbeddedCloud, EmbeddedCloudError
+    from sync.secret import write_secret
+    embedded = EmbeddedCloud(cfg.data_dir / "cloud", host=args.cloud_host, port=args.cloud_port,
+                             public_url=args.public_url)
+    url = embedded.start()
+    secret = embedded.ensure_machine(cfg.machine.id, cfg.pricing.display_price_fen_per_l)
+    if secret is not None:
+        write_secret(cfg.secret_path, secret, overwrite=True)
+    elif not cfg.secret_path.exists():
+        embedded.stop()
+        raise EmbeddedCloudError(f"the embedded cloud knows {cfg.machine.id} but {cfg.secret_path} is gone: "
+                                 f"remove {cfg.data_dir} to start the simulation afresh")
+    cfg = cfg.replace(cloud={"url": url, "public_url": embedded.public_url})
+    link = embedded.demo_link(cfg.machine.id)
+    print(f"\n  Tapshare is running. Phone page for machine {cfg.machine.id} (open it in a browser):\n    {link}\n"
+          f"  (the QR code on the kiosk screen opens the same page; operators: {url}/docs)\n", flush=True)
+    return embedded, cfg
+
+
+def run_window(cfg: config_mod.Config, runtime, link, world, phone_link: str) -> None:
+    """The Kivy touchscreen UI on this (the main) thread until the window closes or the runtime stops."""
+    from kiosk.ui.app import build_app, configure_window
+    configure_window(cfg.screen.layout, fullscreen=cfg.screen.fullscreen, simulate=world is not None)
+    public = cfg.public_url
+
+    def qr_url() -> str | None:
+        return None if link is None else link.current_qr_url(public)
+
+    app = build_app(runtime, layout=cfg.screen.layout, language=cfg.screen.language,
+                    receipt_display_ms=cfg.screen.receipt_display_ms, qr_url=qr_url, sim_world=world,
+                    phone_link=phone_link, on_stop=lambda: runtime.request_stop("window closed"))
+    app.run()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
@@ -153,9 +198,16 @@ def main(argv: list[str] | None = None) -> int:
         return admin(cfg, args)
     if args.provision:
         return provision(cfg, args)
-    if not args.headless:
-        print("error: the touchscreen UI is not built yet; run with --headless", file=sys.stderr)
-        return EXIT_CONFIG
+    embedded = None
+    if args.embedded_cloud:
+        if not args.simulate:
+            print("error: --embedded-cloud is for the desktop simulation (add --simulate)", file=sys.stderr)
+            return EXIT_CONFIG
+        try:
+            embedded, cfg = start_embedded_cloud(cfg, args)
+        except Exception as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_CONFIG
 
     import queue
 
@@ -217,8 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.sessions:
             runtime.request_stop("out of service")
     try:
-        while not runtime.wait_stopped(0.2):
-            pass
+        if args.headless:
+            while not runtime.wait_stopped(0.2):
+                pass
+        else:
+            run_window(cfg, runtime, link, hw.world if hw is not None else None,
+                       embedded.demo_link(cfg.machine.id) if embedded else "")
+            runtime.request_stop("window closed")
+            runtime.wait_stopped(5)
     finally:
         if users is not None:
             users.halt()
@@ -229,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         valve.close()
         if runtime.ledger is not None:
             runtime.ledger.close()
+        if embedded is not None:
+            embedded.stop()
     log.info("stopped; valve %s", "OPEN" if valve.is_open else "closed")
     if report.ledger_error:
         return EXIT_STORAGE

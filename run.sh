@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Runs the desktop simulation: the dispenser core with simulated hardware and simulated users.
-# Extra arguments go to main.py (see: .venv/bin/python main.py --help).
+# Runs the whole system on a desktop: the reference cloud (embedded), the kiosk window with simulated
+# hardware, and the phone pages; prints the phone link. Without a display it runs headless (the phone
+# pages still work; stop a pour from the phone). Extra arguments go to main.py (.venv/bin/python main.py --help).
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/bootstrap.sh
-exec .venv/bin/python main.py --simulate --headless "$@"
+ui=()
+if [[ -z ${DISPLAY:-} && -z ${WAYLAND_DISPLAY:-} ]]; then
+  echo "no display (DISPLAY is not set): running without the kiosk window" >&2
+  ui=(--headless)
+fi
+exec .venv/bin/python main.py --simulate --embedded-cloud "${ui[@]}" "$@"

@@ -481,7 +481,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
     add_phone_routes(app, PhoneDeps(database=database, accounts=accounts, wallet=wallet, rewards=rewards, now=now,
                                     production=settings.production, errors=ERRORS, user=user, bearer=bearer,
                                     operator=operator))
-    add_pages(app, settings, pay, now)
+    add_pages(app, settings, pay, now, machines)
     return app
 
 

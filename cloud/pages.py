@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 
 from cloud.payments import PaymentProvider, SandboxPay
 from cloud.service import ApiError
+from sync import protocol as p
 
 STATIC = Path(__file__).parent / "static"
 PAGE_HEADERS = {
@@ -26,7 +27,7 @@ PAGE_HEADERS = {
 }
 
 
-def add_pages(app: FastAPI, settings, pay: PaymentProvider, now: Callable[[], int]) -> None:
+def add_pages(app: FastAPI, settings, pay: PaymentProvider, now: Callable[[], int], machines=None) -> None:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     MachinePath = Annotated[str, PathParam(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
@@ -45,6 +46,19 @@ def add_pages(app: FastAPI, settings, pay: PaymentProvider, now: Callable[[], in
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
         return RedirectResponse("/app", status_code=307)
+
+    @app.get("/dev/qr/{machine_id}", include_in_schema=False)
+    def dev_qr(machine_id: MachinePath) -> RedirectResponse:
+        """Development only: opens the page the machine's QR code opens right now (for a browser on the
+        same computer as the desktop simulation). Production mode refuses: presence must come from the
+        machine's screen."""
+        if settings.production or machines is None:
+            raise ApiError(403, "production", "there is no QR shortcut in production mode")
+        secret = machines.secret(machine_id)
+        if secret is None:
+            raise ApiError(404, "unknown_machine", f"machine {machine_id} does not exist")
+        code = p.qr_code(secret, machine_id, now() // 1000)
+        return RedirectResponse(f"/m/{machine_id}?c={code}", status_code=307)
 
     if not isinstance(pay, SandboxPay):
         return

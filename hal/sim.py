@@ -108,10 +108,14 @@ class WaterSimulator(threading.Thread):
 
     def run(self) -> None:
         last = time.monotonic()
-        while not self._halt.wait(self._step_s):
+        step_s = self._step_s
+        while not self._halt.wait(step_s):
             now = time.monotonic()
             self.step(now - last)
             last = now
+            # nothing flows while the valve is shut (no ghost flow, no overrun left): look less often
+            resting = not self.valve_open and not self.ghost_ml_per_min and not self._overrun_left
+            step_s = 0.02 if resting else self._step_s
 
 
 DS18B20_ID = "0000075a1ad5"

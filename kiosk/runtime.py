@@ -56,6 +56,9 @@ PRUNE_INTERVAL_MS = 3_600_000
 VERSION = "0.1.0"
 
 
+IDLE_SAMPLE_MS = 100          # the core thread's cadence between sessions
+
+
 @dataclass
 class BootReport:
     ledger_error: str | None
@@ -105,11 +108,15 @@ class Runtime:
     # ------------------------------------------------------------------ core thread
     def run(self) -> None:
         sample_s = self.cfg.flow.sample_interval_ms / 1000
+        idle_s = max(sample_s, IDLE_SAMPLE_MS / 1000)
         try:
             self._sample_meter()
             while True:
+                # between sessions the meter is sampled less often (ghost flow is counted, not timed, so nothing
+                # is missed); events (a grant, the stop button) still wake the thread at once
+                busy = self.core.session_id is not None or self.valve.is_open
                 try:
-                    event = self._events.get(timeout=sample_s)
+                    event = self._events.get(timeout=sample_s if busy else idle_s)
                 except queue.Empty:
                     event = None
                 while event is not None:

@@ -48,6 +48,9 @@ class Rejected(SyncError):
         self.status, self.code = status, code
 
 
+MAX_RTT_FOR_TIME_MS = 2_000
+
+
 class CloudClient:
     """Signed requests for one machine. Thread-safe (one Session per thread)."""
 
@@ -73,6 +76,10 @@ class CloudClient:
         return self.offset_ms is not None
 
     def _learn_time(self, server_time_ms: int, sent_wall: int, got_wall: int) -> None:
+        """The server's clock was read somewhere between sending and receiving: trust the midpoint only when
+        the round trip was short (a long-poll is held by the server, so its midpoint is far off)."""
+        if got_wall - sent_wall > MAX_RTT_FOR_TIME_MS and self.offset_ms is not None:
+            return
         offset = server_time_ms - (sent_wall + got_wall) // 2
         with self._offset_lock:
             if self.offset_ms is None or abs(offset - self.offset_ms) > 2_000:

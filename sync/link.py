@@ -328,12 +328,17 @@ class SyncLink:
             uptime_s=(self._mono() - self._started_mono) // 1000)
 
     def _heartbeat_loop(self) -> None:
-        while not self._halt.wait(self.heartbeat_interval_ms / 1000 if self.client.time_synced else 0.5):
-            if not self.client.time_synced:
-                continue
-            try:
-                self.client.heartbeat(self.heartbeat_msg())
-            except AuthProblem:
-                self._resync()
-            except SyncError as e:
-                log.info("heartbeat not sent: %s", e)
+        """A heartbeat as soon as the clock is synced, then every interval. A signed request that succeeds
+        proves the link: the machine is online without waiting for the first long-poll to come back."""
+        while not self._halt.is_set():
+            wait_s = 0.5
+            if self.client.time_synced:
+                wait_s = self.heartbeat_interval_ms / 1000
+                try:
+                    self.client.heartbeat(self.heartbeat_msg())
+                    self._ok()
+                except AuthProblem:
+                    self._resync()
+                except SyncError as e:
+                    log.info("heartbeat not sent: %s", e)
+            self._halt.wait(wait_s)

@@ -28,7 +28,7 @@ class OffsetClock(SystemClock):
 
 
 class Dispenser:
-    def __init__(self, tmp_path, url, machine_id, secret, clock_offset_ms=0):
+    def __init__(self, tmp_path, url, machine_id, secret, clock_offset_ms=0, poll_wait_ms=1_000):
         self.cfg = simulated_config(Config().replace(
             paths={"data_dir": str(tmp_path / "dispenser")}, machine={"id": machine_id},
             flow={"overrun_window_ms": 100, "sample_interval_ms": 5}, screen={"receipt_display_ms": 1_000}))
@@ -36,7 +36,7 @@ class Dispenser:
         self.hw, self.rt, _ = simulated_dispenser(self.cfg, self.clock, tmp_path / "sim")
         self.client = CloudClient(url, machine_id, secret, wall_ms=self.clock.wall_ms,
                                   mono_ms=self.clock.monotonic_ms, timeout_s=5)
-        self.link = SyncLink(self.rt, self.client, self.rt.ledger, software_version="test", poll_wait_ms=1_000,
+        self.link = SyncLink(self.rt, self.client, self.rt.ledger, software_version="test", poll_wait_ms=poll_wait_ms,
                              heartbeat_interval_ms=300, backoff_base_s=0.05, backoff_max_s=0.3,
                              link_lost_after_ms=800)
         self.thread = threading.Thread(target=self.rt.run, daemon=True)
@@ -197,3 +197,17 @@ def test_a_slow_answer_the_device_gave_up_on_is_not_billed_twice(world):
     assert wait_until(lambda: settled(user, sid) and d.rt.ledger.outbox_depth() == 0, 20)
     assert proxy.faults == []
     assert_books_agree(d, user, [sid])
+
+
+def test_online_at_once_with_a_long_poll_and_its_wait_does_not_skew_the_clock(tmp_path):
+    """With the production long-poll (55 s), the first heartbeat proves the link; a poll answer the server
+    held for its whole wait must not be taken as a clock sample (its midpoint is half the wait off)."""
+    with CloudServer(tmp_path / "cloud") as cloud:
+        dev = cloud.provision("LP1")
+        with Dispenser(tmp_path, cloud.url, "LP1", dev.secret, poll_wait_ms=55_000) as d:
+            t0 = time.monotonic()
+            assert wait_until(lambda: d.rt.snapshot.online, timeout_s=5)
+            assert time.monotonic() - t0 < 3
+            offset = d.client.offset_ms
+            d.client._learn_time(d.client.server_now_ms() + 27_000, 0, 55_000)       # a held long-poll
+            assert d.client.offset_ms == offset

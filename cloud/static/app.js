@@ -41,7 +41,8 @@ const T = {
     not_logged_in: "请先登录。", litre: "升", yuan: "元", min: "分钟", s: "秒", back: "返回首页",
     points_unit: "分", stock: "库存", reason_stop_button: "按下停止按钮", reason_phone_stop: "手机停止",
     reason_credit_exhausted: "额度用完", reason_max_volume: "达到单次上限", reason_idle: "长时间无水流",
-    reason_max_duration: "达到最长时间", ml_per_min: "毫升/分钟", registration: "实名状态",
+    reason_max_duration: "达到最长时间", reason_cancelled: "手机或远程停止", reason_fault: "设备故障",
+    reason_leak: "检测到漏水", reason_shutdown: "设备关机", reason_power_loss: "断电", ml_per_min: "毫升/分钟", registration: "实名状态",
     state_none: "未登记", state_pending: "审核中", state_verified: "已认证", state_rejected: "未通过",
   },
   en: {
@@ -90,7 +91,9 @@ const T = {
     not_logged_in: "Please log in first.", litre: "L", yuan: "yuan", min: "min", s: "s", back: "Home",
     points_unit: "pts", stock: "In stock", reason_stop_button: "Stop button", reason_phone_stop: "Phone stop",
     reason_credit_exhausted: "Credit used up", reason_max_volume: "Volume limit", reason_idle: "No flow",
-    reason_max_duration: "Time limit", ml_per_min: "ml/min", registration: "Registration",
+    reason_max_duration: "Time limit", reason_cancelled: "Stopped from the phone or remotely",
+    reason_fault: "Machine fault", reason_leak: "Leak detected", reason_shutdown: "Machine shut down",
+    reason_power_loss: "Power loss", ml_per_min: "ml/min", registration: "Registration",
     state_none: "Not registered", state_pending: "Under review", state_verified: "Verified", state_rejected: "Rejected",
   },
 };

@@ -1,0 +1,199 @@
+"""The kiosk's touchscreen UI: real Kivy windows under Xvfb (Mesa's software renderer), driven through every
+screen in both languages and both layouts, with screenshots in tests/screenshots/kiosk/ and a check that
+fails when a label's text does not fit its box; the shipped font's coverage of every screen string; the
+pure presentation rules; and the one-command system (embedded cloud + kiosk window + phone API)."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from kiosk.events import LOCKOUT_GHOST_FLOW, LOCKOUT_LEAK_SENSOR, SessionRecord, State
+from kiosk.session import Snapshot
+from kiosk.ui import i18n
+from kiosk.ui.present import present, screen_for
+from tests.util import wait_until
+from tests.xvfb import Xvfb
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = Path(__file__).parent / "screenshots" / "kiosk"
+SCREENS = ("idle", "dispensing", "receipt", "offline", "maintenance", "out_of_service")
+
+
+@pytest.fixture(scope="module")
+def xvfb():
+    if shutil.which("Xvfb") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Xvfb (see .ci/run)")
+        pytest.skip("no Xvfb: apt-get install xvfb")
+    with Xvfb() as x:
+        yield x
+
+
+@pytest.mark.parametrize("layout", ["landscape_800x480", "portrait_720x1280"])
+def test_every_screen_in_both_languages(xvfb, tmp_path, layout):
+    out = SHOTS / layout
+    shutil.rmtree(out, ignore_errors=True)
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "kiosk_ui_driver.py"), "--layout", layout,
+                        "--out", str(out)], env=xvfb.env(KIVY_HOME=str(tmp_path / "kivy")),
+                       capture_output=True, text=True, timeout=180)
+    report = json.loads((out / "report.json").read_text())
+    assert report.get("ok"), report.get("error") or r.stderr[-3000:]
+    assert report["problems"] == [], "\n".join(report["problems"])
+    assert report["first_qr_s"] < 3
+    width, height = (800, 480) if layout.startswith("landscape") else (720, 1280)
+    for name in SCREENS:
+        for lang in ("zh", "en"):
+            img = Image.open(out / f"{name}-{lang}.png").convert("L")
+            assert img.size == (width, height + 48)           # the screen plus the simulation strip
+            lo, hi = img.getextrema()
+            assert lo < 60 and hi > 200, f"{name}-{lang} looks blank"
+    # the screen followed the core: each shot was taken on the screen for the core's state
+    assert all(state_screen == shown for _n, _l, state_screen, shown in
+               [(n, lang, screen_for_state(s), cur) for n, lang, s, cur in report["states"]])
+    # the QR code in the idle shot is a real, sharp QR (black and white only, in its box)
+    idle = Image.open(out / "idle-zh.png").convert("L")
+    qr_box = idle.crop((40, 40, 420, 420)) if layout.startswith("landscape") else idle.crop((60, 60, 660, 660))
+    grey = sum(1 for p in qr_box.get_flattened_data() if 40 < p < 215)
+    assert grey / (qr_box.width * qr_box.height) < 0.02
+
+
+def screen_for_state(state_value: str) -> str:
+    return screen_for(Snapshot(state=State(state_value), machine_id="m", online=True, lockouts=(), temp_c=None,
+                               display_price_fen_per_l=0))
+
+
+def test_the_shipped_font_has_every_glyph_the_screens_use():
+    from fontTools.ttLib import TTFont
+
+    from kiosk.ui.fonts import BOLD, REGULAR
+    for path in (REGULAR, BOLD):
+        cmap = TTFont(path).getBestCmap()
+        missing = sorted({c for c in i18n.all_text() if not c.isspace() and ord(c) not in cmap})
+        assert missing == [], f"{path.name} lacks {''.join(missing)}"
+        for probe in "0123456789.¥°%·：，（）【】—" + "扫码取水升元毫分秒":
+            assert ord(probe) in cmap, probe
+
+
+def test_every_key_has_both_languages():
+    for key, entry in i18n.STRINGS.items():
+        assert set(entry) == {"zh", "en"} and all(entry.values()), key
+        assert re.findall(r"{\w+}", entry["zh"]) == re.findall(r"{\w+}", entry["en"]), key
+
+
+# ---------------------------------------------------------------- presentation (pure)
+
+def snap(**kw) -> Snapshot:
+    base = dict(state=State.DISPENSING, machine_id="SH-01", online=True, lockouts=(), temp_c=11.96,
+                display_price_fen_per_l=250, tds_ppm=80, tds_measured=True, tds_limit_ppm=500, session_id="s-1",
+                price_fen_per_l=250, volume_ml=1234, cost_fen=308, credit_limit_fen=1000, remaining_credit_fen=692,
+                flow_ml_per_min=5400, progress_permille=308)
+    base.update(kw)
+    return Snapshot(**base)
+
+
+def test_present_formats_units_and_languages():
+    v = present(snap(), "zh")
+    assert (v["volume"], v["cost"], v["remaining"], v["price"]) == ("1.234", "3.08", "¥6.92", "2.50 元/升")
+    assert v["temp"] == "12.0 °C" and v["tds"] == "80 ppm 合格" and v["progress"] == pytest.approx(0.308)
+    assert present(snap(), "en")["price"] == "2.50 yuan/L"
+    assert present(snap(tds_ppm=650), "en")["tds"] == "650 ppm too high"
+    assert present(snap(tds_measured=False), "zh")["tds"] == "未知"
+    assert present(snap(temp_c=None), "en")["temp"] == "unknown"
+
+
+def test_lockouts_are_told_in_plain_words():
+    v = present(snap(state=State.OUT_OF_SERVICE, lockouts=(LOCKOUT_LEAK_SENSOR, "fault:meter", LOCKOUT_GHOST_FLOW,
+                                                            "fault:valve")), "en")
+    lines = v["lockouts"].split("\n")
+    assert lines == ["A leak was detected: staff must check the machine", "A machine fault: the valve is shut",
+                     "Water flowed when it should not: the valve is shut"]
+    assert present(snap(state=State.OUT_OF_SERVICE, lockouts=("something_new",)), "zh")["lockouts"] == "设备暂停使用"
+
+
+def test_the_receipt_shows_the_bill_and_the_points_rule():
+    rec = SessionRecord(session_id="s-1", user_ref="u", reason="stop_button", started_mono_ms=0, closed_mono_ms=95_000,
+                        ended_mono_ms=95_500, price_fen_per_l=200, credit_limit_fen=2000, milli_pulses_per_litre=450_000,
+                        billed_pulses=4500, overrun_pulses=2, volume_ml=10_000, cost_fen=2000, below_minimum=False,
+                        temp_start_c=12.0, temp_end_c=12.4, tds_ppm=90, tds_measured=True)
+    v = present(snap(state=State.RECEIPT, receipt=rec), "zh", started_hhmm="2026-11-25 18:00")
+    assert v["r_amount"] == "¥20.00" and v["r_volume"] == "10.000 升" and v["r_points"] == "+20"
+    assert v["r_duration"] == "1 分 35 秒" and v["r_avg_flow"] == "6315 毫升/分" and v["r_time"] == "2026-11-25 18:00"
+    assert present(snap(state=State.RECEIPT, receipt=rec), "en")["r_reason"] == "Stop button"
+
+
+# ---------------------------------------------------------------- the runnable system
+
+def test_the_one_command_system_serves_a_phone_session(xvfb, tmp_path):
+    """main.py --simulate --embedded-cloud with its window: a phone user signs up, tops up, scans the code
+    the kiosk shows, pours and stops; the bill reaches the phone; SIGTERM ends everything cleanly."""
+    from tests.cloudkit import id_photo, resident_id
+    from tests.test_accounts import CONSENT_VERSION
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--simulate", "--embedded-cloud",
+                             "--cloud-port", "0", "--data-dir", str(tmp_path / "data")],
+                            env=xvfb.env(KIVY_HOME=str(tmp_path / "kivy")), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        link = ""
+        deadline = time.monotonic() + 60
+        while not link and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            m = re.search(r"(http://127\.0\.0\.1:\d+)/dev/qr/(\S+)", line)
+            if m:
+                link, base, machine = m.group(0), m.group(1), m.group(2)
+        assert link, "".join(lines)
+        import threading
+        threading.Thread(target=lambda: [lines.append(x) for x in proc.stdout], daemon=True).start()
+        http = requests.Session()
+        phone = "13912345678"
+        assert http.post(base + "/api/v1/auth/sms-code", json={"phone": phone}, timeout=10).ok
+        sms = http.get(base + "/api/v1/dev/sms", params={"phone": phone}, timeout=10).json()["messages"][0]["text"]
+        token = http.post(base + "/api/v1/auth/login", json={"phone": phone, "code": re.search(r"\d{6}", sms).group(0)},
+                          timeout=10).json()["token"]
+        http.headers["Authorization"] = f"Bearer {token}"
+        assert http.post(base + "/api/v1/me/consent", json={"version": CONSENT_VERSION, "agree": True}, timeout=10).ok
+        photo = http.put(base + "/api/v1/me/id-photo", data=id_photo(), headers={"Content-Type": "image/jpeg"},
+                         timeout=10).json()
+        assert http.post(base + "/api/v1/me/registration", json={"legal_name": "张三", "doc_type": "resident_id",
+                         "doc_number": resident_id(5), "photo_id": photo["photo_id"]}, timeout=10).ok
+        order = http.post(base + "/api/v1/me/topups", json={"amount_fen": 1000}, timeout=10).json()
+        assert http.post(base + order["pay_url"] + "/pay", allow_redirects=False, timeout=10).status_code == 303
+        assert wait_until(lambda: http.get(base + "/api/v1/me/wallet", timeout=10).json()["available_fen"] == 1000,
+                          timeout_s=15)
+        # the code the kiosk shows right now (the same redirect a browser follows)
+        where = http.get(link, allow_redirects=False, timeout=10).headers["location"]
+        code = where.split("c=")[1]
+        scan = http.get(base + "/api/v1/scan", params={"machine": machine, "c": code}, timeout=10).json()
+        start = http.post(base + "/api/v1/sessions", json={"presence_token": scan["presence_token"],
+                                                           "expected_price_fen_per_l": scan["machine"]["price_fen_per_l"]},
+                          timeout=10)
+        assert start.status_code == 200, start.text
+        sid = start.json()["session_id"]
+        assert wait_until(lambda: (http.get(base + f"/api/v1/sessions/{sid}", timeout=10).json().get("progress") or {})
+                          .get("volume_ml", 0) > 50, timeout_s=20)
+        assert http.post(base + f"/api/v1/sessions/{sid}/stop", timeout=10).ok
+        assert wait_until(lambda: http.get(base + f"/api/v1/sessions/{sid}", timeout=10).json()["state"] == "ended",
+                          timeout_s=20)
+        bill = http.get(base + f"/api/v1/me/bills/{sid}", timeout=10).json()
+        assert bill["volume_ml"] > 50 and bill["amount_fen"] > 0 and bill["end_reason"] == "cancelled"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = None
+    out = "".join(lines)
+    assert rc == 0, out[-3000:]
+    assert "valve closed" in out
