@@ -66,26 +66,24 @@ class EmbeddedCloud:
                                                     token_hash=token_hash(token), created_ms=time.time_ns() // 10**6))
         return token
 
-    def ensure_machine(self, machine_id: str, price_fen_per_l: int, location: str = "Desktop simulation") -> bytes | None:
+    def ensure_machine(self, machine_id: str, price_fen_per_l: int,
+                       location: str = "Desktop simulation") -> bytes | None:
         """Provision and enrol ``machine_id`` if the cloud does not know it; returns the new device secret, or
         None if it was enrolled before (the dispenser has its secret file)."""
         with self.app.state.database.read() as conn:
             known = conn.execute(select(t.machines.c.secret_enc).where(t.machines.c.machine_id == machine_id)).first()
         if known is not None and known[0] is not None:
             return None
-        admin = self._admin_token()
-        if known is None:
-            r = requests.post(self.url + "/api/v1/operator/machines", timeout=10,
-                              headers={"Authorization": f"Bearer {admin}"},
-                              json={"machine_id": machine_id, "location": location, "price_fen_per_l": price_fen_per_l})
-            if r.status_code != 200:
-                raise EmbeddedCloudError(f"could not provision {machine_id}: {r.text}")
-            token = r.json()["enrolment_token"]
-        else:
+        if known is not None:
             raise EmbeddedCloudError(f"machine {machine_id} exists in {self.data_dir} but was never enrolled: "
                                      "remove that folder to start the simulation afresh")
+        r = requests.post(self.url + "/api/v1/operator/machines", timeout=10,
+                          headers={"Authorization": f"Bearer {self._admin_token()}"},
+                          json={"machine_id": machine_id, "location": location, "price_fen_per_l": price_fen_per_l})
+        if r.status_code != 200:
+            raise EmbeddedCloudError(f"could not provision {machine_id}: {r.text}")
         e = requests.post(self.url + "/device/v1/enroll", timeout=10,
-                          json={"machine_id": machine_id, "enrolment_token": token})
+                          json={"machine_id": machine_id, "enrolment_token": r.json()["enrolment_token"]})
         if e.status_code != 200:
             raise EmbeddedCloudError(f"could not enrol {machine_id}: {e.text}")
         return bytes.fromhex(e.json()["secret_hex"])

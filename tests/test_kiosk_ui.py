@@ -121,9 +121,10 @@ def test_lockouts_are_told_in_plain_words():
 
 
 def test_the_receipt_shows_the_bill_and_the_points_rule():
-    rec = SessionRecord(session_id="s-1", user_ref="u", reason="stop_button", started_mono_ms=0, closed_mono_ms=95_000,
-                        ended_mono_ms=95_500, price_fen_per_l=200, credit_limit_fen=2000, milli_pulses_per_litre=450_000,
-                        billed_pulses=4500, overrun_pulses=2, volume_ml=10_000, cost_fen=2000, below_minimum=False,
+    rec = SessionRecord(session_id="s-1", user_ref="u", reason="stop_button", started_mono_ms=0,
+                        closed_mono_ms=95_000, ended_mono_ms=95_500, price_fen_per_l=200, credit_limit_fen=2000,
+                        milli_pulses_per_litre=450_000, billed_pulses=4500, overrun_pulses=2, volume_ml=10_000,
+                        cost_fen=2000, below_minimum=False,
                         temp_start_c=12.0, temp_end_c=12.4, tds_ppm=90, tds_measured=True)
     v = present(snap(state=State.RECEIPT, receipt=rec), "zh", started_hhmm="2026-11-25 18:00")
     assert v["r_amount"] == "¥20.00" and v["r_volume"] == "10.000 升" and v["r_points"] == "+20"
@@ -175,9 +176,9 @@ def test_the_one_command_system_serves_a_phone_session(xvfb, tmp_path):
         where = http.get(link, allow_redirects=False, timeout=10).headers["location"]
         code = where.split("c=")[1]
         scan = http.get(base + "/api/v1/scan", params={"machine": machine, "c": code}, timeout=10).json()
-        start = http.post(base + "/api/v1/sessions", json={"presence_token": scan["presence_token"],
-                                                           "expected_price_fen_per_l": scan["machine"]["price_fen_per_l"]},
-                          timeout=10)
+        price = scan["machine"]["price_fen_per_l"]
+        start = http.post(base + "/api/v1/sessions", timeout=10,
+                          json={"presence_token": scan["presence_token"], "expected_price_fen_per_l": price})
         assert start.status_code == 200, start.text
         sid = start.json()["session_id"]
         assert wait_until(lambda: (http.get(base + f"/api/v1/sessions/{sid}", timeout=10).json().get("progress") or {})
