@@ -156,6 +156,20 @@ class LedgerConfig:
 
 
 @dataclass(frozen=True)
+class MaintenanceConfig:
+    timeout_ms: int = _opt(600_000, "Maintenance mode ends by itself after this long without a touch.",
+                           min=60_000, max=3_600_000)
+    max_pour_ms: int = _opt(120_000, "Hard maximum of a technician's pour (flush, valve test, calibration).",
+                            min=1_000, max=600_000)
+    max_pour_ml: int = _opt(10_000, "Hard maximum volume of a technician's pour.", min=100, max=50_000)
+    filter_life_l: int = _opt(3_000, "Litres a filter cartridge lasts (0: no filter fitted).", min=0, max=1_000_000)
+    filter_life_days: int = _opt(180, "Days a filter cartridge lasts (0: no limit by time).", min=0, max=3_650)
+    uv_life_days: int = _opt(365, "Days a UV lamp lasts (0: no UV lamp fitted).", min=0, max=3_650)
+    flush_reminder_days: int = _opt(7, "Remind the technician to flush the line after this many days.",
+                                    min=0, max=365)
+
+
+@dataclass(frozen=True)
 class Config:
     machine: MachineConfig = field(default_factory=MachineConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
@@ -169,6 +183,7 @@ class Config:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    maintenance: MaintenanceConfig = field(default_factory=MaintenanceConfig)
 
     @property
     def data_dir(self) -> Path:

@@ -200,10 +200,43 @@ class Shutdown:
     reason: str = "shutdown"
 
 
+TECH_PURPOSES = ("calibration", "flush", "valve_test")
+
+
+@dataclass(frozen=True)
+class TechPour:
+    """A technician opens the valve in maintenance mode: metered and logged, never billed, closed at the
+    target volume or after ``max_ms`` (both clamped to the machine's hard maximum)."""
+
+    purpose: str                        # one of TECH_PURPOSES
+    target_ml: int | None = None        # None: until stopped or the time limit
+    max_ms: int = 60_000
+    actor: str = ""
+
+
+@dataclass(frozen=True)
+class TechStop:
+    actor: str = ""
+
+
+@dataclass(frozen=True)
+class SetCalibration:
+    """Accept a new flow-meter factor (from the calibration wizard). Only in maintenance, with no pour."""
+
+    milli_pulses_per_litre: int
+    actor: str = ""
+    pours: tuple = ()                   # (pulses, measured_ml) pairs behind it, for the record
+
+
+@dataclass(frozen=True)
+class MaintenanceActivity:
+    """The technician touched the maintenance screen: the inactivity timer starts again."""
+
+
 Event = (GrantReceived | PulseCount | StopPressed | CancelReceived | Tick | TemperatureReading
          | WaterQualityReading | LowWater | Fault | SessionStartFailed | LeakSensor | LinkChanged
          | SetOutOfService | ClearLockout | EnterMaintenance | ExitMaintenance | ReceiptDismissed | Shutdown
-         | PriceChanged)
+         | PriceChanged | TechPour | TechStop | SetCalibration | MaintenanceActivity)
 
 
 # ---------------------------------------------------------------- actions (outputs)
@@ -318,5 +351,21 @@ class SetLockout:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class SaveCalibration:
+    """Persist the flow-meter factor (it outlives the configuration file's default)."""
+
+    milli_pulses_per_litre: int
+
+
+@dataclass(frozen=True)
+class TechPourResult:
+    purpose: str
+    pulses: int                         # everything the meter counted, overrun included
+    volume_ml: int                      # by the calibration in force during the pour
+    duration_ms: int
+    reason: str                         # target, max_time, max_volume, stopped, exit, fault, shutdown
+
+
 Action = (OpenValve | CloseValve | SessionStarted | Checkpoint | SessionEnded | AddToTotalizer
-          | RecordEvent | SetLockout)
+          | RecordEvent | SetLockout | SaveCalibration)

@@ -90,6 +90,14 @@ def m001_initial(db: Database) -> None:
         created_wall_ms INTEGER NOT NULL, taken_wall_ms INTEGER)""")
 
 
+@migrations()
+def m002_settings(db: Database) -> None:
+    """Values the machine learns and keeps across restarts: the calibrated meter factor, the maintenance
+    PIN's hash and lockout, consumable counters."""
+    db.execute("""CREATE TABLE settings (
+        key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_wall_ms INTEGER NOT NULL)""")
+
+
 def iso_utc(wall_ms: int) -> str:
     return datetime.fromtimestamp(wall_ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -387,6 +395,17 @@ class Ledger:
             self._event(db, "report_dead_lettered", {"event_id": event_id, "error": error})
 
     # ------------------------------------------------------------------ local admin commands
+    # ------------------------------------------------------------------ settings
+    def setting(self, key: str, default: Any = None) -> Any:
+        rows = self._read("SELECT value FROM settings WHERE key = ?", [key])
+        return json.loads(rows[0]["value"]) if rows else default
+
+    def set_setting(self, key: str, value: Any) -> None:
+        with self._tx("setting") as db:
+            db.execute("INSERT INTO settings (key, value, updated_wall_ms) VALUES (?, ?, ?) ON CONFLICT (key) "
+                       "DO UPDATE SET value = excluded.value, updated_wall_ms = excluded.updated_wall_ms",
+                       [key, json.dumps(value), self._wall()])
+
     def queue_admin_command(self, command: str, args: dict[str, Any]) -> int:
         with self._tx("queue an admin command") as db:
             cur = db.execute("INSERT INTO admin_commands (command, args, created_wall_ms) VALUES (?, ?, ?)",

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kiosk.billing import Calibration
 from kiosk.config import Config
 from kiosk.events import (
     Action,
@@ -34,6 +35,7 @@ from kiosk.events import (
     OpenValve,
     PulseCount,
     RecordEvent,
+    SaveCalibration,
     SessionEnded,
     SessionStarted,
     SessionStartFailed,
@@ -56,6 +58,7 @@ PRUNE_INTERVAL_MS = 3_600_000
 VERSION = "0.1.0"
 
 
+CALIBRATION_KEY = "milli_pulses_per_litre"
 IDLE_SAMPLE_MS = 100          # the core thread's cadence between sessions
 
 
@@ -237,6 +240,9 @@ class Runtime:
                 log.warning("%s: %s", a.kind, a.detail)
         elif isinstance(a, SetLockout):
             ledger.set_lockout(a.reason, a.active, a.detail)
+        elif isinstance(a, SaveCalibration):
+            ledger.set_setting(CALIBRATION_KEY, a.milli_pulses_per_litre)
+            log.warning("flow meter calibration is now %d milli-pulses per litre", a.milli_pulses_per_litre)
         else:  # pragma: no cover - a new action type without an executor is a programming error
             raise TypeError(f"no executor for {a!r}")
 
@@ -333,6 +339,12 @@ def boot(cfg: Config, valve: Valve, meter: FlowMeter, clock: Clock, *,
             ledger.close()
             ledger = None
     lockouts.update(extra)
-    core = DispenserCore(CoreSettings.from_config(cfg), lockouts=lockouts, seen_session_ids=seen)
+    calibration = None
+    if ledger is not None:
+        mppl = ledger.setting(CALIBRATION_KEY)
+        if isinstance(mppl, int) and mppl > 0:
+            calibration = Calibration(mppl)          # the technician's calibration beats the config's default
+    core = DispenserCore(CoreSettings.from_config(cfg, calibration=calibration), lockouts=lockouts,
+                         seen_session_ids=seen)
     rt = Runtime(cfg, core, ledger, valve, meter, clock, trace=trace, events=events)
     return rt, BootReport(ledger_error=error, recovered=recovered, lockouts=lockouts)

@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 
 from kiosk.billing import Calibration
+from kiosk.calibration import MAX_MPPL, MIN_MPPL
 from kiosk.config import Config
 from kiosk.events import (
     LOCKOUT_GHOST_FLOW,
@@ -32,6 +33,7 @@ from kiosk.events import (
     LOCKOUT_TDS,
     LOCKOUT_TEMPERATURE,
     SITE_ONLY_LOCKOUTS,
+    TECH_PURPOSES,
     Action,
     AddToTotalizer,
     CancelReceived,
@@ -49,20 +51,26 @@ from kiosk.events import (
     LeakSensor,
     LinkChanged,
     LowWater,
+    MaintenanceActivity,
     OpenValve,
     PriceChanged,
     PulseCount,
     ReceiptDismissed,
     RecordEvent,
+    SaveCalibration,
     SessionEnded,
     SessionRecord,
     SessionStarted,
     SessionStartFailed,
+    SetCalibration,
     SetLockout,
     SetOutOfService,
     Shutdown,
     State,
     StopPressed,
+    TechPour,
+    TechPourResult,
+    TechStop,
     TemperatureReading,
     Tick,
     WaterQualityReading,
@@ -98,6 +106,9 @@ class CoreSettings:
     temp_alarm_after_ms: int = 600_000
     tds_limit_ppm: int = 500
     tds_alarm_after_ms: int = 60_000
+    tech_max_ms: int = 120_000            # a technician's pour never lasts longer
+    tech_max_ml: int = 10_000             # nor pours more
+    maintenance_timeout_ms: int = 600_000  # maintenance ends by itself after this long untouched
 
     @classmethod
     def from_config(cls, cfg: Config, calibration: Calibration | None = None) -> CoreSettings:
@@ -121,7 +132,25 @@ class CoreSettings:
             temp_alarm_after_ms=cfg.sensors.temp_alarm_after_ms,
             tds_limit_ppm=cfg.sensors.tds_limit_ppm,
             tds_alarm_after_ms=cfg.sensors.tds_alarm_after_ms,
+            tech_max_ms=cfg.maintenance.max_pour_ms,
+            tech_max_ml=cfg.maintenance.max_pour_ml,
+            maintenance_timeout_ms=cfg.maintenance.timeout_ms,
         )
+
+
+@dataclass
+class _Tech:
+    purpose: str
+    actor: str
+    started_ms: int
+    target_pulses: int
+    target_reason: str                    # why reaching target_pulses closes: target or max_volume
+    max_ms: int
+    milli_pulses_per_litre: int
+    pulses: int = 0
+    overrun_pulses: int = 0
+    closed_ms: int | None = None
+    reason: str = ""
 
 
 @dataclass
@@ -170,6 +199,14 @@ class Snapshot:
     elapsed_ms: int = 0
     receipt: SessionRecord | None = None
     last_rejection: str | None = None
+    milli_pulses_per_litre: int = 0
+    tech_active: bool = False             # a technician's pour has the valve open
+    tech_purpose: str = ""
+    tech_pulses: int = 0
+    tech_volume_ml: int = 0
+    tech_elapsed_ms: int = 0
+    tech_last: TechPourResult | None = None
+    maintenance_idle_ms: int = 0          # how long the maintenance screen has been untouched
 
 
 class DispenserCore:
@@ -202,6 +239,10 @@ class DispenserCore:
         self._seen_order: deque[str] = deque(maxlen=SEEN_SESSION_IDS)
         self._seen: set[str] = set()
         self._last_rejection: str | None = None
+        self._tech: _Tech | None = None
+        self._tech_last: TechPourResult | None = None
+        self._tech_count = 0
+        self._maint_activity_ms = 0
         self._now_ms = 0
         for sid in seen_session_ids:
             self._remember(sid)
@@ -221,7 +262,7 @@ class DispenserCore:
 
     @property
     def valve_should_be_open(self) -> bool:
-        return self._phase is State.DISPENSING
+        return self._phase is State.DISPENSING or (self._tech is not None and self._tech.closed_ms is None)
 
     @property
     def session_id(self) -> str | None:
@@ -247,7 +288,16 @@ class DispenserCore:
                         tds_ppm=self.tds_ppm, tds_measured=self.tds_measured,
                         tds_limit_ppm=self.settings.tds_limit_ppm,
                         receipt=self._receipt if self._phase is State.RECEIPT else None,
-                        last_rejection=self._last_rejection)
+                        last_rejection=self._last_rejection,
+                        milli_pulses_per_litre=self.settings.calibration.milli_pulses_per_litre,
+                        tech_last=self._tech_last,
+                        maintenance_idle_ms=max(0, now - self._maint_activity_ms) if self.maintenance else 0)
+        t = self._tech
+        if t is not None:
+            cal = self.settings.calibration
+            base = replace(base, tech_active=t.closed_ms is None, tech_purpose=t.purpose, tech_pulses=t.pulses,
+                           tech_volume_ml=cal.volume_ml(t.pulses),
+                           tech_elapsed_ms=max(0, (t.closed_ms if t.closed_ms is not None else now) - t.started_ms))
         s = self._session
         if s is None:
             return base
@@ -359,6 +409,15 @@ class DispenserCore:
         if self._phase is State.SETTLING and s is not None:
             s.overrun_pulses += delta
             return []
+        t = self._tech
+        if t is not None:                     # a technician's pour: metered, never billed, not ghost flow
+            if t.closed_ms is not None:
+                t.overrun_pulses += delta
+                return []
+            t.pulses += delta
+            if t.pulses >= t.target_pulses:
+                return self._tech_close(t.target_reason, now)
+            return []
         return self._ghost_flow(delta, now)
 
     def _on_stop(self, ev: StopPressed, now: int) -> list[Action]:
@@ -387,6 +446,15 @@ class DispenserCore:
                 actions += self._finalize(now)
         elif self._phase is State.RECEIPT and now >= self._receipt_until_ms:
             actions += self._end_receipt()
+        t = self._tech
+        if t is not None and t.closed_ms is None and now - t.started_ms >= t.max_ms:
+            actions += self._tech_close("max_time", now)
+        elif t is not None and t.closed_ms is not None and now - t.closed_ms >= self.settings.overrun_window_ms:
+            actions += self._tech_finish(now)
+        elif t is None and self.maintenance and \
+                now - self._maint_activity_ms >= self.settings.maintenance_timeout_ms:
+            self.maintenance = False
+            actions.append(RecordEvent("maintenance_exited", {"actor": "inactivity"}, report=True))
         if self._phase is None:
             actions += self._flush_totalizer(now)
         if self._ghost_unlogged and now - self._ghost_logged_ms >= GHOST_LOG_INTERVAL_MS:
@@ -488,6 +556,7 @@ class DispenserCore:
         if self._phase in (State.DISPENSING, State.SETTLING):
             return [RecordEvent("maintenance_refused", {"actor": ev.actor, "why": "a session is running"},
                                 report=True)]
+        self._maint_activity_ms = now
         if self.maintenance:
             return []
         self.maintenance = True
@@ -497,8 +566,97 @@ class DispenserCore:
     def _on_exit_maintenance(self, ev: ExitMaintenance, now: int) -> list[Action]:
         if not self.maintenance:
             return []
+        actions: list[Action] = []
+        if self._tech is not None:
+            if self._tech.closed_ms is None:
+                actions += self._tech_close("exit", now)
+            actions += self._tech_finish(now)
         self.maintenance = False
-        return [RecordEvent("maintenance_exited", {"actor": ev.actor}, report=True)]
+        return [*actions, RecordEvent("maintenance_exited", {"actor": ev.actor}, report=True)]
+
+    def _on_activity(self, ev: MaintenanceActivity, now: int) -> list[Action]:
+        if self.maintenance:
+            self._maint_activity_ms = now
+        return []
+
+    # ------------------------------------------------------------------ technicians' pours and calibration
+    def _on_tech_pour(self, ev: TechPour, now: int) -> list[Action]:
+        st = self.settings
+        why = None
+        if not self.maintenance:
+            why = "the machine is not in maintenance mode"
+        elif self._phase is not None:
+            why = "a session is running"
+        elif self._tech is not None:
+            why = "a pour is already running"
+        elif LOCKOUT_LEAK_SENSOR in self.lockouts:
+            why = "the leak sensor is wet: inspect and clear it first"
+        elif ev.purpose not in TECH_PURPOSES:
+            why = f"unknown purpose {ev.purpose!r}"
+        elif ev.target_ml is not None and not 1 <= ev.target_ml <= st.tech_max_ml:
+            why = f"the target must be 1 to {st.tech_max_ml} ml"
+        elif ev.max_ms <= 0:
+            why = "the time limit must be positive"
+        if why is not None:
+            return [RecordEvent("tech_pour_refused", {"purpose": ev.purpose, "actor": ev.actor, "why": why},
+                                report=True)]
+        cal = st.calibration
+        volume = ev.target_ml if ev.target_ml is not None else st.tech_max_ml
+        target = cal.max_pulses_for_volume(volume)
+        self._tech_count += 1
+        self._maint_activity_ms = now
+        self._tech = _Tech(purpose=ev.purpose, actor=ev.actor, started_ms=now, target_pulses=target,
+                           target_reason="target" if ev.target_ml is not None else "max_volume",
+                           max_ms=min(ev.max_ms, st.tech_max_ms), milli_pulses_per_litre=cal.milli_pulses_per_litre)
+        info = {"purpose": ev.purpose, "actor": ev.actor, "target_ml": ev.target_ml, "max_ms": self._tech.max_ms}
+        return [RecordEvent("tech_pour_started", info),          # on disk before the valve opens
+                OpenValve(f"tech-{self._tech_count}", close_at_total_pulses=(self._last_total or 0) + target)]
+
+    def _on_tech_stop(self, ev: TechStop, now: int) -> list[Action]:
+        if self._tech is None or self._tech.closed_ms is not None:
+            return []
+        return self._tech_close("stopped", now)
+
+    def _tech_close(self, reason: str, now: int) -> list[Action]:
+        t = self._tech
+        assert t is not None and t.closed_ms is None
+        t.closed_ms, t.reason = now, reason
+        actions: list[Action] = [CloseValve(f"technician's pour: {reason}")]
+        if self.settings.overrun_window_ms == 0:
+            actions += self._tech_finish(now)
+        return actions
+
+    def _tech_finish(self, now: int) -> list[Action]:
+        t = self._tech
+        assert t is not None and t.closed_ms is not None
+        pulses = t.pulses + t.overrun_pulses
+        self._tech_last = TechPourResult(purpose=t.purpose, pulses=pulses,
+                                         volume_ml=self.settings.calibration.volume_ml(pulses),
+                                         duration_ms=t.closed_ms - t.started_ms, reason=t.reason)
+        self._tech = None
+        self._maint_activity_ms = now
+        return [RecordEvent("tech_pour", {"purpose": t.purpose, "actor": t.actor, "pulses": pulses,
+                                          "overrun_pulses": t.overrun_pulses, "volume_ml": self._tech_last.volume_ml,
+                                          "duration_ms": self._tech_last.duration_ms, "reason": t.reason,
+                                          "milli_pulses_per_litre": t.milli_pulses_per_litre, "billed": False},
+                            report=True)]
+
+    def _on_set_calibration(self, ev: SetCalibration, now: int) -> list[Action]:
+        old = self.settings.calibration.milli_pulses_per_litre
+        why = None
+        if not self.maintenance:
+            why = "the machine is not in maintenance mode"
+        elif self._phase is not None or self._tech is not None:
+            why = "water is flowing"
+        elif not MIN_MPPL <= ev.milli_pulses_per_litre <= MAX_MPPL:
+            why = f"{ev.milli_pulses_per_litre} milli-pulses per litre is outside any real meter's range"
+        if why is not None:
+            return [RecordEvent("calibration_refused", {"actor": ev.actor, "why": why}, report=True)]
+        self.settings = replace(self.settings, calibration=Calibration(ev.milli_pulses_per_litre))
+        self._maint_activity_ms = now
+        return [SaveCalibration(ev.milli_pulses_per_litre),
+                RecordEvent("calibration_changed", {"from": old, "to": ev.milli_pulses_per_litre, "actor": ev.actor,
+                                                    "pours": [list(p) for p in ev.pours]}, report=True)]
 
     def _on_price(self, ev: PriceChanged, now: int) -> list[Action]:
         if ev.price_fen_per_l < 0:
@@ -515,6 +673,10 @@ class DispenserCore:
             actions += self._close(EndReason.SHUTDOWN, now)
         if self._phase is State.SETTLING:
             actions += self._finalize(now)
+        if self._tech is not None:
+            if self._tech.closed_ms is None:
+                self._tech.closed_ms, self._tech.reason = now, "shutdown"
+            actions += self._tech_finish(now)
         actions = [a for a in actions if not isinstance(a, CloseValve)]
         actions.insert(0, CloseValve(ev.reason))        # the valve closes first, whatever else happens
         actions += self._flush_totalizer(now, force=True)
@@ -613,6 +775,8 @@ class DispenserCore:
             actions += self._close(end, now)
         elif end is not None:
             actions.append(CloseValve(end.value))   # should be closed already: command it again anyway
+        if end is not None and self._tech is not None and self._tech.closed_ms is None:
+            actions += self._tech_close("fault", now)
         if reason not in self.lockouts:
             self.lockouts[reason] = detail
             actions += [SetLockout(reason, active=True, detail=detail),
@@ -655,4 +819,8 @@ _HANDLERS = {
     ReceiptDismissed: DispenserCore._on_receipt_dismissed,
     PriceChanged: DispenserCore._on_price,
     Shutdown: DispenserCore._on_shutdown,
+    TechPour: DispenserCore._on_tech_pour,
+    TechStop: DispenserCore._on_tech_stop,
+    SetCalibration: DispenserCore._on_set_calibration,
+    MaintenanceActivity: DispenserCore._on_activity,
 }

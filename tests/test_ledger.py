@@ -44,7 +44,8 @@ def test_durability_settings(tmp_path, wall):
     led = open_ledger(tmp_path, wall)
     assert led.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert led.db.execute("PRAGMA synchronous").fetchone()[0] == 2          # FULL
-    assert [m.name for m in __import__("kiosk.ledger").ledger.migrations.applied(led.db)] == ["m001_initial"]
+    applied = [m.name for m in __import__("kiosk.ledger").ledger.migrations.applied(led.db)]
+    assert applied == ["m001_initial", "m002_settings"]
 
 
 def test_a_session_from_start_to_report(tmp_path, wall):
