@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--provision", metavar="ENROLMENT_TOKEN",
                    help="register this machine (machine.id) with the cloud (cloud.url) and store its secret")
     p.add_argument("--force", action="store_true", help="with --provision: replace an existing secret")
+    p.add_argument("--set-maintenance-pin", action="store_true",
+                   help="set the technicians' PIN (6-8 digits; from TAPSHARE_MAINTENANCE_PIN or asked for)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p.parse_args(argv)
 
@@ -124,6 +126,30 @@ def provision(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def set_maintenance_pin(cfg: config_mod.Config) -> int:
+    import getpass
+    import os
+
+    from kiosk.ledger import Ledger, LedgerError
+    from kiosk.maintenance import store_pin
+    from kiosk.pin import PinError
+    pin = os.environ.get("TAPSHARE_MAINTENANCE_PIN") or getpass.getpass("new maintenance PIN (6-8 digits): ")
+    try:
+        ledger = Ledger.open(cfg.db_path, machine_id=cfg.machine.id, wall_clock=SystemClock().wall_ms, new_boot=False)
+    except LedgerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_STORAGE
+    try:
+        store_pin(ledger, pin, actor="cli")
+    except PinError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    finally:
+        ledger.close()
+    print("maintenance PIN set (only its scrypt hash is stored)")
+    return 0
+
+
 def start_link(cfg: config_mod.Config, runtime, clock):
     """The cloud link, if this machine is provisioned; else ``None`` (and why)."""
     from sync.client import CloudClient
@@ -167,7 +193,7 @@ def start_embedded_cloud(cfg: config_mod.Config, args: argparse.Namespace):
     return embedded, cfg
 
 
-def run_window(cfg: config_mod.Config, runtime, link, world, phone_link: str) -> None:
+def run_window(cfg: config_mod.Config, runtime, link, world, phone_link: str, ui_hooks: dict) -> None:
     """The Kivy touchscreen UI on this (the main) thread until the window closes or the runtime stops."""
     from kiosk.ui.app import build_app, configure_window
     configure_window(cfg.screen.layout, fullscreen=cfg.screen.fullscreen, simulate=world is not None)
@@ -176,9 +202,13 @@ def run_window(cfg: config_mod.Config, runtime, link, world, phone_link: str) ->
     def qr_url() -> str | None:
         return None if link is None else link.current_qr_url(public)
 
+    from kiosk.maintenance import MaintenanceService
+    service = MaintenanceService(cfg, runtime, link) if runtime.ledger is not None else None
     app = build_app(runtime, layout=cfg.screen.layout, language=cfg.screen.language,
                     receipt_display_ms=cfg.screen.receipt_display_ms, qr_url=qr_url, sim_world=world,
-                    phone_link=phone_link, on_stop=lambda: runtime.request_stop("window closed"))
+                    phone_link=phone_link, on_stop=lambda: runtime.request_stop("window closed"), service=service,
+                    maintenance_timeout_ms=cfg.maintenance.timeout_ms)
+    ui_hooks["long_press"] = app.request_pin_pad       # the stop button held while idle opens the PIN pad
     app.run()
 
 
@@ -198,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         return admin(cfg, args)
     if args.provision:
         return provision(cfg, args)
+    if args.set_maintenance_pin:
+        return set_maintenance_pin(cfg)
     embedded = None
     if args.embedded_cloud:
         if not args.simulate:
@@ -231,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     runtime = None
     hw = None
     hw_error = None
+    ui_hooks: dict = {}                 # the window's entry points for hardware callbacks
     try:
         hw = build(cfg, post=events.put, on_stop_press=lambda: runtime.stop_pressed() if runtime else None,
-                   on_stop_long_press=lambda: log.info("stop button long press (maintenance arrives later)"),
+                   on_stop_long_press=lambda: ui_hooks.get("long_press", lambda: None)(),
                    simulate=args.simulate, sim_dir=cfg.data_dir / "sim", sim_seed=args.seed)
         valve, meter = hw.valve, hw.meter
     except HardwareError as e:
@@ -274,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 pass
         else:
             run_window(cfg, runtime, link, hw.world if hw is not None else None,
-                       embedded.demo_link(cfg.machine.id) if embedded else "")
+                       embedded.demo_link(cfg.machine.id) if embedded else "", ui_hooks)
             runtime.request_stop("window closed")
             runtime.wait_stopped(5)
     finally:

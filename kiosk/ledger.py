@@ -394,6 +394,27 @@ class Ledger:
                        " WHERE event_id = ? AND state = 'pending'", [error, self._wall(), event_id])
             self._event(db, "report_dead_lettered", {"event_id": event_id, "error": error})
 
+    def retry_dead(self, event_id: str) -> bool:
+        """Send a dead letter again (a technician's decision, e.g. after the cloud fixed its side)."""
+        with self._tx("retry a dead letter") as db:
+            n = db.execute("UPDATE outbox SET state = 'pending', next_attempt_wall_ms = 0, done_wall_ms = NULL "
+                           "WHERE event_id = ? AND state = 'dead'", [event_id]).rowcount
+            if n:
+                self._event(db, "dead_letter_retried", {"event_id": event_id})
+            return n == 1
+
+    def discard_dead(self, event_id: str, actor: str) -> bool:
+        """Give up on a dead letter: the row leaves the outbox, its whole content stays in the event log."""
+        with self._tx("discard a dead letter") as db:
+            row = db.execute("SELECT kind, payload, last_error FROM outbox WHERE event_id = ? AND state = 'dead'",
+                             [event_id]).fetchone()
+            if row is None:
+                return False
+            self._event(db, "dead_letter_discarded", {"event_id": event_id, "kind": row[0],
+                                                      "payload": json.loads(row[1]), "error": row[2], "actor": actor})
+            db.execute("DELETE FROM outbox WHERE event_id = ?", [event_id])
+            return True
+
     # ------------------------------------------------------------------ local admin commands
     # ------------------------------------------------------------------ settings
     def setting(self, key: str, default: Any = None) -> Any:

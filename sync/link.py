@@ -117,6 +117,11 @@ class SyncLink:
         for t in self._threads:
             t.join(timeout_s)
 
+    @property
+    def last_ok_mono(self) -> int | None:
+        """When the cloud last answered (monotonic ms), or None."""
+        return self._last_ok_mono
+
     def wake_outbox(self) -> None:
         self._outbox_wake.set()
 

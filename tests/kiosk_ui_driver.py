@@ -53,7 +53,9 @@ def overflow_problems(root) -> list[str]:
                 out.append(f"{name}: wrapped text needs {full_h:.0f} px, box is {w.height:.0f}")
                 continue
         p = w.parent
-        inside = p is None or p is root or not hasattr(p, "pos") or hasattr(p, "manager") or p.height <= 1 or (
+        from kivy.uix.scrollview import ScrollView
+        inside = p is None or p is root or not hasattr(p, "pos") or hasattr(p, "manager") or p.height <= 1 or \
+            isinstance(p, ScrollView) or (
             p.y - 2 <= w.y and w.top <= p.top + 2 and p.x - 2 <= w.x and w.right <= p.right + 2)
         if not inside:
             out.append(f"{name}: outside its container ({w.x:.0f},{w.y:.0f},{w.width:.0f}x{w.height:.0f} "
@@ -65,22 +67,28 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layout", default="landscape_800x480")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--scenario", default="screens", choices=("screens", "maintenance"))
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp())
     cfg = simulated_config(Config().replace(paths={"data_dir": str(tmp / "data")}, machine={"id": "SIM-001"},
-                                            screen={"layout": args.layout, "receipt_display_ms": 60_000}))
+                                            screen={"layout": args.layout, "receipt_display_ms": 60_000},
+                                            maintenance={"max_pour_ms": 3_000}))
     configure_window(cfg.screen.layout, fullscreen=False, simulate=True)
     clock = SystemClock()
     hw, rt, _ = simulated_dispenser(cfg, clock, tmp / "sim")
     threading.Thread(target=rt.run, daemon=True).start()
     hw.start()
     rt.post(LinkChanged(True))
+    from kiosk.maintenance import MaintenanceService
     from kiosk.ui.app import build_app
+    service = MaintenanceService(cfg, rt)
+    service.set_pin("482913", actor="test")
     app = build_app(rt, layout=cfg.screen.layout, language="zh", receipt_display_ms=60_000,
                     qr_url=lambda: "http://127.0.0.1:8700/m/SIM-001?c=123456", sim_world=hw.world,
-                    phone_link="http://127.0.0.1:8700/dev/qr/SIM-001")
+                    phone_link="http://127.0.0.1:8700/dev/qr/SIM-001", service=service,
+                    maintenance_timeout_ms=cfg.maintenance.timeout_ms)
     report: dict = {"shots": [], "problems": [], "states": []}
 
     def wait(pred, timeout=10.0):
@@ -162,7 +170,91 @@ def main() -> int:
         finally:
             on_kivy(app.stop)
 
-    threading.Thread(target=script, daemon=True).start()
+    def maintenance_script() -> None:
+        try:
+            assert wait(lambda: app.root is not None and rt.snapshot.state is State.IDLE)
+            pad = app.manager.get_screen("pin_pad")
+            m = app.manager.get_screen("maintenance")
+
+            def type_pin(pin: str) -> None:
+                for d in pin:
+                    on_kivy(lambda d=d: app.root_pin_key(d))
+                on_kivy(app.submit_pin)
+                assert wait(lambda: not app._pin_busy)
+            on_kivy(app.open_pin_pad)
+            assert wait(lambda: app.manager.current == "pin_pad")
+            shoot("pin_pad")
+            for _ in range(5):
+                type_pin("111222")
+            assert wait(lambda: "30" in pad.message or "60" in pad.message or "秒" in pad.message)
+            report["pin_locked_message"] = pad.message
+            shoot("pin_locked")
+            type_pin("482913")                                  # right PIN, but still locked
+            assert rt.snapshot.state is State.IDLE
+            report["pin_state"] = service.ledger.setting("maintenance_pin_state")
+            service.ledger.set_setting("maintenance_pin_state", {})        # the lock has run out
+            type_pin("482913")
+            assert wait(lambda: rt.snapshot.state is State.MAINTENANCE and app.manager.current == "maintenance")
+            # calibration: the meter really gives 8 % more pulses than the configured factor says
+            true_ppl = cfg.flow.pulses_per_litre * 1.08
+            hw.world.water.pulses_per_litre = true_ppl
+            hw.world.water.set_flow(6_000)
+            for _ in range(3):
+                on_kivy(lambda: setattr(m.ids.cal_target, "text", "300"))
+                on_kivy(lambda: app.maintenance_pour("calibration", m.ids.cal_target.text, 60_000))
+                assert wait(lambda: rt.snapshot.tech_active)
+                assert wait(lambda: not rt.snapshot.tech_active and rt.snapshot.tech_last is not None
+                            and rt.snapshot.tech_last is not app._recorded_pour, 20)
+                measured = round(rt.snapshot.tech_last.pulses * 1000 / true_ppl)      # what the jug shows
+                on_kivy(lambda measured=measured: setattr(m.ids.cal_measured, "text", str(measured)))
+                on_kivy(lambda: app.maintenance_record_pour(m.ids.cal_measured.text))
+            assert wait(lambda: len(m.cal_pours) == 3)
+            shoot("maintenance-calibrate")
+            on_kivy(app.maintenance_accept_calibration)
+            assert wait(lambda: rt.snapshot.milli_pulses_per_litre != 450_000)
+            report["calibration"] = {"true_mppl": round(true_ppl * 1000),
+                                     "new_mppl": rt.snapshot.milli_pulses_per_litre,
+                                     "saved": service.ledger.setting("milli_pulses_per_litre")}
+            # a flush asks for 30 s; the machine's hard maximum (3 s here) ends it
+            on_kivy(lambda: app.maintenance_section("flush"))
+            on_kivy(lambda: app.maintenance_pour("flush", "", 30_000))
+            assert wait(lambda: rt.snapshot.tech_active)
+            shoot("maintenance-flush-running")
+            assert wait(lambda: rt.snapshot.tech_last is not None and rt.snapshot.tech_last.purpose == "flush", 10)
+            report["flush"] = {"reason": rt.snapshot.tech_last.reason, "duration_ms": rt.snapshot.tech_last.duration_ms,
+                               "lockouts": list(rt.snapshot.lockouts),
+                               "events": [(e["kind"], e["detail"]) for e in service.ledger.events(limit=12)]}
+            on_kivy(lambda: app.maintenance_section("sensors"))
+            time.sleep(2.5)
+            shoot("maintenance-sensors")
+            # a dead letter, retried from the screen
+            eid = service.ledger.record_event("test_report", {"n": 1}, report=True)
+            service.ledger.mark_dead(eid, "422 rejected by the cloud (test)")
+            on_kivy(lambda: app.maintenance_section("sync"))
+            assert wait(lambda: any(d["event_id"] == eid for d in m.data.get("dead_letters", [])), 10)
+            shoot("maintenance-sync")
+            on_kivy(lambda: app.maintenance_dead(eid, "retry"))
+            assert wait(lambda: any(r["event_id"] == eid for r in service.ledger.outbox("pending")), 10)
+            report["dead_letter_retried"] = True
+            for section in ("consumables", "faults", "info"):
+                on_kivy(lambda section=section: app.maintenance_section(section))
+                assert wait(lambda: bool(m.data), 10)
+                time.sleep(0.5)
+                shoot(f"maintenance-{section}")
+            on_kivy(app.maintenance_exit)
+            assert wait(lambda: rt.snapshot.state is State.IDLE)
+            events = [e["kind"] for e in service.ledger.events(limit=500)]
+            report["events"] = [k for k in events if k.startswith(("maintenance", "tech_pour", "calibration"))]
+            report["ok"] = True
+        except Exception as e:
+            import traceback
+            report["error"] = f"{e!r}\n{traceback.format_exc()}"
+            report["debug"] = {"lockouts": rt.snapshot.lockouts, "message": m.cal_message,
+                               "events": [(e["kind"], e["detail"]) for e in service.ledger.events(limit=30)]}
+        finally:
+            on_kivy(app.stop)
+
+    threading.Thread(target=maintenance_script if args.scenario == "maintenance" else script, daemon=True).start()
     app.run()
     rt.request_stop()
     rt.wait_stopped(5)

@@ -67,6 +67,35 @@ def test_every_screen_in_both_languages(xvfb, tmp_path, layout):
     assert grey / (qr_box.width * qr_box.height) < 0.02
 
 
+@pytest.mark.parametrize("layout", ["landscape_800x480", "portrait_720x1280"])
+def test_maintenance_pin_calibration_flush_and_dead_letters(xvfb, tmp_path, layout):
+    """Through the real App: five wrong PINs lock entry; the right one opens maintenance; three pours into a
+    jug correct a meter that reads 8 % off to within 1 %; a flush asking for 30 s stops at the machine's
+    3 s maximum; a dead letter is sent again from the sync screen. Screenshots of every section."""
+    out = SHOTS / f"maintenance-{layout}"
+    shutil.rmtree(out, ignore_errors=True)
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "kiosk_ui_driver.py"), "--layout", layout,
+                        "--scenario", "maintenance", "--out", str(out)],
+                       env=xvfb.env(KIVY_HOME=str(tmp_path / "kivy")), capture_output=True, text=True, timeout=240)
+    report = json.loads((out / "report.json").read_text())
+    assert report.get("ok"), (report.get("error"), report.get("debug"), r.stderr[-2000:])
+    assert report["problems"] == [], "\n".join(report["problems"])
+    assert "60" in report["pin_locked_message"] and report["pin_state"]["lockouts"] == 1
+    cal = report["calibration"]
+    assert abs(cal["new_mppl"] - cal["true_mppl"]) / cal["true_mppl"] < 0.01      # was 8 % off
+    assert cal["saved"] == cal["new_mppl"]
+    assert report["flush"]["reason"] == "max_time" and 2_900 <= report["flush"]["duration_ms"] <= 3_500
+    assert report["dead_letter_retried"]
+    ev = report["events"]
+    assert ev.count("maintenance_pin_failed") == 4 and "maintenance_pin_locked" in ev
+    for kind in ("maintenance_pin_ok", "maintenance_entered", "calibration_changed", "tech_pour", "maintenance_exited"):
+        assert kind in ev, kind
+    for name in ("pin_pad", "pin_locked", "maintenance-calibrate", "maintenance-flush-running", "maintenance-sensors",
+                 "maintenance-sync", "maintenance-consumables", "maintenance-faults", "maintenance-info"):
+        for lang in ("zh", "en"):
+            assert (out / f"{name}-{lang}.png").exists(), name
+
+
 def screen_for_state(state_value: str) -> str:
     return screen_for(Snapshot(state=State(state_value), machine_id="m", online=True, lockouts=(), temp_c=None,
                                display_price_fen_per_l=0))

@@ -97,7 +97,8 @@ def test_a_full_disk_mid_session_closes_the_valve(tmp_path):
         db.execute(f"PRAGMA max_page_count = {pages}")           # SQLite's own SQLITE_FULL from here on
         assert wait_until(lambda: STORAGE_LOCKOUT in m.rt.core.lockouts, 20)
         assert not m.valve.is_open
-        assert m.rt.snapshot.state in (State.OUT_OF_SERVICE, State.RECEIPT, State.SETTLING)
+        # the snapshot is published after the core has handled the fault: wait for it, do not race it
+        assert wait_until(lambda: m.rt.snapshot.state in (State.OUT_OF_SERVICE, State.RECEIPT, State.SETTLING))
 
 
 def test_the_storage_lockout_clears_once_the_disk_works_again(tmp_path):

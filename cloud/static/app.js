@@ -8,7 +8,7 @@ const T = {
     dev_banner: "开发模式：短信不会真正发送（验证码显示在登录页）；支付为沙箱，不扣真实款项。",
     scan_first: "请用手机扫描饮水机屏幕上的二维码。", machine: "饮水机", price: "单价", per_l: "元/升",
     water_temp: "水温", tds: "水质 TDS", online: "在线", offline: "离线", busy: "正在为他人服务",
-    ready: "可以取水", step: "下一步", login_first: "用手机号登录", register_first: "实名登记",
+    ready: "可以取水", maintenance: "维护中", out_of_service: "暂停服务", step: "下一步", login_first: "用手机号登录", register_first: "实名登记",
     review_pending: "实名登记审核中", rejected: "实名登记未通过", arrears_msg: "您的账户欠费，请先充值后再取水。",
     arrears: "欠费", topup: "充值", start: "开始取水", balance: "余额", available: "可用", held: "冻结",
     scan_again: "请重新扫描饮水机上的二维码。", confirm_price: "价格已变更，请确认新价格后再开始。",
@@ -50,7 +50,8 @@ const T = {
     dev_banner: "Development mode: no real SMS is sent (the code shows on the login page); payments are a sandbox and move no money.",
     scan_first: "Scan the QR code on a dispenser's screen with your phone.", machine: "Dispenser", price: "Price",
     per_l: "yuan/L", water_temp: "Water temperature", tds: "Water quality (TDS)", online: "Online",
-    offline: "Offline", busy: "Serving someone else", ready: "Ready", step: "Next step",
+    offline: "Offline", busy: "Serving someone else", ready: "Ready", maintenance: "Under maintenance",
+    out_of_service: "Out of service", step: "Next step",
     login_first: "Log in with your phone number", register_first: "Register your real name",
     review_pending: "Your registration is being reviewed", rejected: "Your registration was not accepted",
     arrears_msg: "Your account is in arrears: top up before you take water.", arrears: "Arrears", topup: "Top up",
@@ -178,7 +179,9 @@ async function scanFromUrl() {
 }
 
 function machineCard(m) {
-  const state = !m.online ? `<span class="bad">${t("offline")}</span>` : m.busy ? `<span class="amber">${t("busy")}</span>`
+  const state = !m.online ? `<span class="bad">${t("offline")}</span>` : m.state === "maintenance"
+    ? `<span class="amber">${t("maintenance")}</span>` : m.state === "out_of_service"
+    ? `<span class="bad">${t("out_of_service")}</span>` : m.busy ? `<span class="amber">${t("busy")}</span>`
     : `<span class="ok">${t("ready")}</span>`;
   return `<section class="card" id="machine"><h2>${t("machine")} ${esc(m.machine_id)}</h2>
     <p class="muted">${esc(m.location)}</p>
@@ -219,7 +222,8 @@ async function home(scanError) {
     return;
   }
   if (!v) { body.innerHTML = bal + `<p class="muted">${t("scan_first")}</p>`; return; }
-  body.innerHTML = bal + `<button id="start" ${v.machine.online && !v.machine.busy ? "" : "disabled"}>${t("start")} · ${yuan(v.machine.price_fen_per_l)} ${t("per_l")}</button>
+  const usable = v.machine.online && !v.machine.busy && !["maintenance", "out_of_service"].includes(v.machine.state);
+  body.innerHTML = bal + `<button id="start" ${usable ? "" : "disabled"}>${t("start")} · ${yuan(v.machine.price_fen_per_l)} ${t("per_l")}</button>
     <a class="button secondary" href="#/wallet">${t("topup")}</a>`;
   $("#start").onclick = () => startSession(v);
 }

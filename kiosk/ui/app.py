@@ -25,7 +25,10 @@ SIM_PANEL_PX = 48
 BUSY_FPS, IDLE_FPS = 30.0, 10.0     # Kivy's frame cap (Clock._max_fps: Kivy has no public setter after start)
 TICK_S = 0.1
 HERE = Path(__file__).resolve().parent
-SCREEN_MODULES = ("idle", "dispensing", "receipt", "offline", "out_of_service", "maintenance")
+SCREEN_MODULES = ("idle", "dispensing", "receipt", "offline", "out_of_service", "maintenance", "pin_pad")
+PIN_PAD_TIMEOUT_S = 60
+LONG_PRESS_S = 2.0
+DATA_REFRESH_S = 2.0
 
 
 def configure_window(layout: str, *, fullscreen: bool, simulate: bool, scale: float = 1.0) -> tuple[int, int]:
@@ -46,7 +49,8 @@ def configure_window(layout: str, *, fullscreen: bool, simulate: bool, scale: fl
 
 
 def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, qr_url: Callable[[], str | None],
-              sim_world=None, phone_link: str = "", on_stop: Callable[[], None] | None = None):
+              sim_world=None, phone_link: str = "", on_stop: Callable[[], None] | None = None, service=None,
+              maintenance_timeout_ms: int = 600_000):
     """The App object (not yet running). ``qr_url`` returns the current QR payload or None while offline."""
     from kivy.app import App
     from kivy.clock import Clock
@@ -59,11 +63,12 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
     from kiosk.events import ReceiptDismissed, State, StopPressed
     from kiosk.ui import fonts
     from kiosk.ui.dispensing import DispensingScreen
-    from kiosk.ui.i18n import tr
+    from kiosk.ui.i18n import lockout_text, tr
     from kiosk.ui.idle import IdleScreen
     from kiosk.ui.maintenance import MaintenanceScreen
     from kiosk.ui.offline import OfflineScreen
     from kiosk.ui.out_of_service import OutOfServiceScreen
+    from kiosk.ui.pin_pad import PinPadScreen
     from kiosk.ui.present import present, screen_for
     from kiosk.ui.qr import qr_texture
     from kiosk.ui.receipt import ReceiptScreen
@@ -87,6 +92,16 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
         def __init__(self, **kw) -> None:
             super().__init__(**kw)
             self.runtime = runtime
+            self.service = service
+            self.no_transition = NoTransition()
+            self._pin_pad_since: float | None = None
+            self._pin_busy = False
+            self._long_press = None
+            self._data_loaded = 0.0
+            self._chart_sampled = 0.0
+            self._recorded_pour = None
+            from concurrent.futures import ThreadPoolExecutor
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ui-worker")
             self._snap = None
             self._lang_shown = None
             self._qr_payload: str | None = None
@@ -105,17 +120,19 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
         def build(self):
             self.manager = ScreenManager(transition=NoTransition())
             for screen in (IdleScreen(), DispensingScreen(), ReceiptScreen(), OfflineScreen(),
-                           OutOfServiceScreen(), MaintenanceScreen()):
+                           OutOfServiceScreen(), MaintenanceScreen(), PinPadScreen()):
                 self.manager.add_widget(screen)
             root = BoxLayout(orientation="vertical")
             root.add_widget(self.manager)
             if sim_world is not None:
                 self.sim_panel = SimPanel()
                 root.add_widget(self.sim_panel)
-            Window.bind(on_key_down=self._on_key)
+            Window.bind(on_key_down=self._on_key, on_touch_down=self._any_touch)
             if os.environ.get("TAPSHARE_UI_STATS"):
                 Window.bind(on_draw=self._draw_started, on_flip=self._draw_done)
             Window.clearcolor = (0.957, 0.969, 0.980, 1)
+            maint = self.manager.get_screen("maintenance")
+            self.bind(lang=lambda *_a: maint.on_data())        # rows built in Python follow the language
             self.tick(0)
             Clock.schedule_interval(self.tick, TICK_S)
             return root
@@ -138,10 +155,19 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
             else:
                 self._receipt_since = None
             name = screen_for(snap)
-            if snap != self._snap or self.lang != self._lang_shown:       # equal snapshots: nothing to redo
+            if self._pin_pad_since is not None:
+                if snap.state in (State.IDLE, State.OFFLINE, State.OUT_OF_SERVICE) and \
+                        now - self._pin_pad_since < PIN_PAD_TIMEOUT_S:
+                    name = "pin_pad"
+                else:
+                    self._pin_pad_since = None           # a customer arrived, maintenance began, or it timed out
+            if name == "maintenance":
+                self._maintenance_tick(snap, now)
+            if snap != self._snap or self.lang != self._lang_shown or self.manager.current != name:
                 self._snap, self._lang_shown = snap, self.lang
                 self.machine_label = f"{self.tr('machine_no', self.lang)} {snap.machine_id}"
-                self.manager.get_screen(name).show(present(snap, self.lang, started_hhmm=self._started_text))
+                self.manager.get_screen(name).show(present(snap, self.lang, started_hhmm=self._started_text,
+                                                           maintenance_timeout_ms=maintenance_timeout_ms))
                 if self.manager.current != name:
                     self.manager.current = name
                 # 30 frames a second while water flows; 10 otherwise (touches still answer within 0.1 s)
@@ -189,6 +215,192 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
                 self.toggle_language()
                 return True
             return False
+
+        # ---------------------------------------------------------------- maintenance entry (PIN pad)
+        def request_pin_pad(self) -> None:
+            """From any thread (the stop button's long press): open the PIN pad if the machine is at rest."""
+            Clock.schedule_once(lambda _dt: self.open_pin_pad(), 0)
+
+        def open_pin_pad(self) -> None:
+            if self.service is None or self.runtime.snapshot.state not in (State.IDLE, State.OFFLINE,
+                                                                           State.OUT_OF_SERVICE):
+                return
+            pad = self.manager.get_screen("pin_pad")
+            pad.reset()
+            if not self.service.pin_known:
+                pad.message = self.tr("pin_not_set", self.lang)
+            self._pin_pad_since = time.monotonic()
+
+        def close_pin_pad(self) -> None:
+            self._pin_pad_since = None
+            self.manager.get_screen("pin_pad").reset()
+
+        def root_pin_key(self, key: str) -> None:
+            self._pin_pad_since = time.monotonic()
+            self.manager.get_screen("pin_pad").press(key)
+
+        def submit_pin(self) -> None:
+            pad = self.manager.get_screen("pin_pad")
+            if self._pin_busy or not pad.entered:
+                return
+            self._pin_busy, entered = True, pad.entered
+            pad.entered = ""
+
+            def done(result) -> None:
+                self._pin_busy = False
+                if result.ok:
+                    self._pin_pad_since = None
+                    self.manager.get_screen("maintenance").section = "calibrate"
+                    self._data_loaded = 0.0
+                elif result.locked_for_ms:
+                    pad.message = self.tr("pin_locked", self.lang, s=(result.locked_for_ms + 999) // 1000)
+                else:
+                    pad.message = self.tr("pin_wrong", self.lang, n=result.attempts_left)
+            self._off_thread(self.service.try_pin, done, entered)
+
+        def _off_thread(self, fn, done, *args) -> None:
+            """Run fn on the worker thread; done(result) runs on Kivy's thread."""
+            def run() -> None:
+                try:
+                    result = fn(*args)
+                except Exception as e:             # shown, never raised into Kivy's loop
+                    log.exception("maintenance action failed")
+                    result = e
+                Clock.schedule_once(lambda _dt: done(result) if not isinstance(result, Exception)
+                                    else self._show_error(result), 0)
+            self._worker.submit(run)
+
+        def _show_error(self, e: Exception) -> None:
+            self.manager.get_screen("maintenance").cal_message = str(e)
+
+        def _any_touch(self, _window, touch) -> bool:
+            snap = self.runtime.snapshot
+            if snap.state is State.MAINTENANCE and self.service is not None:
+                self.service.touch()
+            elif snap.state is State.IDLE and self.service is not None and self.manager.current == "idle":
+                label = self.manager.get_screen("idle").ids.get("machine")
+                if label is not None and label.collide_point(*label.to_widget(*touch.pos)):
+                    self._long_press = Clock.schedule_once(lambda _dt: self.open_pin_pad(), LONG_PRESS_S)
+                    touch.bind(on_touch_up=lambda *_a: self._long_press and self._long_press.cancel())
+            return False
+
+        # ---------------------------------------------------------------- maintenance screen
+        def _maintenance_tick(self, snap, now: float) -> None:
+            screen = self.manager.get_screen("maintenance")
+            if now - self._chart_sampled >= 1.0:
+                self._chart_sampled = now
+                from kiosk.ui.present import tech_flow_ml_per_min
+                screen.sample(snap.temp_c, tech_flow_ml_per_min(snap), snap.tds_ppm if snap.tds_measured else None)
+            if now - self._data_loaded >= DATA_REFRESH_S and self.service is not None:
+                self._data_loaded = now
+                lockouts = [(r, lockout_text(r, self.lang)) for r in snap.lockouts]
+                self._off_thread(self._load_data, lambda d: screen.set_data({**d, "lockouts": lockouts}))
+
+        def _load_data(self) -> dict:
+            svc = self.service
+            sync = svc.sync_status()
+            info = svc.machine_info()
+            due = svc.flush_due_days()
+            events = svc.event_log()
+            return {
+                "sync_online": self.tr("online_yes" if sync["online"] else "online_no", self.lang),
+                "sync_last": "—" if sync["last_ok_s_ago"] is None else f"{sync['last_ok_s_ago']} s",
+                "sync_pending": str(sync["pending"]), "sync_dead": str(sync["dead"]),
+                "dead_letters": svc.dead_letters(),
+                "consumables": [c.__dict__ for c in svc.consumables()],
+                "flush_due": self.tr("flush_ok", self.lang) if due is None else self.tr("flush_due", self.lang, d=due),
+                "event_log": "\n".join(f"{time.strftime('%m-%d %H:%M:%S', time.localtime(e['wall_ms'] / 1000))} "
+                                       f"{e['kind']} {json.dumps(e['detail'], ensure_ascii=False)[:90]}"
+                                       for e in events),
+                "info_machine": info["machine_id"], "info_version": info["version"], "info_ip": info["ip"],
+                "info_boot": str(info["boot_id"]), "info_uptime": f"{info['uptime_s'] // 3600} h "
+                f"{info['uptime_s'] % 3600 // 60} min", "info_disk": f"{info['disk_free_mb']} MB",
+            }
+
+        def maintenance_section(self, key: str) -> None:
+            screen = self.manager.get_screen("maintenance")
+            screen.section, screen.confirm = key, ""
+            self._data_loaded = 0.0
+
+        def maintenance_exit(self) -> None:
+            self.service.leave()
+
+        def maintenance_pour(self, purpose: str, target_text: str, max_ms: int) -> None:
+            target = int(target_text) if target_text.strip().isdigit() else None
+            if purpose == "calibration" and not target:
+                self.manager.get_screen("maintenance").cal_message = self.tr("cal_target", self.lang) + "?"
+                return
+            self.service.pour(purpose, target, max_ms)
+
+        def maintenance_stop_pour(self) -> None:
+            self.service.stop_pour()
+
+        def maintenance_record_pour(self, measured_text: str) -> None:
+            screen = self.manager.get_screen("maintenance")
+            last = self.runtime.snapshot.tech_last
+            if last is None or last.purpose != "calibration" or last is self._recorded_pour:
+                screen.cal_message = self.tr("cal_pour", self.lang) + " …"
+                return
+            try:
+                pour = self.service.pour_reading(last.pulses, int(measured_text or 0))
+            except ValueError as e:
+                screen.cal_message = str(e)
+                return
+            self._recorded_pour = last
+            screen.cal_pours = [*screen.cal_pours, (pour.pulses, pour.measured_ml)]
+            screen.cal_message = self._calibration_preview(screen.cal_pours)
+
+        def _calibration_preview(self, pours) -> str:
+            from kiosk.calibration import CalibrationError, Pour, acceptable, compute
+            try:
+                r = compute([Pour(p, ml) for p, ml in pours], self.runtime.snapshot.milli_pulses_per_litre)
+            except CalibrationError:
+                return ""
+            text = self.tr("cal_result", self.lang, new=f"{r.milli_pulses_per_litre / 1000:.1f}",
+                           old=f"{r.old_milli_pulses_per_litre / 1000:.1f}", spread=f"{r.spread_permille / 10:.1f}",
+                           change=f"{r.change_permille / 10:+.1f}")
+            problem = acceptable(r)
+            return text + (f"\n{problem}" if problem else "")
+
+        def maintenance_accept_calibration(self) -> None:
+            from kiosk.calibration import Pour, acceptable, compute
+            screen = self.manager.get_screen("maintenance")
+            pours = [Pour(p, ml) for p, ml in screen.cal_pours]
+            problem = acceptable(compute(pours, self.runtime.snapshot.milli_pulses_per_litre))
+            if problem:
+                screen.cal_message = problem
+                return
+            factor = self.service.accept_calibration(pours)
+            screen.cal_pours, screen.cal_message = [], f"✓ {factor / 1000:.1f}"
+
+        def maintenance_discard_calibration(self) -> None:
+            screen = self.manager.get_screen("maintenance")
+            screen.cal_pours, screen.cal_message = [], ""
+
+        def maintenance_dead(self, event_id: str, action: str) -> None:
+            screen = self.manager.get_screen("maintenance")
+            if action == "discard" and screen.confirm != event_id:
+                screen.confirm = event_id                 # a second tap confirms
+                return
+            screen.confirm = ""
+            fn = self.service.retry_dead if action == "retry" else self.service.discard_dead
+            self._off_thread(fn, lambda _ok: setattr(self, "_data_loaded", 0.0), event_id)
+
+        def maintenance_replace(self, kind: str) -> None:
+            screen = self.manager.get_screen("maintenance")
+            if screen.confirm != kind:
+                screen.confirm = kind
+                return
+            screen.confirm = ""
+            self._off_thread(self.service.replace_consumable, lambda _r: setattr(self, "_data_loaded", 0.0), kind)
+
+        def maintenance_clear(self, reason: str) -> None:
+            self.service.clear_lockout(reason)
+            self._data_loaded = 0.0
+
+        def maintenance_service(self, out: bool) -> None:
+            self.service.out_of_service(out)
+            self._data_loaded = 0.0
 
         def on_stop(self) -> None:
             stats = os.environ.get("TAPSHARE_UI_STATS")

@@ -42,7 +42,8 @@ def temp_text(temp_c: float | None, lang: str) -> str:
     return tr("unknown", lang) if temp_c is None else f"{temp_c:.1f} °C"
 
 
-def present(snap: Snapshot, lang: str, *, started_hhmm: str = "") -> dict[str, str | float | bool]:
+def present(snap: Snapshot, lang: str, *, started_hhmm: str = "", maintenance_timeout_ms: int = 600_000
+            ) -> dict[str, str | float | bool]:
     """Every changing text on every screen, for this snapshot and language."""
     v: dict[str, str | float | bool] = {
         "machine": f"{tr('machine_no', lang)} {snap.machine_id}",
@@ -58,6 +59,8 @@ def present(snap: Snapshot, lang: str, *, started_hhmm: str = "") -> dict[str, s
         "lockouts": "\n".join(dict.fromkeys(lockout_text(r, lang) for r in snap.lockouts)) or tr("lock_other", lang),
         "rejection": tr("rejected", lang, why=snap.last_rejection) if snap.last_rejection else "",
     }
+    if snap.state is State.MAINTENANCE:
+        v.update(maintenance_texts(snap, lang, maintenance_timeout_ms))
     r = snap.receipt
     if r is not None:
         v.update({
@@ -72,4 +75,27 @@ def present(snap: Snapshot, lang: str, *, started_hhmm: str = "") -> dict[str, s
             "r_points": f"+{points_for_fee(r.cost_fen)}",
             "r_reason": reason_text(r.reason, lang),
         })
+    return v
+
+
+def tech_flow_ml_per_min(snap: Snapshot) -> int:
+    if not snap.tech_active or not snap.tech_elapsed_ms:
+        return 0
+    return snap.tech_volume_ml * 60_000 // snap.tech_elapsed_ms
+
+
+def maintenance_texts(snap: Snapshot, lang: str, timeout_ms: int) -> dict[str, str | bool]:
+    v: dict[str, str | bool] = {
+        "m_factor": f"{snap.milli_pulses_per_litre / 1000:.1f}",
+        "m_pouring": snap.tech_active,
+        "m_pour": tr("pouring", lang, ml=snap.tech_volume_ml, s=snap.tech_elapsed_ms // 1000) if snap.tech_active
+        else "",
+        "m_valve": tr("open", lang) if snap.tech_active else tr("closed", lang),
+        "m_flow": f"{tech_flow_ml_per_min(snap)} {tr('ml_per_min', lang)}",
+        "m_auto_exit": tr("auto_exit", lang, s=max(0, (timeout_ms - snap.maintenance_idle_ms) // 1000)),
+        "m_last": "",
+    }
+    t = snap.tech_last
+    if t is not None:
+        v["m_last"] = tr("last_pour", lang, ml=t.volume_ml, p=t.pulses, s=f"{t.duration_ms / 1000:.1f}", why=t.reason)
     return v
