@@ -209,6 +209,7 @@ def run_window(cfg: config_mod.Config, runtime, link, world, phone_link: str, ui
                     phone_link=phone_link, on_stop=lambda: runtime.request_stop("window closed"), service=service,
                     maintenance_timeout_ms=cfg.maintenance.timeout_ms)
     ui_hooks["long_press"] = app.request_pin_pad       # the stop button held while idle opens the PIN pad
+    ui_hooks["ticks"] = lambda: app.ticks              # the systemd watchdog waits for the UI's clock too
     app.run()
 
 
@@ -293,6 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     users = None
     healthy = report.ledger_error is None and hw_error is None
     link = start_link(cfg, runtime, clock)
+    from kiosk import systemd
+    watchdog = None
+    period = systemd.watchdog_period_s()
+    if period:
+        watchdog = systemd.Watchdog({"core": lambda: runtime.loop_count,
+                                     "ui": lambda: ui_hooks["ticks"]() if "ticks" in ui_hooks else None}, period)
+        watchdog.start()
+    systemd.notify("READY=1")
     if link is None and healthy and hw is not None and hw.world is not None:
         users = SimulatedUsers(runtime, hw.world, clock, sessions=args.sessions, seed=args.seed,
                                pour_ms=args.pour_ms, pause_ms=args.pause_ms, flow_ml_per_min=args.flow_ml_per_min)
@@ -311,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
             runtime.request_stop("window closed")
             runtime.wait_stopped(5)
     finally:
+        systemd.notify("STOPPING=1")
+        if watchdog is not None:
+            watchdog.stop()
         if users is not None:
             users.halt()
         if link is not None:

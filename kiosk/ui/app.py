@@ -94,6 +94,7 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
             self.runtime = runtime
             self.service = service
             self.no_transition = NoTransition()
+            self.ticks = 0                          # counted for the systemd watchdog
             self._pin_pad_since: float | None = None
             self._pin_busy = False
             self._long_press = None
@@ -139,6 +140,7 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
 
         # ---------------------------------------------------------------- the tick (Kivy's thread)
         def tick(self, _dt: float) -> None:
+            self.ticks += 1
             if self.runtime.wait_stopped(0):
                 self.stop()
                 return

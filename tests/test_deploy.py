@@ -1,0 +1,187 @@
+"""deploy.sh, run here into a temporary root with a fake Raspberry Pi (os-release, device-tree model,
+config.txt) and stubbed package installation; shellcheck; and systemd's notify/watchdog protocol."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kiosk import systemd
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy.sh"
+
+
+def fake_pi(root: Path, os_id: str = "debian", codename: str = "bookworm",
+            model: str = "Raspberry Pi 4 Model B Rev 1.5"):
+    (root / "etc").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "os-release").write_text(
+        f'PRETTY_NAME="Debian GNU/Linux"\nID={os_id}\nVERSION_CODENAME={codename}\n')
+    (root / "proc" / "device-tree").mkdir(parents=True, exist_ok=True)
+    (root / "proc" / "device-tree" / "model").write_bytes(model.encode() + b"\0")
+    (root / "boot" / "firmware").mkdir(parents=True, exist_ok=True)
+    (root / "boot" / "firmware" / "config.txt").write_text("[all]\ndtparam=audio=on\ncamera_auto_detect=1\n")
+    return root
+
+
+def deploy(root: Path, *args: str, health: str = "true", release: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TAPSHARE_DEPLOY_STUB": "1", "TAPSHARE_DEPLOY_HEALTH": health}
+    if release:
+        env["TAPSHARE_DEPLOY_RELEASE"] = release
+    return subprocess.run(["bash", str(DEPLOY), "--root", str(root), *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def snapshot(root: Path) -> dict[str, tuple[float, bytes]]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink() and "releases" not in p.parts and p.name != "tapshare-deploy-stub.log":
+            out[str(p.relative_to(root))] = (p.stat().st_mtime, p.read_bytes())
+    return out
+
+
+def test_shellcheck_is_clean():
+    if shutil.which("shellcheck") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install shellcheck (see .ci/run)")
+        pytest.skip("no shellcheck")
+    for script in ("deploy.sh", "run.sh", "test.sh", "scripts/bootstrap.sh", ".ci/run"):
+        r = subprocess.run(["shellcheck", "-x", str(ROOT / script)], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stdout
+
+
+def test_help_and_unknown_options():
+    assert "Usage" in subprocess.run(["bash", str(DEPLOY), "--help"], capture_output=True, text=True).stdout
+    r = subprocess.run(["bash", str(DEPLOY), "--bogus"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown option" in r.stderr
+
+
+@pytest.mark.parametrize(("kw", "why"), [({"os_id": "ubuntu"}, "unsupported system"),
+                                         ({"codename": "bullseye"}, "unsupported release"),
+                                         ({"model": "Raspberry Pi 3 Model B Rev 1.2"}, "unsupported board")])
+def test_other_systems_are_refused(tmp_path, kw, why):
+    r = deploy(fake_pi(tmp_path, **kw))
+    assert r.returncode == 1 and why in r.stderr
+    assert not (tmp_path / "etc" / "tapshare").exists()
+
+
+def test_a_first_install_writes_everything_and_a_second_changes_nothing(tmp_path):
+    root = fake_pi(tmp_path)
+    r = deploy(root, "--machine-id", "PI-0042", "--server-url", "https://water.example.cn")
+    assert r.returncode == 0, r.stdout + r.stderr
+    cfg = (root / "etc/tapshare/config.toml").read_text()
+    assert 'id = "PI-0042"' in cfg and 'url = "https://water.example.cn"' in cfg and "/var/lib/tapshare" in cfg
+    from kiosk import config as config_mod
+    assert config_mod.load(root / "etc/tapshare/config.toml").machine.id == "PI-0042"      # a valid config
+    unit = (root / "etc/systemd/system/tapshare.service").read_text()
+    for line in ("Type=notify", "WatchdogSec=30", "Restart=always", "User=tapshare",
+                 "Environment=GPIOZERO_PIN_FACTORY=lgpio", "Environment=LG_WD=/var/lib/tapshare",
+                 "Environment=SDL_VIDEODRIVER=kmsdrm",
+                 "ExecStopPost=/opt/tapshare/current/.venv/bin/python -m hal.valve_off "
+                 "--config /etc/tapshare/config.toml",
+                 "StandardOutput=journal"):
+        assert line in unit.splitlines(), line
+    assert "RuntimeWatchdogSec=15" in (root / "etc/systemd/system.conf.d/10-tapshare-watchdog.conf").read_text()
+    boot = (root / "boot/firmware/config.txt").read_text()
+    assert boot.startswith("[all]\ndtparam=audio=on")                       # the Pi's own lines stay
+    assert boot.count("dtoverlay=w1-gpio,gpiopin=4") == 1 and boot.count("gpio=17=op,dl") == 1
+    current = root / "opt/tapshare/current"
+    assert current.is_symlink() and (current / "main.py").exists() and (current / "hal" / "valve_off.py").exists()
+    stub = (root / "tapshare-deploy-stub.log").read_text()
+    assert "python3-lgpio" in stub and "fonts-noto-cjk" in stub and "--groups gpio,video,render,input" in stub
+    assert "-m venv --system-site-packages" in stub and "systemctl enable --now systemd-timesyncd.service" in stub
+    assert (root / "var/lib/tapshare").stat().st_mode & 0o777 == 0o750
+    assert "reboot needed" in r.stdout
+    before = snapshot(root)
+    again = deploy(root, "--machine-id", "SOMETHING-ELSE")
+    assert again.returncode == 0 and "nothing to change" in again.stdout, again.stdout
+    assert snapshot(root) == before                                          # not a byte, not a timestamp
+
+
+def test_a_technicians_edits_are_kept_and_followed(tmp_path):
+    root = fake_pi(tmp_path)
+    assert deploy(root).returncode == 0
+    cfg = root / "etc/tapshare/config.toml"
+    cfg.write_text(cfg.read_text().replace("valve = 17", "valve = 23").replace("valve_active_high = true",
+                                                                               "valve_active_high = false"))
+    r = deploy(root)
+    assert r.returncode == 0 and "kept" in r.stdout
+    assert "valve = 23" in cfg.read_text()
+    boot = (root / "boot/firmware/config.txt").read_text()
+    assert "gpio=23=op,dh" in boot and "gpio=17" not in boot and boot.count("# BEGIN tapshare") == 1
+
+
+def test_a_release_that_fails_its_health_check_is_rolled_back(tmp_path):
+    root = fake_pi(tmp_path)
+    assert deploy(root, release="r1").returncode == 0
+    r = deploy(root, release="r2", health="false")
+    assert r.returncode == 3 and "rolling back" in r.stdout
+    assert os.readlink(root / "opt/tapshare/current") == "releases/r1"
+    assert not (root / "opt/tapshare/releases/r2").exists()
+    ok = deploy(root, release="r3")
+    assert ok.returncode == 0 and os.readlink(root / "opt/tapshare/current") == "releases/r3"
+
+
+def test_a_dry_run_changes_nothing(tmp_path):
+    root = fake_pi(tmp_path)
+    before = snapshot(root)
+    r = deploy(root, "--dry-run")
+    assert r.returncode == 0 and "would" in r.stdout and "dry run" in r.stdout
+    assert snapshot(root) == before and not (root / "opt").exists()
+
+
+# ---------------------------------------------------------------- systemd notify and watchdog
+
+def listen(tmp_path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(10)
+    return sock
+
+
+def test_the_watchdog_is_fed_only_while_every_beat_moves(tmp_path, monkeypatch):
+    sock = listen(tmp_path)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    counters = {"core": 0, "ui": 0}
+    wd = systemd.Watchdog({"core": lambda: counters["core"], "ui": lambda: counters["ui"],
+                           "absent": lambda: None}, 0.05)
+    wd.start()
+    for _ in range(6):
+        counters["core"] += 1
+        counters["ui"] += 1
+        time.sleep(0.05)
+    fed = wd.fed
+    assert fed >= 3 and sock.recv(100) == b"WATCHDOG=1"
+    for _ in range(6):                         # the UI froze: no more feeding
+        counters["core"] += 1
+        time.sleep(0.05)
+    assert wd.fed <= fed + 1
+    wd.stop()
+    sock.close()
+
+
+def test_main_tells_systemd_ready_and_feeds_the_watchdog(tmp_path):
+    sock = listen(tmp_path)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--simulate", "--headless", "--data-dir",
+                             str(tmp_path / "data"), "--sessions", "1", "--pour-ms", "300:400",
+                             "--pause-ms", "100:200"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    got = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and b"STOPPING=1" not in got:
+            try:
+                got.append(sock.recv(100))
+            except TimeoutError:
+                break
+    finally:
+        proc.wait(30)
+        sock.close()
+    assert got[0] == b"READY=1" and b"WATCHDOG=1" in got and got[-1] == b"STOPPING=1"
+    assert proc.returncode == 0
