@@ -415,7 +415,7 @@ function sessionView(id) {
 // ---------------------------------------------------------------- bills (s6)
 function billHtml(b) {
   const wq = b.water_quality || {};
-  const mins = Math.floor(b.duration_ms / 60000), secs = Math.round((b.duration_ms % 60000) / 1000);
+  const mins = Math.floor(b.duration_ms / 60000), secs = Math.floor((b.duration_ms % 60000) / 1000);
   return `<div class="card bill" id="bill"><p class="big">¥${yuan(b.amount_fen)}</p><dl class="kv">
     <dt>${t("time")}</dt><dd>${esc(b.started_local)}</dd>
     <dt>${t("location")}</dt><dd>${esc(b.location || b.machine_id)}</dd>
@@ -453,7 +453,7 @@ async function pointsView() {
     <section class="card"><h2>${t("redemptions")}</h2><ul class="list" id="redemptions">${reds.redemptions.map((r) =>
       `<li><span>${esc(name(r))}</span><span>${t("pickup")} <b>${esc(r.pickup_code)}</b></span></li>`).join("")}</ul></section>
     <section class="card"><h2>${t("history")}</h2><ul class="list">${pts.history.map((h) =>
-      `<li><span>${esc(h.note)}</span><b>${h.delta > 0 ? "+" : ""}${h.delta}</b></li>`).join("")}</ul></section>`);
+      `<li><span>${h.kind === "earn" ? t("points_earned") : esc(h.note)}</span><b>${h.delta > 0 ? "+" : ""}${h.delta}</b></li>`).join("")}</ul></section>`);
   document.querySelectorAll("button.redeem").forEach((b) => { b.onclick = async () => {
     b.disabled = true;
     const requestId = "web-" + crypto.getRandomValues(new Uint32Array(2)).join("-");

@@ -18,6 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("KIVY_NO_ARGS", "1")
 os.environ.setdefault("KIVY_LOG_MODE", "PYTHON")
+os.environ.setdefault("KIVY_CLIPBOARD", "sdl2")        # not xclip/xsel: a kiosk has neither
 
 log = logging.getLogger("tapshare.ui")
 LAYOUTS = {"landscape_800x480": (800, 480), "portrait_720x1280": (720, 1280)}

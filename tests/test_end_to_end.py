@@ -1,0 +1,183 @@
+"""The whole method, s1-s7, through real parts: the one-command system (`main.py --simulate --embedded-cloud`:
+the cloud, the kiosk's Kivy window under Xvfb, simulated hardware), the QR code decoded from a grab of the
+kiosk's screen with a real decoder (zxing-cpp), headless Chromium as the phone, and the simulated stop
+button pressed with a real key event (xdotool). Screenshots of each step in tests/screenshots/e2e/."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.cloudkit import id_photo, resident_id
+from tests.test_phone_pages import CHROMIUM, PHONE
+from tests.util import wait_until
+from tests.xvfb import Xvfb
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = Path(__file__).parent / "screenshots" / "e2e"
+
+
+def window_box(img) -> tuple[int, int, int, int] | None:
+    """Where the kiosk's window is on the X screen: without a window manager SDL places it, and the rest of
+    Xvfb's screen is black."""
+    return img.convert("L").point(lambda v: 255 if v > 20 else 0).getbbox()
+
+
+def grab(display: str, name: str | None = None):
+    from PIL import ImageGrab
+    img = ImageGrab.grab(xdisplay=display)
+    box = window_box(img)
+    if box:
+        img = img.crop(box)
+    if name:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        img.save(SHOTS / f"{name}.png")
+    return img
+
+
+def decode_qr(img) -> str:
+    import zxingcpp
+    codes = [c.text for c in zxingcpp.read_barcodes(img) if c.format == zxingcpp.BarcodeFormat.QRCode]
+    assert len(codes) == 1, codes
+    return codes[0]
+
+
+@pytest.mark.slow
+def test_scan_register_top_up_pour_stop_bill_points_and_record(tmp_path):
+    for tool in ("Xvfb", "xdotool"):
+        if shutil.which(tool) is None:
+            if os.environ.get("CI"):
+                pytest.fail(f"CI must install {tool} (see .ci/run)")
+            pytest.skip(f"no {tool}")
+    if not CHROMIUM:
+        pytest.skip("no chromium")
+    from playwright.sync_api import sync_playwright
+
+    from cloud.__main__ import create_operator
+    with Xvfb(1280, 800) as x:
+        env = x.env(KIVY_HOME=str(tmp_path / "kivy"))
+        data = tmp_path / "data"
+        proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--simulate", "--embedded-cloud",
+                                 "--cloud-port", "0", "--data-dir", str(data)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        try:
+            base = machine = ""
+            deadline = time.monotonic() + 60
+            while not base and time.monotonic() < deadline:
+                line = proc.stdout.readline()
+                lines.append(line)
+                m = re.search(r"(http://127\.0\.0\.1:\d+)/dev/qr/(\S+)", line)
+                if m:
+                    base, machine = m.group(1), m.group(2)
+            assert base, "".join(lines)
+            threading.Thread(target=lambda: [lines.append(x) for x in proc.stdout], daemon=True).start()
+            admin = create_operator(f"sqlite:///{data / 'cloud' / 'cloud.db'}", "e2e-admin", "admin")
+            op = {"Authorization": f"Bearer {admin}"}
+            gift = requests.post(base + "/api/v1/operator/gifts", headers=op, timeout=10, json={
+                "name_zh": "环保水杯", "name_en": "Reusable cup", "points_cost": 1, "stock": 10}).json()
+
+            # s1: the QR code as the kiosk draws it, read by a real decoder from a grab of the screen
+            assert wait_until(lambda: decode_ok(x.display), timeout_s=30), f"no QR on the kiosk ({LAST_ERROR})"
+            url = decode_qr(grab(x.display, "01-kiosk-idle"))
+            assert url.startswith(f"{base}/m/{machine}?c=")
+
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+                    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--disable-dev-shm-usage"])
+                page = browser.new_page(viewport=PHONE, locale="zh-CN")
+                page.goto(url)
+                page.wait_for_selector("#go-login")
+                page.screenshot(path=str(SHOTS / "02-phone-scanned.png"), full_page=True)
+                # s4: told to register; logs in, consents, registers with an ID photo
+                page.click("#go-login")
+                page.fill("#phone", "13600136000")
+                page.click("#send")
+                page.wait_for_selector("#sms-list .sms")
+                page.fill("#code", re.search(r"\d{6}", page.inner_text("#sms-list .sms")).group(0))
+                page.click("#login")
+                page.wait_for_selector("#go-register")
+                page.click("#go-register")
+                page.click("#agree")
+                page.wait_for_selector("#submit")
+                page.fill("#name", "赵六")
+                page.fill("#docnum", resident_id(42))
+                photo = tmp_path / "id.jpg"
+                photo.write_bytes(id_photo())
+                page.set_input_files("#photo", str(photo))
+                page.click("#submit")
+                # s5: no balance: told to top up; tops up in the sandbox
+                page.wait_for_selector("#start")
+                page.click("#start")
+                page.wait_for_selector("#start-error:has-text('余额不足')")
+                page.screenshot(path=str(SHOTS / "03-phone-top-up-first.png"), full_page=True)
+                page.click("#nav-wallet")
+                page.click("button.amt[data-fen='2000']")
+                page.click("#pay")
+                page.wait_for_selector("#paid", timeout=15_000)
+                # s2, s3: start; the kiosk's valve opens and its screen shows volume and cost
+                page.click("#brand")
+                page.wait_for_selector("#start:not([disabled])")
+                page.click("#start")
+                page.wait_for_function("() => Number(document.querySelector('#vol')?.textContent) > 0.6",
+                                       timeout=30_000)
+                page.screenshot(path=str(SHOTS / "04-phone-pouring.png"), full_page=True)
+                grab(x.display, "05-kiosk-dispensing")
+                # s6: the machine's (simulated) stop button, pressed with a real key event in its window
+                from PIL import ImageGrab
+                left, top, right, bottom = window_box(ImageGrab.grab(xdisplay=x.display))
+                subprocess.run(["xdotool", "mousemove", str((left + right) // 2), str((top + bottom) // 2), "key", "s"],
+                               env=env, check=True, timeout=10)
+                page.wait_for_selector("#bill", timeout=20_000)
+                grab(x.display, "06-kiosk-receipt")
+                page.screenshot(path=str(SHOTS / "07-phone-bill.png"), full_page=True)
+                bill_text = page.inner_text("#bill")
+                assert "ppm" in bill_text and "°C" in bill_text and "按下停止按钮" in bill_text
+                # growth points, and a gift redeemed with them
+                page.click("#nav-points")
+                page.wait_for_selector("#points")
+                assert int(page.inner_text("#points")) >= 1
+                page.click(f"button.redeem[data-gift='{gift['gift_id']}']")
+                page.wait_for_selector("#redemptions li")
+                page.screenshot(path=str(SHOTS / "08-phone-points.png"), full_page=True)
+                browser.close()
+
+            # s7: the cloud's rental record: flow data, temperatures, valve states
+            recs = requests.get(base + "/api/v1/operator/records", headers=op, params={"machine_id": machine},
+                                timeout=10).json()["records"]
+            assert len(recs) == 1
+            rec = recs[0]["record"]
+            assert rec["reason"] == "stop_button" and rec["billed_pulses"] > 0
+            assert len(rec["flow_series"]) >= 3 and rec["temp_start_c"] is not None
+            assert [v[1] for v in rec["valve_events"]][:2] == ["open", "close"]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                rc = proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = None
+        assert rc == 0, "".join(lines)[-3000:]
+
+
+LAST_ERROR: list[str] = []
+
+
+def decode_ok(display: str) -> bool:
+    try:
+        import zxingcpp
+        time.sleep(0.5)                  # grabbing and decoding is heavy: leave the kiosk time to draw
+        return bool(zxingcpp.read_barcodes(grab(display)))
+    except Exception as e:
+        LAST_ERROR[:] = [repr(e)]
+        return False
