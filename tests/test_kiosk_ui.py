@@ -60,7 +60,10 @@ def test_every_screen_in_both_languages(xvfb, tmp_path, layout):
     # the screen followed the core: each shot was taken on the screen for the core's state
     assert all(state_screen == shown for _n, _l, state_screen, shown in
                [(n, lang, screen_for_state(s), cur) for n, lang, s, cur in report["states"]])
-    # the QR code in the idle shot is a real, sharp QR (black and white only, in its box)
+    # the QR code in the idle shot is a real QR a decoder reads, sharp (black and white only, in its box)
+    import zxingcpp
+    decoded = [c.text for c in zxingcpp.read_barcodes(Image.open(out / "idle-zh.png"))]
+    assert decoded == ["http://127.0.0.1:8700/m/SIM-001?c=123456"]
     idle = Image.open(out / "idle-zh.png").convert("L")
     qr_box = idle.crop((40, 40, 420, 420)) if layout.startswith("landscape") else idle.crop((60, 60, 660, 660))
     grey = sum(1 for p in qr_box.get_flattened_data() if 40 < p < 215)
