@@ -276,17 +276,18 @@ def main(argv: list[str] | None = None) -> int:
         valve, meter = DisconnectedValve(), DisconnectedMeter()
     runtime, report = boot(cfg, valve, meter, clock, trace=trace, events=events,
                            lockouts={"fault:hardware": hw_error} if hw_error else None)
-    if trace:
-        trace({"t": "ready", "recovered": [r.session_id for r in report.recovered],
-               "ledger_error": report.ledger_error, "hardware_error": hw_error,
-               "state": runtime.snapshot.state.value})
 
     def on_signal(signum: int, _frame: object) -> None:
         log.warning("signal %s: stopping (valve closes, any session ends)", signal.Signals(signum).name)
         runtime.request_stop(signal.Signals(signum).name.lower())
 
     signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGINT, on_signal)       # before "ready": a SIGTERM right after it is handled
+    if trace:
+        trace({"t": "ready", "recovered": [r.session_id for r in report.recovered],
+               "ledger_error": report.ledger_error, "hardware_error": hw_error,
+               "state": runtime.snapshot.state.value})
+
     core_thread = threading.Thread(target=runtime.run, name="core", daemon=True)
     core_thread.start()
     if hw is not None:
