@@ -6,10 +6,7 @@ button pressed with a real key event (xdotool). Screenshots of each step in test
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +16,7 @@ import requests
 from tests.cloudkit import id_photo, resident_id
 from tests.test_phone_pages import CHROMIUM, PHONE
 from tests.util import wait_until
-from tests.xvfb import Xvfb
+from tests.xvfb import RunningSystem, Xvfb
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = Path(__file__).parent / "screenshots" / "e2e"
@@ -64,22 +61,8 @@ def test_scan_register_top_up_pour_stop_bill_points_and_record(tmp_path):
     from cloud.__main__ import create_operator
     with Xvfb(1280, 800) as x:
         env = x.env(KIVY_HOME=str(tmp_path / "kivy"))
-        data = tmp_path / "data"
-        proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--simulate", "--embedded-cloud",
-                                 "--cloud-port", "0", "--data-dir", str(data)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines: list[str] = []
-        try:
-            base = machine = ""
-            deadline = time.monotonic() + 60
-            while not base and time.monotonic() < deadline:
-                line = proc.stdout.readline()
-                lines.append(line)
-                m = re.search(r"(http://127\.0\.0\.1:\d+)/dev/qr/(\S+)", line)
-                if m:
-                    base, machine = m.group(1), m.group(2)
-            assert base, "".join(lines)
-            threading.Thread(target=lambda: [lines.append(x) for x in proc.stdout], daemon=True).start()
+        with RunningSystem(env, tmp_path / "data") as system:
+            base, machine, data = system.base, system.machine, system.data_dir
             admin = create_operator(f"sqlite:///{data / 'cloud' / 'cloud.db'}", "e2e-admin", "admin")
             op = {"Authorization": f"Bearer {admin}"}
             gift = requests.post(base + "/api/v1/operator/gifts", headers=op, timeout=10, json={
@@ -160,14 +143,7 @@ def test_scan_register_top_up_pour_stop_bill_points_and_record(tmp_path):
             assert rec["reason"] == "stop_button" and rec["billed_pulses"] > 0
             assert len(rec["flow_series"]) >= 3 and rec["temp_start_c"] is not None
             assert [v[1] for v in rec["valve_events"]][:2] == ["open", "close"]
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                rc = proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rc = None
-        assert rc == 0, "".join(lines)[-3000:]
+        assert system.rc == 0, system.output[-3000:]
 
 
 LAST_ERROR: list[str] = []

@@ -7,10 +7,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ from kiosk.session import Snapshot
 from kiosk.ui import i18n
 from kiosk.ui.present import present, screen_for
 from tests.util import wait_until
-from tests.xvfb import Xvfb
+from tests.xvfb import RunningSystem, Xvfb
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = Path(__file__).parent / "screenshots" / "kiosk"
@@ -171,23 +169,8 @@ def test_the_one_command_system_serves_a_phone_session(xvfb, tmp_path):
     the kiosk shows, pours and stops; the bill reaches the phone; SIGTERM ends everything cleanly."""
     from tests.cloudkit import id_photo, resident_id
     from tests.test_accounts import CONSENT_VERSION
-    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--simulate", "--embedded-cloud",
-                             "--cloud-port", "0", "--data-dir", str(tmp_path / "data")],
-                            env=xvfb.env(KIVY_HOME=str(tmp_path / "kivy")), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    try:
-        link = ""
-        deadline = time.monotonic() + 60
-        while not link and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            m = re.search(r"(http://127\.0\.0\.1:\d+)/dev/qr/(\S+)", line)
-            if m:
-                link, base, machine = m.group(0), m.group(1), m.group(2)
-        assert link, "".join(lines)
-        import threading
-        threading.Thread(target=lambda: [lines.append(x) for x in proc.stdout], daemon=True).start()
+    with RunningSystem(xvfb.env(KIVY_HOME=str(tmp_path / "kivy")), tmp_path / "data") as system:
+        base, machine, link = system.base, system.machine, system.link
         http = requests.Session()
         phone = "13912345678"
         assert http.post(base + "/api/v1/auth/sms-code", json={"phone": phone}, timeout=10).ok
@@ -220,13 +203,5 @@ def test_the_one_command_system_serves_a_phone_session(xvfb, tmp_path):
                           timeout_s=20)
         bill = http.get(base + f"/api/v1/me/bills/{sid}", timeout=10).json()
         assert bill["volume_ml"] > 50 and bill["amount_fen"] > 0 and bill["end_reason"] == "cancelled"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = None
-    out = "".join(lines)
-    assert rc == 0, out[-3000:]
-    assert "valve closed" in out
+    assert system.rc == 0, system.output[-3000:]
+    assert "valve closed" in system.output

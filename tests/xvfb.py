@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -44,3 +45,50 @@ class Xvfb:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+class RunningSystem:
+    """``main.py --simulate --embedded-cloud`` (the README's run command) as a child process on an X server:
+    waits for the phone link it prints, keeps its output, and stops it with SIGTERM. ``rc`` is its exit
+    code after the ``with`` block."""
+
+    def __init__(self, env: dict[str, str], data_dir: Path) -> None:
+        self.env, self.data_dir = env, data_dir
+        self.lines: list[str] = []
+        self.base = self.machine = self.link = ""
+        self.rc: int | None = None
+
+    def __enter__(self) -> RunningSystem:
+        import re
+        import sys
+        import threading
+        root = Path(__file__).resolve().parents[1]
+        self.proc = subprocess.Popen([sys.executable, str(root / "main.py"), "--simulate", "--embedded-cloud",
+                                      "--cloud-port", "0", "--data-dir", str(self.data_dir)], env=self.env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 60
+        while not self.base and time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line and self.proc.poll() is not None:
+                break
+            self.lines.append(line)
+            m = re.search(r"(http://127\.0\.0\.1:\d+)/dev/qr/(\S+)", line)
+            if m:
+                self.link, self.base, self.machine = m.group(0), m.group(1), m.group(2)
+        if not self.base:
+            self.__exit__()
+            raise RuntimeError("the system did not start:\n" + self.output[-3000:])
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+        return self
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.rc = self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.rc = None
