@@ -40,9 +40,13 @@ BENCHES = [
          r"phone start -> valve pin high: p50 ([\d.]+) ms, p99 ([\d.]+) ms", "{} / {} ms"),
         ("outbox drain rate", r"= ([\d,]+) events/s", "{} reports/s"),
     ]),
-    ("bench_cloud.py", [], ["--machines", "100", "1000", "--seconds", "10"], [
+    ("bench_cloud.py", [], ["--machines", "100", "1000", "--seconds", "15", "--rate", "30"], [
         ("cloud: phone start -> command at the dispenser, by fleet size",
          r"N=\s*(\d+): .*?p50 ([\d.]+) ms, p99 ([\d.]+) ms", "N={}: p50 {} ms, p99 {} ms"),
+    ]),
+    ("bench_faults.py", [], ["--outage-s", "10"], [
+        ("fault suite: sessions lost or billed twice", r"(\d+) faults, (\d+) sessions lost or billed twice",
+         "{1} in {0} faults (table: bench/out/bench_faults.py.txt)"),
     ]),
     ("bench_ui.py", [], ["--window-s", "20", "--pour-s", "5"], [
         ("kiosk idle CPU (bare Kivy window, kiosk)", r"idle CPU, % of one core\s+([\d.]+)\s+([\d.]+)", "{} % / {} %"),
