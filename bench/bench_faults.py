@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from kiosk.events import State  # noqa: E402
 from sync import protocol as p  # noqa: E402
-from tests.cloudkit import CloudServer  # noqa: E402
+from tests.cloudkit import CloudServer, UserClient  # noqa: E402
 from tests.faultproxy import FaultProxy  # noqa: E402
 from tests.test_sync import Dispenser, buy_water, settled  # noqa: E402
 from tests.util import wait_until  # noqa: E402
@@ -66,10 +66,10 @@ def run(outage_s: float) -> list[dict]:
             proxy.down = False
             wait_until(lambda: settled(user, sid) and d.rt.ledger.outbox_depth() == 0, 60)
             lost, twice, note = books(d, user, [sid])
-            rows.append(dict(fault=f"network cut {outage_s:.0f} s mid-session (before the start's ack)",
-                             happened="pour finished on the grant; report kept on disk, sent on reconnect; the "
-                             "cloud had voided the unconfirmed start, the late report settled it", lost=lost,
-                             twice=twice,
+            rows.append(dict(fault=f"network cut {outage_s:.0f} s mid-session",
+                             happened="pour finished on the grant; report kept on disk, sent on reconnect"
+                             + ("; the cloud had voided the start it never saw confirmed, the late report settled it"
+                                if cloud_during == "voided" else ""), lost=lost, twice=twice,
                              screen=f"{screen} (no QR) until the link returned", cloud=f"{cloud_during}, then ended; "
                              + note))
 
@@ -141,7 +141,26 @@ def run(outage_s: float) -> list[dict]:
                              screen="temperature 'unknown' (未知)", cloud="bill with the temperatures known; " + note))
             d.hw.world.thermometer.set(12.0)
 
-            # 6. water flows with the valve shut (stuck valve), then a leak while idle
+            # 6. the cloud restarts while a session report is on its way
+            presence = user.scan("F1", d.qr_code(cloud.url)).json()["presence_token"]
+            sid5 = user.start(presence).json()["session_id"]
+            wait_until(lambda: user.call("GET", f"/api/v1/sessions/{sid5}").json()["state"] == "active")
+            proxy.inject("/device/v1/events", "down", times=3)          # the report's first tries fail...
+            time.sleep(1.0)
+            d.hw.world.press_stop()
+            wait_until(lambda: d.rt.ledger.session(sid5)["state"] == "ended", 15)
+            cloud.__exit__(None, None, None)                              # ...and the cloud goes down and back up
+            restarted = CloudServer(tmp / "cloud").__enter__()
+            proxy.upstream = restarted.url
+            user = UserClient(restarted.url, user.token, user.user_id)
+            ok = wait_until(lambda: settled(user, sid5) and d.rt.ledger.outbox_depth() == 0, 60)
+            lost, twice, note = books(d, user, [sid5])
+            rows.append(dict(fault="cloud restarted mid-report", happened=f"report delivered after the restart: {ok}",
+                             lost=lost, twice=twice, screen="receipt, then idle when the link returned",
+                             cloud="one bill; " + note))
+            cloud = restarted
+
+            # 7. water flows with the valve shut (stuck valve), then a leak while idle
             wait_until(lambda: d.rt.snapshot.state is State.IDLE, 30)
             d.hw.world.water.ghost_ml_per_min = 3_000
             ok = wait_until(lambda: "ghost_flow" in d.rt.snapshot.lockouts, 30)
@@ -156,6 +175,7 @@ def run(outage_s: float) -> list[dict]:
             rows.append(dict(fault="leak during idle", happened="leak-sensor lockout (cleared on site only)"
                              if leak else "NOT DETECTED", lost=0, twice=0, screen=d.rt.snapshot.state.value,
                              cloud=f"alarm received: {alarmed}"))
+            restarted.__exit__(None, None, None)
     return rows
 
 
