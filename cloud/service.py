@@ -33,6 +33,7 @@ POINTS_PER_YUAN = p.POINTS_PER_YUAN
 ALARM_KINDS = frozenset({"lockout", "ghost_flow", "report_dead_lettered", "session_start_failed",
                          "lockout_clear_refused"})
 SILENT_AFTER_MS = 120_000
+RECENTLY_SEEN_MS = 10_000
 
 
 class ApiError(Exception):
@@ -311,7 +312,9 @@ class Sessions:
                 raise ApiError(409, "session_open", "you already have a session running")
             if m["open_session_id"] is not None:
                 raise ApiError(409, "machine_busy", "this machine is serving someone else; please wait")
-            if not self._connected(machine_id):
+            # reachable: long-polling now, or a signed heartbeat just now (its poll is on the way; the command
+            # waits for it, and an unconfirmed start is voided after ACK_TIMEOUT_MS with the hold released)
+            if not self._connected(machine_id) and (m["last_seen_ms"] or 0) < now_ms - RECENTLY_SEEN_MS:
                 raise ApiError(503, "machine_offline", "this machine is offline right now; you were not charged")
             available, _ = balance(conn, user_id)
             if available < 0:

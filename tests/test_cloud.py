@@ -173,6 +173,17 @@ def test_a_report_from_another_machine_is_rejected(cloud):
     assert thief.ack(cmd["command_id"]).status_code == 404
 
 
+def test_a_machine_that_just_heartbeated_can_be_started_before_its_poll_arrives(cloud):
+    """The device shows its QR once a signed heartbeat succeeded; its long-poll may land a moment later."""
+    dev = cloud.provision("M6H", price=200)
+    user = cloud.user("13800000066", balance_fen=5_000)
+    assert dev.heartbeat().status_code == 200
+    r = user.start(user.scan("M6H", dev.qr()).json()["presence_token"])
+    assert r.status_code == 200, r.text
+    [cmd] = dev.poll()                       # the command waited for the poll
+    assert cmd["kind"] == "start" and cmd["session_id"] == r.json()["session_id"]
+
+
 def test_start_refusals(cloud):
     dev = cloud.provision("M6", price=200)
     rich = cloud.user("13800000005", balance_fen=5_000)
