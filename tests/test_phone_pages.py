@@ -189,7 +189,7 @@ def test_a_machine_that_does_not_answer_charges_nothing(world, browser):
     d.link.stop()                          # the machine goes quiet just as the person presses start
     page.click("#start")
     page.wait_for_selector("#voided", timeout=20_000)
-    assert "nothing was charged" in page.inner_text("#live")
+    assert "nothing has been charged" in page.inner_text("#live")
     shot(page, "14-not-started-en")
     assert user.call("GET", "/api/v1/me/wallet").json()["available_fen"] == 1000
     page.close()
