@@ -79,7 +79,7 @@ class Machines:
         """Create a machine and a single-use enrolment token (returned once)."""
         if not p.MACHINE_ID_RE.match(machine_id):
             raise ApiError(422, "bad_machine_id", "machine id: 1-64 letters, digits, '-' or '_'")
-        token = new_token()
+        token = secrets.token_hex(24)      # hex: never starts with '-', which a command line would take for an option
         with self.db.tx() as conn:
             if _one(conn, select(t.machines.c.machine_id).where(t.machines.c.machine_id == machine_id)):
                 raise ApiError(409, "machine_exists", f"machine {machine_id} already exists")
