@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -86,7 +87,6 @@ class DevSmsSink:
 
 
 def _wall_ms() -> int:
-    import time
     return time.time_ns() // 1_000_000
 
 

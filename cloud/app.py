@@ -27,7 +27,7 @@ from cloud.hub import CommandHub
 from cloud.identity import MAX_PHOTO_BYTES
 from cloud.pages import add_pages
 from cloud.payments import PaymentProvider, SandboxPay, Wallet
-from cloud.phone_api import PhoneDeps, add_phone_routes, bill_view, me_extra
+from cloud.phone_api import PhoneDeps, add_phone_routes, bill_view, bill_views, me_extra
 from cloud.rewards import Rewards
 from cloud.schemas import (
     AlarmsOut,
@@ -375,7 +375,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
             bills = conn.execute(select(t.bills).where(t.bills.c.user_id == user_id)
                                  .order_by(t.bills.c.created_ms.desc()).limit(50)).mappings().all()
             extra = me_extra(conn, user_id)
-            bills = [bill_view(conn, dict(b)) for b in bills]
+            bills = bill_views(conn, [dict(b) for b in bills])
         return {"user_id": user_id, "registered": u["registered"], "points": u["points"],
                 "balance_fen": available + held, "held_fen": held, "available_fen": available,
                 "arrears_fen": max(0, -available), "bills": bills, **extra}

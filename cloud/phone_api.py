@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi import Path as PathParam
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from cloud import db as t
 from cloud.accounts import Accounts, DevSmsSink
@@ -79,15 +79,27 @@ def local_time(iso_utc: str, tz: str) -> str:
     return when.astimezone(ZoneInfo(tz)).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def bill_views(conn, bills: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Bills as the phone shows them: in the machine's time zone, with any refund. Two queries for the
+    whole list, not two per bill."""
+    if not bills:
+        return []
+    m, e = t.machines.c, t.balance_entries.c
+    places = {r[0]: (r[1] or "Asia/Shanghai", r[2]) for r in conn.execute(
+        select(m.machine_id, m.timezone, m.location).where(m.machine_id.in_({b["machine_id"] for b in bills})))}
+    refunds = dict(conn.execute(select(e.session_id, func.sum(e.amount_fen)).where(
+        e.session_id.in_([b["session_id"] for b in bills]), e.kind == "refund").group_by(e.session_id)).all())
+    out = []
+    for bill in bills:
+        tz, location = places.get(bill["machine_id"], ("Asia/Shanghai", ""))
+        out.append({**bill, "timezone": tz, "location": location, "started_local": local_time(bill["started_at"], tz),
+                    "ended_local": local_time(bill["ended_at"], tz),
+                    "refunded_fen": int(refunds.get(bill["session_id"]) or 0)})
+    return out
+
+
 def bill_view(conn, bill: dict[str, Any]) -> dict[str, Any]:
-    """A bill as the phone shows it: in the machine's time zone, with any refund."""
-    m = conn.execute(select(t.machines.c.timezone, t.machines.c.location)
-                     .where(t.machines.c.machine_id == bill["machine_id"])).first()
-    tz, location = (m[0] or "Asia/Shanghai", m[1]) if m else ("Asia/Shanghai", "")
-    e = t.balance_entries.c
-    refunds = conn.execute(select(e.amount_fen).where(e.session_id == bill["session_id"], e.kind == "refund")).scalars()
-    return {**bill, "timezone": tz, "location": location, "started_local": local_time(bill["started_at"], tz),
-            "ended_local": local_time(bill["ended_at"], tz), "refunded_fen": sum(refunds)}
+    return bill_views(conn, [bill])[0]
 
 
 def add_phone_routes(app: FastAPI, d: PhoneDeps) -> None:
@@ -228,7 +240,7 @@ def add_phone_routes(app: FastAPI, d: PhoneDeps) -> None:
         with d.database.read() as conn:
             rows = conn.execute(select(t.bills).where(t.bills.c.user_id == user_id)
                                 .order_by(t.bills.c.created_ms.desc()).limit(limit)).mappings().all()
-            return {"bills": [bill_view(conn, dict(b)) for b in rows]}
+            return {"bills": bill_views(conn, [dict(b) for b in rows])}
 
     @app.get("/api/v1/me/bills/{session_id}", response_model=BillOut, responses=ERR, tags=["phone"])
     def bill(session_id: IdPath, user_id: User) -> dict[str, Any]:
