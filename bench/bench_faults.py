@@ -100,7 +100,8 @@ def run(outage_s: float) -> list[dict]:
                 cmd = p.CommandMsg(command_id="c-replayed", kind="start", session_id=sid3,
                                    grant=p.GrantMsg(session_id=sid3, machine_id="F1", user_ref=user.user_id,
                                                     price_fen_per_l=200, credit_limit_fen=1000, max_volume_ml=5000,
-                                                    max_duration_ms=60_000, max_idle_ms=15_000, ttl_ms=10_000))
+                                                    max_duration_ms=60_000, max_idle_ms=15_000,
+                                                    deadline_ms=d.client.server_now_ms() + 5_000, min_dispense_ml=10))
                 d.link._dispatch(cmd)                       # the cloud's start arriving a second time
                 d.hw.world.press_stop()
                 wait_until(lambda: settled(user, sid3) and d.rt.ledger.outbox_depth() == 0, 30)

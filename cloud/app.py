@@ -32,6 +32,7 @@ from cloud.rewards import Rewards
 from cloud.schemas import (
     AlarmsOut,
     ClearLockoutIn,
+    CommandOut,
     CommandQueuedOut,
     DevUserIn,
     DevUserOut,
@@ -201,7 +202,9 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
                 if mono - last_void >= settings.background_interval_s:
                     last_void = mono
                     for sid in await run_in_threadpool(sessions.void_unacknowledged, now()):
-                        log.warning("session %s voided: no acknowledgement from the machine", sid)
+                        log.warning("session %s voided: the machine did not claim it by its deadline", sid)
+                    for sid in await run_in_threadpool(sessions.reconcile_stale, now()):
+                        log.warning("session %s lost: no report long after it must have ended", sid)
                     for oid in await run_in_threadpool(wallet.close_expired, now()):
                         log.info("top-up order %s closed unpaid", oid)
                 if mono - last_prune >= 60:
@@ -312,20 +315,22 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
                             ) -> p.CommandsResponse:
         """Long-poll: returns at once if commands are waiting, else when one is queued or ``wait_ms`` passes."""
         async with hub.polling(auth.machine_id) as ev:
-            cmds = []
+            cmds, again_ms = [], None
             if auth.machine_id in commands.maybe_pending:
-                cmds = await run_in_threadpool(commands.pending, auth.machine_id, now())
+                cmds, again_ms = await run_in_threadpool(commands.pending, auth.machine_id, now())
             if not cmds and wait_ms:
+                # wait for a new command, or until one handed out earlier and never acknowledged is due again
+                wait_s = wait_ms / 1000 if again_ms is None else min(wait_ms / 1000, max(0.0, again_ms - now()) / 1000)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ev.wait(), wait_ms / 1000)
-                if ev.is_set():          # woken: a command was queued (no wake-up: nothing new to read)
-                    cmds = await run_in_threadpool(commands.pending, auth.machine_id, now())
+                    await asyncio.wait_for(ev.wait(), wait_s)
+                if ev.is_set() or again_ms is not None:
+                    cmds, _ = await run_in_threadpool(commands.pending, auth.machine_id, now())
         return p.CommandsResponse(commands=cmds, server_time_ms=now())
 
-    @app.post("/device/v1/commands/{command_id}/ack", response_model=OkOut, responses=ERRORS, tags=["device"])
-    def ack_command(command_id: IdPath, body: p.AckMsg, auth: Device) -> dict[str, Any]:
-        sessions.ack(auth.machine_id, command_id, body, now())
-        return {"ok": True}
+    @app.post("/device/v1/commands/{command_id}/ack", response_model=p.AckResult, responses=ERRORS, tags=["device"])
+    def ack_command(command_id: IdPath, body: p.AckMsg, auth: Device) -> p.AckResult:
+        """The machine's answer to a command; for a start, its claim (409 ``start_void``: do not pour)."""
+        return sessions.ack(auth.machine_id, command_id, body, now())
 
     @app.post("/device/v1/events", response_model=p.EventBatchResult, responses=ERRORS, tags=["device"])
     def post_events(body: p.EventBatch, auth: Device) -> p.EventBatchResult:
@@ -339,6 +344,8 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
     @app.post("/device/v1/heartbeat", response_model=p.TimeResponse, responses=ERRORS, tags=["device"])
     def post_heartbeat(body: p.HeartbeatMsg, auth: Device) -> p.TimeResponse:
         machines.heartbeat(auth.machine_id, body, now())
+        for sid in sessions.reconcile(auth.machine_id, body, auth.timestamp_ms, now()):
+            log.warning("session %s lost: machine %s says it has no such session", sid, auth.machine_id)
         return p.TimeResponse(server_time_ms=now())
 
     # ---------------------------------------------------------------- phones
@@ -389,7 +396,8 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
     def provision(body: ProvisionIn, op: Admin) -> dict[str, Any]:
         token = machines.provision(op["operator_id"], body.machine_id, body.location, body.price_fen_per_l,
                                    max_volume_ml=body.max_volume_ml, max_duration_ms=body.max_duration_ms,
-                                   max_idle_ms=body.max_idle_ms, max_credit_fen=body.max_credit_fen, now_ms=now())
+                                   max_idle_ms=body.max_idle_ms, max_credit_fen=body.max_credit_fen, now_ms=now(),
+                                   min_dispense_ml=body.min_dispense_ml)
         return {"machine_id": body.machine_id, "enrolment_token": token,
                 "note": "single use: give it to the technician who enrols the machine"}
 
@@ -436,6 +444,17 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
             audit(conn, op["operator_id"], kind, machine_id, {"detail": body.detail}, now())
         notify(machine_id)
         return {"machine_id": machine_id, "command": kind, "command_id": cid}
+
+    @app.get("/api/v1/operator/commands/{command_id}", response_model=CommandOut, responses=ERRORS,
+             tags=["operator"])
+    def command_status(command_id: IdPath, op: Viewer) -> dict[str, Any]:
+        """What became of a command sent to a machine: delivered, acknowledged, refused with the reason."""
+        with database.read() as conn:
+            row = conn.execute(select(t.commands).where(t.commands.c.command_id == command_id)).mappings().first()
+        if row is None:
+            raise ApiError(404, "unknown_command", "no such command")
+        return {k: row[k] for k in ("command_id", "machine_id", "kind", "created_ms", "expires_ms", "delivered_ms",
+                                    "acked_ms", "ack_ok", "ack_reason")}
 
     @app.get("/api/v1/operator/alarms", response_model=AlarmsOut, responses=ERRORS, tags=["operator"])
     def alarms(op: Viewer, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:

@@ -45,6 +45,7 @@ machines = Table(
     Column("max_duration_ms", Integer, nullable=False),
     Column("max_idle_ms", Integer, nullable=False),
     Column("max_credit_fen", Integer, nullable=False),
+    Column("min_dispense_ml", Integer, nullable=False, default=10),   # sent in every grant, applied by both sides
     Column("created_ms", BigInteger, nullable=False),
     Column("last_seen_ms", BigInteger, nullable=True),
     Column("heartbeat", JSON, nullable=True),
@@ -222,12 +223,14 @@ sessions = Table(
     Column("session_id", String(64), primary_key=True),
     Column("machine_id", String(64), ForeignKey("machines.machine_id"), nullable=False),
     Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False),
-    Column("state", String(16), nullable=False),      # starting, active, ended, voided
+    Column("state", String(16), nullable=False),      # starting, active, ended, voided, lost
     Column("price_fen_per_l", Integer, nullable=False),
     Column("credit_limit_fen", BigInteger, nullable=False),
     Column("command_id", String(64), nullable=False),
     Column("presence_hash", String(64), nullable=False, unique=True),   # each scan starts one session
     Column("created_ms", BigInteger, nullable=False),
+    Column("deadline_ms", BigInteger, nullable=False),     # the grant's: voided only after this plus the skew
+    Column("min_dispense_ml", Integer, nullable=False),
     Column("acked_ms", BigInteger, nullable=True),
     Column("ended_ms", BigInteger, nullable=True),
     Column("end_reason", String(32), nullable=True),
@@ -315,7 +318,8 @@ audit_log = Table(
     Column("at_ms", BigInteger, nullable=False),
 )
 
-SCHEMA_VERSION = 2     # 1: session 1's tables; 2: accounts, payments, points (no migrations yet)
+SCHEMA_VERSION = 3     # 1: session 1's tables; 2: accounts, payments, points; 3: grant deadline, min dispense
+                       # (no migrations yet)
 schema_info = Table("schema_info", metadata, Column("version", Integer, primary_key=True))
 
 

@@ -38,6 +38,7 @@ class ProvisionIn(In):
     max_duration_ms: Annotated[int, Field(ge=1_000, le=600_000)] = 300_000
     max_idle_ms: Annotated[int, Field(ge=500, le=120_000)] = 15_000
     max_credit_fen: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    min_dispense_ml: Annotated[int, Field(ge=0, le=500)] = 10
 
 
 class MachineSettingsIn(In):
@@ -49,6 +50,7 @@ class MachineSettingsIn(In):
     max_duration_ms: Annotated[int, Field(ge=1_000, le=600_000)] | None = None
     max_idle_ms: Annotated[int, Field(ge=500, le=120_000)] | None = None
     max_credit_fen: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    min_dispense_ml: Annotated[int, Field(ge=0, le=500)] | None = None
 
     @model_validator(mode="after")
     def at_least_one(self) -> MachineSettingsIn:
@@ -82,12 +84,25 @@ class MachineOut(BaseModel):
     max_duration_ms: int
     max_idle_ms: int
     max_credit_fen: int
+    min_dispense_ml: int
     created_ms: int
     last_seen_ms: int | None
     heartbeat: dict[str, Any] | None
     open_session_id: str | None
     enrolled: bool
     online: bool
+
+
+class CommandOut(BaseModel):
+    command_id: str
+    machine_id: str
+    kind: str
+    created_ms: int
+    expires_ms: int
+    delivered_ms: int | None
+    acked_ms: int | None
+    ack_ok: bool | None
+    ack_reason: str | None
 
 
 class MachinesOut(BaseModel):

@@ -22,16 +22,19 @@ from cloud.db import Database
 from cloud.security import PresenceTokens, SecretBox, new_token, token_hash
 from sync import protocol as p
 
-ACK_TIMEOUT_MS = 5_000
-GRANT_TTL_MS = 10_000
+GRANT_DEADLINE_MS = p.GRANT_DEADLINE_MS   # the machine must claim a start by then (its server-corrected clock)
+VOID_AFTER_MS = p.GRANT_DEADLINE_MS + p.GRANT_SKEW_MS   # an unclaimed start is voided this long after it was made
+ACK_TIMEOUT_MS = VOID_AFTER_MS
 COMMAND_TTL_MS = 60_000
+REDELIVER_MS = 3_000               # an unacknowledged command is handed out again only after this long
+LOST_GRACE_MS = 2_000              # a heartbeat must be sent this long after the claim to say "no such session"
+MAX_SESSION_MS = 600_000           # no grant lasts longer (GrantMsg's bound)
+STALE_AFTER_MS = 10 * 60_000       # a session unconfirmed this long past any possible end, machine reachable: lost
 PRESENCE_TTL_MS = 5 * 60_000
 ENROLMENT_TTL_MS = 7 * 86_400_000
 NONCE_KEEP_MS = 2 * p.MAX_CLOCK_SKEW_MS + 60_000
-MAX_BELOW_MINIMUM_ML = 50          # the most a device may call "below its minimum" (free)
 POINTS_PER_YUAN = p.POINTS_PER_YUAN
-ALARM_KINDS = frozenset({"lockout", "ghost_flow", "report_dead_lettered", "session_start_failed",
-                         "lockout_clear_refused"})
+ALARM_KINDS = p.ALARM_EVENT_KINDS | p.CLOUD_ALARM_KINDS
 SILENT_AFTER_MS = 120_000
 RECENTLY_SEEN_MS = 10_000
 
@@ -46,6 +49,7 @@ class ApiError(Exception):
 class MachineAuth:
     machine_id: str
     secret: bytes
+    timestamp_ms: int = 0          # when the machine signed the request (its server-corrected clock)
 
 
 def _one(conn: Connection, stmt) -> dict[str, Any] | None:
@@ -75,7 +79,7 @@ class Machines:
 
     def provision(self, operator_id: str, machine_id: str, location: str, price_fen_per_l: int, *,
                   max_volume_ml: int, max_duration_ms: int, max_idle_ms: int, max_credit_fen: int,
-                  now_ms: int) -> str:
+                  now_ms: int, min_dispense_ml: int = 10) -> str:
         """Create a machine and a single-use enrolment token (returned once)."""
         if not p.MACHINE_ID_RE.match(machine_id):
             raise ApiError(422, "bad_machine_id", "machine id: 1-64 letters, digits, '-' or '_'")
@@ -86,7 +90,7 @@ class Machines:
             conn.execute(insert(t.machines).values(
                 machine_id=machine_id, location=location, price_fen_per_l=price_fen_per_l,
                 max_volume_ml=max_volume_ml, max_duration_ms=max_duration_ms, max_idle_ms=max_idle_ms,
-                max_credit_fen=max_credit_fen, created_ms=now_ms))
+                max_credit_fen=max_credit_fen, min_dispense_ml=min_dispense_ml, created_ms=now_ms))
             conn.execute(insert(t.enrolment_tokens).values(
                 token_hash=token_hash(token), machine_id=machine_id, created_by=operator_id,
                 expires_ms=now_ms + ENROLMENT_TTL_MS))
@@ -152,7 +156,7 @@ class Machines:
                 raise ApiError(401, "replayed_nonce", "this nonce was already used (a replayed request)")
             self._nonces[(machine_id, nonce)] = now_ms
             self._unflushed.append({"machine_id": machine_id, "nonce": nonce, "seen_ms": now_ms})
-        return MachineAuth(machine_id, secret)
+        return MachineAuth(machine_id, secret, ts)
 
     def flush_nonces(self) -> int:
         """Write the nonces seen since the last flush, in one transaction (called every 100 ms)."""
@@ -184,7 +188,7 @@ class Machines:
             m = _one(conn, select(t.machines.c.open_session_id).where(t.machines.c.machine_id == machine_id))
             if m and m["open_session_id"] and hb.session_id is None:
                 s = _one(conn, select(t.sessions.c.state).where(t.sessions.c.session_id == m["open_session_id"]))
-                if s is None or s["state"] != "starting":      # the machine says it is free: free it
+                if s is None or s["state"] != "starting":   # the machine is free (a report may be on its way)
                     values["open_session_id"] = None
             conn.execute(update(t.machines).where(t.machines.c.machine_id == machine_id).values(**values))
 
@@ -215,15 +219,27 @@ class Commands:
                                                body=body, created_ms=now_ms, expires_ms=now_ms + ttl_ms))
         return command_id
 
-    def pending(self, machine_id: str, now_ms: int) -> list[p.CommandMsg]:
+    def pending(self, machine_id: str, now_ms: int) -> tuple[list[p.CommandMsg], int | None]:
+        """Unacknowledged commands to hand out now, and when (server ms) one held back may be handed out again.
+
+        A command is handed out once; only if it is still unacknowledged ``REDELIVER_MS`` later (its answer was
+        lost) is it handed out again, so a machine that polls again at once never gets the same start twice.
+        """
         c = t.commands.c
-        with self.db.read() as conn:          # read-only: delivery is recorded with the acknowledgement
-            rows = conn.execute(select(c.command_id, c.body).where(and_(
+        with self.db.read() as conn:
+            rows = conn.execute(select(c.command_id, c.body, c.delivered_ms).where(and_(
                 c.machine_id == machine_id, c.acked_ms.is_(None), c.expires_ms > now_ms)).order_by(c.created_ms)
             ).all()
         if not rows:
             self.maybe_pending.discard(machine_id)
-        return [p.CommandMsg(**r[1]) for r in rows]
+            return [], None
+        due = [r for r in rows if r[2] is None or r[2] <= now_ms - REDELIVER_MS]
+        held = [r[2] + REDELIVER_MS for r in rows if r not in due]
+        if due:
+            with self.db.tx() as conn:
+                conn.execute(update(t.commands).where(t.commands.c.command_id.in_([r[0] for r in due]))
+                             .values(delivered_ms=now_ms))
+        return [p.CommandMsg(**r[1]) for r in due], min(held) if held else None
 
 
 # ---------------------------------------------------------------- balances
@@ -325,16 +341,19 @@ class Sessions:
                 raise ApiError(402, "insufficient_balance", "your balance is too low: please top up",
                                balance_fen=available)
             session_id = "s-" + uuid.uuid4().hex[:20]
+            deadline = now_ms + GRANT_DEADLINE_MS
             grant = p.GrantMsg(session_id=session_id, machine_id=machine_id, user_ref=user_id,
                                price_fen_per_l=m["price_fen_per_l"], credit_limit_fen=credit,
                                max_volume_ml=m["max_volume_ml"], max_duration_ms=m["max_duration_ms"],
-                               max_idle_ms=m["max_idle_ms"], ttl_ms=GRANT_TTL_MS)
-            command_id = Commands.queue(conn, machine_id, "start", now_ms, ttl_ms=ACK_TIMEOUT_MS, grant=grant,
+                               max_idle_ms=m["max_idle_ms"], deadline_ms=deadline,
+                               min_dispense_ml=m["min_dispense_ml"])
+            command_id = Commands.queue(conn, machine_id, "start", now_ms, ttl_ms=GRANT_DEADLINE_MS, grant=grant,
                                         session_id=session_id)
             conn.execute(insert(t.sessions).values(
                 session_id=session_id, machine_id=machine_id, user_id=user_id, state="starting",
                 price_fen_per_l=m["price_fen_per_l"], credit_limit_fen=credit, command_id=command_id,
-                presence_hash=presence_hash, created_ms=now_ms))
+                presence_hash=presence_hash, created_ms=now_ms, deadline_ms=deadline,
+                min_dispense_ml=m["min_dispense_ml"]))
             add_entry(conn, user_id, "hold", -credit, now_ms, session_id, "held while the machine pours")
             conn.execute(update(t.machines).where(t.machines.c.machine_id == machine_id)
                          .values(open_session_id=session_id))
@@ -342,48 +361,115 @@ class Sessions:
         return {"session_id": session_id, "state": "starting", "machine_id": machine_id,
                 "price_fen_per_l": grant.price_fen_per_l, "credit_limit_fen": credit}
 
-    def ack(self, machine_id: str, command_id: str, ack: p.AckMsg, now_ms: int) -> None:
+    def ack(self, machine_id: str, command_id: str, ack: p.AckMsg, now_ms: int) -> p.AckResult:
+        """A machine's answer to a command. For a start, ``ok`` is the claim: the session becomes active only if
+        it is still starting (a conditional update), and the answer tells the machine whether to pour."""
         with self.db.tx() as conn:
             cmd = _one(conn, select(t.commands).where(t.commands.c.command_id == command_id))
             if cmd is None or cmd["machine_id"] != machine_id:
                 raise ApiError(404, "unknown_command", "no such command for this machine")
-            if cmd["acked_ms"] is not None:
-                return                                   # a retried acknowledgement
-            conn.execute(update(t.commands).where(t.commands.c.command_id == command_id)
-                         .values(acked_ms=now_ms, ack_ok=ack.ok, ack_reason=ack.reason,
-                                 delivered_ms=func.coalesce(t.commands.c.delivered_ms, now_ms)))
+            first = cmd["acked_ms"] is None
+            if first:
+                conn.execute(update(t.commands).where(and_(t.commands.c.command_id == command_id,
+                                                           t.commands.c.acked_ms.is_(None)))
+                             .values(acked_ms=now_ms, ack_ok=ack.ok, ack_reason=(ack.detail or ack.reason)[:200],
+                                     delivered_ms=func.coalesce(t.commands.c.delivered_ms, now_ms)))
             if cmd["kind"] != "start":
-                return
+                return p.AckResult()
             sid = cmd["body"]["session_id"]
-            s = _one(conn, select(t.sessions).where(t.sessions.c.session_id == sid))
-            if s is None or s["state"] != "starting":
-                return                                   # voided already (late ack): the report will settle it
             if ack.ok:
-                conn.execute(update(t.sessions).where(t.sessions.c.session_id == sid)
+                conn.execute(update(t.sessions).where(and_(t.sessions.c.session_id == sid,
+                                                           t.sessions.c.state == "starting"))
                              .values(state="active", acked_ms=now_ms))
             else:
-                self._void(conn, s, f"the machine refused: {ack.reason}", now_ms)
+                s = _one(conn, select(t.sessions).where(t.sessions.c.session_id == sid))
+                # refused before the claim, or after it the valve never opened: nothing was poured
+                why = f"the machine refused: {ack.reason}" if ack.reason != p.START_FAILED else \
+                    f"the machine could not start the session: {ack.detail}"
+                if s is not None and self._void(conn, s, why[:200], now_ms, states=("starting", "active")) \
+                        and ack.reason == p.START_FAILED:
+                    conn.execute(insert(t.machine_events).values(
+                        machine_id=machine_id, event_id=f"ack-{command_id}"[:40], kind=p.START_FAILED,
+                        payload={"detail": {"session_id": sid, "detail": ack.detail}}, received_ms=now_ms,
+                        occurred_ms=now_ms, alarm=True))
+            state = conn.execute(select(t.sessions.c.state).where(t.sessions.c.session_id == sid)).scalar()
+        if ack.ok and state != "active":
+            raise ApiError(409, "start_void", f"this session is {state}: do not pour", session_state=state)
+        return p.AckResult(session_state=state)
 
-    def _void(self, conn: Connection, s: dict[str, Any], why: str, now_ms: int) -> None:
-        conn.execute(update(t.sessions).where(t.sessions.c.session_id == s["session_id"])
-                     .values(state="voided", void_reason=why, ended_ms=now_ms))
-        add_entry(conn, s["user_id"], "release", s["credit_limit_fen"], now_ms, s["session_id"], "not charged")
+    def _void(self, conn: Connection, s: dict[str, Any], why: str, now_ms: int,
+              states: tuple[str, ...] = ("starting",), new_state: str = "voided") -> bool:
+        """End a session that poured nothing (or was lost), releasing its hold, if it is still in ``states``.
+        A conditional update: of two racing callers (the void timer, a late claim, a report) one wins, and the
+        hold is released only by the one that changed the row."""
+        changed = conn.execute(update(t.sessions).where(and_(t.sessions.c.session_id == s["session_id"],
+                                                             t.sessions.c.state.in_(states)))
+                               .values(state=new_state, void_reason=why, ended_ms=now_ms)).rowcount
+        if changed != 1:
+            return False
+        add_entry(conn, s["user_id"], "release", s["credit_limit_fen"], now_ms, s["session_id"],
+                  "not charged" if new_state == "voided" else "released: the machine no longer has this session")
         conn.execute(update(t.machines).where(and_(t.machines.c.machine_id == s["machine_id"],
                                                    t.machines.c.open_session_id == s["session_id"]))
                      .values(open_session_id=None))
         conn.execute(update(t.commands).where(and_(t.commands.c.command_id == s["command_id"],
                                                    t.commands.c.acked_ms.is_(None))).values(expires_ms=now_ms))
+        return True
 
     def void_unacknowledged(self, now_ms: int) -> list[str]:
-        """Sessions whose machine never said "valve opened" within the timeout: void, release the hold."""
+        """Starts the machine never claimed by their deadline plus the allowed clock skew: void, release the hold.
+        (The machine refuses a grant after its deadline, and a claim after the void is refused: the phone's
+        "not charged" is true.)"""
         s = t.sessions.c
         voided = []
         with self.db.tx() as conn:
             for row in conn.execute(select(t.sessions).where(and_(
-                    s.state == "starting", s.created_ms < now_ms - ACK_TIMEOUT_MS))).mappings().all():
-                self._void(conn, dict(row), "the machine did not confirm in time", now_ms)
-                voided.append(row["session_id"])
+                    s.state == "starting", s.deadline_ms < now_ms - p.GRANT_SKEW_MS))).mappings().all():
+                if self._void(conn, dict(row), "the machine did not confirm in time", now_ms):
+                    voided.append(row["session_id"])
         return voided
+
+    # ---------------------------------------------------------------- reconciliation
+    def reconcile(self, machine_id: str, hb: p.HeartbeatMsg, sent_ms: int, now_ms: int) -> list[str]:
+        """A heartbeat says which session the machine has open. An active session it does not have, when the
+        heartbeat was sent well after the claim and nothing is waiting in its outbox (so no report is on its
+        way), is ended as ``lost`` and its hold released; a late report still settles it by the measured water."""
+        if hb.outbox_depth:
+            return []
+        s = t.sessions.c
+        with self.db.read() as conn:
+            rows = conn.execute(select(t.sessions).where(and_(
+                s.machine_id == machine_id, s.state == "active", s.acked_ms < sent_ms - LOST_GRACE_MS))
+            ).mappings().all()
+        rows = [dict(r) for r in rows if r["session_id"] != hb.session_id]
+        return self._lose(rows, "the machine reported no such session (boot "
+                                f"{hb.boot_id}, state {hb.state})", now_ms) if rows else []
+
+    def reconcile_stale(self, now_ms: int) -> list[str]:
+        """Active sessions unconfirmed long past any possible end while their machine was reachable: lost."""
+        s, m = t.sessions.c, t.machines.c
+        cut = now_ms - MAX_SESSION_MS - STALE_AFTER_MS
+        with self.db.read() as conn:
+            rows = conn.execute(select(t.sessions).join(t.machines, m.machine_id == s.machine_id).where(and_(
+                s.state == "active", s.acked_ms < cut, m.last_seen_ms > s.acked_ms + MAX_SESSION_MS))
+            ).mappings().all()
+        return self._lose([dict(r) for r in rows], "no report long after the longest possible session", now_ms)
+
+    def _lose(self, rows: list[dict[str, Any]], why: str, now_ms: int) -> list[str]:
+        lost = []
+        with self.db.tx() as conn:
+            for row in rows:
+                if not self._void(conn, row, why, now_ms, states=("active",), new_state="lost"):
+                    continue
+                lost.append(row["session_id"])
+                conn.execute(insert(t.machine_events).values(
+                    machine_id=row["machine_id"], event_id=f"lost-{row['session_id']}"[:40], kind="session_lost",
+                    payload={"detail": {"session_id": row["session_id"], "user_id": row["user_id"], "why": why,
+                                        "released_fen": row["credit_limit_fen"]}},
+                    received_ms=now_ms, occurred_ms=now_ms, alarm=True))
+                audit(conn, "system", "session_lost", row["session_id"],
+                      {"machine_id": row["machine_id"], "why": why, "released_fen": row["credit_limit_fen"]}, now_ms)
+        return lost
 
     def progress(self, machine_id: str, msg: p.ProgressMsg) -> None:
         with self.db.tx() as conn:
@@ -438,6 +524,8 @@ class Sessions:
             with conn.begin_nested():        # a refused event leaves no half-written rows behind
                 status, detail = self._apply(conn, machine_id, ev, now_ms)
         except ApiError as e:
+            if e.status >= 500:
+                raise                        # not this report's fault: the whole batch is retried
             status, detail = "rejected", e.message
         conn.execute(insert(t.reports).values(machine_id=machine_id, event_id=ev.event_id, kind=ev.kind,
                                               body_sha256=digest, status=status, detail=detail[:300],
@@ -465,8 +553,13 @@ class Sessions:
         if s["state"] == "ended":
             return "duplicate", "this session was already settled"
         expected_volume = p.volume_ml(r.billed_pulses, r.milli_pulses_per_litre)
-        free = r.below_minimum and expected_volume < MAX_BELOW_MINIMUM_ML
+        free = expected_volume < s["min_dispense_ml"]          # the same rule and value as the machine's receipt
         fee = 0 if free else p.fee_fen(r.billed_pulses, r.milli_pulses_per_litre, s["price_fen_per_l"])
+        changed = conn.execute(update(t.sessions).where(and_(t.sessions.c.session_id == s["session_id"],
+                                                             t.sessions.c.state == s["state"]))
+                               .values(state="ended")).rowcount
+        if changed != 1:     # another request changed it meanwhile (a void, a lost, a copy of this report)
+            raise ApiError(503, "retry", "this session changed while it was being settled; send it again")
         if s["state"] in ("starting", "active"):
             add_entry(conn, s["user_id"], "release", s["credit_limit_fen"], now_ms, s["session_id"])
         if fee:
@@ -482,16 +575,46 @@ class Sessions:
         wq = dict(r.water_quality)
         wq.update(temp_start_c=r.temp_start_c, temp_end_c=r.temp_end_c)
         avg = expected_volume * 60_000 // r.duration_ms if r.duration_ms else 0
+        started_at, closed_at = true_times(r, now_ms - ev.age_ms)
         conn.execute(insert(t.bills).values(
-            session_id=s["session_id"], user_id=s["user_id"], machine_id=machine_id, started_at=r.started_at,
-            ended_at=r.closed_at, duration_ms=r.duration_ms, volume_ml=expected_volume, avg_flow_ml_per_min=avg,
+            session_id=s["session_id"], user_id=s["user_id"], machine_id=machine_id, started_at=started_at,
+            ended_at=closed_at, duration_ms=r.duration_ms, volume_ml=expected_volume, avg_flow_ml_per_min=avg,
             amount_fen=fee, price_fen_per_l=s["price_fen_per_l"], water_quality=wq, points=points,
             end_reason=r.reason, created_ms=now_ms))
         conn.execute(insert(t.rental_records).values(
-            session_id=s["session_id"], machine_id=machine_id, user_id=s["user_id"], started_at=r.started_at,
-            ended_at=r.closed_at, started_ms=s["created_ms"], record=r.model_dump(mode="json")))
+            session_id=s["session_id"], machine_id=machine_id, user_id=s["user_id"], started_at=started_at,
+            ended_at=closed_at, started_ms=s["created_ms"], record=r.model_dump(mode="json")))
         note = "" if r.cost_fen == fee else f"device said {r.cost_fen} fen; billed {fee} fen by the server's tariff"
         return "accepted", note
+
+
+CLOCK_TRUST_MS = 2_000
+
+
+def true_times(r: p.SessionEndedPayload, created_server_ms: int) -> tuple[str, str]:
+    """The session's start and close in true time. The machine wrote them with its own wall clock, which may be
+    days off; the report says how long ago it was written (``age_ms``), so the cloud knows when, in its own
+    time, the machine's ``created_at`` was, and shifts the machine's times by the difference (ignored when
+    within network noise)."""
+    try:
+        created_dev = _parse_iso_ms(r.created_at)
+        started, closed = _parse_iso_ms(r.started_at), _parse_iso_ms(r.closed_at)
+    except ValueError:
+        return r.started_at, r.closed_at
+    shift = created_server_ms - created_dev
+    if abs(shift) <= CLOCK_TRUST_MS:
+        return r.started_at, r.closed_at
+    return _iso_ms(started + shift), _iso_ms(closed + shift)
+
+
+def _parse_iso_ms(text: str) -> int:
+    from datetime import datetime
+    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+def _iso_ms(ms: int) -> str:
+    from datetime import UTC, datetime
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # ---------------------------------------------------------------- users (until the accounts issue)

@@ -39,6 +39,7 @@ class EndReason(StrEnum):
 class ClearSource(StrEnum):
     SITE = "site"        # a technician at the machine (maintenance mode or the local CLI)
     REMOTE = "remote"    # an operator through the cloud
+    AUTO = "auto"        # the software itself, when the cause has gone (a sync thread that works again)
 
 
 # Lockouts: reason -> who may clear it. A leak sensor's lockout is cleared on site only.
@@ -61,8 +62,11 @@ def fault_lockout(kind: str) -> str:
 class Grant:
     """An authorization from the cloud to pour water for one session.
 
-    ``expires_at_ms`` is on the core's monotonic clock: the sync layer converts the grant's
-    time-to-live, counted from receipt, so a device with a wrong wall clock still expires it right.
+    ``expires_at_ms`` is on the core's monotonic clock: the sync layer converts the grant's absolute
+    deadline (server time) with its measured clock offset, so a device with a wrong wall clock still
+    expires it right. ``min_dispense_ml`` comes with the grant (the cloud's value for this machine), so
+    the receipt and the bill waive the same small pours; ``None`` (local simulations and tests) takes the
+    machine's configured value.
     """
 
     session_id: str
@@ -74,6 +78,7 @@ class Grant:
     max_duration_ms: int
     max_idle_ms: int
     expires_at_ms: int
+    min_dispense_ml: int | None = None
 
 
 # ---------------------------------------------------------------- events (inputs)
@@ -140,11 +145,13 @@ class Fault:
 
 @dataclass(frozen=True)
 class SessionStartFailed:
-    """The session row could not be written, so the valve was not opened: drop the session (nothing
-    was poured, nothing is billed, there is no receipt) and lock out as a storage fault."""
+    """The session row (or a technician's log row) could not be written, so the valve was not opened: drop
+    the session or pour (nothing was poured, nothing is billed, there is no receipt) and lock out with a
+    fault of ``kind`` (storage unless said otherwise)."""
 
     session_id: str
     detail: str = ""
+    kind: str = "storage"
 
 
 @dataclass(frozen=True)
@@ -166,9 +173,15 @@ class SetOutOfService:
 
 @dataclass(frozen=True)
 class ClearLockout:
+    """Clear a lockout. ``refused_why`` is set by the runtime when a precondition it checked failed (a storage
+    fault whose ledger still cannot be written): the core then refuses with that reason. ``ref`` is echoed in
+    the records (the cloud command it answers)."""
+
     reason: str
     source: ClearSource = ClearSource.SITE
     actor: str = ""
+    refused_why: str = ""
+    ref: str = ""
 
 
 @dataclass(frozen=True)
@@ -337,11 +350,13 @@ class AddToTotalizer:
 
 @dataclass(frozen=True)
 class RecordEvent:
-    """Append to the event log; ``report`` also queues it for the cloud in the same transaction."""
+    """Append to the event log; ``report`` also queues it for the cloud in the same transaction.
+    ``required``: what follows in the batch (a valve opening) must not happen unless this is on disk."""
 
     kind: str
     detail: dict[str, Any] = field(default_factory=dict)
     report: bool = False
+    required: bool = False
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ on; the runtime then keeps the valve closed and the machine out of service.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -98,6 +100,22 @@ def m002_settings(db: Database) -> None:
         key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_wall_ms INTEGER NOT NULL)""")
 
 
+@migrations()
+def m003_ledger_id(db: Database) -> None:
+    """A random id for this ledger file, part of every report id: a replaced ledger (a corrupt one swapped
+    for a new file) never reuses an id the cloud has already seen with another body."""
+    db.execute("INSERT OR IGNORE INTO settings (key, value, updated_wall_ms) VALUES ('ledger_id', ?, 0)",
+               [json.dumps(secrets.token_hex(8))])
+    db.execute("CREATE TABLE IF NOT EXISTS write_probe (id INTEGER PRIMARY KEY, filler BLOB NOT NULL)")
+    # a report's age is measured on the monotonic clock while the machine has not restarted
+    db.execute("ALTER TABLE outbox ADD COLUMN created_boot_id INTEGER")
+    db.execute("ALTER TABLE outbox ADD COLUMN created_mono_ms INTEGER")
+
+
+PROBE_BYTES = 256 * 1024        # a storage check writes (and deletes) this much: small writes may still fit
+MIN_FREE_BYTES = 8 * 1024 * 1024  # ... and wants this much free space on the ledger's filesystem
+
+
 def iso_utc(wall_ms: int) -> str:
     return datetime.fromtimestamp(wall_ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -115,16 +133,25 @@ class Ledger:
     """The dispenser's on-disk state. Thread-safe (one lock); the core thread is its main writer."""
 
     def __init__(self, db: Database, path: Path, machine_id: str, boot_id: int,
-                 wall_clock: Callable[[], int]) -> None:
+                 wall_clock: Callable[[], int], ledger_id: str = "",
+                 mono_clock: Callable[[], int] | None = None) -> None:
         self.db, self.path, self.machine_id, self.boot_id = db, path, machine_id, boot_id
+        self.ledger_id = ledger_id
         self._wall = wall_clock
+        self._mono = mono_clock
         self._lock = threading.RLock()
         self._seq = 0
+
+    def set_wall_clock(self, wall_clock: Callable[[], int]) -> None:
+        """Stamp records from now on with this clock (the server-corrected one once the link has synced
+        time, so a Pi whose clock is days off still writes true times)."""
+        self._wall = wall_clock
 
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, path: str | Path, *, machine_id: str, wall_clock: Callable[[], int],
-             software_version: str = "dev", new_boot: bool = True) -> Ledger:
+             software_version: str = "dev", new_boot: bool = True,
+             mono_clock: Callable[[], int] | None = None) -> Ledger:
         """Open (creating if needed) and migrate the ledger; with ``new_boot`` record a boot.
 
         :raises LedgerError: the file is corrupt, not a database, unreadable or unwritable.
@@ -157,6 +184,8 @@ class Ledger:
                     boot_id = cur.lastrowid
             # else: an administrative handle (a CLI beside the running kiosk): boot_id 0, and it may
             # not queue reports, whose ids belong to the running boot.
+            row = db.execute("SELECT value FROM settings WHERE key = 'ledger_id'").fetchone()
+            ledger_id = json.loads(row[0]) if row else ""
         except LedgerError:
             if conn is not None:
                 conn.close()
@@ -168,7 +197,7 @@ class Ledger:
                 raise LedgerError(f"ledger {path} is corrupt or not a database ({e}); keep the file "
                                   "for the operator and replace it, the machine stays out of service") from e
             raise LedgerError(f"ledger {path}: cannot open: {_describe(e)}") from e
-        return cls(db, path, machine_id, boot_id, wall_clock)
+        return cls(db, path, machine_id, boot_id, wall_clock, ledger_id, mono_clock)
 
     def close(self) -> None:
         with self._lock:
@@ -194,15 +223,18 @@ class Ledger:
         if self.boot_id <= 0:
             raise sqlite3.ProgrammingError("an administrative ledger handle cannot queue reports")
         self._seq += 1
-        return f"{self.boot_id}-{self._seq}"
+        prefix = f"{self.ledger_id}-" if self.ledger_id else ""
+        return f"{prefix}{self.boot_id}-{self._seq}"
 
     def _queue(self, db: Database, kind: str, payload: dict[str, Any]) -> str:
         event_id = self._next_event_id()
         now = self._wall()
         body = {"event_id": event_id, "kind": kind, "machine_id": self.machine_id, "boot_id": self.boot_id,
                 "created_at": iso_utc(now), **payload}
-        db.execute("INSERT INTO outbox (event_id, kind, payload, created_wall_ms) VALUES (?, ?, ?, ?)",
-                   [event_id, kind, json.dumps(body, separators=(",", ":"), ensure_ascii=False), now])
+        db.execute("INSERT INTO outbox (event_id, kind, payload, created_wall_ms, created_boot_id, created_mono_ms) "
+                   "VALUES (?, ?, ?, ?, ?, ?)",
+                   [event_id, kind, json.dumps(body, separators=(",", ":"), ensure_ascii=False), now, self.boot_id,
+                    self._mono() if self._mono else None])
         return event_id
 
     # ------------------------------------------------------------------ sessions
@@ -276,6 +308,7 @@ class Ledger:
             "started_at": iso_utc(t0_wall), "closed_at": iso_utc(t0_wall + r.duration_ms),
             "ended_at": iso_utc(now), "duration_ms": r.duration_ms,
             "price_fen_per_l": r.price_fen_per_l, "credit_limit_fen": r.credit_limit_fen,
+            "min_dispense_ml": s["min_dispense_ml"],
             "milli_pulses_per_litre": r.milli_pulses_per_litre, "billed_pulses": r.billed_pulses,
             "overrun_pulses": r.overrun_pulses, "volume_ml": r.volume_ml, "cost_fen": r.cost_fen,
             "below_minimum": r.below_minimum, "avg_flow_ml_per_min": r.avg_flow_ml_per_min,
@@ -389,10 +422,38 @@ class Ledger:
                            "WHERE event_id = ? AND state = 'pending'", [now, eid])
 
     def mark_dead(self, event_id: str, error: str) -> None:
+        """Dead-letter a report the cloud refused; the fact itself is logged and reported (an operator alarm),
+        except for a refused report of a dead letter (no loop)."""
         with self._tx("dead-letter a report") as db:
+            row = db.execute("SELECT kind FROM outbox WHERE event_id = ? AND state = 'pending'", [event_id]).fetchone()
+            if row is None:
+                return
             db.execute("UPDATE outbox SET state = 'dead', last_error = ?, done_wall_ms = ?, attempts = attempts + 1"
                        " WHERE event_id = ? AND state = 'pending'", [error, self._wall(), event_id])
-            self._event(db, "report_dead_lettered", {"event_id": event_id, "error": error})
+            detail = {"event_id": event_id, "kind": row[0], "error": error}
+            self._event(db, "report_dead_lettered", detail)
+            if row[0] != "report_dead_lettered" and self.boot_id > 0:
+                self._queue(db, "report_dead_lettered", {"detail": detail})
+
+    # ------------------------------------------------------------------ storage health
+    def probe_write(self, min_free_bytes: int = MIN_FREE_BYTES) -> None:
+        """A real test that the ledger can take writes again (after a storage fault): enough free space on its
+        filesystem, and a write that needs new pages, committed and removed.
+
+        :raises LedgerError: with the reason (free space, or SQLite's error).
+        """
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError as e:
+            raise LedgerError(f"ledger {self.path}: cannot check free space: {e.strerror}") from e
+        free = st.f_bavail * st.f_frsize
+        if free < min_free_bytes:
+            raise LedgerError(f"ledger {self.path}: only {free // 1024} KiB free on its disk (at least "
+                              f"{min_free_bytes // 1024 // 1024} MiB needed): free some space first")
+        with self._tx("test a write") as db:
+            db.execute("INSERT INTO write_probe (filler) VALUES (zeroblob(?))", [PROBE_BYTES])
+        with self._tx("remove the write test") as db:
+            db.execute("DELETE FROM write_probe")
 
     def retry_dead(self, event_id: str) -> bool:
         """Send a dead letter again (a technician's decision, e.g. after the cloud fixed its side)."""

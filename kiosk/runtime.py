@@ -7,9 +7,17 @@ returned actions in order. Fail-safe rules:
 
 * The valve is commanded closed before anything else at boot, and in a ``finally`` at exit.
 * If a ledger write fails, the valve closes at once, any ``OpenValve`` left in that batch is dropped
-  (a session whose row was not written never pours), and the core gets a ``storage`` fault, which
-  locks the machine out of service.
-* An exception in the core closes the valve and becomes an ``internal`` fault.
+  (a session or technician's pour whose row was not written never pours), and the core gets a
+  ``storage`` fault, which locks the machine out of service. Clearing that lockout first re-tests the
+  ledger with a real write (:meth:`~kiosk.ledger.Ledger.probe_write`); while it fails the clear is
+  refused with the reason.
+* A valve or meter that raises (a GPIO error) is a ``valve`` fault, anything else an ``internal`` one:
+  each has its own lockout, and neither stops the ledger from being written.
+* Listeners get the actions that were *carried out* (an ``OpenValve`` whose valve did not open is not
+  among them), so nothing is acknowledged that did not happen.
+* The meter is sampled right before a grant or a technician's pour is handled, so pulses that came
+  just before it are ghost flow, not the new session's; and after the valve opens the armed limit is
+  checked against the fresh count.
 * If the valve is open while the core says it should not be, it is closed (checked every loop).
 """
 
@@ -19,7 +27,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kiosk.billing import Calibration
 from kiosk.config import Config
@@ -32,6 +40,7 @@ from kiosk.events import (
     CloseValve,
     Event,
     Fault,
+    GrantReceived,
     OpenValve,
     PulseCount,
     RecordEvent,
@@ -43,6 +52,7 @@ from kiosk.events import (
     SetOutOfService,
     Shutdown,
     StopPressed,
+    TechPour,
     Tick,
     fault_lockout,
 )
@@ -152,9 +162,13 @@ class Runtime:
             self._feed(PulseCount(total))
 
     def _feed(self, event: Event) -> None:
+        if isinstance(event, (GrantReceived, TechPour)):
+            self._sample_meter()              # pulses before the grant are not the session's
         now = self.clock.monotonic_ms()
-        if isinstance(event, ClearLockout) and event.reason == STORAGE_LOCKOUT:
-            self._retry_storage()
+        if isinstance(event, ClearLockout) and event.reason == STORAGE_LOCKOUT and not event.refused_why:
+            why = self._retry_storage()
+            if why:
+                event = replace(event, refused_why=why)
         try:
             actions = self.core.handle(event, now)
         except Exception as e:
@@ -168,55 +182,76 @@ class Runtime:
             # printed before the ledger is written: the trace is never behind the disk
             self._trace({"t": "pulses", "session": self.core.session_id,
                          "billed": self.core.session_billed_pulses})
-        self._execute(actions)
+        done = self._execute(actions)
         self.snapshot = self.core.snapshot()
         if actions or not isinstance(event, (Tick, PulseCount)):
             for fn in self.listeners:
                 try:
-                    fn(self.snapshot, actions)
+                    fn(self.snapshot, done)
                 except Exception:      # an observer (sync, UI) must never take the core thread down
                     log.exception("listener %r failed", fn)
 
-    def _execute(self, actions: list[Action]) -> None:
-        failed: LedgerError | None = None
-        failed_start: str | None = None
+    def _execute(self, actions: list[Action]) -> list[Action]:
+        """Carry out ``actions`` in order; returns those that were carried out."""
+        done: list[Action] = []
+        storage: LedgerError | None = None
+        failures: list[tuple[str, str]] = []           # (fault kind, detail), fed to the core afterwards
+        not_started: tuple[str, str, str] | None = None  # (session id, detail, fault kind) of a valve never opened
         for a in actions:
-            if failed is not None and isinstance(a, OpenValve):
-                log.error("not opening the valve for %s: its session row was not written", a.session_id)
+            if isinstance(a, OpenValve) and (storage is not None or failures):
+                log.error("not opening the valve for %s: what had to precede it failed", a.session_id)
+                if not_started is None:
+                    kind = "storage" if storage is not None else failures[0][0]
+                    not_started = (a.session_id, str(storage) if storage is not None else failures[0][1], kind)
                 continue
             try:
-                self._do(a)
+                if self._do(a) is not False:
+                    done.append(a)
             except LedgerError as e:
-                failed = e
-                if isinstance(a, SessionStarted):
-                    failed_start = a.session_id
+                storage = storage or e
                 self._safe_close_valve()
                 log.error("ledger write failed, valve closed, machine out of service: %s", e)
             except Exception as e:
-                failed = LedgerError(str(e))
                 self._safe_close_valve()
-                log.exception("action %r failed; valve closed", a)
-        if failed is not None and self.ledger_ok:
+                kind = "valve" if isinstance(a, (OpenValve, CloseValve)) else "internal"
+                failures.append((kind, f"{type(a).__name__} failed: {e!r}"))
+                log.exception("action %r failed (%s fault); valve closed", a, kind)
+                if isinstance(a, OpenValve) and not_started is None and a.session_id.startswith("tech-"):
+                    not_started = (a.session_id, failures[-1][1], kind)
+        if not_started is not None:
+            sid, detail, kind = not_started
+            if storage is not None:
+                self.ledger_ok = False
+            self._feed(SessionStartFailed(sid, detail, kind=kind))
+        elif storage is not None and self.ledger_ok:
             self.ledger_ok = False
-            self._feed(SessionStartFailed(failed_start, str(failed)) if failed_start else Fault("storage", str(failed)))
-        elif failed_start is not None:
-            self._feed(SessionStartFailed(failed_start, str(failed)))
+            self._feed(Fault("storage", str(storage)))
+        for kind, detail in failures:
+            if not_started is None or kind != not_started[2]:
+                self._feed(Fault(kind, detail))
+        return done
 
-    def _do(self, a: Action) -> None:
+    def _do(self, a: Action) -> bool | None:
+        """Carry out one action; ``False`` when it was deliberately not carried out."""
         if isinstance(a, CloseValve):
             self._safe_close_valve()
             self.meter.arm_limit(None)
             log.info("valve closed (%s)", a.reason)
             return
         if isinstance(a, OpenValve):
+            if self.meter.total_pulses() >= a.close_at_total_pulses:
+                log.warning("not opening the valve for %s: the meter is already at its limit", a.session_id)
+                return False
             self.meter.arm_limit(a.close_at_total_pulses)
             self.valve.open()
+            if self.meter.total_pulses() >= a.close_at_total_pulses:   # reached between the arm and the open
+                self._safe_close_valve()
             log.info("valve opened for session %s (closes at pulse %d)", a.session_id, a.close_at_total_pulses)
             return
         ledger = self.ledger
         if not self.ledger_ok or ledger is None:
-            if isinstance(a, SessionStarted):
-                raise LedgerError("the ledger is unavailable")
+            if isinstance(a, SessionStarted) or (isinstance(a, RecordEvent) and a.required):
+                raise LedgerError("the ledger is unavailable (storage fault)")
             log.warning("ledger unavailable, not recorded: %r", a)
             return
         if isinstance(a, SessionStarted):
@@ -261,29 +296,34 @@ class Runtime:
             log.error("valve was open outside a session: closing it")
             self._safe_close_valve()
 
-    def _retry_storage(self) -> None:
-        if self.ledger is None or self.ledger_ok:
-            return
+    def _retry_storage(self) -> str | None:
+        """Before a storage lockout is cleared: a real write test. Returns why it cannot be cleared, or None."""
+        if self.ledger is None:
+            return "the ledger could not be opened at start: replace or repair it, then restart the machine"
         try:
-            self.ledger.record_event("storage_retry", {})
+            self.ledger.probe_write()
+            self.ledger.record_event("storage_retry", {"ok": True})
             for r in self.ledger.recover_open_sessions(keep=self.core.session_id):
                 log.warning("closed session %s left open by the storage fault (%s)", r.session_id, r.reason)
-            self.ledger_ok = True
         except LedgerError as e:
-            log.error("ledger still failing: %s", e)
+            log.error("storage lockout not cleared, the ledger still fails: %s", e)
+            self.ledger_ok = False
+            return f"the ledger still cannot be written: {e}"
+        self.ledger_ok = True
+        return None
 
     def _housekeeping(self) -> None:
         now = self.clock.monotonic_ms()
-        if self.ledger is None or not self.ledger_ok:
+        if self.ledger is None:
             return
-        if now - self._admin_polled_ms >= ADMIN_POLL_MS:
+        if now - self._admin_polled_ms >= ADMIN_POLL_MS:       # also after a storage fault: a clear may be queued
             self._admin_polled_ms = now
             try:
                 for cmd in self.ledger.take_admin_commands():
                     self._admin(cmd)
             except LedgerError as e:
                 log.error("cannot read admin commands: %s", e)
-        if now - self._pruned_ms >= PRUNE_INTERVAL_MS:
+        if self.ledger_ok and now - self._pruned_ms >= PRUNE_INTERVAL_MS:
             self._pruned_ms = now
             try:
                 pruned = self.ledger.prune(event_log_max_rows=self.cfg.ledger.event_log_max_rows,
@@ -321,7 +361,7 @@ def boot(cfg: Config, valve: Valve, meter: FlowMeter, clock: Clock, *,
     seen: list[str] = []
     try:
         ledger = Ledger.open(cfg.db_path, machine_id=cfg.machine.id, wall_clock=clock.wall_ms,
-                             software_version=VERSION)
+                             software_version=VERSION, mono_clock=clock.monotonic_ms)
         recovered = ledger.recover_open_sessions()
         for r in recovered:
             log.warning("session %s was left open (%s): closed, billed %d fen from its last checkpoint",

@@ -78,7 +78,8 @@ from kiosk.events import (
 )
 
 FLOW_WINDOW_MS = 1_000          # flow rate shown on screen is averaged over this window
-GHOST_LOG_INTERVAL_MS = 1_000   # ghost pulses are logged in batches at most this often
+GHOST_LOG_INTERVAL_MS = 60_000  # ghost pulses are logged and reported in batches at most this often (a slow
+                                # drip below the lockout threshold still reaches the operators, once a minute)
 SEEN_SESSION_IDS = 10_000       # how many past session ids are remembered to refuse a replayed grant
 METER_SLACK_PULSES = 5          # tolerance of the plausibility check for jitter on short intervals
 
@@ -165,6 +166,7 @@ class _Session:
     limit_reason: EndReason
     started_ms: int
     temp_start_c: float | None
+    min_dispense_ml: int
     billed_pulses: int = 0
     overrun_pulses: int = 0
     last_flow_ms: int = 0
@@ -199,6 +201,7 @@ class Snapshot:
     elapsed_ms: int = 0
     receipt: SessionRecord | None = None
     last_rejection: str | None = None
+    clear_refusal: str | None = None      # why the last on-site attempt to clear a lockout was refused
     milli_pulses_per_litre: int = 0
     tech_active: bool = False             # a technician's pour has the valve open
     tech_purpose: str = ""
@@ -239,6 +242,7 @@ class DispenserCore:
         self._seen_order: deque[str] = deque(maxlen=SEEN_SESSION_IDS)
         self._seen: set[str] = set()
         self._last_rejection: str | None = None
+        self._clear_refusal: str | None = None
         self._tech: _Tech | None = None
         self._tech_last: TechPourResult | None = None
         self._tech_count = 0
@@ -288,7 +292,7 @@ class DispenserCore:
                         tds_ppm=self.tds_ppm, tds_measured=self.tds_measured,
                         tds_limit_ppm=self.settings.tds_limit_ppm,
                         receipt=self._receipt if self._phase is State.RECEIPT else None,
-                        last_rejection=self._last_rejection,
+                        last_rejection=self._last_rejection, clear_refusal=self._clear_refusal,
                         milli_pulses_per_litre=self.settings.calibration.milli_pulses_per_litre,
                         tech_last=self._tech_last,
                         maintenance_idle_ms=max(0, now - self._maint_activity_ms) if self.maintenance else 0)
@@ -330,7 +334,8 @@ class DispenserCore:
             limit, limit_reason = by_credit, EndReason.CREDIT_EXHAUSTED
         else:
             limit, limit_reason = by_volume, EndReason.MAX_VOLUME
-        if (g.price_fen_per_l > 0 and credit <= 0) or limit <= 0 or cal.volume_ml(limit) < st.min_dispense_ml:
+        min_ml = g.min_dispense_ml if g.min_dispense_ml is not None else st.min_dispense_ml
+        if (g.price_fen_per_l > 0 and credit <= 0) or limit <= 0 or cal.volume_ml(limit) < min_ml:
             # not even the minimum dispense is affordable: tell the user to top up (s5), pour nothing
             self._last_rejection = "insufficient_credit"
             return [RecordEvent("grant_rejected", {"session_id": g.session_id, "reason": "insufficient_credit"},
@@ -341,7 +346,7 @@ class DispenserCore:
                      max_duration_ms=min(g.max_duration_ms, st.max_duration_ms),
                      max_idle_ms=min(g.max_idle_ms, st.max_idle_ms), limit_pulses=limit,
                      limit_reason=limit_reason, started_ms=now, temp_start_c=self.temp_c,
-                     last_flow_ms=now, checkpoint_ms=now)
+                     min_dispense_ml=min_ml, last_flow_ms=now, checkpoint_ms=now)
         self._session, self._phase, self._receipt = s, State.DISPENSING, None
         self._flow_samples.clear()
         self._flow_samples.append((now, 0))
@@ -350,7 +355,7 @@ class DispenserCore:
             SessionStarted(session_id=g.session_id, user_ref=g.user_ref, price_fen_per_l=s.price_fen_per_l,
                            credit_limit_fen=credit, max_volume_ml=max_volume, max_duration_ms=s.max_duration_ms,
                            max_idle_ms=s.max_idle_ms, limit_pulses=limit,
-                           milli_pulses_per_litre=cal.milli_pulses_per_litre, min_dispense_ml=st.min_dispense_ml,
+                           milli_pulses_per_litre=cal.milli_pulses_per_litre, min_dispense_ml=min_ml,
                            started_mono_ms=now, temp_c=self.temp_c),
             OpenValve(g.session_id, close_at_total_pulses=(self._last_total or 0) + limit),
         ]
@@ -423,6 +428,8 @@ class DispenserCore:
     def _on_stop(self, ev: StopPressed, now: int) -> list[Action]:
         if self._phase is State.DISPENSING:
             return self._close(EndReason.STOP_BUTTON, now)
+        if self._tech is not None and self._tech.closed_ms is None:
+            return self._tech_close("stopped", now)        # the button stops a technician's pour too
         if self._phase is State.RECEIPT:
             return self._end_receipt()
         return []
@@ -466,8 +473,7 @@ class DispenserCore:
     def _on_temperature(self, ev: TemperatureReading, now: int) -> list[Action]:
         self.temp_c = t = ev.temp_c
         st = self.settings
-        if t is None:                       # unknown: neither raise nor clear the alarm
-            self._temp_out_since = None
+        if t is None:                       # unknown: the alarm timer neither starts, stops nor restarts
             return []
         if st.temp_band_min_c <= t <= st.temp_band_max_c:
             self._temp_out_since = None
@@ -478,8 +484,7 @@ class DispenserCore:
 
     def _on_water_quality(self, ev: WaterQualityReading, now: int) -> list[Action]:
         self.tds_ppm, self.tds_measured = ev.tds_ppm, ev.measured
-        if ev.tds_ppm is None:
-            self._tds_high_since = None
+        if ev.tds_ppm is None:              # unknown: the alarm timer neither starts, stops nor restarts
             return []
         if ev.tds_ppm <= self.settings.tds_limit_ppm:
             self._tds_high_since = None
@@ -521,9 +526,14 @@ class DispenserCore:
         s = self._session
         if self._phase is State.DISPENSING and s is not None and s.grant.session_id == ev.session_id:
             self._session, self._phase = None, None     # never on disk, never poured: no bill, no receipt
+        t = self._tech
+        if t is not None and ev.session_id == f"tech-{self._tech_count}":
+            self._tech = None                           # a technician's pour whose log row was not written
+            self._tech_last = TechPourResult(purpose=t.purpose, pulses=0, volume_ml=0, duration_ms=0,
+                                             reason="not_started")
         actions: list[Action] = [RecordEvent("session_start_failed", {"session_id": ev.session_id,
-                                                                      "detail": ev.detail})]
-        return actions + self._fault("storage", ev.detail, now)
+                                                                      "detail": ev.detail, "fault": ev.kind})]
+        return actions + self._fault(ev.kind, ev.detail, now)
 
     def _on_leak(self, ev: LeakSensor, now: int) -> list[Action]:
         if not ev.wet:
@@ -542,6 +552,14 @@ class DispenserCore:
 
     def _on_clear(self, ev: ClearLockout, now: int) -> list[Action]:
         info = {"reason": ev.reason, "source": ev.source.value, "actor": ev.actor}
+        if ev.ref:
+            info["ref"] = ev.ref
+        if ev.source is ClearSource.SITE:
+            self._clear_refusal = None
+        if ev.reason in self.lockouts and ev.refused_why:
+            if ev.source is ClearSource.SITE:
+                self._clear_refusal = ev.refused_why
+            return [RecordEvent("lockout_clear_refused", {**info, "why": ev.refused_why}, report=True)]
         if ev.reason not in self.lockouts:
             return [RecordEvent("lockout_clear_ignored", {**info, "why": "not locked out for this reason"})]
         if ev.reason in SITE_ONLY_LOCKOUTS and ev.source is not ClearSource.SITE:
@@ -609,7 +627,7 @@ class DispenserCore:
                            target_reason="target" if ev.target_ml is not None else "max_volume",
                            max_ms=min(ev.max_ms, st.tech_max_ms), milli_pulses_per_litre=cal.milli_pulses_per_litre)
         info = {"purpose": ev.purpose, "actor": ev.actor, "target_ml": ev.target_ml, "max_ms": self._tech.max_ms}
-        return [RecordEvent("tech_pour_started", info),          # on disk before the valve opens
+        return [RecordEvent("tech_pour_started", info, required=True),     # on disk before the valve opens
                 OpenValve(f"tech-{self._tech_count}", close_at_total_pulses=(self._last_total or 0) + target)]
 
     def _on_tech_stop(self, ev: TechStop, now: int) -> list[Action]:
@@ -700,7 +718,7 @@ class DispenserCore:
         assert s is not None and s.closed_ms is not None and s.close_reason is not None
         cal, st = self.settings.calibration, self.settings
         volume = cal.volume_ml(s.billed_pulses)
-        below = volume < st.min_dispense_ml
+        below = volume < s.min_dispense_ml
         record = SessionRecord(
             session_id=s.grant.session_id, user_ref=s.grant.user_ref, reason=s.close_reason.value,
             started_mono_ms=s.started_ms, closed_mono_ms=s.closed_ms, ended_mono_ms=now,
@@ -763,8 +781,8 @@ class DispenserCore:
 
     def _ghost_log(self, now: int) -> RecordEvent:
         pulses, self._ghost_unlogged, self._ghost_logged_ms = self._ghost_unlogged, 0, now
-        return RecordEvent("ghost_flow", {"pulses": pulses,
-                                          "volume_ml": self.settings.calibration.volume_ml(pulses)})
+        return RecordEvent("ghost_flow", {"pulses": pulses, "volume_ml": self.settings.calibration.volume_ml(pulses)},
+                           report=True)
 
     def _fault(self, kind: str, detail: str, now: int) -> list[Action]:
         return self._lock(fault_lockout(kind), detail, now, EndReason.FAULT)

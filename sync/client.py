@@ -148,8 +148,11 @@ class CloudClient:
         data = self._send("GET", f"/device/v1/commands?wait_ms={wait_ms}", None, timeout_s=wait_ms / 1000 + 10)
         return [p.CommandMsg(**c) for c in data.get("commands", [])]
 
-    def ack(self, command_id: str, ok: bool, reason: str = "") -> None:
-        self._send("POST", f"/device/v1/commands/{command_id}/ack", {"ok": ok, "reason": reason[:200]})
+    def ack(self, command_id: str, ok: bool, reason: str = "", detail: str = "", *,
+            timeout_s: float | None = None) -> p.AckResult:
+        data = self._send("POST", f"/device/v1/commands/{command_id}/ack",
+                          {"ok": ok, "reason": reason[:200], "detail": detail[:500]}, timeout_s=timeout_s)
+        return p.AckResult(ok=bool(data.get("ok", True)), session_state=data.get("session_state"))
 
     def send_events(self, events: list[dict]) -> list[p.EventResult]:
         data = self._send("POST", "/device/v1/events", {"events": events})

@@ -4,16 +4,25 @@ Network threads never touch the core or the UI: commands become events posted to
 queue; what the core does is observed through a runtime listener (called on the core thread, which
 only enqueues). Threads:
 
-* **commands**: syncs the clock, then long-polls. Start commands become grants (checked for this
-  machine; their time-to-live counts from receipt on the monotonic clock); cancel, price, out of
-  service, in service and clear-lockout become their events. The machine is "online" (shows a QR,
-  accepts grants) only after a time sync and while polls succeed.
-* **replies**: acknowledges a start once the core has opened the valve (or refused the grant), other
-  commands once posted; live progress about once a second while water flows (best effort).
+* **commands**: syncs the clock, then long-polls. A start command is checked (this machine, its absolute
+  deadline by the server-corrected clock, the machine free) and then *claimed* with the cloud before the
+  core sees it: only a claim the cloud accepts becomes a grant, so the valve never opens for a session
+  the cloud has voided. A command already handled (a redelivery) is not handled again. Cancel, price,
+  out of service, in service and clear-lockout become their events. The machine is "online" (shows a
+  QR, accepts grants) only after a time sync and while polls succeed.
+* **replies**: tells the cloud when a claimed start did not pour after all (the core refused it, or its
+  session row could not be written: ``session_start_failed``), acknowledges a clear-lockout once the
+  core has decided (refused with the reason while the cause remains), other commands once posted; live
+  progress about once a second while water flows (best effort).
 * **outbox**: sends the ledger's pending reports in order, in batches, each with its event id as the
   idempotency key and its age; backs off with jitter on transient errors (honouring Retry-After);
   re-syncs the clock on 401s and retries; dead-letters a message the cloud rejects (4xx), visibly.
-* **heartbeat**: telemetry every ``heartbeat_interval_ms``.
+* **heartbeat**: telemetry every ``heartbeat_interval_ms``, including the open session (the cloud ends a
+  session the machine no longer has as ``lost`` and releases its hold).
+
+Every thread is supervised: an unexpected exception (a ledger read or write that failed, a bug) is
+logged and the loop goes on after a backoff; a thread that fails ``THREAD_FAILURES_TO_LOCKOUT`` times in
+a row puts the machine out of service (``fault:sync``) until it works again.
 """
 
 from __future__ import annotations
@@ -23,13 +32,17 @@ import queue
 import random
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+
+from pydantic import ValidationError
 
 from kiosk.events import (
     Action,
     CancelReceived,
     ClearLockout,
     ClearSource,
+    Fault,
     Grant,
     GrantReceived,
     LinkChanged,
@@ -39,6 +52,7 @@ from kiosk.events import (
     SessionEnded,
     SetOutOfService,
     State,
+    fault_lockout,
 )
 from kiosk.ledger import Ledger
 from kiosk.runtime import Runtime
@@ -47,6 +61,11 @@ from sync import protocol as p
 from sync.client import AuthProblem, CloudClient, Rejected, SyncError, Transient
 
 log = logging.getLogger("tapshare.sync")
+
+THREAD_FAILURES_TO_LOCKOUT = 5
+SYNC_LOCKOUT = fault_lockout("sync")
+REMEMBERED_COMMANDS = 1_000        # command ids handled recently (a redelivery is not handled twice)
+CLAIM_TIMEOUT_S = 3.0
 
 
 class Backoff:
@@ -81,17 +100,20 @@ class SyncLink:
         self._halt = threading.Event()
         self._outbox_wake = threading.Event()
         self._replies: queue.Queue = queue.Queue()
-        self._start_commands: dict[str, str] = {}     # session id -> command id of its start
+        self._start_commands: dict[str, str] = {}     # session id -> command id of its claimed start
+        self._clear_commands: dict[str, str] = {}     # command id -> kind, acknowledged once the core decided
+        self._handled: OrderedDict[str, None] = OrderedDict()
+        self._failures: dict[str, int] = {}
+        self._failures_lock = threading.Lock()
         self._online = False
         self._last_ok_mono: int | None = None
         self._last_progress_mono = 0
         self.sent = 0
         self.dead = 0
         self._started_mono = self._mono()
-        self._threads = [threading.Thread(target=self._commands_loop, name="sync-commands", daemon=True),
-                         threading.Thread(target=self._replies_loop, name="sync-replies", daemon=True),
-                         threading.Thread(target=self._outbox_loop, name="sync-outbox", daemon=True),
-                         threading.Thread(target=self._heartbeat_loop, name="sync-heartbeat", daemon=True)]
+        self._threads = [threading.Thread(target=self._supervised, args=(name, body), name=f"sync-{name}", daemon=True)
+                         for name, body in (("commands", self._commands_loop), ("replies", self._replies_loop),
+                                            ("outbox", self._outbox_loop), ("heartbeat", self._heartbeat_loop))]
         runtime.listeners.append(self._observe)
 
     # ------------------------------------------------------------------ lifecycle
@@ -116,6 +138,42 @@ class SyncLink:
         self._replies.put(None)
         for t in self._threads:
             t.join(timeout_s)
+
+    # ------------------------------------------------------------------ supervision
+    def _supervised(self, name: str, body: Callable[[], None]) -> None:
+        """Run a thread's loop; if it raises, log, back off and run it again (never give up while running)."""
+        backoff = Backoff(min(self.backoff_base_s, 1.0), min(self.backoff_max_s, 30.0))
+        while not self._halt.is_set():
+            try:
+                body()
+                return                                     # the loop returned: we are stopping
+            except Exception as e:
+                n = self._thread_failed(name, e)
+                delay = backoff.next_delay()
+                log.exception("sync thread %s failed (%d in a row); again in %.1f s", name, n, delay)
+                self._halt.wait(delay)
+
+    def _thread_failed(self, name: str, e: Exception) -> int:
+        with self._failures_lock:
+            n = self._failures[name] = self._failures.get(name, 0) + 1
+        if n == THREAD_FAILURES_TO_LOCKOUT:
+            self.rt.post(Fault("sync", f"the {name} link thread keeps failing: {type(e).__name__}: {e}"[:300]))
+        return n
+
+    def _thread_ok(self, name: str) -> None:
+        """A loop iteration worked: forget its failures (and lift the lockout if it was the cause)."""
+        if not self._failures.get(name):
+            return
+        with self._failures_lock:
+            was = self._failures.pop(name, 0)
+            still = any(n >= THREAD_FAILURES_TO_LOCKOUT for n in self._failures.values())
+        if was >= THREAD_FAILURES_TO_LOCKOUT and not still:
+            log.warning("sync thread %s works again", name)
+            self.rt.post(ClearLockout(SYNC_LOCKOUT, ClearSource.AUTO, actor=f"sync-{name}"))
+
+    @property
+    def thread_failures(self) -> dict[str, int]:
+        return dict(self._failures)
 
     @property
     def last_ok_mono(self) -> int | None:
@@ -162,6 +220,7 @@ class SyncLink:
                 backoff.reset()
                 for cmd in commands:
                     self._dispatch(cmd)
+                self._thread_ok("commands")
             except AuthProblem as e:
                 self._failed()
                 log.warning("poll refused (%s): re-syncing the clock", e.code)
@@ -184,29 +243,25 @@ class SyncLink:
             log.info("time sync failed: %s", e)
 
     def _dispatch(self, cmd: p.CommandMsg) -> None:
+        if cmd.command_id in self._handled:
+            log.info("command %s %s delivered again: already handled", cmd.kind, cmd.command_id)
+            return
+        self._handled[cmd.command_id] = None
+        while len(self._handled) > REMEMBERED_COMMANDS:
+            self._handled.popitem(last=False)
         log.info("command %s %s", cmd.kind, cmd.command_id)
         if cmd.kind == "start":
-            g = cmd.grant
-            if g is None or g.machine_id != self.client.machine_id:
-                self._replies.put(("ack", cmd.command_id, False, "grant for another machine"))
-                return
-            if self.rt.core.session_id == g.session_id or self.ledger.session(g.session_id) is not None:
-                # a redelivery (our acknowledgement was lost): the session exists here, say so again
-                self._replies.put(("ack", cmd.command_id, True, "already started"))
-                return
-            self._start_commands[g.session_id] = cmd.command_id
-            self.rt.post(GrantReceived(Grant(
-                session_id=g.session_id, machine_id=g.machine_id, user_ref=g.user_ref,
-                price_fen_per_l=g.price_fen_per_l, credit_limit_fen=g.credit_limit_fen,
-                max_volume_ml=g.max_volume_ml, max_duration_ms=g.max_duration_ms, max_idle_ms=g.max_idle_ms,
-                expires_at_ms=self.rt.clock.monotonic_ms() + g.ttl_ms)))
-            return                        # acknowledged when the core has opened the valve (or refused)
+            self._start(cmd)
+            return
+        if cmd.kind in ("in_service", "clear_lockout"):
+            reason = "operator" if cmd.kind == "in_service" else cmd.reason
+            self._clear_commands[cmd.command_id] = reason
+            self.rt.post(ClearLockout(reason, ClearSource.REMOTE, actor="cloud", ref=cmd.command_id))
+            return                        # acknowledged when the core has decided (see _observe)
         event = {
             "cancel": lambda: CancelReceived(cmd.session_id or "", cmd.reason or "cloud"),
             "price": lambda: PriceChanged(cmd.price_fen_per_l if cmd.price_fen_per_l is not None else -1),
             "out_of_service": lambda: SetOutOfService(cmd.detail),
-            "in_service": lambda: ClearLockout("operator", ClearSource.REMOTE, actor="cloud"),
-            "clear_lockout": lambda: ClearLockout(cmd.reason, ClearSource.REMOTE, actor="cloud"),
         }.get(cmd.kind)
         if event is None:
             self._replies.put(("ack", cmd.command_id, False, f"unsupported command {cmd.kind}"))
@@ -214,17 +269,78 @@ class SyncLink:
         self.rt.post(event())
         self._replies.put(("ack", cmd.command_id, True, ""))
 
+    def _start(self, cmd: p.CommandMsg) -> None:
+        """Check a start, claim it with the cloud, and only then hand the grant to the core."""
+        g = cmd.grant
+        if g is None or g.machine_id != self.client.machine_id:
+            self._replies.put(("ack", cmd.command_id, False, "wrong_machine"))
+            return
+        if self.rt.core.session_id == g.session_id or g.session_id in self._start_commands \
+                or self.ledger.session(g.session_id) is not None:
+            log.info("start %s delivered again: session %s is already here", cmd.command_id, g.session_id)
+            return
+        left_ms = g.deadline_ms - self.client.server_now_ms()
+        if not self.client.time_synced or left_ms <= 0:
+            log.warning("start %s arrived %d ms after its deadline: refused", cmd.command_id, -left_ms)
+            self._replies.put(("ack", cmd.command_id, False, "expired"))
+            return
+        snap = self.rt.snapshot
+        if snap.state not in (State.IDLE, State.RECEIPT):   # refused before the claim (the core checks again)
+            self._replies.put(("ack", cmd.command_id, False, _REFUSAL.get(snap.state, snap.state.value)))
+            return
+        result = self._claim(cmd.command_id, g.deadline_ms)
+        if result is None:
+            return
+        if result.session_state != "active":
+            log.warning("start %s not claimed: the session is %s", cmd.command_id, result.session_state)
+            return
+        self._start_commands[g.session_id] = cmd.command_id
+        left_ms = max(1_000, g.deadline_ms - self.client.server_now_ms())
+        self.rt.post(GrantReceived(Grant(
+            session_id=g.session_id, machine_id=g.machine_id, user_ref=g.user_ref,
+            price_fen_per_l=g.price_fen_per_l, credit_limit_fen=g.credit_limit_fen,
+            max_volume_ml=g.max_volume_ml, max_duration_ms=g.max_duration_ms, max_idle_ms=g.max_idle_ms,
+            expires_at_ms=self.rt.clock.monotonic_ms() + left_ms, min_dispense_ml=g.min_dispense_ml)))
+
+    def _claim(self, command_id: str, deadline_ms: int) -> p.AckResult | None:
+        """Claim a start, retrying lost answers (the claim is idempotent) until the grant's deadline. ``None``:
+        not claimed, never pour. (If a claim did land unseen, the next heartbeat tells the cloud this machine
+        has no such session, and the cloud ends it as lost and releases its hold.)"""
+        backoff = Backoff(0.05, 0.5)
+        while not self._halt.is_set():
+            left_s = (deadline_ms - self.client.server_now_ms()) / 1000
+            if left_s <= 0:
+                log.warning("start %s not claimed by its deadline: not pouring", command_id)
+                return None
+            try:
+                return self.client.ack(command_id, True, "claim", timeout_s=min(CLAIM_TIMEOUT_S, left_s + 0.5))
+            except Rejected as e:
+                log.warning("start %s not claimed, the cloud refused: %s", command_id, e)
+                return None
+            except AuthProblem:
+                self._resync()
+            except SyncError as e:
+                log.info("claim of %s failed (%s): trying again", command_id, e)
+            self._halt.wait(min(backoff.next_delay(), max(0.0, left_s)))
+        return None
+
     # ------------------------------------------------------------------ observing the core (core thread)
     def _observe(self, snap: Snapshot, actions: list[Action]) -> None:
+        """Called with the actions the runtime carried out (an OpenValve here means the valve did open)."""
         for a in actions:
             if isinstance(a, OpenValve):
-                cid = self._start_commands.pop(a.session_id, None)
-                if cid:
-                    self._replies.put(("ack", cid, True, "valve opened"))
-            elif isinstance(a, RecordEvent) and a.kind == "grant_rejected":
+                self._start_commands.pop(a.session_id, None)      # claimed and pouring: nothing more to say
+            elif isinstance(a, RecordEvent) and a.kind in ("grant_rejected", "session_start_failed"):
                 cid = self._start_commands.pop(str(a.detail.get("session_id")), None)
-                if cid:
+                if cid and a.kind == "grant_rejected":
                     self._replies.put(("ack", cid, False, str(a.detail.get("reason"))))
+                elif cid:
+                    self._replies.put(("ack", cid, False, p.START_FAILED, str(a.detail.get("detail", ""))))
+            elif isinstance(a, RecordEvent) and a.kind in _CLEAR_OUTCOMES and a.detail.get("ref"):
+                cid = str(a.detail["ref"])
+                if self._clear_commands.pop(cid, None) is not None:
+                    ok = a.kind in ("lockout_cleared", "lockout_clear_ignored")
+                    self._replies.put(("ack", cid, ok, "" if ok else "refused", str(a.detail.get("why", ""))))
             if isinstance(a, SessionEnded) or (isinstance(a, RecordEvent) and a.report):
                 self._outbox_wake.set()
         if snap.state is State.DISPENSING and snap.session_id:
@@ -247,12 +363,13 @@ class SyncLink:
                     self.client.progress(job[1])          # best effort: a lost progress message is fine
                 except SyncError as e:
                     log.debug("progress not sent: %s", e)
+            self._thread_ok("replies")
 
-    def _ack(self, command_id: str, ok: bool, reason: str) -> None:
+    def _ack(self, command_id: str, ok: bool, reason: str, detail: str = "") -> None:
         backoff = Backoff(0.05, 1.0)
-        for _ in range(8):                  # the cloud voids an unacknowledged start after a few seconds
+        for _ in range(8):
             try:
-                self.client.ack(command_id, ok, reason)
+                self.client.ack(command_id, ok, reason, detail)
                 return
             except AuthProblem:
                 self._resync()
@@ -269,12 +386,7 @@ class SyncLink:
     def _outbox_loop(self) -> None:
         backoff = Backoff(self.backoff_base_s, self.backoff_max_s)
         while not self._halt.is_set():
-            try:
-                rows = self.ledger.outbox("pending", limit=self.batch_size)
-            except Exception:
-                log.exception("cannot read the outbox")
-                self._halt.wait(5)
-                continue
+            rows = self.ledger.outbox("pending", limit=self.batch_size)     # a failure here is supervised
             if not rows:
                 self._outbox_wake.wait(1.0)
                 self._outbox_wake.clear()
@@ -285,6 +397,7 @@ class SyncLink:
             try:
                 self._send_batch(rows)
                 backoff.reset()
+                self._thread_ok("outbox")
             except AuthProblem as e:
                 log.warning("reports refused (%s): re-syncing the clock and retrying", e.code)
                 self._resync()
@@ -295,10 +408,26 @@ class SyncLink:
                 self._halt.wait(delay)
 
     def _event(self, row: dict) -> dict:
-        age = max(0, self.rt.clock.wall_ms() - row["created_wall_ms"])
-        return {"event_id": row["event_id"], "kind": row["kind"], "payload": row["payload"], "age_ms": age}
+        """The report as sent. Its age is measured on the monotonic clock when it was written in this boot (a
+        wall clock stepped by time sync in between does not move it), else on the wall clock."""
+        if row.get("created_boot_id") == self.ledger.boot_id and row.get("created_mono_ms") is not None:
+            age = self.rt.clock.monotonic_ms() - row["created_mono_ms"]
+        else:
+            age = self.rt.clock.wall_ms() - row["created_wall_ms"]
+        return {"event_id": row["event_id"], "kind": row["kind"], "payload": row["payload"],
+                "age_ms": min(max(0, age), 10 * 365 * 86_400_000)}
 
     def _send_batch(self, rows: list[dict]) -> None:
+        valid = []
+        for r in rows:
+            try:
+                p.report_payload(r["kind"], r["payload"])
+                valid.append(r)
+            except ValidationError as e:      # a report this software wrote but the protocol refuses: a bug
+                self._dead(r["event_id"], f"does not match the protocol, not sent: {e.errors()[0]}"[:500])
+        rows = valid
+        if not rows:
+            return
         try:
             results = self.client.send_events([self._event(r) for r in rows])
         except Rejected as e:
@@ -346,4 +475,10 @@ class SyncLink:
                     self._resync()
                 except SyncError as e:
                     log.info("heartbeat not sent: %s", e)
+                self._thread_ok("heartbeat")
             self._halt.wait(wait_s)
+
+
+_REFUSAL = {State.DISPENSING: "busy", State.SETTLING: "busy", State.RECEIPT: "busy",
+            State.OUT_OF_SERVICE: "out_of_service", State.MAINTENANCE: "maintenance", State.OFFLINE: "offline"}
+_CLEAR_OUTCOMES = ("lockout_cleared", "lockout_clear_refused", "lockout_clear_ignored")

@@ -145,8 +145,20 @@ Ms = Annotated[int, Field(ge=0, le=86_400_000)]
 Pulses = Annotated[int, Field(ge=0, le=1_000_000_000)]
 
 
+GRANT_DEADLINE_MS = 8_000       # a grant must be claimed by the machine within this long of the start
+GRANT_SKEW_MS = 2_000           # the cloud voids an unclaimed start only this long after its deadline
+MIN_DISPENSE_ML_MAX = 500
+
+
 class GrantMsg(Msg):
-    """The cloud's authorization to pour, inside a ``start`` command. ``ttl_ms`` counts from receipt."""
+    """The cloud's authorization to pour, inside a ``start`` command.
+
+    ``deadline_ms`` is absolute, in the server's time (Unix ms): the machine refuses a grant it receives
+    after it (by its server-corrected clock), and claims it (:class:`AckMsg` ``ok``) before the valve
+    opens; the cloud voids an unclaimed start only after ``deadline_ms + GRANT_SKEW_MS``, and a claim
+    that arrives after the void is refused, so "not charged" on the phone is always true.
+    ``min_dispense_ml``: a session that pours less is not charged, on the receipt and on the bill.
+    """
 
     session_id: Id
     machine_id: Id
@@ -156,7 +168,8 @@ class GrantMsg(Msg):
     max_volume_ml: Annotated[int, Field(ge=1, le=50_000)]
     max_duration_ms: Annotated[int, Field(ge=1, le=600_000)]
     max_idle_ms: Annotated[int, Field(ge=1, le=600_000)]
-    ttl_ms: Annotated[int, Field(ge=1, le=120_000)]
+    deadline_ms: Annotated[int, Field(ge=0, le=10 ** 14)]
+    min_dispense_ml: Annotated[int, Field(ge=0, le=MIN_DISPENSE_ML_MAX)]
 
 
 CommandKind = Literal["start", "cancel", "price", "out_of_service", "in_service", "clear_lockout",
@@ -179,16 +192,37 @@ class CommandsResponse(Msg):
 
 
 class AckMsg(Msg):
-    """The device's answer to a command: ``ok`` (for a start: the valve opened) or refused with a reason."""
+    """The device's answer to a command: ``ok`` or refused with a reason (a code) and a detail for people.
+
+    For a ``start``: ``ok`` claims the session before the valve opens (the cloud answers whether it is
+    still valid, :class:`AckResult`); ``ok = false`` refuses it, or, after a claim, says the valve never
+    opened (``reason = "session_start_failed"``): the cloud then voids the session and raises an alarm.
+    """
 
     ok: bool
     reason: Annotated[str, Field(max_length=200)] = ""
+    detail: Annotated[str, Field(max_length=500)] = ""
+
+
+class AckResult(Msg):
+    """The cloud's answer to an acknowledgement. For a start: ``session_state`` is ``active`` when the claim
+    holds (pour), anything else when it does not (``voided``, ``ended``, ``lost``: do not pour)."""
+
+    ok: bool = True
+    session_state: str | None = None
+
+
+START_FAILED = "session_start_failed"
+
+
+EVENT_ID_RE = r"^(?:[0-9a-f]{16}-)?[0-9]+-[0-9]+$"
 
 
 class DeviceEvent(Msg):
-    """One outbox row: ``event_id`` is ``<boot_id>-<seq>``, the idempotency key."""
+    """One outbox row: ``event_id`` is ``<ledger_id>-<boot_id>-<seq>``, the idempotency key (unique per
+    ledger file: a replaced ledger gets a new random ``ledger_id``). Older ledgers sent ``<boot_id>-<seq>``."""
 
-    event_id: Annotated[str, Field(min_length=3, max_length=40, pattern=r"^[0-9]+-[0-9]+$")]
+    event_id: Annotated[str, Field(min_length=3, max_length=40, pattern=EVENT_ID_RE)]
     kind: Annotated[str, Field(min_length=1, max_length=64)]
     payload: dict[str, Any]
     # how long ago it happened, by the device's own clock at sending: the server dates the event
@@ -211,18 +245,40 @@ class EventBatchResult(Msg):
     server_time_ms: int
 
 
-class SessionEndedPayload(BaseModel):
-    """The rental record a dispenser reports when a session ends (``kind = "session_ended"``)."""
+class ReportEnvelope(Msg):
+    """What every outbox payload carries (added by the ledger when it queues the report)."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    event_id: Annotated[str, Field(min_length=3, max_length=40, pattern=EVENT_ID_RE)]
+    kind: Annotated[str, Field(min_length=1, max_length=64)]
+    machine_id: Id
+    boot_id: Annotated[int, Field(ge=0)]
+    created_at: Annotated[str, Field(max_length=40)]
+
+
+class EventReportPayload(ReportEnvelope):
+    """Any report but a session's end: the event log's detail."""
+
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+FLOW_SERIES_COLUMNS = ("t_ms", "billed_pulses", "overrun_pulses", "temp_c", "valve_open")
+
+
+class SessionEndedPayload(ReportEnvelope):
+    """The rental record a dispenser reports when a session ends (``kind = "session_ended"``). Unknown fields
+    are refused: a field one side adds and the other drops fails a test instead of vanishing."""
 
     session_id: Id
+    user_ref: Id
     reason: Annotated[str, Field(min_length=1, max_length=32)]
     recovered: bool = False
-    started_at: str
-    closed_at: str
+    started_at: Annotated[str, Field(max_length=40)]
+    closed_at: Annotated[str, Field(max_length=40)]
+    ended_at: Annotated[str, Field(max_length=40)]
     duration_ms: Annotated[int, Field(ge=0, le=86_400_000)]
     price_fen_per_l: PricePerLitre
+    credit_limit_fen: Fen
+    min_dispense_ml: Annotated[int, Field(ge=0, le=MIN_DISPENSE_ML_MAX)]
     milli_pulses_per_litre: Annotated[int, Field(ge=1_000, le=100_000_000)]
     billed_pulses: Pulses
     overrun_pulses: Pulses = 0
@@ -233,8 +289,24 @@ class SessionEndedPayload(BaseModel):
     temp_start_c: float | None = None
     temp_end_c: float | None = None
     water_quality: dict[str, Any] = Field(default_factory=dict)
+    flow_series_columns: list[str] = Field(default_factory=lambda: list(FLOW_SERIES_COLUMNS))
     flow_series: Annotated[list[list[Any]], Field(max_length=1_000)] = Field(default_factory=list)
     valve_events: Annotated[list[list[Any]], Field(max_length=100)] = Field(default_factory=list)
+
+
+def report_payload(kind: str, payload: dict[str, Any]) -> ReportEnvelope:
+    """Parse an outbox payload with the model for its kind (raises pydantic's ValidationError)."""
+    model = SessionEndedPayload if kind == "session_ended" else EventReportPayload
+    return model.model_validate(payload)
+
+
+# Device events the cloud shows operators as alarms. Every one of them is reported by the machine (a test
+# makes each happen and finds it among the cloud's alarms); session_start_failed arrives with the refused
+# start's acknowledgement, because a machine whose ledger cannot be written cannot queue a report.
+ALARM_EVENT_KINDS = frozenset({"lockout", "ghost_flow", "report_dead_lettered", START_FAILED,
+                               "lockout_clear_refused"})
+# Alarms the cloud raises itself (no device report): a session ended by reconciliation.
+CLOUD_ALARM_KINDS = frozenset({"session_lost", "implausible_report"})
 
 
 class ProgressMsg(Msg):

@@ -153,8 +153,11 @@ class DeviceClient:
 
     def report_end(self, event_id: str, session_id: str, billed_pulses: int, price: int = 200,
                    reason: str = "stop_button", **extra) -> requests.Response:
-        payload = {"session_id": session_id, "reason": reason, "started_at": "2026-11-25T10:00:00.000Z",
-                   "closed_at": "2026-11-25T10:00:20.000Z", "duration_ms": 20_000, "price_fen_per_l": price,
+        payload = {"event_id": event_id, "kind": "session_ended", "machine_id": self.machine_id, "boot_id": 1,
+                   "created_at": "2026-11-25T10:00:21.000Z", "user_ref": "u-test",
+                   "session_id": session_id, "reason": reason, "started_at": "2026-11-25T10:00:00.000Z",
+                   "closed_at": "2026-11-25T10:00:20.000Z", "ended_at": "2026-11-25T10:00:21.000Z",
+                   "duration_ms": 20_000, "price_fen_per_l": price, "credit_limit_fen": 1_000, "min_dispense_ml": 10,
                    "milli_pulses_per_litre": 450_000, "billed_pulses": billed_pulses, "overrun_pulses": 2,
                    "volume_ml": p.volume_ml(billed_pulses, 450_000),
                    "cost_fen": p.fee_fen(billed_pulses, 450_000, price), "temp_start_c": 12.0, "temp_end_c": 12.5,

@@ -234,8 +234,10 @@ def test_an_unacknowledged_start_is_voided_and_not_charged(cloud):
         time.sleep(0.1)
     assert view["state"] == "voided" and not view["charged"] and "did not confirm" in view["void_reason"]
     assert user.me()["available_fen"] == 1_000
-    assert dev.ack(cmd["command_id"]).status_code == 200          # a late ack changes nothing
-    # but if the machine did pour, its report is still billed, into arrears if need be
+    late = dev.ack(cmd["command_id"])                             # a late claim is refused: the machine must not pour
+    assert late.status_code == 409 and late.json()["error"] == "start_void" and late.json()["session_state"] == "voided"
+    assert user.me()["available_fen"] == 1_000
+    # if a (faulty) machine poured anyway, its report is still billed, into arrears if need be
     assert dev.report_end("9-1", session["session_id"], 450 * 6).json()["results"][0]["status"] == "accepted"
     me = user.me()
     assert me["available_fen"] == 1_000 - 1_200 and me["arrears_fen"] == 200
@@ -305,15 +307,36 @@ def test_heartbeats_and_alarms(cloud):
     assert machines["M13"]["heartbeat"]["tds_ppm"] == 90 and "secret_enc" not in machines["M13"]
 
 
-def test_a_machine_that_says_it_is_free_is_freed(cloud):
+def test_a_session_the_machine_no_longer_has_is_ended_as_lost_and_its_hold_released(cloud):
+    from tests.cloudkit import DeviceClient
     dev = cloud.provision("M14")
     user = cloud.user("13800000014", balance_fen=1_000)
-    _, cmd = start_session(cloud, dev, user)
-    dev.ack(cmd["command_id"])
+    session, cmd = start_session(cloud, dev, user)
+    sid = session["session_id"]
+    assert dev.ack(cmd["command_id"]).json()["session_state"] == "active"
+    assert user.me()["held_fen"] == 1_000
+    # a heartbeat sent right after the claim may have been built before it: it proves nothing
     dev.heartbeat(session_id=None)
+    # nor one while a report waits in the machine's outbox (the report will settle the session)
+    later = DeviceClient(dev.base, dev.machine_id, dev.secret, clock_offset_ms=3_000)
+    later.heartbeat(session_id=None, outbox_depth=1)
+    assert user.call("GET", f"/api/v1/sessions/{sid}").json()["state"] == "active"
+    # a heartbeat well after the claim, nothing waiting, no such session on the machine: lost
+    later.heartbeat(session_id=None, outbox_depth=0)
+    view = user.call("GET", f"/api/v1/sessions/{sid}").json()
+    assert view["state"] == "lost" and not view["charged"]
+    assert user.me()["held_fen"] == 0 and user.me()["available_fen"] == 1_000
+    alarms = cloud.op("GET", "/api/v1/operator/alarms").json()["alarms"]
+    assert [a["payload"]["detail"]["session_id"] for a in alarms if a["kind"] == "session_lost"] == [sid]
+    # the machine is free for the next person
     other = cloud.user("13800000015", balance_fen=1_000)
     r = other.start(other.scan("M14", dev.qr()).json()["presence_token"])
     assert r.status_code == 200
+    # and a late report still settles the lost session by the water measured, once
+    assert dev.report_end("9-7", sid, 450).json()["results"][0]["status"] == "accepted"
+    me = user.me()
+    assert me["available_fen"] == 1_000 - 200 and me["held_fen"] == 0
+    assert [b["amount_fen"] for b in me["bills"]] == [200]
 
 
 # ---------------------------------------------------------------- bad input
@@ -442,7 +465,7 @@ def test_reports_delivered_out_of_order_settle_each_session_once(cloud):
     first, second = cloud.user("13800000021", balance_fen=1_000), cloud.user("13800000022", balance_fen=1_000)
     s1, c1 = start_session(cloud, dev, first)
     dev.ack(c1["command_id"])
-    dev.heartbeat(session_id=None)                # the machine is free again; its report is still queued
+    dev.heartbeat(session_id=None, outbox_depth=1)   # the machine is free again; its report is still queued
     s2, c2 = start_session(cloud, dev, second)
     dev.ack(c2["command_id"])
     assert dev.report_end("5-9", s2["session_id"], 450).json()["results"][0]["status"] == "accepted"

@@ -45,7 +45,7 @@ def test_durability_settings(tmp_path, wall):
     assert led.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert led.db.execute("PRAGMA synchronous").fetchone()[0] == 2          # FULL
     applied = [m.name for m in __import__("kiosk.ledger").ledger.migrations.applied(led.db)]
-    assert applied == ["m001_initial", "m002_settings"]
+    assert applied == ["m001_initial", "m002_settings", "m003_ledger_id"]
 
 
 def test_a_session_from_start_to_report(tmp_path, wall):
@@ -57,7 +57,7 @@ def test_a_session_from_start_to_report(tmp_path, wall):
     wall.t += 10
     led.checkpoint(Checkpoint("s1", 3_600, 210, 0, 12.0, False, totalizer_pulses=10, closing_reason="stop_button"))
     event_id = led.end_session(SessionEnded(record(billed=210, closed=3_600), totalizer_pulses=3))
-    assert event_id == f"{led.boot_id}-1"
+    assert event_id == f"{led.ledger_id}-{led.boot_id}-1" and len(led.ledger_id) == 16
     s = led.session("s1")
     assert (s["state"], s["end_reason"], s["billed_pulses"], s["cost_fen"], s["report_event_id"]) == \
         ("ended", "stop_button", 210, 200, event_id)
@@ -196,8 +196,13 @@ def test_dead_letters_stay_visible(tmp_path, wall):
     led = open_ledger(tmp_path, wall)
     eid = led.record_event("x", {}, report=True)
     led.mark_dead(eid, "400 unknown session")
+    # the dead letter itself is reported (an operator alarm), once: its own refusal would not loop
+    assert [(r["kind"], r["payload"]["detail"]["event_id"]) for r in led.outbox()] == [("report_dead_lettered", eid)]
+    alarm = led.outbox()[0]["event_id"]
+    led.mark_dead(alarm, "400 refused too")
     assert led.outbox_depth() == 0
-    assert [(r["event_id"], r["last_error"]) for r in led.outbox("dead")] == [(eid, "400 unknown session")]
+    assert [(r["event_id"], r["last_error"]) for r in led.outbox("dead")] == [(eid, "400 unknown session"),
+                                                                             (alarm, "400 refused too")]
 
 
 def test_a_corrupt_file_gives_a_clear_error(tmp_path, wall):

@@ -85,10 +85,11 @@ def test_the_fee_rule_is_the_dispensers():
 
 def test_messages_refuse_bad_input():
     good = dict(session_id="s1", machine_id="M-1", user_ref="u1", price_fen_per_l=200, credit_limit_fen=500,
-                max_volume_ml=5000, max_duration_ms=300_000, max_idle_ms=15_000, ttl_ms=10_000)
+                max_volume_ml=5000, max_duration_ms=300_000, max_idle_ms=15_000, deadline_ms=1_800_000_000_000,
+                min_dispense_ml=10)
     p.GrantMsg(**good)
     for field, value in [("price_fen_per_l", -1), ("credit_limit_fen", "lots"), ("max_volume_ml", 10**9),
-                         ("session_id", "a b"), ("ttl_ms", 0)]:
+                         ("session_id", "a b"), ("deadline_ms", -1), ("min_dispense_ml", 501)]:
         with pytest.raises(ValidationError):
             p.GrantMsg(**{**good, field: value})
     with pytest.raises(ValidationError):

@@ -154,12 +154,26 @@ def test_an_outage_mid_session_finishes_the_pour_and_bills_later(world):
 
 def test_a_report_the_cloud_refuses_is_dead_lettered_not_dropped(world):
     cloud, _, d, user = world
+    # one the protocol's model refuses (never sent), one the cloud refuses (a session it never started)
     bad = d.rt.ledger.record_event("session_ended", {"session_id": "never-started"}, report=True)
+    with d.rt.ledger._tx("queue a report for a session the cloud does not know") as db:
+        refused = d.rt.ledger._queue(db, "session_ended", {
+            "session_id": "s-unknown", "user_ref": "u-x", "reason": "stop_button",
+            "started_at": "2026-11-29T10:00:00.000Z", "closed_at": "2026-11-29T10:00:05.000Z",
+            "ended_at": "2026-11-29T10:00:06.000Z", "duration_ms": 5_000, "price_fen_per_l": 200,
+            "credit_limit_fen": 1_000, "min_dispense_ml": 10, "milli_pulses_per_litre": 450_000,
+            "billed_pulses": 45, "volume_ml": 100, "cost_fen": 20})
     sid = buy_water(cloud, d, user)
     assert wait_until(lambda: settled(user, sid), 10)
-    assert wait_until(lambda: [r["event_id"] for r in d.rt.ledger.outbox("dead")] == [bad], 10)
-    assert "malformed" in d.rt.ledger.outbox("dead")[0]["last_error"]
+    assert wait_until(lambda: sorted(r["event_id"] for r in d.rt.ledger.outbox("dead")) == sorted([bad, refused]), 10)
+    errors = {r["event_id"]: r["last_error"] for r in d.rt.ledger.outbox("dead")}
+    assert "does not match the protocol" in errors[bad] and "was not started on this machine" in errors[refused]
     assert wait_until(lambda: d.rt.ledger.outbox_depth() == 0, 10)     # everything else was delivered
+    # each dead letter is an operator alarm in the cloud
+    def dead_alarms():
+        alarms = cloud.op("GET", "/api/v1/operator/alarms").json()["alarms"]
+        return sorted(a["payload"]["detail"]["event_id"] for a in alarms if a["kind"] == "report_dead_lettered")
+    assert wait_until(lambda: dead_alarms() == sorted([bad, refused]), 10)
 
 
 def test_a_wrong_clock_is_corrected_and_events_keep_true_times(tmp_path):
