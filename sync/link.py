@@ -62,7 +62,7 @@ from sync.client import AuthProblem, CloudClient, Rejected, SyncError, Transient
 
 log = logging.getLogger("tapshare.sync")
 
-THREAD_FAILURES_TO_LOCKOUT = 5
+THREAD_FAILURES_TO_LOCKOUT = 3
 SYNC_LOCKOUT = fault_lockout("sync")
 REMEMBERED_COMMANDS = 1_000        # command ids handled recently (a redelivery is not handled twice)
 CLAIM_TIMEOUT_S = 3.0
@@ -220,7 +220,8 @@ class SyncLink:
                 backoff.reset()
                 for cmd in commands:
                     self._dispatch(cmd)
-                self._thread_ok("commands")
+                if commands:                   # handling commands is its work: an empty poll proves nothing
+                    self._thread_ok("commands")
             except AuthProblem as e:
                 self._failed()
                 log.warning("poll refused (%s): re-syncing the clock", e.code)
@@ -251,7 +252,11 @@ class SyncLink:
             self._handled.popitem(last=False)
         log.info("command %s %s", cmd.kind, cmd.command_id)
         if cmd.kind == "start":
-            self._start(cmd)
+            try:
+                self._start(cmd)
+            except Exception:
+                self._handled.pop(cmd.command_id, None)      # not handled after all: a redelivery may try again
+                raise
             return
         if cmd.kind in ("in_service", "clear_lockout"):
             reason = "operator" if cmd.kind == "in_service" else cmd.reason

@@ -1,6 +1,7 @@
 """An HTTP proxy between a dispenser and the real cloud that injects faults: the network down, 5xx with
 Retry-After, garbage bodies, slow answers, responses dropped after the server committed, duplicated
-requests. Only loopback."""
+requests, a command held up in transit (``hold_commands_s``), a stale copy of a poll answer served again
+(``replay_commands``). Only loopback."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ class FaultProxy:
         self.delay_s = 0.0
         self.slow_s = 6.0
         self.seen: list[str] = []
+        self.hold_commands_s = 0.0                   # hold the next poll answer carrying a command this long
+        self.replay_commands = 0                     # serve the next poll answer carrying a command this often again
+        self.replays: list[bytes] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -33,6 +37,11 @@ class FaultProxy:
                 body = self.rfile.read(length) if length else b""
                 fault = proxy._take(self.path)
                 proxy.seen.append(f"{self.command} {self.path} {fault or ''}".strip())
+                if self.path.startswith("/device/v1/commands?"):
+                    with proxy.lock:
+                        replay = proxy.replays.pop(0) if proxy.replays else None
+                    if replay is not None:                   # answered from the stale copy, not the cloud
+                        return self._reply(200, replay, {"Content-Type": "application/json"})
                 if proxy.down or fault == "down":
                     self.close_connection = True
                     return                                   # no answer: the client sees a dropped connection
@@ -52,6 +61,12 @@ class FaultProxy:
                 if fault == "drop_response":
                     self.close_connection = True
                     return                                   # the server committed; the answer is lost
+                if self.path.startswith("/device/v1/commands?") and b'"command_id"' in r.content:
+                    with proxy.lock:
+                        hold_s, proxy.hold_commands_s = proxy.hold_commands_s, 0.0
+                        proxy.replays += [r.content] * proxy.replay_commands      # a stale cache serves it again
+                        proxy.replay_commands = 0
+                    time.sleep(hold_s)                       # the answer is held up in transit
                 self._reply(r.status_code, r.content, {k: v for k, v in r.headers.items()
                                                        if k.lower() in ("content-type", "retry-after")})
 

@@ -28,9 +28,9 @@ class OffsetClock(SystemClock):
 
 
 class Dispenser:
-    def __init__(self, tmp_path, url, machine_id, secret, clock_offset_ms=0, poll_wait_ms=1_000):
+    def __init__(self, tmp_path, url, machine_id, secret, clock_offset_ms=0, poll_wait_ms=1_000, data_dir=None):
         self.cfg = simulated_config(Config().replace(
-            paths={"data_dir": str(tmp_path / "dispenser")}, machine={"id": machine_id},
+            paths={"data_dir": str(data_dir or tmp_path / "dispenser")}, machine={"id": machine_id},
             flow={"overrun_window_ms": 100, "sample_interval_ms": 5}, screen={"receipt_display_ms": 1_000}))
         self.clock = OffsetClock(clock_offset_ms)
         self.hw, self.rt, _ = simulated_dispenser(self.cfg, self.clock, tmp_path / "sim")
@@ -191,6 +191,12 @@ def test_a_wrong_clock_is_corrected_and_events_keep_true_times(tmp_path):
             with cloud.app.state.database.read() as conn:
                 rows = conn.execute(select(t.reports.c.received_ms, t.reports.c.occurred_ms)).all()
             assert rows and all(0 <= r.received_ms - r.occurred_ms < 60_000 for r in rows)
+            # the bill carries true times, not the Pi's clock three days slow
+            from datetime import datetime
+            bill = user.call("GET", f"/api/v1/sessions/{sid}").json()["bill"]
+            for key in ("started_at", "ended_at"):
+                at = datetime.fromisoformat(bill[key].replace("Z", "+00:00")).timestamp()
+                assert abs(at - time.time()) < 120, (key, bill[key])
 
 
 def test_operator_commands_reach_the_core(world):
