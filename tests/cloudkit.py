@@ -8,6 +8,7 @@ import re
 import secrets
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import requests
@@ -164,8 +165,11 @@ class DeviceClient:
                    "water_quality": {"tds_ppm": 80, "tds_measured": True, "tds_limit_ppm": 500},
                    "flow_series": [[0, 0, 0, 12.0, True], [1000, 40, 0, 12.0, True]],
                    "valve_events": [[0, "open"], [20000, "close", reason]], **extra}
-        return self.request("POST", "/device/v1/events",
-                            {"events": [{"event_id": event_id, "kind": "session_ended", "payload": payload}]})
+        # a machine with a right clock that wrote this report at created_at says how old it is
+        created = datetime.fromisoformat(payload["created_at"].replace("Z", "+00:00")).timestamp() * 1000
+        age_ms = max(0, int(time.time() * 1000 + self.offset - created))
+        return self.request("POST", "/device/v1/events", {"events": [
+            {"event_id": event_id, "kind": "session_ended", "payload": payload, "age_ms": age_ms}]})
 
     def heartbeat(self, **fields) -> requests.Response:
         body = {"state": "idle", "valve_open": False, **fields}
