@@ -240,6 +240,7 @@ sessions = Table(
     Column("volume_ml", Integer, nullable=True),
     Index("sessions_by_user", "user_id", "state"),
     Index("sessions_by_machine", "machine_id", "created_ms"),
+    Index("sessions_by_state", "state", "deadline_ms"),      # the void and reconciliation sweeps
 )
 
 reports = Table(       # idempotency: the first response to (machine, event id) is stored and replayed

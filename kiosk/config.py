@@ -62,8 +62,9 @@ class LimitsConfig:
     max_idle_ms: int = _opt(15_000, "Close the valve after this long with no flow (no-pulse timeout).",
                             min=500, max=120_000)
     max_credit_fen: int = _opt(10_000, "Most money one session may spend.", min=1, max=1_000_000)
-    min_dispense_ml: int = _opt(10, "Sessions that pour less are reported but not charged (drips, "
-                                "a change of mind).", min=0, max=500)
+    min_dispense_ml: int = _opt(10, "Sessions that pour less are not charged (drips, a change of mind). The "
+                                "cloud's value for this machine comes with every grant and wins, so receipt and "
+                                "bill agree; this one is used only without a cloud (simulations).", min=0, max=500)
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,10 @@ def test_lockouts_are_told_in_plain_words():
                                                             "fault:valve")), "en")
     lines = v["lockouts"].split("\n")
     assert lines == ["A leak was detected: staff must check the machine", "A machine fault: the valve is shut",
-                     "Water flowed when it should not: the valve is shut"]
+                     "Water flowed when it should not: the valve is shut", "Valve fault: the valve is shut"]
+    # each fault kind has its own words (a storage fault is not told as a valve fault)
+    zh = present(snap(state=State.OUT_OF_SERVICE, lockouts=("fault:storage", "fault:sync")), "zh")["lockouts"]
+    assert zh.split("\n") == ["存储故障：记录无法写入，已关闭出水", "与云端同步的程序反复出错"]
     assert present(snap(state=State.OUT_OF_SERVICE, lockouts=("something_new",)), "zh")["lockouts"] == "设备暂停使用"
 
 

@@ -64,7 +64,7 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
     from kiosk.events import ReceiptDismissed, State, StopPressed
     from kiosk.ui import fonts
     from kiosk.ui.dispensing import DispensingScreen
-    from kiosk.ui.i18n import lockout_text, tr
+    from kiosk.ui.i18n import clear_refusal_text, lockout_text, tr
     from kiosk.ui.idle import IdleScreen
     from kiosk.ui.maintenance import MaintenanceScreen
     from kiosk.ui.offline import OfflineScreen
@@ -297,7 +297,9 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
             if now - self._data_loaded >= DATA_REFRESH_S and self.service is not None:
                 self._data_loaded = now
                 lockouts = [(r, lockout_text(r, self.lang)) for r in snap.lockouts]
-                self._off_thread(self._load_data, lambda d: screen.set_data({**d, "lockouts": lockouts}))
+                refusal = clear_refusal_text(snap.clear_refusal, self.lang) if snap.clear_refusal else ""
+                self._off_thread(self._load_data, lambda d: screen.set_data({**d, "lockouts": lockouts,
+                                                                             "clear_refusal": refusal}))
 
         def _load_data(self) -> dict:
             svc = self.service

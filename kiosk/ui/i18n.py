@@ -121,6 +121,15 @@ STRINGS: dict[str, dict[str, str]] = {
     "lock_tds": {"zh": "水质检测超标，暂停供水", "en": "Water quality out of limits"},
     "lock_low_water": {"zh": "水箱水量不足", "en": "The tank is nearly empty"},
     "lock_fault": {"zh": "设备故障，已关闭出水", "en": "A machine fault: the valve is shut"},
+    "lock_fault_storage": {"zh": "存储故障：记录无法写入，已关闭出水",
+                           "en": "Storage fault: records cannot be written"},
+    "lock_fault_valve": {"zh": "阀门故障，已关闭出水", "en": "Valve fault: the valve is shut"},
+    "lock_fault_flow_meter": {"zh": "流量计故障，已关闭出水", "en": "Flow meter fault: the valve is shut"},
+    "lock_fault_sync": {"zh": "与云端同步的程序反复出错", "en": "The link to the cloud keeps failing"},
+    "lock_fault_internal": {"zh": "软件内部错误，已关闭出水", "en": "Internal software error: the valve is shut"},
+    "clear_refused_disk": {"zh": "未能解除：磁盘已满，请先清理空间",
+                           "en": "Not cleared: the disk is full, free space first"},
+    "clear_refused": {"zh": "未能解除：存储仍无法写入", "en": "Not cleared: storage still cannot be written"},
     "lock_other": {"zh": "设备暂停使用", "en": "Temporarily unavailable"},
     # end reasons on the receipt
     "reason_stop_button": {"zh": "按下停止按钮", "en": "Stop button"},
@@ -149,9 +158,15 @@ def tr(key: str, lang: str, **fmt: object) -> str:
 
 def lockout_text(reason: str, lang: str) -> str:
     if reason.startswith("fault:"):
-        return tr("lock_fault", lang)
+        key = "lock_fault_" + reason.split(":", 1)[1]
+        return tr(key if key in STRINGS else "lock_fault", lang)
     key = f"lock_{reason}"
     return tr(key if key in STRINGS else "lock_other", lang)
+
+
+def clear_refusal_text(why: str, lang: str) -> str:
+    """Why clearing a lockout on site was refused, in a line (the whole reason is in the event log)."""
+    return tr("clear_refused_disk" if "free" in why else "clear_refused", lang)
 
 
 def reason_text(reason: str, lang: str) -> str:

@@ -103,6 +103,8 @@ class MaintenanceScreen(KioskScreen):
         rows = self.ids.lockout_list
         rows.clear_widgets()
         lockouts = self.data.get("lockouts", [])
+        if self.data.get("clear_refusal"):
+            rows.add_widget(_row(self.data["clear_refusal"], []))
         if not lockouts:
             rows.add_widget(_row(tr("no_lockouts", ""), []))
         for reason, text in lockouts:
