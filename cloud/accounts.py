@@ -153,6 +153,9 @@ class Accounts:
         phone = _phone(raw_phone)
         c = t.sms_codes.c
         with self.db.tx() as conn:
+            self.db.lock(conn, f"sms-phone:{phone}")         # count-then-insert is atomic per number and network
+            self.db.lock(conn, f"sms-ip:{client_ip[:64]}")
+
             def count(where, since_ms: int) -> int:
                 return conn.execute(select(func.count()).select_from(t.sms_codes)
                                     .where(and_(where, c.created_ms > now_ms - since_ms))).scalar() or 0
@@ -189,10 +192,12 @@ class Accounts:
                 raise ApiError(401, "no_code", "request a code first")
             if row["expires_ms"] < now_ms:
                 raise ApiError(401, "code_expired", "this code has expired: request a new one")
-            if row["attempts"] >= CODE_MAX_ATTEMPTS:
+            # every guess takes an attempt first (a conditional update), so parallel guesses cannot exceed the limit
+            took = conn.execute(update(t.sms_codes).where(and_(c.id == row["id"], c.attempts < CODE_MAX_ATTEMPTS))
+                                .values(attempts=c.attempts + 1)).rowcount
+            if took != 1:
                 raise ApiError(401, "too_many_attempts", "too many wrong codes: request a new one")
             if not hmac.compare_digest(row["code_mac"], self._code_mac(phone, code.strip())):
-                conn.execute(update(t.sms_codes).where(c.id == row["id"]).values(attempts=c.attempts + 1))
                 left = CODE_MAX_ATTEMPTS - row["attempts"] - 1
                 wrong = ApiError(401, "wrong_code", f"wrong code; {left} attempts left" if left else
                                  "wrong code; request a new one", attempts_left=left)
@@ -203,6 +208,8 @@ class Accounts:
                                    .values(used_ms=now_ms)).rowcount
             if claimed != 1:
                 raise ApiError(401, "code_used", "this code was already used: request a new one")
+            # a login burns every other code sent to this number: an older one cannot be used afterwards
+            conn.execute(update(t.sms_codes).where(and_(c.phone == phone, c.used_ms.is_(None))).values(used_ms=now_ms))
             user = _one(conn, select(t.users).where(t.users.c.phone == phone))
             new_user = user is None
             if new_user:

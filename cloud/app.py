@@ -19,6 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import and_, or_, select
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloud import db as t
 from cloud.accounts import Accounts, AccountSettings, DevAutoVerify, DevSmsSink, ManualReview, SmsProvider, Verifier
@@ -76,8 +77,9 @@ BODY_LIMITS = {"/api/v1/me/id-photo": MAX_PHOTO_BYTES + 64 * 1024}   # paths all
 
 
 class BodyLimit:
-    """Refuses bodies over MAX_BODY_BYTES with 413, by Content-Length or while streaming (pure ASGI: no
-    per-request task overhead)."""
+    """Refuses bodies over MAX_BODY_BYTES with 413, by Content-Length or while streaming (chunked bodies too), and
+    NUL characters in the path, the query or a body (400: PostgreSQL cannot store them). Pure ASGI: no
+    per-request task overhead."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -86,28 +88,45 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = BODY_LIMITS.get(scope.get("path", ""), MAX_BODY_BYTES)
+        path = scope.get("path", "")
+        limit = BODY_LIMITS.get(path, MAX_BODY_BYTES)
+        raw = scope.get("raw_path") or path.encode()
+        if b"\x00" in raw or b"%00" in raw.lower() or b"%00" in scope.get("query_string", b"").lower() \
+                or "\x00" in path:
+            await self._send(send, 400, "nul_character", "NUL characters are not allowed in a request")
+            return
         for k, v in scope.get("headers", ()):
             if k == b"content-length" and (not v.isdigit() or int(v) > limit):
                 await self._refuse(send, limit)
                 return
         seen = 0
+        tail = b""
+        checks_nul = path not in BODY_LIMITS          # binary uploads may hold any byte
 
         async def limited():
-            nonlocal seen
+            nonlocal seen, tail
             message = await receive()
-            seen += len(message.get("body", b""))
+            chunk = message.get("body", b"")
+            seen += len(chunk)
             if seen > limit:
                 raise ApiError(413, "body_too_large", f"request bodies are at most {limit} bytes")
+            if checks_nul and chunk:
+                joined = tail + chunk
+                if b"\\u0000" in joined or b"\x00" in joined:
+                    raise ApiError(400, "nul_character", "NUL characters are not allowed in a request")
+                tail = joined[-6:]
             return message
 
         await self.app(scope, limited, send)
 
     @staticmethod
     async def _refuse(send, limit: int) -> None:
-        body = json.dumps({"error": "body_too_large",
-                           "message": f"request bodies are at most {limit} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
+        await BodyLimit._send(send, 413, "body_too_large", f"request bodies are at most {limit} bytes")
+
+    @staticmethod
+    async def _send(send, status: int, code: str, message: str) -> None:
+        body = json.dumps({"error": code, "message": message}).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
@@ -227,7 +246,23 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(_req: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse({"error": e.code, "message": e.message, **e.extra}, status_code=e.status)
+        headers = {}
+        if e.status in (429, 503):
+            headers["Retry-After"] = str(int(e.extra.get("retry_after_s", 1)))
+        return JSONResponse({"error": e.code, "message": e.message, **e.extra}, status_code=e.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_req: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Unknown paths, wrong methods and the like, in the one error shape every 4xx uses."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, f"http_{e.status_code}")
+        return JSONResponse({"error": code, "message": str(e.detail)}, status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_req: Request, e: Exception) -> JSONResponse:
+        log.error("internal error: %r", e, exc_info=e)
+        return JSONResponse({"error": "internal", "message": "an internal error: it was logged; try again"},
+                            status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_req: Request, e: RequestValidationError) -> JSONResponse:

@@ -30,6 +30,7 @@ from sqlalchemy import (
     event,
     inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine
 
@@ -231,6 +232,7 @@ sessions = Table(
     Column("created_ms", BigInteger, nullable=False),
     Column("deadline_ms", BigInteger, nullable=False),     # the grant's: voided only after this plus the skew
     Column("min_dispense_ml", Integer, nullable=False),
+    Column("max_volume_ml", Integer, nullable=False),       # the grant's: no bill may exceed it (nor the credit)
     Column("acked_ms", BigInteger, nullable=True),
     Column("ended_ms", BigInteger, nullable=True),
     Column("end_reason", String(32), nullable=True),
@@ -379,6 +381,12 @@ class Database:
         else:
             with self.engine.begin() as conn:
                 yield conn
+
+    def lock(self, conn: Connection, key: str) -> None:
+        """Serialise transactions on ``key`` until this one ends (a limit that is counted, then written: SMS per
+        number, per network). PostgreSQL: a transaction-level advisory lock; SQLite: writers are serial anyway."""
+        if not self.is_sqlite:
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": key})
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

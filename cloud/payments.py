@@ -265,7 +265,10 @@ class Wallet:
         """Operator-initiated refund of (part of) a session's charge, e.g. for a failed dispense."""
         e = t.balance_entries.c
         with self.db.tx() as conn:
-            s = _one(conn, select(t.sessions).where(t.sessions.c.session_id == session_id))
+            q = select(t.sessions).where(t.sessions.c.session_id == session_id)
+            if not self.db.is_sqlite:
+                q = q.with_for_update()     # refunds of one session queue here: they cannot sum past the charge
+            s = _one(conn, q)
             if s is None:
                 raise ApiError(404, "unknown_session", "no such session")
             if s["state"] != "ended":

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from cloud import db as t
 from cloud.db import Database
 from cloud.payments import new_pickup_code
-from cloud.service import POINTS_PER_YUAN, ApiError, _one, audit
+from cloud.service import POINTS_PER_YUAN, ApiError, _one, audit, balance
 
 
 class Rewards:
@@ -72,6 +72,13 @@ class Rewards:
                     raise ApiError(404, "unknown_gift", "this gift is not in the catalog")
                 cost = gift["points_cost"]
                 u = t.users.c
+                uq = select(u.user_id).where(u.user_id == user_id)
+                if not self.db.is_sqlite:
+                    conn.execute(uq.with_for_update())    # the balance cannot go into arrears meanwhile
+                available, _ = balance(conn, user_id)
+                if available < 0:
+                    raise ApiError(402, "arrears", f"your account is in arrears ({-available} fen): top up before "
+                                                   "redeeming points", balance_fen=available)
                 if conn.execute(update(t.users).where(and_(u.user_id == user_id, u.points >= cost))
                                 .values(points=u.points - cost)).rowcount != 1:
                     have = conn.execute(select(u.points).where(u.user_id == user_id)).scalar() or 0

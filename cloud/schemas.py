@@ -10,7 +10,9 @@ MachineIdStr = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Z
 
 
 class In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Every request body: unknown fields refused, and no coercion (a price of "100" or true is an error)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Err(BaseModel):

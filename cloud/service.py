@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import threading
 import uuid
@@ -16,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from cloud import db as t
 from cloud.db import Database
@@ -24,6 +26,7 @@ from sync import protocol as p
 
 GRANT_DEADLINE_MS = p.GRANT_DEADLINE_MS   # the machine must claim a start by then (its server-corrected clock)
 VOID_AFTER_MS = p.GRANT_DEADLINE_MS + p.GRANT_SKEW_MS   # an unclaimed start is voided this long after it was made
+log = logging.getLogger("tapshare.cloud")
 ACK_TIMEOUT_MS = VOID_AFTER_MS
 COMMAND_TTL_MS = 60_000
 REDELIVER_MS = 3_000               # an unacknowledged command is handed out again only after this long
@@ -109,8 +112,10 @@ class Machines:
                 raise ApiError(401, "enrolment_token_used", "this enrolment token was already used")
             if row["expires_ms"] < now_ms:
                 raise ApiError(401, "enrolment_token_expired", "this enrolment token has expired")
-            conn.execute(update(t.enrolment_tokens).where(t.enrolment_tokens.c.token_hash == row["token_hash"])
-                         .values(used_ms=now_ms))
+            e = t.enrolment_tokens.c
+            used = update(t.enrolment_tokens).where(and_(e.token_hash == row["token_hash"], e.used_ms.is_(None)))
+            if conn.execute(used.values(used_ms=now_ms)).rowcount != 1:      # single use, even for two at once
+                raise ApiError(401, "enrolment_token_used", "this enrolment token was already used")
             conn.execute(update(t.machines).where(t.machines.c.machine_id == machine_id)
                          .values(secret_enc=self.box.seal(secret, f"machine:{machine_id}")))
         self._secrets.pop(machine_id, None)
@@ -140,7 +145,8 @@ class Machines:
         if not (machine_id and ts_text and nonce and signature):
             raise ApiError(401, "unsigned", "missing signature headers (X-Tapshare-Machine, -Timestamp, -Nonce, "
                                             "-Signature)")
-        if not p.MACHINE_ID_RE.match(machine_id) or not p.NONCE_RE.match(nonce) or not ts_text.isdigit():
+        if not p.MACHINE_ID_RE.match(machine_id) or not p.NONCE_RE.match(nonce) or not ts_text.isdigit() \
+                or len(ts_text) > 15:
             raise ApiError(401, "malformed_signature_headers", "malformed signature headers")
         secret = self.secret(machine_id)
         if secret is None:
@@ -353,7 +359,7 @@ class Sessions:
                 session_id=session_id, machine_id=machine_id, user_id=user_id, state="starting",
                 price_fen_per_l=m["price_fen_per_l"], credit_limit_fen=credit, command_id=command_id,
                 presence_hash=presence_hash, created_ms=now_ms, deadline_ms=deadline,
-                min_dispense_ml=m["min_dispense_ml"]))
+                min_dispense_ml=m["min_dispense_ml"], max_volume_ml=m["max_volume_ml"]))
             add_entry(conn, user_id, "hold", -credit, now_ms, session_id, "held while the machine pours")
             conn.execute(update(t.machines).where(t.machines.c.machine_id == machine_id)
                          .values(open_session_id=session_id))
@@ -513,25 +519,37 @@ class Sessions:
     def _receive(self, conn: Connection, machine_id: str, ev: p.DeviceEvent, now_ms: int) -> p.EventResult:
         body = json.dumps({"kind": ev.kind, "payload": ev.payload}, sort_keys=True, separators=(",", ":"))
         digest = hashlib.sha256(body.encode()).hexdigest()
-        prior = _one(conn, select(t.reports).where(and_(t.reports.c.machine_id == machine_id,
-                                                         t.reports.c.event_id == ev.event_id)))
-        if prior is not None:
-            if prior["body_sha256"] != digest:
-                return p.EventResult(event_id=ev.event_id, status="rejected",
-                                     detail="this event id was already used with a different body")
-            return p.EventResult(event_id=ev.event_id, status="duplicate", detail=prior["detail"])
-        try:
-            with conn.begin_nested():        # a refused event leaves no half-written rows behind
-                status, detail = self._apply(conn, machine_id, ev, now_ms)
-        except ApiError as e:
-            if e.status >= 500:
-                raise                        # not this report's fault: the whole batch is retried
-            status, detail = "rejected", e.message
-        conn.execute(insert(t.reports).values(machine_id=machine_id, event_id=ev.event_id, kind=ev.kind,
-                                              body_sha256=digest, status=status, detail=detail[:300],
-                                              payload=ev.payload, received_ms=now_ms,
-                                              occurred_ms=now_ms - ev.age_ms))
-        return p.EventResult(event_id=ev.event_id, status=status, detail=detail)
+        for attempt in (1, 2):
+            prior = _one(conn, select(t.reports).where(and_(t.reports.c.machine_id == machine_id,
+                                                             t.reports.c.event_id == ev.event_id)))
+            if prior is not None:
+                if prior["body_sha256"] != digest:
+                    return p.EventResult(event_id=ev.event_id, status="rejected",
+                                         detail="this event id was already used with a different body")
+                return p.EventResult(event_id=ev.event_id, status="duplicate", detail=prior["detail"])
+            malformed = _malformed(ev)
+            try:
+                with conn.begin_nested():    # this event alone: a copy racing it, or a refusal, undoes only it
+                    if malformed:
+                        status, detail = "rejected", malformed
+                    else:
+                        try:
+                            with conn.begin_nested():      # a refused event leaves no half-written rows behind
+                                status, detail = self._apply(conn, machine_id, ev, now_ms)
+                        except ApiError as e:
+                            if e.status >= 500:
+                                raise        # not this report's fault: the whole batch is retried
+                            status, detail = "rejected", e.message
+                    conn.execute(insert(t.reports).values(
+                        machine_id=machine_id, event_id=ev.event_id, kind=ev.kind, body_sha256=digest, status=status,
+                        detail=detail[:300], payload={} if malformed else ev.payload, received_ms=now_ms,
+                        occurred_ms=now_ms - ev.age_ms))
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+                continue                     # a copy of this report was settled meanwhile: answer with its result
+            return p.EventResult(event_id=ev.event_id, status=status, detail=detail)
+        raise AssertionError("unreachable")
 
     def _apply(self, conn: Connection, machine_id: str, ev: p.DeviceEvent, now_ms: int) -> tuple[str, str]:
         if ev.kind == "session_ended":
@@ -543,10 +561,7 @@ class Sessions:
 
     def _settle(self, conn: Connection, machine_id: str, ev: p.DeviceEvent, now_ms: int) -> tuple[str, str]:
         """s6: the server recomputes the fee and settles it in one transaction; s7: the rental record."""
-        try:
-            r = p.SessionEndedPayload(**ev.payload)
-        except ValidationError as e:
-            raise ApiError(422, "bad_report", f"malformed session report: {e.errors()[0]['msg']}") from e
+        r = p.SessionEndedPayload.model_validate(ev.payload)     # checked by _malformed already
         s = _one(conn, select(t.sessions).where(t.sessions.c.session_id == r.session_id))
         if s is None or s["machine_id"] != machine_id:
             raise ApiError(404, "unknown_session", f"session {r.session_id} was not started on this machine")
@@ -555,6 +570,26 @@ class Sessions:
         expected_volume = p.volume_ml(r.billed_pulses, r.milli_pulses_per_litre)
         free = expected_volume < s["min_dispense_ml"]          # the same rule and value as the machine's receipt
         fee = 0 if free else p.fee_fen(r.billed_pulses, r.milli_pulses_per_litre, s["price_fen_per_l"])
+        # a bill never exceeds what the grant allowed, whatever the report says (a faulty or forged meter)
+        implausible = []
+        lo, hi = p.CALIBRATION_RANGE_MPPL
+        if not lo <= r.milli_pulses_per_litre <= hi:
+            implausible.append(f"calibration {r.milli_pulses_per_litre} milli-pulses/L is outside {lo}-{hi}")
+        if expected_volume > s["max_volume_ml"] * 101 // 100:
+            implausible.append(f"{expected_volume} ml is more than the grant's {s['max_volume_ml']} ml")
+            expected_volume = s["max_volume_ml"]
+        if fee > s["credit_limit_fen"]:
+            implausible.append(f"{fee} fen is more than the grant's credit of {s['credit_limit_fen']} fen")
+            fee = s["credit_limit_fen"]
+        if implausible:
+            conn.execute(insert(t.machine_events).values(
+                machine_id=machine_id, event_id=ev.event_id, kind="implausible_report",
+                payload={"detail": {"session_id": s["session_id"], "problems": implausible,
+                                    "billed_pulses": r.billed_pulses,
+                                    "milli_pulses_per_litre": r.milli_pulses_per_litre, "billed_fen": fee}},
+                received_ms=now_ms, occurred_ms=now_ms - ev.age_ms, alarm=True))
+            log.error("implausible report %s from %s: %s; billed %d fen", ev.event_id, machine_id,
+                      "; ".join(implausible), fee)
         changed = conn.execute(update(t.sessions).where(and_(t.sessions.c.session_id == s["session_id"],
                                                              t.sessions.c.state == s["state"]))
                                .values(state="ended")).rowcount
@@ -585,7 +620,22 @@ class Sessions:
             session_id=s["session_id"], machine_id=machine_id, user_id=s["user_id"], started_at=started_at,
             ended_at=closed_at, started_ms=s["created_ms"], record=r.model_dump(mode="json")))
         note = "" if r.cost_fen == fee else f"device said {r.cost_fen} fen; billed {fee} fen by the server's tariff"
+        if implausible:
+            note = "implausible, capped by the grant: " + "; ".join(implausible)
         return "accepted", note
+
+
+def _malformed(ev: p.DeviceEvent) -> str | None:
+    """Why one event cannot be accepted (each event is judged alone: the rest of its batch still settles)."""
+    try:
+        p.report_payload(ev.kind, ev.payload)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return f"malformed {ev.kind} report: {where}: {first.get('msg', 'invalid')}"[:300]
+    except ValueError as e:
+        return f"malformed {ev.kind} report: {e}"[:300]
+    return None
 
 
 CLOCK_TRUST_MS = 2_000

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MIN_MPPL, MAX_MPPL = 100_000, 20_000_000     # 100 to 20,000 pulses per litre: any real hall-effect meter
+
 
 @dataclass(frozen=True)
 class Calibration:

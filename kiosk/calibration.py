@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kiosk.billing import MAX_MPPL, MIN_MPPL
+
 MIN_POURS = 3
 MAX_SPREAD_PERMILLE = 50            # pours that disagree by more than 5 % are not averaged: pour again
 MIN_POUR_ML = 100
-MIN_MPPL, MAX_MPPL = 100_000, 20_000_000     # 100 to 20,000 pulses per litre: any real hall-effect meter
 
 
 class CalibrationError(ValueError):

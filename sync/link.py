@@ -428,8 +428,9 @@ class SyncLink:
             try:
                 p.report_payload(r["kind"], r["payload"])
                 valid.append(r)
-            except ValidationError as e:      # a report this software wrote but the protocol refuses: a bug
-                self._dead(r["event_id"], f"does not match the protocol, not sent: {e.errors()[0]}"[:500])
+            except ValueError as e:           # a report this software wrote but the protocol refuses: a bug
+                why = e.errors()[0] if isinstance(e, ValidationError) else str(e)
+                self._dead(r["event_id"], f"does not match the protocol, not sent: {why}"[:500])
         rows = valid
         if not rows:
             return

@@ -19,13 +19,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import math
 import re
 import struct
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from kiosk.billing import Calibration
+from kiosk.billing import MAX_MPPL, MIN_MPPL, Calibration
 
 PROTOCOL_VERSION = 1
 HEADER_MACHINE = "X-Tapshare-Machine"
@@ -135,7 +136,61 @@ def points_for_fee(fee_fen: int) -> int:
 # ---------------------------------------------------------------- messages
 
 class Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Every message: unknown fields refused, no type coercion ("100" is not a number, true is not 1), no NaN
+    or infinity."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+EARLIEST_MS, LATEST_MS = 1_577_836_800_000, 4_102_444_800_000     # 2020-01-01 .. 2100-01-01 UTC
+
+
+def _iso_time(text: str) -> str:
+    """An ISO 8601 UTC time a bill can show: parsed, and within 2020-2099 (a device clock can be wrong, but
+    not by centuries; a time outside cannot be stored and shown later)."""
+    from datetime import datetime
+    try:
+        at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as e:
+        raise ValueError(f"not an ISO 8601 time: {text[:40]!r}") from e
+    if at.tzinfo is None:
+        raise ValueError("a time needs its UTC offset (Z)")
+    if not EARLIEST_MS <= at.timestamp() * 1000 < LATEST_MS:
+        raise ValueError(f"{text[:40]} is outside 2020-2099")
+    return text
+
+
+IsoTime = Annotated[str, Field(max_length=40), AfterValidator(_iso_time)]
+MAX_JSON_DEPTH = 8
+MAX_JSON_INT = 2 ** 53
+
+
+def json_problem(value: Any, depth: int = 0) -> str | None:
+    """Why a free-form JSON value cannot be stored and shown (NaN, infinity, a NUL character, a number past
+    2^53, nesting deeper than 8), or None."""
+    if depth > MAX_JSON_DEPTH:
+        return "nested too deeply"
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) and abs(value) < MAX_JSON_INT else f"number {value!r} is not finite"
+    if isinstance(value, int):
+        return None if abs(value) <= MAX_JSON_INT else "a number past 2^53"
+    if isinstance(value, str):
+        return "a NUL character in a string" if "\x00" in value else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            why = json_problem(k, depth + 1) or json_problem(v, depth + 1)
+            if why:
+                return why
+        return None
+    if isinstance(value, list):
+        for v in value:
+            why = json_problem(v, depth + 1)
+            if why:
+                return why
+        return None
+    return f"unexpected {type(value).__name__}"
 
 
 Id = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
@@ -251,8 +306,8 @@ class ReportEnvelope(Msg):
     event_id: Annotated[str, Field(min_length=3, max_length=40, pattern=EVENT_ID_RE)]
     kind: Annotated[str, Field(min_length=1, max_length=64)]
     machine_id: Id
-    boot_id: Annotated[int, Field(ge=0)]
-    created_at: Annotated[str, Field(max_length=40)]
+    boot_id: Annotated[int, Field(ge=0, le=MAX_JSON_INT)]
+    created_at: IsoTime
 
 
 class EventReportPayload(ReportEnvelope):
@@ -272,9 +327,9 @@ class SessionEndedPayload(ReportEnvelope):
     user_ref: Id
     reason: Annotated[str, Field(min_length=1, max_length=32)]
     recovered: bool = False
-    started_at: Annotated[str, Field(max_length=40)]
-    closed_at: Annotated[str, Field(max_length=40)]
-    ended_at: Annotated[str, Field(max_length=40)]
+    started_at: IsoTime
+    closed_at: IsoTime
+    ended_at: IsoTime
     duration_ms: Annotated[int, Field(ge=0, le=86_400_000)]
     price_fen_per_l: PricePerLitre
     credit_limit_fen: Fen
@@ -295,7 +350,11 @@ class SessionEndedPayload(ReportEnvelope):
 
 
 def report_payload(kind: str, payload: dict[str, Any]) -> ReportEnvelope:
-    """Parse an outbox payload with the model for its kind (raises pydantic's ValidationError)."""
+    """Parse an outbox payload with the model for its kind (raises ValueError, or pydantic's ValidationError,
+    which is one)."""
+    why = json_problem(payload)
+    if why:
+        raise ValueError(f"the payload cannot be stored: {why}")
     model = SessionEndedPayload if kind == "session_ended" else EventReportPayload
     return model.model_validate(payload)
 
@@ -307,6 +366,7 @@ ALARM_EVENT_KINDS = frozenset({"lockout", "ghost_flow", "report_dead_lettered", 
                                "lockout_clear_refused"})
 # Alarms the cloud raises itself (no device report): a session ended by reconciliation.
 CLOUD_ALARM_KINDS = frozenset({"session_lost", "implausible_report"})
+CALIBRATION_RANGE_MPPL = (MIN_MPPL, MAX_MPPL)   # a factor outside it is no real meter's
 
 
 class ProgressMsg(Msg):

@@ -8,7 +8,7 @@ import re
 import secrets
 import threading
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
@@ -170,6 +170,13 @@ class DeviceClient:
         age_ms = max(0, int(time.time() * 1000 + self.offset - created))
         return self.request("POST", "/device/v1/events", {"events": [
             {"event_id": event_id, "kind": "session_ended", "payload": payload, "age_ms": age_ms}]})
+
+    def event(self, event_id: str, kind: str, detail: dict | None = None) -> dict:
+        """One outbox event as a machine sends it (the envelope the ledger adds, the event log's detail)."""
+        return {"event_id": event_id, "kind": kind, "payload": {
+            "event_id": event_id, "kind": kind, "machine_id": self.machine_id, "boot_id": 1,
+            "created_at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "detail": detail or {}}}
 
     def heartbeat(self, **fields) -> requests.Response:
         body = {"state": "idle", "valve_open": False, **fields}

@@ -237,13 +237,28 @@ def test_an_unacknowledged_start_is_voided_and_not_charged(cloud):
     late = dev.ack(cmd["command_id"])                             # a late claim is refused: the machine must not pour
     assert late.status_code == 409 and late.json()["error"] == "start_void" and late.json()["session_state"] == "voided"
     assert user.me()["available_fen"] == 1_000
-    # if a (faulty) machine poured anyway, its report is still billed, into arrears if need be
-    assert dev.report_end("9-1", session["session_id"], 450 * 6).json()["results"][0]["status"] == "accepted"
+    # if a (faulty) machine poured anyway, its report is still billed for the water measured, never past the grant
+    assert dev.report_end("9-1", session["session_id"], 450 * 4).json()["results"][0]["status"] == "accepted"
     me = user.me()
-    assert me["available_fen"] == 1_000 - 1_200 and me["arrears_fen"] == 200
-    connected(dev)
-    r = user.start(user.scan("M9", dev.qr()).json()["presence_token"])
-    assert r.status_code == 402 and r.json()["error"] == "arrears"
+    assert me["available_fen"] == 1_000 - 800 and me["arrears_fen"] == 0 and me["held_fen"] == 0
+
+
+def test_a_bill_never_exceeds_the_grant_and_an_implausible_report_is_an_alarm(cloud):
+    """One report with 10^9 pulses and a calibration of 1,000 once made 2x10^11 fen of arrears and 2x10^9 points."""
+    dev = cloud.provision("M9b")
+    user = cloud.user("13800000110", balance_fen=1_000)
+    session, cmd = start_session(cloud, dev, user)
+    assert dev.ack(cmd["command_id"]).status_code == 200
+    r = dev.report_end("9-2", session["session_id"], 10**9, milli_pulses_per_litre=1_000, volume_ml=1_000_000,
+                       cost_fen=100_000_000)
+    assert r.json()["results"][0]["status"] == "accepted" and "implausible" in r.json()["results"][0]["detail"]
+    me = user.me()
+    assert me["available_fen"] == 0 and me["arrears_fen"] == 0 and me["held_fen"] == 0     # at most the credit held
+    assert me["points"] <= 10
+    view = user.call("GET", f"/api/v1/sessions/{session['session_id']}").json()
+    assert view["fee_fen"] == 1_000 and view["volume_ml"] <= 5_000
+    alarm = [a for a in cloud.op("GET", "/api/v1/operator/alarms").json()["alarms"] if a["kind"] == "implausible_report"]
+    assert len(alarm) == 1 and "calibration 1000" in alarm[0]["payload"]["detail"]["problems"][0]
 
 
 def test_a_refused_start_releases_the_hold(cloud):
@@ -297,8 +312,7 @@ def test_the_phone_can_stop_and_operators_can_change_price_and_service(cloud):
 def test_heartbeats_and_alarms(cloud):
     dev = cloud.provision("M13")
     assert dev.heartbeat(temp_c=11.5, tds_ppm=90, outbox_depth=3).ok
-    ev = {"events": [{"event_id": "2-5", "kind": "lockout", "payload": {"detail": {"reason": "ghost_flow"}}},
-                     {"event_id": "2-6", "kind": "boot", "payload": {"detail": {}}}]}
+    ev = {"events": [dev.event("2-5", "lockout", {"reason": "ghost_flow"}), dev.event("2-6", "boot")]}
     res = dev.request("POST", "/device/v1/events", ev).json()["results"]
     assert [r["status"] for r in res] == ["accepted", "accepted"]
     alarms = cloud.op("GET", "/api/v1/operator/alarms").json()
@@ -448,7 +462,7 @@ def test_a_refused_event_in_a_batch_leaves_the_others_settled(cloud):
     thief_end = {"event_id": "7-1", "kind": "session_ended",
                  "payload": {**good["payload"], "session_id": "someone-elses"}}
     # the good one was already sent above; send a fresh batch: refused, accepted-duplicate, plain event
-    batch = {"events": [thief_end, good, {"event_id": "7-3", "kind": "boot", "payload": {}}]}
+    batch = {"events": [thief_end, good, dev.event("7-3", "boot")]}
     res = dev.request("POST", "/device/v1/events", batch).json()["results"]
     assert [r["status"] for r in res] == ["rejected", "duplicate", "accepted"]
     assert user.me()["available_fen"] == 900
