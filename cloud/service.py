@@ -519,7 +519,7 @@ class Sessions:
     def _receive(self, conn: Connection, machine_id: str, ev: p.DeviceEvent, now_ms: int) -> p.EventResult:
         body = json.dumps({"kind": ev.kind, "payload": ev.payload}, sort_keys=True, separators=(",", ":"))
         digest = hashlib.sha256(body.encode()).hexdigest()
-        for attempt in (1, 2):
+        for attempt in (1, 2, 3):
             prior = _one(conn, select(t.reports).where(and_(t.reports.c.machine_id == machine_id,
                                                              t.reports.c.event_id == ev.event_id)))
             if prior is not None:
@@ -544,10 +544,11 @@ class Sessions:
                         machine_id=machine_id, event_id=ev.event_id, kind=ev.kind, body_sha256=digest, status=status,
                         detail=detail[:300], payload={} if malformed else ev.payload, received_ms=now_ms,
                         occurred_ms=now_ms - ev.age_ms))
-            except IntegrityError:
-                if attempt == 2:
-                    raise
-                continue                     # a copy of this report was settled meanwhile: answer with its result
+            except (IntegrityError, _Changed) as e:
+                if attempt == 3:
+                    raise ApiError(503, "retry", "this session kept changing while it was settled; send it again",
+                                   retry_after_s=1) from e
+                continue                     # a copy was settled, or the session voided, meanwhile: judge it again
             return p.EventResult(event_id=ev.event_id, status=status, detail=detail)
         raise AssertionError("unreachable")
 
@@ -594,7 +595,7 @@ class Sessions:
                                                              t.sessions.c.state == s["state"]))
                                .values(state="ended")).rowcount
         if changed != 1:     # another request changed it meanwhile (a void, a lost, a copy of this report)
-            raise ApiError(503, "retry", "this session changed while it was being settled; send it again")
+            raise _Changed()
         if s["state"] in ("starting", "active"):
             add_entry(conn, s["user_id"], "release", s["credit_limit_fen"], now_ms, s["session_id"])
         if fee:
@@ -623,6 +624,10 @@ class Sessions:
         if implausible:
             note = "implausible, capped by the grant: " + "; ".join(implausible)
         return "accepted", note
+
+
+class _Changed(Exception):
+    """The session row changed between reading and settling it (a concurrent request won)."""
 
 
 def _malformed(ev: p.DeviceEvent) -> str | None:

@@ -1,0 +1,175 @@
+"""The cloud's money and limits under many parallel requests, on PostgreSQL (issue 15).
+
+SQLite's single writer hides these races; PostgreSQL, which operators run, shows them. Every test sends at
+least 20 requests at once over real HTTP and checks balances, refunds, points and limits to the unit.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from sqlalchemy import select
+
+from cloud import db as t
+from sync import protocol as p
+from tests.cloudkit import PG_URL, CloudServer
+from tests.conftest import _fresh_postgres_database
+from tests.test_cloud import start_session
+
+N = 24
+
+
+@pytest.fixture
+def clock():
+    """The cloud's clock, moved by the test (SMS resend limits are a minute)."""
+    now = {"ms": time.time_ns() // 1_000_000}
+    return now
+
+
+@pytest.fixture
+def pg(tmp_path, clock):
+    if not PG_URL:
+        if os.environ.get("CI"):
+            pytest.fail("CI must provide PostgreSQL (TAPSHARE_TEST_POSTGRES_URL); see .ci/run")
+        pytest.skip("no PostgreSQL: run scripts/postgres-for-tests.sh and export TAPSHARE_TEST_POSTGRES_URL")
+    url, drop = _fresh_postgres_database()
+    with CloudServer(tmp_path / "cloud", database_url=url, clock_ms=lambda: clock["ms"]) as server:
+        yield server
+    server.app.state.database.dispose()
+    drop()
+
+
+def at_once(fns) -> list:
+    """Run the callables together (a barrier releases them at the same moment)."""
+    barrier = threading.Barrier(len(fns))
+
+    def go(fn):
+        barrier.wait()
+        return fn()
+    with ThreadPoolExecutor(len(fns)) as pool:
+        return list(pool.map(go, fns))
+
+
+def entries(cloud, session_id: str) -> list[tuple[str, int]]:
+    with cloud.app.state.database.read() as conn:
+        e = t.balance_entries.c
+        return [tuple(r) for r in conn.execute(select(e.kind, e.amount_fen).where(e.session_id == session_id))]
+
+
+def test_a_hold_is_released_once_when_a_void_and_late_reports_race(pg):
+    dev = pg.provision("C1")
+    user = pg.user("13900000001", balance_fen=10_000)
+    session, cmd = start_session(pg, dev, user)
+    sid = session["session_id"]
+    assert dev.ack(cmd["command_id"]).status_code == 200
+    calls = []
+    for i in range(N):
+        if i % 2:
+            calls.append(lambda: dev.ack(cmd["command_id"], ok=False, reason=p.START_FAILED))
+        else:
+            calls.append(lambda i=i: dev.report_end(f"1-{100 + i}", sid, 450))     # copies under new ids
+    answers = at_once(calls)
+    assert all(r.status_code in (200, 503) for r in answers), [r.text for r in answers if r.status_code >= 400]
+    kinds = [k for k, _ in entries(pg, sid)]
+    assert kinds.count("hold") == 1 and kinds.count("release") == 1, kinds
+    me = user.me()
+    assert me["held_fen"] == 0
+    assert me["available_fen"] in (10_000, 10_000 - 200)          # voided first, or settled first
+    assert kinds.count("charge") == (me["available_fen"] == 9_800)
+    assert me["available_fen"] + me["held_fen"] <= 10_000          # no money created
+
+
+def test_parallel_refunds_never_exceed_the_charge(pg):
+    from cloud.__main__ import create_operator
+    operator = create_operator(pg.settings.url(), "op-c", "operator")
+    dev = pg.provision("C2")
+    user = pg.user("13900000002", balance_fen=10_000)
+    session, cmd = start_session(pg, dev, user)
+    sid = session["session_id"]
+    dev.ack(cmd["command_id"])
+    assert dev.report_end("1-1", sid, 450 * 4).json()["results"][0]["status"] == "accepted"     # 800 fen
+    answers = at_once([lambda: pg.op("POST", f"/api/v1/operator/sessions/{sid}/refund", token=operator,
+                                     json={"amount_fen": 800, "reason": "failed dispense"})] * N)
+    assert sorted(r.status_code for r in answers) == [200] + [422] * (N - 1), [r.text for r in answers]
+    assert sum(a for k, a in entries(pg, sid) if k == "refund") == 800
+    assert user.me()["available_fen"] == 10_000
+
+
+def test_sms_codes_and_guesses_are_limited_exactly(pg, clock):
+    phone = "13900000003"
+    answers = at_once([lambda: requests.post(pg.url + "/api/v1/auth/sms-code", json={"phone": phone}, timeout=10)]
+                      * N)
+    assert sorted(r.status_code for r in answers) == [200] + [429] * (N - 1)
+    assert all(r.headers.get("Retry-After") for r in answers if r.status_code == 429)
+    with pg.app.state.database.read() as conn:
+        assert conn.execute(select(t.sms_codes.c.id).where(t.sms_codes.c.phone == phone)).all().__len__() == 1
+    real = pg.sms_code(phone)
+    wrong = f"{(int(real) + 1) % 1_000_000:06d}"
+    guesses = at_once([lambda: requests.post(pg.url + "/api/v1/auth/login", json={"phone": phone, "code": wrong},
+                                             timeout=10)] * N)
+    codes = [r.json()["error"] for r in guesses]
+    assert codes.count("wrong_code") == 5 and codes.count("too_many_attempts") == N - 5, codes
+    with pg.app.state.database.read() as conn:
+        assert conn.execute(select(t.sms_codes.c.attempts).where(t.sms_codes.c.phone == phone)).scalar() == 5
+    ok = requests.post(pg.url + "/api/v1/auth/login", json={"phone": phone, "code": real}, timeout=10)
+    assert ok.status_code == 401 and ok.json()["error"] == "too_many_attempts"
+
+
+def test_a_login_burns_the_older_codes(pg, clock):
+    phone = "13900000004"
+    assert requests.post(pg.url + "/api/v1/auth/sms-code", json={"phone": phone}, timeout=10).status_code == 200
+    older = pg.sms_code(phone)
+    clock["ms"] += 61_000
+    assert requests.post(pg.url + "/api/v1/auth/sms-code", json={"phone": phone}, timeout=10).status_code == 200
+    newer = pg.sms_code(phone)
+    r = requests.post(pg.url + "/api/v1/auth/login", json={"phone": phone, "code": newer}, timeout=10)
+    assert r.status_code == 200
+    again = requests.post(pg.url + "/api/v1/auth/login", json={"phone": phone, "code": older}, timeout=10)
+    assert again.status_code == 401 and again.json()["error"] in ("no_code", "code_used")
+
+
+def test_an_enrolment_token_issues_one_secret(pg):
+    r = pg.op("POST", "/api/v1/operator/machines", json={"machine_id": "C5", "location": "Lobby", "price_fen_per_l": 200})
+    token = r.json()["enrolment_token"]
+    answers = at_once([lambda: requests.post(pg.url + "/device/v1/enroll", timeout=10,
+                                             json={"machine_id": "C5", "enrolment_token": token})] * N)
+    assert sorted(r.status_code for r in answers) == [200] + [401] * (N - 1), [r.text for r in answers]
+    secret = bytes.fromhex(next(r.json()["secret_hex"] for r in answers if r.status_code == 200))
+    from tests.cloudkit import DeviceClient
+    assert DeviceClient(pg.url, "C5", secret).heartbeat().status_code == 200       # the one issued works
+
+
+def test_copies_of_one_report_at_once_settle_once_and_answer_alike(pg):
+    dev = pg.provision("C6")
+    user = pg.user("13900000006", balance_fen=10_000)
+    session, cmd = start_session(pg, dev, user)
+    sid = session["session_id"]
+    dev.ack(cmd["command_id"])
+    answers = at_once([lambda: dev.report_end("1-9", sid, 450 * 2)] * N)
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+    statuses = sorted(r.json()["results"][0]["status"] for r in answers)
+    assert statuses == ["accepted"] + ["duplicate"] * (N - 1)
+    assert [k for k, _ in entries(pg, sid)].count("charge") == 1
+    assert user.me()["available_fen"] == 10_000 - 400 and user.me()["points"] == 4
+
+
+def test_redemptions_in_parallel_spend_points_and_stock_exactly(pg):
+    dev = pg.provision("C7")
+    user = pg.user("13900000007", balance_fen=10_000)
+    session, cmd = start_session(pg, dev, user)
+    dev.ack(cmd["command_id"])
+    dev.report_end("1-1", session["session_id"], 450 * 25)          # 50 yuan: 50 points
+    assert user.me()["points"] == 50
+    gift = pg.op("POST", "/api/v1/operator/gifts", json={"name_zh": "水杯", "name_en": "Cup", "points_cost": 20,
+                                                          "stock": 5}).json()
+    answers = at_once([lambda i=i: user.call("POST", f"/api/v1/gifts/{gift['gift_id']}/redeem",
+                                             json={"request_id": f"request-{i:04d}"}) for i in range(N)])
+    assert sorted(r.status_code for r in answers) == [200] * 2 + [409] * (N - 2), [r.text for r in answers]
+    assert user.me()["points"] == 10
+    with pg.app.state.database.read() as conn:
+        assert conn.execute(select(t.gifts.c.stock).where(t.gifts.c.gift_id == gift["gift_id"])).scalar() == 3
