@@ -109,7 +109,7 @@ def run(outage_s: float) -> list[dict]:
             rows.append(dict(fault="replayed report, QR scan and start command",
                              happened=f"report: {again[0].status}; second start with one scan: "
                                       f"{replay.status_code} {replay.json().get('error')}; the start command again: "
-                                      "acknowledged as already started", lost=lost, twice=twice,
+                                      "ignored, the session is already here", lost=lost, twice=twice,
                              screen="one session", cloud="one bill per session; " + note))
 
             # 4. a forged signature and another machine's key

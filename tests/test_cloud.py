@@ -257,7 +257,8 @@ def test_a_bill_never_exceeds_the_grant_and_an_implausible_report_is_an_alarm(cl
     assert me["points"] <= 10
     view = user.call("GET", f"/api/v1/sessions/{session['session_id']}").json()
     assert view["fee_fen"] == 1_000 and view["volume_ml"] <= 5_000
-    alarm = [a for a in cloud.op("GET", "/api/v1/operator/alarms").json()["alarms"] if a["kind"] == "implausible_report"]
+    alarms = cloud.op("GET", "/api/v1/operator/alarms").json()["alarms"]
+    alarm = [a for a in alarms if a["kind"] == "implausible_report"]
     assert len(alarm) == 1 and "calibration 1000" in alarm[0]["payload"]["detail"]["problems"][0]
 
 

@@ -134,7 +134,8 @@ def test_a_login_burns_the_older_codes(pg, clock):
 
 
 def test_an_enrolment_token_issues_one_secret(pg):
-    r = pg.op("POST", "/api/v1/operator/machines", json={"machine_id": "C5", "location": "Lobby", "price_fen_per_l": 200})
+    r = pg.op("POST", "/api/v1/operator/machines",
+              json={"machine_id": "C5", "location": "Lobby", "price_fen_per_l": 200})
     token = r.json()["enrolment_token"]
     answers = at_once([lambda: requests.post(pg.url + "/device/v1/enroll", timeout=10,
                                              json={"machine_id": "C5", "enrolment_token": token})] * N)
