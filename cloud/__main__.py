@@ -12,6 +12,7 @@ The database is an embedded SQLite file in the data folder unless ``--database-u
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import sys
 import time
@@ -25,15 +26,18 @@ from cloud.db import Database
 from cloud.security import new_token, token_hash
 
 
-def create_operator(database_url: str, name: str, role: str) -> str:
+def create_operator(database_url: str, name: str, role: str, valid_days: int | None = None) -> str:
+    """A new operator and its bearer token (shown once), valid ``valid_days`` (TAPSHARE_OPERATOR_TOKEN_DAYS, 90)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    days = valid_days if valid_days is not None else int(os.environ.get("TAPSHARE_OPERATOR_TOKEN_DAYS", "90"))
     database = Database(database_url)
     database.create_all()
     token = new_token()
+    now_ms = time.time_ns() // 1_000_000
     with database.tx() as conn:
         conn.execute(insert(t.operators).values(operator_id=name, role=role, token_hash=token_hash(token),
-                                                created_ms=time.time_ns() // 1_000_000))
+                                                created_ms=now_ms, expires_ms=now_ms + days * 86_400_000))
     database.dispose()
     return token
 
@@ -87,9 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         print(create_operator(settings.url(), args.name, args.role))
         return 0
     import uvicorn
-    uvicorn.run(create_app(settings), host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 8700),
-                log_level=getattr(args, "log_level", "info"), timeout_keep_alive=75, timeout_graceful_shutdown=3,
-                backlog=4096)
+
+    from cloud.server import server_config
+    uvicorn.Server(server_config(create_app(settings), host=getattr(args, "host", "127.0.0.1"),
+                                 port=getattr(args, "port", 8700), log_level=getattr(args, "log_level", "info"),
+                                 header_timeout_s=settings.header_timeout_s, timeout_graceful_shutdown=3,
+                                 backlog=4096)).run()
     return 0
 
 

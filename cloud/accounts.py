@@ -57,6 +57,12 @@ HOUR_MS, DAY_MS = 3_600_000, 86_400_000
 
 # ---------------------------------------------------------------- providers
 
+PHOTOS_PER_HOUR = 10               # per account: 10 x 5 MB at most an hour
+CONCURRENT_DECODES = 2
+DECODE_WAIT_S = 10.0
+_DECODES = threading.BoundedSemaphore(CONCURRENT_DECODES)
+
+
 class SmsProvider(Protocol):
     name: str
     is_development: bool
@@ -71,15 +77,31 @@ class DevSmsSink:
     name = "dev_sink"
     is_development = True
 
-    def __init__(self, keep_per_phone: int = 5) -> None:
+    def __init__(self, keep_per_phone: int = 5, max_phones: int = 10_000) -> None:
         self._lock = threading.Lock()
         self._messages: dict[str, deque[dict[str, Any]]] = {}
-        self._keep = keep_per_phone
+        self._readers: dict[str, set[str]] = {}          # phone -> the inbox keys of the browsers that asked
+        self._keep, self._max_phones = keep_per_phone, max_phones
+
+    def allow(self, phone: str, inbox_key: str) -> None:
+        """The browser holding ``inbox_key`` asked for this number's code: it (only) may read it."""
+        with self._lock:
+            self._readers.setdefault(phone, set()).add(inbox_key)
+            while len(self._readers) > self._max_phones:
+                self._readers.pop(next(iter(self._readers)))
+
+    def messages_for(self, phone: str, inbox_key: str) -> list[dict[str, Any]]:
+        with self._lock:
+            if inbox_key not in self._readers.get(phone, ()):
+                return []
+        return self.messages(phone)
 
     def send(self, phone: str, text: str) -> None:
         with self._lock:
             box = self._messages.setdefault(phone, deque(maxlen=self._keep))
             box.append({"phone": phone, "text": text, "sent_ms": _wall_ms()})
+            while len(self._messages) > self._max_phones:
+                self._messages.pop(next(iter(self._messages)))
 
     def messages(self, phone: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -239,10 +261,22 @@ class Accounts:
         return {"kind": CONSENT_KIND, "version": version, "granted": True}
 
     def withdraw_consent(self, user_id: str, now_ms: int) -> None:
+        """PIPL: withdrawing the consent erases what it allowed (the document number and photos); real-name
+        registration, which needs them, ends too. Money, bills and points stay."""
         with self.db.tx() as conn:
+            s = t.sessions.c
+            if _one(conn, select(s.session_id).where(and_(s.user_id == user_id, s.state.in_(("starting", "active"))))):
+                raise ApiError(409, "session_open", "finish your running session first")
             conn.execute(update(t.consents).where(and_(t.consents.c.user_id == user_id,
                                                        t.consents.c.withdrawn_ms.is_(None)))
                          .values(withdrawn_ms=now_ms))
+            photos = conn.execute(select(t.id_photos.c.photo_id).where(and_(
+                t.id_photos.c.user_id == user_id, t.id_photos.c.deleted_ms.is_(None)))).scalars().all()
+            conn.execute(t.identities.delete().where(t.identities.c.user_id == user_id))
+            conn.execute(update(t.users).where(t.users.c.user_id == user_id).values(registered=False))
+        for photo_id in photos:
+            self._delete_photo(photo_id, now_ms)
+        log.info("consent withdrawn by %s: identity data erased", user_id)
 
     @staticmethod
     def _has_consent(conn, user_id: str) -> bool:
@@ -261,12 +295,22 @@ class Accounts:
     def upload_photo(self, user_id: str, data: bytes, content_type: str, now_ms: int) -> dict[str, Any]:
         with self.db.read() as conn:
             self._need_consent(conn, user_id)
+            ph = t.id_photos.c
+            recent = conn.execute(select(func.count(), func.coalesce(func.sum(ph.stored_bytes), 0)).where(and_(
+                ph.user_id == user_id, ph.created_ms > now_ms - HOUR_MS))).one()
+        if recent[0] >= PHOTOS_PER_HOUR:
+            raise ApiError(429, "upload_quota", f"at most {PHOTOS_PER_HOUR} photos an hour; try again later",
+                           retry_after_s=3600)
         if content_type.split(";")[0].strip().lower() not in ("image/jpeg", "image/png"):
             raise ApiError(415, "not_an_image", "upload the photo as image/jpeg or image/png")
+        if not _DECODES.acquire(timeout=DECODE_WAIT_S):       # decoding is memory-hungry: a few at a time
+            raise ApiError(503, "busy", "too many photos are being checked right now; try again", retry_after_s=2)
         try:
             jpeg, w, h = reencode_photo(data)
         except PhotoRejected as e:
             raise ApiError(413 if e.code == "photo_too_large" else 422, e.code, str(e)) from None
+        finally:
+            _DECODES.release()
         photo_id = "p-" + uuid.uuid4().hex
         sealed = self.pii.seal(jpeg, f"id-photo:{photo_id}").encode()
         path = self.photo_path(photo_id)

@@ -29,6 +29,7 @@ from cloud.identity import MAX_PHOTO_BYTES
 from cloud.pages import add_pages
 from cloud.payments import PaymentProvider, SandboxPay, Wallet
 from cloud.phone_api import PhoneDeps, add_phone_routes, bill_view, bill_views, me_extra
+from cloud.ratelimit import RateLimiter
 from cloud.rewards import Rewards
 from cloud.schemas import (
     AlarmsOut,
@@ -99,25 +100,33 @@ class BodyLimit:
             if k == b"content-length" and (not v.isdigit() or int(v) > limit):
                 await self._refuse(send, limit)
                 return
-        seen = 0
-        tail = b""
-        checks_nul = path not in BODY_LIMITS          # binary uploads may hold any byte
-
-        async def limited():
-            nonlocal seen, tail
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        # read the body here (at most the limit), check it, then hand it on whole
+        body, more = b"", True
+        while more:
             message = await receive()
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > limit:
-                raise ApiError(413, "body_too_large", f"request bodies are at most {limit} bytes")
-            if checks_nul and chunk:
-                joined = tail + chunk
-                if b"\\u0000" in joined or b"\x00" in joined:
-                    raise ApiError(400, "nul_character", "NUL characters are not allowed in a request")
-                tail = joined[-6:]
-            return message
+            if message["type"] != "http.request":
+                return                                     # the client went away
+            body += message.get("body", b"")
+            if len(body) > limit:
+                await self._refuse(send, limit)
+                return
+            more = message.get("more_body", False)
+        if path not in BODY_LIMITS and (b"\\u0000" in body or b"\x00" in body):     # binary uploads may hold any byte
+            await self._send(send, 400, "nul_character", "NUL characters are not allowed in a request")
+            return
+        given = False
 
-        await self.app(scope, limited, send)
+        async def replay():
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     @staticmethod
     async def _refuse(send, limit: int) -> None:
@@ -147,6 +156,10 @@ class CloudSettings:
     photo_retention_days: int = field(
         default_factory=lambda: int(os.environ.get("TAPSHARE_ID_PHOTO_RETENTION_DAYS", "30")))
     timezone: str = "Asia/Shanghai"
+    header_timeout_s: float = field(default_factory=lambda: float(os.environ.get("TAPSHARE_HEADER_TIMEOUT_S", "10")))
+    operator_token_days: int = field(default_factory=lambda: int(os.environ.get("TAPSHARE_OPERATOR_TOKEN_DAYS", "90")))
+    scans_per_minute_per_network: int = 30
+    scans_per_minute_per_machine: int = 120
 
     def url(self) -> str:
         return self.database_url or os.environ.get("TAPSHARE_DATABASE_URL") or \
@@ -179,9 +192,53 @@ def _providers(settings: CloudSettings, box: SecretBox) -> tuple[SmsProvider, Ve
     return sms, verifier, pay
 
 
+class DurableNonces:
+    """Group commit of the replay guard: a device request is answered only after its nonce is in the database.
+    Requests that arrive while a flush runs wait for the next one, which takes them all in one transaction."""
+
+    def __init__(self, machines: Machines) -> None:
+        self.machines = machines
+        self._wake = asyncio.Event()
+        self._next: asyncio.Future | None = None
+
+    async def durable(self, seq: int, timeout_s: float = 10.0) -> None:
+        while self.machines.nonces_durable_seq < seq:
+            if self._next is None:
+                self._next = asyncio.get_running_loop().create_future()
+            fut = self._next
+            self._wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+            except Exception as e:
+                raise ApiError(503, "busy", "the server could not record this request; try again",
+                               retry_after_s=1) from e
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            fut, self._next = self._next, None
+            try:
+                await run_in_threadpool(self.machines.flush_nonces)
+            except Exception as e:
+                log.exception("cannot write the replay guard's nonces")
+                if fut is not None and not fut.done():
+                    fut.set_exception(e)
+                    fut.exception()                     # retrieved: no "never retrieved" warning
+                await asyncio.sleep(0.1)
+                continue
+            if fut is not None and not fut.done():
+                fut.set_result(True)
+
+
 def create_app(settings: CloudSettings | None = None) -> FastAPI:
     settings = settings or CloudSettings()
+    os.umask(0o077)                    # the database, keys and photos are for this service's user alone
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.data_dir, 0o700)
+    for name in ("cloud.db", "cloud.db-wal", "cloud.db-shm", "server.key"):
+        if (settings.data_dir / name).exists():
+            os.chmod(settings.data_dir / name, 0o600)
     database = Database(settings.url())
     database.create_all()
     box = SecretBox.from_env_or_file(settings.data_dir / "server.key", production=settings.production)
@@ -201,13 +258,23 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         timezone=settings.timezone))
     wallet = Wallet(database, pay)
     rewards = Rewards(database)
-
+    durable = DurableNonces(machines)
+    development = [f"{what}: {prov.name}" for what, prov in (("SMS", sms), ("identity verification", verifier),
+                                                             ("payments", pay)) if prov.is_development]
+    if development:
+        log.warning("DEVELOPMENT PROVIDERS ARE ON (%s): no real SMS is sent and no real money moves; login codes "
+                    "are shown to the browser that asked for them. Never run this for customers.",
+                    "; ".join(development))
+    scans_by_network = RateLimiter(settings.scans_per_minute_per_network, 60_000)
+    scans_by_machine = RateLimiter(settings.scans_per_minute_per_machine, 60_000)
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         hub.bind(asyncio.get_running_loop())
         task = asyncio.create_task(background())
+        flusher = asyncio.create_task(durable.run())
         yield
         task.cancel()
+        flusher.cancel()
         machines.flush_nonces()
         database.dispose()
 
@@ -284,24 +351,32 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         headers = {k.lower(): v for k, v in request.headers.items()}
         if machines.cached_secret(headers.get(p.HEADER_MACHINE.lower(), "")) is not None:
             # no database work left (secret cached, nonces in memory): no thread hop
-            return machines.authenticate(request.method, path, headers, body, now())
-        return await run_in_threadpool(machines.authenticate, request.method, path, headers, body, now())
+            auth = machines.authenticate(request.method, path, headers, body, now())
+        else:
+            auth = await run_in_threadpool(machines.authenticate, request.method, path, headers, body, now())
+        await durable.durable(auth.nonce_seq)      # replay-safe across a crash before anything is answered
+        return auth
 
     def bearer(authorization: str | None) -> str:
         if not authorization or not authorization.lower().startswith("bearer "):
             raise ApiError(401, "unauthenticated", "log in first (Authorization: Bearer <token>)")
         return authorization[7:].strip()
 
-    def operator(min_role: str) -> Callable[..., dict[str, Any]]:
+    def operator(min_role: str, only: tuple[str, ...] = ()) -> Callable[..., dict[str, Any]]:
+        """An operator of at least ``min_role`` (or, with ``only``, of exactly one of those roles: separation of
+        duties, e.g. a reviewer who sees ID photos may not also move money)."""
         def dep(authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
             tok = bearer(authorization)
             with database.read() as conn:
                 row = conn.execute(select(t.operators).where(t.operators.c.token_hash == token_hash(tok))) \
                     .mappings().first()
-            if row is None:
-                raise ApiError(401, "unauthenticated", "unknown operator token")
-            if ROLES[row["role"]] < ROLES[min_role]:
-                raise ApiError(403, "forbidden", f"this needs the {min_role} role; you are {row['role']}")
+            if row is None or row["revoked_ms"] is not None:
+                raise ApiError(401, "unauthenticated", "unknown or revoked operator token")
+            if row["expires_ms"] is not None and row["expires_ms"] < now():
+                raise ApiError(401, "token_expired", "this operator token has expired: ask an admin for a new one")
+            if ROLES[row["role"]] < ROLES[min_role] or (only and row["role"] not in only):
+                need = " or ".join(only) if only else f"at least {min_role}"
+                raise ApiError(403, "forbidden", f"this needs the {need} role; you are {row['role']}")
             return dict(row)
         return dep
 
@@ -331,7 +406,8 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         with database.read() as conn:
             conn.execute(select(1))
         return {"status": "ok", "database": "sqlite" if database.is_sqlite else "postgresql",
-                "connected_machines": hub.connected_count}
+                "connected_machines": hub.connected_count, "production": settings.production,
+                "development_providers": development}
 
     # ---------------------------------------------------------------- devices
     @app.get("/device/v1/time", response_model=p.TimeResponse, tags=["device"])
@@ -386,8 +462,15 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
     # ---------------------------------------------------------------- phones
     @app.get("/api/v1/scan", response_model=ScanOut, responses=ERRORS, tags=["phone"])
     def scan(machine: Annotated[str, Query(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")],
-             c: Annotated[str, Query(min_length=1, max_length=16)]) -> dict[str, Any]:
-        """What opening the QR link does: checks the time-based code, consumes nothing."""
+             c: Annotated[str, Query(min_length=1, max_length=16)], request: Request) -> dict[str, Any]:
+        """What opening the QR link does: checks the time-based code, consumes nothing. Limited per network and
+        per machine (a code has 8 digits; guessing is made slow)."""
+        ip = request.client.host if request.client else "?"
+        for limiter, key, what in ((scans_by_network, ip, "network"), (scans_by_machine, machine, "machine")):
+            wait_s = limiter.hit(key, now())
+            if wait_s is not None:
+                raise ApiError(429, "too_many_scans", f"too many scans from this {what}; try again in {wait_s} s",
+                               retry_after_s=wait_s)
         token, info = sessions.scan(machine, c, now())
         return {"presence_token": token, "machine": info}
 
@@ -469,6 +552,42 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         notify(machine_id)
         return {"machine_id": machine_id, "command": "clear_lockout", "command_id": cid}
 
+    @app.post("/api/v1/operator/machines/{machine_id}/revoke-key", response_model=OkOut, responses=ERRORS,
+              tags=["operator"])
+    def revoke_machine_key(machine_id: IdPath, op: Admin) -> dict[str, Any]:
+        """Forget the machine's secret: it is refused at once (audited). Re-enrol it with a new enrolment token."""
+        machines.revoke_key(op["operator_id"], machine_id, now())
+        return {"ok": True}
+
+    @app.post("/api/v1/operator/machines/{machine_id}/enrolment-token", response_model=ProvisionOut,
+              responses=ERRORS, tags=["operator"])
+    def enrolment_token(machine_id: IdPath, op: Admin) -> dict[str, Any]:
+        token = machines.new_enrolment_token(op["operator_id"], machine_id, now())
+        return {"machine_id": machine_id, "enrolment_token": token,
+                "note": "single use: give it to the technician who enrols the machine"}
+
+    @app.post("/api/v1/operator/logout", response_model=OkOut, responses=ERRORS, tags=["operator"])
+    def operator_logout(op: Viewer) -> dict[str, Any]:
+        """Revoke the token this request carries."""
+        with database.tx() as conn:
+            conn.execute(t.operators.update().where(t.operators.c.operator_id == op["operator_id"])
+                         .values(revoked_ms=now()))
+            audit(conn, op["operator_id"], "logout", op["operator_id"], {}, now())
+        return {"ok": True}
+
+    @app.post("/api/v1/operator/operators/{operator_id}/revoke", response_model=OkOut, responses=ERRORS,
+              tags=["operator"])
+    def revoke_operator(operator_id: IdPath, op: Admin) -> dict[str, Any]:
+        """An admin revokes another operator's token (audited); the next request with it is refused."""
+        with database.tx() as conn:
+            changed = conn.execute(t.operators.update().where(and_(t.operators.c.operator_id == operator_id,
+                                                                   t.operators.c.revoked_ms.is_(None)))
+                                   .values(revoked_ms=now())).rowcount
+            if not changed:
+                raise ApiError(404, "unknown_operator", "no such operator with a live token")
+            audit(conn, op["operator_id"], "revoke_operator", operator_id, {}, now())
+        return {"ok": True}
+
     @app.post("/api/v1/operator/machines/{machine_id}/service", response_model=CommandQueuedOut, responses=ERRORS,
               tags=["operator"])
     def set_service(machine_id: IdPath, body: ServiceIn, op: Operator) -> dict[str, Any]:
@@ -534,7 +653,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
 
     add_phone_routes(app, PhoneDeps(database=database, accounts=accounts, wallet=wallet, rewards=rewards, now=now,
                                     production=settings.production, errors=ERRORS, user=user, bearer=bearer,
-                                    operator=operator))
+                                    operator=operator, public_url=lambda: settings.public_url.rstrip("/")))
     add_pages(app, settings, pay, now, machines)
     return app
 

@@ -309,6 +309,8 @@ operators = Table(
     Column("role", String(16), nullable=False),       # admin, operator, viewer
     Column("token_hash", String(64), nullable=False, unique=True),
     Column("created_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=True),      # tokens for scripts expire (TAPSHARE_OPERATOR_TOKEN_DAYS)
+    Column("revoked_ms", BigInteger, nullable=True),
 )
 
 audit_log = Table(

@@ -17,6 +17,7 @@ from sqlalchemy import insert, select
 from cloud import db as t
 from cloud.app import CloudSettings, create_app
 from cloud.security import new_token, token_hash
+from cloud.server import server_config
 
 log = logging.getLogger("tapshare.cloud.embedded")
 
@@ -32,8 +33,8 @@ class EmbeddedCloud:
         self.public_url = public_url
         self.settings = CloudSettings(data_dir=data_dir, public_url=public_url or f"http://127.0.0.1:{port}")
         self.app = create_app(self.settings)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="warning",
-                                                    timeout_keep_alive=75, timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(server_config(self.app, host=host, port=port, log_level="warning",
+                                                   timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, name="embedded-cloud", daemon=True)
         self.url = ""
 

@@ -120,7 +120,8 @@ def mask_document(number: str) -> str:
 MAX_PHOTO_BYTES = 5 * 1024 * 1024
 MIN_PHOTO_SIDE_PX = 320
 MAX_PHOTO_SIDE_PX = 8_000
-MAX_PHOTO_PIXELS = 40_000_000
+MAX_PHOTO_PIXELS = 40_000_000          # a JPEG is decoded at 1/2 to 1/8 scale (draft): ~30 MB at most
+MAX_PNG_PIXELS = 12_000_000            # a PNG cannot be decoded at a smaller scale: 12 MP is ~48 MB
 STORED_LONG_SIDE_PX = 2_000
 JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
 
@@ -141,14 +142,17 @@ def reencode_photo(data: bytes) -> tuple[bytes, int, int]:
     try:
         with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as img:
             w, h = img.size                      # from the header, before any pixel is decoded
-            if w * h > MAX_PHOTO_PIXELS or max(w, h) > MAX_PHOTO_SIDE_PX:
+            most = MAX_PNG_PIXELS if img.format == "PNG" else MAX_PHOTO_PIXELS
+            if w * h > most or max(w, h) > MAX_PHOTO_SIDE_PX:
                 raise PhotoRejected("photo_too_many_pixels",
                                     f"the photo is {w}x{h}; at most {MAX_PHOTO_SIDE_PX} px a side and "
-                                    f"{MAX_PHOTO_PIXELS // 1_000_000} megapixels")
+                                    f"{most // 1_000_000} megapixels for a {img.format}")
             if min(w, h) < MIN_PHOTO_SIDE_PX:
                 raise PhotoRejected("photo_too_small",
                                     f"the photo is {w}x{h}; the document must be legible "
                                     f"(at least {MIN_PHOTO_SIDE_PX} px a side)")
+            if img.format == "JPEG":
+                img.draft("RGB", (STORED_LONG_SIDE_PX, STORED_LONG_SIDE_PX))   # decode at a reduced scale
             img.load()
             upright = ImageOps.exif_transpose(img).convert("RGB")
     except PhotoRejected:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import and_, func, insert, select, update
 
 from cloud import db as t
 from cloud.db import Database
@@ -33,6 +33,8 @@ log = logging.getLogger("tapshare.cloud.payments")
 
 ORDER_TTL_MS = 15 * 60_000
 MIN_TOPUP_FEN, MAX_TOPUP_FEN = 100, 50_000
+PENDING_ORDERS_PER_USER = 5            # unpaid orders open at once
+ORDERS_PER_USER_PER_HOUR = 20
 NOTIFY_MAX_AGE_MS = 10 * 60_000
 HEADER_TS, HEADER_SIG = "X-Pay-Timestamp", "X-Pay-Signature"
 
@@ -190,6 +192,15 @@ class Wallet:
         order_id = "o-" + uuid.uuid4().hex[:24]
         expires = now_ms + ORDER_TTL_MS
         with self.db.tx() as conn:
+            self.db.lock(conn, f"topup:{user_id}")
+            o = t.topup_orders.c
+            pending = conn.execute(select(func.count()).where(and_(o.user_id == user_id, o.state == "pending",
+                                                                   o.expires_ms > now_ms))).scalar() or 0
+            hourly = conn.execute(select(func.count()).where(and_(o.user_id == user_id,
+                                                                  o.created_ms > now_ms - 3_600_000))).scalar() or 0
+            if pending >= PENDING_ORDERS_PER_USER or hourly >= ORDERS_PER_USER_PER_HOUR:
+                raise ApiError(429, "too_many_orders", "too many top-up orders at once: pay or wait for the open ones",
+                               retry_after_s=60)
             conn.execute(insert(t.topup_orders).values(order_id=order_id, user_id=user_id, amount_fen=amount_fen,
                                                        state="pending", provider=self.provider.name,
                                                        created_ms=now_ms, expires_ms=expires))

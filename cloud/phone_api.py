@@ -3,6 +3,7 @@ bills, points and gifts. Wired by :func:`cloud.app.create_app`."""
 
 
 import datetime as dt
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -54,6 +55,8 @@ from cloud.schemas import (
 )
 from cloud.service import ApiError, balance
 
+DEV_INBOX_COOKIE = "tapshare_dev_inbox"
+
 
 @dataclass
 class PhoneDeps:
@@ -66,7 +69,8 @@ class PhoneDeps:
     errors: dict
     user: Any          # the FastAPI dependency giving the user id
     bearer: Callable[[str | None], str]
-    operator: Callable[[str], Any]
+    operator: Callable[..., Any]
+    public_url: Callable[[], str]      # the configured public address: never taken from a request's Host header
 
 
 def local_time(iso_utc: str, tz: str) -> str:
@@ -108,6 +112,7 @@ def add_phone_routes(app: FastAPI, d: PhoneDeps) -> None:
     User = Annotated[str, Depends(d.user)]
     Reviewer = Annotated[dict, Depends(d.operator("reviewer"))]
     Operator = Annotated[dict, Depends(d.operator("operator"))]
+    MoneyOperator = Annotated[dict, Depends(d.operator("operator", only=("operator", "admin")))]   # not reviewers
     Viewer = Annotated[dict, Depends(d.operator("viewer"))]
     IdPath = Annotated[str, PathParam(max_length=64)]
 
@@ -121,10 +126,19 @@ def add_phone_routes(app: FastAPI, d: PhoneDeps) -> None:
     # ---------------------------------------------------------------- login
     @app.post("/api/v1/auth/sms-code", response_model=SmsCodeOut, tags=["accounts"],
               responses={**ERR, 429: {"model": ERR[400]["model"]}})
-    def sms_code(body: SmsCodeIn, request: Request) -> dict[str, Any]:
-        """Send a one-time login code (rate-limited per number and per network)."""
+    def sms_code(body: SmsCodeIn, request: Request, response: Response) -> dict[str, Any]:
+        """Send a one-time login code (rate-limited per number and per network). With the development SMS sink,
+        this browser (a cookie) and only this browser may read the code it asked for."""
         ip = request.client.host if request.client else "?"
-        return d.accounts.request_code(body.phone, ip, now())
+        out = d.accounts.request_code(body.phone, ip, now())
+        sink = d.accounts.sms
+        if isinstance(sink, DevSmsSink):
+            from cloud.accounts import _phone
+            key = request.cookies.get(DEV_INBOX_COOKIE) or secrets.token_urlsafe(24)
+            sink.allow(_phone(body.phone), key)
+            response.set_cookie(DEV_INBOX_COOKIE, key, httponly=True, samesite="strict", path="/api/v1/dev",
+                                secure=d.production)
+        return out
 
     @app.post("/api/v1/auth/login", response_model=LoginOut, responses=ERR, tags=["accounts"])
     def login(body: LoginIn) -> dict[str, Any]:
@@ -137,13 +151,16 @@ def add_phone_routes(app: FastAPI, d: PhoneDeps) -> None:
         return {"ok": True}
 
     @app.get("/api/v1/dev/sms", response_model=DevSmsOut, responses=ERR, tags=["development"])
-    def dev_sms(phone: Annotated[str, Query(min_length=1, max_length=24)]) -> dict[str, Any]:
-        """Development only: the messages the development SMS sink 'sent' to a number (no real SMS is sent)."""
+    def dev_sms(phone: Annotated[str, Query(min_length=1, max_length=24)], request: Request) -> dict[str, Any]:
+        """Development only: the messages the development SMS sink 'sent' to a number (no real SMS is sent),
+        shown only to the browser that asked for them."""
         sink = d.accounts.sms
         if d.production or not isinstance(sink, DevSmsSink):
             raise ApiError(403, "not_development", "there is no development SMS sink on this server")
         from cloud.accounts import _phone
-        return {"note": "development SMS sink: not a real SMS gateway", "messages": sink.messages(_phone(phone))}
+        messages = sink.messages_for(_phone(phone), request.cookies.get(DEV_INBOX_COOKIE, ""))
+        return {"note": "development SMS sink: not a real SMS gateway; only the browser that asked sees a code",
+                "messages": messages}
 
     # ---------------------------------------------------------------- registration (s4)
     @app.get("/api/v1/me/identity", response_model=IdentityOut, responses=ERR, tags=["accounts"])
@@ -154,6 +171,13 @@ def add_phone_routes(app: FastAPI, d: PhoneDeps) -> None:
     def consent(body: ConsentIn, user_id: User) -> dict[str, Any]:
         """Separate consent (PIPL art. 29) to process the ID number and document photo, before collection."""
         d.accounts.consent(user_id, body.version, now())
+        return d.accounts.identity_view(user_id)
+
+    @app.delete("/api/v1/me/consent", response_model=IdentityOut, responses=ERR, tags=["accounts"])
+    def withdraw_consent(user_id: User) -> dict[str, Any]:
+        """Withdraw the consent to process the ID document (PIPL art. 15): the document photo and number are
+        erased and buying water needs a new registration; money and bills stay."""
+        d.accounts.withdraw_consent(user_id, now())
         return d.accounts.identity_view(user_id)
 
     @app.put("/api/v1/me/id-photo", response_model=PhotoOut, tags=["accounts"],
@@ -214,7 +238,7 @@ def add_phone_routes(app: FastAPI, d: PhoneDeps) -> None:
     def topup(body: TopupIn, request: Request, user_id: User) -> dict[str, Any]:
         """Create a top-up order at the payment provider; the balance changes only when the provider's
         verified notification arrives."""
-        base = str(request.base_url).rstrip("/")
+        base = d.public_url()
         return d.wallet.create_topup(user_id, body.amount_fen, base + "/api/v1/payments/notify",
                                      base + body.return_path, now())
 
@@ -231,7 +255,7 @@ def add_phone_routes(app: FastAPI, d: PhoneDeps) -> None:
 
     @app.post("/api/v1/operator/sessions/{session_id}/refund", response_model=RefundOut, responses=ERR,
               tags=["operator"])
-    def refund(session_id: IdPath, body: RefundIn, op: Operator) -> dict[str, Any]:
+    def refund(session_id: IdPath, body: RefundIn, op: MoneyOperator) -> dict[str, Any]:
         return d.wallet.refund(op["operator_id"], session_id, body.amount_fen, body.reason, now())
 
     # ---------------------------------------------------------------- bills (s6)

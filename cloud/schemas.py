@@ -28,6 +28,8 @@ class HealthOut(BaseModel):
     status: str
     database: str
     connected_machines: int
+    production: bool
+    development_providers: list[str]
 
 
 # ---------------------------------------------------------------- machines

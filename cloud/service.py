@@ -53,6 +53,7 @@ class MachineAuth:
     machine_id: str
     secret: bytes
     timestamp_ms: int = 0          # when the machine signed the request (its server-corrected clock)
+    nonce_seq: int = 0             # the request may be answered once the nonce journal is durable up to this
 
 
 def _one(conn: Connection, stmt) -> dict[str, Any] | None:
@@ -71,6 +72,8 @@ class Machines:
         self._nonces: dict[tuple[str, str], int] = {}
         self._unflushed: list[dict[str, Any]] = []
         self._nonce_lock = threading.Lock()
+        self._nonce_seq = 0            # nonces accepted so far
+        self.nonces_durable_seq = 0    # ... of which this many are committed (answers wait for theirs)
         with db.read() as conn:
             # every enrolled machine's secret, decrypted once: a request never waits for the database
             for mid, sealed in conn.execute(select(t.machines.c.machine_id, t.machines.c.secret_enc)
@@ -121,6 +124,31 @@ class Machines:
         self._secrets.pop(machine_id, None)
         return secret
 
+    def revoke_key(self, operator_id: str, machine_id: str, now_ms: int) -> None:
+        """Forget a machine's secret (a stolen or retired machine): every request it signs is refused at once."""
+        with self.db.tx() as conn:
+            changed = conn.execute(update(t.machines).where(t.machines.c.machine_id == machine_id)
+                                   .values(secret_enc=None)).rowcount
+            if not changed:
+                raise ApiError(404, "unknown_machine", f"machine {machine_id} does not exist")
+            conn.execute(update(t.enrolment_tokens).where(and_(t.enrolment_tokens.c.machine_id == machine_id,
+                                                               t.enrolment_tokens.c.used_ms.is_(None)))
+                         .values(used_ms=now_ms))
+            audit(conn, operator_id, "revoke_machine_key", machine_id, {}, now_ms)
+        self._secrets.pop(machine_id, None)
+
+    def new_enrolment_token(self, operator_id: str, machine_id: str, now_ms: int) -> str:
+        """A fresh single-use enrolment token for an existing machine (re-enrolment after a revoke or a new SD card)."""
+        token = secrets.token_hex(24)
+        with self.db.tx() as conn:
+            if _one(conn, select(t.machines.c.machine_id).where(t.machines.c.machine_id == machine_id)) is None:
+                raise ApiError(404, "unknown_machine", f"machine {machine_id} does not exist")
+            conn.execute(insert(t.enrolment_tokens).values(
+                token_hash=token_hash(token), machine_id=machine_id, created_by=operator_id,
+                expires_ms=now_ms + ENROLMENT_TTL_MS))
+            audit(conn, operator_id, "new_enrolment_token", machine_id, {}, now_ms)
+        return token
+
     def secret(self, machine_id: str) -> bytes | None:
         cached = self._secrets.get(machine_id)
         if cached is not None:
@@ -162,15 +190,25 @@ class Machines:
                 raise ApiError(401, "replayed_nonce", "this nonce was already used (a replayed request)")
             self._nonces[(machine_id, nonce)] = now_ms
             self._unflushed.append({"machine_id": machine_id, "nonce": nonce, "seen_ms": now_ms})
-        return MachineAuth(machine_id, secret, ts)
+            self._nonce_seq += 1
+            seq = self._nonce_seq
+        return MachineAuth(machine_id, secret, ts, seq)
 
     def flush_nonces(self) -> int:
-        """Write the nonces seen since the last flush, in one transaction (called every 100 ms)."""
+        """Write the nonces seen since the last flush, in one transaction (a group commit: every request waits
+        for the flush that holds its nonce before it is answered, so a crash forgets no nonce it answered)."""
         with self._nonce_lock:
             rows, self._unflushed = self._unflushed, []
+            seq = self._nonce_seq
         if rows:
-            with self.db.tx() as conn:
-                conn.execute(insert(t.nonces), rows)
+            try:
+                with self.db.tx() as conn:
+                    conn.execute(insert(t.nonces), rows)
+            except Exception:
+                with self._nonce_lock:
+                    self._unflushed[:0] = rows          # written with the next flush; nobody was answered
+                raise
+        self.nonces_durable_seq = max(self.nonces_durable_seq, seq)
         return len(rows)
 
     def prune_nonces(self, now_ms: int) -> int:
@@ -491,6 +529,12 @@ class Sessions:
                 raise ApiError(404, "unknown_session", "no such session")
             if s["state"] not in ("starting", "active"):
                 raise ApiError(409, "session_over", f"this session is already {s['state']}")
+            c = t.commands.c
+            waiting = _one(conn, select(c.command_id).where(and_(
+                c.machine_id == s["machine_id"], c.kind == "cancel", c.acked_ms.is_(None), c.expires_ms > now_ms,
+                c.created_ms > now_ms - COMMAND_TTL_MS)).where(c.body["session_id"].as_string() == session_id))
+            if waiting is not None:
+                return                    # one stop is on its way already: pressing again queues nothing more
             Commands.queue(conn, s["machine_id"], "cancel", now_ms, session_id=session_id, reason="phone_stop")
         self._notify(s["machine_id"])
 

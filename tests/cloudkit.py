@@ -17,6 +17,7 @@ import uvicorn
 from cloud.__main__ import create_operator
 from cloud.accounts import CONSENT_VERSION
 from cloud.app import CloudSettings, create_app
+from cloud.server import server_config
 from sync import protocol as p
 
 PG_URL = os.environ.get("TAPSHARE_TEST_POSTGRES_URL", "")
@@ -26,9 +27,11 @@ class CloudServer:
     def __init__(self, data_dir: Path, database_url: str = "", **settings) -> None:
         self.settings = CloudSettings(database_url=database_url, data_dir=data_dir, background_interval_s=0.1,
                                       **settings)
+        self._given = set(settings)
+        self.http = requests.Session()       # one browser: it keeps the development SMS inbox's cookie
         self.app = create_app(self.settings)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                                    timeout_keep_alive=75))
+        self.server = uvicorn.Server(server_config(self.app, host="127.0.0.1", port=0, log_level="warning",
+                                                   header_timeout_s=self.settings.header_timeout_s))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> CloudServer:
@@ -40,6 +43,8 @@ class CloudServer:
             time.sleep(0.01)
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
+        if "public_url" not in self._given:
+            self.settings.public_url = self.url          # what phones and payment notifications are sent to
         self.admin = create_operator(self.settings.url(), f"admin-{secrets.token_hex(3)}", "admin")
         return self
 
@@ -70,13 +75,13 @@ class CloudServer:
 
     def sms_code(self, phone: str) -> str:
         """The newest code the development SMS sink holds for ``phone`` (read like the demo page does)."""
-        r = requests.get(self.url + "/api/v1/dev/sms", params={"phone": phone}, timeout=10)
+        r = self.http.get(self.url + "/api/v1/dev/sms", params={"phone": phone}, timeout=10)
         assert r.status_code == 200, r.text
         return re.search(r"(\d{6})", r.json()["messages"][0]["text"]).group(1)
 
     def login(self, phone: str) -> UserClient:
         """A real SMS login (development sink)."""
-        r = requests.post(self.url + "/api/v1/auth/sms-code", json={"phone": phone}, timeout=10)
+        r = self.http.post(self.url + "/api/v1/auth/sms-code", json={"phone": phone}, timeout=10)
         assert r.status_code == 200, r.text
         r = requests.post(self.url + "/api/v1/auth/login", json={"phone": phone, "code": self.sms_code(phone)},
                           timeout=10)

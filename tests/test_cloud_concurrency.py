@@ -102,7 +102,7 @@ def test_parallel_refunds_never_exceed_the_charge(pg):
 
 def test_sms_codes_and_guesses_are_limited_exactly(pg, clock):
     phone = "13900000003"
-    answers = at_once([lambda: requests.post(pg.url + "/api/v1/auth/sms-code", json={"phone": phone}, timeout=10)]
+    answers = at_once([lambda: pg.http.post(pg.url + "/api/v1/auth/sms-code", json={"phone": phone}, timeout=10)]
                       * N)
     assert sorted(r.status_code for r in answers) == [200] + [429] * (N - 1)
     assert all(r.headers.get("Retry-After") for r in answers if r.status_code == 429)
@@ -122,10 +122,10 @@ def test_sms_codes_and_guesses_are_limited_exactly(pg, clock):
 
 def test_a_login_burns_the_older_codes(pg, clock):
     phone = "13900000004"
-    assert requests.post(pg.url + "/api/v1/auth/sms-code", json={"phone": phone}, timeout=10).status_code == 200
+    assert pg.http.post(pg.url + "/api/v1/auth/sms-code", json={"phone": phone}, timeout=10).status_code == 200
     older = pg.sms_code(phone)
     clock["ms"] += 61_000
-    assert requests.post(pg.url + "/api/v1/auth/sms-code", json={"phone": phone}, timeout=10).status_code == 200
+    assert pg.http.post(pg.url + "/api/v1/auth/sms-code", json={"phone": phone}, timeout=10).status_code == 200
     newer = pg.sms_code(phone)
     r = requests.post(pg.url + "/api/v1/auth/login", json={"phone": phone, "code": newer}, timeout=10)
     assert r.status_code == 200
