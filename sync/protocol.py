@@ -6,7 +6,9 @@
   The server rejects a bad signature, a reused nonce and a timestamp more than 5 minutes off.
 * **QR codes**: time-based one-time codes (TOTP-style, RFC 6238 construction with HMAC-SHA256): the
   code for 30 s step ``t // 30`` is bound to the machine id and derived from the device secret, so it
-  is computed on the device even offline, and a photographed code stops working within a minute.
+  is computed on the device even offline, and a photographed code stops working within a minute. A code
+  may be scanned by several phones (a queue at one screen): the server rate-limits scans and each scan's
+  presence token starts at most one session.
 * **Tariff**: :func:`fee_fen` is the fee rule (from :mod:`kiosk.billing`), the same on both sides.
 * **Messages**: pydantic models for every message, used by the cloud's API (and its OpenAPI document)
   and by the dispenser to validate what it receives.
@@ -97,8 +99,7 @@ def _qr_for_step(secret: bytes, machine_id: str, step: int) -> str:
 
 
 def qr_step(secret: bytes, machine_id: str, code: str, unix_s: int) -> int | None:
-    """The step ``code`` belongs to, if it is the current one or one step either side; else ``None``.
-    (The server refuses a step it has already seen used, so each code starts at most one session.)"""
+    """The step ``code`` belongs to, if it is the current one or one step either side; else ``None``."""
     if not (isinstance(code, str) and len(code) == QR_DIGITS and code.isdigit()):
         return None
     now = unix_s // QR_STEP_S
