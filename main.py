@@ -144,6 +144,9 @@ def set_maintenance_pin(cfg: config_mod.Config) -> int:
     except PinError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except LedgerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_STORAGE
     finally:
         ledger.close()
     print("maintenance PIN set (only its scrypt hash is stored)")
@@ -196,7 +199,8 @@ def start_embedded_cloud(cfg: config_mod.Config, args: argparse.Namespace):
 def run_window(cfg: config_mod.Config, runtime, link, world, phone_link: str, ui_hooks: dict) -> None:
     """The Kivy touchscreen UI on this (the main) thread until the window closes or the runtime stops."""
     from kiosk.ui.app import build_app, configure_window
-    configure_window(cfg.screen.layout, fullscreen=cfg.screen.fullscreen, simulate=world is not None)
+    configure_window(cfg.screen.layout, fullscreen=cfg.screen.fullscreen, simulate=world is not None,
+                     touch_input=cfg.screen.touch_input)
     public = cfg.public_url
 
     def qr_url() -> str | None:

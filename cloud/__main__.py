@@ -90,10 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         print(create_operator(settings.url(), args.name, args.role))
         return 0
-    import uvicorn
 
-    from cloud.server import server_config
-    uvicorn.Server(server_config(create_app(settings), host=getattr(args, "host", "127.0.0.1"),
+    from cloud.server import GracefulServer, server_config
+    GracefulServer(server_config(create_app(settings), host=getattr(args, "host", "127.0.0.1"),
                                  port=getattr(args, "port", 8700), log_level=getattr(args, "log_level", "info"),
                                  header_timeout_s=settings.header_timeout_s, timeout_graceful_shutdown=3,
                                  backlog=4096)).run()

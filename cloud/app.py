@@ -429,7 +429,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
             cmds, again_ms = [], None
             if auth.machine_id in commands.maybe_pending:
                 cmds, again_ms = await run_in_threadpool(commands.pending, auth.machine_id, now())
-            if not cmds and wait_ms:
+            if not cmds and wait_ms and not hub.closing:
                 # wait for a new command, or until one handed out earlier and never acknowledged is due again
                 wait_s = wait_ms / 1000 if again_ms is None else min(wait_ms / 1000, max(0.0, again_ms - now()) / 1000)
                 with contextlib.suppress(TimeoutError):

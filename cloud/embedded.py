@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 
 import requests
-import uvicorn
 from sqlalchemy import insert, select
 
 from cloud import db as t
 from cloud.app import CloudSettings, create_app
 from cloud.security import new_token, token_hash
-from cloud.server import server_config
+from cloud.server import GracefulServer, server_config
 
 log = logging.getLogger("tapshare.cloud.embedded")
 
@@ -33,7 +32,7 @@ class EmbeddedCloud:
         self.public_url = public_url
         self.settings = CloudSettings(data_dir=data_dir, public_url=public_url or f"http://127.0.0.1:{port}")
         self.app = create_app(self.settings)
-        self.server = uvicorn.Server(server_config(self.app, host=host, port=port, log_level="warning",
+        self.server = GracefulServer(server_config(self.app, host=host, port=port, log_level="warning",
                                                    timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, name="embedded-cloud", daemon=True)
         self.url = ""
@@ -56,7 +55,7 @@ class EmbeddedCloud:
         return self.url
 
     def stop(self) -> None:
-        self.server.should_exit = True
+        self.server.stop()
         self.thread.join(5)
 
     def _admin_token(self) -> str:

@@ -22,6 +22,18 @@ class CommandHub:
         self._polling: dict[str, int] = {}
         self._last_poll_end: dict[str, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.closing = False
+
+    def close(self) -> None:
+        """Safe from any thread (a signal handler): the server is stopping. Every held long-poll answers now (the
+        device polls again, through the load balancer, at once) and no new one waits."""
+        self.closing = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wake_all)
+
+    def _wake_all(self) -> None:
+        for ev in self._events.values():
+            ev.set()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

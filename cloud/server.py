@@ -87,6 +87,25 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server that, when told to stop (SIGTERM, or ``should_exit`` from a thread), first answers every
+    held long-poll (the app's command hub), so stopping takes milliseconds, not a minute, and fails no request."""
+
+    def handle_exit(self, sig, frame) -> None:
+        _close_hub(self.config.app)
+        super().handle_exit(sig, frame)
+
+    def stop(self) -> None:
+        _close_hub(self.config.app)
+        self.should_exit = True
+
+
+def _close_hub(app) -> None:
+    hub = getattr(getattr(app, "state", None), "hub", None)
+    if hub is not None:
+        hub.close()
+
+
 def server_config(app, *, host: str, port: int, log_level: str = "info", header_timeout_s: float = HEADER_TIMEOUT_S,
                   body_timeout_s: float = BODY_TIMEOUT_S, limit_concurrency: int = LIMIT_CONCURRENCY,
                   **kwargs) -> uvicorn.Config:

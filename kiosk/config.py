@@ -115,6 +115,10 @@ class ScreenConfig:
     fullscreen: bool = _opt(False, "Fill the screen (true on a dispenser).")
     receipt_display_ms: int = _opt(15_000, "How long the bill stays on screen.", min=1_000, max=300_000)
     language: str = _opt("zh", "Language shown first.", choices=("zh", "en"))
+    touch_input: str = _opt("auto", "The one input provider: mtdev (a touchscreen read by Kivy; SDL's touch-as-mouse "
+                            "is turned off so a tap arrives once), mouse (a desktop), or auto: mouse with a "
+                            "display server (X11/Wayland), mtdev without one (the Pi's KMSDRM console).",
+                            choices=("auto", "mtdev", "mouse"))
 
 
 @dataclass(frozen=True)

@@ -194,7 +194,8 @@ def store_pin(ledger, pin: str, actor: str) -> None:
     pins.check_new_pin(pin)
     ledger.set_setting(PIN_KEY, pins.hash_pin(pin))
     ledger.set_setting(PIN_STATE_KEY, {})
-    ledger.record_event("maintenance_pin_set", {"actor": actor}, report=True)
+    # an administrative handle (the CLI beside the running kiosk) logs it; only the running boot reports it
+    ledger.record_event("maintenance_pin_set", {"actor": actor}, report=ledger.boot_id > 0)
 
 
 def local_ip() -> str:

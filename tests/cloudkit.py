@@ -12,12 +12,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
-import uvicorn
 
 from cloud.__main__ import create_operator
 from cloud.accounts import CONSENT_VERSION
 from cloud.app import CloudSettings, create_app
-from cloud.server import server_config
+from cloud.server import GracefulServer, server_config
 from sync import protocol as p
 
 PG_URL = os.environ.get("TAPSHARE_TEST_POSTGRES_URL", "")
@@ -30,7 +29,7 @@ class CloudServer:
         self._given = set(settings)
         self.http = requests.Session()       # one browser: it keeps the development SMS inbox's cookie
         self.app = create_app(self.settings)
-        self.server = uvicorn.Server(server_config(self.app, host="127.0.0.1", port=0, log_level="warning",
+        self.server = GracefulServer(server_config(self.app, host="127.0.0.1", port=0, log_level="warning",
                                                    header_timeout_s=self.settings.header_timeout_s))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -49,7 +48,7 @@ class CloudServer:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
+        self.server.stop()
         self.thread.join(10)
 
     def op(self, method: str, path: str, token: str | None = None, headers: dict | None = None,

@@ -114,3 +114,24 @@ def test_without_gpio_hardware_it_stays_out_of_service(tmp_path):
     assert p.returncode == 4
     status = json.loads(run("--status", "--data-dir", str(tmp_path)).stdout)
     assert status["lockouts"] == {}           # a hardware fault is re-checked at every start, not stored
+
+
+def test_set_maintenance_pin_on_a_fresh_ledger_needs_no_traceback(tmp_path):
+    import os
+    env = {**os.environ, "TAPSHARE_MAINTENANCE_PIN": "482913"}
+    out = subprocess.run([sys.executable, str(ROOT / "main.py"), "--data-dir", str(tmp_path), "--set-maintenance-pin"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "maintenance PIN set" in out.stdout
+    led = Ledger.open(tmp_path / "ledger.db", machine_id="x", wall_clock=lambda: 0, new_boot=False)
+    try:
+        stored = json.dumps(led.setting("maintenance_pin"))
+        assert stored and "482913" not in stored               # the hash, never the PIN
+        assert [e["kind"] for e in led.events("maintenance_pin_set")] == ["maintenance_pin_set"]
+        assert led.outbox_depth() == 0                  # the CLI logs it; it cannot queue reports
+    finally:
+        led.close()
+    weak = subprocess.run([sys.executable, str(ROOT / "main.py"), "--data-dir", str(tmp_path), "--set-maintenance-pin"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, "TAPSHARE_MAINTENANCE_PIN": "123456"})
+    assert weak.returncode != 0 and "Traceback" not in weak.stderr and "error:" in weak.stderr

@@ -52,8 +52,8 @@ class RunningSystem:
     waits for the phone link it prints, keeps its output, and stops it with SIGTERM. ``rc`` is its exit
     code after the ``with`` block."""
 
-    def __init__(self, env: dict[str, str], data_dir: Path) -> None:
-        self.env, self.data_dir = env, data_dir
+    def __init__(self, env: dict[str, str], data_dir: Path, args: tuple[str, ...] = ()) -> None:
+        self.env, self.data_dir, self.args = env, data_dir, args
         self.lines: list[str] = []
         self.base = self.machine = self.link = ""
         self.rc: int | None = None
@@ -64,7 +64,7 @@ class RunningSystem:
         import threading
         root = Path(__file__).resolve().parents[1]
         self.proc = subprocess.Popen([sys.executable, str(root / "main.py"), "--simulate", "--embedded-cloud",
-                                      "--cloud-port", "0", "--data-dir", str(self.data_dir)], env=self.env,
+                                      "--cloud-port", "0", "--data-dir", str(self.data_dir), *self.args], env=self.env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 60
         while not self.base and time.monotonic() < deadline:

@@ -32,8 +32,21 @@ LONG_PRESS_S = 2.0
 DATA_REFRESH_S = 2.0
 
 
-def configure_window(layout: str, *, fullscreen: bool, simulate: bool, scale: float = 1.0) -> tuple[int, int]:
-    """Kivy's window settings; must run before kivy.core.window is imported."""
+def touch_provider(choice: str) -> str:
+    """``auto``: a mouse where a display server runs (the desktop, Xvfb), mtdev on a bare console (the Pi)."""
+    if choice != "auto":
+        return choice
+    return "mouse" if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") else "mtdev"
+
+
+def configure_window(layout: str, *, fullscreen: bool, simulate: bool, scale: float = 1.0,
+                     touch_input: str = "auto") -> tuple[int, int]:
+    """Kivy's window settings; must run before kivy.core.window is imported.
+
+    Input: exactly one provider. Left to its defaults Kivy adds an mtdev/hidinput provider for every input
+    device it finds *and* SDL turns touches into mouse events, so on a Pi's touchscreen each tap arrives twice
+    (a PIN digit entered twice, a language toggle undone). No cursor on a dispenser.
+    """
     from kivy.config import Config
     w, h = LAYOUTS[layout]
     if simulate:
@@ -45,7 +58,16 @@ def configure_window(layout: str, *, fullscreen: bool, simulate: bool, scale: fl
     Config.set("graphics", "fullscreen", "auto" if fullscreen else "0")
     Config.set("graphics", "maxfps", "30")
     Config.set("kivy", "exit_on_escape", "1" if simulate else "0")
-    Config.set("input", "mouse", "mouse,disable_multitouch")
+    for name in list(Config.options("input")):
+        Config.remove_option("input", name)
+    provider = touch_provider(touch_input)
+    if provider == "mouse":
+        Config.set("input", "mouse", "mouse,disable_multitouch")
+    else:
+        Config.set("input", "touchscreen", "probesysfs,provider=mtdev")
+        os.environ["SDL_TOUCH_MOUSE_EVENTS"] = "0"      # SDL must not turn the same touches into mouse clicks
+        os.environ["SDL_MOUSE_TOUCH_EVENTS"] = "0"
+    Config.set("graphics", "show_cursor", "1" if simulate else "0")
     return w, h
 
 
@@ -115,6 +137,8 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
             self._draw_t0 = 0.0
             self._first_qr = True
             self.phone_link = phone_link
+            self._ui_map_path = os.environ.get("TAPSHARE_UI_MAP", "")
+            self._ui_mapped = 0.0
 
         def tr(self, key: str, _lang: str, **fmt) -> str:
             return tr(key, self.lang, **fmt)
@@ -129,7 +153,7 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
             if sim_world is not None:
                 self.sim_panel = SimPanel()
                 root.add_widget(self.sim_panel)
-            Window.bind(on_key_down=self._on_key, on_touch_down=self._any_touch)
+            Window.bind(on_key_down=self._on_key, on_touch_down=self._any_touch, on_touch_up=self._any_touch_up)
             if os.environ.get("TAPSHARE_UI_STATS"):
                 Window.bind(on_draw=self._draw_started, on_flip=self._draw_done)
             Window.clearcolor = (0.957, 0.969, 0.980, 1)
@@ -178,6 +202,37 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
             if name == "idle" and now - self._qr_checked >= 1.0:
                 self._qr_checked = now
                 self._refresh_qr()
+            if self._ui_map_path and now - self._ui_mapped >= 0.3:
+                self._ui_mapped = now
+                self._write_ui_map()
+
+        def _write_ui_map(self) -> None:
+            """For tests that touch the screen as a person would (TAPSHARE_UI_MAP): where every touchable widget
+            of the current screen is, in window pixels from the top left, with its id and text."""
+            import json
+
+            from kivy.uix.behaviors import ButtonBehavior
+            screen = self.manager.current_screen
+            named = list(screen.ids.items())                # (name, weak proxy): a proxy equals its widget
+            items = []
+            panel = self.sim_panel.walk(restrict=True) if sim_world is not None else ()
+            for w in [*screen.walk(restrict=True), *panel]:
+                name = next((n for n, proxy in named if proxy == w), None)
+                if not (name or isinstance(w, ButtonBehavior)) or not w.get_root_window():
+                    continue
+                if w.width <= 0 or w.height <= 0 or getattr(w, "disabled", False) or w.opacity == 0:
+                    continue
+                x, y = w.to_window(*w.pos)
+                items.append({"id": name or "", "type": type(w).__name__, "key": str(getattr(w, "key", "")),
+                              "text": str(getattr(w, "text", ""))[:60],
+                              "button": isinstance(w, ButtonBehavior), "x": round(x),
+                              "y": round(Window.height - y - w.height), "w": round(w.width), "h": round(w.height)})
+            data = {"screen": screen.name, "lang": self.lang, "state": self.runtime.snapshot.state.value,
+                    "window": [Window.width, Window.height], "widgets": items}
+            tmp = self._ui_map_path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f, ensure_ascii=False)
+            os.replace(tmp, self._ui_map_path)
 
         def _draw_started(self, *_a) -> None:
             self._draw_t0 = time.perf_counter()
@@ -283,9 +338,19 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
             elif snap.state is State.IDLE and self.service is not None and self.manager.current == "idle":
                 label = self.manager.get_screen("idle").ids.get("machine")
                 if label is not None and label.collide_point(*label.to_widget(*touch.pos)):
+                    # a long press opens the PIN pad; the finger's lifting (anywhere) cancels it
+                    self._cancel_long_press()
                     self._long_press = Clock.schedule_once(lambda _dt: self.open_pin_pad(), LONG_PRESS_S)
-                    touch.bind(on_touch_up=lambda *_a: self._long_press and self._long_press.cancel())
             return False
+
+        def _any_touch_up(self, _window, _touch) -> bool:
+            self._cancel_long_press()
+            return False
+
+        def _cancel_long_press(self) -> None:
+            if self._long_press is not None:
+                self._long_press.cancel()
+                self._long_press = None
 
         # ---------------------------------------------------------------- maintenance screen
         def _maintenance_tick(self, snap, now: float) -> None:

@@ -1,0 +1,157 @@
+"""The kiosk touched as people touch it: real X pointer events (xdotool) into the real window of the one-command
+system (``main.py --simulate --embedded-cloud``) under Xvfb. Where to touch comes from the app's widget map
+(``TAPSHARE_UI_MAP``: every touchable widget's rectangle in window pixels), never from calling the app.
+
+A tap on the machine number once killed the kiosk (and the embedded cloud with it). Here: taps and long
+presses on it, the PIN entered by taps, and a "monkey" pass that taps every widget of every screen it reaches,
+in both layouts; the process must stay alive with no traceback in its log."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_end_to_end import window_box
+from tests.xvfb import RunningSystem, Xvfb
+
+ROOT = Path(__file__).resolve().parent.parent
+PIN = "482913"
+SHOTS = ROOT / "tests" / "screenshots" / "touch"
+
+
+class Screen:
+    """The kiosk's window on an X server, touched with xdotool."""
+
+    def __init__(self, x: Xvfb, map_path: Path, proc) -> None:
+        self.x, self.map_path, self.proc = x, map_path, proc
+        self.left = self.top = 0
+
+    def find_window(self) -> None:
+        from PIL import ImageGrab
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            box = window_box(ImageGrab.grab(xdisplay=self.x.display))
+            m = self.map()
+            if box and m and (box[2] - box[0]) >= m["window"][0] - 2:
+                self.left, self.top = box[0], box[1]
+                return
+            time.sleep(0.2)
+        raise AssertionError("the kiosk window did not appear")
+
+    def map(self) -> dict | None:
+        try:
+            return json.loads(self.map_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def wait(self, pred, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        m = None
+        while time.monotonic() < deadline:
+            m = self.map()
+            if m and pred(m):
+                return m
+            assert self.proc.poll() is None, "the kiosk process died"
+            time.sleep(0.1)
+        raise AssertionError(f"the screen did not get there; last map: {m and (m['screen'], m['state'])}")
+
+    def widget(self, pred) -> dict:
+        m = self.map()
+        found = [w for w in m["widgets"] if pred(w)]
+        assert found, f"no such widget on {m['screen']}: {[(w['id'], w['text']) for w in m['widgets']]}"
+        return found[0]
+
+    def _xdo(self, *args: str) -> None:
+        subprocess.run(["xdotool", *args], env=self.x.env(), check=True, timeout=10)
+
+    def _center(self, w: dict) -> tuple[str, str]:
+        return str(self.left + w["x"] + w["w"] // 2), str(self.top + w["y"] + w["h"] // 2)
+
+    def tap(self, w: dict) -> None:
+        self._xdo("mousemove", *self._center(w), "click", "1")
+        time.sleep(0.15)
+
+    def long_press(self, w: dict, seconds: float = 2.6) -> None:
+        self._xdo("mousemove", *self._center(w), "mousedown", "1")
+        time.sleep(seconds)
+        self._xdo("mouseup", "1")
+
+    def shot(self, name: str) -> None:
+        from PIL import ImageGrab
+        img = ImageGrab.grab(xdisplay=self.x.display)
+        m = self.map()
+        box = (self.left, self.top, self.left + m["window"][0], self.top + m["window"][1])
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        img.crop(box).save(SHOTS / f"{name}.png")
+
+
+def _need_tools() -> None:
+    for tool in ("Xvfb", "xdotool"):
+        if shutil.which(tool) is None:
+            if os.environ.get("CI"):
+                pytest.fail(f"CI must install {tool} (see .ci/run)")
+            pytest.skip(f"no {tool}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["landscape_800x480", "portrait_720x1280"])
+def test_touching_the_kiosk_never_kills_it_and_opens_maintenance(tmp_path, layout):
+    _need_tools()
+    data = tmp_path / "data"
+    env = {**os.environ, "TAPSHARE_MAINTENANCE_PIN": PIN}
+    set_pin = subprocess.run([sys.executable, str(ROOT / "main.py"), "--data-dir", str(data), "--set-maintenance-pin"],
+                             env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert set_pin.returncode == 0, set_pin.stderr
+    cfg = tmp_path / "kiosk.toml"
+    cfg.write_text(f'[screen]\nlayout = "{layout}"\n')
+    map_path = tmp_path / "ui-map.json"
+    with Xvfb(1280, 1400) as x, RunningSystem(x.env(KIVY_HOME=str(tmp_path / "kivy"), TAPSHARE_UI_MAP=str(map_path)),
+                                              data, args=("--config", str(cfg))) as system:
+        s = Screen(x, map_path, system.proc)
+        s.find_window()
+        s.wait(lambda m: m["screen"] == "idle" and any(w["id"] == "machine" for w in m["widgets"]))
+        machine = s.widget(lambda w: w["id"] == "machine")
+        # taps on the machine number: nothing happens, nothing breaks
+        for _ in range(5):
+            s.tap(machine)
+        time.sleep(0.5)
+        assert s.map()["screen"] == "idle" and system.proc.poll() is None
+        # a long press opens the PIN pad; the PIN entered by taps opens maintenance
+        s.long_press(machine)
+        s.wait(lambda m: m["screen"] == "pin_pad")
+        s.shot(f"{layout}-pin-pad")
+        for digit in PIN:
+            s.tap(s.widget(lambda w, d=digit: w["button"] and w["text"] == d))
+        s.tap(s.widget(lambda w: w["button"] and w["text"] in ("确定", "OK")))
+        s.wait(lambda m: m["screen"] == "maintenance", timeout=15)
+        # monkey: every button of the maintenance screen, section by section (each section's own buttons too)
+        sections = [w for w in s.map()["widgets"] if w["type"] == "NavButton"]
+        assert len(sections) == 7
+        tapped = 0
+        for tab in sections:
+            s.tap(tab)
+            time.sleep(0.4)
+            for w in s.map()["widgets"]:
+                if not w["button"] or w["type"] == "NavButton" or w["id"] == "exit":
+                    continue
+                if s.map()["screen"] != "maintenance":
+                    break
+                s.tap(w)
+                tapped += 1
+            if system.proc.poll() is not None:
+                (tmp_path / "kiosk.log").write_text(system.output)
+                raise AssertionError(f"the kiosk died after tapping in {tab['key']}: {system.output[-3000:]}")
+            if s.map()["screen"] != "maintenance":
+                break
+        assert tapped >= 10, json.dumps(s.map(), ensure_ascii=False)[:3000]
+        s.shot(f"{layout}-after-monkey")
+    (tmp_path / "kiosk.log").write_text(system.output)
+    assert "Traceback" not in system.output, system.output[-5000:]
+    assert system.rc == 0, system.output[-3000:]
