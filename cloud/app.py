@@ -452,12 +452,14 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         sessions.progress(auth.machine_id, body)
         return {"ok": True}
 
-    @app.post("/device/v1/heartbeat", response_model=p.TimeResponse, responses=ERRORS, tags=["device"])
-    def post_heartbeat(body: p.HeartbeatMsg, auth: Device) -> p.TimeResponse:
-        machines.heartbeat(auth.machine_id, body, now())
+    @app.post("/device/v1/heartbeat", response_model=p.HeartbeatResponse, responses=ERRORS, tags=["device"])
+    def post_heartbeat(body: p.HeartbeatMsg, auth: Device) -> p.HeartbeatResponse:
+        """Telemetry in; the machine's settings (price shown, time zone, hotline) out."""
+        m = machines.heartbeat(auth.machine_id, body, now())
         for sid in sessions.reconcile(auth.machine_id, body, auth.timestamp_ms, now()):
             log.warning("session %s lost: machine %s says it has no such session", sid, auth.machine_id)
-        return p.TimeResponse(server_time_ms=now())
+        return p.HeartbeatResponse(server_time_ms=now(), settings=p.MachineSettingsMsg(
+            price_fen_per_l=m["price_fen_per_l"], timezone=m["timezone"], hotline=m["hotline"]))
 
     # ---------------------------------------------------------------- phones
     @app.get("/api/v1/scan", response_model=ScanOut, responses=ERRORS, tags=["phone"])

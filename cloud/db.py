@@ -51,7 +51,8 @@ machines = Table(
     Column("last_seen_ms", BigInteger, nullable=True),
     Column("heartbeat", JSON, nullable=True),
     Column("open_session_id", String(64), nullable=True),
-    Column("timezone", String(64), nullable=False, default="Asia/Shanghai"),   # bills are shown in it
+    Column("timezone", String(64), nullable=False, default="Asia/Shanghai"),   # bills and receipts are shown in it
+    Column("hotline", String(40), nullable=False, default=""),                 # shown when it cannot serve
 )
 
 enrolment_tokens = Table(

@@ -55,11 +55,19 @@ class MachineSettingsIn(In):
     max_idle_ms: Annotated[int, Field(ge=500, le=120_000)] | None = None
     max_credit_fen: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     min_dispense_ml: Annotated[int, Field(ge=0, le=500)] | None = None
+    timezone: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    hotline: Annotated[str, Field(max_length=40)] | None = None
 
     @model_validator(mode="after")
     def at_least_one(self) -> MachineSettingsIn:
         if not self.model_dump(exclude_none=True):
             raise ValueError("give at least one setting to change")
+        if self.timezone is not None:
+            from zoneinfo import ZoneInfo
+            try:
+                ZoneInfo(self.timezone)
+            except (ValueError, KeyError, OSError) as e:
+                raise ValueError(f"unknown time zone {self.timezone!r} (an IANA name such as Asia/Shanghai)") from e
         return self
 
 
@@ -89,6 +97,8 @@ class MachineOut(BaseModel):
     max_idle_ms: int
     max_credit_fen: int
     min_dispense_ml: int
+    timezone: str
+    hotline: str
     created_ms: int
     last_seen_ms: int | None
     heartbeat: dict[str, Any] | None

@@ -226,15 +226,19 @@ class Machines:
             raise ApiError(404, "unknown_machine", f"machine {machine_id} does not exist")
         return row
 
-    def heartbeat(self, machine_id: str, hb: p.HeartbeatMsg, now_ms: int) -> None:
+    def heartbeat(self, machine_id: str, hb: p.HeartbeatMsg, now_ms: int) -> dict[str, Any]:
+        """Record the telemetry; returns the machine's settings row (price, time zone, hotline)."""
+        mc = t.machines.c
         with self.db.tx() as conn:
             values: dict[str, Any] = {"last_seen_ms": now_ms, "heartbeat": hb.model_dump()}
-            m = _one(conn, select(t.machines.c.open_session_id).where(t.machines.c.machine_id == machine_id))
+            m = _one(conn, select(mc.open_session_id, mc.price_fen_per_l, mc.timezone, mc.hotline)
+                     .where(mc.machine_id == machine_id))
             if m and m["open_session_id"] and hb.session_id is None:
                 s = _one(conn, select(t.sessions.c.state).where(t.sessions.c.session_id == m["open_session_id"]))
                 if s is None or s["state"] != "starting":   # the machine is free (a report may be on its way)
                     values["open_session_id"] = None
             conn.execute(update(t.machines).where(t.machines.c.machine_id == machine_id).values(**values))
+        return m or {"price_fen_per_l": 0, "timezone": "Asia/Shanghai", "hotline": ""}
 
 
 # ---------------------------------------------------------------- commands

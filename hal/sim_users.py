@@ -67,7 +67,7 @@ class SimulatedUsers(threading.Thread):
     def _one_session(self) -> bool:
         cfg = self.rt.cfg
         scenario = self.rng.choice(SCENARIOS)
-        price = self.rng.choice((100, 150, 200, 300))
+        price = self.rt.snapshot.display_price_fen_per_l     # the price on the screen is the price charged
         credit = self.rng.randint(5, 40) if scenario == "credit" else self.rng.randint(200, 2_000)
         sid = "sim-" + uuid.uuid4().hex[:12]
         self.world.water.set_flow(self.rng.uniform(*self.flow))

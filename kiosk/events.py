@@ -202,6 +202,16 @@ class PriceChanged:
 
 
 @dataclass(frozen=True)
+class MachineSettings:
+    """The operator's settings from the cloud (at start and after every change): the price shown, which grants
+    must match; the receipts' time zone; the hotline shown when the machine cannot serve."""
+
+    price_fen_per_l: int
+    timezone: str = ""
+    hotline: str = ""
+
+
+@dataclass(frozen=True)
 class ReceiptDismissed:
     pass
 
@@ -249,7 +259,7 @@ class MaintenanceActivity:
 Event = (GrantReceived | PulseCount | StopPressed | CancelReceived | Tick | TemperatureReading
          | WaterQualityReading | LowWater | Fault | SessionStartFailed | LeakSensor | LinkChanged
          | SetOutOfService | ClearLockout | EnterMaintenance | ExitMaintenance | ReceiptDismissed | Shutdown
-         | PriceChanged | TechPour | TechStop | SetCalibration | MaintenanceActivity)
+         | PriceChanged | TechPour | TechStop | SetCalibration | MaintenanceActivity | MachineSettings)
 
 
 # ---------------------------------------------------------------- actions (outputs)

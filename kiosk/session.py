@@ -51,6 +51,7 @@ from kiosk.events import (
     LeakSensor,
     LinkChanged,
     LowWater,
+    MachineSettings,
     MaintenanceActivity,
     OpenValve,
     PriceChanged,
@@ -80,6 +81,7 @@ from kiosk.events import (
 FLOW_WINDOW_MS = 1_000          # flow rate shown on screen is averaged over this window
 GHOST_LOG_INTERVAL_MS = 60_000  # ghost pulses are logged and reported in batches at most this often (a slow
                                 # drip below the lockout threshold still reaches the operators, once a minute)
+REJECTION_SHOWN_MS = 10_000     # how long a refused start's reason stays on the screen
 SEEN_SESSION_IDS = 10_000       # how many past session ids are remembered to refuse a replayed grant
 METER_SLACK_PULSES = 5          # tolerance of the plausibility check for jitter on short intervals
 
@@ -200,7 +202,9 @@ class Snapshot:
     progress_permille: int = 0
     elapsed_ms: int = 0
     receipt: SessionRecord | None = None
-    last_rejection: str | None = None
+    last_rejection: str | None = None     # why the last start was refused (shown a short while, then gone)
+    timezone: str = ""                    # the machine's, from the cloud ("" until known: the Pi's own)
+    hotline: str = ""
     clear_refusal: str | None = None      # why the last on-site attempt to clear a lockout was refused
     milli_pulses_per_litre: int = 0
     tech_active: bool = False             # a technician's pour has the valve open
@@ -242,6 +246,10 @@ class DispenserCore:
         self._seen_order: deque[str] = deque(maxlen=SEEN_SESSION_IDS)
         self._seen: set[str] = set()
         self._last_rejection: str | None = None
+        self._rejected_ms = 0
+        self._rejection_state: State | None = None
+        self.timezone = ""
+        self.hotline = ""
         self._clear_refusal: str | None = None
         self._tech: _Tech | None = None
         self._tech_last: TechPourResult | None = None
@@ -292,7 +300,8 @@ class DispenserCore:
                         tds_ppm=self.tds_ppm, tds_measured=self.tds_measured,
                         tds_limit_ppm=self.settings.tds_limit_ppm,
                         receipt=self._receipt if self._phase is State.RECEIPT else None,
-                        last_rejection=self._last_rejection, clear_refusal=self._clear_refusal,
+                        last_rejection=self._shown_rejection(now), clear_refusal=self._clear_refusal,
+                        timezone=self.timezone, hotline=self.hotline,
                         milli_pulses_per_litre=self.settings.calibration.milli_pulses_per_litre,
                         tech_last=self._tech_last,
                         maintenance_idle_ms=max(0, now - self._maint_activity_ms) if self.maintenance else 0)
@@ -322,7 +331,7 @@ class DispenserCore:
         g = ev.grant
         reason = self._grant_problem(g, now)
         if reason is not None:
-            self._last_rejection = reason
+            self._reject(reason, now)
             return [RecordEvent("grant_rejected", {"session_id": g.session_id, "reason": reason}, report=True)]
         st = self.settings
         cal = st.calibration
@@ -337,7 +346,7 @@ class DispenserCore:
         min_ml = g.min_dispense_ml if g.min_dispense_ml is not None else st.min_dispense_ml
         if (g.price_fen_per_l > 0 and credit <= 0) or limit <= 0 or cal.volume_ml(limit) < min_ml:
             # not even the minimum dispense is affordable: tell the user to top up (s5), pour nothing
-            self._last_rejection = "insufficient_credit"
+            self._reject("insufficient_credit", now)
             return [RecordEvent("grant_rejected", {"session_id": g.session_id, "reason": "insufficient_credit"},
                                 report=True)]
         self._remember(g.session_id)
@@ -380,6 +389,8 @@ class DispenserCore:
         if any(not isinstance(n, int) or isinstance(n, bool) for n in numbers) or g.price_fen_per_l < 0 \
                 or g.credit_limit_fen < 0 or min(g.max_volume_ml, g.max_duration_ms, g.max_idle_ms) <= 0:
             return "invalid_grant"
+        if g.price_fen_per_l != self.display_price_fen_per_l:
+            return "price_changed"            # the price on the screen is the price charged, or nothing is
         return None
 
     def _on_pulses(self, ev: PulseCount, now: int) -> list[Action]:
@@ -682,6 +693,24 @@ class DispenserCore:
         old, self.display_price_fen_per_l = self.display_price_fen_per_l, ev.price_fen_per_l
         return [RecordEvent("price_changed", {"from": old, "to": ev.price_fen_per_l})]
 
+    def _on_settings(self, ev: MachineSettings, now: int) -> list[Action]:
+        actions = self._on_price(PriceChanged(ev.price_fen_per_l), now) \
+            if ev.price_fen_per_l != self.display_price_fen_per_l else []
+        self.timezone, self.hotline = ev.timezone, ev.hotline
+        return actions
+
+    def _reject(self, reason: str, now: int) -> None:
+        self._last_rejection, self._rejected_ms, self._rejection_state = reason, now, self.state
+
+    def _shown_rejection(self, now: int) -> str | None:
+        """A refusal is shown to the person it concerns: for REJECTION_SHOWN_MS, and only while the machine stays
+        in the state it was refused in (the next customer never sees it)."""
+        if self._last_rejection is None:
+            return None
+        if now - self._rejected_ms > REJECTION_SHOWN_MS or self.state is not self._rejection_state:
+            return None
+        return self._last_rejection
+
     def _on_receipt_dismissed(self, ev: ReceiptDismissed, now: int) -> list[Action]:
         return self._end_receipt() if self._phase is State.RECEIPT else []
 
@@ -841,4 +870,5 @@ _HANDLERS = {
     TechStop: DispenserCore._on_tech_stop,
     SetCalibration: DispenserCore._on_set_calibration,
     MaintenanceActivity: DispenserCore._on_activity,
+    MachineSettings: DispenserCore._on_settings,
 }

@@ -17,5 +17,7 @@ for _ in $(seq 1 30); do
 done
 su postgres -c "psql -qAtc \"select 1 from pg_roles where rolname='tapshare_test'\"" | grep -q 1 ||
   su postgres -c "psql -qc \"create role tapshare_test login createdb password 'tapshare_test'\"" >/dev/null
+# a test's database is dropped WITH (FORCE): the role may end the connections a test server left behind
+su postgres -c "psql -qc 'grant pg_signal_backend to tapshare_test'" >/dev/null
 port=$(pg_lsclusters -h | awk -v v="$ver" '$1 == v && $2 == "main" {print $3}')
 echo "postgresql+psycopg://tapshare_test:tapshare_test@127.0.0.1:${port}/postgres"

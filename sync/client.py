@@ -158,8 +158,14 @@ class CloudClient:
         data = self._send("POST", "/device/v1/events", {"events": events})
         return [p.EventResult(**r) for r in data["results"]]
 
-    def heartbeat(self, hb: p.HeartbeatMsg) -> None:
-        self._send("POST", "/device/v1/heartbeat", hb.model_dump())
+    def heartbeat(self, hb: p.HeartbeatMsg) -> p.MachineSettingsMsg | None:
+        """Send telemetry; returns the machine's settings the cloud answers with (None from an older cloud)."""
+        data = self._send("POST", "/device/v1/heartbeat", hb.model_dump())
+        try:
+            return p.HeartbeatResponse.model_validate(data).settings
+        except ValueError:
+            log.warning("the heartbeat's answer has no valid machine settings")
+            return None
 
     def progress(self, msg: p.ProgressMsg) -> None:
         self._send("POST", "/device/v1/progress", msg.model_dump(), timeout_s=2.0)

@@ -46,6 +46,7 @@ from kiosk.events import (
     Grant,
     GrantReceived,
     LinkChanged,
+    MachineSettings,
     OpenValve,
     PriceChanged,
     RecordEvent,
@@ -106,6 +107,7 @@ class SyncLink:
         self._failures: dict[str, int] = {}
         self._failures_lock = threading.Lock()
         self._online = False
+        self._settings: p.MachineSettingsMsg | None = None
         self._last_ok_mono: int | None = None
         self._last_progress_mono = 0
         self.sent = 0
@@ -475,7 +477,10 @@ class SyncLink:
             if self.client.time_synced:
                 wait_s = self.heartbeat_interval_ms / 1000
                 try:
-                    self.client.heartbeat(self.heartbeat_msg())
+                    settings = self.client.heartbeat(self.heartbeat_msg())
+                    if settings is not None and settings != self._settings:
+                        self._settings = settings        # before the link is up: the QR never shows a stale price
+                        self.rt.post(MachineSettings(settings.price_fen_per_l, settings.timezone, settings.hotline))
                     self._ok()
                 except AuthProblem:
                     self._resync()

@@ -395,3 +395,17 @@ class HeartbeatMsg(Msg):
 
 class TimeResponse(Msg):
     server_time_ms: int
+
+
+class MachineSettingsMsg(Msg):
+    """What the machine shows that the operator sets in the cloud: the price (shown = charged, by China's
+    price-marking rules), the time zone of its receipts and bills, and the operator's hotline."""
+
+    price_fen_per_l: PricePerLitre
+    timezone: Annotated[str, Field(min_length=1, max_length=64)]
+    hotline: Annotated[str, Field(max_length=40)] = ""
+
+
+class HeartbeatResponse(Msg):
+    server_time_ms: int
+    settings: MachineSettingsMsg

@@ -13,6 +13,7 @@ from kiosk.events import (
     GrantReceived,
     LinkChanged,
     OpenValve,
+    PriceChanged,
     PulseCount,
     SessionEnded,
     Tick,
@@ -49,6 +50,10 @@ class Harness:
 
     def send(self, event: Event, dt: int = 0) -> list[Action]:
         self.t += dt
+        price = event.grant.price_fen_per_l if isinstance(event, GrantReceived) else None
+        if isinstance(price, int) and price >= 0 and price != self.core.display_price_fen_per_l:
+            # as in the field: the cloud sets the machine's price (shown) before it grants at that price
+            self.log += self.core.handle(PriceChanged(price), self.t)
         actions = self.core.handle(event, self.t)
         self.log += actions
         return actions

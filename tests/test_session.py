@@ -538,3 +538,31 @@ def test_low_water_stops_sales_until_refilled():
     assert rejection(h.start()) == "out_of_service"
     h.send(LowWater(False))
     assert h.state == "idle"
+
+
+def test_a_grant_at_another_price_than_shown_is_refused_and_settings_change_what_is_shown():
+    """China's price-marking rules: the price on the screen is the price charged."""
+    from kiosk.events import MachineSettings
+    h = Harness()
+    assert h.core.display_price_fen_per_l == 200
+    actions = h.core.handle(GrantReceived(grant(price_fen_per_l=150)), h.t)     # not shown: refused
+    assert rejection(actions) == "price_changed" and not any(isinstance(a, OpenValve) for a in actions)
+    h.core.handle(MachineSettings(150, "Asia/Shanghai", "400-800-1234"), h.t)
+    snap = h.core.snapshot()
+    assert snap.display_price_fen_per_l == 150 and snap.timezone == "Asia/Shanghai" and snap.hotline == "400-800-1234"
+    actions = h.core.handle(GrantReceived(grant("s2", price_fen_per_l=150)), h.t)
+    assert any(isinstance(a, OpenValve) for a in actions)
+
+
+def test_a_refusal_is_shown_to_the_person_it_concerns_only():
+    h = Harness()
+    h.send(SetOutOfService("x"))
+    h.core.handle(GrantReceived(grant()), h.t)
+    assert h.core.snapshot().last_rejection == "out_of_service"
+    h.tick(11_000)                                           # ten seconds later the next person sees nothing
+    assert h.core.snapshot().last_rejection is None
+    h.core.handle(GrantReceived(grant("s2")), h.t)
+    assert h.core.snapshot().last_rejection == "out_of_service"
+    from kiosk.events import ClearLockout
+    h.send(ClearLockout("operator", actor="tech"))           # the state changed: gone at once
+    assert h.core.snapshot().state.value == "idle" and h.core.snapshot().last_rejection is None

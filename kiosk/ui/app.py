@@ -32,6 +32,18 @@ LONG_PRESS_S = 2.0
 DATA_REFRESH_S = 2.0
 
 
+def local_now(timezone: str):
+    """Now in the machine's time zone (from the cloud, the same as its bills'); the Pi's own until known."""
+    from datetime import datetime
+    if timezone:
+        try:
+            from zoneinfo import ZoneInfo
+            return datetime.now(ZoneInfo(timezone))
+        except (KeyError, ValueError, OSError):
+            log.warning("unknown time zone %r: showing the system's", timezone)
+    return datetime.now()
+
+
 def touch_provider(choice: str) -> str:
     """``auto``: a mouse where a display server runs (the desktop, Xvfb), mtdev on a bare console (the Pi)."""
     if choice != "auto":
@@ -174,7 +186,7 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
             if snap.session_id != self._session_id:
                 self._session_id = snap.session_id
                 if snap.session_id:
-                    self._started_text = time.strftime("%Y-%m-%d %H:%M")
+                    self._started_text = local_now(snap.timezone).strftime("%Y-%m-%d %H:%M")
             if snap.state is State.RECEIPT:
                 self._receipt_since = self._receipt_since or now
                 left = max(0, int(receipt_display_ms / 1000 - (now - self._receipt_since) + 0.999))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from kiosk.events import State
 from kiosk.session import Snapshot
-from kiosk.ui.i18n import lockout_text, reason_text, tr
+from kiosk.ui.i18n import STRINGS, lockout_text, reason_text, tr
 from sync.protocol import points_for_fee
 
 SCREENS = {State.IDLE: "idle", State.DISPENSING: "dispensing", State.SETTLING: "dispensing",
@@ -38,6 +38,12 @@ def tds_text(snap_tds: int | None, measured: bool, limit: int, lang: str) -> str
     return f"{snap_tds} ppm {verdict}"
 
 
+def rejection_text(code: str, lang: str) -> str:
+    """A refused start's reason in words (never a raw code such as "busy")."""
+    key = f"rej_{code}"
+    return tr(key, lang) if key in STRINGS else tr("rej_other", lang)
+
+
 def temp_text(temp_c: float | None, lang: str) -> str:
     return tr("unknown", lang) if temp_c is None else f"{temp_c:.1f} °C"
 
@@ -57,7 +63,8 @@ def present(snap: Snapshot, lang: str, *, started_hhmm: str = "", maintenance_ti
         "progress": min(1.0, snap.progress_permille / 1000),
         "settling": snap.state is State.SETTLING,
         "lockouts": "\n".join(dict.fromkeys(lockout_text(r, lang) for r in snap.lockouts)) or tr("lock_other", lang),
-        "rejection": tr("rejected", lang, why=snap.last_rejection) if snap.last_rejection else "",
+        "rejection": tr("rejected", lang, why=rejection_text(snap.last_rejection, lang)) if snap.last_rejection else "",
+        "support": tr("support_hotline", lang, number=snap.hotline) if snap.hotline else tr("support", lang),
     }
     if snap.state is State.MAINTENANCE:
         v.update(maintenance_texts(snap, lang, maintenance_timeout_ms))
