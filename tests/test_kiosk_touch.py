@@ -83,6 +83,18 @@ class Screen:
         time.sleep(seconds)
         self._xdo("mouseup", "1")
 
+    def type_number(self, field: dict, digits: str, shot: str = "") -> None:
+        """Tap the field, then the keypad's keys (C first), then OK."""
+        self.tap(field)
+        self.wait(lambda m: m["overlay"] and any(w["text"] == "C" for w in m["widgets"]))
+        if shot:
+            self.shot(shot)
+        for key in ("C", *digits):
+            self.tap(self.widget(lambda w, k=key: w["button"] and w["text"] == k))
+        self.tap(self.widget(lambda w: w["button"] and w["text"] in ("确定", "OK")))
+        self.wait(lambda m: not m["overlay"])
+        assert self.widget(lambda w: w["id"] == field["id"])["text"] == digits
+
     def shot(self, name: str) -> None:
         from PIL import ImageGrab
         img = ImageGrab.grab(xdisplay=self.x.display)
@@ -90,6 +102,12 @@ class Screen:
         box = (self.left, self.top, self.left + m["window"][0], self.top + m["window"][1])
         SHOTS.mkdir(parents=True, exist_ok=True)
         img.crop(box).save(SHOTS / f"{name}.png")
+
+
+def _count(ledger: Path, kind: str) -> int:
+    import sqlite3
+    with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=5) as db:
+        return db.execute("SELECT count(*) FROM events WHERE kind = ?", [kind]).fetchone()[0]
 
 
 def _need_tools() -> None:
@@ -131,6 +149,27 @@ def test_touching_the_kiosk_never_kills_it_and_opens_maintenance(tmp_path, layou
             s.tap(s.widget(lambda w, d=digit: w["button"] and w["text"] == d))
         s.tap(s.widget(lambda w: w["button"] and w["text"] in ("确定", "OK")))
         s.wait(lambda m: m["screen"] == "maintenance", timeout=15)
+        # a calibration done by taps alone: the numbers through the on-screen keypad, three pours, accept
+        s.tap(s.widget(lambda w: w["type"] == "NavButton" and w["key"] == "calibrate"))
+        ledger = data / "ledger.db"
+        for n in range(1, 4):
+            s.type_number(s.widget(lambda w: w["id"] == "cal_target"), "120",
+                          shot=f"{layout}-keypad" if n == 1 else "")
+            s.tap(s.widget(lambda w: w["id"] == "cal_pour"))
+            deadline = time.monotonic() + 30
+            while _count(ledger, "tech_pour") < n and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert _count(ledger, "tech_pour") == n, "the calibration pour did not finish"
+            s.type_number(s.widget(lambda w: w["id"] == "cal_measured"), "121")
+            s.tap(s.widget(lambda w: w["id"] == "cal_record"))
+            s.wait(lambda m, n=n: any(w["id"] == "cal_status" and w["text"].startswith(f"已记录 {n} 次")
+                                      for w in m["widgets"]))
+        s.tap(s.widget(lambda w: w["id"] == "cal_accept"))
+        deadline = time.monotonic() + 10
+        while _count(ledger, "calibration_changed") < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _count(ledger, "calibration_changed") == 1
+        s.shot(f"{layout}-calibration-accepted")
         # monkey: every button of the maintenance screen, section by section (each section's own buttons too)
         sections = [w for w in s.map()["widgets"] if w["type"] == "NavButton"]
         assert len(sections) == 7

@@ -228,7 +228,8 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
             named = list(screen.ids.items())                # (name, weak proxy): a proxy equals its widget
             items = []
             panel = self.sim_panel.walk(restrict=True) if sim_world is not None else ()
-            for w in [*screen.walk(restrict=True), *panel]:
+            overlays = [w for top in Window.children if top is not self.root for w in top.walk(restrict=True)]
+            for w in [*overlays, *screen.walk(restrict=True), *panel]:
                 name = next((n for n, proxy in named if proxy == w), None)
                 if not (name or isinstance(w, ButtonBehavior)) or not w.get_root_window():
                     continue
@@ -239,7 +240,8 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
                               "text": str(getattr(w, "text", ""))[:60],
                               "button": isinstance(w, ButtonBehavior), "x": round(x),
                               "y": round(Window.height - y - w.height), "w": round(w.width), "h": round(w.height)})
-            data = {"screen": screen.name, "lang": self.lang, "state": self.runtime.snapshot.state.value,
+            data = {"screen": screen.name, "lang": self.lang, "overlay": bool(overlays),
+                    "state": self.runtime.snapshot.state.value,
                     "window": [Window.width, Window.height], "widgets": items}
             tmp = self._ui_map_path + ".tmp"
             with open(tmp, "w", encoding="utf-8") as f:

@@ -141,6 +141,15 @@ STRINGS: dict[str, dict[str, str]] = {
     "clear_refused_disk": {"zh": "未能解除：磁盘已满，请先清理空间",
                            "en": "Not cleared: the disk is full, free space first"},
     "clear_refused": {"zh": "未能解除：存储仍无法写入", "en": "Not cleared: storage still cannot be written"},
+    # why a technician's pour ended
+    "pour_end_target": {"zh": "已达目标", "en": "target reached"},
+    "pour_end_max_time": {"zh": "已达最长时间", "en": "time limit"},
+    "pour_end_max_volume": {"zh": "已达最大水量", "en": "volume limit"},
+    "pour_end_stopped": {"zh": "已停止", "en": "stopped"},
+    "pour_end_exit": {"zh": "退出维护", "en": "left maintenance"},
+    "pour_end_fault": {"zh": "故障", "en": "fault"},
+    "pour_end_shutdown": {"zh": "关机", "en": "shutdown"},
+    "pour_end_not_started": {"zh": "未能开始（记录无法写入）", "en": "not started (records cannot be written)"},
     "lock_other": {"zh": "设备暂停使用", "en": "Temporarily unavailable"},
     # end reasons on the receipt
     "reason_stop_button": {"zh": "按下停止按钮", "en": "Stop button"},

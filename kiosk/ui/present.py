@@ -104,5 +104,6 @@ def maintenance_texts(snap: Snapshot, lang: str, timeout_ms: int) -> dict[str, s
     }
     t = snap.tech_last
     if t is not None:
-        v["m_last"] = tr("last_pour", lang, ml=t.volume_ml, p=t.pulses, s=f"{t.duration_ms / 1000:.1f}", why=t.reason)
+        why = tr(f"pour_end_{t.reason}", lang) if f"pour_end_{t.reason}" in STRINGS else t.reason
+        v["m_last"] = tr("last_pour", lang, ml=t.volume_ml, p=t.pulses, s=f"{t.duration_ms / 1000:.1f}", why=why)
     return v
