@@ -148,7 +148,10 @@ def test_touching_the_kiosk_never_kills_it_and_opens_maintenance(tmp_path, layou
         for digit in PIN:
             s.tap(s.widget(lambda w, d=digit: w["button"] and w["text"] == d))
         s.tap(s.widget(lambda w: w["button"] and w["text"] in ("确定", "OK")))
-        s.wait(lambda m: m["screen"] == "maintenance", timeout=15)
+        try:
+            s.wait(lambda m: m["screen"] == "maintenance", timeout=15)
+        finally:
+            (tmp_path / "kiosk.log").write_text(system.output)
         # a calibration done by taps alone: the numbers through the on-screen keypad, three pours, accept
         s.tap(s.widget(lambda w: w["type"] == "NavButton" and w["key"] == "calibrate"))
         ledger = data / "ledger.db"

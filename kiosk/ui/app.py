@@ -151,6 +151,8 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
             self.phone_link = phone_link
             self._ui_map_path = os.environ.get("TAPSHARE_UI_MAP", "")
             self._ui_mapped = 0.0
+            self._ui_shape: tuple = ()
+            self._ui_shape_since = 0.0
 
         def tr(self, key: str, _lang: str, **fmt) -> str:
             return tr(key, self.lang, **fmt)
@@ -216,7 +218,11 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
                 self._refresh_qr()
             if self._ui_map_path and now - self._ui_mapped >= 0.3:
                 self._ui_mapped = now
-                self._write_ui_map()
+                shape = (self.manager.current, len(Window.children))
+                if shape != self._ui_shape:              # a new screen or overlay: map it once laid out
+                    self._ui_shape, self._ui_shape_since = shape, now
+                elif now - self._ui_shape_since >= 0.3:
+                    self._write_ui_map()
 
         def _write_ui_map(self) -> None:
             """For tests that touch the screen as a person would (TAPSHARE_UI_MAP): where every touchable widget

@@ -8,6 +8,18 @@ from kivy.uix.screenmanager import Screen
 
 class KioskScreen(Screen):
     v = DictProperty({})
+    shown_at = 0.0
+
+    def on_pre_enter(self, *_a) -> None:
+        from kivy.clock import Clock
+        self.shown_at = Clock.get_time()
+
+    def on_touch_down(self, touch):
+        # a touch that began before this screen was shown (the finger that pressed OK on the PIN pad, whose
+        # events arrive as the screens change) must not act on this screen: seen pressing "exit maintenance"
+        if getattr(touch, "time_start", 0) and touch.time_start < self.shown_at:
+            return True
+        return super().on_touch_down(touch)
 
     def show(self, view: dict) -> None:
         if view != self.v:
