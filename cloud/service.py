@@ -376,6 +376,11 @@ class Sessions:
                 raise ApiError(409, "session_open", "you already have a session running")
             if m["open_session_id"] is not None:
                 raise ApiError(409, "machine_busy", "this machine is serving someone else; please wait")
+            hb_state = (m["heartbeat"] or {}).get("state")
+            if hb_state in ("out_of_service", "maintenance"):       # the machine says so in its latest heartbeat
+                words = "is out of service" if hb_state == "out_of_service" else "is being serviced"
+                raise ApiError(409, f"machine_{hb_state}", f"this machine {words} right now; you were not charged",
+                               lockouts=(m["heartbeat"] or {}).get("lockouts", []))
             # reachable: long-polling now, or a signed heartbeat just now (its poll is on the way; the command
             # waits for it, and an unconfirmed start is voided after ACK_TIMEOUT_MS with the hold released)
             if not self._connected(machine_id) and (m["last_seen_ms"] or 0) < now_ms - RECENTLY_SEEN_MS:

@@ -100,6 +100,8 @@ class SyncLink:
         self._mono = mono_ms or (lambda: time.monotonic_ns() // 1_000_000)
         self._halt = threading.Event()
         self._outbox_wake = threading.Event()
+        self._heartbeat_now = threading.Event()
+        self._service_state: tuple | None = None
         self._replies: queue.Queue = queue.Queue()
         self._start_commands: dict[str, str] = {}     # session id -> command id of its claimed start
         self._clear_commands: dict[str, str] = {}     # command id -> kind, acknowledged once the core decided
@@ -137,6 +139,7 @@ class SyncLink:
             time.sleep(0.05)
         self._halt.set()
         self._outbox_wake.set()
+        self._heartbeat_now.set()
         self._replies.put(None)
         for t in self._threads:
             t.join(timeout_s)
@@ -350,6 +353,15 @@ class SyncLink:
                     self._replies.put(("ack", cid, ok, "" if ok else "refused", str(a.detail.get("why", ""))))
             if isinstance(a, SessionEnded) or (isinstance(a, RecordEvent) and a.report):
                 self._outbox_wake.set()
+        # a change the phone must see at once (out of service, maintenance, back in service, lockouts): a heartbeat
+        # now, not up to a heartbeat interval later
+        resting = snap.state if snap.state in (State.IDLE, State.OFFLINE, State.OUT_OF_SERVICE,
+                                               State.MAINTENANCE) else "busy"
+        service = (resting, snap.lockouts)
+        if service != self._service_state:
+            first, self._service_state = self._service_state is None, service
+            if not first:
+                self._heartbeat_now.set()
         if snap.state is State.DISPENSING and snap.session_id:
             now = self._mono()
             if now - self._last_progress_mono >= self.progress_interval_ms:
@@ -487,7 +499,8 @@ class SyncLink:
                 except SyncError as e:
                     log.info("heartbeat not sent: %s", e)
                 self._thread_ok("heartbeat")
-            self._halt.wait(wait_s)
+            if self._heartbeat_now.wait(wait_s):
+                self._heartbeat_now.clear()        # the machine's service state changed: tell the cloud now
 
 
 _REFUSAL = {State.DISPENSING: "busy", State.SETTLING: "busy", State.RECEIPT: "busy",

@@ -201,7 +201,7 @@ def test_the_one_command_system_serves_a_phone_session(xvfb, tmp_path):
         sid = start.json()["session_id"]
         assert wait_until(lambda: (http.get(base + f"/api/v1/sessions/{sid}", timeout=10).json().get("progress") or {})
                           .get("volume_ml", 0) > 50, timeout_s=40), \
-            (http.get(base + f"/api/v1/sessions/{sid}", timeout=10).text, system.output[-4000:])
+            (http.get(base + f"/api/v1/sessions/{sid}", timeout=10).json().get("void_reason"), system.output[-6000:])
         assert http.post(base + f"/api/v1/sessions/{sid}/stop", timeout=10).ok
         assert wait_until(lambda: http.get(base + f"/api/v1/sessions/{sid}", timeout=10).json()["state"] == "ended",
                           timeout_s=20)

@@ -28,7 +28,8 @@ class OffsetClock(SystemClock):
 
 
 class Dispenser:
-    def __init__(self, tmp_path, url, machine_id, secret, clock_offset_ms=0, poll_wait_ms=1_000, data_dir=None):
+    def __init__(self, tmp_path, url, machine_id, secret, clock_offset_ms=0, poll_wait_ms=1_000, data_dir=None,
+                 heartbeat_interval_ms=300):
         self.cfg = simulated_config(Config().replace(
             paths={"data_dir": str(data_dir or tmp_path / "dispenser")}, machine={"id": machine_id},
             flow={"overrun_window_ms": 100, "sample_interval_ms": 5}, screen={"receipt_display_ms": 1_000}))
@@ -37,7 +38,7 @@ class Dispenser:
         self.client = CloudClient(url, machine_id, secret, wall_ms=self.clock.wall_ms,
                                   mono_ms=self.clock.monotonic_ms, timeout_s=5)
         self.link = SyncLink(self.rt, self.client, self.rt.ledger, software_version="test", poll_wait_ms=poll_wait_ms,
-                             heartbeat_interval_ms=300, backoff_base_s=0.05, backoff_max_s=0.3,
+                             heartbeat_interval_ms=heartbeat_interval_ms, backoff_base_s=0.05, backoff_max_s=0.3,
                              link_lost_after_ms=800)
         self.thread = threading.Thread(target=self.rt.run, daemon=True)
 
@@ -231,3 +232,29 @@ def test_online_at_once_with_a_long_poll_and_its_wait_does_not_skew_the_clock(tm
             offset = d.client.offset_ms
             d.client._learn_time(d.client.server_now_ms() + 27_000, 0, 55_000)       # a held long-poll
             assert d.client.offset_ms == offset
+
+
+def test_the_phone_sees_service_changes_within_two_seconds_and_cannot_start_meanwhile(tmp_path):
+    """Heartbeats come every 30 s in the field; a change a phone must see goes at once."""
+    from kiosk.events import ClearLockout, ClearSource, SetOutOfService
+    with CloudServer(tmp_path / "cloud") as cloud:
+        dev = cloud.provision("S7", price=200)
+        user = cloud.user("13700000007", balance_fen=5_000)
+        with Dispenser(tmp_path, cloud.url, "S7", dev.secret, heartbeat_interval_ms=30_000) as d:
+            assert wait_until(lambda: d.rt.snapshot.online)
+
+            def cloud_state():
+                return (cloud.op("GET", "/api/v1/operator/machines").json()["machines"][0]["heartbeat"] or {}) \
+                    .get("state")
+            assert wait_until(lambda: cloud_state() == "idle", 5)
+            presence = user.scan("S7", d.qr_code(cloud.url)).json()["presence_token"]
+            d.rt.post(SetOutOfService("cleaning"))
+            t0 = time.monotonic()
+            assert wait_until(lambda: cloud_state() == "out_of_service", 2.0), cloud_state()
+            seen_s = time.monotonic() - t0
+            r = user.start(presence)
+            assert r.status_code == 409 and r.json()["error"] == "machine_out_of_service", r.text
+            assert user.me()["held_fen"] == 0
+            d.rt.post(ClearLockout("operator", ClearSource.SITE, actor="tech"))
+            assert wait_until(lambda: cloud_state() == "idle", 2.0)
+            assert seen_s < 2.0

@@ -111,6 +111,10 @@ const ERR_ZH = {
   scan_again: "请重新扫描饮水机上的二维码。", qr_expired: "二维码已过期，请重新扫描。", price_changed: "价格已变更。",
   insufficient_points: "积分不足。", out_of_stock: "礼品已兑完。", bad_amount: "充值金额需在 1 至 500 元之间。",
   unauthenticated: "登录已过期，请重新登录。", unknown_machine: "找不到这台饮水机。", balance_remaining: "账户还有余额。",
+  machine_out_of_service: "饮水机暂停服务，未扣费。", machine_maintenance: "饮水机正在维护，未扣费。",
+  too_many_scans: "扫码过于频繁，请稍后再试。", upload_quota: "上传次数过多，请一小时后再试。",
+  too_many_orders: "未完成的充值订单过多，请先完成或稍后再试。", busy: "服务器繁忙，请稍后再试。",
+  network: "网络连接失败，请检查网络后重试。", nul_character: "输入包含无效字符。",
 };
 
 const $ = (sel) => document.querySelector(sel);
@@ -142,7 +146,13 @@ async function api(method, path, body, extra = {}) {
   let payload = body;
   if (body !== undefined && !(body instanceof Blob)) { headers["Content-Type"] = "application/json"; payload = JSON.stringify(body); }
   if (body instanceof Blob) headers["Content-Type"] = body.type || "application/octet-stream";
-  const r = await fetch(path, {method, headers, body: payload, ...extra});
+  let r;
+  try {
+    r = await fetch(path, {method, headers, body: payload, ...extra});
+  } catch {
+    // never "Failed to fetch": say it in words
+    throw new ApiError(0, {error: "network", message: "Network error: check your connection and try again."});
+  }
   const data = await r.json().catch(() => ({error: "bad_response", message: `HTTP ${r.status}`}));
   if (!r.ok) {
     if (r.status === 401 && data.error === "unauthenticated") localStorage.removeItem("tapshare.token");

@@ -204,6 +204,9 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
                     self._pin_pad_since = None           # a customer arrived, maintenance began, or it timed out
             if name == "maintenance":
                 self._maintenance_tick(snap, now)
+            if snap.state is State.IDLE and self._snap is not None and self._snap.state is not State.IDLE \
+                    and self.lang != language:
+                self.lang = language            # the next person is greeted in the machine's first language
             if snap != self._snap or self.lang != self._lang_shown or self.manager.current != name:
                 self._snap, self._lang_shown = snap, self.lang
                 self.machine_label = f"{self.tr('machine_no', self.lang)} {snap.machine_id}"
