@@ -23,8 +23,7 @@ from kiosk.events import State as S
 from sync import protocol as p
 from tests.cloudkit import CloudServer
 from tests.core_harness import Harness
-from tests.faultproxy import FaultProxy
-from tests.test_sync import Dispenser, assert_books_agree, buy_water, settled
+from tests.test_sync import Dispenser, assert_books_agree, buy_water, linked, settled
 from tests.util import wait_until
 
 STORAGE = "fault:storage"
@@ -87,12 +86,8 @@ def alarms(cloud, kind: str) -> list[dict]:
 
 @pytest.fixture
 def world(tmp_path):
-    with CloudServer(tmp_path / "cloud") as cloud, FaultProxy(cloud.url) as proxy:
-        dev = cloud.provision("F1", price=200)
-        user = cloud.user("13700000101", balance_fen=5_000)
-        with Dispenser(tmp_path, proxy.url, "F1", dev.secret) as d:
-            assert wait_until(lambda: d.rt.snapshot.online)
-            yield cloud, proxy, d, user
+    with linked(tmp_path, "F1", "13700000101") as w:
+        yield w
 
 
 # ---------------------------------------------------------------- 1, 2, 10: the ledger cannot be written

@@ -1,5 +1,6 @@
 """The dispenser's sync link against the real cloud on loopback, through a fault-injecting proxy."""
 
+import contextlib
 import threading
 import time
 import urllib.parse
@@ -88,14 +89,21 @@ def assert_books_agree(d, user, sids):
         assert [b["volume_ml"] for b in bills if b["session_id"] == s] == [d.rt.ledger.session(s)["volume_ml"]]
 
 
-@pytest.fixture
-def world(tmp_path):
+@contextlib.contextmanager
+def linked(tmp_path, machine_id: str, phone: str, balance_fen: int = 5_000):
+    """A cloud, the fault proxy, a dispenser linked through it (online), a user with a balance."""
     with CloudServer(tmp_path / "cloud") as cloud, FaultProxy(cloud.url) as proxy:
-        dev = cloud.provision("S1", price=200)
-        user = cloud.user("13700000001", balance_fen=5_000)
-        with Dispenser(tmp_path, proxy.url, "S1", dev.secret) as d:
+        dev = cloud.provision(machine_id, price=200)
+        user = cloud.user(phone, balance_fen=balance_fen)
+        with Dispenser(tmp_path, proxy.url, machine_id, dev.secret) as d:
             assert wait_until(lambda: d.rt.snapshot.online)
             yield cloud, proxy, d, user
+
+
+@pytest.fixture
+def world(tmp_path):
+    with linked(tmp_path, "S1", "13700000001") as w:
+        yield w
 
 
 def test_scan_pour_stop_bill_through_the_link(world):
