@@ -144,11 +144,15 @@ class Bench:
                     ack = json.dumps({"ok": True}).encode()
                     await conn.request("POST", ack_path, ack, self._signed(mid, secret, "POST", ack_path, ack))
                     self.seq += 1
-                    payload = {"session_id": sid, "reason": "stop_button", "started_at": "2026-01-01T00:00:00Z",
-                               "closed_at": "2026-01-01T00:00:10Z", "duration_ms": 10_000, "price_fen_per_l": 200,
-                               "milli_pulses_per_litre": 450_000, "billed_pulses": 225, "volume_ml": 500,
-                               "cost_fen": 100}
-                    ev = json.dumps({"events": [{"event_id": f"1-{self.seq}", "kind": "session_ended",
+                    event_id = f"1-{self.seq}"
+                    payload = {"event_id": event_id, "kind": "session_ended", "machine_id": mid, "boot_id": 1,
+                               "created_at": "2026-01-01T00:00:11Z", "user_ref": "u-bench",
+                               "session_id": sid, "reason": "stop_button", "started_at": "2026-01-01T00:00:00Z",
+                               "closed_at": "2026-01-01T00:00:10Z", "ended_at": "2026-01-01T00:00:11Z",
+                               "duration_ms": 10_000, "price_fen_per_l": 200, "credit_limit_fen": 1_000,
+                               "min_dispense_ml": 10, "milli_pulses_per_litre": 450_000, "billed_pulses": 225,
+                               "volume_ml": 500, "cost_fen": 100}
+                    ev = json.dumps({"events": [{"event_id": event_id, "kind": "session_ended",
                                                  "payload": payload}]}).encode()
                     st, res = await conn.request("POST", "/device/v1/events", ev,
                                                  self._signed(mid, secret, "POST", "/device/v1/events", ev))

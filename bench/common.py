@@ -30,13 +30,17 @@ def wait_until(pred: Callable[[], bool], timeout_s: float = 30.0, step_s: float 
 
 def start_cloud(data_dir, port: int, preexec_fn=None):
     """``python -m cloud serve`` as its own process (SQLite in data_dir); returns it once it accepts."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parent.parent
+    # the load generator is one address standing for thousands of phones: lift the per-network scan limit
+    env = {**os.environ, "TAPSHARE_SCANS_PER_MINUTE_PER_NETWORK": "1000000",
+           "TAPSHARE_SCANS_PER_MINUTE_PER_MACHINE": "1000000"}
     proc = subprocess.Popen([sys.executable, "-m", "cloud", "serve", "--port", str(port), "--data-dir",
                              str(data_dir), "--log-level", "warning"], cwd=root, preexec_fn=preexec_fn,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     for _ in range(300):
         try:
             socket.create_connection(("127.0.0.1", port), 0.2).close()

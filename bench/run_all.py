@@ -45,7 +45,8 @@ BENCHES = [
          r"N=\s*(\d+): .*?p50 ([\d.]+) ms, p99 ([\d.]+) ms", "N={}: p50 {} ms, p99 {} ms"),
     ]),
     ("bench_faults.py", [], ["--outage-s", "10"], [
-        ("fault suite: sessions lost or billed twice", r"(\d+) faults, (\d+) sessions lost or billed twice",
+        ("fault suite: sessions lost, billed twice or left holding money",
+         r"(\d+) faults, (\d+) sessions lost, billed twice or left holding money",
          "{1} in {0} faults (table: bench/out/bench_faults.py.txt)"),
     ]),
     ("bench_ui.py", [], ["--window-s", "20", "--pour-s", "5"], [

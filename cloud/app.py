@@ -158,8 +158,10 @@ class CloudSettings:
     timezone: str = "Asia/Shanghai"
     header_timeout_s: float = field(default_factory=lambda: float(os.environ.get("TAPSHARE_HEADER_TIMEOUT_S", "10")))
     operator_token_days: int = field(default_factory=lambda: int(os.environ.get("TAPSHARE_OPERATOR_TOKEN_DAYS", "90")))
-    scans_per_minute_per_network: int = 30
-    scans_per_minute_per_machine: int = 120
+    scans_per_minute_per_network: int = field(
+        default_factory=lambda: int(os.environ.get("TAPSHARE_SCANS_PER_MINUTE_PER_NETWORK", "30")))
+    scans_per_minute_per_machine: int = field(
+        default_factory=lambda: int(os.environ.get("TAPSHARE_SCANS_PER_MINUTE_PER_MACHINE", "120")))
 
     def url(self) -> str:
         return self.database_url or os.environ.get("TAPSHARE_DATABASE_URL") or \
