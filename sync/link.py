@@ -225,7 +225,10 @@ class SyncLink:
                 backoff.reset()
                 for cmd in commands:
                     self._dispatch(cmd)
-                if commands:                   # handling commands is its work: an empty poll proves nothing
+                if commands:                   # handling commands is its work: an empty poll proves nothing...
+                    self._thread_ok("commands")
+                elif self._failures.get("commands"):
+                    self.ledger.session("-")    # ...but after failures, the read it needs working again does
                     self._thread_ok("commands")
             except AuthProblem as e:
                 self._failed()

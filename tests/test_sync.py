@@ -62,8 +62,17 @@ class Dispenser:
         return urllib.parse.parse_qs(urllib.parse.urlparse(url).query)["c"][0]
 
 
+def cloud_sees_in_service(cloud, machine_id) -> bool:
+    """The cloud's view (the machine's latest heartbeat): a person scanning sees the same."""
+    for m in cloud.op("GET", "/api/v1/operator/machines").json()["machines"]:
+        if m["machine_id"] == machine_id:
+            return (m["heartbeat"] or {}).get("state") not in ("out_of_service", "maintenance")
+    return False
+
+
 def buy_water(cloud, d, user, pour_s=0.4):
     assert wait_until(lambda: d.rt.snapshot.state is State.IDLE), d.rt.snapshot
+    assert wait_until(lambda: cloud_sees_in_service(cloud, d.cfg.machine.id), 5)
     presence = user.scan(d.cfg.machine.id, d.qr_code(cloud.url)).json()["presence_token"]
     start = user.start(presence)
     assert start.status_code == 200, start.text
