@@ -298,7 +298,9 @@ class SyncLink:
             self._replies.put(("ack", cmd.command_id, False, "expired"))
             return
         snap = self.rt.snapshot
-        if snap.state not in (State.IDLE, State.RECEIPT):   # refused before the claim (the core checks again)
+        # refused before the claim (the core checks again after it). Not for "offline": a command just came, so
+        # the link is up, and the core hears so (LinkChanged is queued ahead of the grant) before the grant
+        if snap.state not in (State.IDLE, State.RECEIPT, State.OFFLINE):
             self._replies.put(("ack", cmd.command_id, False, _REFUSAL.get(snap.state, snap.state.value)))
             return
         result = self._claim(cmd.command_id, g.deadline_ms)
