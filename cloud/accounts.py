@@ -447,9 +447,11 @@ class Accounts:
 
     # ---------------------------------------------------------------- deleting an account
 
-    def delete_account(self, user_id: str, forfeit_balance: bool, now_ms: int) -> dict[str, Any]:
+    def delete_account(self, user_id: str, refund_balance: bool, now_ms: int) -> dict[str, Any]:
         """Erase the person (phone, name, document, photos, tokens); keep the money records, which the law
-        requires, under the pseudonymous user id."""
+        requires, under the pseudonymous user id. A remaining balance is never forfeited: it leaves the wallet
+        as a refund request against the top-ups it came from (newest first), which the operator pays back
+        through the original payment and marks paid (``/api/v1/operator/balance-refunds``)."""
         with self.db.tx() as conn:
             s = t.sessions.c
             if _one(conn, select(s.session_id).where(and_(s.user_id == user_id, s.state.in_(("starting", "active"))))):
@@ -458,12 +460,29 @@ class Accounts:
             if available < 0:
                 raise ApiError(402, "arrears", f"pay the {-available} fen you owe before deleting the account",
                                balance_fen=available)
-            if available > 0 and not forfeit_balance:
+            if available > 0 and not refund_balance:
                 raise ApiError(409, "balance_remaining",
-                               f"your balance of {available} fen would be lost; confirm with forfeit_balance",
-                               balance_fen=available)
+                               f"your balance of {available} fen is paid back to the payments it came from; "
+                               "confirm with refund_balance", balance_fen=available)
+            refund_id = None
             if available > 0:
-                add_entry(conn, user_id, "adjustment", -available, now_ms, note="forfeited on account deletion")
+                refund_id = "br-" + uuid.uuid4().hex[:20]
+                o = t.topup_orders.c
+                paid = conn.execute(select(o.order_id, o.provider, o.amount_fen).where(and_(
+                    o.user_id == user_id, o.state == "paid")).order_by(o.paid_ms.desc())).mappings().all()
+                orders, left = [], available
+                for row in paid:
+                    if left <= 0:
+                        break
+                    part = min(left, row["amount_fen"])
+                    orders.append({"order_id": row["order_id"], "provider": row["provider"], "amount_fen": part})
+                    left -= part
+                if left > 0:          # credit that came from no top-up (an operator's adjustment): paid by transfer
+                    orders.append({"order_id": None, "provider": "transfer", "amount_fen": left})
+                conn.execute(insert(t.balance_refunds).values(
+                    refund_id=refund_id, user_id=user_id, amount_fen=available, orders=orders, state="requested",
+                    created_ms=now_ms))
+                add_entry(conn, user_id, "payout", -available, now_ms, note=f"balance refund {refund_id}")
             photos = conn.execute(select(t.id_photos.c.photo_id).where(and_(
                 t.id_photos.c.user_id == user_id, t.id_photos.c.deleted_ms.is_(None)))).scalars().all()
             conn.execute(t.identities.delete().where(t.identities.c.user_id == user_id))
@@ -477,7 +496,7 @@ class Accounts:
         for photo_id in photos:
             self._delete_photo(photo_id, now_ms)
         log.info("account %s deleted", user_id)
-        return {"deleted": True, "forfeited_fen": max(0, available)}
+        return {"deleted": True, "refund_id": refund_id, "refund_fen": max(0, available)}
 
 
 def _phone(raw: str) -> str:

@@ -42,6 +42,7 @@ from cloud.schemas import (
     EnrollOut,
     Err,
     HealthOut,
+    MachineInfoOut,
     MachineSettingsIn,
     MachinesOut,
     MeOut,
@@ -156,6 +157,9 @@ class CloudSettings:
     photo_retention_days: int = field(
         default_factory=lambda: int(os.environ.get("TAPSHARE_ID_PHOTO_RETENTION_DAYS", "30")))
     timezone: str = "Asia/Shanghai"
+    # who handles the personal information (named in the consent text and the user agreement, as PIPL requires)
+    operator_name: str = field(default_factory=lambda: os.environ.get("TAPSHARE_OPERATOR_NAME", ""))
+    operator_contact: str = field(default_factory=lambda: os.environ.get("TAPSHARE_OPERATOR_CONTACT", ""))
     header_timeout_s: float = field(default_factory=lambda: float(os.environ.get("TAPSHARE_HEADER_TIMEOUT_S", "10")))
     operator_token_days: int = field(default_factory=lambda: int(os.environ.get("TAPSHARE_OPERATOR_TOKEN_DAYS", "90")))
     scans_per_minute_per_network: int = field(
@@ -187,6 +191,9 @@ def _providers(settings: CloudSettings, box: SecretBox) -> tuple[SmsProvider, Ve
         problems = [f"{what} is the development {p.name}" for what, p in
                     (("the SMS provider", sms), ("identity verification", verifier), ("the payment provider", pay))
                     if p.is_development]
+        if not settings.operator_name.strip() or not settings.operator_contact.strip():
+            problems.append("TAPSHARE_OPERATOR_NAME and TAPSHARE_OPERATOR_CONTACT must name who handles personal "
+                            "information and how to reach them")
         if not settings.public_url.startswith("https://"):
             problems.append(f"TAPSHARE_PUBLIC_URL must be https:// (is {settings.public_url})")
         if problems:
@@ -507,7 +514,17 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
             bills = bill_views(conn, [dict(b) for b in bills])
         return {"user_id": user_id, "registered": u["registered"], "points": u["points"],
                 "balance_fen": available + held, "held_fen": held, "available_fen": available,
-                "arrears_fen": max(0, -available), "bills": bills, **extra}
+                "arrears_fen": max(0, -available), "bills": bills, **extra,
+                "running_session": sessions.running_session(user_id)}
+
+    @app.get("/api/v1/machines/{machine_id}", response_model=MachineInfoOut, responses=ERRORS, tags=["phone"])
+    def machine_status(machine_id: Annotated[str, PathParam(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]) \
+            -> dict[str, Any]:
+        """What the machine shows anyway (place, price, water, whether it can serve now): the phone polls it
+        while a person stands at the machine, so "out of service" or "busy" reaches them within a second."""
+        if machines.secret(machine_id) is None:
+            raise ApiError(404, "unknown_machine", f"machine {machine_id} does not exist")
+        return sessions.machine_info(machine_id, now())
 
     # ---------------------------------------------------------------- operators
     Viewer = Annotated[dict, Depends(operator("viewer"))]
@@ -657,7 +674,8 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
 
     add_phone_routes(app, PhoneDeps(database=database, accounts=accounts, wallet=wallet, rewards=rewards, now=now,
                                     production=settings.production, errors=ERRORS, user=user, bearer=bearer,
-                                    operator=operator, public_url=lambda: settings.public_url.rstrip("/")))
+                                    operator=operator, public_url=lambda: settings.public_url.rstrip("/"),
+                                    operator_name=settings.operator_name, operator_contact=settings.operator_contact))
     add_pages(app, settings, pay, now, machines)
     return app
 

@@ -174,6 +174,20 @@ topup_orders = Table(     # s5: an order at the payment provider; credited only 
     Index("orders_pending", "state", "expires_ms"),
 )
 
+balance_refunds = Table(  # a balance paid back to the top-ups it came from (account deletion); never forfeited
+    "balance_refunds", metadata,
+    Column("refund_id", String(40), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False, index=True),
+    Column("amount_fen", BigInteger, nullable=False),
+    Column("orders", JSON, nullable=False),              # [{order_id, provider, amount_fen}], newest top-up first
+    Column("state", String(16), nullable=False),         # requested, paid
+    Column("created_ms", BigInteger, nullable=False),
+    Column("paid_ms", BigInteger, nullable=True),
+    Column("paid_by", String(64), nullable=True),
+    Column("reference", String(100), nullable=True),     # the provider's refund number, or the transfer's
+    Index("balance_refunds_state", "state", "created_ms"),
+)
+
 points_entries = Table(   # s6: growth points, every change a row (earn, redeem, adjust)
     "points_entries", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),

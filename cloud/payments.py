@@ -295,6 +295,34 @@ class Wallet:
             audit(conn, operator_id, "refund", session_id, {"amount_fen": amount_fen, "reason": reason}, now_ms)
         return {"session_id": session_id, "refunded_fen": refunded + amount_fen, "charged_fen": charged}
 
+    def balance_refunds(self, state: str, limit: int) -> list[dict[str, Any]]:
+        r = t.balance_refunds.c
+        with self.db.read() as conn:
+            rows = conn.execute(select(t.balance_refunds).where(r.state == state)
+                                .order_by(r.created_ms).limit(limit)).mappings().all()
+        return [_refund_row(x) for x in rows]
+
+    def balance_refund_paid(self, operator_id: str, refund_id: str, reference: str, now_ms: int) -> dict[str, Any]:
+        """Mark a balance refund paid, once: a second marking (two operators, a double click) is refused."""
+        r = t.balance_refunds.c
+        with self.db.tx() as conn:
+            changed = conn.execute(update(t.balance_refunds).where(and_(r.refund_id == refund_id,
+                                                                        r.state == "requested"))
+                                   .values(state="paid", paid_ms=now_ms, paid_by=operator_id,
+                                           reference=reference)).rowcount
+            row = _one(conn, select(t.balance_refunds).where(r.refund_id == refund_id))
+            if row is None:
+                raise ApiError(404, "unknown_refund", "no such balance refund")
+            if not changed:
+                raise ApiError(409, "already_paid", f"this refund was marked paid already ({row['reference']})")
+            audit(conn, operator_id, "balance_refund_paid", refund_id,
+                  {"amount_fen": row["amount_fen"], "reference": reference}, now_ms)
+        return _refund_row(row)
+
+
+def _refund_row(r) -> dict[str, Any]:
+    return {k: r[k] for k in ("refund_id", "user_id", "amount_fen", "state", "created_ms", "paid_ms", "orders")}
+
 
 def new_pickup_code() -> str:
     return f"{secrets.randbelow(10**8):08d}"

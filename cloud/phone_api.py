@@ -20,6 +20,9 @@ from cloud.identity import mask_phone
 from cloud.payments import MAX_TOPUP_FEN, MIN_TOPUP_FEN, Wallet
 from cloud.rewards import Rewards
 from cloud.schemas import (
+    BalanceRefundOut,
+    BalanceRefundPaidIn,
+    BalanceRefundsOut,
     BillOut,
     BillsOut,
     ClientConfigOut,
@@ -71,6 +74,8 @@ class PhoneDeps:
     bearer: Callable[[str | None], str]
     operator: Callable[..., Any]
     public_url: Callable[[], str]      # the configured public address: never taken from a request's Host header
+    operator_name: str = ""            # who handles personal information, and how to reach them (PIPL)
+    operator_contact: str = ""
 
 
 def local_time(iso_utc: str, tz: str) -> str:
@@ -121,7 +126,8 @@ def add_phone_routes(app: FastAPI, d: PhoneDeps) -> None:
         """What the phone pages must tell people: development providers are not real ones."""
         return {"development_sms_sink": d.accounts.sms.is_development,
                 "sandbox_payments": d.wallet.provider.is_development,
-                "id_verifier": d.accounts.verifier.name, "timezone": d.accounts.settings.timezone}
+                "id_verifier": d.accounts.verifier.name, "timezone": d.accounts.settings.timezone,
+                "operator_name": d.operator_name, "operator_contact": d.operator_contact}
 
     # ---------------------------------------------------------------- login
     @app.post("/api/v1/auth/sms-code", response_model=SmsCodeOut, tags=["accounts"],
@@ -199,7 +205,7 @@ def add_phone_routes(app: FastAPI, d: PhoneDeps) -> None:
 
     @app.delete("/api/v1/me", response_model=DeleteAccountOut, responses=ERR, tags=["accounts"])
     def delete_account(body: DeleteAccountIn, user_id: User) -> dict[str, Any]:
-        return d.accounts.delete_account(user_id, body.forfeit_balance, now())
+        return d.accounts.delete_account(user_id, body.refund_balance, now())
 
     @app.get("/api/v1/operator/identities", response_model=PendingReviewsOut, responses=ERR, tags=["operator"])
     def pending(op: Reviewer, limit: Annotated[int, Query(ge=1, le=500)] = 100) -> dict[str, Any]:
@@ -257,6 +263,18 @@ def add_phone_routes(app: FastAPI, d: PhoneDeps) -> None:
               tags=["operator"])
     def refund(session_id: IdPath, body: RefundIn, op: MoneyOperator) -> dict[str, Any]:
         return d.wallet.refund(op["operator_id"], session_id, body.amount_fen, body.reason, now())
+
+    @app.get("/api/v1/operator/balance-refunds", response_model=BalanceRefundsOut, responses=ERR, tags=["operator"])
+    def balance_refunds(op: MoneyOperator, state: Annotated[str, Query(pattern="^(requested|paid)$")] = "requested",
+                        limit: Annotated[int, Query(ge=1, le=500)] = 100) -> dict[str, Any]:
+        """Balances owed back to people who deleted their account, with the top-ups to refund them through."""
+        return {"refunds": d.wallet.balance_refunds(state, limit)}
+
+    @app.post("/api/v1/operator/balance-refunds/{refund_id}/paid", response_model=BalanceRefundOut, responses=ERR,
+              tags=["operator"])
+    def balance_refund_paid(refund_id: IdPath, body: BalanceRefundPaidIn, op: MoneyOperator) -> dict[str, Any]:
+        """The operator paid it back (the provider's refund number or the transfer's reference); audit-logged."""
+        return d.wallet.balance_refund_paid(op["operator_id"], refund_id, body.reference, now())
 
     # ---------------------------------------------------------------- bills (s6)
     @app.get("/api/v1/me/bills", response_model=BillsOut, responses=ERR, tags=["phone"])

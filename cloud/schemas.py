@@ -238,6 +238,15 @@ class SessionOut(BaseModel):
     bill: BillOut | None
 
 
+class RunningSessionOut(BaseModel):
+    """The session that holds part of the balance now: the phone shows it on every page."""
+    session_id: str
+    machine_id: str
+    location: str
+    state: str
+    credit_limit_fen: int
+
+
 class MeOut(BaseModel):
     user_id: str
     phone_masked: str = ""
@@ -249,6 +258,7 @@ class MeOut(BaseModel):
     available_fen: int
     arrears_fen: int
     bills: list[BillOut]
+    running_session: RunningSessionOut | None = None
 
 
 # ---------------------------------------------------------------- accounts (issue 6)
@@ -321,12 +331,31 @@ class IdentityOut(BaseModel):
 
 class DeleteAccountIn(In):
     confirm: Literal[True]
-    forfeit_balance: bool = False
+    refund_balance: bool = False      # a remaining balance is paid back (never forfeited): say yes to that
 
 
 class DeleteAccountOut(BaseModel):
     deleted: bool
-    forfeited_fen: int
+    refund_id: str | None
+    refund_fen: int
+
+
+class BalanceRefundOut(BaseModel):
+    refund_id: str
+    user_id: str
+    amount_fen: int
+    state: str
+    created_ms: int
+    paid_ms: int | None
+    orders: list[dict[str, Any]]
+
+
+class BalanceRefundsOut(BaseModel):
+    refunds: list[BalanceRefundOut]
+
+
+class BalanceRefundPaidIn(In):
+    reference: Annotated[str, Field(min_length=1, max_length=100)]
 
 
 class ReviewIn(In):
@@ -486,6 +515,8 @@ class ClientConfigOut(BaseModel):
     sandbox_payments: bool
     id_verifier: str
     timezone: str
+    operator_name: str
+    operator_contact: str
 
 
 class DevSmsOut(BaseModel):

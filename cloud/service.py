@@ -349,6 +349,10 @@ class Sessions:
 
     def start(self, user_id: str, presence_token: str, expected_price_fen_per_l: int, now_ms: int) -> dict[str, Any]:
         """s2 + s3: check the user and balance, hold the credit, queue the start command."""
+        running = self.running_session(user_id)
+        if running is not None:            # the real reason comes first, even when the visit has expired too
+            raise ApiError(409, "session_open", "you already have a session running", session_id=running["session_id"],
+                           machine_id=running["machine_id"])
         machine_id = self.presence.check(presence_token, now_ms)
         if machine_id is None:
             raise ApiError(410, "scan_again", "your visit to this machine has expired: scan its QR code again")
@@ -372,8 +376,11 @@ class Sessions:
                 raise ApiError(409, "price_changed", "the price has changed; please confirm the new price",
                                price_fen_per_l=m["price_fen_per_l"])
             s = t.sessions.c
-            if _one(conn, select(s.session_id).where(and_(s.user_id == user_id, s.state.in_(("starting", "active"))))):
-                raise ApiError(409, "session_open", "you already have a session running")
+            running = _one(conn, select(s.session_id, s.machine_id).where(
+                and_(s.user_id == user_id, s.state.in_(("starting", "active")))))
+            if running:
+                raise ApiError(409, "session_open", "you already have a session running",
+                               session_id=running["session_id"], machine_id=running["machine_id"])
             if m["open_session_id"] is not None:
                 raise ApiError(409, "machine_busy", "this machine is serving someone else; please wait")
             hb_state = (m["heartbeat"] or {}).get("state")
@@ -546,6 +553,16 @@ class Sessions:
                 return                    # one stop is on its way already: pressing again queues nothing more
             Commands.queue(conn, s["machine_id"], "cancel", now_ms, session_id=session_id, reason="phone_stop")
         self._notify(s["machine_id"])
+
+    def running_session(self, user_id: str) -> dict[str, Any] | None:
+        """The user's session that is starting or pouring now, with where (the phone's "pouring, view" bar)."""
+        s = t.sessions.c
+        with self.db.read() as conn:
+            row = _one(conn, select(s.session_id, s.machine_id, s.state, s.credit_limit_fen, t.machines.c.location)
+                       .join(t.machines, t.machines.c.machine_id == s.machine_id)
+                       .where(and_(s.user_id == user_id, s.state.in_(("starting", "active"))))
+                       .order_by(s.created_ms.desc()).limit(1))
+        return dict(row) if row else None
 
     def view(self, user_id: str, session_id: str) -> dict[str, Any]:
         with self.db.read() as conn:

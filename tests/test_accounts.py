@@ -14,6 +14,7 @@ from cloud import db as t
 from cloud.accounts import CODE_MAX_ATTEMPTS, CODE_TTL_MS, CONSENT_VERSION, DAY_MS, TOKEN_TTL_MS
 from cloud.app import ProductionRefused, create_app
 from tests.cloudkit import CloudServer, UserClient, id_photo, resident_id
+from tests.util import wait_until
 
 
 def post(cloud, path, **kw):
@@ -248,23 +249,41 @@ def test_unused_photos_are_deleted_after_a_day(timed):
     assert timed.app.state.accounts.purge_photos(timed.clock.now + DAY_MS + 1) == 1
 
 
-def test_deleting_an_account_erases_the_person_and_keeps_the_money_records(cloud):
+def test_deleting_an_account_erases_the_person_and_pays_the_balance_back(cloud):
+    from tests.test_wallet import pay, topup
     number = resident_id(21)
     user = cloud.signup("13900013333", id_number=number)
-    with cloud.app.state.database.tx() as conn:
+    first, second = topup(cloud, user, 2000), topup(cloud, user, 1000)
+    pay(cloud, first)
+    pay(cloud, second)
+    assert wait_until(lambda: user.me()["available_fen"] == 3000)
+    with cloud.app.state.database.tx() as conn:          # an operator's goodwill credit, from no payment
         from cloud.service import add_entry
-        add_entry(conn, user.user_id, "topup", 500, int(time.time() * 1000), note="test")
+        add_entry(conn, user.user_id, "adjustment", 150, int(time.time() * 1000), note="goodwill")
     r = user.call("DELETE", "/api/v1/me", json={"confirm": True})
-    assert r.status_code == 409 and r.json()["error"] == "balance_remaining" and r.json()["balance_fen"] == 500
-    r = user.call("DELETE", "/api/v1/me", json={"confirm": True, "forfeit_balance": True})
-    assert r.status_code == 200 and r.json()["forfeited_fen"] == 500
+    assert r.status_code == 409 and r.json()["error"] == "balance_remaining" and r.json()["balance_fen"] == 3150
+    assert user.call("DELETE", "/api/v1/me", json={"confirm": True, "forfeit_balance": True}).status_code == 422
+    r = user.call("DELETE", "/api/v1/me", json={"confirm": True, "refund_balance": True})
+    assert r.status_code == 200 and r.json()["refund_fen"] == 3150, r.text
+    refund_id = r.json()["refund_id"]
     assert user.call("GET", "/api/v1/me").status_code == 401
     assert list(Path(cloud.settings.data_dir, "private", "id-photos").iterdir()) == []
     with cloud.app.state.database.read() as conn:
         u = conn.execute(select(t.users).where(t.users.c.user_id == user.user_id)).mappings().one()
-        entries = conn.execute(select(t.balance_entries).where(t.balance_entries.c.user_id == user.user_id)).all()
+        kinds = [e.kind for e in conn.execute(select(t.balance_entries).where(
+            t.balance_entries.c.user_id == user.user_id)).all()]
         assert conn.execute(select(t.identities)).first() is None
-    assert "13900013333" not in str(dict(u)) and u["deleted_ms"] and len(entries) == 2
+    assert "13900013333" not in str(dict(u)) and u["deleted_ms"] and kinds == ["topup", "topup", "adjustment", "payout"]
+    # the operator sees what is owed and through which payments (newest top-up first), and pays it once
+    owed = cloud.op("GET", "/api/v1/operator/balance-refunds").json()["refunds"]
+    assert [x["refund_id"] for x in owed] == [refund_id]
+    assert [(o["order_id"], o["amount_fen"]) for o in owed[0]["orders"]] == [
+        (second["order_id"], 1000), (first["order_id"], 2000), (None, 150)]
+    paid = cloud.op("POST", f"/api/v1/operator/balance-refunds/{refund_id}/paid", json={"reference": "WX-R-1"})
+    assert paid.status_code == 200 and paid.json()["state"] == "paid"
+    again = cloud.op("POST", f"/api/v1/operator/balance-refunds/{refund_id}/paid", json={"reference": "WX-R-2"})
+    assert again.status_code == 409 and again.json()["error"] == "already_paid"
+    assert cloud.op("GET", "/api/v1/operator/balance-refunds").json()["refunds"] == []
     # the number and the document can start again
     again = cloud.signup("13900013333", id_number=number)
     assert again.user_id != user.user_id and again.me()["registered"]
@@ -275,7 +294,7 @@ def test_deleting_is_refused_in_arrears(cloud):
     with cloud.app.state.database.tx() as conn:
         from cloud.service import add_entry
         add_entry(conn, user.user_id, "charge", -30, int(time.time() * 1000), note="test")
-    r = user.call("DELETE", "/api/v1/me", json={"confirm": True, "forfeit_balance": True})
+    r = user.call("DELETE", "/api/v1/me", json={"confirm": True, "refund_balance": True})
     assert r.status_code == 402 and r.json()["error"] == "arrears"
     assert user.call("DELETE", "/api/v1/me", json={}).status_code == 422
 
@@ -301,9 +320,13 @@ def test_production_refuses_development_providers_and_plain_http(tmp_path, monke
     with pytest.raises(ProductionRefused, match="https://"):
         create_app(CloudSettings(data_dir=tmp_path / "b", production=True, public_url="http://water.example",
                                  sms_provider=RealishSms(), verifier=ManualReview(),
+                                 payment_provider=_RealishPay(), **OPERATOR))
+    with pytest.raises(ProductionRefused, match="TAPSHARE_OPERATOR_NAME"):   # PIPL: who handles the data, and how
+        create_app(CloudSettings(data_dir=tmp_path / "b2", production=True, public_url="https://water.example",
+                                 sms_provider=RealishSms(), verifier=ManualReview(),
                                  payment_provider=_RealishPay()))
     with CloudServer(tmp_path / "c", production=True, public_url="https://water.example", sms_provider=RealishSms(),
-                     verifier=ManualReview(), payment_provider=_RealishPay()) as server:
+                     verifier=ManualReview(), payment_provider=_RealishPay(), **OPERATOR) as server:
         assert requests.get(server.url + "/healthz", timeout=5).status_code == 200
         for method, path in (("POST", "/api/v1/auth/sms-code"), ("GET", "/m/X1"), ("GET", "/api/v1/dev/sms")):
             r = requests.request(method, server.url + path, json={"phone": "13800001111"}, timeout=5)
@@ -317,6 +340,9 @@ def test_production_refuses_development_providers_and_plain_http(tmp_path, monke
 
 class _RealishPay:
     name, is_development = "acquirer", False
+
+
+OPERATOR = {"operator_name": "杭州清泉水务有限公司", "operator_contact": "400-820-8820"}
 
 
 def test_dev_sms_inbox_is_not_there_without_the_sink(tmp_path):

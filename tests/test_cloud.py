@@ -200,8 +200,12 @@ def test_start_refusals(cloud):
     assert r.status_code == 402 and r.json()["error"] == "insufficient_balance"
     ok = rich.start(scan["presence_token"])
     assert ok.status_code == 200
-    reused = rich.start(scan["presence_token"])
-    assert reused.status_code == 409 and reused.json()["error"] == "scan_again"
+    reused = rich.start(scan["presence_token"])          # the real reason first: a pour of theirs is running
+    assert reused.status_code == 409 and reused.json()["error"] == "session_open"
+    assert reused.json()["session_id"] == ok.json()["session_id"] and reused.json()["machine_id"] == "M6"
+    expired_visit = rich.start("x" * 40)                   # even with a visit that is no good any more
+    assert expired_visit.json()["error"] == "session_open"
+    assert rich.me()["running_session"]["session_id"] == ok.json()["session_id"]
     again = rich.start(rich.scan("M6", dev.qr()).json()["presence_token"])
     assert again.json()["error"] == "session_open"
     other = cloud.user("13800000008", balance_fen=5_000)
@@ -390,9 +394,9 @@ def test_operator_actions_are_audit_logged(cloud):
 def test_production_mode_refuses_development_users(tmp_path, monkeypatch):
     from cloud.accounts import ManualReview
     from tests.cloudkit import CloudServer
-    from tests.test_accounts import RealishSms, _RealishPay
+    from tests.test_accounts import OPERATOR, RealishSms, _RealishPay
     monkeypatch.setenv("TAPSHARE_CLOUD_KEY", "11" * 32)
-    with CloudServer(tmp_path / "prod", production=True, public_url="https://water.example",
+    with CloudServer(tmp_path / "prod", production=True, public_url="https://water.example", **OPERATOR,
                      sms_provider=RealishSms(), verifier=ManualReview(), payment_provider=_RealishPay()) as prod:
         # behind a TLS proxy on loopback (uvicorn trusts X-Forwarded-Proto from 127.0.0.1)
         r = prod.op("POST", "/api/v1/dev/users", json={"phone": "13800000099", "balance_fen": 100},
