@@ -139,9 +139,11 @@ class DevAutoVerify(ManualReview):
 
     name = "dev_auto"
     is_development = True
-    review_hint: ClassVar[dict[str, str]] = {"zh": "开发模式：居民身份证号校验通过即自动认证（未核验真实身份）",
-                   "en": "Development mode: a resident ID with a valid checksum is verified at once "
-                         "(not checked against any register)"}
+    review_hint: ClassVar[dict[str, str]] = {
+        "zh": "开发模式：居民身份证号校验通过即自动认证（未核验真实身份）；"
+              "护照和通行证由人工审核，通常 1 个工作日内完成",
+        "en": "Development mode: a resident ID with a valid checksum is verified at once (not checked against any "
+              "register); passports and permits are reviewed by a person, usually within one working day"}
 
     def decide_at_once(self, doc_type: str) -> bool:
         return doc_type == "resident_id"

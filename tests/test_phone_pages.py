@@ -6,6 +6,7 @@ pour, stops at the machine and sees the bill. Screenshots at a phone viewport go
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,10 @@ from tests.util import wait_until
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = Path(__file__).parent / "screenshots" / "phone"
 PHONE = {"width": 390, "height": 844}
+OPERATOR = {"operator_name": "杭州清泉水务有限公司", "operator_contact": "400-820-8820"}
+LONG_ADDRESS = "浙江省杭州市西湖区文三路四百七十八号华星时代广场A座一楼大堂东侧饮水点"      # 33 characters
+LONG_GIFT = {"name_zh": "定制款不锈钢真空保温杯（五百毫升，附赠杯套与清洁刷）",
+             "name_en": "Custom stainless-steel vacuum flask (500 ml, with sleeve and cleaning brush)"}
 
 
 @pytest.fixture(scope="module")
@@ -36,36 +41,99 @@ def browser():
 
 @pytest.fixture
 def world(tmp_path):
-    with CloudServer(tmp_path / "cloud") as cloud:
+    with CloudServer(tmp_path / "cloud", **OPERATOR) as cloud:
         dev = cloud.provision("S1", price=200)
+        assert cloud.op("PATCH", "/api/v1/operator/machines/S1", json={"location": LONG_ADDRESS}).status_code == 200
         with Dispenser(tmp_path, cloud.url, "S1", dev.secret) as d:
             assert wait_until(lambda: d.rt.snapshot.online)
             yield cloud, d
 
 
 def shot(page, name: str) -> None:
+    """A full-page screenshot (looked at by a person before an issue is closed), then the layout and
+    accessibility checks a person would make by eye."""
     SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    size = page.viewport_size
+    height = page.evaluate("() => document.documentElement.scrollHeight")
+    page.set_viewport_size({"width": size["width"], "height": max(size["height"], height)})   # the tab bar at the end
+    page.screenshot(path=str(SHOTS / f"{name}.png"))
+    page.set_viewport_size(size)
     assert_layout(page, name)
+    assert_accessible(page, name)
+
+
+LAYOUT_JS = """() => {
+  const out = [], W = window.innerWidth;
+  const say = (what, el) =>
+    out.push(what + ': ' + (el.textContent || el.value || el.id || el.tagName).trim().slice(0, 50));
+  const shown = (el) => { const r = el.getBoundingClientRect(), cs = getComputedStyle(el);
+    return r.width > 0 && r.height > 0 && cs.visibility !== 'hidden' && !el.closest('[hidden]'); };
+  if (document.documentElement.scrollWidth > W + 1) out.push('page scrolls sideways');
+  const boxes = 'button, .button, label, h1, h2, dd, dt, .stat b, .stat span, p, li, .tabs a';
+  for (const el of document.querySelectorAll(boxes)) {
+    if (!shown(el)) continue;
+    const r = el.getBoundingClientRect();
+    if (el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).overflowX !== 'visible') say('cut off', el);
+    if (r.right > W + 1 || r.left < -1) say('off screen', el);
+    const card = el.parentElement && el.parentElement.closest('.card');
+    if (card) {
+      const c = card.getBoundingClientRect();
+      if (r.left < c.left - 1 || r.right > c.right + 1) say('outside its card', el);
+    }
+  }
+  // labels (buttons, tabs, field names, headings) never break inside a word, in Chinese or English
+  const seg = new Intl.Segmenter(document.documentElement.lang, {granularity: 'word'});
+  const labels = 'button, .button, dt, .stat span, .tabs a, .stepper li, h1, h2, label:not(.check label), '
+    + '.running .what';
+  for (const el of document.querySelectorAll(labels)) {
+    if (!shown(el)) continue;
+    if (el.clientWidth > 0 && el.scrollWidth > el.clientWidth + 1) say('text wider than its box', el);
+    const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      for (const s of seg.segment(node.data)) {
+        if (!s.isWordLike || s.segment.length < 2) continue;
+        const range = document.createRange();
+        range.setStart(node, s.index); range.setEnd(node, s.index + s.segment.length);
+        const rects = [...range.getClientRects()].filter((q) => q.width > 0);
+        if (rects.length < 2) continue;
+        const tops = rects.map((q) => q.top), h = Math.min(...rects.map((q) => q.height));
+        if (Math.max(...tops) - Math.min(...tops) > h / 2) say(`"${s.segment}" broken inside the word`, el);
+      }
+    }
+  }
+  // touch targets of at least 44 x 44 px (a tick box counts with its label)
+  const targets = 'button, .button, .tabs a, input:not([type=checkbox]), select, .running a';
+  for (const el of document.querySelectorAll(targets)) {
+    if (!shown(el)) continue;
+    const r = el.getBoundingClientRect();
+    if (r.height < 43.5 || r.width < 43.5) say(`touch target ${Math.round(r.width)}x${Math.round(r.height)} px`, el);
+  }
+  return out;
+}"""
 
 
 def assert_layout(page, name: str) -> None:
-    """No sideways scrolling, no text cut off by its box, and a CJK font really present."""
-    problems = page.evaluate("""() => {
-      const out = [];
-      if (document.documentElement.scrollWidth > window.innerWidth + 1) out.push('page scrolls sideways');
-      for (const el of document.querySelectorAll('button, .button, label, h1, h2, dd, dt, .stat b, p')) {
-        const r = el.getBoundingClientRect();
-        if (r.width === 0) continue;
-        if (el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).overflowX !== 'visible')
-          out.push('cut off: ' + el.textContent.slice(0, 40));
-        if (r.right > window.innerWidth + 1) out.push('off screen: ' + el.textContent.slice(0, 40));
-      }
-      return out;
-    }""")
+    """No sideways scrolling, nothing cut off or outside its card, no label broken inside a word, touch targets
+    a finger can hit, and a CJK font really present."""
+    problems = page.evaluate(LAYOUT_JS)
     assert problems == [], f"{name}: {problems}"
     assert page.evaluate("() => document.fonts.check('16px \"Noto Sans CJK SC\"', '饮水机')"), \
         "no CJK font: Chinese would render as boxes (install fonts-noto-cjk)"
+
+
+AXE = (Path(__file__).parent / "vendor" / "axe-core" / "axe.min.js").read_text()
+
+
+def assert_accessible(page, name: str) -> None:
+    """axe-core (vendored, run in the page as it is) finds no serious or critical violation."""
+    if not page.evaluate("() => typeof axe !== 'undefined'"):
+        page.evaluate(AXE)
+    found = page.evaluate("""async () => {
+      const r = await axe.run(document, {resultTypes: ['violations']});
+      return r.violations.filter((v) => ['serious', 'critical'].includes(v.impact))
+        .map((v) => `${v.id} (${v.impact}): ${v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join(', ')}`);
+    }""")
+    assert found == [], f"{name}: {found}"
 
 
 def test_a_new_user_scans_registers_tops_up_pours_and_gets_the_bill(world, browser, tmp_path):
@@ -89,6 +157,16 @@ def test_a_new_user_scans_registers_tops_up_pours_and_gets_the_bill(world, brows
     page.click("#go-login")
     page.fill("#phone", "138 0013 8000")
     page.click("#send")
+    page.wait_for_selector("#login-error:has-text('用户协议')")      # the agreement comes first
+    page.click("#privacy-link")
+    page.wait_for_selector("#privacy")
+    assert OPERATOR["operator_name"] in page.inner_text("#privacy")
+    shot(page, "02a-privacy-zh")
+    page.click("#policy-back")
+    page.wait_for_selector("#agree-terms")
+    page.fill("#phone", "138 0013 8000")
+    page.click("label[for=agree-terms]")
+    page.click("#send")
     page.wait_for_selector("#sms-list .sms")
     code = page.inner_text("#sms-list .sms").split("验证码是 ")[1][:6]
     page.fill("#code", "000000" if code != "000000" else "111111")
@@ -102,7 +180,7 @@ def test_a_new_user_scans_registers_tops_up_pours_and_gets_the_bill(world, brows
     page.wait_for_selector("#go-register")
     page.click("#go-register")
     page.wait_for_selector("#agree")
-    assert "个人信息保护法" in page.inner_text("main")
+    assert "个人信息保护法" in page.inner_text("main") and OPERATOR["operator_name"] in page.inner_text("#handler")
     shot(page, "03-consent-zh")
     page.click("#agree")
     page.wait_for_selector("#submit")
@@ -120,9 +198,11 @@ def test_a_new_user_scans_registers_tops_up_pours_and_gets_the_bill(world, brows
     # s5: top up through the sandbox provider
     page.wait_for_selector("#start")
     assert page.inner_text("#balance") == "¥0.00"
-    page.click("#start")
-    page.wait_for_selector("#start-error:has-text('余额不足')")
-    page.click("#nav-wallet")
+    page.wait_for_selector("#start[disabled]")                 # Start cannot work, and says why
+    assert "余额不足" in page.inner_text("#start-why")
+    assert "now" in page.get_attribute(".stepper li:nth-child(3)", "class")      # 登录 ✓ 实名 ✓ 充值 ← 取水
+    shot(page, "04a-no-money-zh")
+    page.click("#go-topup")
     page.wait_for_selector("button.amt")
     page.click("button.amt[data-fen='2000']")
     page.wait_for_selector("#pay")
@@ -132,8 +212,8 @@ def test_a_new_user_scans_registers_tops_up_pours_and_gets_the_bill(world, brows
     assert page.inner_text("#available") == "¥20.00"
     shot(page, "06-wallet-zh")
 
-    # s2, s3: start; the machine pours; s6: stop at the machine, see the bill
-    page.click("#brand")
+    # s2, s3: back to the machine ("continue"); start; the machine pours; s6: stop at the machine, see the bill
+    page.click("#continue")
     page.wait_for_selector("#start:not([disabled])")
     page.click("#start")
     page.wait_for_selector("#vol", timeout=10_000)
@@ -203,3 +283,193 @@ def test_an_expired_qr_code_asks_to_scan_again(world, browser):
     assert "二维码已过期" in page.inner_text("#scan-error")
     shot(page, "15-qr-expired-zh")
     page.close()
+
+
+# ---------------------------------------------------------------- every screen at three phone widths, both languages
+
+def _page(browser, cloud, user, lang: str, width: int):
+    page = browser.new_page(viewport={"width": width, "height": 740}, locale="zh-CN" if lang == "zh" else "en-GB")
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(cloud.url + "/app")
+    page.evaluate(f"() => {{ localStorage.setItem('tapshare.token', '{user.token}'); "
+                  f"localStorage.setItem('tapshare.lang', '{lang}'); }}")
+    return page, errors
+
+
+@pytest.fixture(scope="module")
+def shop(browser, tmp_path_factory):
+    """One cloud and machine for the width matrix: a long real-world address, a long gift name, a user with a
+    finished pour, points and a redemption."""
+    tmp = tmp_path_factory.mktemp("shop")
+    with CloudServer(tmp / "cloud", **OPERATOR) as cloud:
+        dev = cloud.provision("S1", price=200)
+        assert cloud.op("PATCH", "/api/v1/operator/machines/S1", json={"location": LONG_ADDRESS}).status_code == 200
+        assert cloud.op("POST", "/api/v1/operator/gifts", json={**LONG_GIFT, "points_cost": 1, "stock": 50}).ok
+        with Dispenser(tmp, cloud.url, "S1", dev.secret) as d:
+            assert wait_until(lambda: d.rt.snapshot.online)
+            user = cloud.user("13800138111", balance_fen=5_000)
+            start = user.start(user.scan("S1", d.qr_code(cloud.url)).json()["presence_token"])
+            assert start.status_code == 200, start.text
+            assert wait_until(lambda: d.hw.valve.is_open)
+            time.sleep(1.2)
+            d.hw.world.press_stop()
+            assert wait_until(lambda: user.call("GET", "/api/v1/me/bills").json()["bills"], 15)
+            with cloud.app.state.database.tx() as conn:         # the points of earlier pours
+                from cloud.service import earn_points
+                earn_points(conn, user.user_id, 20, start.json()["session_id"], int(time.time() * 1000))
+            yield cloud, d, user, start.json()["session_id"]
+
+
+@pytest.mark.parametrize("width", [320, 390, 430])
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_every_screen_fits_a_phone_in_both_languages(shop, browser, lang, width):
+    cloud, d, user, _sid = shop
+    page, errors = _page(browser, cloud, user, lang, width)
+    tag = f"w{width}-{lang}"
+    page.goto(d.link.current_qr_url(cloud.url))
+    page.wait_for_selector("#start:not([disabled])")
+    assert LONG_ADDRESS[:10] in page.inner_text("#machine")
+    shot(page, f"{tag}-1-machine")
+    page.click("#nav-wallet")
+    page.wait_for_selector("#entries li")
+    shot(page, f"{tag}-2-wallet")
+    page.click("#nav-bills")
+    page.click("#bill-list a")
+    page.wait_for_selector("#bill-location")
+    shot(page, f"{tag}-3-bill")
+    page.click("#nav-points")
+    page.wait_for_selector("button.redeem")
+    page.click("button.redeem")                                   # a confirm step before points are spent
+    page.wait_for_selector("#confirm-text")
+    assert LONG_GIFT["name_zh" if lang == "zh" else "name_en"] in page.inner_text("#confirm-text")
+    shot(page, f"{tag}-4-gift-confirm")
+    page.click("#cancel-redeem")
+    assert page.is_hidden("#confirm-box")
+    page.click("#nav-account")
+    page.wait_for_selector("#delete")
+    page.click("#delete")
+    page.wait_for_selector("#refund-note")                        # the balance is paid back, never forfeited
+    shot(page, f"{tag}-5-account-delete")
+    page.click("#delete-cancel")
+    page.click("a[href='#/terms']")
+    page.wait_for_selector("#terms")
+    assert OPERATOR["operator_contact"] in page.inner_text("#terms")
+    shot(page, f"{tag}-6-terms")
+    page.evaluate("() => localStorage.removeItem('tapshare.token')")
+    page.goto(cloud.url + "/app#/login")
+    page.wait_for_selector("#agree-terms")
+    shot(page, f"{tag}-7-login")
+    assert errors == []
+    page.close()
+
+
+def test_a_gift_is_redeemed_after_confirming_and_shows_how_to_pick_it_up(shop, browser):
+    cloud, _d, user, _sid = shop
+    page, errors = _page(browser, cloud, user, "zh", 320)
+    page.goto(cloud.url + "/app#/points")
+    before = int(page.inner_text("#points"))
+    page.click("button.redeem")
+    page.click("#confirm-redeem")
+    page.wait_for_selector("#pickup-code")
+    assert int(page.inner_text("#points")) == before - 1
+    assert OPERATOR["operator_contact"] in page.inner_text("#redeemed")
+    assert page.inner_text("#pickup-code") in page.inner_text("#redemptions")
+    shot(page, "w320-zh-gift-redeemed")
+    assert errors == []
+    page.close()
+
+
+# ---------------------------------------------------------------- leaving mid-pour; price and service changes
+
+def test_a_phone_that_leaves_mid_pour_finds_it_again_from_any_page(world, browser):
+    cloud, d = world
+    user = cloud.user("13800138222", balance_fen=3_000)
+    page, errors = _page(browser, cloud, user, "zh", 390)
+    page.goto(d.link.current_qr_url(cloud.url))
+    page.click("#start")
+    page.wait_for_selector("#vol", timeout=10_000)
+    assert wait_until(lambda: d.hw.valve.is_open)
+    sid = page.url.rsplit("/", 1)[1]
+    page.close()                                                  # the person leaves the page mid-pour
+
+    again, errors = _page(browser, cloud, user, "zh", 390)        # ... and opens the app later, anywhere
+    again.goto(cloud.url + "/app#/wallet")
+    again.wait_for_selector("#running-view")
+    assert "正在取水" in again.inner_text("#running") and "S1" in again.inner_text("#running")
+    assert "冻结" in again.inner_text("#held-note") and "实际水量" in again.inner_text("#held-note")
+    shot(again, "16-left-mid-pour-wallet-zh")
+    again.click("#nav-home")                                      # home names the running pour, not "scan again"
+    again.wait_for_selector("#go-session")
+    assert "S1" in again.inner_text("#running-note")
+    shot(again, "17-left-mid-pour-home-zh")
+    again.click("#running-view")
+    again.wait_for_selector("#vol")
+    assert again.url.endswith(f"#/session/{sid}") and again.is_hidden("#running")
+    d.hw.world.press_stop()
+    again.wait_for_selector("#bill", timeout=15_000)
+    assert again.is_hidden("#running")
+    assert errors == []
+    again.close()
+
+
+def test_an_old_visit_says_a_pour_is_running_rather_than_scan_again(world, browser):
+    cloud, d = world
+    user = cloud.user("13800138333", balance_fen=3_000)
+    page, _ = _page(browser, cloud, user, "en", 390)
+    page.goto(d.link.current_qr_url(cloud.url))
+    page.wait_for_selector("#start:not([disabled])")
+    started = user.start(user.scan("S1", d.qr_code(cloud.url)).json()["presence_token"])   # from another tab
+    assert started.status_code == 200
+    page.evaluate("() => document.querySelector('#start').disabled = false")   # the old tab still offers Start
+    page.click("#start")
+    page.wait_for_selector("#to-running")
+    assert "pour running" in page.inner_text("#start-error")
+    page.click("#to-running")
+    page.wait_for_selector("#live")
+    assert page.url.endswith(started.json()["session_id"])
+    d.hw.world.press_stop()
+    page.wait_for_selector("#bill", timeout=15_000)
+    page.close()
+
+
+def test_a_price_change_reaches_the_kiosk_and_the_phone(world, browser):
+    cloud, d = world
+    user = cloud.user("13800138444", balance_fen=3_000)
+    page, _ = _page(browser, cloud, user, "zh", 390)
+    page.goto(d.link.current_qr_url(cloud.url))
+    page.wait_for_selector("#price:has-text('2.00')")
+    assert cloud.op("PATCH", "/api/v1/operator/machines/S1", json={"price_fen_per_l": 150}).status_code == 200
+    assert wait_until(lambda: d.rt.snapshot.display_price_fen_per_l == 150, 5)   # what the kiosk screen shows
+    page.wait_for_selector("#price:has-text('1.50')", timeout=3_000)
+    assert "1.50" in page.inner_text("#start")
+    page.click("#start")
+    page.wait_for_selector("#vol", timeout=10_000)
+    sid = page.url.rsplit("/", 1)[1]
+    assert d.rt.ledger.session(sid)["price_fen_per_l"] == 150
+    d.hw.world.press_stop()
+    page.wait_for_selector("#bill", timeout=15_000)
+    assert "1.50" in page.inner_text("#bill")
+    page.close()
+
+
+def test_the_phone_sees_the_machine_go_out_of_service_within_two_seconds(tmp_path, browser):
+    from kiosk.events import ClearLockout, ClearSource, SetOutOfService
+    with CloudServer(tmp_path / "cloud", **OPERATOR) as cloud:
+        dev = cloud.provision("S9", price=200)
+        user = cloud.user("13800138555", balance_fen=3_000)
+        with Dispenser(tmp_path, cloud.url, "S9", dev.secret, heartbeat_interval_ms=30_000) as d:   # field cadence
+            assert wait_until(lambda: d.rt.snapshot.online)
+            page, _ = _page(browser, cloud, user, "zh", 390)
+            page.goto(d.link.current_qr_url(cloud.url))
+            page.wait_for_selector("#start:not([disabled])")
+            d.rt.post(SetOutOfService("cleaning"))
+            t0 = time.monotonic()
+            page.wait_for_selector("#start[disabled]", timeout=2_000)
+            assert time.monotonic() - t0 < 2.0
+            assert "暂停服务" in page.inner_text("#mstate") and "暂停服务" in page.inner_text("#start-why")
+            shot(page, "18-out-of-service-zh")
+            d.rt.post(ClearLockout("operator", ClearSource.SITE, actor="tech"))
+            page.wait_for_selector("#start:not([disabled])", timeout=2_000)
+            assert page.inner_text("#start-why") == ""
+            page.close()

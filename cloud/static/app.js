@@ -4,7 +4,38 @@
 
 const T = {
   zh: {
-    nav_wallet: "钱包", nav_bills: "账单", nav_points: "积分", nav_account: "我的", lang: "EN",
+    nav_home: "取水", nav_wallet: "钱包", nav_bills: "账单", nav_points: "积分", nav_account: "我的", lang: "EN",
+    lang_label: "Switch to English", running_bar: "正在取水", running_view: "查看", running_where: "饮水机 {m}",
+    running_open: "您在饮水机 {m} 有一次正在进行的取水。", view_session: "查看取水",
+    held_note: "冻结 ¥{amt}：为正在进行的取水预留。结束后只按实际水量扣费，其余自动解冻。",
+    step_login: "登录", step_register: "实名", step_topup: "充值", step_pour: "取水", steps_label: "开始取水的步骤",
+    why_offline: "饮水机离线，暂时无法取水。", why_busy: "饮水机正在为他人服务，请稍候。",
+    why_maintenance: "饮水机正在维护，暂时无法取水。", why_out_of_service: "饮水机暂停服务，暂时无法取水。",
+    why_low_balance: "余额不足，请先充值。", continue_at: "回到饮水机 {m} 继续取水",
+    agree_terms_pre: "我已阅读并同意", terms: "《用户协议》", privacy: "《隐私政策》", and: "和",
+    must_agree: "请先阅读并勾选同意《用户协议》和《隐私政策》。",
+    terms_title: "用户协议", privacy_title: "隐私政策", operator: "运营方", contact: "联系方式",
+    operator_unset: "（开发模式：运营方未配置）",
+    terms_body: [
+      "本服务由{op}提供：您在饮水机上扫码、登录并完成实名登记后，可以用账户余额按升购买饮用水。",
+      "<b>计费：</b>按饮水机屏幕显示的单价和实际计量的水量计费，精确到分；设备未确认开始的取水不收费。",
+      "<b>余额：</b>充值以支付平台的到账通知为准；注销账户时，剩余余额原路退回，不会作废。",
+      "<b>联系：</b>{contact}。"],
+    privacy_body: [
+      "个人信息处理者：{op}（{contact}）。",
+      "我们处理您的手机号（登录）、实名信息（法规要求的实名制取水，单独征得同意）和取水记录（计费与账单）。",
+      "证件号码与照片加密保存，照片在审核后删除；我们不出售您的个人信息，也不用于广告。",
+      "您可以在「我的」中查看信息、撤回同意或注销账户。"],
+    consent_handler: "个人信息处理者：{op}；联系方式：{contact}。",
+    after_submit: "提交后：", pending_next: "审核通过后即可充值取水，结果会显示在首页和「我的」中。",
+    gift_confirm: "用 {pts} 积分兑换「{name}」？兑换后积分不退还。", confirm_redeem: "确认兑换", cancel: "取消",
+    redeemed: "兑换成功", pickup_how: "请凭取货码向运营方工作人员领取礼品。如有疑问请联系：{contact}。",
+    order_no: "订单号", kind_payout: "余额退回",
+    delete_explain: "注销后将删除您的姓名、证件信息和手机号，且无法恢复；交易记录依法保留。",
+    delete_refund: "您的余额 ¥{amt} 将原路退回到充值时使用的支付账户，不会作废。如有疑问请联系：{contact}。",
+    delete_go: "注销账户", delete_go_refund: "注销并退回余额 ¥{amt}",
+    deleted_refund: "账户已注销。余额 ¥{amt} 将原路退回（退款单号 {id}）。",
+    status: "状态", back_prev: "返回",
     dev_banner: "开发模式：短信不会真正发送（验证码显示在登录页）；支付为沙箱，不扣真实款项。",
     scan_first: "请用手机扫描饮水机屏幕上的二维码。", machine: "饮水机", price: "单价", per_l: "元/升",
     water_temp: "水温", tds: "水质 TDS", online: "在线", offline: "离线", busy: "正在为他人服务",
@@ -36,17 +67,48 @@ const T = {
     quality: "水质", points_earned: "获得积分", refunded: "已退款", location: "地点", end_reason: "结束原因",
     points: "积分", rule: "规则", gifts: "礼品", redeem: "兑换", redemptions: "兑换记录", pickup: "取货码",
     no_gifts: "暂无礼品", account: "我的账户", logout: "退出登录", delete_account: "注销账户",
-    delete_confirm: "注销后将删除您的姓名、证件信息和手机号，且无法恢复。确定注销吗？",
-    forfeit_confirm: "您还有余额 {amt} 元，注销后余额作废。仍要注销吗？", deleted: "账户已注销。",
+    deleted: "账户已注销。",
     not_logged_in: "请先登录。", litre: "升", yuan: "元", min: "分钟", s: "秒", back: "返回首页",
-    points_unit: "分", stock: "库存", reason_stop_button: "按下停止按钮", reason_phone_stop: "手机停止",
+    points_unit: "积分", stock: "库存", reason_stop_button: "按下停止按钮", reason_phone_stop: "手机停止",
     reason_credit_exhausted: "额度用完", reason_max_volume: "达到单次上限", reason_idle: "长时间无水流",
     reason_max_duration: "达到最长时间", reason_cancelled: "手机或远程停止", reason_fault: "设备故障",
     reason_leak: "检测到漏水", reason_shutdown: "设备关机", reason_power_loss: "断电", ml_per_min: "毫升/分钟", registration: "实名状态",
     state_none: "未登记", state_pending: "审核中", state_verified: "已认证", state_rejected: "未通过",
   },
   en: {
-    nav_wallet: "Wallet", nav_bills: "Bills", nav_points: "Points", nav_account: "Me", lang: "中文",
+    nav_home: "Water", nav_wallet: "Wallet", nav_bills: "Bills", nav_points: "Points", nav_account: "Me", lang: "中文",
+    lang_label: "切换到中文", running_bar: "Pouring now", running_view: "View", running_where: "dispenser {m}",
+    running_open: "You have a pour running at dispenser {m}.", view_session: "View the pour",
+    held_note: "¥{amt} held for the pour that is running. When it ends you pay only for the water measured; the rest is released.",
+    step_login: "Log in", step_register: "Verify ID", step_topup: "Top up", step_pour: "Pour", steps_label: "Steps to your first pour",
+    why_offline: "The dispenser is offline: it cannot pour right now.", why_busy: "The dispenser is serving someone else: please wait.",
+    why_maintenance: "The dispenser is being serviced: it cannot pour right now.",
+    why_out_of_service: "The dispenser is out of service: it cannot pour right now.",
+    why_low_balance: "Your balance is too low: top up first.", continue_at: "Back to dispenser {m} to pour",
+    agree_terms_pre: "I have read and agree to the", terms: "User Agreement", privacy: "Privacy Policy", and: "and the",
+    must_agree: "Please read and tick your agreement to the User Agreement and the Privacy Policy first.",
+    terms_title: "User Agreement", privacy_title: "Privacy Policy", operator: "Operator", contact: "Contact",
+    operator_unset: "(development mode: no operator configured)",
+    terms_body: [
+      "This service is provided by {op}: after you scan a dispenser's code, log in and register your real name, you buy drinking water by the litre from your balance.",
+      "<b>Billing:</b> at the price the dispenser shows, for the water it measured, to the fen; a pour the dispenser never confirmed costs nothing.",
+      "<b>Balance:</b> a top-up counts when the payment provider confirms it; when you delete your account, the balance is paid back to where it came from, never forfeited.",
+      "<b>Contact:</b> {contact}."],
+    privacy_body: [
+      "Personal information handler: {op} ({contact}).",
+      "We process your mobile number (login), your real-name details (the law requires real-name water sales; asked for with separate consent) and your pours (billing and bills).",
+      "Document numbers and photos are stored encrypted and photos are deleted after review; we never sell your information or use it for advertising.",
+      "Under Me you can see your information, withdraw consent or delete your account."],
+    consent_handler: "Handler of your personal information: {op}; contact: {contact}.",
+    after_submit: "After you submit:", pending_next: "Once approved you can top up and pour; the result shows on the home page and under Me.",
+    gift_confirm: "Redeem {pts} points for \u201c{name}\u201d? Points are not returned after redeeming.", confirm_redeem: "Redeem", cancel: "Cancel",
+    redeemed: "Redeemed", pickup_how: "Show the pickup code to the operator's staff to collect the gift. Questions: {contact}.",
+    order_no: "Order number", kind_payout: "Balance paid back",
+    delete_explain: "Deleting erases your name, document and mobile number and cannot be undone; transaction records the law requires are kept.",
+    delete_refund: "Your balance of ¥{amt} is paid back to the payment account you topped up with, never forfeited. Questions: {contact}.",
+    delete_go: "Delete my account", delete_go_refund: "Delete and pay back ¥{amt}",
+    deleted_refund: "Your account is deleted. The balance of ¥{amt} will be paid back (refund {id}).",
+    status: "Status", back_prev: "Back",
     dev_banner: "Development mode: no real SMS is sent (the code shows on the login page); payments are a sandbox and move no money.",
     scan_first: "Scan the QR code on a dispenser's screen with your phone.", machine: "Dispenser", price: "Price",
     per_l: "yuan/L", water_temp: "Water temperature", tds: "Water quality (TDS)", online: "Online",
@@ -87,8 +149,7 @@ const T = {
     location: "Location", end_reason: "Ended by", points: "Points", rule: "Rule", gifts: "Gifts", redeem: "Redeem",
     redemptions: "Redemptions", pickup: "Pickup code", no_gifts: "No gifts yet", account: "My account",
     logout: "Log out", delete_account: "Delete my account",
-    delete_confirm: "Deleting erases your name, document and phone number and cannot be undone. Delete?",
-    forfeit_confirm: "Your balance of {amt} yuan will be lost. Delete anyway?", deleted: "Your account is deleted.",
+    deleted: "Your account is deleted.",
     not_logged_in: "Please log in first.", litre: "L", yuan: "yuan", min: "min", s: "s", back: "Home",
     points_unit: "pts", stock: "In stock", reason_stop_button: "Stop button", reason_phone_stop: "Phone stop",
     reason_credit_exhausted: "Credit used up", reason_max_volume: "Volume limit", reason_idle: "No flow",
@@ -123,7 +184,7 @@ let lang = localStorage.getItem("tapshare.lang") || "zh";
 let timers = [];
 const t = (k, vars) => {
   let s = (T[lang][k] ?? T.zh[k] ?? k);
-  if (vars && typeof s === "string") for (const [a, b] of Object.entries(vars)) s = s.replace(`{${a}}`, b);
+  if (vars && typeof s === "string") for (const [a, b] of Object.entries(vars)) s = s.replaceAll(`{${a}}`, b);
   return s;
 };
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
@@ -136,8 +197,13 @@ let clientConfig = {};
 class ApiError extends Error {
   constructor(status, body) { super(body.message || `HTTP ${status}`); this.status = status; this.code = body.error; this.body = body; }
 }
+const ERR_EN = {
+  session_open: "You have a pour running.", balance_remaining: "Your account still has a balance.",
+  network: "Network error: check your connection and try again.", machine_offline: "The dispenser is offline: nothing was charged.",
+};
 function errText(e) {
   if (lang === "zh" && e.code && ERR_ZH[e.code]) return ERR_ZH[e.code];
+  if (lang === "en" && e.code && ERR_EN[e.code]) return ERR_EN[e.code];
   return e.message || String(e);
 }
 async function api(method, path, body, extra = {}) {
@@ -162,16 +228,42 @@ async function api(method, path, body, extra = {}) {
 }
 
 function render(html) { view().innerHTML = html; }
-function showError(where, e) { const el = typeof where === "string" ? $(where) : where; if (el) el.textContent = errText(e); }
+function showError(where, e) {
+  const el = typeof where === "string" ? $(where) : where;
+  if (!el) return;
+  el.textContent = errText(e);
+  el.scrollIntoView({block: "nearest"});         // next to the action, and on screen
+}
 function clearTimers() { timers.forEach(clearInterval); timers = []; }
 function every(ms, fn) { fn(); timers.push(setInterval(fn, ms)); }
+function announce(text) { const a = $("#announce"); if (a && a.textContent !== text) a.textContent = text; }
+const operatorName = () => clientConfig.operator_name || t("operator_unset");
+const operatorContact = () => clientConfig.operator_contact || "—";
 
-function applyChrome() {
+function applyChrome(tab) {
   document.documentElement.lang = lang === "zh" ? "zh-CN" : "en";
   document.querySelectorAll("[data-t]").forEach((el) => { el.textContent = t(el.dataset.t); });
   $("#lang").textContent = t("lang");
+  $("#lang").setAttribute("aria-label", t("lang_label"));
+  document.querySelectorAll(".tabs a").forEach((a) => {
+    if (a.dataset.tab === tab) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
+  });
   const bar = $("#devbar");
   bar.hidden = !devMode; bar.textContent = t("dev_banner");
+}
+
+// Any page shows the pour that is running, with a way back to it (a person who left the page mid-pour).
+async function showRunning(me, onSessionPage) {
+  const bar = $("#running");
+  const r = me && me.running_session;
+  if (!r || onSessionPage) { bar.hidden = true; return; }
+  bar.hidden = false;
+  bar.innerHTML = `<span class="dot" aria-hidden="true"></span><span class="what">${t("running_bar")} · ${esc(t("running_where", {m: r.machine_id}))}</span>
+    <a href="#/session/${esc(r.session_id)}" id="running-view">${t("running_view")}</a>`;
+}
+async function refreshRunning(onSessionPage) {
+  if (!token()) { $("#running").hidden = true; return null; }
+  try { const me = await api("GET", "/api/v1/me"); showRunning(me, onSessionPage); return me; } catch { return null; }
 }
 
 // ---------------------------------------------------------------- the QR link: /m/<machine>?c=<code>
@@ -188,87 +280,152 @@ async function scanFromUrl() {
   } catch (e) { return e; }
 }
 
+function machineState(m) {
+  if (!m.online) return ["bad", "offline", "why_offline"];
+  if (m.state === "maintenance") return ["amber", "maintenance", "why_maintenance"];
+  if (m.state === "out_of_service") return ["bad", "out_of_service", "why_out_of_service"];
+  if (m.busy) return ["amber", "busy", "why_busy"];
+  return ["ok", "ready", null];
+}
 function machineCard(m) {
-  const state = !m.online ? `<span class="bad">${t("offline")}</span>` : m.state === "maintenance"
-    ? `<span class="amber">${t("maintenance")}</span>` : m.state === "out_of_service"
-    ? `<span class="bad">${t("out_of_service")}</span>` : m.busy ? `<span class="amber">${t("busy")}</span>`
-    : `<span class="ok">${t("ready")}</span>`;
+  const [cls, word] = machineState(m);
   return `<section class="card" id="machine"><h2>${t("machine")} ${esc(m.machine_id)}</h2>
-    <p class="muted">${esc(m.location)}</p>
+    <p class="muted addr">${esc(m.location)}</p>
     <div class="grid">
       <div class="stat"><span>${t("price")}</span><b id="price">${yuan(m.price_fen_per_l)} ${t("per_l")}</b></div>
-      <div class="stat"><span>${t("water_temp")}</span><b>${m.temp_c == null ? "—" : m.temp_c.toFixed(1) + " °C"}</b></div>
-      <div class="stat"><span>${t("tds")}</span><b>${m.tds_ppm == null ? "—" : m.tds_ppm + " ppm"}</b></div>
-      <div class="stat"><span>&nbsp;</span><b id="mstate">${state}</b></div>
+      <div class="stat"><span>${t("water_temp")}</span><b id="temp">${m.temp_c == null ? "—" : m.temp_c.toFixed(1) + " °C"}</b></div>
+      <div class="stat"><span>${t("tds")}</span><b id="tds">${m.tds_ppm == null ? "—" : m.tds_ppm + " ppm"}</b></div>
+      <div class="stat"><span>${t("status")}</span><b id="mstate" class="${cls}">${t(word)}</b></div>
     </div></section>`;
+}
+function stepper(done) {
+  const steps = ["login", "register", "topup", "pour"];
+  return `<ol class="stepper" aria-label="${t("steps_label")}">${steps.map((k, i) => {
+    const st = i < done ? "done" : i === done ? "now" : "todo";
+    return `<li class="${st}" ${st === "now" ? 'aria-current="step"' : ""}><span class="n">${st === "done" ? "✓" : i + 1}</span><span class="l">${t("step_" + k)}</span></li>`;
+  }).join("")}</ol>`;
 }
 
 async function home(scanError) {
   const v = visit();
   let html = "";
-  if (scanError) html += `<div class="card err" id="scan-error">${esc(errText(scanError))}</div>`;
+  if (scanError) html += `<div class="card err" id="scan-error" role="alert">${esc(errText(scanError))}</div>`;
   html += v ? machineCard(v.machine) : `<section class="card"><p>${t("scan_first")}</p></section>`;
-  html += `<section class="card" id="next"><h2>${t("step")}</h2><div id="next-body"></div><p class="err" id="start-error"></p></section>`;
+  html += `<section class="card" id="next"><h2>${t("step")}</h2><div id="stepper"></div><div id="next-body"></div></section>`;
   render(html);
   const body = $("#next-body");
-  if (!token()) { body.innerHTML = `<a class="button" id="go-login" href="#/login">${t("login_first")}</a>`; return; }
+  if (!token()) {
+    $("#stepper").innerHTML = stepper(0);
+    body.innerHTML = `<a class="button" id="go-login" href="#/login">${t("login_first")}</a>`;
+    return;
+  }
   let me;
-  try { me = await api("GET", "/api/v1/me"); } catch (e) { showError("#start-error", e); if (!token()) home(); return; }
+  try { me = await api("GET", "/api/v1/me"); } catch (e) {
+    body.innerHTML = `<p class="err" id="start-error" role="alert"></p>`; showError("#start-error", e); if (!token()) home(); return;
+  }
+  showRunning(me, false);
+  if (me.running_session) {                       // a pour is running: that comes first, whatever was scanned
+    const r = me.running_session;
+    body.innerHTML = `<p id="running-note">${esc(t("running_open", {m: r.machine_id}))}</p>
+      ${me.held_fen > 0 ? `<p class="note" id="held-note">${esc(t("held_note", {amt: yuan(me.held_fen)}))}</p>` : ""}
+      <a class="button" id="go-session" href="#/session/${esc(r.session_id)}">${t("view_session")}</a>`;
+    return;
+  }
   if (!me.registered) {
+    $("#stepper").innerHTML = stepper(1);
     const st = me.identity_state;
     if (st === "pending") {
       const idv = await api("GET", "/api/v1/me/identity");
-      body.innerHTML = `<p class="amber">${t("review_pending")}</p><p class="muted">${esc(idv.review_hint[lang])}</p>`;
+      body.innerHTML = `<p class="amber" id="review-pending">${t("review_pending")}</p><p class="muted">${esc(idv.review_hint[lang])}</p>
+        <p class="muted">${t("pending_next")}</p>`;
     } else {
       body.innerHTML = (st === "rejected" ? `<p class="bad">${t("rejected")}</p>` : "") +
         `<a class="button" id="go-register" href="#/consent">${t("register_first")}</a>`;
     }
     return;
   }
+  if (me.available_fen <= 0 && !me.bills.length) $("#stepper").innerHTML = stepper(2);
   const bal = `<p>${t("balance")}: <b id="balance">¥${yuan(me.available_fen)}</b></p>`;
   if (me.arrears_fen > 0) {
     body.innerHTML = `<p class="bad" id="arrears">${t("arrears_msg")} ${t("arrears")}: ¥${yuan(me.arrears_fen)}</p>
       <a class="button" href="#/wallet">${t("topup")}</a>`;
     return;
   }
-  if (!v) { body.innerHTML = bal + `<p class="muted">${t("scan_first")}</p>`; return; }
-  const usable = v.machine.online && !v.machine.busy && !["maintenance", "out_of_service"].includes(v.machine.state);
-  body.innerHTML = bal + `<button id="start" ${usable ? "" : "disabled"}>${t("start")} · ${yuan(v.machine.price_fen_per_l)} ${t("per_l")}</button>
-    <a class="button secondary" href="#/wallet">${t("topup")}</a>`;
+  if (!v) { body.innerHTML = bal + `<p class="muted">${t("scan_first")}</p><a class="button secondary" href="#/wallet">${t("topup")}</a>`; return; }
+  body.innerHTML = bal + `<p class="err" id="start-error" role="alert"></p><p class="muted" id="start-why"></p>
+    <button id="start">${t("start")} · ${yuan(v.machine.price_fen_per_l)} ${t("per_l")}</button>
+    <a class="button secondary" id="go-topup" href="#/wallet">${t("topup")}</a>`;
+  const lowBalance = me.available_fen < Math.max(1, Math.floor(v.machine.price_fen_per_l / 50));
+  const update = (m) => {               // the machine's state as of a second ago: Start says why it cannot work
+    const [cls, word, why] = machineState(m);
+    const st = $("#mstate"); if (!st) return;
+    st.className = cls; st.textContent = t(word);
+    $("#price").textContent = `${yuan(m.price_fen_per_l)} ${t("per_l")}`;
+    $("#temp").textContent = m.temp_c == null ? "—" : m.temp_c.toFixed(1) + " °C";
+    $("#tds").textContent = m.tds_ppm == null ? "—" : m.tds_ppm + " ppm";
+    const reason = why ? t(why) : lowBalance ? t("why_low_balance") : "";
+    $("#start-why").textContent = reason;
+    $("#start").disabled = Boolean(reason) || $("#start").dataset.busy === "1";
+    $("#go-topup").className = lowBalance ? "button" : "button secondary";
+  };
+  update(v.machine);
   $("#start").onclick = () => startSession(v);
+  every(1000, async () => {
+    try {
+      const m = await api("GET", `/api/v1/machines/${encodeURIComponent(v.machine.machine_id)}`);
+      if (m.price_fen_per_l !== v.machine.price_fen_per_l && $("#start")) {
+        $("#start").textContent = `${t("start")} · ${yuan(m.price_fen_per_l)} ${t("per_l")}`;
+      }
+      v.machine = {...v.machine, ...m};
+      sessionStorage.setItem("tapshare.visit", JSON.stringify(v));
+      update(v.machine);
+    } catch { /* the next poll tries again; the start itself says what is wrong */ }
+  });
 }
 
 async function startSession(v) {
-  const btn = $("#start"); btn.disabled = true;
+  const btn = $("#start"); btn.disabled = true; btn.dataset.busy = "1";
+  $("#start-error").textContent = "";
   try {
     const r = await api("POST", "/api/v1/sessions", {presence_token: v.presence_token,
                                                      expected_price_fen_per_l: v.machine.price_fen_per_l});
     location.hash = `#/session/${r.session_id}`;
   } catch (e) {
-    btn.disabled = false;
+    btn.dataset.busy = ""; btn.disabled = false;
     if (e.code === "price_changed") {
       v.machine.price_fen_per_l = e.body.price_fen_per_l;
       sessionStorage.setItem("tapshare.visit", JSON.stringify(v));
       $("#price").textContent = `${yuan(v.machine.price_fen_per_l)} ${t("per_l")}`;
-      $("#start").textContent = `${t("start")} · ${yuan(v.machine.price_fen_per_l)} ${t("per_l")}`;
+      btn.textContent = `${t("start")} · ${yuan(v.machine.price_fen_per_l)} ${t("per_l")}`;
       $("#start-error").textContent = t("confirm_price");
+      return;
+    }
+    if (e.code === "session_open" && e.body.session_id) {
+      $("#start-error").innerHTML = `${esc(errText(e))} <a href="#/session/${esc(e.body.session_id)}" id="to-running">${t("view_session")}</a>`;
       return;
     }
     showError("#start-error", e);
   }
 }
 
-// ---------------------------------------------------------------- login
+// ---------------------------------------------------------------- login, agreement and privacy policy
 async function loginView() {
   render(`<section class="card"><h1>${t("login")}</h1>
     <label for="phone">${t("phone")}</label><input id="phone" type="tel" inputmode="numeric" autocomplete="tel" maxlength="16" placeholder="13800000000">
     <button id="send" class="secondary">${t("send_code")}</button>
     <label for="code">${t("code")}</label><input id="code" inputmode="numeric" autocomplete="one-time-code" maxlength="6">
-    <p class="err" id="login-error"></p><button id="login">${t("login")}</button></section>
+    <div class="check"><input type="checkbox" id="agree-terms"><label for="agree-terms">${t("agree_terms_pre")}
+      <a href="#/terms" id="terms-link">${t("terms")}</a>${t("and")}<a href="#/privacy" id="privacy-link">${t("privacy")}</a></label></div>
+    <p class="err" id="login-error" role="alert"></p><button id="login">${t("login")}</button></section>
     <section class="card" id="sms-inbox" hidden><h2>${t("dev_sms")}</h2><div id="sms-list" class="muted"></div></section>`);
+  const agreed = () => {
+    if ($("#agree-terms").checked) return true;
+    $("#login-error").textContent = t("must_agree"); $("#agree-terms").focus(); return false;
+  };
   let countdown = 0;
   $("#send").onclick = async () => {
     $("#login-error").textContent = "";
+    if (!agreed()) return;
     try {
       const r = await api("POST", "/api/v1/auth/sms-code", {phone: $("#phone").value});
       countdown = r.resend_after_s;
@@ -280,6 +437,7 @@ async function loginView() {
   };
   $("#login").onclick = async () => {
     $("#login-error").textContent = "";
+    if (!agreed()) return;
     try {
       const r = await api("POST", "/api/v1/auth/login", {phone: $("#phone").value, code: $("#code").value});
       localStorage.setItem("tapshare.token", r.token);
@@ -295,6 +453,13 @@ async function showDevInbox(phone) {
     $("#sms-list").innerHTML = r.messages.length ? r.messages.map((m) => `<p class="sms">${esc(m.text)}</p>`).join("") : t("no_sms");
   } catch { /* not a development server */ }
 }
+function policyView(which) {
+  const vars = {op: esc(operatorName()), contact: esc(operatorContact())};
+  render(`<section class="card policy" id="${which}"><h1>${t(which + "_title")}</h1>
+    ${t(which + "_body").map((p) => `<p>${p.replaceAll("{op}", vars.op).replaceAll("{contact}", vars.contact)}</p>`).join("")}
+    <button class="secondary" id="policy-back">${t("back_prev")}</button></section>`);
+  $("#policy-back").onclick = () => history.back();
+}
 
 // ---------------------------------------------------------------- consent and registration (s4)
 async function consentView() {
@@ -302,9 +467,10 @@ async function consentView() {
   const idv = await api("GET", "/api/v1/me/identity");
   if (idv.consent_given) { location.hash = "#/register"; return; }
   render(`<section class="card consent"><h1>${t("consent_title")}</h1>
+    <p id="handler">${esc(t("consent_handler", {op: operatorName(), contact: operatorContact()}))}</p>
     ${t("consent_body").map((p) => `<p>${p.replace("{days}", String(idv.photo_retention_days))}</p>`).join("")}
-    <p class="muted">v${esc(idv.consent_version)}</p><p class="err" id="consent-error"></p>
-    <button id="agree">${t("consent_agree")}</button><a class="button secondary" href="#/">${t("consent_decline")}</a></section>`);
+    <p class="muted">v${esc(idv.consent_version)}</p><p class="err" id="consent-error" role="alert"></p>
+    <button id="agree">${t("consent_agree")}</button><a class="button quiet" id="decline" href="#/">${t("consent_decline")}</a></section>`);
   $("#agree").onclick = async () => {
     try { await api("POST", "/api/v1/me/consent", {version: idv.consent_version, agree: true}); location.hash = "#/register"; }
     catch (e) { showError("#consent-error", e); }
@@ -332,15 +498,15 @@ async function registerView() {
     <p class="muted" id="doc-note" hidden>${t("manual_note")}</p>
     <label for="docnum">${t("doc_number")}</label><input id="docnum" maxlength="20" autocomplete="off">
     <label for="photo">${t("photo")}</label><input id="photo" type="file" accept="image/jpeg,image/png">
-    <p class="note">${esc(idv.review_hint[lang])}</p>
-    <p class="err" id="reg-error"></p><button id="submit">${t("submit")}</button></section>`);
+    <p class="note">${t("after_submit")} ${esc(idv.review_hint[lang])}</p>
+    <p class="err" id="reg-error" role="alert"></p><button id="submit">${t("submit")}</button></section>`);
   $("#doctype").onchange = () => { $("#doc-note").hidden = $("#doctype").value === "resident_id"; };
   $("#submit").onclick = async () => {
     $("#reg-error").textContent = "";
     const docType = $("#doctype").value, number = $("#docnum").value;
-    if (docType === "resident_id" && !residentIdOk(number)) { $("#reg-error").textContent = t("id_bad"); return; }
+    if (docType === "resident_id" && !residentIdOk(number)) { showError("#reg-error", {message: t("id_bad")}); return; }
     const file = $("#photo").files[0];
-    if (!file) { $("#reg-error").textContent = errText({code: "not_an_image", message: "choose a photo"}); return; }
+    if (!file) { showError("#reg-error", {code: "not_an_image", message: "choose a photo"}); return; }
     $("#submit").disabled = true;
     try {
       const photo = await api("PUT", "/api/v1/me/id-photo", file);
@@ -363,13 +529,15 @@ async function walletView(params) {
   if (!token()) { location.hash = "#/login"; return; }
   const w = await api("GET", "/api/v1/me/wallet");
   const amounts = [1000, 2000, 5000, 10000];
+  const v = visit();
   render(`<section class="card"><h1>${t("wallet")}</h1>
       <div class="grid"><div class="stat"><span>${t("available")}</span><b id="available">¥${yuan(w.available_fen)}</b></div>
-      <div class="stat"><span>${t("held")}</span><b>¥${yuan(w.held_fen)}</b></div></div>
+      <div class="stat"><span>${t("held")}</span><b id="held">¥${yuan(w.held_fen)}</b></div></div>
+      ${w.held_fen > 0 ? `<p class="note" id="held-note">${esc(t("held_note", {amt: yuan(w.held_fen)}))}</p>` : ""}
       ${w.arrears_fen > 0 ? `<p class="bad" id="arrears">${t("arrears")}: ¥${yuan(w.arrears_fen)}</p>` : ""}
-      <div id="order-state"></div></section>
+      <div id="order-state" aria-live="polite"></div></section>
     <section class="card"><h2>${t("topup")}</h2><div class="amounts">${amounts.map((a) => `<button class="secondary amt" data-fen="${a}">¥${a / 100}</button>`).join("")}</div>
-      <p class="err" id="topup-error"></p>${w.sandbox ? `<p class="muted">${t("dev_banner")}</p>` : ""}</section>
+      <p class="err" id="topup-error" role="alert"></p>${w.sandbox ? `<p class="muted">${t("dev_banner")}</p>` : ""}</section>
     <section class="card"><h2>${t("history")}</h2><ul class="list" id="entries">${entriesHtml(w.entries)}</ul></section>`);
   document.querySelectorAll("button.amt").forEach((b) => { b.onclick = async () => {
     try {
@@ -383,11 +551,16 @@ async function walletView(params) {
     every(700, async () => {
       try {
         const o = await api("GET", `/api/v1/me/topups/${encodeURIComponent(orderId)}`);
-        if (o.state === "paid") { clearTimers(); box.innerHTML = `<p class="ok" id="paid">${t("paid")} ¥${yuan(o.amount_fen)}</p>`;
+        if (o.state === "paid") {
+          clearTimers();
+          // back to the machine the person was standing at, if the visit is still good
+          const back = v && Date.now() - v.at < 4.5 * 60_000
+            ? `<a class="button" id="continue" href="#/">${esc(t("continue_at", {m: v.machine.machine_id}))}</a>` : "";
+          box.innerHTML = `<p class="ok" id="paid">${t("paid")} ¥${yuan(o.amount_fen)}</p>${back}`;
           const w2 = await api("GET", "/api/v1/me/wallet"); $("#available").textContent = `¥${yuan(w2.available_fen)}`;
-          $("#entries").innerHTML = entriesHtml(w2.entries); }
-        else if (o.state === "closed") { clearTimers(); box.innerHTML = `<p class="bad">${t("order_closed")}</p>`; }
-        else box.innerHTML = `<p class="amber" id="paying">${t("paying")}</p><p class="muted">${t("return_note")}</p>`;
+          $("#entries").innerHTML = entriesHtml(w2.entries);
+        } else if (o.state === "closed") { clearTimers(); box.innerHTML = `<p class="bad">${t("order_closed")}</p>`; }
+        else if (!$("#paying")) box.innerHTML = `<p class="amber" id="paying">${t("paying")}</p><p class="muted">${t("return_note")}</p>`;
       } catch (e) { clearTimers(); showError(box, e); }
     });
   }
@@ -396,29 +569,47 @@ async function walletView(params) {
 // ---------------------------------------------------------------- live session
 function sessionView(id) {
   render(`<section class="card" id="live"><h1>${t("session")}</h1><div id="live-body"><p>${t("waiting_valve")}</p></div>
-    <p class="err" id="live-error"></p></section>`);
-  let stopping = false;
+    <p class="err" id="live-error" role="alert"></p></section>`);
+  announce(t("waiting_valve"));
+  let stopping = false, built = false;
   every(500, async () => {
     let s;
     try { s = await api("GET", `/api/v1/sessions/${encodeURIComponent(id)}`); } catch (e) { showError("#live-error", e); return; }
     const body = $("#live-body"); if (!body) return;
-    if (s.state === "voided") { clearTimers(); body.innerHTML = `<p class="big ok">¥0.00</p><p id="voided">${t("voided")}</p><a class="button" href="#/">${t("back")}</a>`; return; }
-    if (s.state === "ended" && s.bill) { clearTimers(); $("#live h1").textContent = t("bill"); body.innerHTML = `<h2>${t("ended")}</h2>` + billHtml(s.bill) + `<a class="button" href="#/">${t("back")}</a>`; return; }
+    $("#live-error").textContent = "";
+    if (s.state === "voided") {
+      clearTimers(); body.innerHTML = `<p class="big ok">¥0.00</p><p id="voided">${t("voided")}</p><a class="button" href="#/">${t("back")}</a>`;
+      announce(t("voided")); return;
+    }
+    if (s.state === "ended" && s.bill) {
+      clearTimers(); $("#live h1").textContent = t("bill");
+      body.innerHTML = `<h2>${t("ended")}</h2>` + billHtml(s.bill) + `<a class="button" href="#/">${t("back")}</a>`;
+      announce(`${t("ended")}: ¥${yuan(s.bill.amount_fen)}`); refreshRunning(false); return;
+    }
     if (s.state === "ended") return;       // the report is on its way
-    if (s.state === "starting" || !s.progress) { body.innerHTML = `<p>${t("waiting_valve")}</p>`; return; }
+    if (s.state === "starting" || !s.progress) return;
     const p = s.progress, pct = Math.min(100, Math.round(100 * p.cost_fen / Math.max(1, s.credit_limit_fen)));
-    body.innerHTML = `<div class="grid"><div class="stat"><span>${t("volume")}</span><b class="big" id="vol">${(p.volume_ml / 1000).toFixed(3)}</b><span>${t("litre")}</span></div>
-      <div class="stat"><span>${t("cost")}</span><b class="big" id="cost">${yuan(p.cost_fen)}</b><span>${t("yuan")}</span></div>
-      <div class="stat"><span>${t("flow")}</span><b>${p.flow_ml_per_min}</b><span>${t("ml_per_min")}</span></div>
-      <div class="stat"><span>${t("remaining")}</span><b>¥${yuan(Math.max(0, s.credit_limit_fen - p.cost_fen))}</b></div></div>
-      <div class="bar"><div id="bar-fill"></div></div>
-      <p class="note" id="press-stop">${t("press_stop")}</p>
-      <button class="danger" id="stop" ${stopping ? "disabled" : ""}>${stopping ? t("stopping") : t("stop_phone")}</button>`;
+    if (!built) {              // built once, then only the numbers change: a screen reader is not re-read every 500 ms
+      built = true;
+      announce(t("session"));
+      body.innerHTML = `<div class="grid"><div class="stat"><span>${t("volume")}</span><b class="big" id="vol"></b><span>${t("litre")}</span></div>
+        <div class="stat"><span>${t("cost")}</span><b class="big" id="cost"></b><span>${t("yuan")}</span></div>
+        <div class="stat"><span>${t("flow")}</span><b id="flow"></b><span>${t("ml_per_min")}</span></div>
+        <div class="stat"><span>${t("remaining")}</span><b id="left"></b></div></div>
+        <div class="bar" role="presentation"><div id="bar-fill"></div></div>
+        <p class="note" id="press-stop">${t("press_stop")}</p>
+        <button class="danger" id="stop">${t("stop_phone")}</button>`;
+      $("#stop").onclick = async () => {
+        stopping = true; $("#stop").disabled = true; $("#stop").textContent = t("stopping"); announce(t("stopping"));
+        try { await api("POST", `/api/v1/sessions/${encodeURIComponent(id)}/stop`); } catch (e) { showError("#live-error", e); }
+      };
+    }
+    $("#vol").textContent = (p.volume_ml / 1000).toFixed(3);
+    $("#cost").textContent = yuan(p.cost_fen);
+    $("#flow").textContent = String(p.flow_ml_per_min);
+    $("#left").textContent = `¥${yuan(Math.max(0, s.credit_limit_fen - p.cost_fen))}`;
     $("#bar-fill").style.width = `${pct}%`;          // CSSOM, not an inline style attribute (CSP)
-    $("#stop").onclick = async () => {
-      stopping = true; $("#stop").disabled = true; $("#stop").textContent = t("stopping");
-      try { await api("POST", `/api/v1/sessions/${encodeURIComponent(id)}/stop`); } catch (e) { showError("#live-error", e); }
-    };
+    if (stopping) $("#stop").disabled = true;
   });
 }
 
@@ -428,17 +619,18 @@ function billHtml(b) {
   const mins = Math.floor(b.duration_ms / 60000), secs = Math.floor((b.duration_ms % 60000) / 1000);
   return `<div class="card bill" id="bill"><p class="big">¥${yuan(b.amount_fen)}</p><dl class="kv">
     <dt>${t("time")}</dt><dd>${esc(b.started_local)}</dd>
-    <dt>${t("location")}</dt><dd>${esc(b.location || b.machine_id)}</dd>
+    <dt>${t("location")}</dt><dd class="wrap" id="bill-location">${esc(b.location || b.machine_id)}</dd>
+    <dt>${t("machine")}</dt><dd>${esc(b.machine_id)}</dd>
     <dt>${t("duration")}</dt><dd>${mins ? mins + " " + t("min") + " " : ""}${secs} ${t("s")}</dd>
     <dt>${t("volume")}</dt><dd id="bill-volume">${(b.volume_ml / 1000).toFixed(3)} ${t("litre")}</dd>
     <dt>${t("avg_flow")}</dt><dd>${b.avg_flow_ml_per_min} ${t("ml_per_min")}</dd>
     <dt>${t("price")}</dt><dd>${yuan(b.price_fen_per_l)} ${t("per_l")}</dd>
     <dt>${t("water_temp")}</dt><dd>${wq.temp_start_c == null ? "—" : Number(wq.temp_start_c).toFixed(1) + " °C"}</dd>
     <dt>${t("tds")}</dt><dd>${wq.tds_measured === false || wq.tds_ppm == null ? "—" : wq.tds_ppm + " ppm"}</dd>
-    <dt>${t("end_reason")}</dt><dd>${esc(t("reason_" + b.end_reason))}</dd>
-    <dt>${t("points_earned")}</dt><dd>+${b.points}</dd>
+    <dt>${t("end_reason")}</dt><dd class="wrap">${esc(t("reason_" + b.end_reason))}</dd>
+    <dt>${t("points_earned")}</dt><dd>+${b.points} ${t("points_unit")}</dd>
     ${b.refunded_fen ? `<dt>${t("refunded")}</dt><dd class="ok">¥${yuan(b.refunded_fen)}</dd>` : ""}
-  </dl><p class="muted">${esc(b.timezone)}</p></div>`;
+  </dl><p class="muted order">${t("order_no")} <span class="mono" id="bill-order">${esc(b.session_id)}</span></p></div>`;
 }
 async function billsView() {
   if (!token()) { location.hash = "#/login"; return; }
@@ -452,23 +644,40 @@ async function billView(id) {
 }
 
 // ---------------------------------------------------------------- points and gifts (s6)
-async function pointsView() {
+async function pointsView(justRedeemed) {
   if (!token()) { location.hash = "#/login"; return; }
   const [pts, gifts, reds] = await Promise.all([api("GET", "/api/v1/me/points"), api("GET", "/api/v1/gifts"),
                                                 api("GET", "/api/v1/me/redemptions")]);
   const name = (g) => (lang === "zh" ? g.name_zh : g.name_en);
+  const byId = Object.fromEntries(gifts.gifts.map((g) => [g.gift_id, g]));
   render(`<section class="card"><h1>${t("points")}</h1><p class="big" id="points">${pts.points}</p><p class="muted">${t("rule")}: ${lang === "zh" ? "每消费 1 元得 1 积分（不足 1 元不计）" : esc(pts.rule)}</p></section>
-    <section class="card"><h2>${t("gifts")}</h2><p class="err" id="redeem-error"></p>${gifts.gifts.length ? `<ul class="list">${gifts.gifts.map((g) =>
-      `<li><span>${esc(name(g))}<br><small class="muted">${g.points_cost} ${t("points_unit")} · ${t("stock")} ${g.stock}</small></span><span><button class="secondary redeem" data-gift="${esc(g.gift_id)}" ${pts.points >= g.points_cost && g.stock > 0 ? "" : "disabled"}>${t("redeem")}</button></span></li>`).join("")}</ul>` : `<p class="muted">${t("no_gifts")}</p>`}</section>
+    ${justRedeemed ? `<section class="card" id="redeemed" role="status"><h2 class="ok">${t("redeemed")}</h2><p>${esc(name(justRedeemed))}</p>
+      <p>${t("pickup")}: <b class="code" id="pickup-code">${esc(justRedeemed.pickup_code)}</b></p>
+      <p class="note">${esc(t("pickup_how", {contact: operatorContact()}))}</p></section>` : ""}
+    <section class="card"><h2>${t("gifts")}</h2><p class="err" id="redeem-error" role="alert"></p>${gifts.gifts.length ? `<ul class="list gifts">${gifts.gifts.map((g) =>
+      `<li><span class="gift-name">${esc(name(g))}<br><small class="muted">${g.points_cost} ${t("points_unit")} · ${t("stock")} ${g.stock}</small></span><span class="act"><button class="secondary redeem" data-gift="${esc(g.gift_id)}" ${pts.points >= g.points_cost && g.stock > 0 ? "" : "disabled"}>${t("redeem")}</button></span></li>`).join("")}</ul>` : `<p class="muted">${t("no_gifts")}</p>`}
+      <div id="confirm-box" hidden></div></section>
     <section class="card"><h2>${t("redemptions")}</h2><ul class="list" id="redemptions">${reds.redemptions.map((r) =>
-      `<li><span>${esc(name(r))}</span><span>${t("pickup")} <b>${esc(r.pickup_code)}</b></span></li>`).join("")}</ul></section>
+      `<li><span>${esc(name(r))}</span><span class="nowrap">${t("pickup")} <b>${esc(r.pickup_code)}</b></span></li>`).join("")}</ul></section>
     <section class="card"><h2>${t("history")}</h2><ul class="list">${pts.history.map((h) =>
       `<li><span>${h.kind === "earn" ? t("points_earned") : esc(h.note)}</span><b>${h.delta > 0 ? "+" : ""}${h.delta}</b></li>`).join("")}</ul></section>`);
-  document.querySelectorAll("button.redeem").forEach((b) => { b.onclick = async () => {
-    b.disabled = true;
-    const requestId = "web-" + crypto.getRandomValues(new Uint32Array(2)).join("-");
-    try { await api("POST", `/api/v1/gifts/${encodeURIComponent(b.dataset.gift)}/redeem`, {request_id: requestId}); pointsView(); }
-    catch (e) { showError("#redeem-error", e); b.disabled = false; }
+  document.querySelectorAll("button.redeem").forEach((b) => { b.onclick = () => {
+    const g = byId[b.dataset.gift];              // a confirm step: points are spent for good
+    const box = $("#confirm-box");
+    box.hidden = false;
+    box.innerHTML = `<p id="confirm-text">${esc(t("gift_confirm", {pts: g.points_cost, name: name(g)}))}</p>
+      <button id="confirm-redeem">${t("confirm_redeem")}</button><button class="quiet" id="cancel-redeem">${t("cancel")}</button>`;
+    box.scrollIntoView({block: "nearest"});
+    $("#cancel-redeem").onclick = () => { box.hidden = true; box.innerHTML = ""; };
+    $("#confirm-redeem").onclick = async () => {
+      $("#confirm-redeem").disabled = true;
+      const requestId = "web-" + crypto.getRandomValues(new Uint32Array(2)).join("-");
+      try {
+        const r = await api("POST", `/api/v1/gifts/${encodeURIComponent(g.gift_id)}/redeem`, {request_id: requestId});
+        await pointsView(r);
+        $("#redeemed").scrollIntoView({block: "start"});
+      } catch (e) { showError("#redeem-error", e); box.hidden = true; }
+    };
   }; });
 }
 
@@ -476,38 +685,55 @@ async function pointsView() {
 async function accountView() {
   if (!token()) { render(`<section class="card"><p>${t("not_logged_in")}</p><a class="button" href="#/login">${t("login")}</a></section>`); return; }
   const [me, idv] = await Promise.all([api("GET", "/api/v1/me"), api("GET", "/api/v1/me/identity")]);
+  showRunning(me, false);
   render(`<section class="card"><h1>${t("account")}</h1><dl class="kv">
       <dt>${t("phone")}</dt><dd>${esc(me.phone_masked)}</dd>
-      <dt>${t("registration")}</dt><dd id="id-state">${t("state_" + idv.state)}</dd>
+      <dt>${t("registration")}</dt><dd id="id-state">${t("state_" + (me.registered ? "verified" : idv.state))}</dd>
       ${idv.number_masked ? `<dt>${t("doc_number")}</dt><dd>${esc(idv.number_masked)}</dd><dt>${t("legal_name")}</dt><dd>${esc(idv.name_masked)}</dd>` : ""}
       <dt>${t("balance")}</dt><dd>¥${yuan(me.available_fen)}</dd><dt>${t("points")}</dt><dd>${me.points}</dd></dl>
-      ${idv.state === "pending" ? `<p class="note">${esc(idv.review_hint[lang])}</p>` : ""}</section>
-    <section class="card"><p class="err" id="acct-error"></p><button class="secondary" id="logout">${t("logout")}</button>
-      <button class="danger" id="delete">${t("delete_account")}</button></section>`);
+      ${idv.state === "pending" ? `<p class="note" id="pending-hint">${esc(idv.review_hint[lang])}<br>${t("pending_next")}</p>` : ""}</section>
+    <section class="card"><p class="muted">${t("operator")}: ${esc(operatorName())} · ${t("contact")}: ${esc(operatorContact())}</p>
+      <p><a href="#/terms">${t("terms")}</a> · <a href="#/privacy">${t("privacy")}</a></p></section>
+    <section class="card"><p class="err" id="acct-error" role="alert"></p><button class="secondary" id="logout">${t("logout")}</button>
+      <button class="quiet danger-text" id="delete">${t("delete_account")}</button><div id="delete-box" hidden></div></section>`);
   $("#logout").onclick = async () => { try { await api("POST", "/api/v1/auth/logout"); } catch { /* gone already */ }
     localStorage.removeItem("tapshare.token"); location.hash = "#/"; };
-  $("#delete").onclick = async () => {
-    if (!confirm(t("delete_confirm"))) return;
-    let forfeit = false;
-    if (me.available_fen > 0) { if (!confirm(t("forfeit_confirm", {amt: yuan(me.available_fen)}))) return; forfeit = true; }
-    try {
-      await api("DELETE", "/api/v1/me", {confirm: true, forfeit_balance: forfeit});
-      localStorage.removeItem("tapshare.token");
-      render(`<section class="card"><p>${t("deleted")}</p></section>`);
-    } catch (e) { showError("#acct-error", e); }
+  $("#delete").onclick = () => {
+    const box = $("#delete-box"), amt = yuan(Math.max(0, me.available_fen));
+    box.hidden = false;
+    box.innerHTML = `<p>${t("delete_explain")}</p>
+      ${me.available_fen > 0 ? `<p class="note" id="refund-note">${esc(t("delete_refund", {amt, contact: operatorContact()}))}</p>` : ""}
+      <button class="danger" id="delete-go">${me.available_fen > 0 ? esc(t("delete_go_refund", {amt})) : t("delete_go")}</button>
+      <button class="quiet" id="delete-cancel">${t("cancel")}</button>`;
+    box.scrollIntoView({block: "nearest"});
+    $("#delete-cancel").onclick = () => { box.hidden = true; };
+    $("#delete-go").onclick = async () => {
+      try {
+        const r = await api("DELETE", "/api/v1/me", {confirm: true, refund_balance: me.available_fen > 0});
+        localStorage.removeItem("tapshare.token");
+        $("#running").hidden = true;
+        render(`<section class="card" id="deleted"><p>${r.refund_fen > 0 ? esc(t("deleted_refund", {amt: yuan(r.refund_fen), id: r.refund_id})) : t("deleted")}</p></section>`);
+      } catch (e) { showError("#acct-error", e); }
+    };
   };
 }
 
 // ---------------------------------------------------------------- router
+const TAB_OF = {"": "home", login: "home", consent: "home", register: "home", session: "home", wallet: "wallet",
+                bills: "bills", bill: "bills", points: "points", account: "account", terms: "account", privacy: "account"};
 async function route(scanError) {
   clearTimers();
-  applyChrome();
   const [path, query] = (location.hash.slice(1) || "/").split("?");
   const params = new URLSearchParams(query || "");
   const parts = path.split("/").filter(Boolean);
+  applyChrome(TAB_OF[parts[0] || ""] || "home");
+  if (!["", "account"].includes(parts[0] || "")) refreshRunning(parts[0] === "session");
+  else if (!token()) $("#running").hidden = true;
+  window.scrollTo(0, 0);
   try {
     if (!parts.length) await home(scanError);
     else if (parts[0] === "login") await loginView();
+    else if (parts[0] === "terms" || parts[0] === "privacy") policyView(parts[0]);
     else if (parts[0] === "consent") await consentView();
     else if (parts[0] === "register") await registerView();
     else if (parts[0] === "wallet") await walletView(params);
@@ -518,7 +744,7 @@ async function route(scanError) {
     else if (parts[0] === "account") await accountView();
     else await home();
   } catch (e) {
-    render(`<section class="card"><p class="err">${esc(errText(e))}</p><a class="button" href="#/">${t("back")}</a></section>`);
+    render(`<section class="card"><p class="err" role="alert">${esc(errText(e))}</p><a class="button" href="#/">${t("back")}</a></section>`);
   }
 }
 
