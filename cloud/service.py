@@ -406,7 +406,7 @@ class Sessions:
                                price_fen_per_l=m["price_fen_per_l"], credit_limit_fen=credit,
                                max_volume_ml=m["max_volume_ml"], max_duration_ms=m["max_duration_ms"],
                                max_idle_ms=m["max_idle_ms"], deadline_ms=deadline,
-                               min_dispense_ml=m["min_dispense_ml"])
+                               min_dispense_ml=m["min_dispense_ml"], balance_fen=available)
             command_id = Commands.queue(conn, machine_id, "start", now_ms, ttl_ms=GRANT_DEADLINE_MS, grant=grant,
                                         session_id=session_id)
             conn.execute(insert(t.sessions).values(

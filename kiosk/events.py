@@ -79,6 +79,7 @@ class Grant:
     max_idle_ms: int
     expires_at_ms: int
     min_dispense_ml: int | None = None
+    balance_fen: int | None = None      # the person's balance when granted (None: unknown), for the receipt
 
 
 # ---------------------------------------------------------------- events (inputs)

@@ -202,6 +202,7 @@ class Snapshot:
     progress_permille: int = 0
     elapsed_ms: int = 0
     receipt: SessionRecord | None = None
+    receipt_balance_fen: int | None = None   # what the person has left after this pour (None: not known here)
     last_rejection: str | None = None     # why the last start was refused (shown a short while, then gone)
     timezone: str = ""                    # the machine's, from the cloud ("" until known: the Pi's own)
     hotline: str = ""
@@ -234,6 +235,7 @@ class DispenserCore:
         self._phase: State | None = None            # DISPENSING, SETTLING or RECEIPT; None = resting
         self._session: _Session | None = None
         self._receipt: SessionRecord | None = None
+        self._receipt_balance_fen: int | None = None
         self._receipt_until_ms = 0
         self._last_total: int | None = None
         self._last_sample_ms = 0
@@ -300,6 +302,7 @@ class DispenserCore:
                         tds_ppm=self.tds_ppm, tds_measured=self.tds_measured,
                         tds_limit_ppm=self.settings.tds_limit_ppm,
                         receipt=self._receipt if self._phase is State.RECEIPT else None,
+                        receipt_balance_fen=self._receipt_balance_fen if self._phase is State.RECEIPT else None,
                         last_rejection=self._shown_rejection(now), clear_refusal=self._clear_refusal,
                         timezone=self.timezone, hotline=self.hotline,
                         milli_pulses_per_litre=self.settings.calibration.milli_pulses_per_litre,
@@ -760,6 +763,8 @@ class DispenserCore:
         pending, self._totalizer_pending = self._totalizer_pending, 0
         self._totalizer_flushed_ms = now
         self._session, self._receipt = None, record
+        b = s.grant.balance_fen
+        self._receipt_balance_fen = None if b is None else max(0, b - record.cost_fen)
         self._phase, self._receipt_until_ms = State.RECEIPT, now + st.receipt_display_ms
         return [SessionEnded(record, totalizer_pulses=pending)]
 

@@ -315,7 +315,8 @@ class SyncLink:
             session_id=g.session_id, machine_id=g.machine_id, user_ref=g.user_ref,
             price_fen_per_l=g.price_fen_per_l, credit_limit_fen=g.credit_limit_fen,
             max_volume_ml=g.max_volume_ml, max_duration_ms=g.max_duration_ms, max_idle_ms=g.max_idle_ms,
-            expires_at_ms=self.rt.clock.monotonic_ms() + left_ms, min_dispense_ml=g.min_dispense_ml)))
+            expires_at_ms=self.rt.clock.monotonic_ms() + left_ms, min_dispense_ml=g.min_dispense_ml,
+            balance_fen=g.balance_fen)))
 
     def _claim(self, command_id: str, deadline_ms: int) -> p.AckResult | None:
         """Claim a start, retrying lost answers (the claim is idempotent) until the grant's deadline. ``None``:

@@ -214,6 +214,8 @@ class GrantMsg(Msg):
     opens; the cloud voids an unclaimed start only after ``deadline_ms + GRANT_SKEW_MS``, and a claim
     that arrives after the void is refused, so "not charged" on the phone is always true.
     ``min_dispense_ml``: a session that pours less is not charged, on the receipt and on the bill.
+    ``balance_fen``: the person's available balance when granted (the receipt shows what is left after the pour;
+    the credit limit may be capped lower than the balance).
     """
 
     session_id: Id
@@ -226,6 +228,7 @@ class GrantMsg(Msg):
     max_idle_ms: Annotated[int, Field(ge=1, le=600_000)]
     deadline_ms: Annotated[int, Field(ge=0, le=10 ** 14)]
     min_dispense_ml: Annotated[int, Field(ge=0, le=MIN_DISPENSE_ML_MAX)]
+    balance_fen: Fen | None = None
 
 
 CommandKind = Literal["start", "cancel", "price", "out_of_service", "in_service", "clear_lockout",

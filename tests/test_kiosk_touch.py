@@ -32,6 +32,7 @@ class Screen:
     def __init__(self, x: Xvfb, map_path: Path, proc) -> None:
         self.x, self.map_path, self.proc = x, map_path, proc
         self.left = self.top = 0
+        self.contrast: list[str] = []
 
     def find_window(self) -> None:
         from PIL import ImageGrab
@@ -89,11 +90,29 @@ class Screen:
         self.wait(lambda m: m["overlay"] and any(w["text"] == "C" for w in m["widgets"]))
         if shot:
             self.shot(shot)
+            self.audit_contrast("keypad")
         for key in ("C", *digits):
             self.tap(self.widget(lambda w, k=key: w["button"] and w["text"] == k))
         self.tap(self.widget(lambda w: w["button"] and w["text"] in ("确定", "OK")))
         self.wait(lambda m: not m["overlay"])
         assert self.widget(lambda w: w["id"] == field["id"])["text"] == digits
+
+    def audit_contrast(self, where: str) -> None:
+        """WCAG contrast of every text on screen, measured in the pixels: the text's colour against the colour
+        around it, at least 4.5:1 for small text and 3:1 for large (24 px, or 18.7 px bold)."""
+        from PIL import ImageGrab
+        time.sleep(0.3)
+        img = ImageGrab.grab(xdisplay=self.x.display).convert("RGB")
+        m = self.map()
+        for t in m.get("texts", []):
+            if t["disabled"]:
+                continue                       # WCAG exempts inactive controls
+            box = (self.left + t["x"], self.top + t["y"], self.left + t["x"] + t["w"], self.top + t["y"] + t["h"])
+            ratio = text_contrast(img.crop(box))
+            need = 3.0 if t["font_px"] >= 24 or (t["bold"] and t["font_px"] >= 18.66) else 4.5
+            if ratio is not None and ratio < need:
+                self.contrast.append(f"{where}/{m['lang']}: {t['text']!r} {ratio:.2f}:1 < {need}:1 "
+                                     f"({t['font_px']} px{' bold' if t['bold'] else ''})")
 
     def shot(self, name: str) -> None:
         from PIL import ImageGrab
@@ -102,6 +121,31 @@ class Screen:
         box = (self.left, self.top, self.left + m["window"][0], self.top + m["window"][1])
         SHOTS.mkdir(parents=True, exist_ok=True)
         img.crop(box).save(SHOTS / f"{name}.png")
+
+
+def _luminance(rgb: tuple[int, int, int]) -> float:
+    def lin(c: int) -> float:
+        c = c / 255
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = (lin(c) for c in rgb)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast_ratio(a, b) -> float:
+    la, lb = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def text_contrast(crop) -> float | None:
+    """The background is the commonest colour of the text's box; the text's colour is the one (among colours
+    covering enough pixels to be glyph strokes, not anti-aliasing) that stands out most from it."""
+    colors = sorted(crop.getcolors(maxcolors=crop.width * crop.height) or [], reverse=True)
+    if len(colors) < 2:
+        return None
+    total = sum(n for n, _ in colors)
+    bg = colors[0][1]
+    strokes = [rgb for n, rgb in colors[1:] if n >= max(6, total * 0.003)]
+    return max((contrast_ratio(rgb, bg) for rgb in strokes), default=None)
 
 
 def _count(ledger: Path, kind: str) -> int:
@@ -136,6 +180,7 @@ def test_touching_the_kiosk_never_kills_it_and_opens_maintenance(tmp_path, layou
         s.find_window()
         s.wait(lambda m: m["screen"] == "idle" and any(w["id"] == "machine" for w in m["widgets"]))
         machine = s.widget(lambda w: w["id"] == "machine")
+        s.audit_contrast("idle")
         # taps on the machine number: nothing happens, nothing breaks
         for _ in range(5):
             s.tap(machine)
@@ -145,6 +190,7 @@ def test_touching_the_kiosk_never_kills_it_and_opens_maintenance(tmp_path, layou
         s.long_press(machine)
         s.wait(lambda m: m["screen"] == "pin_pad")
         s.shot(f"{layout}-pin-pad")
+        s.audit_contrast("pin_pad")
         for digit in PIN:
             s.tap(s.widget(lambda w, d=digit: w["button"] and w["text"] == d))
         s.tap(s.widget(lambda w: w["button"] and w["text"] in ("确定", "OK")))
@@ -180,6 +226,7 @@ def test_touching_the_kiosk_never_kills_it_and_opens_maintenance(tmp_path, layou
         for tab in sections:
             s.tap(tab)
             time.sleep(0.4)
+            s.audit_contrast(f"maintenance-{tab['key']}")
             for w in s.map()["widgets"]:
                 if not w["button"] or w["type"] == "NavButton" or w["id"] == "exit":
                     continue
@@ -195,5 +242,6 @@ def test_touching_the_kiosk_never_kills_it_and_opens_maintenance(tmp_path, layou
         assert tapped >= 10, json.dumps(s.map(), ensure_ascii=False)[:3000]
         s.shot(f"{layout}-after-monkey")
     (tmp_path / "kiosk.log").write_text(system.output)
+    assert s.contrast == [], "\n".join(s.contrast)
     assert "Traceback" not in system.output, system.output[-5000:]
     assert system.rc == 0, system.output[-3000:]

@@ -163,6 +163,33 @@ def test_the_receipt_shows_the_bill_and_the_points_rule():
     assert v["r_amount"] == "¥20.00" and v["r_volume"] == "10.000 升" and v["r_points"] == "+20"
     assert v["r_duration"] == "1 分 35 秒" and v["r_avg_flow"] == "6315 毫升/分" and v["r_time"] == "2026-11-25 18:00"
     assert present(snap(state=State.RECEIPT, receipt=rec), "en")["r_reason"] == "Stop button"
+    assert v["r_balance"] == "—"                                   # not known (a grant without the balance)
+    after = present(snap(state=State.RECEIPT, receipt=rec, receipt_balance_fen=3_450), "zh")
+    assert after["r_balance"] == "¥34.50" and after["r_reason"] == "按下停止按钮"
+
+
+def test_the_receipt_balance_comes_from_the_grant():
+    """The cloud sends the balance with the grant; the receipt shows it less this pour's cost."""
+    from kiosk.events import StopPressed
+    from tests.core_harness import Harness
+    h = Harness()
+    h.start(credit_limit_fen=1_000, balance_fen=4_321)
+    h.flow(2.0)
+    h.send(StopPressed())
+    h.tick(2_000)
+    s = h.core.snapshot()
+    assert s.state is State.RECEIPT and s.receipt_balance_fen == 4_321 - s.receipt.cost_fen
+
+
+def test_the_event_log_is_in_words_not_json():
+    from kiosk.ui.present import event_line
+    assert event_line("price_changed", {"from": 200, "to": 150}, "zh") == "单价变更 · 2.00 → 1.50 元/升"
+    assert event_line("lockout_cleared", {"reason": "leak_sensor", "actor": "tech", "source": "site"}, "en") \
+        .startswith("Lockout cleared · ")
+    line = event_line("session_recovered", {"session_id": "s-0123456789abcdef", "cost_fen": 31,
+                                            "reason": "power_loss"}, "zh")
+    assert line == "断电后恢复会话 · 断电 · ¥0.31 · 89abcdef" and "{" not in line
+    assert event_line("something_new", {"x": 1}, "en") == "something new"
 
 
 # ---------------------------------------------------------------- the runnable system

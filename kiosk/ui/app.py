@@ -32,16 +32,18 @@ LONG_PRESS_S = 2.0
 DATA_REFRESH_S = 2.0
 
 
-def local_now(timezone: str):
-    """Now in the machine's time zone (from the cloud, the same as its bills'); the Pi's own until known."""
+def local_now(timezone: str, at_s: float | None = None):
+    """Now (or ``at_s``, Unix seconds) in the machine's time zone (from the cloud, the same as its bills'); the
+    Pi's own until known."""
     from datetime import datetime
+    at = time.time() if at_s is None else at_s
     if timezone:
         try:
             from zoneinfo import ZoneInfo
-            return datetime.now(ZoneInfo(timezone))
+            return datetime.fromtimestamp(at, ZoneInfo(timezone))
         except (KeyError, ValueError, OSError):
             log.warning("unknown time zone %r: showing the system's", timezone)
-    return datetime.now()
+    return datetime.fromtimestamp(at)
 
 
 def touch_provider(choice: str) -> str:
@@ -91,7 +93,7 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
     from kivy.clock import Clock
     from kivy.core.window import Window
     from kivy.lang import Builder
-    from kivy.properties import BooleanProperty, StringProperty
+    from kivy.properties import BooleanProperty, NumericProperty, StringProperty
     from kivy.uix.boxlayout import BoxLayout
     from kivy.uix.screenmanager import NoTransition, ScreenManager
 
@@ -104,7 +106,7 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
     from kiosk.ui.offline import OfflineScreen
     from kiosk.ui.out_of_service import OutOfServiceScreen
     from kiosk.ui.pin_pad import PinPadScreen
-    from kiosk.ui.present import present, screen_for
+    from kiosk.ui.present import event_line, present, screen_for
     from kiosk.ui.qr import qr_texture
     from kiosk.ui.receipt import ReceiptScreen
 
@@ -119,6 +121,8 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
     class KioskApp(App):
         lang = StringProperty(language)
         portrait = BooleanProperty(layout.startswith("portrait"))
+        # maintenance on the tall portrait screen uses its room: bigger type and touch targets
+        mscale = NumericProperty(1.3 if layout.startswith("portrait") else 1.0)
         simulate = BooleanProperty(sim_world is not None)
         phone_link = StringProperty("")
         machine_label = StringProperty("")
@@ -251,11 +255,42 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
                               "y": round(Window.height - y - w.height), "w": round(w.width), "h": round(w.height)})
             data = {"screen": screen.name, "lang": self.lang, "overlay": bool(overlays),
                     "state": self.runtime.snapshot.state.value,
-                    "window": [Window.width, Window.height], "widgets": items}
+                    "window": [Window.width, Window.height], "widgets": items,
+                    # a modal overlay hides the rest: only its own texts count
+                    "texts": self._visible_texts(overlays or list(screen.walk(restrict=True)))}
             tmp = self._ui_map_path + ".tmp"
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(data, f, ensure_ascii=False)
             os.replace(tmp, self._ui_map_path)
+
+        @staticmethod
+        def _visible_texts(widgets) -> list[dict]:
+            """Every text on screen with its size and place (the contrast audit reads the pixels there)."""
+            from kivy.uix.label import Label
+            from kivy.uix.scrollview import ScrollView
+            out = []
+            for w in widgets:
+                if not isinstance(w, Label) or not w.text.strip() or w.opacity == 0 or not w.get_root_window():
+                    continue
+                tw, th = w.texture_size
+                if tw <= 0 or th <= 0 or w.width <= 0 or w.height <= 0:
+                    continue
+                x, y = w.to_window(*w.pos)
+                left, bottom, right, top = x, y, x + w.width, y + w.height
+                p = w.parent
+                while p is not None and p is not p.parent:          # clipped by a scroll view: only if all shown
+                    if isinstance(p, ScrollView):
+                        sx, sy = p.to_window(*p.pos)
+                        if left < sx or bottom < sy or right > sx + p.width or top > sy + p.height:
+                            break
+                    p = p.parent
+                else:
+                    if left >= 0 and bottom >= 0 and right <= Window.width and top <= Window.height:
+                        out.append({"text": w.text[:40], "font_px": round(float(w.font_size), 1), "bold": bool(w.bold),
+                                    "disabled": bool(w.disabled),
+                                    "x": round(left), "y": round(Window.height - top), "w": round(w.width),
+                                    "h": round(w.height)})
+            return out
 
         def _draw_started(self, *_a) -> None:
             self._draw_t0 = time.perf_counter()
@@ -277,6 +312,7 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
         # ---------------------------------------------------------------- touches and keys
         def toggle_language(self) -> None:
             self.lang = "en" if self.lang == "zh" else "zh"
+            self._data_loaded = 0.0            # the ledger's texts (event log, sync) are worded per language
 
         def screen_stop(self) -> None:
             self.runtime.post(StopPressed(source="screen"))
@@ -395,19 +431,21 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
             info = svc.machine_info()
             due = svc.flush_due_days()
             events = svc.event_log()
+            tz = self.runtime.snapshot.timezone
             return {
                 "sync_online": self.tr("online_yes" if sync["online"] else "online_no", self.lang),
-                "sync_last": "—" if sync["last_ok_s_ago"] is None else f"{sync['last_ok_s_ago']} s",
+                "sync_last": "—" if sync["last_ok_s_ago"] is None else
+                self.tr("seconds_ago", self.lang, s=sync["last_ok_s_ago"]),
                 "sync_pending": str(sync["pending"]), "sync_dead": str(sync["dead"]),
                 "dead_letters": svc.dead_letters(),
                 "consumables": [c.__dict__ for c in svc.consumables()],
                 "flush_due": self.tr("flush_ok", self.lang) if due is None else self.tr("flush_due", self.lang, d=due),
-                "event_log": "\n".join(f"{time.strftime('%m-%d %H:%M:%S', time.localtime(e['wall_ms'] / 1000))} "
-                                       f"{e['kind']} {json.dumps(e['detail'], ensure_ascii=False)[:90]}"
-                                       for e in events),
+                "event_log": "\n".join(f"{local_now(tz, e['wall_ms'] / 1000):%m-%d %H:%M} "
+                                       f"{event_line(e['kind'], e['detail'], self.lang)}" for e in events),
                 "info_machine": info["machine_id"], "info_version": info["version"], "info_ip": info["ip"],
-                "info_boot": str(info["boot_id"]), "info_uptime": f"{info['uptime_s'] // 3600} h "
-                f"{info['uptime_s'] % 3600 // 60} min", "info_disk": f"{info['disk_free_mb']} MB",
+                "info_boot": str(info["boot_id"]), "info_disk": f"{info['disk_free_mb']} MB",
+                "info_uptime": self.tr("uptime", self.lang, h=info["uptime_s"] // 3600,
+                                       m=info["uptime_s"] % 3600 // 60),
             }
 
         def maintenance_section(self, key: str) -> None:

@@ -31,6 +31,12 @@ class Chart(Widget):
         with self.canvas:
             Color(0.85, 0.88, 0.92, 1)
             Line(rectangle=(self.x, self.y, self.width, self.height), width=1)
+            for q in (1, 2, 3):                 # quarter lines of each series' scale (the legend gives the range)
+                y = self.y + self.height * q / 4
+                Line(points=[self.x, y, self.x + self.width, y], width=1, dash_length=4, dash_offset=4)
+            for m in range(1, 5):               # a line a minute
+                x = self.x + self.width * m / 5
+                Line(points=[x, self.y, x, self.y + self.height], width=1, dash_length=4, dash_offset=4)
             for values, rgba, lo, hi in self.series:
                 pts = [v for v in values if v is not None]
                 if len(pts) < 2 or hi <= lo:
@@ -116,18 +122,20 @@ class MaintenanceScreen(KioskScreen):
 
 
 def _row(text: str, buttons: list):
-    from kivy.metrics import dp
+    from kivy.app import App
+    from kivy.metrics import dp, sp
     from kivy.uix.boxlayout import BoxLayout
     from kivy.uix.button import Button
     from kivy.uix.label import Label
-    row = BoxLayout(size_hint_y=None, height=dp(52), spacing=dp(6))
-    label = Label(text=text, font_size="16sp", color=(0.09, 0.125, 0.165, 1), halign="left", valign="middle",
+    k = getattr(App.get_running_app(), "mscale", 1.0)
+    row = BoxLayout(size_hint_y=None, height=dp(52) * k, spacing=dp(6))
+    label = Label(text=text, font_size=sp(16) * k, color=(0.09, 0.125, 0.165, 1), halign="left", valign="middle",
                   shorten=True, shorten_from="right")
     label.bind(size=lambda w, s: setattr(w, "text_size", s))
     row.add_widget(label)
     for caption, action, rgba in buttons:
-        b = Button(text=caption, font_name="Tapshare", font_size="20sp", size_hint_x=None, width=dp(140),
-                   background_normal="", background_color=rgba)
+        b = Button(text=caption, font_name="Tapshare", font_size=sp(20) * k, size_hint_x=None, width=dp(140) * k,
+                   background_normal="", background_color=rgba, color=(1, 1, 1, 1))
         b.bind(on_release=lambda _b, a=action: a())
         row.add_widget(b)
     return row

@@ -81,6 +81,7 @@ def present(snap: Snapshot, lang: str, *, started_hhmm: str = "", maintenance_ti
             "r_tds": tds_text(r.tds_ppm, r.tds_measured, r.tds_limit_ppm, lang),
             "r_points": f"+{points_for_fee(r.cost_fen)}",
             "r_reason": reason_text(r.reason, lang),
+            "r_balance": "—" if snap.receipt_balance_fen is None else f"¥{yuan(snap.receipt_balance_fen)}",
         })
     return v
 
@@ -107,3 +108,31 @@ def maintenance_texts(snap: Snapshot, lang: str, timeout_ms: int) -> dict[str, s
         why = tr(f"pour_end_{t.reason}", lang) if f"pour_end_{t.reason}" in STRINGS else t.reason
         v["m_last"] = tr("last_pour", lang, ml=t.volume_ml, p=t.pulses, s=f"{t.duration_ms / 1000:.1f}", why=why)
     return v
+
+
+def event_line(kind: str, detail: dict, lang: str) -> str:
+    """One line of the maintenance event log in words: what happened and the facts a technician acts on
+    (volumes, money, reasons, who), never a raw JSON record."""
+    key = f"ev_{kind}"
+    words = [tr(key, lang) if key in STRINGS else kind.replace("_", " ")]
+    d = detail or {}
+    if kind == "price_changed" and isinstance(d.get("from"), int) and isinstance(d.get("to"), int):
+        words.append(tr("ev_from_to", lang, a=yuan(d["from"]), b=yuan(d["to"])))
+    if kind == "calibration_changed" and isinstance(d.get("from"), int) and isinstance(d.get("to"), int):
+        words.append(tr("ev_factor", lang, a=f"{d['from'] / 1000:.1f}", b=f"{d['to'] / 1000:.1f}"))
+    if isinstance(d.get("reason"), str):
+        r = d["reason"]
+        words.append(lockout_text(r, lang) if kind.startswith("lockout") else
+                     tr(f"pour_end_{r}", lang) if f"pour_end_{r}" in STRINGS else reason_text(r, lang)
+                     if f"reason_{r}" in STRINGS else r)
+    if isinstance(d.get("volume_ml"), int):
+        words.append(f"{d['volume_ml']} {tr('ml', lang)}")
+    if isinstance(d.get("cost_fen"), int):
+        words.append(f"¥{yuan(d['cost_fen'])}")
+    if isinstance(d.get("session_id"), str):
+        words.append(d["session_id"][-8:])
+    if d.get("actor"):
+        words.append(tr("ev_by", lang, who=d["actor"]))
+    if isinstance(d.get("version"), str):
+        words.append(d["version"])
+    return " · ".join(str(w) for w in words)
