@@ -105,11 +105,14 @@ def run(outage_s: float) -> list[dict]:
                 d.link._dispatch(cmd)                       # the cloud's start arriving a second time
                 d.hw.world.press_stop()
                 wait_until(lambda: settled(user, sid3) and d.rt.ledger.outbox_depth() == 0, 30)
+            after = user.start(pres)                        # the same scan once that session is over
             lost, twice, note = books(d, user, sids)
             rows.append(dict(fault="replayed report, QR scan and start command",
                              happened=f"report: {again[0].status}; second start with one scan: "
-                                      f"{replay.status_code} {replay.json().get('error')}; the start command again: "
-                                      "ignored, the session is already here", lost=lost, twice=twice,
+                                      f"{replay.status_code} {replay.json().get('error')} while it runs, "
+                                      f"{after.status_code} {after.json().get('error')} after; "
+                                      "the start command again: ignored, the session is already here",
+                             lost=lost, twice=twice,
                              screen="one session", cloud="one bill per session; " + note))
 
             # 4. a forged signature and another machine's key

@@ -455,9 +455,18 @@ class Accounts:
         as a refund request against the top-ups it came from (newest first), which the operator pays back
         through the original payment and marks paid (``/api/v1/operator/balance-refunds``)."""
         with self.db.tx() as conn:
+            users_q = select(t.users.c.user_id).where(t.users.c.user_id == user_id)
+            if not self.db.is_sqlite:
+                users_q = users_q.with_for_update()     # a start at the same moment waits: its hold is counted
+            _one(conn, users_q)
             s = t.sessions.c
             if _one(conn, select(s.session_id).where(and_(s.user_id == user_id, s.state.in_(("starting", "active"))))):
                 raise ApiError(409, "session_open", "finish your running session first")
+            o = t.topup_orders.c
+            if _one(conn, select(o.order_id).where(and_(o.user_id == user_id, o.state == "pending",
+                                                         o.expires_ms > now_ms))):
+                raise ApiError(409, "topup_pending", "a top-up is still being paid: wait until it is paid or closed "
+                               "(at most 15 minutes), so its money is paid back too")
             available, _held = balance(conn, user_id)
             if available < 0:
                 raise ApiError(402, "arrears", f"pay the {-available} fen you owe before deleting the account",
@@ -469,7 +478,6 @@ class Accounts:
             refund_id = None
             if available > 0:
                 refund_id = "br-" + uuid.uuid4().hex[:20]
-                o = t.topup_orders.c
                 paid = conn.execute(select(o.order_id, o.provider, o.amount_fen).where(and_(
                     o.user_id == user_id, o.state == "paid")).order_by(o.paid_ms.desc())).mappings().all()
                 orders, left = [], available

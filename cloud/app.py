@@ -522,9 +522,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
             -> dict[str, Any]:
         """What the machine shows anyway (place, price, water, whether it can serve now): the phone polls it
         while a person stands at the machine, so "out of service" or "busy" reaches them within a second."""
-        if machines.secret(machine_id) is None:
-            raise ApiError(404, "unknown_machine", f"machine {machine_id} does not exist")
-        return sessions.machine_info(machine_id, now())
+        return sessions.machine_info(machine_id, now())       # 404 unknown_machine from the row lookup
 
     # ---------------------------------------------------------------- operators
     Viewer = Annotated[dict, Depends(operator("viewer"))]

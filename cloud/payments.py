@@ -321,7 +321,8 @@ class Wallet:
 
 
 def _refund_row(r) -> dict[str, Any]:
-    return {k: r[k] for k in ("refund_id", "user_id", "amount_fen", "state", "created_ms", "paid_ms", "orders")}
+    return {k: r[k] for k in ("refund_id", "user_id", "amount_fen", "state", "created_ms", "paid_ms", "paid_by",
+                              "reference", "orders")}
 
 
 def new_pickup_code() -> str:

@@ -347,6 +347,8 @@ class BalanceRefundOut(BaseModel):
     state: str
     created_ms: int
     paid_ms: int | None
+    paid_by: str | None
+    reference: str | None
     orders: list[dict[str, Any]]
 
 

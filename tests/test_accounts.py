@@ -289,6 +289,16 @@ def test_deleting_an_account_erases_the_person_and_pays_the_balance_back(cloud):
     assert again.user_id != user.user_id and again.me()["registered"]
 
 
+def test_deleting_waits_for_a_top_up_being_paid(cloud):
+    """Money on its way would arrive at a deleted account and never be paid back: deletion waits for it."""
+    from tests.test_wallet import topup
+    user = cloud.signup("13900015555")
+    topup(cloud, user, 1000)
+    r = user.call("DELETE", "/api/v1/me", json={"confirm": True, "refund_balance": True})
+    assert r.status_code == 409 and r.json()["error"] == "topup_pending"
+    assert user.me()["registered"]
+
+
 def test_deleting_is_refused_in_arrears(cloud):
     user = cloud.signup("13900014444")
     with cloud.app.state.database.tx() as conn:

@@ -85,6 +85,7 @@ def test_scan_register_top_up_pour_stop_bill_points_and_record(tmp_path):
                 # s4: told to register; logs in, consents, registers with an ID photo
                 page.click("#go-login")
                 page.fill("#phone", "13600136000")
+                page.click("label[for=agree-terms]")
                 page.click("#send")
                 page.wait_for_selector("#sms-list .sms")
                 page.fill("#code", re.search(r"\d{6}", page.inner_text("#sms-list .sms")).group(0))
@@ -100,16 +101,15 @@ def test_scan_register_top_up_pour_stop_bill_points_and_record(tmp_path):
                 page.set_input_files("#photo", str(photo))
                 page.click("#submit")
                 # s5: no balance: told to top up; tops up in the sandbox
-                page.wait_for_selector("#start")
-                page.click("#start")
-                page.wait_for_selector("#start-error:has-text('余额不足')")
+                page.wait_for_selector("#start[disabled]")
+                page.wait_for_selector("#start-why:has-text('余额不足')")
                 page.screenshot(path=str(SHOTS / "03-phone-top-up-first.png"), full_page=True)
                 page.click("#nav-wallet")
                 page.click("button.amt[data-fen='2000']")
                 page.click("#pay")
                 page.wait_for_selector("#paid", timeout=15_000)
                 # s2, s3: start; the kiosk's valve opens and its screen shows volume and cost
-                page.click("#brand")
+                page.click("#continue")
                 page.wait_for_selector("#start:not([disabled])")
                 page.click("#start")
                 page.wait_for_function("() => Number(document.querySelector('#vol')?.textContent) > 0.6",
@@ -131,6 +131,8 @@ def test_scan_register_top_up_pour_stop_bill_points_and_record(tmp_path):
                 page.wait_for_selector("#points")
                 assert int(page.inner_text("#points")) >= 1
                 page.click(f"button.redeem[data-gift='{gift['gift_id']}']")
+                page.click("#confirm-redeem")
+                page.wait_for_selector("#pickup-code")
                 page.wait_for_selector("#redemptions li")
                 page.screenshot(path=str(SHOTS / "08-phone-points.png"), full_page=True)
                 browser.close()

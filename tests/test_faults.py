@@ -28,7 +28,8 @@ def test_every_fault_is_survived_and_seen(tmp_path):
     gpio = rows["GPIO exception when the valve opens"]
     assert "fault:valve" in gpio["happened"] and "ledger still written: True" in gpio["happened"], gpio
     assert "401 bad_signature; 401 bad_signature" in rows["forged signature; another machine's key"]["happened"]
-    assert "409 scan_again" in rows["replayed report, QR scan and start command"]["happened"]
+    assert "409 session_open while it runs, 409 scan_again after" in \
+        rows["replayed report, QR scan and start command"]["happened"]
     assert "noticed: True" in rows["temperature sensor unplugged mid-session"]["happened"]
     assert rows["cloud restarted mid-report"]["happened"].endswith("True")
     for fault in ("stuck valve", "leak during idle"):

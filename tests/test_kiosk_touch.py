@@ -181,6 +181,11 @@ def test_touching_the_kiosk_never_kills_it_and_opens_maintenance(tmp_path, layou
         s.wait(lambda m: m["screen"] == "idle" and any(w["id"] == "machine" for w in m["widgets"]))
         machine = s.widget(lambda w: w["id"] == "machine")
         s.audit_contrast("idle")
+        if layout.startswith("landscape"):         # one layout in each language: the landscape run is in English
+            s.tap(s.widget(lambda w: w["type"] == "LangButton"))
+            s.wait(lambda m: m["lang"] == "en")
+            s.audit_contrast("idle")
+        lang = s.map()["lang"]
         # taps on the machine number: nothing happens, nothing breaks
         for _ in range(5):
             s.tap(machine)
@@ -189,6 +194,7 @@ def test_touching_the_kiosk_never_kills_it_and_opens_maintenance(tmp_path, layou
         # a long press opens the PIN pad; the PIN entered by taps opens maintenance
         s.long_press(machine)
         s.wait(lambda m: m["screen"] == "pin_pad")
+        assert s.map()["lang"] == lang
         s.shot(f"{layout}-pin-pad")
         s.audit_contrast("pin_pad")
         for digit in PIN:
@@ -211,8 +217,9 @@ def test_touching_the_kiosk_never_kills_it_and_opens_maintenance(tmp_path, layou
             assert _count(ledger, "tech_pour") == n, "the calibration pour did not finish"
             s.type_number(s.widget(lambda w: w["id"] == "cal_measured"), "121")
             s.tap(s.widget(lambda w: w["id"] == "cal_record"))
-            s.wait(lambda m, n=n: any(w["id"] == "cal_status" and w["text"].startswith(f"已记录 {n} 次")
-                                      for w in m["widgets"]))
+            recorded = f"已记录 {n} 次" if lang == "zh" else f"{n} pours recorded"
+            s.wait(lambda m, r=recorded: any(w["id"] == "cal_status" and w["text"].startswith(r)
+                                             for w in m["widgets"]))
         s.tap(s.widget(lambda w: w["id"] == "cal_accept"))
         deadline = time.monotonic() + 10
         while _count(ledger, "calibration_changed") < 1 and time.monotonic() < deadline:

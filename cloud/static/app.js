@@ -35,7 +35,8 @@ const T = {
     delete_refund: "您的余额 ¥{amt} 将原路退回到充值时使用的支付账户，不会作废。如有疑问请联系：{contact}。",
     delete_go: "注销账户", delete_go_refund: "注销并退回余额 ¥{amt}",
     deleted_refund: "账户已注销。余额 ¥{amt} 将原路退回（退款单号 {id}）。",
-    status: "状态", back_prev: "返回",
+    status: "状态", back_prev: "返回", withdraw_consent: "撤回个人敏感信息处理同意", points_redeem: "兑换礼品", name_short: "姓名",
+    withdraw_confirm: "确定撤回？将删除证件信息并取消实名，需重新登记才能取水",
     dev_banner: "开发模式：短信不会真正发送（验证码显示在登录页）；支付为沙箱，不扣真实款项。",
     scan_first: "请用手机扫描饮水机屏幕上的二维码。", machine: "饮水机", price: "单价", per_l: "元/升",
     water_temp: "水温", tds: "水质 TDS", online: "在线", offline: "离线", busy: "正在为他人服务",
@@ -108,7 +109,8 @@ const T = {
     delete_refund: "Your balance of ¥{amt} is paid back to the payment account you topped up with, never forfeited. Questions: {contact}.",
     delete_go: "Delete my account", delete_go_refund: "Delete and pay back ¥{amt}",
     deleted_refund: "Your account is deleted. The balance of ¥{amt} will be paid back (refund {id}).",
-    status: "Status", back_prev: "Back",
+    status: "Status", back_prev: "Back", withdraw_consent: "Withdraw my consent to ID processing", points_redeem: "Gift redeemed", name_short: "Name",
+    withdraw_confirm: "Withdraw? Your ID data is erased and you must register again to buy water",
     dev_banner: "Development mode: no real SMS is sent (the code shows on the login page); payments are a sandbox and move no money.",
     scan_first: "Scan the QR code on a dispenser's screen with your phone.", machine: "Dispenser", price: "Price",
     per_l: "yuan/L", water_temp: "Water temperature", tds: "Water quality (TDS)", online: "Online",
@@ -176,6 +178,9 @@ const ERR_ZH = {
   too_many_scans: "扫码过于频繁，请稍后再试。", upload_quota: "上传次数过多，请一小时后再试。",
   too_many_orders: "未完成的充值订单过多，请先完成或稍后再试。", busy: "服务器繁忙，请稍后再试。",
   network: "网络连接失败，请检查网络后重试。", nul_character: "输入包含无效字符。",
+  session_over: "本次取水已经结束。", unknown_gift: "该礼品已下架。", consent_outdated: "同意书已更新，请重新阅读并同意。",
+  already_submitted: "您的实名登记已提交，请勿重复提交。", bad_photo: "请先上传证件照片。", no_photo: "找不到证件照片，请重新上传。",
+  retry: "服务器繁忙，请重试。", topup_pending: "还有一笔充值正在支付，请在支付完成或关闭后（最多 15 分钟）再注销。",
 };
 
 const $ = (sel) => document.querySelector(sel);
@@ -184,7 +189,7 @@ let lang = localStorage.getItem("tapshare.lang") || "zh";
 let timers = [];
 const t = (k, vars) => {
   let s = (T[lang][k] ?? T.zh[k] ?? k);
-  if (vars && typeof s === "string") for (const [a, b] of Object.entries(vars)) s = s.replaceAll(`{${a}}`, b);
+  if (vars && typeof s === "string") for (const [a, b] of Object.entries(vars)) s = s.replaceAll(`{${a}}`, () => String(b));
   return s;
 };
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
@@ -199,6 +204,7 @@ class ApiError extends Error {
 }
 const ERR_EN = {
   session_open: "You have a pour running.", balance_remaining: "Your account still has a balance.",
+  topup_pending: "A top-up is still being paid: delete the account once it is paid or closed (at most 15 minutes).",
   network: "Network error: check your connection and try again.", machine_offline: "The dispenser is offline: nothing was charged.",
 };
 function errText(e) {
@@ -231,10 +237,16 @@ function render(html) { view().innerHTML = html; }
 function showError(where, e) {
   const el = typeof where === "string" ? $(where) : where;
   if (!el) return;
-  el.textContent = errText(e);
+  const text = errText(e);
+  if (el.textContent === text) return;           // a repeated failure is not re-announced or re-scrolled
+  el.textContent = text;
   el.scrollIntoView({block: "nearest"});         // next to the action, and on screen
 }
 function clearTimers() { timers.forEach(clearInterval); timers = []; }
+// Each route() starts a new page; an older page's async work that finishes late must not write into it.
+let routeSeq = 0;
+const pageToken = () => routeSeq;
+const stale = (token) => token !== routeSeq;
 function every(ms, fn) { fn(); timers.push(setInterval(fn, ms)); }
 function announce(text) { const a = $("#announce"); if (a && a.textContent !== text) a.textContent = text; }
 const operatorName = () => clientConfig.operator_name || t("operator_unset");
@@ -245,6 +257,7 @@ function applyChrome(tab) {
   document.querySelectorAll("[data-t]").forEach((el) => { el.textContent = t(el.dataset.t); });
   $("#lang").textContent = t("lang");
   $("#lang").setAttribute("aria-label", t("lang_label"));
+  $("#lang").lang = lang === "zh" ? "en" : "zh-CN";
   document.querySelectorAll(".tabs a").forEach((a) => {
     if (a.dataset.tab === tab) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
   });
@@ -263,7 +276,9 @@ async function showRunning(me, onSessionPage) {
 }
 async function refreshRunning(onSessionPage) {
   if (!token()) { $("#running").hidden = true; return null; }
-  try { const me = await api("GET", "/api/v1/me"); showRunning(me, onSessionPage); return me; } catch { return null; }
+  const my = pageToken();
+  try { const me = await api("GET", "/api/v1/me"); if (!stale(my)) showRunning(me, onSessionPage); return me; }
+  catch { return null; }
 }
 
 // ---------------------------------------------------------------- the QR link: /m/<machine>?c=<code>
@@ -320,9 +335,12 @@ async function home(scanError) {
     return;
   }
   let me;
+  const my = pageToken();
   try { me = await api("GET", "/api/v1/me"); } catch (e) {
+    if (stale(my)) return;
     body.innerHTML = `<p class="err" id="start-error" role="alert"></p>`; showError("#start-error", e); if (!token()) home(); return;
   }
+  if (stale(my)) return;
   showRunning(me, false);
   if (me.running_session) {                       // a pour is running: that comes first, whatever was scanned
     const r = me.running_session;
@@ -336,6 +354,7 @@ async function home(scanError) {
     const st = me.identity_state;
     if (st === "pending") {
       const idv = await api("GET", "/api/v1/me/identity");
+      if (stale(my)) return;
       body.innerHTML = `<p class="amber" id="review-pending">${t("review_pending")}</p><p class="muted">${esc(idv.review_hint[lang])}</p>
         <p class="muted">${t("pending_next")}</p>`;
     } else {
@@ -344,7 +363,7 @@ async function home(scanError) {
     }
     return;
   }
-  if (me.available_fen <= 0 && !me.bills.length) $("#stepper").innerHTML = stepper(2);
+  if (!me.bills.length) $("#stepper").innerHTML = stepper(me.available_fen <= 0 ? 2 : 3);
   const bal = `<p>${t("balance")}: <b id="balance">¥${yuan(me.available_fen)}</b></p>`;
   if (me.arrears_fen > 0) {
     body.innerHTML = `<p class="bad" id="arrears">${t("arrears_msg")} ${t("arrears")}: ¥${yuan(me.arrears_fen)}</p>
@@ -355,8 +374,10 @@ async function home(scanError) {
   body.innerHTML = bal + `<p class="err" id="start-error" role="alert"></p><p class="muted" id="start-why"></p>
     <button id="start">${t("start")} · ${yuan(v.machine.price_fen_per_l)} ${t("per_l")}</button>
     <a class="button secondary" id="go-topup" href="#/wallet">${t("topup")}</a>`;
-  const lowBalance = me.available_fen < Math.max(1, Math.floor(v.machine.price_fen_per_l / 50));
+  let holdUntil = 0;                    // a price that just changed is shown a moment before Start takes it
   const update = (m) => {               // the machine's state as of a second ago: Start says why it cannot work
+    if (stale(my)) return;
+    const lowBalance = me.available_fen < Math.max(1, Math.floor(m.price_fen_per_l / 50));
     const [cls, word, why] = machineState(m);
     const st = $("#mstate"); if (!st) return;
     st.className = cls; st.textContent = t(word);
@@ -365,21 +386,30 @@ async function home(scanError) {
     $("#tds").textContent = m.tds_ppm == null ? "—" : m.tds_ppm + " ppm";
     const reason = why ? t(why) : lowBalance ? t("why_low_balance") : "";
     $("#start-why").textContent = reason;
-    $("#start").disabled = Boolean(reason) || $("#start").dataset.busy === "1";
+    $("#start").disabled = Boolean(reason) || $("#start").dataset.busy === "1" || Date.now() < holdUntil;
     $("#go-topup").className = lowBalance ? "button" : "button secondary";
   };
   update(v.machine);
   $("#start").onclick = () => startSession(v);
+  let polling = false;
   every(1000, async () => {
+    if (polling) return;                // one request at a time: an old answer never overwrites a newer one
+    if (Date.now() - v.at > 5 * 60_000) { clearTimers(); return; }    // the visit is over: scan again to see it
+    polling = true;
     try {
       const m = await api("GET", `/api/v1/machines/${encodeURIComponent(v.machine.machine_id)}`);
+      if (stale(my)) return;
       if (m.price_fen_per_l !== v.machine.price_fen_per_l && $("#start")) {
         $("#start").textContent = `${t("start")} · ${yuan(m.price_fen_per_l)} ${t("per_l")}`;
+        $("#start-error").textContent = t("confirm_price");
+        holdUntil = Date.now() + 1500;
+        setTimeout(() => update(v.machine), 1600);
       }
       v.machine = {...v.machine, ...m};
       sessionStorage.setItem("tapshare.visit", JSON.stringify(v));
       update(v.machine);
     } catch { /* the next poll tries again; the start itself says what is wrong */ }
+    finally { polling = false; }
   });
 }
 
@@ -415,9 +445,18 @@ async function loginView() {
     <button id="send" class="secondary">${t("send_code")}</button>
     <label for="code">${t("code")}</label><input id="code" inputmode="numeric" autocomplete="one-time-code" maxlength="6">
     <div class="check"><input type="checkbox" id="agree-terms"><label for="agree-terms">${t("agree_terms_pre")}
-      <a href="#/terms" id="terms-link">${t("terms")}</a>${t("and")}<a href="#/privacy" id="privacy-link">${t("privacy")}</a></label></div>
+      <a href="#/terms" id="terms-link" data-policy="terms">${t("terms")}</a>${lang === "en" ? " " + t("and") + " " : t("and")}<a href="#/privacy" id="privacy-link" data-policy="privacy">${t("privacy")}</a></label></div>
+    <section class="policy-panel" id="policy-panel" hidden></section>
     <p class="err" id="login-error" role="alert"></p><button id="login">${t("login")}</button></section>
     <section class="card" id="sms-inbox" hidden><h2>${t("dev_sms")}</h2><div id="sms-list" class="muted"></div></section>`);
+  document.querySelectorAll("a[data-policy]").forEach((a) => { a.onclick = (ev) => {
+    ev.preventDefault();
+    const panel = $("#policy-panel");
+    panel.hidden = false;
+    panel.innerHTML = policyHtml(a.dataset.policy) + `<button class="secondary" id="policy-back">${t("back_prev")}</button>`;
+    $("#policy-back").onclick = () => { panel.hidden = true; panel.innerHTML = ""; a.focus(); };
+    $("#policy-back").focus();
+  }; });
   const agreed = () => {
     if ($("#agree-terms").checked) return true;
     $("#login-error").textContent = t("must_agree"); $("#agree-terms").focus(); return false;
@@ -453,11 +492,13 @@ async function showDevInbox(phone) {
     $("#sms-list").innerHTML = r.messages.length ? r.messages.map((m) => `<p class="sms">${esc(m.text)}</p>`).join("") : t("no_sms");
   } catch { /* not a development server */ }
 }
+function policyHtml(which) {
+  const op = esc(operatorName()), contact = esc(operatorContact());
+  return `<div class="policy" id="${which}"><h2>${t(which + "_title")}</h2>
+    ${t(which + "_body").map((p) => `<p>${p.replaceAll("{op}", () => op).replaceAll("{contact}", () => contact)}</p>`).join("")}</div>`;
+}
 function policyView(which) {
-  const vars = {op: esc(operatorName()), contact: esc(operatorContact())};
-  render(`<section class="card policy" id="${which}"><h1>${t(which + "_title")}</h1>
-    ${t(which + "_body").map((p) => `<p>${p.replaceAll("{op}", vars.op).replaceAll("{contact}", vars.contact)}</p>`).join("")}
-    <button class="secondary" id="policy-back">${t("back_prev")}</button></section>`);
+  render(`<section class="card">${policyHtml(which)}<button class="secondary" id="policy-back">${t("back_prev")}</button></section>`);
   $("#policy-back").onclick = () => history.back();
 }
 
@@ -660,7 +701,7 @@ async function pointsView(justRedeemed) {
     <section class="card"><h2>${t("redemptions")}</h2><ul class="list" id="redemptions">${reds.redemptions.map((r) =>
       `<li><span>${esc(name(r))}</span><span class="nowrap">${t("pickup")} <b>${esc(r.pickup_code)}</b></span></li>`).join("")}</ul></section>
     <section class="card"><h2>${t("history")}</h2><ul class="list">${pts.history.map((h) =>
-      `<li><span>${h.kind === "earn" ? t("points_earned") : esc(h.note)}</span><b>${h.delta > 0 ? "+" : ""}${h.delta}</b></li>`).join("")}</ul></section>`);
+      `<li><span>${h.kind === "earn" ? t("points_earned") : h.kind === "redeem" ? t("points_redeem") : esc(h.note)}</span><b>${h.delta > 0 ? "+" : ""}${h.delta}</b></li>`).join("")}</ul></section>`);
   document.querySelectorAll("button.redeem").forEach((b) => { b.onclick = () => {
     const g = byId[b.dataset.gift];              // a confirm step: points are spent for good
     const box = $("#confirm-box");
@@ -668,6 +709,7 @@ async function pointsView(justRedeemed) {
     box.innerHTML = `<p id="confirm-text">${esc(t("gift_confirm", {pts: g.points_cost, name: name(g)}))}</p>
       <button id="confirm-redeem">${t("confirm_redeem")}</button><button class="quiet" id="cancel-redeem">${t("cancel")}</button>`;
     box.scrollIntoView({block: "nearest"});
+    $("#confirm-redeem").focus();
     $("#cancel-redeem").onclick = () => { box.hidden = true; box.innerHTML = ""; };
     $("#confirm-redeem").onclick = async () => {
       $("#confirm-redeem").disabled = true;
@@ -689,12 +731,13 @@ async function accountView() {
   render(`<section class="card"><h1>${t("account")}</h1><dl class="kv">
       <dt>${t("phone")}</dt><dd>${esc(me.phone_masked)}</dd>
       <dt>${t("registration")}</dt><dd id="id-state">${t("state_" + (me.registered ? "verified" : idv.state))}</dd>
-      ${idv.number_masked ? `<dt>${t("doc_number")}</dt><dd>${esc(idv.number_masked)}</dd><dt>${t("legal_name")}</dt><dd>${esc(idv.name_masked)}</dd>` : ""}
+      ${idv.number_masked ? `<dt>${t("doc_number")}</dt><dd>${esc(idv.number_masked)}</dd><dt>${t("name_short")}</dt><dd>${esc(idv.name_masked)}</dd>` : ""}
       <dt>${t("balance")}</dt><dd>¥${yuan(me.available_fen)}</dd><dt>${t("points")}</dt><dd>${me.points}</dd></dl>
       ${idv.state === "pending" ? `<p class="note" id="pending-hint">${esc(idv.review_hint[lang])}<br>${t("pending_next")}</p>` : ""}</section>
     <section class="card"><p class="muted">${t("operator")}: ${esc(operatorName())} · ${t("contact")}: ${esc(operatorContact())}</p>
       <p><a href="#/terms">${t("terms")}</a> · <a href="#/privacy">${t("privacy")}</a></p></section>
     <section class="card"><p class="err" id="acct-error" role="alert"></p><button class="secondary" id="logout">${t("logout")}</button>
+      ${idv.consent_given ? `<button class="quiet" id="withdraw">${t("withdraw_consent")}</button>` : ""}
       <button class="quiet danger-text" id="delete">${t("delete_account")}</button><div id="delete-box" hidden></div></section>`);
   $("#logout").onclick = async () => { try { await api("POST", "/api/v1/auth/logout"); } catch { /* gone already */ }
     localStorage.removeItem("tapshare.token"); location.hash = "#/"; };
@@ -706,15 +749,24 @@ async function accountView() {
       <button class="danger" id="delete-go">${me.available_fen > 0 ? esc(t("delete_go_refund", {amt})) : t("delete_go")}</button>
       <button class="quiet" id="delete-cancel">${t("cancel")}</button>`;
     box.scrollIntoView({block: "nearest"});
-    $("#delete-cancel").onclick = () => { box.hidden = true; };
+    $("#delete-go").focus();
+    $("#delete-cancel").onclick = () => { box.hidden = true; $("#delete").focus(); };
     $("#delete-go").onclick = async () => {
+      $("#delete-go").disabled = true;
       try {
-        const r = await api("DELETE", "/api/v1/me", {confirm: true, refund_balance: me.available_fen > 0});
+        const r = await api("DELETE", "/api/v1/me", {confirm: true, refund_balance: true});   // never forfeits
         localStorage.removeItem("tapshare.token");
         $("#running").hidden = true;
         render(`<section class="card" id="deleted"><p>${r.refund_fen > 0 ? esc(t("deleted_refund", {amt: yuan(r.refund_fen), id: r.refund_id})) : t("deleted")}</p></section>`);
-      } catch (e) { showError("#acct-error", e); }
+      } catch (e) { showError("#acct-error", e); if ($("#delete-go")) $("#delete-go").disabled = false; }
     };
+  };
+  const w = $("#withdraw");
+  if (w) w.onclick = async () => {
+    if (w.dataset.confirm !== "1") { w.dataset.confirm = "1"; w.textContent = t("withdraw_confirm"); return; }
+    w.disabled = true;
+    try { await api("DELETE", "/api/v1/me/consent"); accountView(); }
+    catch (e) { showError("#acct-error", e); w.disabled = false; }
   };
 }
 

@@ -122,7 +122,8 @@ def event_line(kind: str, detail: dict, lang: str) -> str:
         words.append(tr("ev_factor", lang, a=f"{d['from'] / 1000:.1f}", b=f"{d['to'] / 1000:.1f}"))
     if isinstance(d.get("reason"), str):
         r = d["reason"]
-        words.append(lockout_text(r, lang) if kind.startswith("lockout") else
+        words.append(lockout_text(r, lang) if kind.startswith("lockout") or kind == "alarm_cleared" else
+                     rejection_text(r, lang) if kind in ("grant_rejected", "session_start_failed") else
                      tr(f"pour_end_{r}", lang) if f"pour_end_{r}" in STRINGS else reason_text(r, lang)
                      if f"reason_{r}" in STRINGS else r)
     if isinstance(d.get("volume_ml"), int):
