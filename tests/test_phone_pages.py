@@ -413,23 +413,22 @@ def test_a_phone_that_leaves_mid_pour_finds_it_again_from_any_page(world, browse
     again.close()
 
 
-def test_an_old_visit_says_a_pour_is_running_rather_than_scan_again(world, browser):
+def test_a_pour_started_from_another_tab_shows_as_theirs_not_as_busy(world, browser):
     cloud, d = world
     user = cloud.user("13800138333", balance_fen=3_000)
-    page, _ = _page(browser, cloud, user, "en", 390)
+    page, errors = _page(browser, cloud, user, "en", 390)
     page.goto(d.link.current_qr_url(cloud.url))
     page.wait_for_selector("#start:not([disabled])")
     started = user.start(user.scan("S1", d.qr_code(cloud.url)).json()["presence_token"])   # from another tab
     assert started.status_code == 200
-    page.evaluate("() => document.querySelector('#start').disabled = false")   # the old tab still offers Start
-    page.click("#start")
-    page.wait_for_selector("#to-running")
-    assert "pour running" in page.inner_text("#start-error")
-    page.click("#to-running")
+    page.wait_for_selector("#go-session", timeout=5_000)          # "you have a pour running", not "busy"
+    assert "S1" in page.inner_text("#running-note") and page.is_visible("#running-view")
+    page.click("#go-session")
     page.wait_for_selector("#live")
     assert page.url.endswith(started.json()["session_id"])
     d.hw.world.press_stop()
     page.wait_for_selector("#bill", timeout=15_000)
+    assert errors == []
     page.close()
 
 

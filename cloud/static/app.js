@@ -399,6 +399,15 @@ async function home(scanError) {
     try {
       const m = await api("GET", `/api/v1/machines/${encodeURIComponent(v.machine.machine_id)}`);
       if (stale(my)) return;
+      if (m.busy && !v.machine.busy) {  // busy: perhaps with this person's own pour, started from another tab
+        const me2 = await api("GET", "/api/v1/me");
+        if (stale(my)) return;
+        if (me2.running_session) {
+          v.machine = {...v.machine, ...m};
+          sessionStorage.setItem("tapshare.visit", JSON.stringify(v));
+          route(); return;
+        }
+      }
       if (m.price_fen_per_l !== v.machine.price_fen_per_l && $("#start")) {
         $("#start").textContent = `${t("start")} · ${yuan(m.price_fen_per_l)} ${t("per_l")}`;
         $("#start-error").textContent = t("confirm_price");
@@ -774,6 +783,7 @@ async function accountView() {
 const TAB_OF = {"": "home", login: "home", consent: "home", register: "home", session: "home", wallet: "wallet",
                 bills: "bills", bill: "bills", points: "points", account: "account", terms: "account", privacy: "account"};
 async function route(scanError) {
+  routeSeq += 1;
   clearTimers();
   const [path, query] = (location.hash.slice(1) || "/").split("?");
   const params = new URLSearchParams(query || "");
