@@ -115,6 +115,7 @@ class Bench:
         self.connected = 0
         self.stop = False
         self.seq = 0
+        self.status_s: list[float] = []               # the phones' machine-status polls (one a second each)
 
     def _signed(self, mid: str, secret: bytes, method: str, path: str, body: bytes) -> dict[str, str]:
         return p.signed_headers(secret, mid, method, path, body, timestamp_ms=time.time_ns() // 1_000_000,
@@ -214,7 +215,27 @@ class Bench:
         await asyncio.gather(*tasks)
 
 
-async def run(port: int, machines, tokens, rate: float, seconds: float, ramp_s: float, server_pid: int) -> Bench:
+    async def watcher(self, seconds: float) -> None:
+        """A person standing at a machine: the phone page asks for its status once a second."""
+        conn = Conn(self.port)
+        mid = random.choice(self.machines)[0]
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end and not self.stop:
+            t0 = time.perf_counter()
+            try:
+                st, _ = await conn.request("GET", f"/api/v1/machines/{mid}")
+                if st == 200:
+                    self.status_s.append(time.perf_counter() - t0)
+                else:
+                    self.errors[f"status {st}"] = self.errors.get(f"status {st}", 0) + 1
+            except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
+                self.errors[type(e).__name__] = self.errors.get(type(e).__name__, 0) + 1
+                conn = Conn(self.port)
+            await asyncio.sleep(max(0.0, 1.0 - (time.perf_counter() - t0)))
+
+
+async def run(port: int, machines, tokens, rate: float, seconds: float, ramp_s: float, server_pid: int,
+              watchers: int = 0) -> Bench:
     b = Bench(port, machines, tokens)
     tasks = []
     for i in range(len(machines)):
@@ -229,7 +250,7 @@ async def run(port: int, machines, tokens, rate: float, seconds: float, ramp_s: 
                           str(int(seconds)), "-f", "raw", "-o", os.environ["BENCH_PROFILE"]],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.perf_counter()
-    await b.phone(rate, seconds)
+    await asyncio.gather(b.phone(rate, seconds), *(b.watcher(seconds) for _ in range(watchers)))
     await asyncio.sleep(3)                            # let the last reports land
     b.elapsed = time.perf_counter() - t0
     b.stop = True
@@ -244,7 +265,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def one_size(n: int, rate: float, seconds: float) -> None:
+def one_size(n: int, rate: float, seconds: float, watchers: int = 0) -> None:
     with tempfile.TemporaryDirectory() as d:
         data = Path(d)
         machines, tokens = seed(data, n)
@@ -253,7 +274,7 @@ def one_size(n: int, rate: float, seconds: float) -> None:
         try:
             srv0, gen0 = cpu_seconds(server.pid), resource.getrusage(resource.RUSAGE_SELF)
             b = asyncio.run(run(port, machines, tokens, rate, seconds, ramp_s=max(2.0, n / 1000),
-                                server_pid=server.pid))
+                                server_pid=server.pid, watchers=watchers))
             srv1, gen1 = cpu_seconds(server.pid), resource.getrusage(resource.RUSAGE_SELF)
         finally:
             stop_process(server)
@@ -264,6 +285,10 @@ def one_size(n: int, rate: float, seconds: float) -> None:
         print(f"N={n:>6}: {b.completed} sessions in {b.elapsed:.1f} s = {b.completed / b.elapsed:.1f}/s; "
               f"start->command p50 {q(.5):.1f} ms, p99 {q(.99):.1f} ms (n={len(lat)}, never received {missing}); "
               f"CPU server {srv1 - srv0:.1f} s, generator {gen_cpu:.1f} s; errors {b.errors or 'none'}")
+        if b.status_s:
+            st = sorted(b.status_s)
+            print(f"        status polls from {watchers} phones at machines (1/s each, alongside): {len(st)}, "
+                  f"p50 {st[len(st) // 2] * 1000:.1f} ms, p99 {st[min(len(st) - 1, int(len(st) * .99))] * 1000:.1f} ms")
 
 
 def main() -> None:
@@ -271,10 +296,12 @@ def main() -> None:
     ap.add_argument("--machines", type=int, nargs="+", default=[100, 1_000, 10_000])
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--rate", type=float, default=50, help="phone starts per second")
+    ap.add_argument("--watchers", type=int, default=100,
+                    help="phones standing at machines, polling the machine's status once a second")
     args = ap.parse_args()
     raise_fd_limit()
     for n in args.machines:
-        one_size(n, args.rate, args.seconds)
+        one_size(n, args.rate, args.seconds, args.watchers)
 
 
 if __name__ == "__main__":

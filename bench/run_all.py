@@ -43,6 +43,9 @@ BENCHES = [
     ("bench_cloud.py", [], ["--machines", "100", "1000", "--seconds", "15", "--rate", "30"], [
         ("cloud: phone start -> command at the dispenser, by fleet size",
          r"N=\s*(\d+): .*?p50 ([\d.]+) ms, p99 ([\d.]+) ms", "N={}: p50 {} ms, p99 {} ms"),
+        ("cloud: machine status polled by phones at machines (1/s each), alongside",
+         r"status polls from (\d+) phones .*?: (\d+), p50 ([\d.]+) ms, p99 ([\d.]+) ms",
+         "{} phones, {} polls: p50 {} ms, p99 {} ms"),
     ]),
     ("bench_faults.py", [], ["--outage-s", "10"], [
         ("fault suite: sessions lost, billed twice or left holding money",
