@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import insert
 
+import contract as p
 from bench.common import free_port, start_cloud, stop_process
 from cloud import db as t
 from cloud.db import Database
 from cloud.security import SecretBox, new_token, token_hash
-from sync import protocol as p
 
 
 def raise_fd_limit(n: int = 20_000) -> None:

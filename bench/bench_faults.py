@@ -18,8 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import contract as p  # noqa: E402
 from kiosk.events import State  # noqa: E402
-from sync import protocol as p  # noqa: E402
 from tests.cloudkit import CloudServer, UserClient  # noqa: E402
 from tests.faultproxy import FaultProxy  # noqa: E402
 from tests.test_sync import Dispenser, buy_water, settled  # noqa: E402

@@ -21,13 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import requests
 
+import contract as p
 from bench.common import free_port, pct, start_cloud, stop_process, wait_until
 from cloud.__main__ import create_operator
 from hal.base import SystemClock
 from hal.machine import simulated_config, simulated_dispenser
 from kiosk.config import Config
 from kiosk.events import State
-from sync import protocol as p
 from sync.client import CloudClient
 from sync.link import SyncLink
 

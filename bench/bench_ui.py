@@ -130,7 +130,7 @@ def main() -> int:
             user = requests.post(base + "/api/v1/dev/users", headers=h, timeout=10,
                                  json={"phone": "13800009999", "balance_fen": 10_000}).json()
             uh = {"Authorization": f"Bearer {user['token']}"}
-            from sync import protocol as p
+            import contract as p
             code = p.qr_code(bytes.fromhex(secret), "BENCH-1", time.time_ns() // 10**9)
             scan = requests.get(base + "/api/v1/scan", params={"machine": "BENCH-1", "c": code}, headers=uh,
                                 timeout=10).json()

@@ -1,4 +1,4 @@
-"""The HTTP API (FastAPI). Device endpoints are signed (see :mod:`sync.protocol`); operator and phone
+"""The HTTP API (FastAPI). Device endpoints are signed (see :mod:`contract.signing`); operator and phone
 endpoints take bearer tokens. Every refusal is a 4xx with ``{"error": code, "message": text}``."""
 
 
@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import and_, or_, select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import contract as p
 from cloud import db as t
 from cloud.accounts import Accounts, AccountSettings, DevAutoVerify, DevSmsSink, ManualReview, SmsProvider, Verifier
 from cloud.db import Database
@@ -68,7 +69,6 @@ from cloud.service import (
     balance,
     create_dev_user,
 )
-from sync import protocol as p
 
 log = logging.getLogger("tapshare.cloud")
 MAX_BODY_BYTES = 256 * 1024
@@ -416,7 +416,8 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
             conn.execute(select(1))
         return {"status": "ok", "database": "sqlite" if database.is_sqlite else "postgresql",
                 "connected_machines": hub.connected_count, "production": settings.production,
-                "development_providers": development}
+                "development_providers": development, "version": p.SOFTWARE_VERSION,
+                "protocol_versions": sorted(p.SUPPORTED_PROTOCOL_VERSIONS)}
 
     # ---------------------------------------------------------------- devices
     @app.get("/device/v1/time", response_model=p.TimeResponse, tags=["device"])

@@ -13,9 +13,9 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
+import contract as p
 from cloud.payments import PaymentProvider, SandboxPay
 from cloud.service import ApiError
-from sync import protocol as p
 
 STATIC = Path(__file__).parent / "static"
 PAGE_HEADERS = {

@@ -30,6 +30,8 @@ class HealthOut(BaseModel):
     connected_machines: int
     production: bool
     development_providers: list[str]
+    version: str = ""                      # the software version (the contract's), and the protocol versions spoken
+    protocol_versions: list[int] = []
 
 
 # ---------------------------------------------------------------- machines

@@ -19,10 +19,10 @@ from pydantic import ValidationError
 from sqlalchemy import Connection, and_, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+import contract as p
 from cloud import db as t
 from cloud.db import Database
 from cloud.security import PresenceTokens, SecretBox, new_token, token_hash
-from sync import protocol as p
 
 GRANT_DEADLINE_MS = p.GRANT_DEADLINE_MS   # the machine must claim a start by then (its server-corrected clock)
 VOID_AFTER_MS = p.GRANT_DEADLINE_MS + p.GRANT_SKEW_MS   # an unclaimed start is voided this long after it was made
@@ -176,6 +176,12 @@ class Machines:
         if not p.MACHINE_ID_RE.match(machine_id) or not p.NONCE_RE.match(nonce) or not ts_text.isdigit() \
                 or len(ts_text) > 15:
             raise ApiError(401, "malformed_signature_headers", "malformed signature headers")
+        version = headers.get(p.HEADER_PROTOCOL.lower(), "")
+        if not (version.isdigit() and len(version) < 6 and int(version) in p.SUPPORTED_PROTOCOL_VERSIONS):
+            supported = sorted(p.SUPPORTED_PROTOCOL_VERSIONS)
+            raise ApiError(400, "unsupported_protocol", f"this cloud speaks protocol version {supported}; the machine "
+                           f"sent {version or 'none'} ({p.HEADER_PROTOCOL}): update the machine's software",
+                           supported=supported)
         secret = self.secret(machine_id)
         if secret is None:
             raise ApiError(401, "unknown_machine", f"machine {machine_id} is unknown or not enrolled")

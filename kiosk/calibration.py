@@ -1,12 +1,12 @@
 """The calibration wizard's arithmetic (pure): pours into a measuring jug, each with the pulses the meter
 counted and the millilitres the technician read, give a pulses-per-litre factor. Works in millilitres and
-integer milli-pulses per litre, like :mod:`kiosk.billing`."""
+integer milli-pulses per litre, like :mod:`contract.billing`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kiosk.billing import MAX_MPPL, MIN_MPPL
+from contract.billing import MAX_MPPL, MIN_MPPL
 
 MIN_POURS = 3
 MAX_SPREAD_PERMILLE = 50            # pours that disagree by more than 5 % are not averaged: pour again

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from contract.billing import points_for_fee
+
 
 class State(StrEnum):
     IDLE = "idle"                    # ready: QR on screen
@@ -342,6 +344,11 @@ class SessionRecord:
     @property
     def avg_flow_ml_per_min(self) -> int:
         return self.volume_ml * 60_000 // self.duration_ms if self.duration_ms > 0 else 0
+
+    @property
+    def points(self) -> int:
+        """The growth points this bill earns, by the contract's rule (the cloud awards the same number)."""
+        return points_for_fee(self.cost_fen)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Any
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-from kiosk.billing import Calibration
+from contract.billing import Calibration
 from kiosk.events import Checkpoint, EndReason, SessionEnded, SessionRecord, SessionStarted
 
 migrations = Migrations("tapshare-ledger")

@@ -29,7 +29,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from kiosk.billing import Calibration
+from contract import SOFTWARE_VERSION
+from contract.billing import Calibration
 from kiosk.config import Config
 from kiosk.events import (
     Action,
@@ -65,7 +66,7 @@ log = logging.getLogger("tapshare.runtime")
 STORAGE_LOCKOUT = fault_lockout("storage")
 ADMIN_POLL_MS = 1_000
 PRUNE_INTERVAL_MS = 3_600_000
-VERSION = "0.1.0"
+VERSION = SOFTWARE_VERSION          # one version for dispenser and cloud, declared in the contract
 
 
 CALIBRATION_KEY = "milli_pulses_per_litre"

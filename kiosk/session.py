@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, replace
 
-from kiosk.billing import Calibration
+from contract.billing import Calibration
 from kiosk.calibration import MAX_MPPL, MIN_MPPL
 from kiosk.config import Config
 from kiosk.events import (

@@ -21,7 +21,7 @@ from typing import Any
 
 import requests
 
-from sync import protocol as p
+import contract as p
 
 log = logging.getLogger("tapshare.sync")
 

@@ -37,6 +37,7 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
+import contract as p
 from kiosk.events import (
     Action,
     CancelReceived,
@@ -58,7 +59,6 @@ from kiosk.events import (
 from kiosk.ledger import Ledger
 from kiosk.runtime import Runtime
 from kiosk.session import Snapshot
-from sync import protocol as p
 from sync.client import AuthProblem, CloudClient, Rejected, SyncError, Transient
 
 log = logging.getLogger("tapshare.sync")

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import requests
 
+import contract as p
 from cloud.__main__ import create_operator
 from cloud.accounts import CONSENT_VERSION
 from cloud.app import CloudSettings, create_app
 from cloud.server import GracefulServer, server_config
-from sync import protocol as p
 
 PG_URL = os.environ.get("TAPSHARE_TEST_POSTGRES_URL", "")
 

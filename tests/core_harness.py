@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from kiosk.billing import Calibration
+from contract.billing import Calibration
 from kiosk.events import (
     Action,
     CloseValve,

@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kiosk.billing import Calibration
+from contract.billing import Calibration
 
 mppl = st.integers(min_value=1_000, max_value=10_000_000)       # 1 to 10,000 pulses per litre
 pulses = st.integers(min_value=0, max_value=10_000_000)

@@ -6,7 +6,7 @@ import time
 
 import requests
 
-from sync import protocol as p
+import contract as p
 
 
 def connected(device):
@@ -99,6 +99,24 @@ def test_the_body_is_signed(cloud):
     r = requests.post(cloud.url + "/device/v1/heartbeat", data=tampered, timeout=5,
                       headers={**headers, "Content-Type": "application/json"})
     assert r.status_code == 401 and r.json()["error"] == "bad_signature"
+
+
+def test_a_protocol_version_the_cloud_does_not_speak_is_refused_in_words(cloud):
+    a = cloud.provision("A3")
+    raw = b'{"state":"idle","valve_open":false}'
+    for version in ("2", None, "x"):
+        headers = p.signed_headers(a.secret, "A3", "POST", "/device/v1/heartbeat", raw,
+                                   timestamp_ms=time.time_ns() // 1_000_000, nonce=secrets.token_hex(16))
+        if version is None:
+            del headers[p.HEADER_PROTOCOL]
+        else:
+            headers[p.HEADER_PROTOCOL] = version
+        r = requests.post(cloud.url + "/device/v1/heartbeat", data=raw, timeout=5,
+                          headers={**headers, "Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"] == "unsupported_protocol", r.text
+        assert r.json()["supported"] == [1] and "update the machine's software" in r.json()["message"]
+    health = requests.get(cloud.url + "/healthz", timeout=5).json()
+    assert health["version"] == p.SOFTWARE_VERSION and health["protocol_versions"] == [1]
 
 
 def test_time_is_unsigned(cloud):

@@ -15,8 +15,8 @@ import pytest
 import requests
 from sqlalchemy import select
 
+import contract as p
 from cloud import db as t
-from sync import protocol as p
 from tests.cloudkit import PG_URL, CloudServer
 from tests.conftest import _fresh_postgres_database
 from tests.test_cloud import start_session

@@ -13,7 +13,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.core import NOT_SET
 
-from sync import protocol as p
+import contract as p
 
 EXAMPLES = 30
 

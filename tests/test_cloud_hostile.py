@@ -18,8 +18,8 @@ import pytest
 import requests
 from sqlalchemy import insert, select
 
+import contract as p
 from cloud import db as t
-from sync import protocol as p
 from tests.cloudkit import CloudServer, DeviceClient, id_photo
 from tests.test_cloud import connected, start_session
 

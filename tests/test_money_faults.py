@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+import contract as p
 from kiosk.events import ClearLockout, ClearSource, EnterMaintenance, TechPour, TemperatureReading
 from kiosk.events import State as S
-from sync import protocol as p
 from tests.cloudkit import CloudServer
 from tests.core_harness import Harness
 from tests.test_sync import Dispenser, assert_books_agree, buy_water, linked, settled

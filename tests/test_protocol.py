@@ -7,7 +7,7 @@ import struct
 import pytest
 from pydantic import ValidationError
 
-from sync import protocol as p
+import contract as p
 
 SECRET = bytes(range(16))
 BODY = b'{"a":1}'
@@ -78,7 +78,7 @@ def test_qr_url():
 
 
 def test_the_fee_rule_is_the_dispensers():
-    from kiosk.billing import Calibration
+    from contract.billing import Calibration
     assert p.fee_fen(452, 450_000, 200) == Calibration(450_000).cost_fen(452, 200) == 200
     assert p.volume_ml(450, 450_000) == 1000
 

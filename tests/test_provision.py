@@ -58,7 +58,7 @@ def test_provision_then_serve_a_phone_through_the_cloud(tmp_path):
                 if machines[0]["heartbeat"] and machines[0]["online"]:
                     break
                 time.sleep(0.2)
-            from sync import protocol as p
+            import contract as p
             secret = bytes.fromhex((tmp_path / "d" / "device.secret").read_text().strip())
             scan = user.scan("P1", p.qr_code(secret, "P1", int(time.time())))
             start = user.start(scan.json()["presence_token"])

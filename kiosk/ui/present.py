@@ -6,7 +6,6 @@ from __future__ import annotations
 from kiosk.events import State
 from kiosk.session import Snapshot
 from kiosk.ui.i18n import STRINGS, lockout_text, reason_text, tr
-from sync.protocol import points_for_fee
 
 SCREENS = {State.IDLE: "idle", State.DISPENSING: "dispensing", State.SETTLING: "dispensing",
            State.RECEIPT: "receipt", State.OFFLINE: "offline", State.OUT_OF_SERVICE: "out_of_service",
@@ -79,7 +78,7 @@ def present(snap: Snapshot, lang: str, *, started_hhmm: str = "", maintenance_ti
             "r_price": f"{yuan(r.price_fen_per_l)} {tr('yuan_per_l', lang)}",
             "r_temp": temp_text(r.temp_start_c, lang),
             "r_tds": tds_text(r.tds_ppm, r.tds_measured, r.tds_limit_ppm, lang),
-            "r_points": f"+{points_for_fee(r.cost_fen)}",
+            "r_points": f"+{r.points}",
             "r_reason": reason_text(r.reason, lang),
             "r_balance": "—" if snap.receipt_balance_fen is None else f"¥{yuan(snap.receipt_balance_fen)}",
         })

@@ -68,3 +68,23 @@ class Calibration:
     def pulses_for_volume_ml(self, volume_ml: float) -> float:
         """Pulses expected for a volume (for plausibility checks and simulation, not for money)."""
         return volume_ml * self.milli_pulses_per_litre / 1_000_000
+
+
+# ---------------------------------------------------------------- the fee and points rules, as both sides apply them
+
+def fee_fen(billed_pulses: int, milli_pulses_per_litre: int, price_fen_per_l: int) -> int:
+    """The fee rule: floor(pulses x price / pulses-per-litre), in whole fen (see the module docstring)."""
+    return Calibration(milli_pulses_per_litre).cost_fen(billed_pulses, price_fen_per_l)
+
+
+def volume_ml(billed_pulses: int, milli_pulses_per_litre: int) -> int:
+    return Calibration(milli_pulses_per_litre).volume_ml(billed_pulses)
+
+
+POINTS_PER_YUAN = 1
+
+
+def points_for_fee(fee_fen: int) -> int:
+    """Growth points (s6): one per whole yuan of a bill (1.99 yuan earns 1; a free pour none). The cloud
+    awards them; the kiosk's receipt shows the same number."""
+    return max(0, fee_fen) // 100 * POINTS_PER_YUAN

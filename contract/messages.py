@@ -1,140 +1,16 @@
-"""The dispenser-cloud protocol, in one pure module both sides import (no requests, no web framework).
-
-* **Signing**: every dispenser request carries ``X-Tapshare-Machine``, ``X-Tapshare-Timestamp`` (Unix
-  ms), ``X-Tapshare-Nonce`` (16+ random bytes, hex) and ``X-Tapshare-Signature``: HMAC-SHA256, keyed
-  with a key derived from the device secret, over ``METHOD\\nPATH?QUERY\\nTIMESTAMP\\nNONCE\\nSHA256(BODY)``.
-  The server rejects a bad signature, a reused nonce and a timestamp more than 5 minutes off.
-* **QR codes**: time-based one-time codes (TOTP-style, RFC 6238 construction with HMAC-SHA256): the
-  code for 30 s step ``t // 30`` is bound to the machine id and derived from the device secret, so it
-  is computed on the device even offline, and a photographed code stops working within a minute. A code
-  may be scanned by several phones (a queue at one screen): the server rate-limits scans and each scan's
-  presence token starts at most one session.
-* **Tariff**: :func:`fee_fen` is the fee rule (from :mod:`kiosk.billing`), the same on both sides.
-* **Messages**: pydantic models for every message, used by the cloud's API (and its OpenAPI document)
-  and by the dispenser to validate what it receives.
-
-Golden vectors in ``tests/test_protocol.py`` pin all of this down.
-"""
+"""The messages between dispenser and cloud: pydantic models for every message, used by the cloud's API (and
+its OpenAPI document) and by the dispenser to build what it sends and validate what it receives. Unknown
+fields are refused; golden vectors in ``tests/test_protocol.py`` keep the wire format fixed."""
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import hmac
 import math
-import re
-import struct
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from kiosk.billing import MAX_MPPL, MIN_MPPL, Calibration
+from contract.billing import MAX_MPPL, MIN_MPPL
 
-PROTOCOL_VERSION = 1
-HEADER_MACHINE = "X-Tapshare-Machine"
-HEADER_TIMESTAMP = "X-Tapshare-Timestamp"
-HEADER_NONCE = "X-Tapshare-Nonce"
-HEADER_SIGNATURE = "X-Tapshare-Signature"
-MAX_CLOCK_SKEW_MS = 300_000
-MIN_SECRET_BYTES = 16
-QR_STEP_S = 30
-QR_DIGITS = 8
-QR_SKEW_STEPS = 1
-MACHINE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-NONCE_RE = re.compile(r"^[0-9a-f]{32,64}$")
-
-
-# ---------------------------------------------------------------- keys and signing
-
-@functools.lru_cache(maxsize=65_536)
-def _subkey(secret: bytes, purpose: bytes) -> bytes:
-    """Separate keys for separate uses, so a QR code can never be used as a request signature."""
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ValueError(f"a device secret has at least {MIN_SECRET_BYTES} bytes")
-    return hmac.new(secret, b"tapshare/" + purpose + b"/v1", hashlib.sha256).digest()
-
-
-def canonical_request(method: str, path: str, timestamp_ms: int, nonce: str, body: bytes) -> bytes:
-    """What is signed. ``path`` includes the query string exactly as sent."""
-    return "\n".join([method.upper(), path, str(timestamp_ms), nonce, hashlib.sha256(body).hexdigest()]).encode()
-
-
-def sign(secret: bytes, method: str, path: str, timestamp_ms: int, nonce: str, body: bytes) -> str:
-    key = _subkey(secret, b"request")
-    return hmac.new(key, canonical_request(method, path, timestamp_ms, nonce, body), hashlib.sha256).hexdigest()
-
-
-def signed_headers(secret: bytes, machine_id: str, method: str, path: str, body: bytes, *, timestamp_ms: int,
-                   nonce: str) -> dict[str, str]:
-    return {HEADER_MACHINE: machine_id, HEADER_TIMESTAMP: str(timestamp_ms), HEADER_NONCE: nonce,
-            HEADER_SIGNATURE: sign(secret, method, path, timestamp_ms, nonce, body)}
-
-
-def verify_signature(secret: bytes, method: str, path: str, timestamp_ms: int, nonce: str, body: bytes,
-                     signature: str) -> bool:
-    return hmac.compare_digest(sign(secret, method, path, timestamp_ms, nonce, body), signature.lower())
-
-
-def clock_problem(timestamp_ms: int, now_ms: int) -> str | None:
-    """Why a request timestamp is refused, or ``None``."""
-    off = timestamp_ms - now_ms
-    if abs(off) > MAX_CLOCK_SKEW_MS:
-        return f"timestamp is {off / 1000:+.0f} s off the server's clock (at most {MAX_CLOCK_SKEW_MS // 1000} s)"
-    return None
-
-
-# ---------------------------------------------------------------- QR codes
-
-def qr_code(secret: bytes, machine_id: str, unix_s: int) -> str:
-    """The machine's code for the 30 s step containing ``unix_s`` (8 digits)."""
-    return _qr_for_step(secret, machine_id, unix_s // QR_STEP_S)
-
-
-def _qr_for_step(secret: bytes, machine_id: str, step: int) -> str:
-    mac = hmac.new(_subkey(secret, b"qr"), machine_id.encode() + b"\x00" + struct.pack(">Q", step),
-                   hashlib.sha256).digest()
-    offset = mac[-1] & 0x0F
-    value = struct.unpack(">I", mac[offset:offset + 4])[0] & 0x7FFFFFFF
-    return str(value % 10 ** QR_DIGITS).zfill(QR_DIGITS)
-
-
-def qr_step(secret: bytes, machine_id: str, code: str, unix_s: int) -> int | None:
-    """The step ``code`` belongs to, if it is the current one or one step either side; else ``None``."""
-    if not (isinstance(code, str) and len(code) == QR_DIGITS and code.isdigit()):
-        return None
-    now = unix_s // QR_STEP_S
-    for step in range(now - QR_SKEW_STEPS, now + QR_SKEW_STEPS + 1):
-        if hmac.compare_digest(_qr_for_step(secret, machine_id, step), code):
-            return step
-    return None
-
-
-def qr_url(base_url: str, machine_id: str, code: str) -> str:
-    """What the QR on the machine's screen encodes: the phone page for this machine and code."""
-    return f"{base_url.rstrip('/')}/m/{machine_id}?c={code}"
-
-
-# ---------------------------------------------------------------- tariff
-
-def fee_fen(billed_pulses: int, milli_pulses_per_litre: int, price_fen_per_l: int) -> int:
-    """The fee rule: floor(pulses x price / pulses-per-litre), in whole fen (see kiosk/billing.py)."""
-    return Calibration(milli_pulses_per_litre).cost_fen(billed_pulses, price_fen_per_l)
-
-
-def volume_ml(billed_pulses: int, milli_pulses_per_litre: int) -> int:
-    return Calibration(milli_pulses_per_litre).volume_ml(billed_pulses)
-
-
-POINTS_PER_YUAN = 1
-
-
-def points_for_fee(fee_fen: int) -> int:
-    """Growth points (s6): one per whole yuan of a bill (1.99 yuan earns 1; a free pour none). The cloud
-    awards them; the kiosk's receipt shows the same number."""
-    return max(0, fee_fen) // 100 * POINTS_PER_YUAN
-
-
-# ---------------------------------------------------------------- messages
 
 class Msg(BaseModel):
     """Every message: unknown fields refused, no type coercion ("100" is not a number, true is not 1), no NaN
