@@ -174,3 +174,31 @@ def test_redemptions_in_parallel_spend_points_and_stock_exactly(pg):
     assert user.me()["points"] == 10
     with pg.app.state.database.read() as conn:
         assert conn.execute(select(t.gifts.c.stock).where(t.gifts.c.gift_id == gift["gift_id"])).scalar() == 3
+
+
+def test_an_account_deletion_and_a_start_at_once_never_both_take_the_balance(pg):
+    """Deletion locks the user like a start does: either the start holds the money and the deletion waits for
+    the pour, or the balance is paid back and the start is refused; never both."""
+    from tests.test_cloud import connected
+    deleted = 0
+    for i in range(8):
+        dev = pg.provision(f"D{i}")
+        user = pg.user(f"1390000011{i}", balance_fen=5_000)
+        connected(dev)
+        presence = user.scan(dev.machine_id, dev.qr()).json()["presence_token"]
+        start, delete = at_once([lambda u=user, pr=presence: u.start(pr),
+                                 lambda u=user: u.call("DELETE", "/api/v1/me",
+                                                       json={"confirm": True, "refund_balance": True})])
+        assert not (start.status_code == 200 and delete.status_code == 200), (start.text, delete.text)
+        if delete.status_code == 200:
+            assert delete.json()["refund_fen"] == 5_000
+            deleted += 1
+        else:
+            assert start.status_code == 200 and delete.json()["error"] == "session_open", (start.text, delete.text)
+    refunds = pg.op("GET", "/api/v1/operator/balance-refunds").json()["refunds"]
+    assert len(refunds) == deleted and all(r["amount_fen"] == 5_000 for r in refunds)
+    if refunds:                     # and an owed refund is marked paid once, however many operators press at once
+        rid = refunds[0]["refund_id"]
+        answers = at_once([lambda n=n: pg.op("POST", f"/api/v1/operator/balance-refunds/{rid}/paid",
+                                             json={"reference": f"WX-{n}"}) for n in range(N)])
+        assert sorted(r.status_code for r in answers) == [200] + [409] * (N - 1), [r.text for r in answers]
