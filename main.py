@@ -16,10 +16,11 @@ import signal
 import sys
 import threading
 
+from contract import SOFTWARE_VERSION
 from hal.base import SystemClock
 from kiosk import config as config_mod
 from kiosk.ledger import Ledger, LedgerError
-from kiosk.runtime import VERSION, boot
+from kiosk.runtime import boot
 
 log = logging.getLogger("tapshare")
 
@@ -167,7 +168,8 @@ def start_link(cfg: config_mod.Config, runtime, clock):
         return None
     client = CloudClient(cfg.cloud.url, cfg.machine.id, secret, wall_ms=clock.wall_ms, mono_ms=clock.monotonic_ms,
                          timeout_s=cfg.cloud.request_timeout_ms / 1000)
-    link = SyncLink(runtime, client, runtime.ledger, software_version=VERSION, poll_wait_ms=cfg.cloud.poll_wait_ms,
+    link = SyncLink(runtime, client, runtime.ledger, software_version=SOFTWARE_VERSION,
+                    poll_wait_ms=cfg.cloud.poll_wait_ms,
                     heartbeat_interval_ms=cfg.cloud.heartbeat_interval_ms,
                     link_lost_after_ms=cfg.cloud.link_lost_after_ms)
     link.start()

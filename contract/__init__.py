@@ -10,27 +10,8 @@
 ``import contract as p`` gives all of it under one name."""
 
 from contract.billing import *  # noqa: F403
-from contract.billing import POINTS_PER_YUAN, Calibration, fee_fen, points_for_fee, volume_ml  # noqa: F401
 from contract.messages import *  # noqa: F403
-from contract.messages import (  # noqa: F401
-    _iso_time,
-)
 from contract.qr import *  # noqa: F403
-from contract.qr import QR_DIGITS, QR_SKEW_STEPS, QR_STEP_S, _qr_for_step, qr_code, qr_step, qr_url  # noqa: F401
 from contract.signing import *  # noqa: F403
-from contract.signing import (  # noqa: F401
-    HEADER_MACHINE,
-    HEADER_NONCE,
-    HEADER_PROTOCOL,
-    HEADER_SIGNATURE,
-    HEADER_TIMESTAMP,
-    MACHINE_ID_RE,
-    MAX_CLOCK_SKEW_MS,
-    MIN_SECRET_BYTES,
-    NONCE_RE,
-    PROTOCOL_VERSION,
-    SUPPORTED_PROTOCOL_VERSIONS,
-    _subkey,
-)
 
 SOFTWARE_VERSION = "0.1.0"           # the dispenser's and the cloud's, reported in heartbeats and /healthz

@@ -66,7 +66,6 @@ log = logging.getLogger("tapshare.runtime")
 STORAGE_LOCKOUT = fault_lockout("storage")
 ADMIN_POLL_MS = 1_000
 PRUNE_INTERVAL_MS = 3_600_000
-VERSION = SOFTWARE_VERSION          # one version for dispenser and cloud, declared in the contract
 
 
 CALIBRATION_KEY = "milli_pulses_per_litre"
@@ -362,14 +361,14 @@ def boot(cfg: Config, valve: Valve, meter: FlowMeter, clock: Clock, *,
     seen: list[str] = []
     try:
         ledger = Ledger.open(cfg.db_path, machine_id=cfg.machine.id, wall_clock=clock.wall_ms,
-                             software_version=VERSION, mono_clock=clock.monotonic_ms)
+                             software_version=SOFTWARE_VERSION, mono_clock=clock.monotonic_ms)
         recovered = ledger.recover_open_sessions()
         for r in recovered:
             log.warning("session %s was left open (%s): closed, billed %d fen from its last checkpoint",
                         r.session_id, r.reason, r.cost_fen)
         lockouts = ledger.lockouts()
         seen = ledger.recent_session_ids()
-        ledger.record_event("boot", {"version": VERSION, "boot_id": ledger.boot_id,
+        ledger.record_event("boot", {"version": SOFTWARE_VERSION, "boot_id": ledger.boot_id,
                                      "recovered_sessions": [r.session_id for r in recovered],
                                      "totalizer_pulses": ledger.totalizer_pulses()}, report=True)
     except LedgerError as e:
