@@ -59,8 +59,7 @@ def main() -> int:
             clock = SystemClock()
             hw, rt, _ = simulated_dispenser(cfg, clock, data / "sim")
             for i in range(args.backlog):      # what piles up during an outage
-                rt.ledger.record_event("telemetry", {"i": i, "temp_c": 12.0, "note": "queued while offline"},
-                                       report=True)
+                rt.ledger.record(p.EventKind.CONSUMABLE_REPLACED, kind=f"filter-{i}", actor="bench")
             client = CloudClient(url, "BS1", secret, wall_ms=clock.wall_ms, mono_ms=clock.monotonic_ms)
             link = SyncLink(rt, client, rt.ledger, software_version="bench", poll_wait_ms=55_000,
                             heartbeat_interval_ms=60_000)

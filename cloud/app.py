@@ -473,7 +473,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
 
     # ---------------------------------------------------------------- phones
     @app.get("/api/v1/scan", response_model=ScanOut, responses=ERRORS, tags=["phone"])
-    def scan(machine: Annotated[str, Query(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")],
+    def scan(machine: Annotated[str, Query(min_length=1, max_length=64, pattern=p.MACHINE_ID_RE.pattern)],
              c: Annotated[str, Query(min_length=1, max_length=16)], request: Request) -> dict[str, Any]:
         """What opening the QR link does: checks the time-based code, consumes nothing. Limited per network and
         per machine (a code has 8 digits; guessing is made slow)."""
@@ -519,7 +519,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
                 "running_session": sessions.running_session(user_id)}
 
     @app.get("/api/v1/machines/{machine_id}", response_model=MachineInfoOut, responses=ERRORS, tags=["phone"])
-    def machine_status(machine_id: Annotated[str, PathParam(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]) \
+    def machine_status(machine_id: Annotated[str, PathParam(max_length=64, pattern=p.MACHINE_ID_RE.pattern)]) \
             -> dict[str, Any]:
         """What the machine shows anyway (place, price, water, whether it can serve now): the phone polls it
         while a person stands at the machine, so "out of service" or "busy" reaches them within a second."""

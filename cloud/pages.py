@@ -29,7 +29,7 @@ PAGE_HEADERS = {
 
 def add_pages(app: FastAPI, settings, pay: PaymentProvider, now: Callable[[], int], machines=None) -> None:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    MachinePath = Annotated[str, PathParam(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    MachinePath = Annotated[str, PathParam(max_length=64, pattern=p.MACHINE_ID_RE.pattern)]
 
     def spa() -> FileResponse:
         return FileResponse(STATIC / "app.html", media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)

@@ -1,4 +1,4 @@
-"""Request and response models of the cloud's HTTP API (the device messages are in sync/protocol.py)."""
+"""Request and response models of the cloud's HTTP API (the device messages are in the contract package)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MachineIdStr = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+from contract import (
+    LIMIT_BOUNDS,
+    MachineIdStr,
+    MaxCreditFen,
+    MaxDurationMs,
+    MaxIdleMs,
+    MaxVolumeMl,
+    MinDispenseMl,
+    PricePerLitre,
+)
 
 
 class In(BaseModel):
@@ -39,24 +48,24 @@ class HealthOut(BaseModel):
 class ProvisionIn(In):
     machine_id: MachineIdStr
     location: Annotated[str, Field(max_length=200)] = ""
-    price_fen_per_l: Annotated[int, Field(ge=0, le=100_000)]
-    max_volume_ml: Annotated[int, Field(ge=50, le=50_000)] = 5_000
-    max_duration_ms: Annotated[int, Field(ge=1_000, le=600_000)] = 300_000
-    max_idle_ms: Annotated[int, Field(ge=500, le=120_000)] = 15_000
-    max_credit_fen: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
-    min_dispense_ml: Annotated[int, Field(ge=0, le=500)] = 10
+    price_fen_per_l: PricePerLitre
+    max_volume_ml: MaxVolumeMl = LIMIT_BOUNDS["max_volume_ml"].default
+    max_duration_ms: MaxDurationMs = LIMIT_BOUNDS["max_duration_ms"].default
+    max_idle_ms: MaxIdleMs = LIMIT_BOUNDS["max_idle_ms"].default
+    max_credit_fen: MaxCreditFen = LIMIT_BOUNDS["max_credit_fen"].default
+    min_dispense_ml: MinDispenseMl = LIMIT_BOUNDS["min_dispense_ml"].default
 
 
 class MachineSettingsIn(In):
     """Any of a machine's price and limits; a price change is also sent to the machine."""
 
     location: Annotated[str, Field(max_length=200)] | None = None
-    price_fen_per_l: Annotated[int, Field(ge=0, le=100_000)] | None = None
-    max_volume_ml: Annotated[int, Field(ge=50, le=50_000)] | None = None
-    max_duration_ms: Annotated[int, Field(ge=1_000, le=600_000)] | None = None
-    max_idle_ms: Annotated[int, Field(ge=500, le=120_000)] | None = None
-    max_credit_fen: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
-    min_dispense_ml: Annotated[int, Field(ge=0, le=500)] | None = None
+    price_fen_per_l: PricePerLitre | None = None
+    max_volume_ml: MaxVolumeMl | None = None
+    max_duration_ms: MaxDurationMs | None = None
+    max_idle_ms: MaxIdleMs | None = None
+    max_credit_fen: MaxCreditFen | None = None
+    min_dispense_ml: MinDispenseMl | None = None
     timezone: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     hotline: Annotated[str, Field(max_length=40)] | None = None
 
@@ -194,7 +203,7 @@ class ScanOut(BaseModel):
 
 class StartIn(In):
     presence_token: Annotated[str, Field(min_length=10, max_length=200)]
-    expected_price_fen_per_l: Annotated[int, Field(ge=0, le=100_000)]
+    expected_price_fen_per_l: PricePerLitre
 
 
 class StartOut(BaseModel):

@@ -87,7 +87,7 @@ class Machines:
                   max_volume_ml: int, max_duration_ms: int, max_idle_ms: int, max_credit_fen: int,
                   now_ms: int, min_dispense_ml: int = 10) -> str:
         """Create a machine and a single-use enrolment token (returned once)."""
-        if not p.MACHINE_ID_RE.match(machine_id):
+        if not p.MACHINE_ID_RE.fullmatch(machine_id):
             raise ApiError(422, "bad_machine_id", "machine id: 1-64 letters, digits, '-' or '_'")
         token = secrets.token_hex(24)      # hex: never starts with '-', which a command line would take for an option
         with self.db.tx() as conn:
@@ -173,7 +173,7 @@ class Machines:
         if not (machine_id and ts_text and nonce and signature):
             raise ApiError(401, "unsigned", "missing signature headers (X-Tapshare-Machine, -Timestamp, -Nonce, "
                                             "-Signature)")
-        if not p.MACHINE_ID_RE.match(machine_id) or not p.NONCE_RE.match(nonce) or not ts_text.isdigit() \
+        if not p.MACHINE_ID_RE.fullmatch(machine_id) or not p.NONCE_RE.fullmatch(nonce) or not ts_text.isdigit() \
                 or len(ts_text) > 15:
             raise ApiError(401, "malformed_signature_headers", "malformed signature headers")
         version = headers.get(p.HEADER_PROTOCOL.lower(), "")
@@ -456,8 +456,9 @@ class Sessions:
                         and ack.reason == p.START_FAILED:
                     conn.execute(insert(t.machine_events).values(
                         machine_id=machine_id, event_id=f"ack-{command_id}"[:40], kind=p.START_FAILED,
-                        payload={"detail": {"session_id": sid, "detail": ack.detail}}, received_ms=now_ms,
-                        occurred_ms=now_ms, alarm=True))
+                        payload={"detail": p.EventKind.SESSION_START_FAILED.detail_of(session_id=sid,
+                                                                                      detail=ack.detail)},
+                        received_ms=now_ms, occurred_ms=now_ms, alarm=True))
             state = conn.execute(select(t.sessions.c.state).where(t.sessions.c.session_id == sid)).scalar()
         if ack.ok and state != "active":
             raise ApiError(409, "start_void", f"this session is {state}: do not pour", session_state=state)
@@ -529,9 +530,11 @@ class Sessions:
                     continue
                 lost.append(row["session_id"])
                 conn.execute(insert(t.machine_events).values(
-                    machine_id=row["machine_id"], event_id=f"lost-{row['session_id']}"[:40], kind="session_lost",
-                    payload={"detail": {"session_id": row["session_id"], "user_id": row["user_id"], "why": why,
-                                        "released_fen": row["credit_limit_fen"]}},
+                    machine_id=row["machine_id"], event_id=f"lost-{row['session_id']}"[:40],
+                    kind=p.EventKind.SESSION_LOST,
+                    payload={"detail": p.EventKind.SESSION_LOST.detail_of(
+                        session_id=row["session_id"], user_id=row["user_id"], why=why,
+                        released_fen=row["credit_limit_fen"])},
                     received_ms=now_ms, occurred_ms=now_ms, alarm=True))
                 audit(conn, "system", "session_lost", row["session_id"],
                       {"machine_id": row["machine_id"], "why": why, "released_fen": row["credit_limit_fen"]}, now_ms)
@@ -660,10 +663,10 @@ class Sessions:
             fee = s["credit_limit_fen"]
         if implausible:
             conn.execute(insert(t.machine_events).values(
-                machine_id=machine_id, event_id=ev.event_id, kind="implausible_report",
-                payload={"detail": {"session_id": s["session_id"], "problems": implausible,
-                                    "billed_pulses": r.billed_pulses,
-                                    "milli_pulses_per_litre": r.milli_pulses_per_litre, "billed_fen": fee}},
+                machine_id=machine_id, event_id=ev.event_id, kind=p.EventKind.IMPLAUSIBLE_REPORT,
+                payload={"detail": p.EventKind.IMPLAUSIBLE_REPORT.detail_of(
+                    session_id=s["session_id"], problems=implausible, billed_pulses=r.billed_pulses,
+                    milli_pulses_per_litre=r.milli_pulses_per_litre, billed_fen=fee)},
                 received_ms=now_ms, occurred_ms=now_ms - ev.age_ms, alarm=True))
             log.error("implausible report %s from %s: %s; billed %d fen", ev.event_id, machine_id,
                       "; ".join(implausible), fee)

@@ -10,6 +10,8 @@
 ``import contract as p`` gives all of it under one name."""
 
 from contract.billing import *  # noqa: F403
+from contract.events import *  # noqa: F403
+from contract.limits import *  # noqa: F403
 from contract.messages import *  # noqa: F403
 from contract.qr import *  # noqa: F403
 from contract.signing import *  # noqa: F403

@@ -7,9 +7,19 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 
 from contract.billing import MAX_MPPL, MIN_MPPL
+from contract.events import CommandKind, EventKind
+from contract.limits import (
+    MaxCreditFen,
+    MaxDurationMs,
+    MaxIdleMs,
+    MaxVolumeMl,
+    MinDispenseMl,
+    PricePerLitre,
+)
+from contract.signing import MACHINE_ID_RE
 
 
 class Msg(BaseModel):
@@ -72,14 +82,13 @@ def json_problem(value: Any, depth: int = 0) -> str | None:
 
 Id = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 Fen = Annotated[int, Field(ge=0, le=100_000_000)]
-PricePerLitre = Annotated[int, Field(ge=0, le=100_000)]
+MachineIdStr = Annotated[str, Field(min_length=1, max_length=64, pattern=MACHINE_ID_RE.pattern)]
 Ms = Annotated[int, Field(ge=0, le=86_400_000)]
 Pulses = Annotated[int, Field(ge=0, le=1_000_000_000)]
 
 
 GRANT_DEADLINE_MS = 8_000       # a grant must be claimed by the machine within this long of the start
 GRANT_SKEW_MS = 2_000           # the cloud voids an unclaimed start only this long after its deadline
-MIN_DISPENSE_ML_MAX = 500
 
 
 class GrantMsg(Msg):
@@ -98,22 +107,18 @@ class GrantMsg(Msg):
     machine_id: Id
     user_ref: Id
     price_fen_per_l: PricePerLitre
-    credit_limit_fen: Fen
-    max_volume_ml: Annotated[int, Field(ge=1, le=50_000)]
-    max_duration_ms: Annotated[int, Field(ge=1, le=600_000)]
-    max_idle_ms: Annotated[int, Field(ge=1, le=600_000)]
+    credit_limit_fen: MaxCreditFen
+    max_volume_ml: MaxVolumeMl
+    max_duration_ms: MaxDurationMs
+    max_idle_ms: MaxIdleMs
     deadline_ms: Annotated[int, Field(ge=0, le=10 ** 14)]
-    min_dispense_ml: Annotated[int, Field(ge=0, le=MIN_DISPENSE_ML_MAX)]
+    min_dispense_ml: MinDispenseMl
     balance_fen: Fen | None = None
-
-
-CommandKind = Literal["start", "cancel", "price", "out_of_service", "in_service", "clear_lockout",
-                      "maintenance_pin"]
 
 
 class CommandMsg(Msg):
     command_id: Id
-    kind: CommandKind
+    kind: Annotated[CommandKind, Strict(False)]      # its wire name ("start") is accepted
     grant: GrantMsg | None = None
     session_id: Id | None = None
     price_fen_per_l: PricePerLitre | None = None
@@ -145,9 +150,6 @@ class AckResult(Msg):
 
     ok: bool = True
     session_state: str | None = None
-
-
-START_FAILED = "session_start_failed"
 
 
 EVENT_ID_RE = r"^(?:[0-9a-f]{16}-)?[0-9]+-[0-9]+$"
@@ -213,7 +215,7 @@ class SessionEndedPayload(ReportEnvelope):
     duration_ms: Annotated[int, Field(ge=0, le=86_400_000)]
     price_fen_per_l: PricePerLitre
     credit_limit_fen: Fen
-    min_dispense_ml: Annotated[int, Field(ge=0, le=MIN_DISPENSE_ML_MAX)]
+    min_dispense_ml: MinDispenseMl
     milli_pulses_per_litre: Annotated[int, Field(ge=1_000, le=100_000_000)]
     billed_pulses: Pulses
     overrun_pulses: Pulses = 0
@@ -235,17 +237,19 @@ def report_payload(kind: str, payload: dict[str, Any]) -> ReportEnvelope:
     why = json_problem(payload)
     if why:
         raise ValueError(f"the payload cannot be stored: {why}")
-    model = SessionEndedPayload if kind == "session_ended" else EventReportPayload
-    return model.model_validate(payload)
+    try:
+        kind = EventKind(kind)
+    except ValueError:
+        raise ValueError(f"unknown event kind {kind[:64]!r}") from None
+    if not kind.reported:
+        raise ValueError(f"{kind.value} events are not reported")
+    if kind is EventKind.SESSION_ENDED:
+        return SessionEndedPayload.model_validate(payload)
+    report = EventReportPayload.model_validate(payload)
+    kind.detail_model.model_validate(report.detail)
+    return report
 
 
-# Device events the cloud shows operators as alarms. Every one of them is reported by the machine (a test
-# makes each happen and finds it among the cloud's alarms); session_start_failed arrives with the refused
-# start's acknowledgement, because a machine whose ledger cannot be written cannot queue a report.
-ALARM_EVENT_KINDS = frozenset({"lockout", "ghost_flow", "report_dead_lettered", START_FAILED,
-                               "lockout_clear_refused"})
-# Alarms the cloud raises itself (no device report): a session ended by reconciliation.
-CLOUD_ALARM_KINDS = frozenset({"session_lost", "implausible_report"})
 CALIBRATION_RANGE_MPPL = (MIN_MPPL, MAX_MPPL)   # a factor outside it is no real meter's
 
 

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from contract.limits import LIMIT_BOUNDS, PRICE, Bound
+from contract.signing import MACHINE_ID_RE
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type or out of range. The message names the key."""
@@ -45,26 +48,29 @@ class CloudConfig:
                                    min=1_000, max=600_000)
 
 
+def _bound(bound: Bound, doc: str = "") -> Any:
+    """A setting whose range and default the contract declares (the cloud validates the same values)."""
+    return _opt(bound.default, doc or bound.doc, min=bound.min, max=bound.max)
+
+
 @dataclass(frozen=True)
 class PricingConfig:
-    display_price_fen_per_l: int = _opt(
-        200, "Price shown before the cloud has answered (fen per litre). The grant's price is billed.",
-        min=0, max=100_000)
+    display_price_fen_per_l: int = _bound(
+        PRICE, "Price shown before the cloud has answered (fen per litre). The grant's price is billed.")
 
 
 @dataclass(frozen=True)
 class LimitsConfig:
     """Hard limits of this machine. Every grant from the cloud is clamped to them."""
 
-    max_volume_ml: int = _opt(5_000, "Most water one session may pour.", min=50, max=50_000)
-    max_duration_ms: int = _opt(300_000, "Longest time the valve may stay open in one session.",
-                                min=1_000, max=600_000)
-    max_idle_ms: int = _opt(15_000, "Close the valve after this long with no flow (no-pulse timeout).",
-                            min=500, max=120_000)
-    max_credit_fen: int = _opt(10_000, "Most money one session may spend.", min=1, max=1_000_000)
-    min_dispense_ml: int = _opt(10, "Sessions that pour less are not charged (drips, a change of mind). The "
-                                "cloud's value for this machine comes with every grant and wins, so receipt and "
-                                "bill agree; this one is used only without a cloud (simulations).", min=0, max=500)
+    max_volume_ml: int = _bound(LIMIT_BOUNDS["max_volume_ml"])
+    max_duration_ms: int = _bound(LIMIT_BOUNDS["max_duration_ms"])
+    max_idle_ms: int = _bound(LIMIT_BOUNDS["max_idle_ms"])
+    max_credit_fen: int = _bound(LIMIT_BOUNDS["max_credit_fen"])
+    min_dispense_ml: int = _bound(LIMIT_BOUNDS["min_dispense_ml"],
+                                  LIMIT_BOUNDS["min_dispense_ml"].doc + " The cloud's value for this machine comes "
+                                  "with every grant and wins, so receipt and bill agree; this one is used only "
+                                  "without a cloud (simulations).")
 
 
 @dataclass(frozen=True)
@@ -261,7 +267,7 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 def _check_cross_field(cfg: Config) -> None:
     mid = cfg.machine.id
-    if not mid or len(mid) > 64 or not all(c.isascii() and (c.isalnum() or c in "-_") for c in mid):
+    if not MACHINE_ID_RE.fullmatch(mid):
         raise ConfigError(f"machine.id: 1-64 letters, digits, '-' or '_', got {mid!r}")
     if not cfg.cloud.url.startswith(("http://", "https://")):
         raise ConfigError(f"cloud.url: must start with http:// or https://, got {cfg.cloud.url!r}")

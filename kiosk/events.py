@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from contract.billing import points_for_fee
+from contract.events import EventKind
 
 
 class State(StrEnum):
@@ -368,13 +369,21 @@ class AddToTotalizer:
 
 @dataclass(frozen=True)
 class RecordEvent:
-    """Append to the event log; ``report`` also queues it for the cloud in the same transaction.
-    ``required``: what follows in the batch (a valve opening) must not happen unless this is on disk."""
+    """Append to the event log; a kind the contract marks reported is also queued for the cloud in the same
+    transaction. ``required``: what follows in the batch (a valve opening) must not happen unless this is on
+    disk. Build it with :meth:`of`, which checks the detail against the kind's model."""
 
-    kind: str
+    kind: EventKind
     detail: dict[str, Any] = field(default_factory=dict)
-    report: bool = False
     required: bool = False
+
+    @classmethod
+    def of(cls, kind: EventKind, *, required: bool = False, **detail: Any) -> RecordEvent:
+        return cls(kind, kind.detail_of(**detail), required)
+
+    @property
+    def report(self) -> bool:
+        return self.kind.reported
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from contract.billing import Calibration
+from contract.events import EventKind as K
 from kiosk.events import Checkpoint, EndReason, SessionEnded, SessionRecord, SessionStarted
 
 migrations = Migrations("tapshare-ledger")
@@ -348,8 +349,8 @@ class Ledger:
                 below_minimum=below, temp_start_c=s["temp_start_c"], temp_end_c=last["temp_c"])
             with self._tx("close a session left open") as db:
                 self._end(db, r, recovered=True)
-                self._event(db, "session_recovered", {"session_id": r.session_id, "reason": r.reason,
-                                                      "billed_pulses": r.billed_pulses, "cost_fen": r.cost_fen})
+                self._event(db, K.SESSION_RECOVERED, K.SESSION_RECOVERED.detail_of(
+                    session_id=r.session_id, reason=r.reason, billed_pulses=r.billed_pulses, cost_fen=r.cost_fen))
             records.append(r)
         return records
 
@@ -381,8 +382,14 @@ class Ledger:
         db.execute("INSERT INTO events (boot_id, wall_ms, kind, detail) VALUES (?, ?, ?, ?)",
                    [self.boot_id, self._wall(), kind, json.dumps(detail, ensure_ascii=False)])
 
+    def record(self, kind: K, **detail: Any) -> str | None:
+        """Log an event, its detail checked against its kind's model; a kind the contract marks reported is also
+        queued for the cloud, by a running boot (an administrative handle only logs). Returns the report's id."""
+        return self.record_event(kind, kind.detail_of(**detail), report=kind.reported and self.boot_id > 0)
+
     def record_event(self, kind: str, detail: dict[str, Any] | None = None, report: bool = False) -> str | None:
-        """Append to the event log; with ``report`` queue it for the cloud in the same transaction."""
+        """Append to the event log; with ``report`` queue it for the cloud in the same transaction (the
+        storage primitive: the domain uses :meth:`record` or the core's ``RecordEvent``)."""
         detail = detail or {}
         with self._tx("write the event log") as db:
             self._event(db, kind, detail)
@@ -430,10 +437,10 @@ class Ledger:
                 return
             db.execute("UPDATE outbox SET state = 'dead', last_error = ?, done_wall_ms = ?, attempts = attempts + 1"
                        " WHERE event_id = ? AND state = 'pending'", [error, self._wall(), event_id])
-            detail = {"event_id": event_id, "kind": row[0], "error": error}
-            self._event(db, "report_dead_lettered", detail)
-            if row[0] != "report_dead_lettered" and self.boot_id > 0:
-                self._queue(db, "report_dead_lettered", {"detail": detail})
+            detail = K.REPORT_DEAD_LETTERED.detail_of(event_id=event_id, kind=row[0], error=error[:500])
+            self._event(db, K.REPORT_DEAD_LETTERED, detail)
+            if row[0] != K.REPORT_DEAD_LETTERED and self.boot_id > 0:
+                self._queue(db, K.REPORT_DEAD_LETTERED, {"detail": detail})
 
     # ------------------------------------------------------------------ storage health
     def probe_write(self, min_free_bytes: int = MIN_FREE_BYTES) -> None:
@@ -461,7 +468,7 @@ class Ledger:
             n = db.execute("UPDATE outbox SET state = 'pending', next_attempt_wall_ms = 0, done_wall_ms = NULL "
                            "WHERE event_id = ? AND state = 'dead'", [event_id]).rowcount
             if n:
-                self._event(db, "dead_letter_retried", {"event_id": event_id})
+                self._event(db, K.DEAD_LETTER_RETRIED, K.DEAD_LETTER_RETRIED.detail_of(event_id=event_id))
             return n == 1
 
     def discard_dead(self, event_id: str, actor: str) -> bool:
@@ -471,8 +478,8 @@ class Ledger:
                              [event_id]).fetchone()
             if row is None:
                 return False
-            self._event(db, "dead_letter_discarded", {"event_id": event_id, "kind": row[0],
-                                                      "payload": json.loads(row[1]), "error": row[2], "actor": actor})
+            self._event(db, K.DEAD_LETTER_DISCARDED, K.DEAD_LETTER_DISCARDED.detail_of(
+                event_id=event_id, kind=row[0], payload=json.loads(row[1]), error=row[2], actor=actor))
             db.execute("DELETE FROM outbox WHERE event_id = ?", [event_id])
             return True
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from contract import SOFTWARE_VERSION
+from contract.events import EventKind as K
 from kiosk import pin as pins
 from kiosk.calibration import Pour, check_pour, compute
 from kiosk.config import Config
@@ -75,12 +76,12 @@ class MaintenanceService:
         self.ledger.set_setting(PIN_STATE_KEY, {"failures": result.state.failures, "lockouts": result.state.lockouts,
                                                 "locked_until_ms": result.state.locked_until_ms})
         if result.ok:
-            self.ledger.record_event("maintenance_pin_ok", {}, report=True)
+            self.ledger.record(K.MAINTENANCE_PIN_OK)
             self.rt.post(EnterMaintenance(actor=self.actor))
         elif result.locked_for_ms and state.locked_until_ms <= now:
-            self.ledger.record_event("maintenance_pin_locked", {"locked_for_ms": result.locked_for_ms}, report=True)
+            self.ledger.record(K.MAINTENANCE_PIN_LOCKED, locked_for_ms=result.locked_for_ms)
         elif not result.locked_for_ms:
-            self.ledger.record_event("maintenance_pin_failed", {"attempts_left": result.attempts_left}, report=True)
+            self.ledger.record(K.MAINTENANCE_PIN_FAILED, attempts_left=result.attempts_left)
         if not stored:
             log.error("no maintenance PIN is set: set one with main.py --set-maintenance-pin (deploy.sh does)")
         return result
@@ -144,7 +145,7 @@ class MaintenanceService:
             raise ValueError(f"unknown consumable {kind}")
         self.ledger.set_setting(f"consumable_{kind}", {"pulses": self.ledger.totalizer_pulses(),
                                                        "wall_ms": self.rt.clock.wall_ms()})
-        self.ledger.record_event("consumable_replaced", {"kind": kind, "actor": self.actor}, report=True)
+        self.ledger.record(K.CONSUMABLE_REPLACED, kind=kind, actor=self.actor)
 
     def flush_due_days(self) -> int | None:
         """Days past the flush reminder (0 or more: due), or None while not due."""
@@ -195,7 +196,7 @@ def store_pin(ledger, pin: str, actor: str) -> None:
     ledger.set_setting(PIN_KEY, pins.hash_pin(pin))
     ledger.set_setting(PIN_STATE_KEY, {})
     # an administrative handle (the CLI beside the running kiosk) logs it; only the running boot reports it
-    ledger.record_event("maintenance_pin_set", {"actor": actor}, report=ledger.boot_id > 0)
+    ledger.record(K.MAINTENANCE_PIN_SET, actor=actor)
 
 
 def local_ip() -> str:

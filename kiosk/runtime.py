@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 
 from contract import SOFTWARE_VERSION
 from contract.billing import Calibration
+from contract.events import EventKind
 from kiosk.config import Config
 from kiosk.events import (
     Action,
@@ -271,7 +272,8 @@ class Runtime:
             ledger.add_to_totalizer(a.pulses)
         elif isinstance(a, RecordEvent):
             ledger.record_event(a.kind, a.detail, report=a.report)
-            if a.kind in ("lockout", "grant_rejected", "lockout_cleared", "lockout_clear_refused"):
+            if a.kind in (EventKind.LOCKOUT, EventKind.GRANT_REJECTED, EventKind.LOCKOUT_CLEARED,
+                          EventKind.LOCKOUT_CLEAR_REFUSED):
                 log.warning("%s: %s", a.kind, a.detail)
         elif isinstance(a, SetLockout):
             ledger.set_lockout(a.reason, a.active, a.detail)
@@ -302,7 +304,7 @@ class Runtime:
             return "the ledger could not be opened at start: replace or repair it, then restart the machine"
         try:
             self.ledger.probe_write()
-            self.ledger.record_event("storage_retry", {"ok": True})
+            self.ledger.record(EventKind.STORAGE_RETRY, ok=True)
             for r in self.ledger.recover_open_sessions(keep=self.core.session_id):
                 log.warning("closed session %s left open by the storage fault (%s)", r.session_id, r.reason)
         except LedgerError as e:
@@ -368,9 +370,8 @@ def boot(cfg: Config, valve: Valve, meter: FlowMeter, clock: Clock, *,
                         r.session_id, r.reason, r.cost_fen)
         lockouts = ledger.lockouts()
         seen = ledger.recent_session_ids()
-        ledger.record_event("boot", {"version": SOFTWARE_VERSION, "boot_id": ledger.boot_id,
-                                     "recovered_sessions": [r.session_id for r in recovered],
-                                     "totalizer_pulses": ledger.totalizer_pulses()}, report=True)
+        ledger.record(EventKind.BOOT, version=SOFTWARE_VERSION, boot_id=ledger.boot_id,
+                      recovered_sessions=[r.session_id for r in recovered], totalizer_pulses=ledger.totalizer_pulses())
     except LedgerError as e:
         error = str(e)
         log.error("LEDGER UNAVAILABLE, machine out of service: %s", e)

@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 
 from contract.billing import Calibration
+from contract.events import EventKind
 from kiosk.calibration import MAX_MPPL, MIN_MPPL
 from kiosk.config import Config
 from kiosk.events import (
@@ -335,7 +336,7 @@ class DispenserCore:
         reason = self._grant_problem(g, now)
         if reason is not None:
             self._reject(reason, now)
-            return [RecordEvent("grant_rejected", {"session_id": g.session_id, "reason": reason}, report=True)]
+            return [RecordEvent.of(EventKind.GRANT_REJECTED, session_id=g.session_id, reason=reason)]
         st = self.settings
         cal = st.calibration
         credit = min(g.credit_limit_fen, st.max_credit_fen)
@@ -350,8 +351,7 @@ class DispenserCore:
         if (g.price_fen_per_l > 0 and credit <= 0) or limit <= 0 or cal.volume_ml(limit) < min_ml:
             # not even the minimum dispense is affordable: tell the user to top up (s5), pour nothing
             self._reject("insufficient_credit", now)
-            return [RecordEvent("grant_rejected", {"session_id": g.session_id, "reason": "insufficient_credit"},
-                                report=True)]
+            return [RecordEvent.of(EventKind.GRANT_REJECTED, session_id=g.session_id, reason="insufficient_credit")]
         self._remember(g.session_id)
         self._last_rejection = None
         s = _Session(grant=g, price_fen_per_l=g.price_fen_per_l, credit_limit_fen=credit, max_volume_ml=max_volume,
@@ -451,7 +451,7 @@ class DispenserCore:
     def _on_cancel(self, ev: CancelReceived, now: int) -> list[Action]:
         if self._phase is State.DISPENSING and self.session_id == ev.session_id:
             return self._close(EndReason.CANCELLED, now)
-        return [RecordEvent("cancel_ignored", {"session_id": ev.session_id, "state": self.state.value})]
+        return [RecordEvent.of(EventKind.CANCEL_IGNORED, session_id=ev.session_id, state=self.state.value)]
 
     def _on_tick(self, ev: Tick, now: int) -> list[Action]:
         s = self._session
@@ -475,7 +475,7 @@ class DispenserCore:
         elif t is None and self.maintenance and \
                 now - self._maint_activity_ms >= self.settings.maintenance_timeout_ms:
             self.maintenance = False
-            actions.append(RecordEvent("maintenance_exited", {"actor": "inactivity"}, report=True))
+            actions.append(RecordEvent.of(EventKind.MAINTENANCE_EXITED, actor="inactivity"))
         if self._phase is None:
             actions += self._flush_totalizer(now)
         if self._ghost_unlogged and now - self._ghost_logged_ms >= GHOST_LOG_INTERVAL_MS:
@@ -530,8 +530,8 @@ class DispenserCore:
         if reason not in self.lockouts:
             return []
         del self.lockouts[reason]
-        return [SetLockout(reason, active=False), RecordEvent("alarm_cleared", {"reason": reason, "detail": detail},
-                                                              report=True)]
+        return [SetLockout(reason, active=False), RecordEvent.of(EventKind.ALARM_CLEARED, reason=reason,
+                                                                 detail=detail)]
 
     def _on_fault(self, ev: Fault, now: int) -> list[Action]:
         return self._fault(ev.kind, ev.detail, now)
@@ -545,20 +545,20 @@ class DispenserCore:
             self._tech = None                           # a technician's pour whose log row was not written
             self._tech_last = TechPourResult(purpose=t.purpose, pulses=0, volume_ml=0, duration_ms=0,
                                              reason="not_started")
-        actions: list[Action] = [RecordEvent("session_start_failed", {"session_id": ev.session_id,
-                                                                      "detail": ev.detail, "fault": ev.kind})]
+        actions: list[Action] = [RecordEvent.of(EventKind.SESSION_START_FAILED, session_id=ev.session_id,
+                                                    detail=ev.detail, fault=ev.kind)]
         return actions + self._fault(ev.kind, ev.detail, now)
 
     def _on_leak(self, ev: LeakSensor, now: int) -> list[Action]:
         if not ev.wet:
-            return [RecordEvent("leak_sensor_dry", {"locked_out": LOCKOUT_LEAK_SENSOR in self.lockouts})]
+            return [RecordEvent.of(EventKind.LEAK_SENSOR_DRY, locked_out=LOCKOUT_LEAK_SENSOR in self.lockouts)]
         return self._lock(LOCKOUT_LEAK_SENSOR, "the leak sensor is wet", now, EndReason.LEAK)
 
     def _on_link(self, ev: LinkChanged, now: int) -> list[Action]:
         if ev.online == self.online:
             return []
         self.online = ev.online
-        return [RecordEvent("link_up" if ev.online else "link_down")]
+        return [RecordEvent.of(EventKind.LINK_UP if ev.online else EventKind.LINK_DOWN)]
 
     def _on_out_of_service(self, ev: SetOutOfService, now: int) -> list[Action]:
         # An operator's request lets a running session finish; the machine then rests out of service.
@@ -573,27 +573,26 @@ class DispenserCore:
         if ev.reason in self.lockouts and ev.refused_why:
             if ev.source is ClearSource.SITE:
                 self._clear_refusal = ev.refused_why
-            return [RecordEvent("lockout_clear_refused", {**info, "why": ev.refused_why}, report=True)]
+            return [RecordEvent.of(EventKind.LOCKOUT_CLEAR_REFUSED, **info, why=ev.refused_why)]
         if ev.reason not in self.lockouts:
-            return [RecordEvent("lockout_clear_ignored", {**info, "why": "not locked out for this reason"})]
+            return [RecordEvent.of(EventKind.LOCKOUT_CLEAR_IGNORED, **info, why="not locked out for this reason")]
         if ev.reason in SITE_ONLY_LOCKOUTS and ev.source is not ClearSource.SITE:
-            return [RecordEvent("lockout_clear_refused", {**info, "why": "must be cleared on site after "
-                                                                          "inspection"}, report=True)]
+            return [RecordEvent.of(EventKind.LOCKOUT_CLEAR_REFUSED, **info,
+                                   why="must be cleared on site after inspection")]
         del self.lockouts[ev.reason]
         if ev.reason == LOCKOUT_GHOST_FLOW:
             self._ghost.clear()
-        return [SetLockout(ev.reason, active=False), RecordEvent("lockout_cleared", info, report=True)]
+        return [SetLockout(ev.reason, active=False), RecordEvent.of(EventKind.LOCKOUT_CLEARED, **info)]
 
     def _on_enter_maintenance(self, ev: EnterMaintenance, now: int) -> list[Action]:
         if self._phase in (State.DISPENSING, State.SETTLING):
-            return [RecordEvent("maintenance_refused", {"actor": ev.actor, "why": "a session is running"},
-                                report=True)]
+            return [RecordEvent.of(EventKind.MAINTENANCE_REFUSED, actor=ev.actor, why="a session is running")]
         self._maint_activity_ms = now
         if self.maintenance:
             return []
         self.maintenance = True
         actions = self._end_receipt() if self._phase is State.RECEIPT else []
-        return [*actions, RecordEvent("maintenance_entered", {"actor": ev.actor}, report=True)]
+        return [*actions, RecordEvent.of(EventKind.MAINTENANCE_ENTERED, actor=ev.actor)]
 
     def _on_exit_maintenance(self, ev: ExitMaintenance, now: int) -> list[Action]:
         if not self.maintenance:
@@ -604,7 +603,7 @@ class DispenserCore:
                 actions += self._tech_close("exit", now)
             actions += self._tech_finish(now)
         self.maintenance = False
-        return [*actions, RecordEvent("maintenance_exited", {"actor": ev.actor}, report=True)]
+        return [*actions, RecordEvent.of(EventKind.MAINTENANCE_EXITED, actor=ev.actor)]
 
     def _on_activity(self, ev: MaintenanceActivity, now: int) -> list[Action]:
         if self.maintenance:
@@ -630,8 +629,7 @@ class DispenserCore:
         elif ev.max_ms <= 0:
             why = "the time limit must be positive"
         if why is not None:
-            return [RecordEvent("tech_pour_refused", {"purpose": ev.purpose, "actor": ev.actor, "why": why},
-                                report=True)]
+            return [RecordEvent.of(EventKind.TECH_POUR_REFUSED, purpose=ev.purpose, actor=ev.actor, why=why)]
         cal = st.calibration
         volume = ev.target_ml if ev.target_ml is not None else st.tech_max_ml
         target = cal.max_pulses_for_volume(volume)
@@ -641,7 +639,7 @@ class DispenserCore:
                            target_reason="target" if ev.target_ml is not None else "max_volume",
                            max_ms=min(ev.max_ms, st.tech_max_ms), milli_pulses_per_litre=cal.milli_pulses_per_litre)
         info = {"purpose": ev.purpose, "actor": ev.actor, "target_ml": ev.target_ml, "max_ms": self._tech.max_ms}
-        return [RecordEvent("tech_pour_started", info, required=True),     # on disk before the valve opens
+        return [RecordEvent.of(EventKind.TECH_POUR_STARTED, **info, required=True),     # on disk before the valve opens
                 OpenValve(f"tech-{self._tech_count}", close_at_total_pulses=(self._last_total or 0) + target)]
 
     def _on_tech_stop(self, ev: TechStop, now: int) -> list[Action]:
@@ -667,11 +665,10 @@ class DispenserCore:
                                          duration_ms=t.closed_ms - t.started_ms, reason=t.reason)
         self._tech = None
         self._maint_activity_ms = now
-        return [RecordEvent("tech_pour", {"purpose": t.purpose, "actor": t.actor, "pulses": pulses,
-                                          "overrun_pulses": t.overrun_pulses, "volume_ml": self._tech_last.volume_ml,
-                                          "duration_ms": self._tech_last.duration_ms, "reason": t.reason,
-                                          "milli_pulses_per_litre": t.milli_pulses_per_litre, "billed": False},
-                            report=True)]
+        return [RecordEvent.of(EventKind.TECH_POUR, purpose=t.purpose, actor=t.actor, pulses=pulses,
+                               overrun_pulses=t.overrun_pulses, volume_ml=self._tech_last.volume_ml,
+                               duration_ms=self._tech_last.duration_ms, reason=t.reason,
+                               milli_pulses_per_litre=t.milli_pulses_per_litre, billed=False)]
 
     def _on_set_calibration(self, ev: SetCalibration, now: int) -> list[Action]:
         old = self.settings.calibration.milli_pulses_per_litre
@@ -683,18 +680,18 @@ class DispenserCore:
         elif not MIN_MPPL <= ev.milli_pulses_per_litre <= MAX_MPPL:
             why = f"{ev.milli_pulses_per_litre} milli-pulses per litre is outside any real meter's range"
         if why is not None:
-            return [RecordEvent("calibration_refused", {"actor": ev.actor, "why": why}, report=True)]
+            return [RecordEvent.of(EventKind.CALIBRATION_REFUSED, actor=ev.actor, why=why)]
         self.settings = replace(self.settings, calibration=Calibration(ev.milli_pulses_per_litre))
         self._maint_activity_ms = now
         return [SaveCalibration(ev.milli_pulses_per_litre),
-                RecordEvent("calibration_changed", {"from": old, "to": ev.milli_pulses_per_litre, "actor": ev.actor,
-                                                    "pours": [list(p) for p in ev.pours]}, report=True)]
+                RecordEvent.of(EventKind.CALIBRATION_CHANGED, **{"from": old, "to": ev.milli_pulses_per_litre},
+                               actor=ev.actor, pours=[list(p) for p in ev.pours])]
 
     def _on_price(self, ev: PriceChanged, now: int) -> list[Action]:
         if ev.price_fen_per_l < 0:
-            return [RecordEvent("price_refused", {"price_fen_per_l": ev.price_fen_per_l})]
+            return [RecordEvent.of(EventKind.PRICE_REFUSED, price_fen_per_l=ev.price_fen_per_l)]
         old, self.display_price_fen_per_l = self.display_price_fen_per_l, ev.price_fen_per_l
-        return [RecordEvent("price_changed", {"from": old, "to": ev.price_fen_per_l})]
+        return [RecordEvent.of(EventKind.PRICE_CHANGED, **{"from": old, "to": ev.price_fen_per_l})]
 
     def _on_settings(self, ev: MachineSettings, now: int) -> list[Action]:
         actions = self._on_price(PriceChanged(ev.price_fen_per_l), now) \
@@ -815,8 +812,8 @@ class DispenserCore:
 
     def _ghost_log(self, now: int) -> RecordEvent:
         pulses, self._ghost_unlogged, self._ghost_logged_ms = self._ghost_unlogged, 0, now
-        return RecordEvent("ghost_flow", {"pulses": pulses, "volume_ml": self.settings.calibration.volume_ml(pulses)},
-                           report=True)
+        return RecordEvent.of(EventKind.GHOST_FLOW, pulses=pulses,
+                              volume_ml=self.settings.calibration.volume_ml(pulses))
 
     def _fault(self, kind: str, detail: str, now: int) -> list[Action]:
         return self._lock(fault_lockout(kind), detail, now, EndReason.FAULT)
@@ -832,7 +829,7 @@ class DispenserCore:
         if reason not in self.lockouts:
             self.lockouts[reason] = detail
             actions += [SetLockout(reason, active=True, detail=detail),
-                        RecordEvent("lockout", {"reason": reason, "detail": detail}, report=True)]
+                        RecordEvent.of(EventKind.LOCKOUT, reason=reason, detail=detail)]
         return actions
 
     def _flow_rate(self, now: int) -> int:

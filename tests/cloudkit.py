@@ -180,11 +180,14 @@ class DeviceClient:
         return {"event_id": event_id, "kind": kind, "payload": {
             "event_id": event_id, "kind": kind, "machine_id": self.machine_id, "boot_id": 1,
             "created_at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "detail": detail or {}}}
+            "detail": BOOT_DETAIL if detail is None and kind == "boot" else detail or {}}}
 
     def heartbeat(self, **fields) -> requests.Response:
         body = {"state": "idle", "valve_open": False, **fields}
         return self.request("POST", "/device/v1/heartbeat", body)
+
+
+BOOT_DETAIL = {"version": p.SOFTWARE_VERSION, "boot_id": 1, "recovered_sessions": [], "totalizer_pulses": 0}
 
 
 class UserClient:

@@ -40,7 +40,7 @@ def test_bad_events_are_rejected_alone_and_the_rest_settles(cloud):
     long_time = {**good, "event_id": "1-4", "payload": {**good["payload"], "event_id": "1-4",
                                                          "started_at": "2026-11-25T10:00:00.000000000000000000000Z"}}
     huge = dev.event("1-5", "lockout", {"reason": "x", "n": 10 ** 30})
-    nul = dev.event("1-6", "lockout", {"reason": "a\u0001b", "note": "fine"})
+    nul = dev.event("1-6", "lockout", {"reason": "a\u0001b", "detail": "fine"})
     raw = json.dumps({"events": [nan, far, long_time, huge, nul]}).replace(
         '"detail": {}', '"detail": {"volume_ml": NaN, "other": Infinity}', 1)
     headers = p.signed_headers(dev.secret, "H1", "POST", "/device/v1/events", raw.encode(),

@@ -269,7 +269,7 @@ def test_a_transient_ledger_error_in_a_sync_thread_does_not_stop_it(world, threa
             presence = user.scan("F1", d.qr_code(cloud.url)).json()["presence_token"]
             sid_failed = user.start(presence).json()["session_id"]   # its ledger read fails at every delivery
         elif thread == "outbox":
-            d.rt.ledger.record_event("test", {}, report=True)
+            d.rt.ledger.record(p.EventKind.MAINTENANCE_PIN_OK)
         assert wait_until(lambda: "fault:sync" in d.rt.snapshot.lockouts, 30)
         if thread != "heartbeat":
             def cloud_sees():

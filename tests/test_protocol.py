@@ -96,3 +96,93 @@ def test_messages_refuse_bad_input():
         p.GrantMsg(**good, extra_field=1)
     with pytest.raises(ValidationError):
         p.DeviceEvent(event_id="not-an-id", kind="x", payload={})
+
+
+# ---------------------------------------------------------------- event kinds, typed details, limits
+
+def test_event_details_golden_vectors():
+    """The wire form of typed event details stays fixed (aliases such as "from", an explicit None kept, an
+    optional field left out when not given)."""
+    K = p.EventKind
+    assert K.CALIBRATION_CHANGED.detail_of(**{"from": 450_000, "to": 460_000}, actor="pin", pours=[[450, 1000]]) \
+        == {"from": 450_000, "to": 460_000, "actor": "pin", "pours": [[450, 1000]]}
+    assert K.PRICE_CHANGED.detail_of(**{"from": None, "to": 200}) == {"from": None, "to": 200}
+    assert K.LOCKOUT_CLEARED.detail_of(reason="ghost_flow", source="site", actor="pin") \
+        == {"reason": "ghost_flow", "source": "site", "actor": "pin"}
+    assert K.LINK_UP.detail_of() == {}
+
+
+def test_event_kinds_declare_reporting_and_alarms_once():
+    K = p.EventKind
+    assert K("lockout") is K.LOCKOUT and K.LOCKOUT == "lockout"
+    assert K.LOCKOUT.reported and K.LOCKOUT.alarm and not K.LOCKOUT.by_cloud
+    assert not K.LINK_DOWN.reported and not K.LINK_DOWN.alarm
+    assert {"lockout", "ghost_flow", "report_dead_lettered", "session_start_failed",
+                                   "lockout_clear_refused"} == p.ALARM_EVENT_KINDS
+    assert {"session_lost", "implausible_report"} == p.CLOUD_ALARM_KINDS
+    assert "session_ended" in p.REPORTED_EVENT_KINDS and "tech_pour_started" not in p.REPORTED_EVENT_KINDS
+    assert [k.value for k in p.CommandKind] == ["start", "cancel", "price", "out_of_service", "in_service",
+                                                "clear_lockout", "maintenance_pin"]
+
+
+def test_a_detail_that_does_not_match_its_kind_is_refused():
+    with pytest.raises(ValidationError):
+        p.EventKind.GHOST_FLOW.detail_of(pulses=10)                          # volume_ml missing
+    with pytest.raises(ValidationError):
+        p.EventKind.GHOST_FLOW.detail_of(pulses=10, volume_ml=22, note="?")  # a field the contract does not know
+    with pytest.raises(ValidationError):
+        p.EventKind.GHOST_FLOW.detail_of(pulses="10", volume_ml=22)          # no coercion
+    envelope = {"event_id": "1-1", "machine_id": "M-1", "boot_id": 1, "created_at": "2026-11-29T10:00:00Z"}
+    p.report_payload("ghost_flow", {**envelope, "kind": "ghost_flow", "detail": {"pulses": 10, "volume_ml": 22}})
+    with pytest.raises(ValueError, match="unknown event kind"):
+        p.report_payload("telemetry", {**envelope, "kind": "telemetry", "detail": {}})
+    with pytest.raises(ValueError, match="not reported"):
+        p.report_payload("link_up", {**envelope, "kind": "link_up", "detail": {}})
+    with pytest.raises(ValidationError):
+        p.report_payload("ghost_flow", {**envelope, "kind": "ghost_flow", "detail": {"pulses": 10}})
+
+
+def test_the_dispenser_records_events_only_by_their_declared_kind():
+    """No event kind is spelled as a free string where the dispenser records one (the storage primitive
+    itself excepted): a kind must come from the contract, with its detail model and its reporting flag."""
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for path in [*(root / "kiosk").rglob("*.py"), root / "main.py", *(root / "sync").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                    and isinstance(node.args[0].value, str) \
+                    and getattr(node.func, "attr", getattr(node.func, "id", "")) \
+                    in ("RecordEvent", "record_event", "record", "_event"):
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert found == []
+
+
+GRANT = dict(session_id="s1", machine_id="M-1", user_ref="u1", price_fen_per_l=200, credit_limit_fen=500,
+             max_volume_ml=5000, max_duration_ms=300_000, max_idle_ms=15_000, deadline_ms=1_800_000_000_000,
+             min_dispense_ml=10)
+
+
+def test_limits_are_declared_once_and_agree():
+    """The dispenser's configuration, the cloud's operator API and the grant take the same bounds."""
+    import dataclasses
+
+    from cloud.schemas import MachineSettingsIn, ProvisionIn
+    from kiosk.config import LimitsConfig, PricingConfig
+    cfg = {f.name: f for f in dataclasses.fields(LimitsConfig)}
+    for name, bound in p.LIMIT_BOUNDS.items():
+        assert (cfg[name].metadata["min"], cfg[name].metadata["max"], cfg[name].default) \
+            == (bound.min, bound.max, bound.default)
+        for model, base in [(ProvisionIn, {"machine_id": "M-1", "price_fen_per_l": 200}),
+                            (MachineSettingsIn, {}), (p.GrantMsg, GRANT), (p.Limits, {})]:
+            for value, ok in [(bound.min - 1, False), (bound.min, True), (bound.max, True), (bound.max + 1, False)]:
+                key = "credit_limit_fen" if model is p.GrantMsg and name == "max_credit_fen" else name
+                try:
+                    model(**{**base, key: value})
+                    assert ok, (model.__name__, name, value)
+                except ValidationError:
+                    assert not ok, (model.__name__, name, value)
+    price = dataclasses.fields(PricingConfig)[0].metadata
+    assert (price["min"], price["max"]) == (p.PRICE.min, p.PRICE.max)
+    assert p.Limits().max_volume_ml == p.LIMIT_BOUNDS["max_volume_ml"].default
