@@ -1,5 +1,6 @@
 """The technicians' PIN pad, opened by a long press on the machine number (or of the stop button while
-idle). The PIN is checked on a worker thread (scrypt is slow on purpose); the result comes back here."""
+idle). Its keys and buttons go to :class:`~kiosk.ui.maintenance.MaintenanceScreen`, which checks the PIN on a
+worker thread (scrypt is slow on purpose) and puts the answer in this screen's message."""
 
 from kivy.properties import StringProperty
 
