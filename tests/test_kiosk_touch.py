@@ -162,93 +162,112 @@ def _need_tools() -> None:
             pytest.skip(f"no {tool}")
 
 
+def _set_pin(data: Path) -> None:
+    env = {**os.environ, "TAPSHARE_MAINTENANCE_PIN": PIN}
+    set_pin = subprocess.run([sys.executable, str(ROOT / "main.py"), "--data-dir", str(data), "--set-maintenance-pin"],
+                             env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert set_pin.returncode == 0, set_pin.stderr
+
+
+def _open_maintenance_by_taps(s: Screen, system, layout: str, log: Path) -> str:
+    """Taps on the machine number do nothing; a long press opens the PIN pad, the PIN entered by taps opens
+    maintenance. Returns the language the screen was in."""
+    s.wait(lambda m: m["screen"] == "idle" and any(w["id"] == "machine" for w in m["widgets"]))
+    machine = s.widget(lambda w: w["id"] == "machine")
+    s.audit_contrast("idle")
+    if layout.startswith("landscape"):         # one layout in each language: the landscape run is in English
+        s.tap(s.widget(lambda w: w["type"] == "LangButton"))
+        s.wait(lambda m: m["lang"] == "en")
+        s.audit_contrast("idle")
+    lang = s.map()["lang"]
+    # taps on the machine number: nothing happens, nothing breaks
+    for _ in range(5):
+        s.tap(machine)
+    time.sleep(0.5)
+    assert s.map()["screen"] == "idle" and system.proc.poll() is None
+    # a long press opens the PIN pad; the PIN entered by taps opens maintenance
+    s.long_press(machine)
+    s.wait(lambda m: m["screen"] == "pin_pad")
+    assert s.map()["lang"] == lang
+    s.shot(f"{layout}-pin-pad")
+    s.audit_contrast("pin_pad")
+    for digit in PIN:
+        s.tap(s.widget(lambda w, d=digit: w["button"] and w["text"] == d))
+    s.tap(s.widget(lambda w: w["button"] and w["text"] in ("确定", "OK")))
+    try:
+        s.wait(lambda m: m["screen"] == "maintenance", timeout=15)
+    finally:
+        log.write_text(system.output)
+    return lang
+
+
+def _calibrate_by_taps(s: Screen, ledger: Path, layout: str, lang: str) -> None:
+    """A calibration done by taps alone: the numbers through the on-screen keypad, three pours, accept."""
+    s.tap(s.widget(lambda w: w["type"] == "NavButton" and w["key"] == "calibrate"))
+    for n in range(1, 4):
+        s.type_number(s.widget(lambda w: w["id"] == "cal_target"), "120",
+                      shot=f"{layout}-keypad" if n == 1 else "")
+        s.tap(s.widget(lambda w: w["id"] == "cal_pour"))
+        deadline = time.monotonic() + 30
+        while _count(ledger, "tech_pour") < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _count(ledger, "tech_pour") == n, "the calibration pour did not finish"
+        s.type_number(s.widget(lambda w: w["id"] == "cal_measured"), "121")
+        s.tap(s.widget(lambda w: w["id"] == "cal_record"))
+        recorded = f"已记录 {n} 次" if lang == "zh" else f"{n} pours recorded"
+        s.wait(lambda m, r=recorded: any(w["id"] == "cal_status" and w["text"].startswith(r)
+                                         for w in m["widgets"]))
+    s.tap(s.widget(lambda w: w["id"] == "cal_accept"))
+    deadline = time.monotonic() + 10
+    while _count(ledger, "calibration_changed") < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _count(ledger, "calibration_changed") == 1
+    s.shot(f"{layout}-calibration-accepted")
+
+
+def _tap_every_maintenance_button(s: Screen, system, log: Path) -> None:
+    """The monkey: every button of the maintenance screen, section by section (each section's own buttons too)."""
+    sections = [w for w in s.map()["widgets"] if w["type"] == "NavButton"]
+    assert len(sections) == 7
+    tapped = 0
+    for tab in sections:
+        s.tap(tab)
+        time.sleep(0.4)
+        s.audit_contrast(f"maintenance-{tab['key']}")
+        for w in s.map()["widgets"]:
+            if not w["button"] or w["type"] == "NavButton" or w["id"] == "exit":
+                continue
+            if s.map()["screen"] != "maintenance":
+                break
+            s.tap(w)
+            tapped += 1
+        if system.proc.poll() is not None:
+            log.write_text(system.output)
+            raise AssertionError(f"the kiosk died after tapping in {tab['key']}: {system.output[-3000:]}")
+        if s.map()["screen"] != "maintenance":
+            break
+    assert tapped >= 10, json.dumps(s.map(), ensure_ascii=False)[:3000]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["landscape_800x480", "portrait_720x1280"])
 def test_touching_the_kiosk_never_kills_it_and_opens_maintenance(tmp_path, layout):
     _need_tools()
     data = tmp_path / "data"
-    env = {**os.environ, "TAPSHARE_MAINTENANCE_PIN": PIN}
-    set_pin = subprocess.run([sys.executable, str(ROOT / "main.py"), "--data-dir", str(data), "--set-maintenance-pin"],
-                             env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert set_pin.returncode == 0, set_pin.stderr
+    _set_pin(data)
     cfg = tmp_path / "kiosk.toml"
     cfg.write_text(f'[screen]\nlayout = "{layout}"\n')
     map_path = tmp_path / "ui-map.json"
+    log = tmp_path / "kiosk.log"
     with Xvfb(1280, 1400) as x, RunningSystem(x.env(KIVY_HOME=str(tmp_path / "kivy"), TAPSHARE_UI_MAP=str(map_path)),
                                               data, args=("--config", str(cfg))) as system:
         s = Screen(x, map_path, system.proc)
         s.find_window()
-        s.wait(lambda m: m["screen"] == "idle" and any(w["id"] == "machine" for w in m["widgets"]))
-        machine = s.widget(lambda w: w["id"] == "machine")
-        s.audit_contrast("idle")
-        if layout.startswith("landscape"):         # one layout in each language: the landscape run is in English
-            s.tap(s.widget(lambda w: w["type"] == "LangButton"))
-            s.wait(lambda m: m["lang"] == "en")
-            s.audit_contrast("idle")
-        lang = s.map()["lang"]
-        # taps on the machine number: nothing happens, nothing breaks
-        for _ in range(5):
-            s.tap(machine)
-        time.sleep(0.5)
-        assert s.map()["screen"] == "idle" and system.proc.poll() is None
-        # a long press opens the PIN pad; the PIN entered by taps opens maintenance
-        s.long_press(machine)
-        s.wait(lambda m: m["screen"] == "pin_pad")
-        assert s.map()["lang"] == lang
-        s.shot(f"{layout}-pin-pad")
-        s.audit_contrast("pin_pad")
-        for digit in PIN:
-            s.tap(s.widget(lambda w, d=digit: w["button"] and w["text"] == d))
-        s.tap(s.widget(lambda w: w["button"] and w["text"] in ("确定", "OK")))
-        try:
-            s.wait(lambda m: m["screen"] == "maintenance", timeout=15)
-        finally:
-            (tmp_path / "kiosk.log").write_text(system.output)
-        # a calibration done by taps alone: the numbers through the on-screen keypad, three pours, accept
-        s.tap(s.widget(lambda w: w["type"] == "NavButton" and w["key"] == "calibrate"))
-        ledger = data / "ledger.db"
-        for n in range(1, 4):
-            s.type_number(s.widget(lambda w: w["id"] == "cal_target"), "120",
-                          shot=f"{layout}-keypad" if n == 1 else "")
-            s.tap(s.widget(lambda w: w["id"] == "cal_pour"))
-            deadline = time.monotonic() + 30
-            while _count(ledger, "tech_pour") < n and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert _count(ledger, "tech_pour") == n, "the calibration pour did not finish"
-            s.type_number(s.widget(lambda w: w["id"] == "cal_measured"), "121")
-            s.tap(s.widget(lambda w: w["id"] == "cal_record"))
-            recorded = f"已记录 {n} 次" if lang == "zh" else f"{n} pours recorded"
-            s.wait(lambda m, r=recorded: any(w["id"] == "cal_status" and w["text"].startswith(r)
-                                             for w in m["widgets"]))
-        s.tap(s.widget(lambda w: w["id"] == "cal_accept"))
-        deadline = time.monotonic() + 10
-        while _count(ledger, "calibration_changed") < 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _count(ledger, "calibration_changed") == 1
-        s.shot(f"{layout}-calibration-accepted")
-        # monkey: every button of the maintenance screen, section by section (each section's own buttons too)
-        sections = [w for w in s.map()["widgets"] if w["type"] == "NavButton"]
-        assert len(sections) == 7
-        tapped = 0
-        for tab in sections:
-            s.tap(tab)
-            time.sleep(0.4)
-            s.audit_contrast(f"maintenance-{tab['key']}")
-            for w in s.map()["widgets"]:
-                if not w["button"] or w["type"] == "NavButton" or w["id"] == "exit":
-                    continue
-                if s.map()["screen"] != "maintenance":
-                    break
-                s.tap(w)
-                tapped += 1
-            if system.proc.poll() is not None:
-                (tmp_path / "kiosk.log").write_text(system.output)
-                raise AssertionError(f"the kiosk died after tapping in {tab['key']}: {system.output[-3000:]}")
-            if s.map()["screen"] != "maintenance":
-                break
-        assert tapped >= 10, json.dumps(s.map(), ensure_ascii=False)[:3000]
+        lang = _open_maintenance_by_taps(s, system, layout, log)
+        _calibrate_by_taps(s, data / "ledger.db", layout, lang)
+        _tap_every_maintenance_button(s, system, log)
         s.shot(f"{layout}-after-monkey")
-    (tmp_path / "kiosk.log").write_text(system.output)
+    log.write_text(system.output)
     assert s.contrast == [], "\n".join(s.contrast)
     assert "Traceback" not in system.output, system.output[-5000:]
     assert system.rc == 0, system.output[-3000:]
