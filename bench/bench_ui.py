@@ -67,6 +67,94 @@ def idle_figures(pid: int, window_s: float) -> tuple[float, float]:
     return 100 * (c1 - c0) / (t1 - t0), rss_mb(pid)
 
 
+def bare_window_figures(env: dict, tmp: Path, window_s: float) -> tuple[float, float]:
+    """Idle CPU and memory of a bare Kivy window (one Label), measured as the kiosk is."""
+    bare_py = tmp / "bare_window.py"             # Kivy's App needs a source file
+    bare_py.write_text(BARE)
+    bare = subprocess.Popen([sys.executable, str(bare_py)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    figures = idle_figures(bare.pid, window_s)
+    stop_process(bare)
+    return figures
+
+
+def enrol_machine(tmp: Path, base: str) -> tuple[dict, str]:
+    """An admin of the cloud at ``base`` enrols BENCH-1; returns the admin's headers and the machine's secret."""
+    admin = subprocess.run([sys.executable, "-m", "cloud", "create-operator", "bench", "--role", "admin",
+                            "--data-dir", str(tmp / "cloud")], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    h = {"Authorization": f"Bearer {admin}"}
+    tok = requests.post(base + "/api/v1/operator/machines", headers=h, timeout=10,
+                        json={"machine_id": "BENCH-1", "price_fen_per_l": 200}).json()["enrolment_token"]
+    secret = requests.post(base + "/device/v1/enroll", timeout=10,
+                           json={"machine_id": "BENCH-1", "enrolment_token": tok}).json()["secret_hex"]
+    return h, secret
+
+
+def start_kiosk(tmp: Path, base: str, secret: str, env: dict, stats: Path) -> tuple[subprocess.Popen, float]:
+    """main.py with simulated hardware and its window, linked to the cloud; returns it once its first QR code
+    is on screen, with the seconds that took from the process's start."""
+    data = tmp / "kiosk"
+    from sync.secret import write_secret
+    cfg_file = tmp / "kiosk.toml"
+    cfg_file.write_text(f'[machine]\nid = "BENCH-1"\n\n[cloud]\nurl = "{base}"\n\n[paths]\n'
+                        f'data_dir = "{data}"\n')
+    from kiosk.config import load
+    write_secret(load(cfg_file).secret_path, bytes.fromhex(secret))
+    started = time.monotonic()
+    kiosk = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--simulate", "--config", str(cfg_file)],
+                             env={**env, "TAPSHARE_UI_STATS": str(stats)}, cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first_qr = threading.Event()
+    qr_at: list[float] = []
+
+    log_lines: list[str] = []
+
+    def read() -> None:
+        for line in kiosk.stderr:
+            log_lines.append(line)
+            if "QR code on screen" in line and not qr_at:
+                qr_at.append(time.monotonic() - started)
+                first_qr.set()
+    threading.Thread(target=read, daemon=True).start()
+    if not first_qr.wait(90):
+        raise RuntimeError("the kiosk never showed a QR code:\n" + "".join(log_lines[-30:]))
+    if os.environ.get("BENCH_UI_LOG"):
+        print("".join(log_lines))
+    return kiosk, qr_at[0]
+
+
+def pour_from_a_phone(base: str, h: dict, secret: str, pour_s: float) -> None:
+    """A user scans the machine's code, starts a session, and stops it after ``pour_s`` seconds."""
+    user = requests.post(base + "/api/v1/dev/users", headers=h, timeout=10,
+                         json={"phone": "13800009999", "balance_fen": 10_000}).json()
+    uh = {"Authorization": f"Bearer {user['token']}"}
+    import contract as p
+    code = p.qr_code(bytes.fromhex(secret), "BENCH-1", time.time_ns() // 10**9)
+    scan = requests.get(base + "/api/v1/scan", params={"machine": "BENCH-1", "c": code}, headers=uh,
+                        timeout=10).json()
+    sid = requests.post(base + "/api/v1/sessions", headers=uh, timeout=10, json={
+        "presence_token": scan["presence_token"], "expected_price_fen_per_l": 200}).json()["session_id"]
+    time.sleep(pour_s)
+    requests.post(base + f"/api/v1/sessions/{sid}/stop", headers=uh, timeout=10)
+
+
+def print_table(bare: tuple[float, float], kiosk: tuple[float, float], after_rss: float, first_qr_s: float,
+                draw: list[float], window_s: float, pour_s: float) -> None:
+    (bare_cpu, bare_rss), (kiosk_cpu, kiosk_rss) = bare, kiosk
+    print(f"{'':28}{'bare Kivy window':>18}{'Tapshare kiosk':>18}")
+    print(f"{'idle CPU, % of one core':28}{bare_cpu:>18.2f}{kiosk_cpu:>18.2f}   (over {window_s:.0f} s)")
+    print(f"{'resident memory, MB':28}{bare_rss:>18.1f}{kiosk_rss:>18.1f}   (+{kiosk_rss - bare_rss:.1f} MB)")
+    print(f"{'memory after a session, MB':28}{'':>18}{after_rss:>18.1f}   (+{after_rss - bare_rss:.1f} MB: every "
+          "screen and font size loaded)")
+    print(f"start to first QR on screen: {first_qr_s:.2f} s")
+    if draw:
+        print(f"frame draw while dispensing: {len(draw)} frames in {pour_s:.0f} s, p50 {pct(draw, 0.5):.2f} ms, "
+              f"p99 {pct(draw, 0.99):.2f} ms, max {max(draw):.2f} ms")
+    else:
+        print("frame draw while dispensing: no frames recorded")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--window-s", type=float, default=60)
@@ -75,69 +163,18 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp())
     with Xvfb() as x:
         env = x.env(KIVY_HOME=str(tmp / "kivy"))
-        # ------------------------------------------------ the bare window
-        bare_py = tmp / "bare_window.py"             # Kivy's App needs a source file
-        bare_py.write_text(BARE)
-        bare = subprocess.Popen([sys.executable, str(bare_py)], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        bare_cpu, bare_rss = idle_figures(bare.pid, args.window_s)
-        stop_process(bare)
-
-        # ------------------------------------------------ a cloud, this machine enrolled
+        bare = bare_window_figures(env, tmp, args.window_s)
+        # ------------------------------------------------ a cloud, this machine enrolled, the kiosk linked to it
         port = free_port()
         cloud = start_cloud(tmp / "cloud", port)
         try:
             base = f"http://127.0.0.1:{port}"
-            admin = subprocess.run([sys.executable, "-m", "cloud", "create-operator", "bench", "--role", "admin",
-                                    "--data-dir", str(tmp / "cloud")], cwd=ROOT, capture_output=True, text=True,
-                                   check=True).stdout.strip()
-            h = {"Authorization": f"Bearer {admin}"}
-            tok = requests.post(base + "/api/v1/operator/machines", headers=h, timeout=10,
-                                json={"machine_id": "BENCH-1", "price_fen_per_l": 200}).json()["enrolment_token"]
-            secret = requests.post(base + "/device/v1/enroll", timeout=10,
-                                   json={"machine_id": "BENCH-1", "enrolment_token": tok}).json()["secret_hex"]
-            data = tmp / "kiosk"
-            from sync.secret import write_secret
-            cfg_file = tmp / "kiosk.toml"
-            cfg_file.write_text(f'[machine]\nid = "BENCH-1"\n\n[cloud]\nurl = "{base}"\n\n[paths]\n'
-                                f'data_dir = "{data}"\n')
-            from kiosk.config import load
-            write_secret(load(cfg_file).secret_path, bytes.fromhex(secret))
+            h, secret = enrol_machine(tmp, base)
             stats = tmp / "ui-stats.json"
-            started = time.monotonic()
-            kiosk = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--simulate", "--config", str(cfg_file)],
-                                     env={**env, "TAPSHARE_UI_STATS": str(stats)}, cwd=ROOT,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            first_qr = threading.Event()
-            qr_at: list[float] = []
-
-            log_lines: list[str] = []
-
-            def read() -> None:
-                for line in kiosk.stderr:
-                    log_lines.append(line)
-                    if "QR code on screen" in line and not qr_at:
-                        qr_at.append(time.monotonic() - started)
-                        first_qr.set()
-            threading.Thread(target=read, daemon=True).start()
-            if not first_qr.wait(90):
-                raise RuntimeError("the kiosk never showed a QR code:\n" + "".join(log_lines[-30:]))
-            if os.environ.get("BENCH_UI_LOG"):
-                print("".join(log_lines))
-            kiosk_cpu, kiosk_rss = idle_figures(kiosk.pid, args.window_s)
-
+            kiosk, first_qr_s = start_kiosk(tmp, base, secret, env, stats)
+            kiosk_figures = idle_figures(kiosk.pid, args.window_s)
             # ------------------------------------------------ one pour, to time frames while dispensing
-            user = requests.post(base + "/api/v1/dev/users", headers=h, timeout=10,
-                                 json={"phone": "13800009999", "balance_fen": 10_000}).json()
-            uh = {"Authorization": f"Bearer {user['token']}"}
-            import contract as p
-            code = p.qr_code(bytes.fromhex(secret), "BENCH-1", time.time_ns() // 10**9)
-            scan = requests.get(base + "/api/v1/scan", params={"machine": "BENCH-1", "c": code}, headers=uh,
-                                timeout=10).json()
-            sid = requests.post(base + "/api/v1/sessions", headers=uh, timeout=10, json={
-                "presence_token": scan["presence_token"], "expected_price_fen_per_l": 200}).json()["session_id"]
-            time.sleep(args.pour_s)
-            requests.post(base + f"/api/v1/sessions/{sid}/stop", headers=uh, timeout=10)
+            pour_from_a_phone(base, h, secret, args.pour_s)
             time.sleep(2)
             after_rss = rss_mb(kiosk.pid)
             kiosk.send_signal(signal.SIGTERM)
@@ -145,17 +182,7 @@ def main() -> int:
             draw = json.loads(stats.read_text())["draw_ms"]
         finally:
             stop_process(cloud)
-    print(f"{'':28}{'bare Kivy window':>18}{'Tapshare kiosk':>18}")
-    print(f"{'idle CPU, % of one core':28}{bare_cpu:>18.2f}{kiosk_cpu:>18.2f}   (over {args.window_s:.0f} s)")
-    print(f"{'resident memory, MB':28}{bare_rss:>18.1f}{kiosk_rss:>18.1f}   (+{kiosk_rss - bare_rss:.1f} MB)")
-    print(f"{'memory after a session, MB':28}{'':>18}{after_rss:>18.1f}   (+{after_rss - bare_rss:.1f} MB: every "
-          "screen and font size loaded)")
-    print(f"start to first QR on screen: {qr_at[0]:.2f} s")
-    if draw:
-        print(f"frame draw while dispensing: {len(draw)} frames in {args.pour_s:.0f} s, p50 {pct(draw, 0.5):.2f} ms, "
-              f"p99 {pct(draw, 0.99):.2f} ms, max {max(draw):.2f} ms")
-    else:
-        print("frame draw while dispensing: no frames recorded")
+    print_table(bare, kiosk_figures, after_rss, first_qr_s, draw, args.window_s, args.pour_s)
     return 0
 
 
