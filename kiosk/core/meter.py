@@ -1,0 +1,65 @@
+"""The flow meter as the core sees it (:class:`PulseMeter`)."""
+
+from __future__ import annotations
+
+from kiosk.core.settings import CoreSettings
+from kiosk.events import Action, AddToTotalizer
+
+METER_SLACK_PULSES = 5          # tolerance of the plausibility check for jitter on short intervals
+
+
+class PulseMeter:
+    """The flow meter's cumulative counter: the last total read and when, the check that a new reading is
+    physically possible (a counter never goes backwards, nor counts faster than the plumbing can flow), and
+    the pulses counted but not yet added to the machine's totalizer. Those go out with a session's next
+    checkpoint or bill, or by themselves (:meth:`flush`) at most every ``checkpoint_interval_ms``."""
+
+    def __init__(self, settings: CoreSettings) -> None:
+        self.settings = settings
+        self.last_total_pulses: int | None = None     # None until the first reading
+        self._last_read_ms = 0
+        self._unsaved_pulses = 0
+        self._flushed_ms = 0
+
+    def read(self, total_pulses: int, now_ms: int) -> tuple[int, str | None]:
+        """Take a reading of the counter: the new pulses since the last one, or 0 with a meter fault's detail.
+        The first reading only sets the baseline."""
+        if self.last_total_pulses is None:
+            self.last_total_pulses, self._last_read_ms = total_pulses, now_ms
+            return 0, None
+        new_pulses = total_pulses - self.last_total_pulses
+        elapsed_ms = now_ms - self._last_read_ms
+        self.last_total_pulses, self._last_read_ms = total_pulses, now_ms
+        if new_pulses == 0:
+            return 0, None
+        if new_pulses < 0:
+            return 0, f"pulse counter went backwards by {-new_pulses}"
+        cal, max_flow = self.settings.calibration, self.settings.max_flow_ml_per_min
+        plausible = cal.pulses_for_volume_ml(max_flow * max(elapsed_ms, 1) / 60_000) * 1.5
+        if new_pulses > plausible + METER_SLACK_PULSES:
+            return 0, (f"{new_pulses} pulses in {elapsed_ms} ms is faster than the plumbing "
+                       f"can flow ({max_flow} ml/min)")
+        self._unsaved_pulses += new_pulses
+        return new_pulses, None
+
+    def close_at(self, more_pulses: int) -> int:
+        """The counter's total at which the valve closes by itself, ``more_pulses`` from now."""
+        return (self.last_total_pulses or 0) + more_pulses
+
+    def take_for_checkpoint(self) -> int:
+        """The pulses not yet in the totalizer, handed to a checkpoint that carries them."""
+        pulses, self._unsaved_pulses = self._unsaved_pulses, 0
+        return pulses
+
+    def take_for_bill(self, now_ms: int) -> int:
+        """The pulses not yet in the totalizer, handed to a session's end that carries them."""
+        self._flushed_ms = now_ms
+        return self.take_for_checkpoint()
+
+    def flush(self, now_ms: int, force: bool = False) -> list[Action]:
+        """Add the pending pulses to the totalizer: now if ``force``, else at most every checkpoint interval."""
+        if not self._unsaved_pulses:
+            return []
+        if not force and now_ms - self._flushed_ms < self.settings.checkpoint_interval_ms:
+            return []
+        return [AddToTotalizer(self.take_for_bill(now_ms))]
