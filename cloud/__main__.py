@@ -12,34 +12,29 @@ The database is an embedded SQLite file in the data folder unless ``--database-u
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import sys
 import time
 from pathlib import Path
 
-from sqlalchemy import insert
-
-from cloud import db as t
-from cloud.app import ROLES, CloudSettings, create_app
+from cloud.app import CloudSettings, create_app
 from cloud.db import Database
-from cloud.security import new_token, token_hash
+from cloud.operators.service import ROLES
+from cloud.operators.service import create_operator as _create_operator
+from cloud.settings import SettingsError
 
 
 def create_operator(database_url: str, name: str, role: str, valid_days: int | None = None) -> str:
     """A new operator and its bearer token (shown once), valid ``valid_days`` (TAPSHARE_OPERATOR_TOKEN_DAYS, 90)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
-    days = valid_days if valid_days is not None else int(os.environ.get("TAPSHARE_OPERATOR_TOKEN_DAYS", "90"))
+    days = valid_days if valid_days is not None else CloudSettings().operator_token_days
     database = Database(database_url)
     database.create_all()
-    token = new_token()
-    now_ms = time.time_ns() // 1_000_000
-    with database.tx() as conn:
-        conn.execute(insert(t.operators).values(operator_id=name, role=role, token_hash=token_hash(token),
-                                                created_ms=now_ms, expires_ms=now_ms + days * 86_400_000))
-    database.dispose()
-    return token
+    try:
+        return _create_operator(database, name, role, days, time.time_ns() // 1_000_000)
+    finally:
+        database.dispose()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,11 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         print(secrets.token_bytes(32).hex())
         return 0
     cmd = args.cmd or "serve"
-    settings = CloudSettings(database_url=getattr(args, "database_url", ""),
-                             data_dir=Path(getattr(args, "data_dir", "data/cloud")))
+    try:
+        settings = CloudSettings(database_url=getattr(args, "database_url", ""),
+                                 data_dir=Path(getattr(args, "data_dir", "data/cloud")))
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if cmd == "dev-user":
-        from cloud.schemas import DevUserIn
-        from cloud.service import create_dev_user
+        from cloud.dev.schemas import DevUserIn
+        from cloud.dev.service import create_dev_user
         if settings.production:
             print("error: development users cannot be created in production mode", file=sys.stderr)
             return 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -28,11 +29,14 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    insert,
     inspect,
     select,
     text,
 )
 from sqlalchemy.engine import Engine
+
+import contract as p
 
 metadata = MetaData()
 
@@ -46,7 +50,8 @@ machines = Table(
     Column("max_duration_ms", Integer, nullable=False),
     Column("max_idle_ms", Integer, nullable=False),
     Column("max_credit_fen", Integer, nullable=False),
-    Column("min_dispense_ml", Integer, nullable=False, default=10),   # sent in every grant, applied by both sides
+    Column("min_dispense_ml", Integer, nullable=False,
+           default=p.LIMIT_BOUNDS["min_dispense_ml"].default),   # sent in every grant, applied by both sides
     Column("created_ms", BigInteger, nullable=False),
     Column("last_seen_ms", BigInteger, nullable=True),
     Column("heartbeat", JSON, nullable=True),
@@ -412,3 +417,15 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def first_row(conn: Connection, stmt) -> dict[str, Any] | None:
+    """The first row of a query as a dict, or None."""
+    row = conn.execute(stmt).mappings().first()
+    return dict(row) if row else None
+
+
+def audit(conn: Connection, operator_id: str, action: str, target: str, detail: dict, now_ms: int) -> None:
+    """Record who did what to what, in the caller's transaction."""
+    conn.execute(insert(audit_log).values(operator_id=operator_id, action=action, target=target, detail=detail,
+                                            at_ms=now_ms))

@@ -15,7 +15,7 @@ import requests
 
 import contract as p
 from cloud.__main__ import create_operator
-from cloud.accounts import CONSENT_VERSION
+from cloud.accounts.service import CONSENT_VERSION
 from cloud.app import CloudSettings, create_app
 from cloud.server import GracefulServer, server_config
 
@@ -102,7 +102,7 @@ class CloudServer:
 
 def resident_id(seed: int | None = None, birth: str = "19900307") -> str:
     """A resident ID number with a correct GB 11643 check digit (Beijing Chaoyang, a made-up sequence)."""
-    from cloud.identity import check_digit
+    from cloud.accounts.identity import check_digit
     seq = seed if seed is not None else secrets.randbelow(1000)
     first17 = f"110105{birth}{seq % 1000:03d}"
     return first17 + check_digit(first17)

@@ -11,7 +11,7 @@ import requests
 from sqlalchemy import select
 
 from cloud import db as t
-from cloud.accounts import CODE_MAX_ATTEMPTS, CODE_TTL_MS, CONSENT_VERSION, DAY_MS, TOKEN_TTL_MS
+from cloud.accounts.service import CODE_MAX_ATTEMPTS, CODE_TTL_MS, CONSENT_VERSION, DAY_MS, TOKEN_TTL_MS
 from cloud.app import ProductionRefused, create_app
 from tests.cloudkit import CloudServer, UserClient, id_photo, resident_id
 from tests.util import wait_until
@@ -231,7 +231,7 @@ def test_photos_are_deleted_after_the_retention_period(timed):
     user = timed.signup("13900012222")
     files = list(Path(timed.settings.data_dir, "private", "id-photos").iterdir())
     assert len(files) == 1
-    accounts = timed.app.state.accounts
+    accounts = timed.app.state.services.accounts
     assert accounts.purge_photos(timed.clock.now + 29 * DAY_MS) == 0
     assert accounts.purge_photos(timed.clock.now + 31 * DAY_MS) == 1
     assert not files[0].exists()
@@ -246,7 +246,7 @@ def test_unused_photos_are_deleted_after_a_day(timed):
     user = timed.login("13900012223")
     user.call("POST", "/api/v1/me/consent", json={"version": CONSENT_VERSION, "agree": True})
     assert user.call("PUT", "/api/v1/me/id-photo", data=id_photo(), headers={"Content-Type": "image/jpeg"}).ok
-    assert timed.app.state.accounts.purge_photos(timed.clock.now + DAY_MS + 1) == 1
+    assert timed.app.state.services.accounts.purge_photos(timed.clock.now + DAY_MS + 1) == 1
 
 
 def test_deleting_an_account_erases_the_person_and_pays_the_balance_back(cloud):
@@ -258,7 +258,7 @@ def test_deleting_an_account_erases_the_person_and_pays_the_balance_back(cloud):
     pay(cloud, second)
     assert wait_until(lambda: user.me()["available_fen"] == 3000)
     with cloud.app.state.database.tx() as conn:          # an operator's goodwill credit, from no payment
-        from cloud.service import add_entry
+        from cloud.wallet.balance import add_entry
         add_entry(conn, user.user_id, "adjustment", 150, int(time.time() * 1000), note="goodwill")
     r = user.call("DELETE", "/api/v1/me", json={"confirm": True})
     assert r.status_code == 409 and r.json()["error"] == "balance_remaining" and r.json()["balance_fen"] == 3150
@@ -302,7 +302,7 @@ def test_deleting_waits_for_a_top_up_being_paid(cloud):
 def test_deleting_is_refused_in_arrears(cloud):
     user = cloud.signup("13900014444")
     with cloud.app.state.database.tx() as conn:
-        from cloud.service import add_entry
+        from cloud.wallet.balance import add_entry
         add_entry(conn, user.user_id, "charge", -30, int(time.time() * 1000), note="test")
     r = user.call("DELETE", "/api/v1/me", json={"confirm": True, "refund_balance": True})
     assert r.status_code == 402 and r.json()["error"] == "arrears"
@@ -322,7 +322,7 @@ class RealishSms:
 
 
 def test_production_refuses_development_providers_and_plain_http(tmp_path, monkeypatch):
-    from cloud.accounts import ManualReview
+    from cloud.accounts.providers import ManualReview
     from cloud.app import CloudSettings
     monkeypatch.setenv("TAPSHARE_CLOUD_KEY", "11" * 32)
     with pytest.raises(ProductionRefused, match="SMS provider is the development dev_sink"):
@@ -356,7 +356,7 @@ OPERATOR = {"operator_name": "杭州清泉水务有限公司", "operator_contact
 
 
 def test_dev_sms_inbox_is_not_there_without_the_sink(tmp_path):
-    from cloud.accounts import ManualReview
+    from cloud.accounts.providers import ManualReview
     with CloudServer(tmp_path / "c", sms_provider=RealishSms(), verifier=ManualReview()) as server:
         r = requests.get(server.url + "/api/v1/dev/sms", params={"phone": "13800001111"}, timeout=5)
         assert r.status_code == 403 and r.json()["error"] == "not_development"

@@ -244,7 +244,7 @@ def test_qr_codes_expire_and_are_bound_to_the_machine(cloud):
 
 
 def test_an_unacknowledged_start_is_voided_and_not_charged(cloud):
-    from cloud import service
+    from cloud.sessions import service
     dev = cloud.provision("M9")
     user = cloud.user("13800000010", balance_fen=1_000)
     session, cmd = start_session(cloud, dev, user)
@@ -410,7 +410,7 @@ def test_operator_actions_are_audit_logged(cloud):
 
 
 def test_production_mode_refuses_development_users(tmp_path, monkeypatch):
-    from cloud.accounts import ManualReview
+    from cloud.accounts.providers import ManualReview
     from tests.cloudkit import CloudServer
     from tests.test_accounts import OPERATOR, RealishSms, _RealishPay
     monkeypatch.setenv("TAPSHARE_CLOUD_KEY", "11" * 32)
@@ -419,7 +419,12 @@ def test_production_mode_refuses_development_users(tmp_path, monkeypatch):
         # behind a TLS proxy on loopback (uvicorn trusts X-Forwarded-Proto from 127.0.0.1)
         r = prod.op("POST", "/api/v1/dev/users", json={"phone": "13800000099", "balance_fen": 100},
                     headers={"X-Forwarded-Proto": "https"})
-        assert r.status_code == 403 and r.json()["error"] == "production"
+        # development routes are not there at all in production (issue 17: one router, included only outside it)
+        assert r.status_code == 404 and r.json()["error"] == "not_found"
+        paths = prod.op("GET", "/openapi.json", headers={"X-Forwarded-Proto": "https"}).json()["paths"]
+        assert paths and not [x for x in paths if "/dev/" in x]
+        for path in ("/dev/qr/X1", "/api/v1/dev/sms?phone=13800000099"):
+            assert prod.op("GET", path, headers={"X-Forwarded-Proto": "https"}).status_code == 404
 
 
 def test_production_mode_needs_a_server_key(tmp_path, monkeypatch):

@@ -27,3 +27,17 @@ def test_create_operator_and_dev_user(tmp_path):
 def test_new_key_is_32_random_bytes():
     a, b = run("new-key").stdout.strip(), run("new-key").stdout.strip()
     assert len(bytes.fromhex(a)) == 32 and a != b
+
+
+def test_a_bad_setting_stops_start_up_naming_its_variable(tmp_path):
+    """Every setting is validated in one place; a bad value is refused before anything starts, in words."""
+    for var, value, words in [("TAPSHARE_OPERATOR_TOKEN_DAYS", "ninety", "whole number from 1 to 3650"),
+                              ("TAPSHARE_HEADER_TIMEOUT_S", "0", "from 1 to 600"),
+                              ("TAPSHARE_SCANS_PER_MINUTE_PER_NETWORK", "-5", "from 1 to 100000"),
+                              ("TAPSHARE_PRODUCTION", "yes", "1 (on) or 0 (off)"),
+                              ("TAPSHARE_PUBLIC_URL", "water.example", "http:// or https://"),
+                              ("TAPSHARE_ID_VERIFY", "auto", "manual or dev_auto")]:
+        r = run("serve", "--port", "1", "--data-dir", str(tmp_path), env={var: value})
+        assert r.returncode == 2, (var, r.stderr)
+        assert f"error: {var}: " in r.stderr and words in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr

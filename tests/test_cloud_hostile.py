@@ -170,7 +170,7 @@ def test_payment_callbacks_use_the_configured_address_not_the_host_header(cloud)
     r = user.call("POST", "/api/v1/me/topups", json={"amount_fen": 1_000, "return_path": "/app"},
                   headers={"Host": "attacker.example", "X-Forwarded-Host": "attacker.example"})
     assert r.status_code == 200, r.text
-    order = cloud.app.state.wallet.provider.order(r.json()["order_id"])
+    order = cloud.app.state.services.wallet.provider.order(r.json()["order_id"])
     assert order.notify_url.startswith(cloud.settings.public_url) and "attacker" not in order.notify_url
     assert "attacker" not in order.return_url
 

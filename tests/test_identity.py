@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from cloud import identity as i
+from cloud.accounts import identity as i
 from tests.cloudkit import id_photo, resident_id
 
 TODAY = dt.date(2026, 11, 25)

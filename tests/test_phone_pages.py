@@ -258,7 +258,7 @@ def test_a_machine_that_does_not_answer_charges_nothing(world, browser):
     cloud, d = world
     user = cloud.signup("13800138001")
     with cloud.app.state.database.tx() as conn:
-        from cloud.service import add_entry
+        from cloud.wallet.balance import add_entry
         add_entry(conn, user.user_id, "topup", 1000, 0, note="test")
     page = browser.new_page(viewport=PHONE, locale="en-GB")
     page.goto(cloud.url + "/app")
@@ -316,7 +316,7 @@ def shop(browser, tmp_path_factory):
             d.hw.world.press_stop()
             assert wait_until(lambda: user.call("GET", "/api/v1/me/bills").json()["bills"], 15)
             with cloud.app.state.database.tx() as conn:         # the points of earlier pours
-                from cloud.service import earn_points
+                from cloud.rewards.service import earn_points
                 earn_points(conn, user.user_id, 20, start.json()["session_id"], int(time.time() * 1000))
             yield cloud, d, user, start.json()["session_id"]
 

@@ -168,7 +168,7 @@ def test_limits_are_declared_once_and_agree():
     """The dispenser's configuration, the cloud's operator API and the grant take the same bounds."""
     import dataclasses
 
-    from cloud.schemas import MachineSettingsIn, ProvisionIn
+    from cloud.operators.schemas import MachineSettingsIn, ProvisionIn
     from kiosk.config import LimitsConfig, PricingConfig
     cfg = {f.name: f for f in dataclasses.fields(LimitsConfig)}
     for name, bound in p.LIMIT_BOUNDS.items():

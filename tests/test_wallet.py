@@ -10,7 +10,8 @@ import requests
 from sqlalchemy import select
 
 from cloud import db as t
-from cloud.payments import ORDER_TTL_MS, Notification
+from cloud.wallet.payments import Notification
+from cloud.wallet.service import ORDER_TTL_MS
 from tests.cloudkit import CloudServer
 from tests.test_accounts import Clock
 from tests.util import wait_until
@@ -39,7 +40,7 @@ def test_a_top_up_is_credited_once_by_the_notification_not_by_the_return(cloud):
     assert order["state"] == "pending" and order["sandbox"] is True
     page = requests.get(cloud.url + order["pay_url"], timeout=10)
     assert page.status_code == 200 and "沙箱" in page.text and "¥20.00" in page.text
-    sandbox = cloud.app.state.wallet.provider
+    sandbox = cloud.app.state.services.wallet.provider
     sandbox.first_delay_s = 0.5
     back = pay(cloud, order)
     assert back.endswith(f"/app#/wallet?order={order['order_id']}")
@@ -59,7 +60,7 @@ def test_a_top_up_is_credited_once_by_the_notification_not_by_the_return(cloud):
 def test_notifications_must_be_genuine_and_match_the_order(cloud):
     user = cloud.signup("13700000002")
     order = topup(cloud, user, 1000)
-    sandbox = cloud.app.state.wallet.provider
+    sandbox = cloud.app.state.services.wallet.provider
     good = Notification(notification_id="n-1", order_id=order["order_id"], provider_txn_id="sbx-1",
                         amount_fen=1000, status="SUCCESS", paid_ms=1)
     url = cloud.url + "/api/v1/payments/notify"
@@ -94,7 +95,7 @@ def test_notifications_must_be_genuine_and_match_the_order(cloud):
 def test_concurrent_duplicate_notifications_credit_once(cloud):
     user = cloud.signup("13700000003")
     order = topup(cloud, user, 5000)
-    sandbox = cloud.app.state.wallet.provider
+    sandbox = cloud.app.state.services.wallet.provider
     headers, body = sandbox.signed(Notification(notification_id="n-x", order_id=order["order_id"],
                                                 provider_txn_id="sbx-x", amount_fen=5000, status="SUCCESS",
                                                 paid_ms=1))
@@ -119,7 +120,7 @@ def test_unpaid_orders_close_after_the_timeout_and_late_payments_are_not_lost(tm
     clock = Clock()
     with CloudServer(tmp_path / "c", clock_ms=clock) as cloud:
         user = cloud.signup("13700000005")
-        wallet = cloud.app.state.wallet
+        wallet = cloud.app.state.services.wallet
         stale = topup(cloud, user, 1000)
         paid_late = topup(cloud, user, 3000)
         wallet.provider.first_delay_s = 60          # its notification is "lost" for now
@@ -151,7 +152,7 @@ def _session(cloud, device, user, pulses=2250, price=200):
 
 def _fund(cloud, user, fen):
     with cloud.app.state.database.tx() as conn:
-        from cloud.service import add_entry
+        from cloud.wallet.balance import add_entry
         add_entry(conn, user.user_id, "topup", fen, int(time.time() * 1000), note="test top-up")
 
 
@@ -159,7 +160,7 @@ def test_arrears_block_starting_until_paid(cloud):
     device = cloud.provision("W1")
     user = cloud.signup("13700000006")
     with cloud.app.state.database.tx() as conn:
-        from cloud.service import add_entry
+        from cloud.wallet.balance import add_entry
         add_entry(conn, user.user_id, "charge", -150, int(time.time() * 1000), note="earlier shortfall")
     device.poll(wait_ms=0)
     scan = user.scan("W1", device.qr()).json()

@@ -15,20 +15,17 @@ import logging
 import os
 import secrets
 import threading
-import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import and_, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from cloud import db as t
-from cloud.db import Database
-from cloud.identity import (
+from cloud.accounts.identity import (
     PhotoRejected,
     mask_document,
     mask_name,
@@ -38,8 +35,24 @@ from cloud.identity import (
     normalize_phone,
     reencode_photo,
 )
+from cloud.accounts.providers import SmsProvider, Verifier
+from cloud.db import Database, audit, first_row
+from cloud.errors import (
+    Conflict,
+    DomainError,
+    Forbidden,
+    InsufficientFunds,
+    Invalid,
+    NotFound,
+    TooLarge,
+    TooMany,
+    Unauthenticated,
+    Unavailable,
+    UnsupportedMedia,
+)
 from cloud.security import SecretBox, new_token, token_hash
-from cloud.service import ApiError, _one, add_entry, audit, balance
+from cloud.sessions.bills import user_bills
+from cloud.wallet.balance import add_entry, balance
 
 log = logging.getLogger("tapshare.cloud.accounts")
 
@@ -63,90 +76,16 @@ DECODE_WAIT_S = 10.0
 _DECODES = threading.BoundedSemaphore(CONCURRENT_DECODES)
 
 
-class SmsProvider(Protocol):
-    name: str
-    is_development: bool
-
-    def send(self, phone: str, text: str) -> None: ...
 
 
-class DevSmsSink:
-    """Development only: NOT an SMS gateway. Keeps the last messages per number in memory so the demo page
-    and the tests can show the code. Nothing leaves this process."""
-
-    name = "dev_sink"
-    is_development = True
-
-    def __init__(self, keep_per_phone: int = 5, max_phones: int = 10_000) -> None:
-        self._lock = threading.Lock()
-        self._messages: dict[str, deque[dict[str, Any]]] = {}
-        self._readers: dict[str, set[str]] = {}          # phone -> the inbox keys of the browsers that asked
-        self._keep, self._max_phones = keep_per_phone, max_phones
-
-    def allow(self, phone: str, inbox_key: str) -> None:
-        """The browser holding ``inbox_key`` asked for this number's code: it (only) may read it."""
-        with self._lock:
-            self._readers.setdefault(phone, set()).add(inbox_key)
-            while len(self._readers) > self._max_phones:
-                self._readers.pop(next(iter(self._readers)))
-
-    def messages_for(self, phone: str, inbox_key: str) -> list[dict[str, Any]]:
-        with self._lock:
-            if inbox_key not in self._readers.get(phone, ()):
-                return []
-        return self.messages(phone)
-
-    def send(self, phone: str, text: str) -> None:
-        with self._lock:
-            box = self._messages.setdefault(phone, deque(maxlen=self._keep))
-            box.append({"phone": phone, "text": text, "sent_ms": _wall_ms()})
-            while len(self._messages) > self._max_phones:
-                self._messages.pop(next(iter(self._messages)))
-
-    def messages(self, phone: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(reversed(self._messages.get(phone, ())))
 
 
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
-class Verifier(Protocol):
-    name: str
-    is_development: bool
-    review_hint: dict[str, str]
-
-    def decide_at_once(self, doc_type: str) -> bool:
-        """True if this verifier settles the document on submission (no person involved)."""
 
 
-class ManualReview:
-    """An operator with the reviewer role looks at the photo and approves or rejects."""
-
-    name = "manual"
-    is_development = False
-    review_hint: ClassVar[dict[str, str]] = {"zh": "人工审核，通常 1 个工作日内完成",
-                                             "en": "Reviewed by a person, usually within one working day"}
-
-    def decide_at_once(self, doc_type: str) -> bool:
-        return False
 
 
-class DevAutoVerify(ManualReview):
-    """Development only: a resident ID whose number passes the GB 11643 check is verified at once (nothing
-    is compared with the real register); other documents still go to manual review."""
-
-    name = "dev_auto"
-    is_development = True
-    review_hint: ClassVar[dict[str, str]] = {
-        "zh": "开发模式：居民身份证号校验通过即自动认证（未核验真实身份）；"
-              "护照和通行证由人工审核，通常 1 个工作日内完成",
-        "en": "Development mode: a resident ID with a valid checksum is verified at once (not checked against any "
-              "register); passports and permits are reviewed by a person, usually within one working day"}
-
-    def decide_at_once(self, doc_type: str) -> bool:
-        return doc_type == "resident_id"
 
 
 # ---------------------------------------------------------------- accounts
@@ -174,7 +113,7 @@ class Accounts:
         return hmac.new(self._code_key, f"{phone}:{code}".encode(), hashlib.sha256).hexdigest()
 
     def request_code(self, raw_phone: str, client_ip: str, now_ms: int) -> dict[str, Any]:
-        phone = _phone(raw_phone)
+        phone = normalized_phone(raw_phone)
         c = t.sms_codes.c
         with self.db.tx() as conn:
             self.db.lock(conn, f"sms-phone:{phone}")         # count-then-insert is atomic per number and network
@@ -187,14 +126,14 @@ class Accounts:
             last = conn.execute(select(func.max(c.created_ms)).where(c.phone == phone)).scalar()
             if last is not None and now_ms - last < RESEND_AFTER_MS:
                 wait_s = (RESEND_AFTER_MS - (now_ms - last) + 999) // 1000
-                raise ApiError(429, "sms_too_soon", f"a code was sent less than a minute ago; try again in {wait_s} s",
+                raise TooMany("sms_too_soon", f"a code was sent less than a minute ago; try again in {wait_s} s",
                                retry_after_s=wait_s)
             if count(c.phone == phone, HOUR_MS) >= CODES_PER_PHONE_PER_HOUR or \
                     count(c.phone == phone, DAY_MS) >= CODES_PER_PHONE_PER_DAY:
-                raise ApiError(429, "sms_limit_phone", "too many codes for this number; try again later",
+                raise TooMany("sms_limit_phone", "too many codes for this number; try again later",
                                retry_after_s=3600)
             if count(c.client_ip == client_ip, HOUR_MS) >= CODES_PER_IP_PER_HOUR:
-                raise ApiError(429, "sms_limit_ip", "too many codes requested from this network; try again later",
+                raise TooMany("sms_limit_ip", "too many codes requested from this network; try again later",
                                retry_after_s=3600)
             code = f"{secrets.randbelow(1_000_000):06d}"
             conn.execute(insert(t.sms_codes).values(phone=phone, code_mac=self._code_mac(phone, code),
@@ -206,24 +145,24 @@ class Accounts:
                 "expires_in_s": CODE_TTL_MS // 1000, "development_sms_sink": self.sms.is_development}
 
     def login(self, raw_phone: str, code: str, now_ms: int) -> dict[str, Any]:
-        phone = _phone(raw_phone)
+        phone = normalized_phone(raw_phone)
         c = t.sms_codes.c
-        wrong: ApiError | None = None
+        wrong: DomainError | None = None
         with self.db.tx() as conn:           # a wrong code's attempt is committed, then refused
-            row = _one(conn, select(t.sms_codes).where(and_(c.phone == phone, c.used_ms.is_(None)))
+            row = first_row(conn, select(t.sms_codes).where(and_(c.phone == phone, c.used_ms.is_(None)))
                        .order_by(c.created_ms.desc()).limit(1))
             if row is None:
-                raise ApiError(401, "no_code", "request a code first")
+                raise Unauthenticated("no_code", "request a code first")
             if row["expires_ms"] < now_ms:
-                raise ApiError(401, "code_expired", "this code has expired: request a new one")
+                raise Unauthenticated("code_expired", "this code has expired: request a new one")
             # every guess takes an attempt first (a conditional update), so parallel guesses cannot exceed the limit
             took = conn.execute(update(t.sms_codes).where(and_(c.id == row["id"], c.attempts < CODE_MAX_ATTEMPTS))
                                 .values(attempts=c.attempts + 1)).rowcount
             if took != 1:
-                raise ApiError(401, "too_many_attempts", "too many wrong codes: request a new one")
+                raise Unauthenticated("too_many_attempts", "too many wrong codes: request a new one")
             if not hmac.compare_digest(row["code_mac"], self._code_mac(phone, code.strip())):
                 left = CODE_MAX_ATTEMPTS - row["attempts"] - 1
-                wrong = ApiError(401, "wrong_code", f"wrong code; {left} attempts left" if left else
+                wrong = Unauthenticated("wrong_code", f"wrong code; {left} attempts left" if left else
                                  "wrong code; request a new one", attempts_left=left)
         if wrong is not None:
             raise wrong
@@ -231,10 +170,10 @@ class Accounts:
             claimed = conn.execute(update(t.sms_codes).where(and_(c.id == row["id"], c.used_ms.is_(None)))
                                    .values(used_ms=now_ms)).rowcount
             if claimed != 1:
-                raise ApiError(401, "code_used", "this code was already used: request a new one")
+                raise Unauthenticated("code_used", "this code was already used: request a new one")
             # a login burns every other code sent to this number: an older one cannot be used afterwards
             conn.execute(update(t.sms_codes).where(and_(c.phone == phone, c.used_ms.is_(None))).values(used_ms=now_ms))
-            user = _one(conn, select(t.users).where(t.users.c.phone == phone))
+            user = first_row(conn, select(t.users).where(t.users.c.phone == phone))
             new_user = user is None
             if new_user:
                 user_id = "u-" + uuid.uuid4().hex[:16]
@@ -246,6 +185,28 @@ class Accounts:
                                                       created_ms=now_ms, expires_ms=now_ms + TOKEN_TTL_MS))
         return {"token": token, "user_id": user_id, "new_user": new_user, "expires_in_s": TOKEN_TTL_MS // 1000}
 
+    def user_for_token(self, token: str, now_ms: int) -> str:
+        """The user a bearer token belongs to, while it is valid."""
+        with self.db.read() as conn:
+            row = conn.execute(select(t.user_tokens.c.user_id, t.user_tokens.c.expires_ms)
+                               .where(t.user_tokens.c.token_hash == token_hash(token))).first()
+        if row is None or row[1] < now_ms:
+            raise Unauthenticated("unauthenticated", "your login has expired: log in again")
+        return row[0]
+
+    def me(self, user_id: str) -> dict[str, Any]:
+        """The person's own view: registration, points, money (available, held, in arrears) and newest bills, in
+        one consistent read."""
+        with self.db.read() as conn:
+            u = first_row(conn, select(t.users).where(t.users.c.user_id == user_id))
+            available, held = balance(conn, user_id)
+            bills = user_bills(conn, user_id, 50)
+            state = conn.execute(select(t.identities.c.state).where(t.identities.c.user_id == user_id)).scalar()
+        return {"user_id": user_id, "registered": u["registered"], "points": u["points"],
+                "balance_fen": available + held, "held_fen": held, "available_fen": available,
+                "arrears_fen": max(0, -available), "bills": bills, "phone_masked": mask_phone(u["phone"] or ""),
+                "identity_state": state or "none"}
+
     def logout(self, token: str) -> None:
         with self.db.tx() as conn:
             conn.execute(t.user_tokens.delete().where(t.user_tokens.c.token_hash == token_hash(token)))
@@ -254,7 +215,7 @@ class Accounts:
 
     def consent(self, user_id: str, version: str, now_ms: int) -> dict[str, Any]:
         if version != CONSENT_VERSION:
-            raise ApiError(409, "consent_outdated", f"the consent text has changed (now {CONSENT_VERSION}): "
+            raise Conflict("consent_outdated", f"the consent text has changed (now {CONSENT_VERSION}): "
                                                     "read it again", current_version=CONSENT_VERSION)
         with self.db.tx() as conn:
             if not self._has_consent(conn, user_id):
@@ -267,8 +228,9 @@ class Accounts:
         registration, which needs them, ends too. Money, bills and points stay."""
         with self.db.tx() as conn:
             s = t.sessions.c
-            if _one(conn, select(s.session_id).where(and_(s.user_id == user_id, s.state.in_(("starting", "active"))))):
-                raise ApiError(409, "session_open", "finish your running session first")
+            if first_row(conn, select(s.session_id)
+                         .where(and_(s.user_id == user_id, s.state.in_(("starting", "active"))))):
+                raise Conflict("session_open", "finish your running session first")
             conn.execute(update(t.consents).where(and_(t.consents.c.user_id == user_id,
                                                        t.consents.c.withdrawn_ms.is_(None)))
                          .values(withdrawn_ms=now_ms))
@@ -283,12 +245,12 @@ class Accounts:
     @staticmethod
     def _has_consent(conn, user_id: str) -> bool:
         c = t.consents.c
-        return _one(conn, select(c.id).where(and_(c.user_id == user_id, c.kind == CONSENT_KIND,
+        return first_row(conn, select(c.id).where(and_(c.user_id == user_id, c.kind == CONSENT_KIND,
                                                   c.version == CONSENT_VERSION, c.withdrawn_ms.is_(None)))) is not None
 
     def _need_consent(self, conn, user_id: str) -> None:
         if not self._has_consent(conn, user_id):
-            raise ApiError(403, "consent_required", "agree to the processing of your ID information first",
+            raise Forbidden("consent_required", "agree to the processing of your ID information first",
                            consent_version=CONSENT_VERSION)
 
     def photo_path(self, photo_id: str) -> Path:
@@ -301,16 +263,16 @@ class Accounts:
             recent = conn.execute(select(func.count(), func.coalesce(func.sum(ph.stored_bytes), 0)).where(and_(
                 ph.user_id == user_id, ph.created_ms > now_ms - HOUR_MS))).one()
         if recent[0] >= PHOTOS_PER_HOUR:
-            raise ApiError(429, "upload_quota", f"at most {PHOTOS_PER_HOUR} photos an hour; try again later",
+            raise TooMany("upload_quota", f"at most {PHOTOS_PER_HOUR} photos an hour; try again later",
                            retry_after_s=3600)
         if content_type.split(";")[0].strip().lower() not in ("image/jpeg", "image/png"):
-            raise ApiError(415, "not_an_image", "upload the photo as image/jpeg or image/png")
+            raise UnsupportedMedia("not_an_image", "upload the photo as image/jpeg or image/png")
         if not _DECODES.acquire(timeout=DECODE_WAIT_S):       # decoding is memory-hungry: a few at a time
-            raise ApiError(503, "busy", "too many photos are being checked right now; try again", retry_after_s=2)
+            raise Unavailable("busy", "too many photos are being checked right now; try again", retry_after_s=2)
         try:
             jpeg, w, h = reencode_photo(data)
         except PhotoRejected as e:
-            raise ApiError(413 if e.code == "photo_too_large" else 422, e.code, str(e)) from None
+            raise (TooLarge if e.code == "photo_too_large" else Invalid)(e.code, str(e)) from None
         finally:
             _DECODES.release()
         photo_id = "p-" + uuid.uuid4().hex
@@ -336,21 +298,21 @@ class Accounts:
         try:
             name = normalize_name(legal_name)
         except ValueError as e:
-            raise ApiError(422, "bad_name", str(e)) from None
+            raise Invalid("bad_name", str(e)) from None
         try:
             number = normalize_document(doc_type, doc_number, today)
         except ValueError as e:
-            raise ApiError(422, "bad_id_number", str(e)) from None
+            raise Invalid("bad_id_number", str(e)) from None
         mac = hmac.new(self._doc_key, f"{doc_type}:{number}".encode(), hashlib.sha256).hexdigest()
         at_once = self.verifier.decide_at_once(doc_type)
         with self.db.tx() as conn:
             self._need_consent(conn, user_id)
-            photo = _one(conn, select(t.id_photos).where(t.id_photos.c.photo_id == photo_id))
+            photo = first_row(conn, select(t.id_photos).where(t.id_photos.c.photo_id == photo_id))
             if photo is None or photo["user_id"] != user_id or photo["deleted_ms"] is not None:
-                raise ApiError(422, "bad_photo", "upload a photo of the document first")
-            prior = _one(conn, select(t.identities).where(t.identities.c.user_id == user_id))
+                raise Invalid("bad_photo", "upload a photo of the document first")
+            prior = first_row(conn, select(t.identities).where(t.identities.c.user_id == user_id))
             if prior is not None and prior["state"] in ("pending", "verified"):
-                raise ApiError(409, "already_submitted", f"your registration is already {prior['state']}")
+                raise Conflict("already_submitted", f"your registration is already {prior['state']}")
             if prior is not None:
                 conn.execute(t.identities.delete().where(t.identities.c.user_id == user_id))
             values = dict(user_id=user_id, doc_type=doc_type,
@@ -363,7 +325,7 @@ class Accounts:
                 with conn.begin_nested():
                     conn.execute(insert(t.identities).values(**values))
             except IntegrityError:
-                raise ApiError(409, "document_in_use", "this document is already registered to another account") \
+                raise Conflict("document_in_use", "this document is already registered to another account") \
                     from None
             if at_once:
                 conn.execute(update(t.users).where(t.users.c.user_id == user_id).values(registered=True))
@@ -372,7 +334,7 @@ class Accounts:
 
     def identity_view(self, user_id: str) -> dict[str, Any]:
         with self.db.read() as conn:
-            row = _one(conn, select(t.identities).where(t.identities.c.user_id == user_id))
+            row = first_row(conn, select(t.identities).where(t.identities.c.user_id == user_id))
             consent = self._has_consent(conn, user_id)
         base = {"consent_given": consent, "consent_version": CONSENT_VERSION,
                 "photo_retention_days": self.settings.photo_retention_days,
@@ -396,26 +358,26 @@ class Accounts:
     def view_photo(self, operator_id: str, user_id: str, now_ms: int) -> bytes:
         """The decrypted photo; every view is written to the audit log before the bytes leave."""
         with self.db.tx() as conn:
-            row = _one(conn, select(t.identities.c.photo_id).where(t.identities.c.user_id == user_id))
-            photo = row and _one(conn, select(t.id_photos).where(t.id_photos.c.photo_id == row["photo_id"]))
+            row = first_row(conn, select(t.identities.c.photo_id).where(t.identities.c.user_id == user_id))
+            photo = row and first_row(conn, select(t.id_photos).where(t.id_photos.c.photo_id == row["photo_id"]))
             if not photo or photo["deleted_ms"] is not None:
-                raise ApiError(404, "no_photo", "no stored photo for this user (never uploaded or already deleted)")
+                raise NotFound("no_photo", "no stored photo for this user (never uploaded or already deleted)")
             audit(conn, operator_id, "view_id_photo", user_id, {"photo_id": photo["photo_id"]}, now_ms)
         try:
             sealed = self.photo_path(photo["photo_id"]).read_bytes()
         except FileNotFoundError:
-            raise ApiError(404, "no_photo", "the photo file is missing") from None
+            raise NotFound("no_photo", "the photo file is missing") from None
         return self.pii.open(sealed.decode(), f"id-photo:{photo['photo_id']}")
 
     def decide(self, operator_id: str, user_id: str, approve: bool, reason: str, now_ms: int) -> dict[str, Any]:
         with self.db.tx() as conn:
-            row = _one(conn, select(t.identities).where(t.identities.c.user_id == user_id))
+            row = first_row(conn, select(t.identities).where(t.identities.c.user_id == user_id))
             if row is None:
-                raise ApiError(404, "no_registration", "this user has not registered")
+                raise NotFound("no_registration", "this user has not registered")
             if row["state"] != "pending":
-                raise ApiError(409, "not_pending", f"this registration is already {row['state']}")
+                raise Conflict("not_pending", f"this registration is already {row['state']}")
             if not approve and not reason.strip():
-                raise ApiError(422, "reason_required", "say why the registration is rejected (the user sees it)")
+                raise Invalid("reason_required", "say why the registration is rejected (the user sees it)")
             conn.execute(update(t.identities).where(t.identities.c.user_id == user_id).values(
                 state="verified" if approve else "rejected", decided_ms=now_ms,
                 reject_reason=None if approve else reason))
@@ -458,21 +420,22 @@ class Accounts:
             users_q = select(t.users.c.user_id).where(t.users.c.user_id == user_id)
             if not self.db.is_sqlite:
                 users_q = users_q.with_for_update()     # a start at the same moment waits: its hold is counted
-            _one(conn, users_q)
+            first_row(conn, users_q)
             s = t.sessions.c
-            if _one(conn, select(s.session_id).where(and_(s.user_id == user_id, s.state.in_(("starting", "active"))))):
-                raise ApiError(409, "session_open", "finish your running session first")
+            if first_row(conn, select(s.session_id)
+                         .where(and_(s.user_id == user_id, s.state.in_(("starting", "active"))))):
+                raise Conflict("session_open", "finish your running session first")
             o = t.topup_orders.c
-            if _one(conn, select(o.order_id).where(and_(o.user_id == user_id, o.state == "pending",
+            if first_row(conn, select(o.order_id).where(and_(o.user_id == user_id, o.state == "pending",
                                                          o.expires_ms > now_ms))):
-                raise ApiError(409, "topup_pending", "a top-up is still being paid: wait until it is paid or closed "
+                raise Conflict("topup_pending", "a top-up is still being paid: wait until it is paid or closed "
                                "(at most 15 minutes), so its money is paid back too")
             available, _held = balance(conn, user_id)
             if available < 0:
-                raise ApiError(402, "arrears", f"pay the {-available} fen you owe before deleting the account",
+                raise InsufficientFunds("arrears", f"pay the {-available} fen you owe before deleting the account",
                                balance_fen=available)
             if available > 0 and not refund_balance:
-                raise ApiError(409, "balance_remaining",
+                raise Conflict("balance_remaining",
                                f"your balance of {available} fen is paid back to the payments it came from; "
                                "confirm with refund_balance", balance_fen=available)
             refund_id = None
@@ -509,8 +472,8 @@ class Accounts:
         return {"deleted": True, "refund_id": refund_id, "refund_fen": max(0, available)}
 
 
-def _phone(raw: str) -> str:
+def normalized_phone(raw: str) -> str:
     try:
         return normalize_phone(raw)
     except ValueError as e:
-        raise ApiError(422, "bad_phone", str(e)) from None
+        raise Invalid("bad_phone", str(e)) from None

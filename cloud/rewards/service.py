@@ -9,16 +9,18 @@ same request twice redeems once.
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from typing import Any
 
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import Connection, and_, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from cloud import db as t
-from cloud.db import Database
-from cloud.payments import new_pickup_code
-from cloud.service import POINTS_PER_YUAN, ApiError, _one, audit, balance
+from cloud.db import Database, audit, first_row
+from cloud.errors import Conflict, InsufficientFunds, NotFound
+from cloud.wallet.balance import balance
+from contract.billing import POINTS_PER_YUAN
 
 
 class Rewards:
@@ -50,26 +52,26 @@ class Rewards:
                                                 points_cost=points_cost, stock=stock, active=True, created_ms=now_ms))
             audit(conn, operator_id, "add_gift", gift_id, {"name_zh": name_zh, "points_cost": points_cost,
                                                            "stock": stock}, now_ms)
-            return dict(_one(conn, select(t.gifts).where(t.gifts.c.gift_id == gift_id)) or {})
+            return dict(first_row(conn, select(t.gifts).where(t.gifts.c.gift_id == gift_id)) or {})
 
     def change_gift(self, operator_id: str, gift_id: str, changes: dict[str, Any], now_ms: int) -> dict[str, Any]:
         with self.db.tx() as conn:
             if conn.execute(update(t.gifts).where(t.gifts.c.gift_id == gift_id).values(**changes)).rowcount != 1:
-                raise ApiError(404, "unknown_gift", "no such gift")
+                raise NotFound("unknown_gift", "no such gift")
             audit(conn, operator_id, "change_gift", gift_id, changes, now_ms)
-            return dict(_one(conn, select(t.gifts).where(t.gifts.c.gift_id == gift_id)) or {})
+            return dict(first_row(conn, select(t.gifts).where(t.gifts.c.gift_id == gift_id)) or {})
 
     def redeem(self, user_id: str, gift_id: str, request_id: str, now_ms: int) -> dict[str, Any]:
         r = t.redemptions.c
         with self.db.read() as conn:
-            prior = _one(conn, select(t.redemptions).where(and_(r.user_id == user_id, r.request_id == request_id)))
+            prior = first_row(conn, select(t.redemptions).where(and_(r.user_id == user_id, r.request_id == request_id)))
         if prior is not None:
             return self._out(prior, repeated=True)
         try:
             with self.db.tx() as conn:
-                gift = _one(conn, select(t.gifts).where(t.gifts.c.gift_id == gift_id))
+                gift = first_row(conn, select(t.gifts).where(t.gifts.c.gift_id == gift_id))
                 if gift is None or not gift["active"]:
-                    raise ApiError(404, "unknown_gift", "this gift is not in the catalog")
+                    raise NotFound("unknown_gift", "this gift is not in the catalog")
                 cost = gift["points_cost"]
                 u = t.users.c
                 uq = select(u.user_id).where(u.user_id == user_id)
@@ -77,17 +79,17 @@ class Rewards:
                     conn.execute(uq.with_for_update())    # the balance cannot go into arrears meanwhile
                 available, _ = balance(conn, user_id)
                 if available < 0:
-                    raise ApiError(402, "arrears", f"your account is in arrears ({-available} fen): top up before "
+                    raise InsufficientFunds("arrears", f"your account is in arrears ({-available} fen): top up before "
                                                    "redeeming points", balance_fen=available)
                 if conn.execute(update(t.users).where(and_(u.user_id == user_id, u.points >= cost))
                                 .values(points=u.points - cost)).rowcount != 1:
                     have = conn.execute(select(u.points).where(u.user_id == user_id)).scalar() or 0
-                    raise ApiError(409, "insufficient_points", f"this gift needs {cost} points; you have {have}",
+                    raise Conflict("insufficient_points", f"this gift needs {cost} points; you have {have}",
                                    points=have, points_cost=cost)
                 g = t.gifts.c
                 if conn.execute(update(t.gifts).where(and_(g.gift_id == gift_id, g.stock > 0))
                                 .values(stock=g.stock - 1)).rowcount != 1:
-                    raise ApiError(409, "out_of_stock", "this gift is out of stock")
+                    raise Conflict("out_of_stock", "this gift is out of stock")
                 rid = "r-" + uuid.uuid4().hex[:16]
                 row = dict(redemption_id=rid, user_id=user_id, gift_id=gift_id, request_id=request_id, points=cost,
                            pickup_code=new_pickup_code(), created_ms=now_ms)
@@ -96,7 +98,8 @@ class Rewards:
                                                              note=gift["name_zh"], created_ms=now_ms))
         except IntegrityError:            # the same request raced itself: the other one won
             with self.db.read() as conn:
-                prior = _one(conn, select(t.redemptions).where(and_(r.user_id == user_id, r.request_id == request_id)))
+                prior = first_row(conn, select(t.redemptions)
+                                  .where(and_(r.user_id == user_id, r.request_id == request_id)))
             if prior is None:
                 raise
             return self._out(prior, repeated=True)
@@ -104,7 +107,8 @@ class Rewards:
 
     def _out(self, row: dict[str, Any], repeated: bool) -> dict[str, Any]:
         with self.db.read() as conn:
-            gift = _one(conn, select(t.gifts.c.name_zh, t.gifts.c.name_en).where(t.gifts.c.gift_id == row["gift_id"]))
+            g = t.gifts.c
+            gift = first_row(conn, select(g.name_zh, g.name_en).where(g.gift_id == row["gift_id"]))
         out = {k: row[k] for k in ("redemption_id", "gift_id", "points", "pickup_code", "created_ms")}
         return out | {"name_zh": gift["name_zh"] if gift else "", "name_en": gift["name_en"] if gift else "",
                       "repeated": repeated}
@@ -115,3 +119,15 @@ class Rewards:
             rows = conn.execute(select(t.redemptions).where(r.user_id == user_id).order_by(r.created_ms.desc())
                                 .limit(100)).mappings().all()
         return [self._out(dict(x), repeated=False) for x in rows]
+
+
+def earn_points(conn: Connection, user_id: str, points: int, session_id: str, now_ms: int) -> None:
+    if points <= 0:
+        return
+    conn.execute(update(t.users).where(t.users.c.user_id == user_id).values(points=t.users.c.points + points))
+    conn.execute(insert(t.points_entries).values(user_id=user_id, delta=points, kind="earn", ref=session_id,
+                                                 note="water bought", created_ms=now_ms))
+
+
+def new_pickup_code() -> str:
+    return f"{secrets.randbelow(10**8):08d}"

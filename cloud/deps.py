@@ -1,0 +1,115 @@
+"""Typed FastAPI dependencies every router shares: the services, the server's clock, the signed device, the
+logged-in phone user and each operator role. An endpoint states what it needs in its signature
+(``def stop(session_id: IdPath, user_id: User, svc: Svc, now: Now)``) and gets it checked before it runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, Query, Request
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
+
+import contract as p
+from cloud.accounts.service import Accounts
+from cloud.db import Database
+from cloud.devices.hub import CommandHub
+from cloud.devices.service import Commands, DurableNonces, MachineAuth, Machines
+from cloud.errors import TooLarge, Unauthenticated
+from cloud.middleware import MAX_BODY_BYTES
+from cloud.operators.service import Operators
+from cloud.ratelimit import RateLimiter
+from cloud.rewards.service import Rewards
+from cloud.sessions.service import Sessions
+from cloud.settings import CloudSettings
+from cloud.wallet.service import Wallet
+
+
+@dataclass
+class Services:
+    """Everything the routers use, made once by :func:`cloud.app.create_app`."""
+
+    settings: CloudSettings
+    database: Database
+    hub: CommandHub
+    machines: Machines
+    commands: Commands
+    sessions: Sessions
+    accounts: Accounts
+    wallet: Wallet
+    rewards: Rewards
+    operators: Operators
+    durable: DurableNonces
+    scans_by_network: RateLimiter
+    scans_by_machine: RateLimiter
+    development: list[str]              # the development providers in use, named
+
+    def now(self) -> int:
+        return self.settings.clock_ms()
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def now_ms(request: Request) -> int:
+    return request.app.state.services.now()
+
+
+Svc = Annotated[Services, Depends(services)]
+Now = Annotated[int, Depends(now_ms)]
+IdPath = Annotated[str, PathParam(max_length=64)]
+MachinePath = Annotated[str, PathParam(max_length=64, pattern=p.MACHINE_ID_RE.pattern)]
+TimeMs = Annotated[int, Query(ge=0, le=2**62)]
+
+
+async def device(request: Request) -> MachineAuth:
+    """A signed dispenser request (:mod:`contract.signing`), its nonce durable before anything is answered."""
+    svc: Services = request.app.state.services
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise TooLarge("body_too_large", f"request bodies are at most {MAX_BODY_BYTES} bytes")
+    path = request.scope.get("raw_path", request.url.path.encode()).decode()
+    query = request.scope.get("query_string", b"").decode()
+    if query:
+        path += "?" + query
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    if svc.machines.cached_secret(headers.get(p.HEADER_MACHINE.lower(), "")) is not None:
+        # no database work left (secret cached, nonces in memory): no thread hop
+        auth = svc.machines.authenticate(request.method, path, headers, body, svc.now())
+    else:
+        auth = await run_in_threadpool(svc.machines.authenticate, request.method, path, headers, body, svc.now())
+    await svc.durable.durable(auth.nonce_seq)      # replay-safe across a crash before anything is answered
+    return auth
+
+
+def bearer(authorization: Annotated[str | None, Header()] = None) -> str:
+    if not authorization or not authorization.lower().startswith("bearer "):
+        raise Unauthenticated("unauthenticated", "log in first (Authorization: Bearer <token>)")
+    return authorization[7:].strip()
+
+
+Bearer = Annotated[str, Depends(bearer)]
+
+
+def user(token: Bearer, svc: Svc) -> str:
+    return svc.accounts.user_for_token(token, svc.now())
+
+
+def operator_role(min_role: str, only: tuple[str, ...] = ()) -> Callable[..., dict[str, Any]]:
+    """An operator of at least ``min_role`` (or, with ``only``, of exactly one of those roles: separation of
+    duties, e.g. a reviewer who sees ID photos may not also move money)."""
+    def dep(token: Bearer, svc: Svc) -> dict[str, Any]:
+        return svc.operators.authenticate(token, min_role, only, svc.now())
+    return dep
+
+
+Device = Annotated[MachineAuth, Depends(device)]
+User = Annotated[str, Depends(user)]
+Viewer = Annotated[dict, Depends(operator_role("viewer"))]
+Operator = Annotated[dict, Depends(operator_role("operator"))]
+Reviewer = Annotated[dict, Depends(operator_role("reviewer"))]
+MoneyOperator = Annotated[dict, Depends(operator_role("operator", only=("operator", "admin")))]   # not reviewers
+Admin = Annotated[dict, Depends(operator_role("admin"))]

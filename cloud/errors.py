@@ -1,0 +1,121 @@
+"""The cloud's refusals. Services raise these domain errors (a code for programs, words for people, and any
+extra fields); only :func:`install_handlers` knows the HTTP status each one answers with. Every refusal has
+the one shape ``{"error": code, "message": text, ...}``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("tapshare.cloud")
+
+
+class DomainError(Exception):
+    """A refusal a caller can act on."""
+
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code, self.message, self.extra = code, message, extra
+
+
+class BadRequest(DomainError):
+    """The request cannot be understood at all (e.g. a protocol version this cloud does not speak)."""
+
+
+class Invalid(DomainError):
+    """A well-formed request with a value that is not allowed."""
+
+
+class Unauthenticated(DomainError):
+    """No credentials, or unknown, expired or revoked ones."""
+
+
+class Forbidden(DomainError):
+    """Known caller, not allowed to do this."""
+
+
+class NotFound(DomainError):
+    pass
+
+
+class Conflict(DomainError):
+    """The state does not allow it now (already exists, already paid, a session is open, ...)."""
+
+
+class Gone(DomainError):
+    """It existed but is over (an expired code, a used token)."""
+
+
+class InsufficientFunds(DomainError):
+    pass
+
+
+class TooLarge(DomainError):
+    pass
+
+
+class UnsupportedMedia(DomainError):
+    pass
+
+
+class TooMany(DomainError):
+    """Rate limited; ``retry_after_s`` says when to try again."""
+
+
+class Unavailable(DomainError):
+    """Not the caller's fault: try again (``retry_after_s``)."""
+
+
+HTTP_STATUS: dict[type[DomainError], int] = {
+    BadRequest: 400, Unauthenticated: 401, InsufficientFunds: 402, Forbidden: 403, NotFound: 404, Conflict: 409,
+    Gone: 410, TooLarge: 413, UnsupportedMedia: 415, Invalid: 422, TooMany: 429, Unavailable: 503,
+}
+
+
+def http_status(e: DomainError) -> int:
+    return next(s for cls, s in HTTP_STATUS.items() if isinstance(e, cls))
+
+
+class Err(BaseModel):
+    error: str
+    message: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": Err} for s in (400, 401, 403, 404, 409, 410, 413, 422)}
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Every error, ours, the framework's and unexpected ones, in the one shape."""
+
+    @app.exception_handler(DomainError)
+    async def domain_error(_req: Request, e: DomainError) -> JSONResponse:
+        status = http_status(e)
+        headers = {"Retry-After": str(int(e.extra.get("retry_after_s", 1)))} if status in (429, 503) else {}
+        return JSONResponse({"error": e.code, "message": e.message, **e.extra}, status_code=status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_req: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Unknown paths, wrong methods and the like."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, f"http_{e.status_code}")
+        return JSONResponse({"error": code, "message": str(e.detail)}, status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_req: Request, e: Exception) -> JSONResponse:
+        log.error("internal error: %r", e, exc_info=e)
+        return JSONResponse({"error": "internal", "message": "an internal error: it was logged; try again"},
+                            status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_req: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return JSONResponse({"error": "invalid_request", "message": f"{where}: {first.get('msg', 'invalid')}",
+                             "details": [{"loc": list(x.get("loc", ())), "msg": x.get("msg")} for x in e.errors()]},
+                            status_code=422)

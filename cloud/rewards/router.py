@@ -1,0 +1,58 @@
+"""Points and gifts (s6): a person's points, the gift catalogue and redemptions, and the operators' catalogue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from cloud.deps import IdPath, Now, Operator, Svc, User, Viewer
+from cloud.errors import ERRORS
+from cloud.rewards.schemas import (
+    GiftChangeIn,
+    GiftIn,
+    GiftOut,
+    GiftsOut,
+    PointsOut,
+    RedeemIn,
+    RedemptionOut,
+    RedemptionsOut,
+)
+
+router = APIRouter(prefix="/api/v1", tags=["points"], responses=ERRORS)
+
+
+@router.get("/me/points", response_model=PointsOut)
+def points(user_id: User, svc: Svc) -> dict[str, Any]:
+    return svc.rewards.history(user_id)
+
+
+@router.get("/gifts", response_model=GiftsOut)
+def gifts(svc: Svc) -> dict[str, Any]:
+    return {"gifts": svc.rewards.catalog()}
+
+
+@router.post("/gifts/{gift_id}/redeem", response_model=RedemptionOut)
+def redeem(gift_id: IdPath, body: RedeemIn, user_id: User, svc: Svc, now: Now) -> dict[str, Any]:
+    """Redeem points for a gift, once per request id (a retried request returns the same redemption)."""
+    return svc.rewards.redeem(user_id, gift_id, body.request_id, now)
+
+
+@router.get("/me/redemptions", response_model=RedemptionsOut)
+def redemptions(user_id: User, svc: Svc) -> dict[str, Any]:
+    return {"redemptions": svc.rewards.redemptions(user_id)}
+
+
+@router.get("/operator/gifts", response_model=GiftsOut, tags=["operator"])
+def all_gifts(op: Viewer, svc: Svc) -> dict[str, Any]:
+    return {"gifts": svc.rewards.catalog(include_inactive=True)}
+
+
+@router.post("/operator/gifts", response_model=GiftOut, tags=["operator"])
+def add_gift(body: GiftIn, op: Operator, svc: Svc, now: Now) -> dict[str, Any]:
+    return svc.rewards.add_gift(op["operator_id"], body.name_zh, body.name_en, body.points_cost, body.stock, now)
+
+
+@router.patch("/operator/gifts/{gift_id}", response_model=GiftOut, tags=["operator"])
+def change_gift(gift_id: IdPath, body: GiftChangeIn, op: Operator, svc: Svc, now: Now) -> dict[str, Any]:
+    return svc.rewards.change_gift(op["operator_id"], gift_id, body.model_dump(exclude_none=True), now)

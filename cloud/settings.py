@@ -1,0 +1,128 @@
+"""The cloud's settings, in one validated object. Every value comes from a keyword (tests, the embedded cloud)
+or from its ``TAPSHARE_*`` environment variable; a bad value stops start-up with :class:`SettingsError`
+naming the variable (``TAPSHARE_OPERATOR_TOKEN_DAYS: must be a whole number from 1 to 3650, got 'ninety'``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from cloud.accounts.providers import DevAutoVerify, DevSmsSink, ManualReview, SmsProvider, Verifier
+from cloud.security import SecretBox
+from cloud.wallet.payments import PaymentProvider, SandboxPay
+
+
+class SettingsError(ValueError):
+    """A setting is missing or out of range; the message names its environment variable."""
+
+
+class ProductionRefused(SettingsError):
+    """Production mode with a development provider, or without what production needs."""
+
+
+# numeric settings: (environment variable, default, low, high), checked whether they come from a keyword or
+# from the environment
+_NUMBERS: dict[str, tuple[str, float, float, float]] = {
+    "photo_retention_days": ("TAPSHARE_ID_PHOTO_RETENTION_DAYS", 30, 1, 3650),
+    "operator_token_days": ("TAPSHARE_OPERATOR_TOKEN_DAYS", 90, 1, 3650),
+    "scans_per_minute_per_network": ("TAPSHARE_SCANS_PER_MINUTE_PER_NETWORK", 30, 1, 100_000),
+    "scans_per_minute_per_machine": ("TAPSHARE_SCANS_PER_MINUTE_PER_MACHINE", 120, 1, 100_000),
+    "header_timeout_s": ("TAPSHARE_HEADER_TIMEOUT_S", 10.0, 1, 600),
+}
+
+
+def _number(name: str) -> Any:
+    var, default, low, high = _NUMBERS[name]
+
+    def read() -> float:
+        raw = os.environ.get(var, "").strip()
+        if not raw:
+            return default
+        try:
+            value = type(default)(raw)
+        except ValueError:
+            kind = "a whole number" if isinstance(default, int) else "a number"
+            raise SettingsError(f"{var}: must be {kind} from {low:g} to {high:g}, got {raw[:40]!r}") from None
+        return value
+    return field(default_factory=read)
+
+
+def _text(name: str, default: str = "") -> Callable[[], str]:
+    return lambda: os.environ.get(name, default)
+
+
+def _flag(name: str) -> Callable[[], bool]:
+    def read() -> bool:
+        raw = os.environ.get(name, "").strip()
+        if raw not in ("", "0", "1"):
+            raise SettingsError(f"{name}: must be 1 (on) or 0 (off), got {raw[:40]!r}")
+        return raw == "1"
+    return read
+
+
+@dataclass
+class CloudSettings:
+    database_url: str = ""          # empty: TAPSHARE_DATABASE_URL, or else SQLite in data_dir
+    data_dir: Path = field(default_factory=lambda: Path(os.environ.get("TAPSHARE_DATA_DIR", "data/cloud")))
+    public_url: str = field(default_factory=_text("TAPSHARE_PUBLIC_URL", "http://127.0.0.1:8700"))
+    production: bool = field(default_factory=_flag("TAPSHARE_PRODUCTION"))
+    background_interval_s: float = 1.0
+    clock_ms: Callable[[], int] = field(default=lambda: time.time_ns() // 1_000_000)
+    # None picks the development providers, which production mode refuses
+    sms_provider: SmsProvider | None = None
+    verifier: Verifier | None = None
+    payment_provider: PaymentProvider | None = None
+    id_verify: str = field(default_factory=_text("TAPSHARE_ID_VERIFY"))   # manual or dev_auto; empty: by mode
+    photo_retention_days: int = _number("photo_retention_days")
+    timezone: str = "Asia/Shanghai"
+    # who handles the personal information (named in the consent text and the user agreement, as PIPL requires)
+    operator_name: str = field(default_factory=_text("TAPSHARE_OPERATOR_NAME"))
+    operator_contact: str = field(default_factory=_text("TAPSHARE_OPERATOR_CONTACT"))
+    header_timeout_s: float = _number("header_timeout_s")
+    operator_token_days: int = _number("operator_token_days")
+    scans_per_minute_per_network: int = _number("scans_per_minute_per_network")
+    scans_per_minute_per_machine: int = _number("scans_per_minute_per_machine")
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        self.database_url = self.database_url or os.environ.get("TAPSHARE_DATABASE_URL", "")
+        for name, (var, _default, low, high) in _NUMBERS.items():
+            if not low <= getattr(self, name) <= high:
+                raise SettingsError(f"{var}: must be from {low:g} to {high:g}, got {getattr(self, name)!r}")
+        if not self.public_url.startswith(("http://", "https://")):
+            raise SettingsError(f"TAPSHARE_PUBLIC_URL: must start with http:// or https://, got {self.public_url!r}")
+        if self.id_verify not in ("", "manual", "dev_auto"):
+            raise SettingsError(f"TAPSHARE_ID_VERIFY: must be manual or dev_auto, got {self.id_verify!r}")
+        if self.database_url and not self.database_url.startswith(("sqlite:", "postgresql")):
+            raise SettingsError("TAPSHARE_DATABASE_URL: must be a sqlite:/// or postgresql+psycopg:// URL")
+        try:
+            ZoneInfo(self.timezone)
+        except (ValueError, KeyError, OSError) as e:
+            raise SettingsError(f"timezone: unknown time zone {self.timezone!r}") from e
+
+    def url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'cloud.db').resolve()}"
+
+    def providers(self, box: SecretBox) -> tuple[SmsProvider, Verifier, PaymentProvider]:
+        """The configured providers; production mode refuses every development one, with the reason."""
+        sms = self.sms_provider or DevSmsSink()
+        mode = self.id_verify or ("manual" if self.production else "dev_auto")
+        verifier = self.verifier or (DevAutoVerify() if mode == "dev_auto" else ManualReview())
+        pay = self.payment_provider or SandboxPay(box.subkey("sandbox-pay"))
+        if self.production:
+            problems = [f"{what} is the development {p.name}" for what, p in
+                        (("the SMS provider", sms), ("identity verification", verifier), ("the payment provider", pay))
+                        if p.is_development]
+            if not self.operator_name.strip() or not self.operator_contact.strip():
+                problems.append("TAPSHARE_OPERATOR_NAME and TAPSHARE_OPERATOR_CONTACT must name who handles personal "
+                                "information and how to reach them")
+            if not self.public_url.startswith("https://"):
+                problems.append(f"TAPSHARE_PUBLIC_URL must be https:// (is {self.public_url})")
+            if problems:
+                raise ProductionRefused("production mode refuses to start: " + "; ".join(problems))
+        return sms, verifier, pay
