@@ -15,12 +15,15 @@ import logging
 import signal
 import sys
 import threading
+from dataclasses import dataclass
+from typing import Any
 
 from contract import SOFTWARE_VERSION
 from hal.base import SystemClock
 from kiosk import config as config_mod
 from kiosk.ledger import Ledger, LedgerError
-from kiosk.runtime import boot
+from kiosk.ports import Valve
+from kiosk.runtime import Runtime, boot
 
 log = logging.getLogger("tapshare")
 
@@ -219,15 +222,9 @@ def run_window(cfg: config_mod.Config, runtime, link, world, phone_link: str, ui
     app.run()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args)
-    except config_mod.ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+def run_command(cfg: config_mod.Config, args: argparse.Namespace) -> int | None:
+    """A one-shot command (print the config, status, clear a lockout, provision, set the PIN): its exit code;
+    ``None`` when the dispenser is to run."""
     if args.print_config:
         print(config_mod.to_toml(cfg))
         return 0
@@ -237,6 +234,160 @@ def main(argv: list[str] | None = None) -> int:
         return provision(cfg, args)
     if args.set_maintenance_pin:
         return set_maintenance_pin(cfg)
+    return None
+
+
+def json_trace():
+    """A trace that prints each record as one JSON line on stdout (from any thread)."""
+    lock = threading.Lock()
+
+    def trace(record: dict) -> None:
+        with lock:
+            sys.stdout.write(json.dumps(record) + "\n")
+            sys.stdout.flush()
+
+    return trace
+
+
+def build_hardware(cfg: config_mod.Config, args: argparse.Namespace, post, hooks: dict):
+    """The machine's hardware, or a disconnected valve and meter if it is unavailable (the machine then stays out of
+    service): ``(hw, valve, meter, hardware error)``. Its stop button reaches ``hooks`` once they are filled in."""
+    from hal.base import DisconnectedMeter, DisconnectedValve
+    from hal.machine import HardwareError, build
+    try:
+        hw = build(cfg, post=post, on_stop_press=lambda: hooks.get("stop_press", lambda: None)(),
+                   on_stop_long_press=lambda: hooks.get("long_press", lambda: None)(),
+                   simulate=args.simulate, sim_dir=cfg.data_dir / "sim", sim_seed=args.seed)
+    except HardwareError as e:
+        log.error("HARDWARE UNAVAILABLE, machine out of service: %s", e)
+        return None, DisconnectedValve(), DisconnectedMeter(), str(e)
+    return hw, hw.valve, hw.meter, None
+
+
+def stop_on_signals(runtime) -> None:
+    """SIGTERM and SIGINT stop the runtime: the valve closes, any session ends."""
+    def on_signal(signum: int, _frame: object) -> None:
+        log.warning("signal %s: stopping (valve closes, any session ends)", signal.Signals(signum).name)
+        runtime.request_stop(signal.Signals(signum).name.lower())
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def start_watchdog(runtime, hooks: dict):
+    """systemd's watchdog, fed while the core thread and the UI's clock both move (``None`` without one)."""
+    from kiosk import systemd
+    period = systemd.watchdog_period_s()
+    if not period:
+        return None
+    watchdog = systemd.Watchdog({"core": lambda: runtime.loop_count,
+                                 "ui": lambda: hooks["ticks"]() if "ticks" in hooks else None}, period)
+    watchdog.start()
+    return watchdog
+
+
+@dataclass
+class Dispenser:
+    """The running dispenser's parts: what :func:`run_dispenser` started, and stops in order."""
+
+    runtime: Runtime
+    valve: Valve
+    hw: Any = None                      # hal.machine.Hardware (None: the hardware is unavailable)
+    link: Any = None                    # sync.link.SyncLink (None: not provisioned)
+    watchdog: Any = None
+    users: Any = None                   # simulated users (the desktop simulation without a cloud)
+    embedded: Any = None                # the desktop simulation's in-process cloud
+
+    def run_until_stopped(self, cfg: config_mod.Config, args: argparse.Namespace, hooks: dict) -> None:
+        """Headless: until the runtime stops. Else the window, until it closes (the runtime then stops)."""
+        runtime = self.runtime
+        if args.headless:
+            while not runtime.wait_stopped(0.2):
+                pass
+            return
+        run_window(cfg, runtime, self.link, self.hw.world if self.hw is not None else None,
+                   self.embedded.demo_link(cfg.machine.id) if self.embedded else "", hooks)
+        runtime.request_stop("window closed")
+        runtime.wait_stopped(5)
+
+    def stop(self) -> None:
+        from kiosk import systemd
+        systemd.notify("STOPPING=1")
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        if self.users is not None:
+            self.users.halt()
+        if self.link is not None:
+            self.link.stop(flush_s=3.0)
+        if self.hw is not None:
+            self.hw.close()
+        self.valve.close()
+        if self.runtime.ledger is not None:
+            self.runtime.ledger.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+def run_dispenser(cfg: config_mod.Config, args: argparse.Namespace, embedded) -> int:
+    """Build and run the dispenser (real or simulated hardware) until it is stopped; the exit code."""
+    import queue
+
+    from hal.machine import simulated_config
+    from hal.sim_users import SimulatedUsers
+    from kiosk import systemd
+
+    if args.simulate:
+        cfg = simulated_config(cfg)
+    clock = SystemClock()
+    events: queue.Queue = queue.Queue()
+    trace = json_trace() if args.trace else None
+    hooks: dict = {}                    # entry points for hardware callbacks, filled in as they come to exist
+    hw, valve, meter, hw_error = build_hardware(cfg, args, events.put, hooks)
+    runtime, report = boot(cfg, valve, meter, clock, trace=trace, events=events,
+                           lockouts={"fault:hardware": hw_error} if hw_error else None)
+    hooks["stop_press"] = runtime.stop_pressed
+    stop_on_signals(runtime)                      # before "ready": a SIGTERM right after it is handled
+    if trace:
+        trace({"t": "ready", "recovered": [r.session_id for r in report.recovered],
+               "ledger_error": report.ledger_error, "hardware_error": hw_error,
+               "state": runtime.snapshot.state.value})
+    threading.Thread(target=runtime.run, name="core", daemon=True).start()
+    if hw is not None:
+        hw.start()
+    healthy = report.ledger_error is None and hw_error is None
+    d = Dispenser(runtime, valve, hw=hw, embedded=embedded, link=start_link(cfg, runtime, clock))
+    d.watchdog = start_watchdog(runtime, hooks)
+    systemd.notify("READY=1")
+    if d.link is None and healthy and hw is not None and hw.world is not None:
+        d.users = SimulatedUsers(runtime, hw.world, clock, sessions=args.sessions, seed=args.seed,
+                                 pour_ms=args.pour_ms, pause_ms=args.pause_ms, flow_ml_per_min=args.flow_ml_per_min)
+        d.users.start()
+    elif not healthy:
+        log.error("staying out of service with the valve closed; fix the cause above, then restart")
+        if args.sessions:
+            runtime.request_stop("out of service")
+    try:
+        d.run_until_stopped(cfg, args, hooks)
+    finally:
+        d.stop()
+    log.info("stopped; valve %s", "OPEN" if valve.is_open else "closed")
+    if report.ledger_error:
+        return EXIT_STORAGE
+    return EXIT_HARDWARE if hw_error else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args)
+    except config_mod.ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    code = run_command(cfg, args)
+    if code is not None:
+        return code
     embedded = None
     if args.embedded_cloud:
         if not args.simulate:
@@ -247,104 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_CONFIG
-
-    import queue
-
-    from hal.base import DisconnectedMeter, DisconnectedValve
-    from hal.machine import HardwareError, build, simulated_config
-    from hal.sim_users import SimulatedUsers
-
-    if args.simulate:
-        cfg = simulated_config(cfg)
-    clock = SystemClock()
-    events: queue.Queue = queue.Queue()
-    trace = None
-    if args.trace:
-        lock = threading.Lock()
-
-        def trace(record: dict) -> None:
-            with lock:
-                sys.stdout.write(json.dumps(record) + "\n")
-                sys.stdout.flush()
-
-    runtime = None
-    hw = None
-    hw_error = None
-    ui_hooks: dict = {}                 # the window's entry points for hardware callbacks
-    try:
-        hw = build(cfg, post=events.put, on_stop_press=lambda: runtime.stop_pressed() if runtime else None,
-                   on_stop_long_press=lambda: ui_hooks.get("long_press", lambda: None)(),
-                   simulate=args.simulate, sim_dir=cfg.data_dir / "sim", sim_seed=args.seed)
-        valve, meter = hw.valve, hw.meter
-    except HardwareError as e:
-        hw_error = str(e)
-        log.error("HARDWARE UNAVAILABLE, machine out of service: %s", e)
-        valve, meter = DisconnectedValve(), DisconnectedMeter()
-    runtime, report = boot(cfg, valve, meter, clock, trace=trace, events=events,
-                           lockouts={"fault:hardware": hw_error} if hw_error else None)
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.warning("signal %s: stopping (valve closes, any session ends)", signal.Signals(signum).name)
-        runtime.request_stop(signal.Signals(signum).name.lower())
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)       # before "ready": a SIGTERM right after it is handled
-    if trace:
-        trace({"t": "ready", "recovered": [r.session_id for r in report.recovered],
-               "ledger_error": report.ledger_error, "hardware_error": hw_error,
-               "state": runtime.snapshot.state.value})
-
-    core_thread = threading.Thread(target=runtime.run, name="core", daemon=True)
-    core_thread.start()
-    if hw is not None:
-        hw.start()
-    users = None
-    healthy = report.ledger_error is None and hw_error is None
-    link = start_link(cfg, runtime, clock)
-    from kiosk import systemd
-    watchdog = None
-    period = systemd.watchdog_period_s()
-    if period:
-        watchdog = systemd.Watchdog({"core": lambda: runtime.loop_count,
-                                     "ui": lambda: ui_hooks["ticks"]() if "ticks" in ui_hooks else None}, period)
-        watchdog.start()
-    systemd.notify("READY=1")
-    if link is None and healthy and hw is not None and hw.world is not None:
-        users = SimulatedUsers(runtime, hw.world, clock, sessions=args.sessions, seed=args.seed,
-                               pour_ms=args.pour_ms, pause_ms=args.pause_ms, flow_ml_per_min=args.flow_ml_per_min)
-        users.start()
-    elif not healthy:
-        log.error("staying out of service with the valve closed; fix the cause above, then restart")
-        if args.sessions:
-            runtime.request_stop("out of service")
-    try:
-        if args.headless:
-            while not runtime.wait_stopped(0.2):
-                pass
-        else:
-            run_window(cfg, runtime, link, hw.world if hw is not None else None,
-                       embedded.demo_link(cfg.machine.id) if embedded else "", ui_hooks)
-            runtime.request_stop("window closed")
-            runtime.wait_stopped(5)
-    finally:
-        systemd.notify("STOPPING=1")
-        if watchdog is not None:
-            watchdog.stop()
-        if users is not None:
-            users.halt()
-        if link is not None:
-            link.stop(flush_s=3.0)
-        if hw is not None:
-            hw.close()
-        valve.close()
-        if runtime.ledger is not None:
-            runtime.ledger.close()
-        if embedded is not None:
-            embedded.stop()
-    log.info("stopped; valve %s", "OPEN" if valve.is_open else "closed")
-    if report.ledger_error:
-        return EXIT_STORAGE
-    return EXIT_HARDWARE if hw_error else 0
+    return run_dispenser(cfg, args, embedded)
 
 
 if __name__ == "__main__":
