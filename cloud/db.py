@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -31,7 +32,6 @@ from sqlalchemy import (
     event,
     insert,
     inspect,
-    select,
     text,
 )
 from sqlalchemy.engine import Engine
@@ -343,9 +343,9 @@ audit_log = Table(
     Column("at_ms", BigInteger, nullable=False),
 )
 
-SCHEMA_VERSION = 3     # 1: session 1's tables; 2: accounts, payments, points; 3: grant deadline, min dispense
-                       # (no migrations yet)
-schema_info = Table("schema_info", metadata, Column("version", Integer, primary_key=True))
+MIGRATIONS = Path(__file__).parent / "migrations"
+LEGACY_SCHEMA_VERSION = 3      # release 0.1.0's schema_info version: the schema of migration 0001
+MIGRATION_LOCK_KEY = 0x7A95_0001     # PostgreSQL advisory lock: one instance migrates at a time
 
 
 class SchemaMismatch(RuntimeError):
@@ -377,22 +377,51 @@ class Database:
         self._write_lock = threading.Lock()
 
     def create_all(self) -> None:
-        """Create the tables of a new database; refuse, clearly, a database made by another version."""
-        if "machines" in inspect(self.engine).get_table_names():
-            with self.engine.connect() as conn:
-                try:
-                    version = conn.execute(select(schema_info.c.version)).scalar() or 1
-                except Exception:
-                    version = 1
-            if version != SCHEMA_VERSION:
-                raise SchemaMismatch(
-                    f"the database {self.engine.url.render_as_string(hide_password=True)} has schema version "
-                    f"{version}; this cloud needs {SCHEMA_VERSION} and has no migration for it yet: "
-                    "move the old database aside (development data) or use the matching release")
-        metadata.create_all(self.engine)
+        """Bring the database to this release's schema with the Alembic migrations in cloud/migrations: create
+        a new one, upgrade an older one (a database release 0.1.0 made is recognised by its ``schema_info`` and
+        upgraded from there), refuse clearly one from before 0.1.0 or from a newer release. Several instances
+        starting at once migrate one after the other (an advisory lock on PostgreSQL)."""
+        from alembic import command
+        from alembic.config import Config
+        from alembic.script import ScriptDirectory
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        head = ScriptDirectory.from_config(cfg).get_current_head()
         with self.tx() as conn:
-            if conn.execute(select(schema_info.c.version)).first() is None:
-                conn.execute(schema_info.insert().values(version=SCHEMA_VERSION))
+            if not self.is_sqlite:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+            tables = inspect(conn).get_table_names()
+            cfg.attributes["connection"] = conn
+            if "machines" in tables and "alembic_version" not in tables:
+                self._check_legacy(conn)
+                command.stamp(cfg, "0001")
+            elif "alembic_version" in tables:
+                self._check_known(cfg, conn.execute(text("SELECT version_num FROM alembic_version")).scalar())
+            command.upgrade(cfg, head)
+
+    def _check_legacy(self, conn: Connection) -> None:
+        try:
+            version = conn.execute(text("SELECT version FROM schema_info")).scalar() or 1
+        except Exception:
+            version = 1
+        if version != LEGACY_SCHEMA_VERSION:
+            raise SchemaMismatch(
+                f"the database {self.engine.url.render_as_string(hide_password=True)} has schema version "
+                f"{version}, from before release 0.1.0, which had no migrations: move the old database aside "
+                "(development data) or upgrade it with release 0.1.0 first")
+
+    def _check_known(self, cfg, current: str | None) -> None:
+        from alembic.script import ScriptDirectory
+        from alembic.util import CommandError
+        try:
+            known = current is None or ScriptDirectory.from_config(cfg).get_revision(current) is not None
+        except CommandError:
+            known = False
+        if not known:
+            raise SchemaMismatch(
+                f"the database {self.engine.url.render_as_string(hide_password=True)} is at schema revision "
+                f"{current}, which this release does not know (a newer release made it): run that release")
 
     @contextmanager
     def tx(self) -> Iterator[Connection]:

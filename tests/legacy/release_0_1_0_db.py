@@ -1,0 +1,414 @@
+"""The cloud's data, in SQLAlchemy Core: embedded SQLite by default, PostgreSQL by URL.
+
+Balances are never a number that is overwritten: every change is a row in ``balance_entries``
+(top-up, hold, release, charge, refund, adjustment), written in the same transaction as the state
+change it belongs to, so a crash mid-request leaves the balance right. The available balance is the
+sum of all entries; the held amount is the sum of open holds.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.engine import Engine
+
+metadata = MetaData()
+
+machines = Table(
+    "machines", metadata,
+    Column("machine_id", String(64), primary_key=True),
+    Column("secret_enc", Text, nullable=True),          # AES-GCM with the server key; NULL until enrolled
+    Column("location", String(200), nullable=False, default=""),
+    Column("price_fen_per_l", Integer, nullable=False),
+    Column("max_volume_ml", Integer, nullable=False),
+    Column("max_duration_ms", Integer, nullable=False),
+    Column("max_idle_ms", Integer, nullable=False),
+    Column("max_credit_fen", Integer, nullable=False),
+    Column("min_dispense_ml", Integer, nullable=False, default=10),   # sent in every grant, applied by both sides
+    Column("created_ms", BigInteger, nullable=False),
+    Column("last_seen_ms", BigInteger, nullable=True),
+    Column("heartbeat", JSON, nullable=True),
+    Column("open_session_id", String(64), nullable=True),
+    Column("timezone", String(64), nullable=False, default="Asia/Shanghai"),   # bills and receipts are shown in it
+    Column("hotline", String(40), nullable=False, default=""),                 # shown when it cannot serve
+)
+
+enrolment_tokens = Table(
+    "enrolment_tokens", metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("machine_id", String(64), ForeignKey("machines.machine_id"), nullable=False),
+    Column("created_by", String(64), nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+    Column("used_ms", BigInteger, nullable=True),
+)
+
+nonces = Table(
+    "nonces", metadata,
+    Column("machine_id", String(64), primary_key=True),
+    Column("nonce", String(64), primary_key=True),
+    Column("seen_ms", BigInteger, nullable=False, index=True),
+)
+
+commands = Table(
+    "commands", metadata,
+    Column("command_id", String(64), primary_key=True),
+    Column("machine_id", String(64), ForeignKey("machines.machine_id"), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("body", JSON, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+    Column("delivered_ms", BigInteger, nullable=True),
+    Column("acked_ms", BigInteger, nullable=True),
+    Column("ack_ok", Boolean, nullable=True),
+    Column("ack_reason", String(200), nullable=True),
+    Index("commands_pending", "machine_id", "acked_ms", "expires_ms"),
+)
+
+users = Table(
+    "users", metadata,
+    Column("user_id", String(64), primary_key=True),
+    Column("phone", String(20), nullable=False, unique=True),
+    Column("name", String(100), nullable=False, default=""),
+    Column("registered", Boolean, nullable=False, default=False),
+    Column("points", Integer, nullable=False, default=0),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("deleted_ms", BigInteger, nullable=True),   # account deleted: personal data erased, records kept
+)
+
+user_tokens = Table(      # bearer tokens of phone users, given by SMS login
+    "user_tokens", metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False, default=2**62),
+)
+
+sms_codes = Table(        # one-time login codes, stored only as an HMAC
+    "sms_codes", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("phone", String(20), nullable=False),
+    Column("code_mac", String(64), nullable=False),
+    Column("client_ip", String(64), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("used_ms", BigInteger, nullable=True),
+    Index("sms_by_phone", "phone", "created_ms"),
+    Index("sms_by_ip", "client_ip", "created_ms"),
+)
+
+consents = Table(         # PIPL: separate consent before sensitive personal information is collected
+    "consents", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False, index=True),
+    Column("kind", String(32), nullable=False),
+    Column("version", String(16), nullable=False),
+    Column("granted_ms", BigInteger, nullable=False),
+    Column("withdrawn_ms", BigInteger, nullable=True),
+)
+
+id_photos = Table(        # the files are encrypted, outside anything served; this row says where
+    "id_photos", metadata,
+    Column("photo_id", String(40), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False, index=True),
+    Column("width_px", Integer, nullable=False),
+    Column("height_px", Integer, nullable=False),
+    Column("stored_bytes", Integer, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("deleted_ms", BigInteger, nullable=True),
+)
+
+identities = Table(       # real-name registration (s4); name and number encrypted, masks for display
+    "identities", metadata,
+    Column("user_id", String(64), ForeignKey("users.user_id"), primary_key=True),
+    Column("doc_type", String(20), nullable=False),
+    Column("number_enc", Text, nullable=False),
+    Column("number_masked", String(40), nullable=False),
+    Column("number_mac", String(64), nullable=False, unique=True),     # one document, one account
+    Column("name_enc", Text, nullable=False),
+    Column("name_masked", String(80), nullable=False),
+    Column("photo_id", String(40), nullable=True),
+    Column("state", String(16), nullable=False),        # pending, verified, rejected
+    Column("verifier", String(64), nullable=False),
+    Column("reject_reason", String(200), nullable=True),
+    Column("submitted_ms", BigInteger, nullable=False),
+    Column("decided_ms", BigInteger, nullable=True),
+    Index("identities_by_state", "state", "submitted_ms"),
+)
+
+topup_orders = Table(     # s5: an order at the payment provider; credited only by a verified notification
+    "topup_orders", metadata,
+    Column("order_id", String(40), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False, index=True),
+    Column("amount_fen", BigInteger, nullable=False),
+    Column("state", String(16), nullable=False),        # pending, paid, closed
+    Column("provider", String(32), nullable=False),
+    Column("provider_txn_id", String(64), nullable=True),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+    Column("paid_ms", BigInteger, nullable=True),
+    Column("closed_ms", BigInteger, nullable=True),
+    Column("notifications", Integer, nullable=False, default=0),
+    Index("orders_pending", "state", "expires_ms"),
+)
+
+balance_refunds = Table(  # a balance paid back to the top-ups it came from (account deletion); never forfeited
+    "balance_refunds", metadata,
+    Column("refund_id", String(40), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False, index=True),
+    Column("amount_fen", BigInteger, nullable=False),
+    Column("orders", JSON, nullable=False),              # [{order_id, provider, amount_fen}], newest top-up first
+    Column("state", String(16), nullable=False),         # requested, paid
+    Column("created_ms", BigInteger, nullable=False),
+    Column("paid_ms", BigInteger, nullable=True),
+    Column("paid_by", String(64), nullable=True),
+    Column("reference", String(100), nullable=True),     # the provider's refund number, or the transfer's
+    Index("balance_refunds_state", "state", "created_ms"),
+)
+
+points_entries = Table(   # s6: growth points, every change a row (earn, redeem, adjust)
+    "points_entries", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False, index=True),
+    Column("delta", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("ref", String(64), nullable=True),
+    Column("note", String(200), nullable=False, default=""),
+    Column("created_ms", BigInteger, nullable=False),
+)
+
+gifts = Table(
+    "gifts", metadata,
+    Column("gift_id", String(40), primary_key=True),
+    Column("name_zh", String(100), nullable=False),
+    Column("name_en", String(100), nullable=False),
+    Column("points_cost", Integer, nullable=False),
+    Column("stock", Integer, nullable=False),
+    Column("active", Boolean, nullable=False, default=True),
+    Column("created_ms", BigInteger, nullable=False),
+)
+
+redemptions = Table(
+    "redemptions", metadata,
+    Column("redemption_id", String(40), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False),
+    Column("gift_id", String(40), ForeignKey("gifts.gift_id"), nullable=False),
+    Column("request_id", String(64), nullable=False),
+    Column("points", Integer, nullable=False),
+    Column("pickup_code", String(16), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    UniqueConstraint("user_id", "request_id", name="redemption_once"),
+)
+
+balance_entries = Table(
+    "balance_entries", metadata,
+    Column("entry_id", Integer, primary_key=True, autoincrement=True),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False),
+    Column("kind", String(16), nullable=False),       # topup, hold, release, charge, refund, adjustment
+    Column("amount_fen", BigInteger, nullable=False),  # signed: what it does to the available balance
+    Column("session_id", String(64), nullable=True),
+    Column("note", String(200), nullable=False, default=""),
+    Column("created_ms", BigInteger, nullable=False),
+    Index("balance_by_user", "user_id"),
+)
+
+sessions = Table(
+    "sessions", metadata,
+    Column("session_id", String(64), primary_key=True),
+    Column("machine_id", String(64), ForeignKey("machines.machine_id"), nullable=False),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False),
+    Column("state", String(16), nullable=False),      # starting, active, ended, voided, lost
+    Column("price_fen_per_l", Integer, nullable=False),
+    Column("credit_limit_fen", BigInteger, nullable=False),
+    Column("command_id", String(64), nullable=False),
+    Column("presence_hash", String(64), nullable=False, unique=True),   # each scan starts one session
+    Column("created_ms", BigInteger, nullable=False),
+    Column("deadline_ms", BigInteger, nullable=False),     # the grant's: voided only after this plus the skew
+    Column("min_dispense_ml", Integer, nullable=False),
+    Column("max_volume_ml", Integer, nullable=False),       # the grant's: no bill may exceed it (nor the credit)
+    Column("acked_ms", BigInteger, nullable=True),
+    Column("ended_ms", BigInteger, nullable=True),
+    Column("end_reason", String(32), nullable=True),
+    Column("void_reason", String(200), nullable=True),
+    Column("progress", JSON, nullable=True),
+    Column("fee_fen", BigInteger, nullable=True),
+    Column("volume_ml", Integer, nullable=True),
+    Index("sessions_by_user", "user_id", "state"),
+    Index("sessions_by_machine", "machine_id", "created_ms"),
+    Index("sessions_by_state", "state", "deadline_ms"),      # the void and reconciliation sweeps
+)
+
+reports = Table(       # idempotency: the first response to (machine, event id) is stored and replayed
+    "reports", metadata,
+    Column("machine_id", String(64), primary_key=True),
+    Column("event_id", String(40), primary_key=True),
+    Column("kind", String(64), nullable=False),
+    Column("body_sha256", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("detail", String(300), nullable=False, default=""),
+    Column("payload", JSON, nullable=False),
+    Column("received_ms", BigInteger, nullable=False),
+    Column("occurred_ms", BigInteger, nullable=False),          # received minus the device's age_ms
+    Index("reports_by_kind", "machine_id", "kind", "received_ms"),
+)
+
+bills = Table(
+    "bills", metadata,
+    Column("session_id", String(64), ForeignKey("sessions.session_id"), primary_key=True),
+    Column("user_id", String(64), nullable=False, index=True),
+    Column("machine_id", String(64), nullable=False),
+    Column("started_at", String(40), nullable=False),
+    Column("ended_at", String(40), nullable=False),
+    Column("duration_ms", Integer, nullable=False),
+    Column("volume_ml", Integer, nullable=False),
+    Column("avg_flow_ml_per_min", Integer, nullable=False),
+    Column("amount_fen", BigInteger, nullable=False),
+    Column("price_fen_per_l", Integer, nullable=False),
+    Column("water_quality", JSON, nullable=False),
+    Column("points", Integer, nullable=False),
+    Column("end_reason", String(32), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+)
+
+rental_records = Table(
+    "rental_records", metadata,
+    Column("session_id", String(64), primary_key=True),
+    Column("machine_id", String(64), nullable=False),
+    Column("user_id", String(64), nullable=False),
+    Column("started_at", String(40), nullable=False),
+    Column("ended_at", String(40), nullable=False),
+    Column("started_ms", BigInteger, nullable=False),
+    Column("record", JSON, nullable=False),
+    Index("records_by_machine", "machine_id", "started_ms"),
+    Index("records_by_user", "user_id", "started_ms"),
+)
+
+machine_events = Table(
+    "machine_events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("machine_id", String(64), nullable=False),
+    Column("event_id", String(40), nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("received_ms", BigInteger, nullable=False),
+    Column("occurred_ms", BigInteger, nullable=False),
+    Column("alarm", Boolean, nullable=False, default=False),
+    Index("events_by_machine", "machine_id", "received_ms"),
+)
+
+operators = Table(
+    "operators", metadata,
+    Column("operator_id", String(64), primary_key=True),
+    Column("role", String(16), nullable=False),       # admin, operator, viewer
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=True),      # tokens for scripts expire (TAPSHARE_OPERATOR_TOKEN_DAYS)
+    Column("revoked_ms", BigInteger, nullable=True),
+)
+
+audit_log = Table(
+    "audit_log", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("operator_id", String(64), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", String(128), nullable=False),
+    Column("detail", JSON, nullable=False),
+    Column("at_ms", BigInteger, nullable=False),
+)
+
+SCHEMA_VERSION = 3     # 1: session 1's tables; 2: accounts, payments, points; 3: grant deadline, min dispense
+                       # (no migrations yet)
+schema_info = Table("schema_info", metadata, Column("version", Integer, primary_key=True))
+
+
+class SchemaMismatch(RuntimeError):
+    pass
+
+
+class Database:
+    """An engine plus a write lock for SQLite (one writer; PostgreSQL uses row locks instead)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        kwargs: dict = {"future": True}
+        if self.is_sqlite:
+            # enough pooled connections for the web threadpool (40): opening one runs the PRAGMAs
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            kwargs.update(pool_size=48, max_overflow=16)
+        else:
+            kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self.is_sqlite:
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(dbapi_conn, _record) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=FULL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.close()
+        self._write_lock = threading.Lock()
+
+    def create_all(self) -> None:
+        """Create the tables of a new database; refuse, clearly, a database made by another version."""
+        if "machines" in inspect(self.engine).get_table_names():
+            with self.engine.connect() as conn:
+                try:
+                    version = conn.execute(select(schema_info.c.version)).scalar() or 1
+                except Exception:
+                    version = 1
+            if version != SCHEMA_VERSION:
+                raise SchemaMismatch(
+                    f"the database {self.engine.url.render_as_string(hide_password=True)} has schema version "
+                    f"{version}; this cloud needs {SCHEMA_VERSION} and has no migration for it yet: "
+                    "move the old database aside (development data) or use the matching release")
+        metadata.create_all(self.engine)
+        with self.tx() as conn:
+            if conn.execute(select(schema_info.c.version)).first() is None:
+                conn.execute(schema_info.insert().values(version=SCHEMA_VERSION))
+
+    @contextmanager
+    def tx(self) -> Iterator[Connection]:
+        """One transaction; on SQLite writers are serialised (no lock-upgrade failures)."""
+        if self.is_sqlite:
+            with self._write_lock, self.engine.begin() as conn:
+                yield conn
+        else:
+            with self.engine.begin() as conn:
+                yield conn
+
+    def lock(self, conn: Connection, key: str) -> None:
+        """Serialise transactions on ``key`` until this one ends (a limit that is counted, then written: SMS per
+        number, per network). PostgreSQL: a transaction-level advisory lock; SQLite: writers are serial anyway."""
+        if not self.is_sqlite:
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": key})
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    def dispose(self) -> None:
+        self.engine.dispose()
