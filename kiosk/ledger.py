@@ -33,6 +33,7 @@ from sqlite_utils.migrations import Migrations
 
 from contract.billing import Calibration
 from contract.events import EventKind as K
+from contract.messages import ReportEnvelope
 from kiosk.events import Checkpoint, EndReason, SessionEnded, SessionRecord, SessionStarted
 
 migrations = Migrations("tapshare-ledger")
@@ -230,8 +231,9 @@ class Ledger:
     def _queue(self, db: Database, kind: str, payload: dict[str, Any]) -> str:
         event_id = self._next_event_id()
         now = self._wall()
-        body = {"event_id": event_id, "kind": kind, "machine_id": self.machine_id, "boot_id": self.boot_id,
-                "created_at": iso_utc(now), **payload}
+        envelope = ReportEnvelope(event_id=event_id, kind=kind, machine_id=self.machine_id, boot_id=self.boot_id,
+                                  created_at=iso_utc(now))
+        body = {**envelope.model_dump(), **payload}
         db.execute("INSERT INTO outbox (event_id, kind, payload, created_wall_ms, created_boot_id, created_mono_ms) "
                    "VALUES (?, ?, ?, ?, ?, ?)",
                    [event_id, kind, json.dumps(body, separators=(",", ":"), ensure_ascii=False), now, self.boot_id,

@@ -17,6 +17,16 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # parents before the tables that refer to them
+    for create in (
+            _audit_log, _gifts, _machine_events, _machines, _nonces, _operators, _rental_records, _reports,
+            _schema_info, _sms_codes, _users, _balance_entries, _balance_refunds, _commands, _consents,
+            _enrolment_tokens, _id_photos, _identities, _points_entries, _redemptions, _sessions,
+            _topup_orders, _user_tokens, _bills):
+        create()
+
+
+def _audit_log() -> None:
     op.create_table('audit_log',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('operator_id', sa.String(length=64), nullable=False),
@@ -26,6 +36,9 @@ def upgrade() -> None:
     sa.Column('at_ms', sa.BigInteger(), nullable=False),
     sa.PrimaryKeyConstraint('id')
     )
+
+
+def _gifts() -> None:
     op.create_table('gifts',
     sa.Column('gift_id', sa.String(length=40), nullable=False),
     sa.Column('name_zh', sa.String(length=100), nullable=False),
@@ -36,6 +49,9 @@ def upgrade() -> None:
     sa.Column('created_ms', sa.BigInteger(), nullable=False),
     sa.PrimaryKeyConstraint('gift_id')
     )
+
+
+def _machine_events() -> None:
     op.create_table('machine_events',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('machine_id', sa.String(length=64), nullable=False),
@@ -48,6 +64,9 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id')
     )
     op.create_index('events_by_machine', 'machine_events', ['machine_id', 'received_ms'], unique=False)
+
+
+def _machines() -> None:
     op.create_table('machines',
     sa.Column('machine_id', sa.String(length=64), nullable=False),
     sa.Column('secret_enc', sa.Text(), nullable=True),
@@ -66,6 +85,9 @@ def upgrade() -> None:
     sa.Column('hotline', sa.String(length=40), nullable=False),
     sa.PrimaryKeyConstraint('machine_id')
     )
+
+
+def _nonces() -> None:
     op.create_table('nonces',
     sa.Column('machine_id', sa.String(length=64), nullable=False),
     sa.Column('nonce', sa.String(length=64), nullable=False),
@@ -73,6 +95,9 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('machine_id', 'nonce')
     )
     op.create_index(op.f('ix_nonces_seen_ms'), 'nonces', ['seen_ms'], unique=False)
+
+
+def _operators() -> None:
     op.create_table('operators',
     sa.Column('operator_id', sa.String(length=64), nullable=False),
     sa.Column('role', sa.String(length=16), nullable=False),
@@ -83,6 +108,9 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('operator_id'),
     sa.UniqueConstraint('token_hash')
     )
+
+
+def _rental_records() -> None:
     op.create_table('rental_records',
     sa.Column('session_id', sa.String(length=64), nullable=False),
     sa.Column('machine_id', sa.String(length=64), nullable=False),
@@ -95,6 +123,9 @@ def upgrade() -> None:
     )
     op.create_index('records_by_machine', 'rental_records', ['machine_id', 'started_ms'], unique=False)
     op.create_index('records_by_user', 'rental_records', ['user_id', 'started_ms'], unique=False)
+
+
+def _reports() -> None:
     op.create_table('reports',
     sa.Column('machine_id', sa.String(length=64), nullable=False),
     sa.Column('event_id', sa.String(length=40), nullable=False),
@@ -108,10 +139,16 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('machine_id', 'event_id')
     )
     op.create_index('reports_by_kind', 'reports', ['machine_id', 'kind', 'received_ms'], unique=False)
+
+
+def _schema_info() -> None:
     op.create_table('schema_info',
     sa.Column('version', sa.Integer(), nullable=False),
     sa.PrimaryKeyConstraint('version')
     )
+
+
+def _sms_codes() -> None:
     op.create_table('sms_codes',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('phone', sa.String(length=20), nullable=False),
@@ -125,6 +162,9 @@ def upgrade() -> None:
     )
     op.create_index('sms_by_ip', 'sms_codes', ['client_ip', 'created_ms'], unique=False)
     op.create_index('sms_by_phone', 'sms_codes', ['phone', 'created_ms'], unique=False)
+
+
+def _users() -> None:
     op.create_table('users',
     sa.Column('user_id', sa.String(length=64), nullable=False),
     sa.Column('phone', sa.String(length=20), nullable=False),
@@ -136,6 +176,9 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('user_id'),
     sa.UniqueConstraint('phone')
     )
+
+
+def _balance_entries() -> None:
     op.create_table('balance_entries',
     sa.Column('entry_id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('user_id', sa.String(length=64), nullable=False),
@@ -148,6 +191,9 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('entry_id')
     )
     op.create_index('balance_by_user', 'balance_entries', ['user_id'], unique=False)
+
+
+def _balance_refunds() -> None:
     op.create_table('balance_refunds',
     sa.Column('refund_id', sa.String(length=40), nullable=False),
     sa.Column('user_id', sa.String(length=64), nullable=False),
@@ -163,6 +209,9 @@ def upgrade() -> None:
     )
     op.create_index('balance_refunds_state', 'balance_refunds', ['state', 'created_ms'], unique=False)
     op.create_index(op.f('ix_balance_refunds_user_id'), 'balance_refunds', ['user_id'], unique=False)
+
+
+def _commands() -> None:
     op.create_table('commands',
     sa.Column('command_id', sa.String(length=64), nullable=False),
     sa.Column('machine_id', sa.String(length=64), nullable=False),
@@ -178,6 +227,9 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('command_id')
     )
     op.create_index('commands_pending', 'commands', ['machine_id', 'acked_ms', 'expires_ms'], unique=False)
+
+
+def _consents() -> None:
     op.create_table('consents',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('user_id', sa.String(length=64), nullable=False),
@@ -189,6 +241,9 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id')
     )
     op.create_index(op.f('ix_consents_user_id'), 'consents', ['user_id'], unique=False)
+
+
+def _enrolment_tokens() -> None:
     op.create_table('enrolment_tokens',
     sa.Column('token_hash', sa.String(length=64), nullable=False),
     sa.Column('machine_id', sa.String(length=64), nullable=False),
@@ -198,6 +253,9 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['machine_id'], ['machines.machine_id'], ),
     sa.PrimaryKeyConstraint('token_hash')
     )
+
+
+def _id_photos() -> None:
     op.create_table('id_photos',
     sa.Column('photo_id', sa.String(length=40), nullable=False),
     sa.Column('user_id', sa.String(length=64), nullable=False),
@@ -210,6 +268,9 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('photo_id')
     )
     op.create_index(op.f('ix_id_photos_user_id'), 'id_photos', ['user_id'], unique=False)
+
+
+def _identities() -> None:
     op.create_table('identities',
     sa.Column('user_id', sa.String(length=64), nullable=False),
     sa.Column('doc_type', sa.String(length=20), nullable=False),
@@ -229,6 +290,9 @@ def upgrade() -> None:
     sa.UniqueConstraint('number_mac')
     )
     op.create_index('identities_by_state', 'identities', ['state', 'submitted_ms'], unique=False)
+
+
+def _points_entries() -> None:
     op.create_table('points_entries',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('user_id', sa.String(length=64), nullable=False),
@@ -241,6 +305,9 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id')
     )
     op.create_index(op.f('ix_points_entries_user_id'), 'points_entries', ['user_id'], unique=False)
+
+
+def _redemptions() -> None:
     op.create_table('redemptions',
     sa.Column('redemption_id', sa.String(length=40), nullable=False),
     sa.Column('user_id', sa.String(length=64), nullable=False),
@@ -254,6 +321,9 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('redemption_id'),
     sa.UniqueConstraint('user_id', 'request_id', name='redemption_once')
     )
+
+
+def _sessions() -> None:
     op.create_table('sessions',
     sa.Column('session_id', sa.String(length=64), nullable=False),
     sa.Column('machine_id', sa.String(length=64), nullable=False),
@@ -282,6 +352,9 @@ def upgrade() -> None:
     op.create_index('sessions_by_machine', 'sessions', ['machine_id', 'created_ms'], unique=False)
     op.create_index('sessions_by_state', 'sessions', ['state', 'deadline_ms'], unique=False)
     op.create_index('sessions_by_user', 'sessions', ['user_id', 'state'], unique=False)
+
+
+def _topup_orders() -> None:
     op.create_table('topup_orders',
     sa.Column('order_id', sa.String(length=40), nullable=False),
     sa.Column('user_id', sa.String(length=64), nullable=False),
@@ -299,6 +372,9 @@ def upgrade() -> None:
     )
     op.create_index(op.f('ix_topup_orders_user_id'), 'topup_orders', ['user_id'], unique=False)
     op.create_index('orders_pending', 'topup_orders', ['state', 'expires_ms'], unique=False)
+
+
+def _user_tokens() -> None:
     op.create_table('user_tokens',
     sa.Column('token_hash', sa.String(length=64), nullable=False),
     sa.Column('user_id', sa.String(length=64), nullable=False),
@@ -307,6 +383,9 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['user_id'], ['users.user_id'], ),
     sa.PrimaryKeyConstraint('token_hash')
     )
+
+
+def _bills() -> None:
     op.create_table('bills',
     sa.Column('session_id', sa.String(length=64), nullable=False),
     sa.Column('user_id', sa.String(length=64), nullable=False),
