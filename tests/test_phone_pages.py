@@ -138,13 +138,30 @@ def assert_accessible(page, name: str) -> None:
 
 def test_a_new_user_scans_registers_tops_up_pours_and_gets_the_bill(world, browser, tmp_path):
     cloud, d = world
+    page, errors = open_a_phone_page_that_records_errors(browser)
+    scan_the_code_on_the_machines_screen(page, cloud, d)            # s1
+    log_in_with_an_sms_code(page)
+    consent_and_register_with_an_id_photo(page, tmp_path)          # s4
+    top_up_in_the_sandbox(page)                                    # s5
+    start_and_watch_the_pour(page, d)                              # s2, s3
+    sid = stop_at_the_machine_and_see_the_bill(page, d)            # s6
+    look_at_past_bills_points_and_account(page)
+    see_the_account_and_the_bill_in_english(page, cloud, sid)
+    assert_only_the_provoked_refusals_failed(errors)
+    page.close()
+
+
+def open_a_phone_page_that_records_errors(browser):
+    """A Chinese phone page; every script error, console error and refused request is noted in ``errors``."""
     page = browser.new_page(viewport=PHONE, locale="zh-CN")
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    return page, errors
 
-    # s1: scan the code on the machine's screen
+
+def scan_the_code_on_the_machines_screen(page, cloud, d) -> None:
     page.goto(d.link.current_qr_url(cloud.url))
     page.wait_for_selector("#machine")
     assert "S1" in page.inner_text("#machine") and "2.00" in page.inner_text("#price")
@@ -152,18 +169,15 @@ def test_a_new_user_scans_registers_tops_up_pours_and_gets_the_bill(world, brows
     assert "?c=" not in page.url                       # the one-time code does not stay in the address bar
     shot(page, "01-scanned-zh")
 
-    # log in with an SMS code (development sink shown on the page)
+
+def log_in_with_an_sms_code(page) -> None:
+    """The development sink shows the SMS on the page; the agreement comes first, and a wrong code is refused."""
     assert page.is_visible("#devbar") and "不会真正发送" in page.inner_text("#devbar")
     page.click("#go-login")
     page.fill("#phone", "138 0013 8000")
     page.click("#send")
     page.wait_for_selector("#login-error:has-text('用户协议')")      # the agreement comes first
-    page.click("#privacy-link")
-    page.wait_for_selector("#privacy")
-    assert OPERATOR["operator_name"] in page.inner_text("#privacy")
-    shot(page, "02a-privacy-zh")
-    page.click("#policy-back")
-    page.wait_for_selector("#agree-terms")
+    read_the_privacy_policy(page)
     page.fill("#phone", "138 0013 8000")
     page.click("label[for=agree-terms]")
     page.click("#send")
@@ -176,7 +190,18 @@ def test_a_new_user_scans_registers_tops_up_pours_and_gets_the_bill(world, brows
     shot(page, "02-login-zh")
     page.click("#login")
 
-    # s4: separate consent, then real-name registration with a photo
+
+def read_the_privacy_policy(page) -> None:
+    page.click("#privacy-link")
+    page.wait_for_selector("#privacy")
+    assert OPERATOR["operator_name"] in page.inner_text("#privacy")
+    shot(page, "02a-privacy-zh")
+    page.click("#policy-back")
+    page.wait_for_selector("#agree-terms")
+
+
+def consent_and_register_with_an_id_photo(page, tmp_path) -> None:
+    """A separate consent, then real-name registration with a photo; a mistyped ID number is refused first."""
     page.wait_for_selector("#go-register")
     page.click("#go-register")
     page.wait_for_selector("#agree")
@@ -195,7 +220,9 @@ def test_a_new_user_scans_registers_tops_up_pours_and_gets_the_bill(world, brows
     shot(page, "04-register-zh")
     page.click("#submit")
 
-    # s5: top up through the sandbox provider
+
+def top_up_in_the_sandbox(page) -> None:
+    """No money yet: Start is disabled and says why; ¥20 is paid through the sandbox provider."""
     page.wait_for_selector("#start")
     assert page.inner_text("#balance") == "¥0.00"
     page.wait_for_selector("#start[disabled]")                 # Start cannot work, and says why
@@ -212,7 +239,9 @@ def test_a_new_user_scans_registers_tops_up_pours_and_gets_the_bill(world, brows
     assert page.inner_text("#available") == "¥20.00"
     shot(page, "06-wallet-zh")
 
-    # s2, s3: back to the machine ("continue"); start; the machine pours; s6: stop at the machine, see the bill
+
+def start_and_watch_the_pour(page, d) -> None:
+    """Back to the machine ("continue"), start; the valve opens and the phone counts the volume."""
     page.click("#continue")
     page.wait_for_selector("#start:not([disabled])")
     page.click("#start")
@@ -221,6 +250,10 @@ def test_a_new_user_scans_registers_tops_up_pours_and_gets_the_bill(world, brows
     page.wait_for_function("() => Number(document.querySelector('#vol')?.textContent) > 0.05", timeout=10_000)
     assert "停止" in page.inner_text("#press-stop")
     shot(page, "07-pouring-zh")
+
+
+def stop_at_the_machine_and_see_the_bill(page, d) -> str:
+    """The bill shows the volume and cost the machine's own ledger recorded; returns the session id."""
     d.hw.world.press_stop()
     page.wait_for_selector("#bill", timeout=15_000)
     shot(page, "08-bill-zh")
@@ -228,8 +261,11 @@ def test_a_new_user_scans_registers_tops_up_pours_and_gets_the_bill(world, brows
     sid = page.url.rsplit("/", 1)[1]
     local = d.rt.ledger.session(sid)
     assert f"{local['volume_ml'] / 1000:.3f}" in bill_text and f"¥{local['cost_fen'] / 100:.2f}" in bill_text
+    return sid
 
-    # past bills, points, account; then the same in English
+
+def look_at_past_bills_points_and_account(page) -> None:
+    """The account shows the identity as verified without showing the name or ID number."""
     page.click("#nav-bills")
     page.wait_for_selector("#bill-list li")
     shot(page, "09-bills-zh")
@@ -240,6 +276,9 @@ def test_a_new_user_scans_registers_tops_up_pours_and_gets_the_bill(world, brows
     page.wait_for_selector("#id-state:has-text('已认证')")
     assert "110105199003070011" not in page.content() and "王小明" not in page.content()
     shot(page, "11-account-zh")
+
+
+def see_the_account_and_the_bill_in_english(page, cloud, sid: str) -> None:
     page.click("#lang")
     page.wait_for_selector("#id-state:has-text('Verified')")
     shot(page, "12-account-en")
@@ -247,11 +286,13 @@ def test_a_new_user_scans_registers_tops_up_pours_and_gets_the_bill(world, brows
     page.wait_for_selector("#bill")
     assert "Volume" in page.inner_text("#bill")
     shot(page, "13-bill-en")
-    # the only failed requests are the refusals the test provoked (wrong code, bad ID, no money)
+
+
+def assert_only_the_provoked_refusals_failed(errors: list[str]) -> None:
+    """The only failed requests are the refusals the test provoked (wrong code, bad ID, no money)."""
     unexpected = [e for e in errors if not any(x in e for x in (
         "401 ", "402 ", "422 ", "status of 401", "status of 402", "status of 422"))]
     assert unexpected == [], errors
-    page.close()
 
 
 def test_a_machine_that_does_not_answer_charges_nothing(world, browser):
