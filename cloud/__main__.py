@@ -90,8 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         print(create_operator(settings.url(), args.name, args.role))
         return 0
 
+    from cloud.db import SchemaMismatch
+    from cloud.security import KeyError_
     from cloud.server import GracefulServer, server_config
-    GracefulServer(server_config(create_app(settings), host=getattr(args, "host", "127.0.0.1"),
+    try:
+        app = create_app(settings)
+    except (SettingsError, SchemaMismatch, KeyError_) as e:      # production refusals, a database to move aside
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    GracefulServer(server_config(app, host=getattr(args, "host", "127.0.0.1"),
                                  port=getattr(args, "port", 8700), log_level=getattr(args, "log_level", "info"),
                                  header_timeout_s=settings.header_timeout_s, timeout_graceful_shutdown=3,
                                  backlog=4096)).run()

@@ -62,7 +62,8 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
     app = FastAPI(title="Tapshare cloud", version=p.SOFTWARE_VERSION, lifespan=lifespan,
                   description="Shared drinking-water dispensers: device protocol, phone API, operators.")
     app.state.services = svc
-    app.state.database, app.state.settings = svc.database, settings        # for tests and tools
+    # for the server's graceful stop (it wakes every held long-poll), tests and tools
+    app.state.database, app.state.settings, app.state.hub = svc.database, settings, svc.hub
     app.add_middleware(BodyLimit)
     if settings.production:
         app.add_middleware(HttpsOnly)

@@ -35,6 +35,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.pool import NullPool
 
 import contract as p
 
@@ -388,23 +389,54 @@ class Database:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         head = ScriptDirectory.from_config(cfg).get_current_head()
-        with self.tx() as conn:
-            if not self.is_sqlite:
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+        with self.migration_connection() as conn:
             tables = inspect(conn).get_table_names()
             cfg.attributes["connection"] = conn
             if "machines" in tables and "alembic_version" not in tables:
-                self._check_legacy(conn)
+                self._check_legacy(conn, "schema_info" in tables)
                 command.stamp(cfg, "0001")
             elif "alembic_version" in tables:
                 self._check_known(cfg, conn.execute(text("SELECT version_num FROM alembic_version")).scalar())
             command.upgrade(cfg, head)
 
-    def _check_legacy(self, conn: Connection) -> None:
+    @contextmanager
+    def migration_connection(self) -> Iterator[Connection]:
+        """One transaction that holds a whole migration, its DDL included, so an interrupted one leaves nothing
+        behind. SQLite: a connection of its own whose driver commits nothing by itself, ``BEGIN IMMEDIATE`` (one
+        migrating writer, other processes included), and foreign keys off so a table can be rebuilt under rows
+        that refer to it, then checked before the commit. PostgreSQL: READ COMMITTED (each statement sees what
+        committed before it) and an advisory lock, so instances starting at once migrate one after the other."""
+        if not self.is_sqlite:
+            with self.engine.connect() as conn:
+                conn.execution_options(isolation_level="READ COMMITTED")
+                with conn.begin():
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+                    yield conn
+            return
+        engine = create_engine(self.url, poolclass=NullPool, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_conn, _record) -> None:
+            dbapi_conn.isolation_level = None
+            for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=OFF"):
+                dbapi_conn.execute(f"PRAGMA {pragma}")
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
         try:
-            version = conn.execute(text("SELECT version FROM schema_info")).scalar() or 1
-        except Exception:
-            version = 1
+            with self._write_lock, engine.begin() as conn:
+                yield conn
+                broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise SchemaMismatch(f"a migration would leave {len(broken)} rows referring to nothing "
+                                         f"(first: {tuple(broken[0])}); nothing was changed")
+        finally:
+            engine.dispose()
+
+    def _check_legacy(self, conn: Connection, has_schema_info: bool) -> None:
+        version = (conn.execute(text("SELECT version FROM schema_info")).scalar() or 1) if has_schema_info else 1
         if version != LEGACY_SCHEMA_VERSION:
             raise SchemaMismatch(
                 f"the database {self.engine.url.render_as_string(hide_password=True)} has schema version "

@@ -50,11 +50,11 @@ class Services:
         return self.settings.clock_ms()
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:       # async: no thread hop
     return request.app.state.services
 
 
-def now_ms(request: Request) -> int:
+async def now_ms(request: Request) -> int:
     return request.app.state.services.now()
 
 
@@ -85,7 +85,7 @@ async def device(request: Request) -> MachineAuth:
     return auth
 
 
-def bearer(authorization: Annotated[str | None, Header()] = None) -> str:
+async def bearer(authorization: Annotated[str | None, Header()] = None) -> str:
     if not authorization or not authorization.lower().startswith("bearer "):
         raise Unauthenticated("unauthenticated", "log in first (Authorization: Bearer <token>)")
     return authorization[7:].strip()

@@ -79,7 +79,7 @@ HTTP_STATUS: dict[type[DomainError], int] = {
 
 
 def http_status(e: DomainError) -> int:
-    return next(s for cls, s in HTTP_STATUS.items() if isinstance(e, cls))
+    return next((s for cls, s in HTTP_STATUS.items() if isinstance(e, cls)), 400)
 
 
 class Err(BaseModel):

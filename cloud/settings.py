@@ -28,12 +28,16 @@ class ProductionRefused(SettingsError):
 # numeric settings: (environment variable, default, low, high), checked whether they come from a keyword or
 # from the environment
 _NUMBERS: dict[str, tuple[str, float, float, float]] = {
-    "photo_retention_days": ("TAPSHARE_ID_PHOTO_RETENTION_DAYS", 30, 1, 3650),
-    "operator_token_days": ("TAPSHARE_OPERATOR_TOKEN_DAYS", 90, 1, 3650),
-    "scans_per_minute_per_network": ("TAPSHARE_SCANS_PER_MINUTE_PER_NETWORK", 30, 1, 100_000),
-    "scans_per_minute_per_machine": ("TAPSHARE_SCANS_PER_MINUTE_PER_MACHINE", 120, 1, 100_000),
+    "photo_retention_days": ("TAPSHARE_ID_PHOTO_RETENTION_DAYS", 30, 0, 3650),   # 0: at the next purge
+    "operator_token_days": ("TAPSHARE_OPERATOR_TOKEN_DAYS", 90, 1, 36_500),
+    "scans_per_minute_per_network": ("TAPSHARE_SCANS_PER_MINUTE_PER_NETWORK", 30, 1, 100_000_000),
+    "scans_per_minute_per_machine": ("TAPSHARE_SCANS_PER_MINUTE_PER_MACHINE", 120, 1, 100_000_000),
     "header_timeout_s": ("TAPSHARE_HEADER_TIMEOUT_S", 10.0, 1, 600),
 }
+
+
+def _show(x: float) -> str:
+    return str(int(x)) if x == int(x) else str(x)
 
 
 def _number(name: str) -> Any:
@@ -47,7 +51,7 @@ def _number(name: str) -> Any:
             value = type(default)(raw)
         except ValueError:
             kind = "a whole number" if isinstance(default, int) else "a number"
-            raise SettingsError(f"{var}: must be {kind} from {low:g} to {high:g}, got {raw[:40]!r}") from None
+            raise SettingsError(f"{var}: must be {kind} from {_show(low)} to {_show(high)}, got {raw[:40]!r}") from None
         return value
     return field(default_factory=read)
 
@@ -93,13 +97,14 @@ class CloudSettings:
         self.database_url = self.database_url or os.environ.get("TAPSHARE_DATABASE_URL", "")
         for name, (var, _default, low, high) in _NUMBERS.items():
             if not low <= getattr(self, name) <= high:
-                raise SettingsError(f"{var}: must be from {low:g} to {high:g}, got {getattr(self, name)!r}")
+                raise SettingsError(f"{var}: must be from {_show(low)} to {_show(high)}, got {getattr(self, name)!r}")
         if not self.public_url.startswith(("http://", "https://")):
             raise SettingsError(f"TAPSHARE_PUBLIC_URL: must start with http:// or https://, got {self.public_url!r}")
         if self.id_verify not in ("", "manual", "dev_auto"):
             raise SettingsError(f"TAPSHARE_ID_VERIFY: must be manual or dev_auto, got {self.id_verify!r}")
-        if self.database_url and not self.database_url.startswith(("sqlite:", "postgresql")):
-            raise SettingsError("TAPSHARE_DATABASE_URL: must be a sqlite:/// or postgresql+psycopg:// URL")
+        if self.database_url and not self.database_url.startswith(("sqlite", "postgresql")):
+            raise SettingsError("the database URL (--database-url or TAPSHARE_DATABASE_URL): must be a sqlite:/// "
+                                f"or postgresql+psycopg:// URL, got {self.database_url.split(':')[0][:20]!r}")
         try:
             ZoneInfo(self.timezone)
         except (ValueError, KeyError, OSError) as e:

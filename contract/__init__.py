@@ -16,4 +16,4 @@ from contract.messages import *  # noqa: F403
 from contract.qr import *  # noqa: F403
 from contract.signing import *  # noqa: F403
 
-SOFTWARE_VERSION = "0.1.0"           # the dispenser's and the cloud's, reported in heartbeats and /healthz
+SOFTWARE_VERSION = "0.2.0"           # the dispenser's and the cloud's, reported in heartbeats and /healthz

@@ -10,10 +10,17 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-Text = Annotated[str, Field(max_length=500)]
-Code = Annotated[str, Field(max_length=64)]
+
+def _clipped(length: int) -> BeforeValidator:
+    """Free text in a log detail is cut to its bound, never refused: recording what happened must not fail
+    because an error message or an actor's name was long."""
+    return BeforeValidator(lambda v: v[:length] if isinstance(v, str) else v)
+
+
+Text = Annotated[str, _clipped(500), Field(max_length=500)]
+Code = Annotated[str, _clipped(64), Field(max_length=64)]
 Count = Annotated[int, Field(ge=0, le=2 ** 53)]
 
 
@@ -102,7 +109,7 @@ class CalibrationChanged(Detail):
     from_mppl: Count = Field(alias="from")
     to_mppl: Count = Field(alias="to")
     actor: Code
-    pours: list[list[int]] = Field(max_length=20)
+    pours: list[list[int]] = Field(max_length=1_000)
 
 
 class PriceRefused(Detail):

@@ -409,6 +409,29 @@ def test_operator_actions_are_audit_logged(cloud):
     assert actions == ["provision_machine", "change_machine", "dev_create_user"]
 
 
+def test_stopping_the_cloud_answers_every_held_long_poll(tmp_path):
+    """A graceful stop (a deploy, a restart behind the load balancer) answers the dispensers' held polls at
+    once, so each polls again (another instance) instead of being cut off or held to the end of its wait."""
+    from tests.cloudkit import CloudServer
+    server = CloudServer(tmp_path / "c").__enter__()
+    dev = server.provision("GS1")
+    got: dict = {}
+
+    def poll():
+        got["cmds"] = dev.poll(wait_ms=30_000)
+        got["t"] = time.monotonic()
+
+    th = threading.Thread(target=poll)
+    th.start()
+    time.sleep(0.5)
+    stopping = time.monotonic()
+    server.__exit__(None, None, None)
+    th.join(35)
+    assert got["cmds"] == []                             # answered, empty, not an error
+    assert got["t"] - stopping < 5                       # not held for the rest of its 30 s
+    assert not server.thread.is_alive()
+
+
 def test_production_mode_refuses_development_users(tmp_path, monkeypatch):
     from cloud.accounts.providers import ManualReview
     from tests.cloudkit import CloudServer

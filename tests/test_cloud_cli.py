@@ -31,9 +31,9 @@ def test_new_key_is_32_random_bytes():
 
 def test_a_bad_setting_stops_start_up_naming_its_variable(tmp_path):
     """Every setting is validated in one place; a bad value is refused before anything starts, in words."""
-    for var, value, words in [("TAPSHARE_OPERATOR_TOKEN_DAYS", "ninety", "whole number from 1 to 3650"),
+    for var, value, words in [("TAPSHARE_OPERATOR_TOKEN_DAYS", "ninety", "whole number from 1 to 36500"),
                               ("TAPSHARE_HEADER_TIMEOUT_S", "0", "from 1 to 600"),
-                              ("TAPSHARE_SCANS_PER_MINUTE_PER_NETWORK", "-5", "from 1 to 100000"),
+                              ("TAPSHARE_SCANS_PER_MINUTE_PER_NETWORK", "-5", "from 1 to 100000000"),
                               ("TAPSHARE_PRODUCTION", "yes", "1 (on) or 0 (off)"),
                               ("TAPSHARE_PUBLIC_URL", "water.example", "http:// or https://"),
                               ("TAPSHARE_ID_VERIFY", "auto", "manual or dev_auto")]:
@@ -41,3 +41,9 @@ def test_a_bad_setting_stops_start_up_naming_its_variable(tmp_path):
         assert r.returncode == 2, (var, r.stderr)
         assert f"error: {var}: " in r.stderr and words in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_production_mode_refuses_to_start_in_words(tmp_path):
+    r = run("serve", "--port", "1", "--data-dir", str(tmp_path),
+            env={"TAPSHARE_PRODUCTION": "1", "TAPSHARE_CLOUD_KEY": "11" * 32, "TAPSHARE_PUBLIC_URL": "https://w.example"})
+    assert r.returncode == 2 and "production mode refuses to start" in r.stderr and "Traceback" not in r.stderr

@@ -55,6 +55,19 @@ def test_a_flush_to_a_target_volume_is_metered_and_never_billed():
     assert last.reason == "target" and last.pulses == done["pulses"]
 
 
+def test_leaving_maintenance_mid_pour_without_an_overrun_window_logs_the_pour_once():
+    """With no overrun window closing the pour finishes it at once; leaving maintenance then must not finish
+    it a second time (once an internal fault)."""
+    h = maintenance(overrun_window_ms=0)
+    h.send(TechPour("flush", target_ml=2_000, actor="tech"))
+    h.flow(2)
+    acts = h.send(ExitMaintenance("tech"))
+    assert any(isinstance(a, CloseValve) for a in acts) and not h.core.valve_should_be_open
+    [done] = events(h, "tech_pour")
+    assert done["reason"] == "exit" and done["pulses"] > 0
+    assert h.state == "idle" and h.core.lockouts == {}
+
+
 def test_a_pour_stops_at_its_hard_maximum_time():
     h = maintenance(tech_max_ms=5_000)
     h.send(TechPour("valve_test", target_ml=None, max_ms=60_000))         # asks for more than the machine allows

@@ -186,3 +186,14 @@ def test_limits_are_declared_once_and_agree():
     price = dataclasses.fields(PricingConfig)[0].metadata
     assert (price["min"], price["max"]) == (p.PRICE.min, p.PRICE.max)
     assert p.Limits().max_volume_ml == p.LIMIT_BOUNDS["max_volume_ml"].default
+
+
+def test_free_text_in_an_event_detail_is_cut_to_its_bound_not_refused():
+    """Recording what happened must not fail because an error message or an actor's name is long."""
+    d = p.EventKind.LOCKOUT.detail_of(reason="fault:internal", detail="Traceback ... " * 100)
+    assert len(d["detail"]) == 500 and d["reason"] == "fault:internal"
+    d = p.EventKind.MAINTENANCE_ENTERED.detail_of(actor="技术员" * 40)
+    assert d["actor"] == ("技术员" * 40)[:64]
+    d = p.EventKind.CALIBRATION_CHANGED.detail_of(**{"from": 450_000, "to": 451_000}, actor="pin",
+                                                  pours=[[450, 1000]] * 25)
+    assert len(d["pours"]) == 25                                        # a long calibration is recorded whole

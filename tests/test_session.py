@@ -493,6 +493,19 @@ def test_a_tank_outside_its_band_for_long_enough_stops_sales_and_clears_itself()
     assert SetLockout(LOCKOUT_TEMPERATURE, active=False) in actions
 
 
+def test_a_thermometer_lost_while_the_tank_is_out_of_its_band_still_raises_the_alarm_in_words():
+    """The water was last read out of band and is not known to be back: the alarm comes when due, naming the
+    last reading (not a crash turned into an internal fault)."""
+    from kiosk.events import LOCKOUT_TEMPERATURE
+    h = Harness(temp_alarm_after_ms=60_000)
+    h.send(TemperatureReading(38.5))
+    h.send(TemperatureReading(None), 10_000)       # the sensor stops answering
+    h.tick(50_000)
+    assert h.state == "out_of_service"
+    assert list(h.core.lockouts) == [LOCKOUT_TEMPERATURE]
+    assert "38.5 C, outside the safe band" in h.core.lockouts[LOCKOUT_TEMPERATURE]
+
+
 def test_a_brief_excursion_resets_the_alarm_timer():
     h = Harness(temp_alarm_after_ms=60_000)
     h.send(TemperatureReading(1.0))

@@ -76,18 +76,6 @@ DECODE_WAIT_S = 10.0
 _DECODES = threading.BoundedSemaphore(CONCURRENT_DECODES)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------- accounts
 
 @dataclass

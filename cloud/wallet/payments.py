@@ -56,7 +56,7 @@ class PaymentProvider(Protocol):
         """Close an unpaid order at the provider; False if it was paid meanwhile."""
 
     def verify(self, headers: dict[str, str], body: bytes, now_ms: int) -> Notification:
-        """Check a notification's signature and freshness; raises ApiError(401) if it is not genuine."""
+        """Check a notification's signature and freshness; raises Unauthenticated if it is not genuine."""
 
 
 @dataclass

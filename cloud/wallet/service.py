@@ -28,16 +28,6 @@ PENDING_ORDERS_PER_USER = 5            # unpaid orders open at once
 ORDERS_PER_USER_PER_HOUR = 20
 
 
-
-
-
-
-
-
-
-
-
-
 class Wallet:
     def __init__(self, db: Database, provider: PaymentProvider) -> None:
         self.db, self.provider = db, provider

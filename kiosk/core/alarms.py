@@ -50,6 +50,10 @@ class ConditionAlarms:
         self._stop_water = stop_water
         self._temp_out_since_ms: int | None = None
         self._tds_high_since_ms: int | None = None
+        # the last reading outside its limit: an unknown reading since (a sensor fault) neither stops the timer
+        # (the water is not known to be back in its band) nor is it what the alarm names
+        self._temp_out_c: float | None = None
+        self._tds_high_ppm: int | None = None
 
     def on_temperature(self, temp_c: float | None, now_ms: int) -> list[Action]:
         self.readings.temp_c = temp_c
@@ -61,6 +65,7 @@ class ConditionAlarms:
             return self._lockouts.condition_ended(LOCKOUT_TEMPERATURE, f"tank water back at {temp_c:.1f} C")
         if self._temp_out_since_ms is None:
             self._temp_out_since_ms = now_ms
+        self._temp_out_c = temp_c
         return self.on_tick(now_ms)
 
     def on_water_quality(self, tds_ppm: int | None, measured: bool, now_ms: int) -> list[Action]:
@@ -72,6 +77,7 @@ class ConditionAlarms:
             return self._lockouts.condition_ended(LOCKOUT_TDS, f"TDS back at {tds_ppm} mg/L")
         if self._tds_high_since_ms is None:
             self._tds_high_since_ms = now_ms
+        self._tds_high_ppm = tds_ppm
         return self.on_tick(now_ms)
 
     def on_low_water(self, low: bool) -> list[Action]:
@@ -87,16 +93,16 @@ class ConditionAlarms:
 
     def on_tick(self, now_ms: int) -> list[Action]:
         """Raise the temperature or TDS alarm once its condition has lasted long enough."""
-        st, r, actions = self.settings, self.readings, []
+        st, actions = self.settings, []
         since = self._temp_out_since_ms
         if since is not None and now_ms - since >= st.temp_alarm_after_ms \
                 and LOCKOUT_TEMPERATURE not in self._lockouts.active:
-            detail = (f"tank water at {r.temp_c:.1f} C, outside the safe band {st.temp_band_min_c:g}-"
+            detail = (f"tank water at {self._temp_out_c:.1f} C, outside the safe band {st.temp_band_min_c:g}-"
                       f"{st.temp_band_max_c:g} C for {(now_ms - since) // 1000} s")
             actions += self._lockouts.add(LOCKOUT_TEMPERATURE, detail)
         since = self._tds_high_since_ms
         if since is not None and now_ms - since >= st.tds_alarm_after_ms and LOCKOUT_TDS not in self._lockouts.active:
-            detail = (f"TDS {r.tds_ppm} mg/L above the limit of {st.tds_limit_ppm} mg/L for "
+            detail = (f"TDS {self._tds_high_ppm} mg/L above the limit of {st.tds_limit_ppm} mg/L for "
                       f"{(now_ms - since) // 1000} s")
             actions += self._lockouts.add(LOCKOUT_TDS, detail)
         return actions

@@ -146,7 +146,8 @@ class TechnicianPour:
         if self.current is None:
             return []
         actions = self.close("exit", now_ms) if self.current.closed_ms is None else []
-        return actions + self.finish(now_ms)
+        # closing finishes the pour at once when there is no overrun window
+        return actions + (self.finish(now_ms) if self.current is not None else [])
 
     def shutdown(self, now_ms: int) -> list[Action]:
         """Finish the pour now (the core closes the valve for the shutdown itself)."""
