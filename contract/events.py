@@ -277,7 +277,6 @@ class CommandKind(StrEnum):
     OUT_OF_SERVICE = "out_of_service"
     IN_SERVICE = "in_service"
     CLEAR_LOCKOUT = "clear_lockout"
-    MAINTENANCE_PIN = "maintenance_pin"
 
 
 __all__ = [

@@ -259,22 +259,22 @@ class SyncLink:
         while len(self._handled) > REMEMBERED_COMMANDS:
             self._handled.popitem(last=False)
         log.info("command %s %s", cmd.kind, cmd.command_id)
-        if cmd.kind == "start":
+        if cmd.kind is p.CommandKind.START:
             try:
                 self._start(cmd)
             except Exception:
                 self._handled.pop(cmd.command_id, None)      # not handled after all: a redelivery may try again
                 raise
             return
-        if cmd.kind in ("in_service", "clear_lockout"):
-            reason = "operator" if cmd.kind == "in_service" else cmd.reason
+        if cmd.kind in (p.CommandKind.IN_SERVICE, p.CommandKind.CLEAR_LOCKOUT):
+            reason = "operator" if cmd.kind is p.CommandKind.IN_SERVICE else cmd.reason
             self._clear_commands[cmd.command_id] = reason
             self.rt.post(ClearLockout(reason, ClearSource.REMOTE, actor="cloud", ref=cmd.command_id))
             return                        # acknowledged when the core has decided (see _observe)
         event = {
-            "cancel": lambda: CancelReceived(cmd.session_id or "", cmd.reason or "cloud"),
-            "price": lambda: PriceChanged(cmd.price_fen_per_l if cmd.price_fen_per_l is not None else -1),
-            "out_of_service": lambda: SetOutOfService(cmd.detail),
+            p.CommandKind.CANCEL: lambda: CancelReceived(cmd.session_id or "", cmd.reason or "cloud"),
+            p.CommandKind.PRICE: lambda: PriceChanged(cmd.price_fen_per_l if cmd.price_fen_per_l is not None else -1),
+            p.CommandKind.OUT_OF_SERVICE: lambda: SetOutOfService(cmd.detail),
         }.get(cmd.kind)
         if event is None:
             self._replies.put(("ack", cmd.command_id, False, f"unsupported command {cmd.kind}"))
@@ -348,14 +348,14 @@ class SyncLink:
                 self._start_commands.pop(a.session_id, None)      # claimed and pouring: nothing more to say
             elif isinstance(a, RecordEvent) and a.kind in ("grant_rejected", "session_start_failed"):
                 cid = self._start_commands.pop(str(a.detail.get("session_id")), None)
-                if cid and a.kind == "grant_rejected":
+                if cid and a.kind is p.EventKind.GRANT_REJECTED:
                     self._replies.put(("ack", cid, False, str(a.detail.get("reason"))))
                 elif cid:
                     self._replies.put(("ack", cid, False, p.START_FAILED, str(a.detail.get("detail", ""))))
             elif isinstance(a, RecordEvent) and a.kind in _CLEAR_OUTCOMES and a.detail.get("ref"):
                 cid = str(a.detail["ref"])
                 if self._clear_commands.pop(cid, None) is not None:
-                    ok = a.kind in ("lockout_cleared", "lockout_clear_ignored")
+                    ok = a.kind in (p.EventKind.LOCKOUT_CLEARED, p.EventKind.LOCKOUT_CLEAR_IGNORED)
                     self._replies.put(("ack", cid, ok, "" if ok else "refused", str(a.detail.get("why", ""))))
             if isinstance(a, SessionEnded) or (isinstance(a, RecordEvent) and a.report):
                 self._outbox_wake.set()
@@ -511,4 +511,4 @@ class SyncLink:
 
 _REFUSAL = {State.DISPENSING: "busy", State.SETTLING: "busy", State.RECEIPT: "busy",
             State.OUT_OF_SERVICE: "out_of_service", State.MAINTENANCE: "maintenance", State.OFFLINE: "offline"}
-_CLEAR_OUTCOMES = ("lockout_cleared", "lockout_clear_refused", "lockout_clear_ignored")
+_CLEAR_OUTCOMES = (p.EventKind.LOCKOUT_CLEARED, p.EventKind.LOCKOUT_CLEAR_REFUSED, p.EventKind.LOCKOUT_CLEAR_IGNORED)

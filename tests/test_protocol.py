@@ -122,7 +122,7 @@ def test_event_kinds_declare_reporting_and_alarms_once():
     assert {"session_lost", "implausible_report"} == p.CLOUD_ALARM_KINDS
     assert "session_ended" in p.REPORTED_EVENT_KINDS and "tech_pour_started" not in p.REPORTED_EVENT_KINDS
     assert [k.value for k in p.CommandKind] == ["start", "cancel", "price", "out_of_service", "in_service",
-                                                "clear_lockout", "maintenance_pin"]
+                                                "clear_lockout"]
 
 
 def test_a_detail_that_does_not_match_its_kind_is_refused():
