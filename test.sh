@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite: lint, layering check, pytest. Extra arguments go to pytest.
+# The whole test suite: set-up (as root on Debian/Ubuntu it installs and starts what the tests need; see
+# scripts/test-setup.sh), lint, layering check, pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
+source scripts/test-setup.sh
 source scripts/bootstrap.sh
 .venv/bin/ruff check .
 if [[ -f ../shared/tools/check_layers.py ]]; then

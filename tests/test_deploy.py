@@ -47,8 +47,8 @@ def snapshot(root: Path) -> dict[str, tuple[float, bytes]]:
 
 def test_shellcheck_is_clean():
     if shutil.which("shellcheck") is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must install shellcheck (see .ci/run)")
+        if os.environ.get("TAPSHARE_TEST_ALL"):
+            pytest.fail("test.sh set up everything, yet shellcheck is missing (see scripts/test-setup.sh)")
         pytest.skip("no shellcheck")
     for script in ("deploy.sh", "run.sh", "test.sh", "scripts/bootstrap.sh", ".ci/run"):
         r = subprocess.run(["shellcheck", "-x", str(ROOT / script)], capture_output=True, text=True, cwd=ROOT)
