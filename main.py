@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import pwd
 import signal
 import sys
 import threading
@@ -205,7 +207,7 @@ def run_window(cfg: config_mod.Config, runtime, link, world, phone_link: str, ui
     """The Kivy touchscreen UI on this (the main) thread until the window closes or the runtime stops."""
     from kiosk.ui.app import build_app, configure_window
     configure_window(cfg.screen.layout, fullscreen=cfg.screen.fullscreen, simulate=world is not None,
-                     touch_input=cfg.screen.touch_input)
+                     touch_input=cfg.screen.touch_input, rotation_deg=cfg.screen.rotation_deg)
     public = cfg.public_url
 
     def qr_url() -> str | None:
@@ -219,7 +221,33 @@ def run_window(cfg: config_mod.Config, runtime, link, world, phone_link: str, ui
                     maintenance_timeout_ms=cfg.maintenance.timeout_ms)
     ui_hooks["long_press"] = app.request_pin_pad       # the stop button held while idle opens the PIN pad
     ui_hooks["ticks"] = lambda: app.ticks              # the systemd watchdog waits for the UI's clock too
+    from kivy.core.window import Window
+
+    def first_frame(*_args) -> None:
+        Window.unbind(on_flip=first_frame)
+        ui_hooks.get("first_frame", lambda: None)()
+
+    Window.bind(on_flip=first_frame)
     app.run()
+
+
+def foreign_data_dir(cfg: config_mod.Config) -> str | None:
+    """Why root must not touch this data dir, or None. Files root creates in the service user's data dir (the
+    ledger, its -wal and -shm) stay root's, and the service then fails with "readonly database"."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        uid = cfg.data_dir.stat().st_uid
+    except OSError:
+        return None
+    if uid == 0:
+        return None
+    try:
+        owner = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        owner = str(uid)
+    return (f"{cfg.data_dir} belongs to {owner}, and files root made there would lock the service out of its "
+            f"ledger: run this as that user (sudo -u {owner} ...)")
 
 
 def run_command(cfg: config_mod.Config, args: argparse.Namespace) -> int | None:
@@ -228,10 +256,14 @@ def run_command(cfg: config_mod.Config, args: argparse.Namespace) -> int | None:
     if args.print_config:
         print(config_mod.to_toml(cfg))
         return 0
+    if args.provision:
+        return provision(cfg, args)                # writes the secret file only, never the ledger
+    refused = foreign_data_dir(cfg)
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.status or args.clear_lockout:
         return admin(cfg, args)
-    if args.provision:
-        return provision(cfg, args)
     if args.set_maintenance_pin:
         return set_maintenance_pin(cfg)
     return None
@@ -328,6 +360,19 @@ class Dispenser:
             self.embedded.stop()
 
 
+def service_status(ledger_error: str | None, hw_error: str | None) -> str:
+    """systemd's status line once the first frame is drawn. It begins "serving" only when the ledger was opened
+    and written by this user; deploy.sh waits for that before it calls a release live."""
+    if ledger_error:
+        return f"ledger unavailable, out of service: {ledger_error}"
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = f"uid {os.geteuid()}"
+    status = f"serving: first frame drawn, ledger written as {user}"
+    return f"{status}; out of service: hardware unavailable: {hw_error}" if hw_error else status
+
+
 def run_dispenser(cfg: config_mod.Config, args: argparse.Namespace, embedded) -> int:
     """Build and run the dispenser (real or simulated hardware) until it is stopped; the exit code."""
     import queue
@@ -357,7 +402,12 @@ def run_dispenser(cfg: config_mod.Config, args: argparse.Namespace, embedded) ->
     healthy = report.ledger_error is None and hw_error is None
     d = Dispenser(runtime, valve, hw=hw, embedded=embedded, link=start_link(cfg, runtime, clock))
     d.watchdog = start_watchdog(runtime, hooks)
-    systemd.notify("READY=1")
+    serving = service_status(report.ledger_error, hw_error)
+    if args.headless:
+        systemd.notify(f"READY=1\nSTATUS={serving}")
+    else:
+        systemd.notify("READY=1\nSTATUS=starting: ledger written, waiting for the first frame")
+        hooks["first_frame"] = lambda: systemd.notify(f"STATUS={serving}")
     if d.link is None and healthy and hw is not None and hw.world is not None:
         d.users = SimulatedUsers(runtime, hw.world, clock, sessions=args.sessions, seed=args.seed,
                                  pour_ms=args.pour_ms, pause_ms=args.pause_ms, flow_ml_per_min=args.flow_ml_per_min)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,13 @@ class ScreenConfig:
                             "is turned off so a tap arrives once), mouse (a desktop), or auto: mouse with a "
                             "display server (X11/Wayland), mtdev without one (the Pi's KMSDRM console).",
                             choices=("auto", "mtdev", "mouse"))
+    rotation_deg: int = _opt(0, "Turn the picture and the touches by this many degrees: 180 for the official 7-inch "
+                             "display mounted upside down, 90 or 270 for a portrait panel used in landscape "
+                             "(Touch Display 2). Kivy rotates both, so taps land where they are drawn.",
+                             choices=(0, 90, 180, 270))
+    display_overlay: str = _opt("", "A dtoverlay line deploy.sh writes to config.txt for the display, empty for "
+                                "none: e.g. vc4-kms-dsi-ili9881-7inch for Touch Display 2 (7-inch), "
+                                "vc4-kms-dsi-7inch,invx,invy for the first 7-inch display's touch upside down.")
 
 
 @dataclass(frozen=True)
@@ -234,7 +242,7 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
     if meta.get("max") is not None and value > meta["max"]:
         raise ConfigError(f"{key}: must be at most {meta['max']}, got {value!r}")
     if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{key}: must be one of {', '.join(meta['choices'])}, got {value!r}")
+        raise ConfigError(f"{key}: must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
     if want is float and value != value:  # NaN
         raise ConfigError(f"{key}: must be a number, got nan")
     return value
@@ -291,6 +299,9 @@ def _check_cross_field(cfg: Config) -> None:
         raise ConfigError("sensors.temp_sane_min_c: must be below sensors.temp_sane_max_c")
     if not cfg.paths.data_dir:
         raise ConfigError("paths.data_dir: must not be empty")
+    if not re.fullmatch(r"[A-Za-z0-9_.,=-]{0,120}", cfg.screen.display_overlay):
+        raise ConfigError("screen.display_overlay: an overlay name and its parameters (letters, digits, _ . , = -), "
+                          f"got {cfg.screen.display_overlay!r}")
 
 
 def load(path: str | os.PathLike | None) -> Config:

@@ -62,3 +62,15 @@ def test_bad_files_give_clear_errors(tmp_path):
     bad.write_text("[limits\nmax = ")
     with pytest.raises(ConfigError, match="not valid TOML"):
         config.load(bad)
+
+
+@pytest.mark.parametrize(("screen", "message"), [
+    ({"rotation_deg": 45}, "screen.rotation_deg: must be one of 0, 90, 180, 270, got 45"),
+    ({"rotation_deg": "180"}, "screen.rotation_deg: must be int"),
+    ({"display_overlay": "vc4-kms-dsi-7inch\ndtparam=watchdog=off"}, "screen.display_overlay: an overlay name"),
+])
+def test_screen_rotation_and_overlay_are_checked(screen, message):
+    with pytest.raises(ConfigError, match=message):
+        config.from_dict({"screen": screen})
+    ok = config.from_dict({"screen": {"rotation_deg": 180, "display_overlay": "vc4-kms-dsi-7inch,invx,invy"}})
+    assert ok.screen.rotation_deg == 180

@@ -25,7 +25,12 @@ def fake_pi(root: Path, os_id: str = "debian", codename: str = "bookworm",
     (root / "proc" / "device-tree").mkdir(parents=True, exist_ok=True)
     (root / "proc" / "device-tree" / "model").write_bytes(model.encode() + b"\0")
     (root / "boot" / "firmware").mkdir(parents=True, exist_ok=True)
-    (root / "boot" / "firmware" / "config.txt").write_text("[all]\ndtparam=audio=on\ncamera_auto_detect=1\n")
+    # a stock file ends in a board filter: whatever is appended after it applies only to that board
+    (root / "boot" / "firmware" / "config.txt").write_text("[all]\ndtparam=audio=on\ncamera_auto_detect=1\n"
+                                                          "[cm5]\ndtoverlay=dwc2,dr_mode=host\n")
+    (root / "boot" / "firmware" / "cmdline.txt").write_text("console=serial0,115200 console=tty1 root=PARTUUID=1-02 "
+                                                           "rootfstype=ext4 fsck.repair=yes rootwait\n")
+    (root / "etc" / "group").write_text("root:x:0:\nvideo:x:44:\ninput:x:101:\nrender:x:102:\n")
     return root
 
 
@@ -84,17 +89,33 @@ def test_a_first_install_writes_everything_and_a_second_changes_nothing(tmp_path
                  "Environment=SDL_VIDEODRIVER=kmsdrm",
                  "ExecStopPost=/opt/tapshare/current/.venv/bin/python -m hal.valve_off "
                  "--config /etc/tapshare/config.toml",
-                 "StandardOutput=journal"):
+                 "StandardOutput=journal", "StartLimitBurst=5", "StartLimitAction=reboot",
+                 "NoNewPrivileges=yes", "ProtectSystem=strict", "ReadWritePaths=/var/lib/tapshare",
+                 "ProtectHome=yes", "PrivateTmp=yes", "UMask=0077", "DevicePolicy=closed",
+                 "DeviceAllow=char-gpiochip rw", "DeviceAllow=char-drm rw", "DeviceAllow=char-input r"):
         assert line in unit.splitlines(), line
-    assert "RuntimeWatchdogSec=15" in (root / "etc/systemd/system.conf.d/10-tapshare-watchdog.conf").read_text()
+    deps = [ln for ln in unit.splitlines() if ln.startswith(("After=", "Wants=", "Requires="))]
+    assert not any("network-online" in d or "time-sync" in d for d in deps), deps   # offline boots at once
+    conf_d = root / "etc/systemd/system.conf.d"
+    assert [p.name for p in conf_d.iterdir()] == ["99-tapshare-watchdog.conf"]     # after Pi OS's 70-rpi-...
+    assert "RuntimeWatchdogSec=15" in (conf_d / "99-tapshare-watchdog.conf").read_text()
+    assert "SystemMaxUse=200M" in (root / "etc/systemd/journald.conf.d/99-tapshare.conf").read_text()
     boot = (root / "boot/firmware/config.txt").read_text()
     assert boot.startswith("[all]\ndtparam=audio=on")                       # the Pi's own lines stay
+    block = boot[boot.index("# BEGIN tapshare"):].splitlines()
+    assert block[1] == "[all]", block                                       # not under the file's last [cm5]
     assert boot.count("dtoverlay=w1-gpio,gpiopin=4") == 1 and boot.count("gpio=17=op,dl") == 1
+    cmdline = (root / "boot/firmware/cmdline.txt").read_text()
+    assert cmdline.count("\n") == 1 and cmdline.rstrip().endswith("consoleblank=0 vt.global_cursor_default=0")
+    assert os.readlink(root / "etc/systemd/system/getty@tty1.service") == "/dev/null"
     current = root / "opt/tapshare/current"
     assert current.is_symlink() and (current / "main.py").exists() and (current / "hal" / "valve_off.py").exists()
+    assert os.readlink(current / ".venv").startswith("../../venvs/py3.11-")
     stub = (root / "tapshare-deploy-stub.log").read_text()
     assert "python3-lgpio" in stub and "fonts-noto-cjk" in stub and "--groups gpio,video,render,input" in stub
-    assert "-m venv --system-site-packages" in stub and "systemctl enable --now systemd-timesyncd.service" in stub
+    assert "groupadd --system gpio" in stub and "groupadd --system video" not in stub
+    assert "-m venv --system-site-packages" in stub and "--require-hashes -r" in stub
+    assert "systemctl enable --now systemd-timesyncd.service" in stub
     assert (root / "var/lib/tapshare").stat().st_mode & 0o777 == 0o750
     assert "reboot needed" in r.stdout
     before = snapshot(root)
@@ -120,11 +141,69 @@ def test_a_release_that_fails_its_health_check_is_rolled_back(tmp_path):
     root = fake_pi(tmp_path)
     assert deploy(root, release="r1").returncode == 0
     r = deploy(root, release="r2", health="false")
-    assert r.returncode == 3 and "rolling back" in r.stdout
+    assert r.returncode == 3 and "Rolling back to releases/r1" in r.stdout
     assert os.readlink(root / "opt/tapshare/current") == "releases/r1"
     assert not (root / "opt/tapshare/releases/r2").exists()
     ok = deploy(root, release="r3")
     assert ok.returncode == 0 and os.readlink(root / "opt/tapshare/current") == "releases/r3"
+
+
+def test_a_first_release_that_fails_leaves_the_service_disabled(tmp_path):
+    root = fake_pi(tmp_path)
+    r = deploy(root, release="r1", health="false")
+    assert r.returncode == 3 and "stopped and disabled" in r.stdout
+    assert not (root / "opt/tapshare/current").exists()
+    assert "systemctl disable --now tapshare.service" in (root / "tapshare-deploy-stub.log").read_text()
+
+
+def test_old_releases_are_pruned_and_an_unchanged_lock_reuses_the_virtualenv(tmp_path):
+    root = fake_pi(tmp_path)
+    for rel in ("r1", "r2", "r3"):
+        r = deploy(root, release=rel)
+        assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (root / "opt/tapshare/releases").iterdir()) == ["r2", "r3"]   # current + previous
+    assert "removed old release r1" in r.stdout and "reusing the virtualenv" in r.stdout
+    assert len(list((root / "opt/tapshare/venvs").iterdir())) == 1
+    assert (root / "tapshare-deploy-stub.log").read_text().count("-m venv") == 1
+
+
+def test_the_pin_factory_and_display_overlay_follow_the_config(tmp_path):
+    root = fake_pi(tmp_path)
+    assert deploy(root).returncode == 0
+    cfg = root / "etc/tapshare/config.toml"
+    cfg.write_text(cfg.read_text().replace('pin_factory = "lgpio"', 'pin_factory = "rpigpio"')
+                   .replace('display_overlay = ""', 'display_overlay = "vc4-kms-dsi-ili9881-7inch"'))
+    assert deploy(root).returncode == 0
+    assert "Environment=GPIOZERO_PIN_FACTORY=rpigpio" in (root / "etc/systemd/system/tapshare.service").read_text()
+    boot = (root / "boot/firmware/config.txt").read_text()
+    assert "dtoverlay=vc4-kms-dsi-ili9881-7inch\n# END tapshare" in boot
+
+
+def test_a_malformed_config_is_refused_in_words(tmp_path):
+    root = fake_pi(tmp_path)
+    assert deploy(root).returncode == 0
+    (root / "etc/tapshare/config.toml").write_text("[pins\nvalve = 17\n")
+    r = deploy(root)
+    assert r.returncode == 1 and "is not valid TOML" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_desktop_is_switched_off_and_said(tmp_path):
+    root = fake_pi(tmp_path)
+    dm = root / "etc/systemd/system/display-manager.service"
+    dm.parent.mkdir(parents=True)
+    dm.symlink_to("/lib/systemd/system/lightdm.service")
+    r = deploy(root)
+    assert r.returncode == 0 and "Raspberry Pi OS Desktop" in r.stdout and "multi-user.target" in r.stdout
+    stub = (root / "tapshare-deploy-stub.log").read_text()
+    assert "systemctl disable --now display-manager.service" in stub and "systemctl set-default multi-user.target" in stub
+
+
+def test_admin_commands_run_as_the_service_user(tmp_path):
+    root = fake_pi(tmp_path)
+    r = deploy(root, "--pin")
+    assert r.returncode == 0
+    stub = (root / "tapshare-deploy-stub.log").read_text()
+    assert "runuser -u tapshare -- " in stub and "--set-maintenance-pin" in stub.split("runuser -u tapshare -- ")[1]
 
 
 def test_a_dry_run_changes_nothing(tmp_path):
@@ -183,5 +262,6 @@ def test_main_tells_systemd_ready_and_feeds_the_watchdog(tmp_path):
     finally:
         proc.wait(30)
         sock.close()
-    assert got[0] == b"READY=1" and b"WATCHDOG=1" in got and got[-1] == b"STOPPING=1"
+    assert got[0].startswith(b"READY=1\nSTATUS=serving: first frame drawn, ledger written as ")
+    assert b"WATCHDOG=1" in got and got[-1] == b"STOPPING=1"
     assert proc.returncode == 0

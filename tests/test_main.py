@@ -135,3 +135,23 @@ def test_set_maintenance_pin_on_a_fresh_ledger_needs_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=60, cwd=ROOT,
                           env={**os.environ, "TAPSHARE_MAINTENANCE_PIN": "123456"})
     assert weak.returncode != 0 and "Traceback" not in weak.stderr and "error:" in weak.stderr
+
+
+def test_root_refuses_to_touch_the_service_users_ledger(tmp_path):
+    """As root, an admin command in a data dir that belongs to another user (the service's) is refused before it
+    creates a ledger, a -wal or a -shm that would then be root's and lock the service out ("readonly database")."""
+    import os
+
+    import pytest
+    if os.geteuid() != 0:
+        pytest.skip("needs root (CI and test.sh's set-up run as root)")
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, 65534, 65534)
+    for args in (["--status"], ["--clear-lockout", "ghost_flow"], ["--set-maintenance-pin"]):
+        r = run("--data-dir", str(data), *args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert "belongs to nobody" in r.stderr and "sudo -u nobody" in r.stderr and "Traceback" not in r.stderr
+        assert list(data.iterdir()) == []
+    os.chown(data, 0, 0)                                           # root's own data dir: allowed
+    assert run("--data-dir", str(data), "--status").returncode == 0

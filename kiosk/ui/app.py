@@ -41,20 +41,25 @@ def touch_provider(choice: str) -> str:
 
 
 def configure_window(layout: str, *, fullscreen: bool, simulate: bool, scale: float = 1.0,
-                     touch_input: str = "auto") -> tuple[int, int]:
+                     touch_input: str = "auto", rotation_deg: int = 0) -> tuple[int, int]:
     """Kivy's window settings; must run before kivy.core.window is imported.
 
     Input: exactly one provider. Left to its defaults Kivy adds an mtdev/hidinput provider for every input
     device it finds *and* SDL turns touches into mouse events, so on a Pi's touchscreen each tap arrives twice
     (a PIN digit entered twice, a language toggle undone). No cursor on a dispenser.
+
+    Rotation: Kivy turns the picture and the touches together. For 90 and 270 the panel's own size is the
+    layout's turned on its side, so the window asks for that and the screens still see the layout's size.
     """
     from kivy.config import Config
     w, h = LAYOUTS[layout]
     if simulate:
         h += SIM_PANEL_PX
     w, h = int(w * scale), int(h * scale)
-    Config.set("graphics", "width", str(w))
-    Config.set("graphics", "height", str(h))
+    panel_w, panel_h = (h, w) if rotation_deg in (90, 270) else (w, h)
+    Config.set("graphics", "width", str(panel_w))
+    Config.set("graphics", "height", str(panel_h))
+    Config.set("graphics", "rotation", str(rotation_deg))
     Config.set("graphics", "resizable", "0")
     Config.set("graphics", "fullscreen", "auto" if fullscreen else "0")
     Config.set("graphics", "maxfps", "30")
