@@ -134,12 +134,17 @@ def provision(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 def set_maintenance_pin(cfg: config_mod.Config) -> int:
     import getpass
-    import os
 
     from kiosk.ledger import Ledger, LedgerError
     from kiosk.maintenance import store_pin
     from kiosk.pin import PinError
-    pin = os.environ.get("TAPSHARE_MAINTENANCE_PIN") or getpass.getpass("new maintenance PIN (6-8 digits): ")
+    pin = os.environ.get("TAPSHARE_MAINTENANCE_PIN")
+    if not pin:
+        try:
+            pin = getpass.getpass("new maintenance PIN (6-8 digits): ")
+        except EOFError:
+            print("error: no PIN: set TAPSHARE_MAINTENANCE_PIN, or run this on a terminal to be asked", file=sys.stderr)
+            return EXIT_CONFIG
     try:
         ledger = Ledger.open(cfg.db_path, machine_id=cfg.machine.id, wall_clock=SystemClock().wall_ms, new_boot=False)
     except LedgerError as e:

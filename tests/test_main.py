@@ -135,6 +135,11 @@ def test_set_maintenance_pin_on_a_fresh_ledger_needs_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=60, cwd=ROOT,
                           env={**os.environ, "TAPSHARE_MAINTENANCE_PIN": "123456"})
     assert weak.returncode != 0 and "Traceback" not in weak.stderr and "error:" in weak.stderr
+    env = {k: v for k, v in os.environ.items() if k != "TAPSHARE_MAINTENANCE_PIN"}
+    none = subprocess.run([sys.executable, str(ROOT / "main.py"), "--data-dir", str(tmp_path), "--set-maintenance-pin"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                          start_new_session=True)                        # no terminal to ask on
+    assert none.returncode == 2 and "Traceback" not in none.stderr and "TAPSHARE_MAINTENANCE_PIN" in none.stderr
 
 
 def test_root_refuses_to_touch_the_service_users_ledger(tmp_path):
