@@ -519,7 +519,7 @@ health_check() {
   while ((SECONDS < end)); do
     sleep 2
     if [[ $(unit_prop MainPID) != "$pid" || $(unit_prop NRestarts) != "$restarts" ]]; then
-      HEALTH_WHY="its main process died during the soak (PID $pid is gone; restarts $restarts -> $(unit_prop NRestarts))"
+      HEALTH_WHY="its main process (PID $pid) exited $((SOAK_S - (end - SECONDS))) s into the ${SOAK_S} s soak"
       return 1
     fi
     if [[ $(unit_prop ActiveState) != active ]]; then HEALTH_WHY="the service is $(unit_prop ActiveState)"; return 1; fi

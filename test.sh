@@ -6,6 +6,7 @@ cd "$(dirname "$0")"
 source scripts/test-setup.sh
 source scripts/bootstrap.sh
 .venv/bin/ruff check .
+# the team's own layering tool where it is checked out beside us; tests/test_layers.py checks the same in pytest
 if [[ -f ../shared/tools/check_layers.py ]]; then
   .venv/bin/python ../shared/tools/check_layers.py
 fi

@@ -15,10 +15,11 @@ if [[ -z $py ]]; then
   exit 1
 fi
 if [[ ! -x .venv/bin/python ]]; then
-  if ! "$py" -m venv .venv 2>/dev/null; then
+  if ! "$py" -m venv .venv >/dev/null 2>&1; then
     rm -rf .venv
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
       ver=$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+      echo "installing python$ver-venv (Debian's venv module) ..." >&2
       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "python$ver-venv" >/dev/null
       "$py" -m venv .venv
     else

@@ -3,10 +3,11 @@
 # create databases, and prints the URL to export as TAPSHARE_TEST_POSTGRES_URL. Needs root.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
+cd /                      # the postgres user may not enter the checkout's folder (e.g. under /root)
 if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
   apt-get install -y -qq postgresql >/dev/null
 fi
-ver=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
+ver=$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -V | tail -n 1)
 if ! pg_lsclusters -h | grep -q "^$ver main"; then
   pg_createcluster "$ver" main >&2
 fi

@@ -55,7 +55,8 @@ def test_shellcheck_is_clean():
         if os.environ.get("TAPSHARE_TEST_ALL"):
             pytest.fail("test.sh set up everything, yet shellcheck is missing (see scripts/test-setup.sh)")
         pytest.skip("no shellcheck")
-    for script in ("deploy.sh", "run.sh", "test.sh", "scripts/bootstrap.sh", ".ci/run"):
+    for script in ("deploy.sh", "run.sh", "test.sh", "scripts/bootstrap.sh", ".ci/run", "scripts/test-setup.sh",
+                   "scripts/postgres-for-tests.sh", "scripts/lock-pi.sh", "scripts/fresh-machine-check.sh"):
         r = subprocess.run(["shellcheck", "-x", str(ROOT / script)], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 0, r.stdout
 
