@@ -33,6 +33,7 @@ class Screen:
         self.x, self.map_path, self.proc = x, map_path, proc
         self.left = self.top = 0
         self.contrast: list[str] = []
+        self.upside_down = False                # [screen] rotation_deg = 180: the picture is turned, and so are taps
 
     def find_window(self) -> None:
         from PIL import ImageGrab
@@ -73,7 +74,11 @@ class Screen:
         subprocess.run(["xdotool", *args], env=self.x.env(), check=True, timeout=10)
 
     def _center(self, w: dict) -> tuple[str, str]:
-        return str(self.left + w["x"] + w["w"] // 2), str(self.top + w["y"] + w["h"] // 2)
+        x, y = w["x"] + w["w"] // 2, w["y"] + w["h"] // 2
+        if self.upside_down:                    # where the widget is drawn on the glass
+            width, height = self.map()["window"]
+            x, y = width - 1 - x, height - 1 - y
+        return str(self.left + x), str(self.top + y)
 
     def tap(self, w: dict) -> None:
         self._xdo("mousemove", *self._center(w), "click", "1")
@@ -269,5 +274,34 @@ def test_touching_the_kiosk_never_kills_it_and_opens_maintenance(tmp_path, layou
         s.shot(f"{layout}-after-monkey")
     log.write_text(system.output)
     assert s.contrast == [], "\n".join(s.contrast)
+    assert "Traceback" not in system.output, system.output[-5000:]
+    assert system.rc == 0, system.output[-3000:]
+
+
+def test_an_upside_down_screen_takes_taps_where_it_draws(tmp_path):
+    """The official 7-inch display mounted upside down: ``rotation_deg = 180`` turns the picture, and a tap on
+    the glass where a button is drawn must reach that button (Kivy turns the touches with the picture)."""
+    _need_tools()
+    data = tmp_path / "data"
+    _set_pin(data)
+    cfg = tmp_path / "kiosk.toml"
+    cfg.write_text('[screen]\nlayout = "landscape_800x480"\nrotation_deg = 180\n')
+    map_path = tmp_path / "ui-map.json"
+    with Xvfb(1280, 1400) as x, RunningSystem(x.env(KIVY_HOME=str(tmp_path / "kivy"), TAPSHARE_UI_MAP=str(map_path)),
+                                              data, args=("--config", str(cfg))) as system:
+        s = Screen(x, map_path, system.proc)
+        s.find_window()
+        s.upside_down = True
+        s.wait(lambda m: m["screen"] == "idle" and any(w["id"] == "machine" for w in m["widgets"]))
+        assert s.map()["lang"] == "zh"
+        s.tap(s.widget(lambda w: w["type"] == "LangButton"))
+        s.wait(lambda m: m["lang"] == "en")
+        s.shot("landscape-upside-down-en")
+        s.long_press(s.widget(lambda w: w["id"] == "machine"))
+        s.wait(lambda m: m["screen"] == "pin_pad")
+        for digit in PIN:
+            s.tap(s.widget(lambda w, d=digit: w["button"] and w["text"] == d))
+        s.tap(s.widget(lambda w: w["button"] and w["text"] in ("确定", "OK")))
+        s.wait(lambda m: m["screen"] == "maintenance", timeout=15)
     assert "Traceback" not in system.output, system.output[-5000:]
     assert system.rc == 0, system.output[-3000:]
