@@ -23,7 +23,9 @@ Options:
   --layout L             landscape_800x480 (default) or portrait_720x1280, for a new config
   --provision TOKEN      enrol with the cloud using this single-use token (stores the device secret)
   --pin                  set the technicians' maintenance PIN (from TAPSHARE_MAINTENANCE_PIN or asked)
-  --soak SECONDS         how long a new release must run unchanged before it is live (default 45; 20-600)
+  --soak SECONDS         how long a new release must run unchanged before it is live (default 45; 30-600)
+  --leave-desktop        on Raspberry Pi OS Desktop: switch the desktop off (boot to the console) and go on;
+                         run it from SSH or a text console, not a terminal on the desktop it stops
   --root DIR             install under DIR instead of / (for tests; implies no service restarts)
   --dry-run              say what would change, change nothing
   -h, --help             this text
@@ -46,6 +48,10 @@ LAYOUT="landscape_800x480"
 TOKEN=""
 SET_PIN=0
 SOAK_S=45
+LEAVE_DESKTOP=0
+FORCE_CHECK=0
+LIVE=""
+LIVE_STATUS=""
 STUB=${TAPSHARE_DEPLOY_STUB:-0}
 CHANGED=0
 REBOOT=0
@@ -59,6 +65,7 @@ while [[ $# -gt 0 ]]; do
     --provision) TOKEN=$2; shift 2 ;;
     --pin) SET_PIN=1; shift ;;
     --soak) SOAK_S=$2; shift 2 ;;
+    --leave-desktop) LEAVE_DESKTOP=1; shift ;;
     --root) ROOT=$(cd "$2" && pwd); shift 2 ;;
     --dry-run) DRY=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -66,8 +73,11 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 case $LAYOUT in landscape_800x480|portrait_720x1280) ;; *) echo "deploy.sh: --layout $LAYOUT is not a layout" >&2; exit 2 ;; esac
-if ! [[ $SOAK_S =~ ^[0-9]+$ ]] || ((SOAK_S < 20 || SOAK_S > 600)); then
-  echo "deploy.sh: --soak $SOAK_S: a number of seconds from 20 to 600" >&2; exit 2
+if ! [[ $SOAK_S =~ ^[0-9]+$ ]] || ((SOAK_S < 30 || SOAK_S > 600)); then
+  echo "deploy.sh: --soak $SOAK_S: a number of seconds from 30 to 600" >&2; exit 2
+fi
+if [[ -n $ROOT && ${TAPSHARE_DEPLOY_STUB:-0} != 1 && $DRY == 0 ]]; then
+  echo "deploy.sh: --root is for tests: use it with TAPSHARE_DEPLOY_STUB=1 or --dry-run" >&2; exit 2
 fi
 
 APP=$ROOT/opt/tapshare
@@ -78,7 +88,9 @@ UNIT=$ROOT/etc/systemd/system/tapshare.service
 WATCHDOG_CONF=$ROOT/etc/systemd/system.conf.d/99-tapshare-watchdog.conf
 JOURNAL_CONF=$ROOT/etc/systemd/journald.conf.d/99-tapshare.conf
 USER_NAME=tapshare
-GROUPS_NEEDED=(gpio video render input)
+GROUPS_NEEDED=(gpio spi video render input)
+ESCALATE=$ROOT/usr/local/lib/tapshare/escalate
+ESCALATE_UNIT=$ROOT/etc/systemd/system/tapshare-escalate.service
 LOG=${ROOT:-/tmp}/tapshare-deploy-stub.log
 
 say() { echo "deploy.sh: $*"; }
@@ -106,6 +118,7 @@ put_file() {
   CHANGED=1
   if [[ $DRY == 1 ]]; then say "would write $path"; return 0; fi
   mkdir -p "$(dirname "$path")"
+  if [[ -n ${BACKUP_TO:-} && -f $path ]]; then cp -p "$path" "$BACKUP_TO"; fi
   local tmp
   tmp=$(mktemp "$path.XXXXXX")
   printf '%s\n' "$content" > "$tmp"
@@ -143,17 +156,27 @@ check_system() {
   say "system: $id $codename, $model, Python $PYVER"
 }
 
-# Raspberry Pi OS Desktop: its compositor holds the screen, so the kiosk (SDL on KMSDRM) could not draw.
+# Raspberry Pi OS Desktop: its compositor holds the screen, so the kiosk (SDL on KMSDRM) could not draw. Refused
+# with the reason, or with --leave-desktop switched off: the Pi boots to the console from now on, and the running
+# desktop is stopped (from SSH or a text console only: stopping it would end a terminal on that desktop, and us).
 leave_desktop() {
   local dm=$ROOT/etc/systemd/system/display-manager.service
   [[ -e $dm || -L $dm ]] || return 0
+  if [[ $LEAVE_DESKTOP == 0 ]]; then
+    die "this is Raspberry Pi OS Desktop: its display manager holds the screen the kiosk draws on." \
+      "Run deploy.sh again with --leave-desktop (from SSH or a text console) to switch the desktop off and boot" \
+      "to the console (undo: sudo systemctl set-default graphical.target && sudo systemctl enable display-manager)"
+  fi
+  if [[ -n ${DISPLAY:-}${WAYLAND_DISPLAY:-} ]]; then
+    die "--leave-desktop stops the desktop this terminal runs on, and deploy.sh with it: run it from SSH or a" \
+      "text console (Ctrl+Alt+F2)"
+  fi
   CHANGED=1
-  REBOOT=1
-  say "Raspberry Pi OS Desktop: its display manager holds the screen the kiosk draws on, so it is switched off:" \
-    "the Pi now boots to the console (multi-user.target) with the kiosk on the screen." \
-    "Undo: sudo systemctl set-default graphical.target && sudo systemctl enable display-manager"
-  run systemctl disable --now display-manager.service
+  say "Raspberry Pi OS Desktop: switching the desktop off (display manager disabled and stopped; the Pi boots" \
+    "to the console, multi-user.target, with the kiosk on the screen)"
+  run systemctl disable display-manager.service
   run systemctl set-default multi-user.target
+  run systemctl stop display-manager.service
 }
 
 install_packages() {
@@ -251,19 +274,21 @@ check_release() {
 # Keep the live release and the one before it; drop the rest, and virtualenvs no release uses.
 prune_releases() {
   [[ $DRY == 0 ]] || return 0
-  local keep_current keep_previous dir used=" " v
-  keep_current=$(readlink "$APP/current" 2>/dev/null || true)
-  keep_previous=$(cat "$APP/previous" 2>/dev/null || true)
+  local keep=" " dir used=" " v
+  keep+="$(readlink -f "$APP/current" 2>/dev/null || true) "
+  [[ -f $APP/previous ]] && keep+="$(readlink -f "$APP/$(cat "$APP/previous")" 2>/dev/null || true) "
+  [[ -f $APP/live ]] && keep+="$(readlink -f "$APP/$(sed -n 1p "$APP/live")" 2>/dev/null || true) "
   for dir in "$APP"/releases/*; do
     [[ -d $dir ]] || continue
-    case releases/$(basename "$dir") in
-      "$keep_current"|"$keep_previous") used+="$(basename "$(readlink "$dir/.venv")") " ;;
-      *) rm -rf "$dir"; say "removed old release $(basename "$dir")" ;;
-    esac
+    if [[ $keep == *" $(readlink -f "$dir") "* ]]; then
+      used+="$(basename "$(readlink "$dir/.venv")") "
+    else
+      rm -rf "$dir"; CHANGED=1; say "removed old release $(basename "$dir")"
+    fi
   done
   for v in "$APP"/venvs/*; do
     [[ -d $v ]] || continue
-    [[ $used == *" $(basename "$v") "* ]] || { rm -rf "$v"; say "removed unused virtualenv $(basename "$v")"; }
+    [[ $used == *" $(basename "$v") "* ]] || { rm -rf "$v"; CHANGED=1; say "removed unused virtualenv $(basename "$v")"; }
   done
 }
 
@@ -307,10 +332,11 @@ onewire = 4
 EOF
 }
 
-# What deploy.sh needs from the (possibly edited) config: valve pin, its active level, the 1-Wire pin, the
-# pin factory and the display overlay. A file that is not TOML is refused here, in words.
+# What deploy.sh needs from the (possibly edited) config: valve pin, its active level, the 1-Wire pin, the pin
+# factory, the data dir, whether a TDS probe (SPI) is fitted, and the display overlay. A file that is not TOML
+# is refused here, in words (the release's own loader checks every key later).
 read_config() {
-  local out
+  local out data_dir
   out=$(python3 - "$ETC/config.toml" <<'EOF'
 import sys, tomllib
 try:
@@ -321,13 +347,30 @@ except FileNotFoundError:
 except tomllib.TOMLDecodeError as e:
     sys.exit(f"{sys.argv[1]} is not valid TOML: {e}")
 pins, hw, screen = cfg.get("pins", {}), cfg.get("hardware", {}), cfg.get("screen", {})
+data_dir = cfg.get("paths", {}).get("data_dir", "/var/lib/tapshare")
+if not isinstance(data_dir, str) or not data_dir.startswith("/") or " " in data_dir:
+    sys.exit(f"{sys.argv[1]}: paths.data_dir must be an absolute path without spaces on a dispenser, got {data_dir!r}")
 print(pins.get("valve", 17), "1" if pins.get("valve_active_high", True) else "0", pins.get("onewire", 4),
-      hw.get("pin_factory", "lgpio"), screen.get("display_overlay", "") or "-")
+      hw.get("pin_factory", "lgpio"), data_dir, "1" if cfg.get("sensors", {}).get("tds_fitted") else "0",
+      screen.get("display_overlay", "") or "-")
 EOF
   ) || die "${out:-cannot read $ETC/config.toml} (fix it and run deploy.sh again; nothing was switched)"
-  read -r VALVE_PIN VALVE_ACTIVE ONEWIRE_PIN PIN_FACTORY DISPLAY_OVERLAY <<< "$out"
+  read -r VALVE_PIN VALVE_ACTIVE ONEWIRE_PIN PIN_FACTORY data_dir TDS_FITTED DISPLAY_OVERLAY <<< "$out"
   [[ $DISPLAY_OVERLAY == - ]] && DISPLAY_OVERLAY=""
+  DATA_DIR=$data_dir
+  DATA=$ROOT$data_dir
   return 0
+}
+
+# Replace a file on the boot partition (FAT) safely: the new text is written and synced beside it, the old one
+# kept as .bak, then renamed over it, so a power cut leaves either the old file or the new one, never half.
+replace_boot_file() {
+  local path=$1 content=$2
+  printf '%s\n' "$content" > "$path.tapshare-new"
+  sync "$path.tapshare-new"
+  cp -p "$path" "$path.bak"
+  mv -f "$path.tapshare-new" "$path"
+  sync "$(dirname "$path")"
 }
 
 boot_file() {
@@ -339,24 +382,21 @@ boot_file() {
 # The managed block at the end of config.txt. It opens with [all]: lines after a [cm5] or [pi4] filter
 # would otherwise apply only to that board.
 boot_config() {
-  local txt block current level
+  local txt block current level spi=""
   txt=$(boot_file config.txt)
   [[ -f $txt ]] || die "no config.txt in $ROOT/boot/firmware or $ROOT/boot"
   level=dl; [[ $VALVE_ACTIVE == 0 ]] && level=dh      # the valve's inactive level, driven from boot
+  [[ $TDS_FITTED == 1 ]] && spi="dtparam=spi=on"       # the MCP3008 of the TDS probe
   block=$(printf '%s\n' "# BEGIN tapshare (managed by deploy.sh: edit /etc/tapshare/config.toml, then run it again)" \
     "[all]" "dtoverlay=w1-gpio,gpiopin=$ONEWIRE_PIN" "gpio=$VALVE_PIN=op,$level" "dtparam=watchdog=on" \
-    ${DISPLAY_OVERLAY:+"dtoverlay=$DISPLAY_OVERLAY"} "# END tapshare")
+    ${spi:+"$spi"} ${DISPLAY_OVERLAY:+"dtoverlay=$DISPLAY_OVERLAY"} "# END tapshare")
   current=$(sed -n '/^# BEGIN tapshare/,/^# END tapshare/p' "$txt")
   [[ $current == "$block" ]] && return 0
   CHANGED=1
   REBOOT=1
   if [[ $DRY == 1 ]]; then say "would update the tapshare block in $txt"; return 0; fi
-  local tmp
-  tmp=$(mktemp)
-  sed '/^# BEGIN tapshare/,/^# END tapshare/d' "$txt" > "$tmp"
-  printf '%s\n' "$block" >> "$tmp"
-  cat "$tmp" > "$txt"
-  rm -f "$tmp"
+  replace_boot_file "$txt" "$(sed '/^# BEGIN tapshare/,/^# END tapshare/d' "$txt")
+$block"
   say "updated $txt (1-Wire on GPIO $ONEWIRE_PIN, valve GPIO $VALVE_PIN held $level from boot${DISPLAY_OVERLAY:+, display $DISPLAY_OVERLAY}): reboot to apply"
 }
 
@@ -373,20 +413,23 @@ kiosk_cmdline() {
   CHANGED=1
   REBOOT=1
   if [[ $DRY == 1 ]]; then say "would add ${add[*]} to $txt"; return 0; fi
-  printf '%s %s\n' "$line" "${add[*]}" > "$txt"
+  replace_boot_file "$txt" "$line ${add[*]}"
   say "added ${add[*]} to $txt"
 }
 
 write_unit() {
-  put_file "$UNIT" 0644 <<EOF || true
+  # the unit the live release ran under, kept only when this run changes it: a roll-back puts it back
+  [[ $DRY == 1 ]] || rm -f "$APP/tapshare.service.before"
+  BACKUP_TO=$APP/tapshare.service.before put_file "$UNIT" 0644 <<EOF || true
 [Unit]
 Description=Tapshare drinking-water dispenser
 # No network-online.target or time-sync.target: the kiosk must come up (offline) at once without a
 # network, and it corrects its clock from the cloud itself.
-# Restart storms end: 5 failed starts in 10 minutes reboot the Pi (a wedged driver or display).
+# Restart storms end: after 5 failed starts in 10 minutes the unit fails, and tapshare-escalate reboots the
+# Pi (a wedged display or driver often comes back), at most 3 times an hour; then it stays down, valve closed.
 StartLimitIntervalSec=600
 StartLimitBurst=5
-StartLimitAction=reboot
+OnFailure=tapshare-escalate.service
 
 [Service]
 Type=notify
@@ -396,8 +439,8 @@ Group=$USER_NAME
 SupplementaryGroups=${GROUPS_NEEDED[*]}
 WorkingDirectory=/opt/tapshare/current
 Environment=GPIOZERO_PIN_FACTORY=$PIN_FACTORY
-Environment=LG_WD=/var/lib/tapshare
-Environment=KIVY_HOME=/var/lib/tapshare/kivy
+Environment=LG_WD=$DATA_DIR
+Environment=KIVY_HOME=$DATA_DIR/kivy
 Environment=KIVY_WINDOW=sdl2
 Environment=SDL_VIDEODRIVER=kmsdrm
 Environment=PYTHONUNBUFFERED=1
@@ -416,7 +459,7 @@ LogRateLimitBurst=2000
 # Hardening: the dispenser writes only its data dir and reaches only the devices it drives.
 NoNewPrivileges=yes
 ProtectSystem=strict
-ReadWritePaths=/var/lib/tapshare
+ReadWritePaths=$DATA_DIR
 ProtectHome=yes
 PrivateTmp=yes
 UMask=0077
@@ -424,6 +467,7 @@ CapabilityBoundingSet=
 AmbientCapabilities=
 DevicePolicy=closed
 DeviceAllow=char-gpiochip rw
+DeviceAllow=/dev/gpiomem rw
 DeviceAllow=char-spi rw
 DeviceAllow=char-drm rw
 DeviceAllow=char-input r
@@ -446,6 +490,32 @@ SystemCallErrorNumber=EPERM
 
 [Install]
 WantedBy=multi-user.target
+EOF
+  put_file "$ESCALATE_UNIT" 0644 <<'EOF' || true
+[Unit]
+Description=Tapshare: reboot when the dispenser keeps failing to start (at most 3 times an hour)
+[Service]
+Type=oneshot
+ExecStart=/usr/local/lib/tapshare/escalate
+EOF
+  put_file "$ESCALATE" 0755 <<'EOF' || true
+#!/bin/bash
+# Started by systemd when tapshare.service hit its start limit (5 failed starts in 10 minutes): reboots the
+# Pi, at most 3 times an hour; after that the dispenser stays down with the valve closed until someone looks.
+set -euo pipefail
+state=${TAPSHARE_ESCALATE_STATE:-/var/lib/tapshare-escalate/reboots}
+mkdir -p "${state%/*}"
+now=$(date +%s)
+recent=$(awk -v now="$now" 'now - $1 < 3600' "$state" 2>/dev/null || true)
+count=$(grep -c . <<< "$recent" || true)
+if ((count >= 3)); then
+  echo "tapshare.service failed again after $count reboots in the last hour: no more reboots, the valve stays closed" >&2
+  exit 0
+fi
+printf '%s\n%s\n' "$recent" "$now" | grep . > "$state.new"
+mv "$state.new" "$state"
+echo "tapshare.service keeps failing to start: rebooting (reboot $((count + 1)) of at most 3 an hour)" >&2
+systemctl reboot
 EOF
   local old_watchdog=$ROOT/etc/systemd/system.conf.d/10-tapshare-watchdog.conf    # its old name, overridden by Pi OS
   if [[ -f $old_watchdog ]]; then CHANGED=1; [[ $DRY == 1 ]] || rm -f "$old_watchdog"; fi
@@ -474,24 +544,33 @@ prepare_dirs() {
 
 provision() {
   [[ -n $TOKEN ]] || return 0
-  # as root (the secret lives in /etc/tapshare); it never touches the ledger
-  run "$APP/current/.venv/bin/python" "$APP/current/main.py" --config /etc/tapshare/config.toml --provision "$TOKEN"
+  local dir=$APP/releases/$RELEASE
+  # as root (the secret lives in /etc/tapshare; it never touches the ledger), with the release about to go live,
+  # before the switch: a refused token changes nothing
+  run "$dir/.venv/bin/python" "$dir/main.py" --config /etc/tapshare/config.toml --provision "$TOKEN" ||
+    die "enrolment failed (see above); nothing was switched"
   run chown "$USER_NAME:$USER_NAME" /etc/tapshare/device.secret
   run chmod 0600 /etc/tapshare/device.secret
+  FORCE_CHECK=1                                  # the running service reads the secret when it starts
 }
 
 set_pin() {
   [[ $SET_PIN == 1 ]] || return 0
-  as_service_user env ${TAPSHARE_MAINTENANCE_PIN:+TAPSHARE_MAINTENANCE_PIN="$TAPSHARE_MAINTENANCE_PIN"} \
-    "$APP/current/.venv/bin/python" "$APP/current/main.py" --config /etc/tapshare/config.toml --set-maintenance-pin
+  # runuser keeps the environment, so TAPSHARE_MAINTENANCE_PIN (if set) reaches it without showing in ps or logs
+  as_service_user "$APP/current/.venv/bin/python" "$APP/current/main.py" --config /etc/tapshare/config.toml \
+    --set-maintenance-pin
 }
 
 # ---------------------------------------------------------------- switch, check, roll back
+# $APP/live: the release that last passed its health check, and the status it reported. $APP/previous: the one
+# live before it. A release that is current but not live (a failed check before a reboot) is checked again.
 unit_prop() { systemctl show tapshare.service -p "$1" --value; }
 
 # The release proves itself: it says "serving" (sent after its first frame and first ledger write as the
-# service user), then runs --soak seconds with the same main PID, no restart and the watchdog fed.
+# service user), then runs --soak seconds with the same main PID, no restart and the watchdog fed. A release that
+# cannot drive the hardware the live one could fails too.
 health_check() {
+  HEALTH_STATUS=""
   if [[ -n ${TAPSHARE_DEPLOY_HEALTH:-} ]]; then
     bash -c "$TAPSHARE_DEPLOY_HEALTH"
     return
@@ -503,6 +582,7 @@ health_check() {
   local restarts pid status wd deadline=$((SECONDS + 90)) end
   restarts=$(unit_prop NRestarts)
   pid=$(unit_prop MainPID)
+  if [[ $pid == 0 ]]; then HEALTH_WHY="it has no main process after starting"; return 1; fi
   while :; do
     status=$(unit_prop StatusText)
     if [[ $(unit_prop MainPID) != "$pid" || $(unit_prop NRestarts) != "$restarts" ]]; then
@@ -512,9 +592,15 @@ health_check() {
     if ((SECONDS > deadline)); then HEALTH_WHY="it did not report serving within 90 s (status: ${status:-none})"; return 1; fi
     sleep 1
   done
+  HEALTH_STATUS=$status
+  if [[ $status == *"out of service: hardware"* ]]; then
+    if [[ -n $LIVE && $LIVE_STATUS != *"out of service: hardware"* ]]; then
+      HEALTH_WHY="it cannot drive the hardware the release before it could: ${status#*out of service: }"; return 1
+    fi
+    say "warning: the machine is out of service: ${status#*out of service: }"
+  fi
   wd=$(unit_prop WatchdogTimestampMonotonic)
   say "release $RELEASE says \"$status\"; watching it for ${SOAK_S} s (main PID $pid)"
-  [[ $status == *"out of service"* ]] && say "warning: the machine is out of service: ${status#*out of service: }"
   end=$((SECONDS + SOAK_S))
   while ((SECONDS < end)); do
     sleep 2
@@ -531,36 +617,64 @@ health_check() {
 }
 
 switch_release() {
-  local link=$APP/current previous=""
-  [[ -L $link ]] && previous=$(readlink "$link")
-  local target=releases/$RELEASE
-  if [[ $previous == "$target" ]]; then
+  local link=$APP/current was="" target=releases/$RELEASE
+  [[ -L $link ]] && was=$(readlink "$link")
+  if [[ $was == "$target" && $LIVE == "$target" && $FORCE_CHECK == 0 ]]; then
     return 0
   fi
   CHANGED=1
-  if [[ $DRY == 1 ]]; then say "would switch $link to $target"; return 0; fi
+  if [[ $DRY == 1 ]]; then say "would switch $link to $target and check it"; return 0; fi
+  run systemctl stop tapshare.service       # the running release's own ExecStopPost closes the valve
   ln -sfn "$target" "$link.new" && mv -T "$link.new" "$link"
   run systemctl daemon-reload
   HEALTH_WHY="its health check failed"
   if health_check; then
     say "release $RELEASE is live"
-    echo "$previous" > "$APP/previous"
+    if [[ -n $LIVE && $LIVE != "$target" ]]; then echo "$LIVE" > "$APP/previous"; fi
+    printf '%s\n%s\n' "$target" "$HEALTH_STATUS" > "$APP/live"
     return 0
   fi
-  say "release $RELEASE failed: $HEALTH_WHY. Rolling back to ${previous:-nothing}"
-  [[ -z $ROOT && $STUB == 0 ]] && journalctl -u tapshare.service -n 15 --no-pager -o cat 2>/dev/null | sed 's/^/    /'
-  if [[ -n $previous ]]; then
-    ln -sfn "$previous" "$link.new" && mv -T "$link.new" "$link"
-    run systemctl reset-failed tapshare.service
-    run systemctl restart tapshare.service
-    say "release ${previous#releases/} runs again"
+  say "release $RELEASE failed: $HEALTH_WHY"
+  if [[ -z $ROOT && $STUB == 0 ]]; then
+    journalctl -u tapshare.service -n 15 --no-pager -o cat 2>/dev/null | sed 's/^/    /' || true
+  fi
+  run systemctl stop tapshare.service
+  if [[ -n $LIVE && $LIVE != "$target" && -d $APP/$LIVE ]]; then
+    roll_back
+  elif [[ $REBOOT == 1 ]]; then
+    # A first install whose boot settings (display overlay, 1-Wire) take effect only after a reboot: the
+    # release stays current and enabled, unproven, and the next run of deploy.sh checks it.
+    say "there is no earlier release, and this one may need the reboot its boot settings wait for: it starts at" \
+      "the next boot. Reboot (sudo reboot), then run deploy.sh again to check it"
+    exit 3
   else
+    run systemctl disable tapshare.service    # nothing to run: no restart storm, no reboot loop
     rm -f "$link"
-    run systemctl disable --now tapshare.service    # nothing to run: no restart storm, no reboot loop
     say "no earlier release: the service is stopped and disabled (the valve stays closed)"
   fi
   rm -rf "${APP:?}/$target"
+  prune_releases
   exit 3
+}
+
+# Back to the last live release, with the unit file it ran under.
+roll_back() {
+  local link=$APP/current
+  say "rolling back to $LIVE"
+  if [[ -f $APP/tapshare.service.before ]] && ! cmp -s "$APP/tapshare.service.before" "$UNIT"; then
+    cp -p "$APP/tapshare.service.before" "$UNIT"
+    say "restored the unit file $LIVE ran under"
+  fi
+  ln -sfn "$LIVE" "$link.new" && mv -T "$link.new" "$link"
+  run systemctl daemon-reload
+  run systemctl reset-failed tapshare.service
+  if run systemctl start tapshare.service; then
+    say "release ${LIVE#releases/} runs again"
+  else
+    run systemctl disable --now tapshare.service || true
+    say "ALERT: the earlier release ${LIVE#releases/} does not start either: the service is stopped and" \
+      "disabled, the valve closed. The machine is out of service until someone looks (journalctl -u tapshare)"
+  fi
 }
 
 enable_services() {
@@ -577,6 +691,10 @@ enable_services() {
 }
 
 main() {
+  if [[ -z $ROOT && $DRY == 0 ]]; then
+    exec 9> /run/lock/tapshare-deploy.lock
+    flock -n 9 || die "another deploy.sh is running"
+  fi
   check_system
   read_config
   leave_desktop
@@ -591,9 +709,11 @@ main() {
   kiosk_cmdline
   write_unit
   enable_services
+  LIVE=$(sed -n 1p "$APP/live" 2>/dev/null || true)
+  LIVE_STATUS=$(sed -n 2p "$APP/live" 2>/dev/null || true)
+  provision
   switch_release
   prune_releases
-  provision
   set_pin
   if [[ $DRY == 1 ]]; then
     say "dry run: nothing was changed"

@@ -34,8 +34,10 @@ def fake_pi(root: Path, os_id: str = "debian", codename: str = "bookworm",
     return root
 
 
-def deploy(root: Path, *args: str, health: str = "true", release: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TAPSHARE_DEPLOY_STUB": "1", "TAPSHARE_DEPLOY_HEALTH": health}
+def deploy(root: Path, *args: str, health: str = "true", release: str | None = None,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")},
+           "TAPSHARE_DEPLOY_STUB": "1", "TAPSHARE_DEPLOY_HEALTH": health, **(env or {})}
     if release:
         env["TAPSHARE_DEPLOY_RELEASE"] = release
     return subprocess.run(["bash", str(DEPLOY), "--root", str(root), *args], env=env, capture_output=True, text=True,
@@ -90,7 +92,7 @@ def test_a_first_install_writes_everything_and_a_second_changes_nothing(tmp_path
                  "Environment=SDL_VIDEODRIVER=kmsdrm",
                  "ExecStopPost=/opt/tapshare/current/.venv/bin/python -m hal.valve_off "
                  "--config /etc/tapshare/config.toml",
-                 "StandardOutput=journal", "StartLimitBurst=5", "StartLimitAction=reboot",
+                 "StandardOutput=journal", "StartLimitBurst=5", "OnFailure=tapshare-escalate.service",
                  "NoNewPrivileges=yes", "ProtectSystem=strict", "ReadWritePaths=/var/lib/tapshare",
                  "ProtectHome=yes", "PrivateTmp=yes", "UMask=0077", "DevicePolicy=closed",
                  "DeviceAllow=char-gpiochip rw", "DeviceAllow=char-drm rw", "DeviceAllow=char-input r"):
@@ -106,6 +108,7 @@ def test_a_first_install_writes_everything_and_a_second_changes_nothing(tmp_path
     block = boot[boot.index("# BEGIN tapshare"):].splitlines()
     assert block[1] == "[all]", block                                       # not under the file's last [cm5]
     assert boot.count("dtoverlay=w1-gpio,gpiopin=4") == 1 and boot.count("gpio=17=op,dl") == 1
+    assert (root / "boot/firmware/config.txt.bak").read_text().endswith("[cm5]\ndtoverlay=dwc2,dr_mode=host\n")
     cmdline = (root / "boot/firmware/cmdline.txt").read_text()
     assert cmdline.count("\n") == 1 and cmdline.rstrip().endswith("consoleblank=0 vt.global_cursor_default=0")
     assert os.readlink(root / "etc/systemd/system/getty@tty1.service") == "/dev/null"
@@ -113,8 +116,10 @@ def test_a_first_install_writes_everything_and_a_second_changes_nothing(tmp_path
     assert current.is_symlink() and (current / "main.py").exists() and (current / "hal" / "valve_off.py").exists()
     assert os.readlink(current / ".venv").startswith("../../venvs/py3.11-")
     stub = (root / "tapshare-deploy-stub.log").read_text()
-    assert "python3-lgpio" in stub and "fonts-noto-cjk" in stub and "--groups gpio,video,render,input" in stub
-    assert "groupadd --system gpio" in stub and "groupadd --system video" not in stub
+    assert "python3-lgpio" in stub and "fonts-noto-cjk" in stub
+    assert "--groups gpio,spi,video,render,input" in stub
+    assert "groupadd --system gpio" in stub and "groupadd --system spi" in stub
+    assert "groupadd --system video" not in stub                        # only the groups this system lacks
     assert "-m venv --system-site-packages" in stub and "--require-hashes -r" in stub
     assert "systemctl enable --now systemd-timesyncd.service" in stub
     assert (root / "var/lib/tapshare").stat().st_mode & 0o777 == 0o750
@@ -142,19 +147,24 @@ def test_a_release_that_fails_its_health_check_is_rolled_back(tmp_path):
     root = fake_pi(tmp_path)
     assert deploy(root, release="r1").returncode == 0
     r = deploy(root, release="r2", health="false")
-    assert r.returncode == 3 and "Rolling back to releases/r1" in r.stdout
+    assert r.returncode == 3 and "rolling back to releases/r1" in r.stdout and "runs again" in r.stdout
     assert os.readlink(root / "opt/tapshare/current") == "releases/r1"
     assert not (root / "opt/tapshare/releases/r2").exists()
     ok = deploy(root, release="r3")
     assert ok.returncode == 0 and os.readlink(root / "opt/tapshare/current") == "releases/r3"
 
 
-def test_a_first_release_that_fails_leaves_the_service_disabled(tmp_path):
+def test_a_first_release_that_fails_waits_for_the_reboot_its_boot_settings_need_then_is_disabled(tmp_path):
     root = fake_pi(tmp_path)
-    r = deploy(root, release="r1", health="false")
-    assert r.returncode == 3 and "stopped and disabled" in r.stdout
-    assert not (root / "opt/tapshare/current").exists()
-    assert "systemctl disable --now tapshare.service" in (root / "tapshare-deploy-stub.log").read_text()
+    r = deploy(root, release="r1", health="false")       # boot settings just written: maybe the display needs them
+    assert r.returncode == 3 and "starts at the next boot" in r.stdout
+    assert os.readlink(root / "opt/tapshare/current") == "releases/r1" and not (root / "opt/tapshare/live").exists()
+    again = deploy(root, release="r1", health="false")   # after the reboot, checked again: still failing
+    assert again.returncode == 3 and "stopped and disabled" in again.stdout, again.stdout
+    assert not (root / "opt/tapshare/current").exists() and not (root / "opt/tapshare/releases/r1").exists()
+    assert "systemctl disable tapshare.service" in (root / "tapshare-deploy-stub.log").read_text()
+    ok = deploy(root, release="r1")
+    assert ok.returncode == 0 and "r1 is live" in ok.stdout
 
 
 def test_old_releases_are_pruned_and_an_unchanged_lock_reuses_the_virtualenv(tmp_path):
@@ -188,16 +198,21 @@ def test_a_malformed_config_is_refused_in_words(tmp_path):
     assert r.returncode == 1 and "is not valid TOML" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_the_desktop_is_switched_off_and_said(tmp_path):
+def test_the_desktop_is_refused_with_the_reason_or_switched_off_on_request(tmp_path):
     root = fake_pi(tmp_path)
     dm = root / "etc/systemd/system/display-manager.service"
     dm.parent.mkdir(parents=True)
     dm.symlink_to("/lib/systemd/system/lightdm.service")
     r = deploy(root)
-    assert r.returncode == 0 and "Raspberry Pi OS Desktop" in r.stdout and "multi-user.target" in r.stdout
+    assert r.returncode == 1 and "Raspberry Pi OS Desktop" in r.stderr and "--leave-desktop" in r.stderr
+    assert not (root / "opt").exists()                                  # refused before it changed anything
+    inside = deploy(root, "--leave-desktop", env={"DISPLAY": ":0"})
+    assert inside.returncode == 1 and "from SSH or a" in inside.stderr
+    r = deploy(root, "--leave-desktop")
+    assert r.returncode == 0 and "switching the desktop off" in r.stdout and "multi-user.target" in r.stdout
     stub = (root / "tapshare-deploy-stub.log").read_text()
-    assert "systemctl disable --now display-manager.service" in stub
-    assert "systemctl set-default multi-user.target" in stub
+    assert "systemctl disable display-manager.service" in stub
+    assert "systemctl set-default multi-user.target" in stub and "systemctl stop display-manager.service" in stub
 
 
 def test_admin_commands_run_as_the_service_user(tmp_path):
@@ -267,3 +282,20 @@ def test_main_tells_systemd_ready_and_feeds_the_watchdog(tmp_path):
     assert got[0].startswith(b"READY=1\nSTATUS=serving: first frame drawn, ledger written as ")
     assert b"WATCHDOG=1" in got and got[-1] == b"STOPPING=1"
     assert proc.returncode == 0
+
+
+def test_a_restart_storm_reboots_the_pi_at_most_three_times_an_hour(tmp_path):
+    root = fake_pi(tmp_path)
+    assert deploy(root).returncode == 0
+    escalate = root / "usr/local/lib/tapshare/escalate"
+    assert "ExecStart=/usr/local/lib/tapshare/escalate" in (root / "etc/systemd/system/tapshare-escalate.service"
+                                                             ).read_text()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text(f"#!/bin/sh\necho \"$*\" >> {tmp_path}/reboots.log\n")
+    (bin_dir / "systemctl").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TAPSHARE_ESCALATE_STATE": str(tmp_path / "st/r")}
+    outs = [subprocess.run([str(escalate)], env=env, capture_output=True, text=True, timeout=10) for _ in range(4)]
+    assert all(o.returncode == 0 for o in outs)
+    assert (tmp_path / "reboots.log").read_text().splitlines() == ["reboot"] * 3
+    assert "no more reboots, the valve stays closed" in outs[3].stderr
