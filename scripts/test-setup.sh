@@ -7,8 +7,9 @@
 #  - Otherwise: says exactly what to install (and how), then the tests that need it skip with that reason.
 # TAPSHARE_TEST_SETUP=0 skips all of this (the tests then use what is there).
 
+# libatomic1: Playwright's bundled Node.js needs it, and a minimal Debian lacks it
 test_packages=(chromium fonts-noto-cjk xvfb xauth xdotool libgl1-mesa-dri libgl1 libegl1 libgles2 libmtdev1
-  libsdl2-2.0-0 shellcheck postgresql debootstrap systemd-container)
+  libsdl2-2.0-0 shellcheck postgresql debootstrap systemd-container libatomic1)
 
 missing_packages() {
   local p

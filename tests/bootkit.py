@@ -90,6 +90,8 @@ def standin_deb(dest: Path) -> Path:
     site = pkg / "usr/lib/python3/dist-packages"
     site.mkdir(parents=True)
     shutil.copy(REPO / "tests/standins/lgpio.py", site / "lgpio.py")
+    for path in (pkg, *pkg.rglob("*")):             # dpkg-deb refuses a DEBIAN folder made under umask 077
+        path.chmod(0o755 if path.is_dir() else 0o644)
     (pkg / "DEBIAN/control").write_text(
         "Package: python3-lgpio\nVersion: 0.2.2-1~standin1\nArchitecture: all\nMaintainer: Tapshare tests\n"
         "Depends: python3\nSection: python\nPriority: optional\n"
