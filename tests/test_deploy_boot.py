@@ -135,7 +135,7 @@ def test_a_release_that_crashes_is_rolled_back(pi, crasher):
     finally:
         pi.sh("cp /root/main.py.good /root/tapshare/main.py")
     assert r.returncode == 3, r.stdout + r.stderr
-    assert "Rolling back to " + live in r.stdout and "runs again" in r.stdout
+    assert "rolling back to " + live in r.stdout and "runs again" in r.stdout
     assert current(pi) == live and releases(pi) == kept                 # the bad release is gone
     serving(pi)
 
@@ -149,6 +149,13 @@ def test_sigkill_of_the_service_still_closes_the_valve(pi):
     serving(pi)                                                         # restarted by systemd
     journal = pi.sh("journalctl -u tapshare.service -o cat --no-pager").stdout
     assert "valve_off: BCM 17 at level 0 (valve closed)" in journal, journal[-2000:]
+
+
+def test_the_unit_names_its_escalation_and_the_live_release(pi):
+    assert pi.prop("OnFailure") == "tapshare-escalate.service"
+    assert pi.sh("systemctl show tapshare-escalate.service -p LoadState --value").stdout.strip() == "loaded"
+    live = pi.sh("sed -n 1p /opt/tapshare/live").stdout.strip()
+    assert live == current(pi)
 
 
 def test_admin_commands_as_root_leave_the_ledger_to_the_service(pi):
