@@ -138,6 +138,10 @@ class BootedPi:
 
     def prepare(self) -> None:
         pristine = cached_root(self.log)
+        for stale in CACHE.glob("work-*"):          # left by a run that was killed: its process is gone
+            pid = stale.name.removeprefix("work-")
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(stale, ignore_errors=True)
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
         subprocess.run(["cp", "-a", "--reflink=auto", str(pristine), str(self.root)], check=True)
