@@ -307,6 +307,10 @@ echo "cloned into $app: $commit"
 
 # ---- 3. enter the root, test.sh --------------------------------------------------------------------------
 mount_root() {
+  # the root bound onto itself, so that / inside the chroot is a mount point: systemd-nspawn, which the boot
+  # test starts, makes / a slave mount first and fails (EINVAL) on a plain directory
+  mount --bind "$root" "$root"
+  mount --make-private "$root"
   mount -t proc proc "$root/proc"
   mount --rbind /sys "$root/sys"
   mount --make-rslave "$root/sys"

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import os
 import re
 import shutil
 import signal
 import subprocess
-import tarfile
 import time
 from pathlib import Path
 
@@ -116,15 +114,11 @@ def local_repo(repo: Path) -> None:
 def source_tree(dest: Path) -> None:
     """The checkout's tracked files (what a technician's git clone has), without .git."""
     names = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name in names.decode().split("\0"):
-            if name and (REPO / name).exists():
-                tar.add(REPO / name, arcname=name)
-    buf.seek(0)
-    dest.mkdir(parents=True)
-    with tarfile.open(fileobj=buf) as tar:
-        tar.extractall(dest, filter="tar")
+    for name in names.decode().split("\0"):
+        src = REPO / name
+        if name and src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name, follow_symlinks=False)
 
 
 class BootedPi:
