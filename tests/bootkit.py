@@ -174,18 +174,22 @@ class BootedPi:
              # the bind source is read inside the container for /proc destinations: a path in the root
              "--bind-ro=/srv/fake-pi/cpuinfo:/proc/cpuinfo", f"--bind={CACHE / 'pip'}:/root/.cache/pip"],
             stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
+        state = ""
         while time.monotonic() < deadline:
             self.pid = self._init_pid()
             if self.pid:
-                state = self.sh("systemctl is-system-running --wait", check=False, timeout=60).stdout.strip()
-                if state in ("running", "degraded"):
+                r = self.sh("systemctl is-system-running --wait", check=False, timeout=90)
+                state = (r.stdout + r.stderr).strip()
+                if r.stdout.strip() in ("running", "degraded"):
                     self.log(f"container booted: {state}")
                     return
             if self.proc.poll() is not None:
                 break
             time.sleep(0.5)
-        raise RuntimeError(f"the container did not boot: {(self.work / 'nspawn.log').read_text()[-2000:]}")
+        raise RuntimeError(f"the container did not boot (init PID {self.pid or 'not found'}, state {state!r}, nspawn "
+                           f"{'exited ' + str(self.proc.returncode) if self.proc.poll() is not None else 'running'}): "
+                           f"{(self.work / 'nspawn.log').read_text()[-2000:]}")
 
     def _init_pid(self) -> int:
         for stat in Path("/proc").glob("[0-9]*/stat"):
