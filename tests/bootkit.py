@@ -203,8 +203,9 @@ class BootedPi:
         return 0
 
     def sh(self, command: str, *, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        r = subprocess.run(["nsenter", "-t", str(self.pid), "-a", "--", "/bin/bash", "-c", command], env=ENV,
-                           capture_output=True, text=True, timeout=timeout)
+        # -r -w: the container's root and folder too (from inside a chroot, entering its namespaces is not enough)
+        r = subprocess.run(["nsenter", "-t", str(self.pid), "-a", "-r", "-w", "--", "/bin/bash", "-c", command],
+                           env=ENV, capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
             raise AssertionError(f"{command!r} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
         return r
