@@ -2,6 +2,9 @@
 # Turns a Raspberry Pi 4 or 5 running Raspberry Pi OS 64-bit (Bookworm or Trixie) into a Tapshare
 # dispenser. Idempotent: running it again upgrades or repairs. See ./deploy.sh --help.
 set -euo pipefail
+# the releases, venvs and unit must be readable by the service user whatever root's own umask is (077 on
+# hardened systems); files that must stay private get their modes explicitly
+umask 022
 
 usage() {
   cat <<'EOF'

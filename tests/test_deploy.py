@@ -34,6 +34,21 @@ def fake_pi(root: Path, os_id: str = "debian", codename: str = "bookworm",
     return root
 
 
+def test_a_root_umask_of_077_still_leaves_the_release_readable_by_the_service(tmp_path):
+    root = fake_pi(tmp_path)
+    old = os.umask(0o077)
+    try:
+        r = deploy(root, release="r1")
+    finally:
+        os.umask(old)
+    assert r.returncode == 0, r.stderr
+    release = root / "opt/tapshare/releases/r1"
+    for p in (root / "opt/tapshare", root / "opt/tapshare/releases", release, release / "kiosk", release / "main.py",
+              root / "etc/systemd/system/tapshare.service"):
+        assert p.stat().st_mode & 0o005 == 0o005 if p.is_dir() else p.stat().st_mode & 0o004, (p, oct(p.stat().st_mode))
+    assert (root / "var/lib/tapshare").stat().st_mode & 0o777 == 0o750
+
+
 def deploy(root: Path, *args: str, health: str = "true", release: str | None = None,
            env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**{k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")},

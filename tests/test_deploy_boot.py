@@ -60,7 +60,8 @@ def pi():
 
 
 def deploy(pi: bootkit.BootedPi, *args: str, env: str = ""):
-    r = pi.sh(f"cd /root/tapshare && {env} {DEPLOY} {' '.join(args)}", check=False, timeout=900)
+    # as a hardened root runs it: umask 077 (deploy.sh must still leave everything readable by the service)
+    r = pi.sh(f"cd /root/tapshare && umask 077 && {env} {DEPLOY} {' '.join(args)}", check=False, timeout=900)
     print(r.stdout[-3000:], r.stderr[-3000:])
     return r
 
