@@ -131,6 +131,15 @@ class BootedPi:
         self.pid = 0
 
     def prepare(self) -> None:
+        # the files made here are read by apt's _apt user and the service user: not under the umask 077 that an
+        # in-process cloud (create_app) leaves on this test process
+        old = os.umask(0o022)
+        try:
+            self._prepare()
+        finally:
+            os.umask(old)
+
+    def _prepare(self) -> None:
         pristine = cached_root(self.log)
         for stale in CACHE.glob("work-*"):          # left by a run that was killed: its process is gone
             pid = stale.name.removeprefix("work-")
