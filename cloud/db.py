@@ -121,6 +121,9 @@ sms_codes = Table(        # one-time login codes, stored only as an HMAC
     Column("expires_ms", BigInteger, nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
     Column("used_ms", BigInteger, nullable=True),
+    Column("provider", String(32), nullable=True),              # who sent it, and its id for the message
+    Column("provider_request_id", String(80), nullable=True),
+    Column("send_error", String(200), nullable=True),
     Index("sms_by_phone", "phone", "created_ms"),
     Index("sms_by_ip", "client_ip", "created_ms"),
 )
@@ -177,7 +180,57 @@ topup_orders = Table(     # s5: an order at the payment provider; credited only 
     Column("paid_ms", BigInteger, nullable=True),
     Column("closed_ms", BigInteger, nullable=True),
     Column("notifications", Integer, nullable=False, default=0),
+    Column("channel", String(16), nullable=True),        # jsapi, h5, native, wap, precreate, page
+    Column("refunded_fen", BigInteger, nullable=False, default=0, server_default="0"),   # sent back by refunds
     Index("orders_pending", "state", "expires_ms"),
+    Index("orders_paid", "state", "paid_ms"),
+)
+
+provider_refunds = Table(  # money sent back through the provider to the payment it came from, to its final state
+    "provider_refunds", metadata,
+    Column("refund_id", String(40), primary_key=True),           # our out_refund_no / out_request_no: idempotent
+    Column("order_id", String(40), ForeignKey("topup_orders.order_id"), nullable=False, index=True),
+    Column("user_id", String(64), ForeignKey("users.user_id"), nullable=False, index=True),
+    Column("provider", String(32), nullable=False),
+    Column("amount_fen", BigInteger, nullable=False),
+    Column("origin", String(16), nullable=False),       # withdrawal, deletion, session
+    Column("reason", String(200), nullable=False, default=""),
+    Column("state", String(16), nullable=False),        # requested, processing, success, closed, abnormal
+    Column("provider_refund_id", String(64), nullable=True),
+    Column("requested_by", String(64), nullable=False),  # the user, or the operator who refunded a pour
+    Column("created_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+    Column("done_ms", BigInteger, nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", String(200), nullable=True),
+    Index("provider_refunds_state", "state", "updated_ms"),
+)
+
+payer_accounts = Table(    # the payer's id at a provider that needs one (WeChat JSAPI: the openid under our appid)
+    "payer_accounts", metadata,
+    Column("user_id", String(64), ForeignKey("users.user_id"), primary_key=True),
+    Column("provider", String(32), primary_key=True),
+    Column("payer_id", String(128), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+)
+
+reconciliations = Table(   # a provider's bill for a day compared with our orders and refunds
+    "reconciliations", metadata,
+    Column("provider", String(32), primary_key=True),
+    Column("bill_date", String(10), primary_key=True),           # YYYY-MM-DD, in the provider's time (UTC+8)
+    Column("state", String(16), nullable=False),        # matched, mismatch, failed
+    Column("report", JSON, nullable=False),
+    Column("checked_ms", BigInteger, nullable=False),
+)
+
+alarms = Table(            # what operators must look at that is not a machine's: payments, SMS, reconciliation
+    "alarms", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("source", String(32), nullable=False),       # payments, sms, reconciliation
+    Column("kind", String(64), nullable=False),
+    Column("detail", JSON, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Index("alarms_by_time", "created_ms"),
 )
 
 balance_refunds = Table(  # a balance paid back to the top-ups it came from (account deletion); never forfeited
@@ -490,3 +543,9 @@ def audit(conn: Connection, operator_id: str, action: str, target: str, detail: 
     """Record who did what to what, in the caller's transaction."""
     conn.execute(insert(audit_log).values(operator_id=operator_id, action=action, target=target, detail=detail,
                                             at_ms=now_ms))
+
+
+def raise_alarm(conn: Connection, source: str, kind: str, detail: dict, now_ms: int) -> None:
+    """An alarm for operators that is not a machine's (payments, SMS, reconciliation), in the caller's
+    transaction; ``GET /api/v1/operator/alarms`` lists it with the machines' alarms."""
+    conn.execute(insert(alarms).values(source=source, kind=kind, detail=detail, created_ms=now_ms))

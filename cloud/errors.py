@@ -119,3 +119,8 @@ def install_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": "invalid_request", "message": f"{where}: {first.get('msg', 'invalid')}",
                              "details": [{"loc": list(x.get("loc", ())), "msg": x.get("msg")} for x in e.errors()]},
                             status_code=422)
+
+
+class ProviderConfigError(ValueError):
+    """A real provider's credentials are missing or unusable; the message names the environment variable and
+    never holds key material. Settings turn it into SettingsError, which stops start-up."""
