@@ -16,6 +16,7 @@ import os
 import secrets
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ from cloud.errors import (
 )
 from cloud.security import SecretBox, new_token, token_hash
 from cloud.sessions.bills import user_bills
-from cloud.wallet.balance import add_entry, balance
+from cloud.wallet.balance import balance
 
 log = logging.getLogger("tapshare.cloud.accounts")
 
@@ -89,6 +90,9 @@ class Accounts:
     def __init__(self, db: Database, box: SecretBox, sms: SmsProvider, verifier: Verifier,
                  settings: AccountSettings) -> None:
         self.db, self.sms, self.verifier, self.settings = db, sms, verifier, settings
+        # set by the wiring: a deleted account's balance goes back through the wallet's refunds
+        self.payout: Callable[[Any, str, int, int], dict[str, Any]] = _no_payout
+        self.send_refunds: Callable[[list[str], int], None] | None = None
         self.pii = SecretBox(box.subkey("pii"))          # a key of its own for personal information
         self._code_key = box.subkey("sms-code")
         self._doc_key = box.subkey("document-number")
@@ -402,8 +406,9 @@ class Accounts:
     def delete_account(self, user_id: str, refund_balance: bool, now_ms: int) -> dict[str, Any]:
         """Erase the person (phone, name, document, photos, tokens); keep the money records, which the law
         requires, under the pseudonymous user id. A remaining balance is never forfeited: it leaves the wallet
-        as a refund request against the top-ups it came from (newest first), which the operator pays back
-        through the original payment and marks paid (``/api/v1/operator/balance-refunds``)."""
+        as refunds through the providers to the top-ups it came from (newest first, see
+        :meth:`cloud.wallet.service.Wallet.withdraw_for_deletion`); what they cannot take becomes a manual
+        refund the operator pays by transfer and marks paid (``/api/v1/operator/balance-refunds``)."""
         with self.db.tx() as conn:
             users_q = select(t.users.c.user_id).where(t.users.c.user_id == user_id)
             if not self.db.is_sqlite:
@@ -426,24 +431,9 @@ class Accounts:
                 raise Conflict("balance_remaining",
                                f"your balance of {available} fen is paid back to the payments it came from; "
                                "confirm with refund_balance", balance_fen=available)
-            refund_id = None
+            payout: dict[str, Any] = {"refund_ids": [], "manual_refund_id": None, "manual_fen": 0}
             if available > 0:
-                refund_id = "br-" + uuid.uuid4().hex[:20]
-                paid = conn.execute(select(o.order_id, o.provider, o.amount_fen).where(and_(
-                    o.user_id == user_id, o.state == "paid")).order_by(o.paid_ms.desc())).mappings().all()
-                orders, left = [], available
-                for row in paid:
-                    if left <= 0:
-                        break
-                    part = min(left, row["amount_fen"])
-                    orders.append({"order_id": row["order_id"], "provider": row["provider"], "amount_fen": part})
-                    left -= part
-                if left > 0:          # credit that came from no top-up (an operator's adjustment): paid by transfer
-                    orders.append({"order_id": None, "provider": "transfer", "amount_fen": left})
-                conn.execute(insert(t.balance_refunds).values(
-                    refund_id=refund_id, user_id=user_id, amount_fen=available, orders=orders, state="requested",
-                    created_ms=now_ms))
-                add_entry(conn, user_id, "payout", -available, now_ms, note=f"balance refund {refund_id}")
+                payout = self.payout(conn, user_id, available, now_ms)
             photos = conn.execute(select(t.id_photos.c.photo_id).where(and_(
                 t.id_photos.c.user_id == user_id, t.id_photos.c.deleted_ms.is_(None)))).scalars().all()
             conn.execute(t.identities.delete().where(t.identities.c.user_id == user_id))
@@ -457,7 +447,14 @@ class Accounts:
         for photo_id in photos:
             self._delete_photo(photo_id, now_ms)
         log.info("account %s deleted", user_id)
-        return {"deleted": True, "refund_id": refund_id, "refund_fen": max(0, available)}
+        if payout["refund_ids"] and self.send_refunds is not None:
+            self.send_refunds(payout["refund_ids"], now_ms)
+        return {"deleted": True, "refund_id": payout["manual_refund_id"], "refund_fen": max(0, available),
+                "refund_ids": payout["refund_ids"], "manual_refund_fen": payout["manual_fen"]}
+
+
+def _no_payout(conn, user_id: str, available_fen: int, now_ms: int) -> dict[str, Any]:
+    raise Conflict("balance_remaining", "this service cannot pay a balance back")
 
 
 def normalized_phone(raw: str) -> str:
