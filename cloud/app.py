@@ -48,7 +48,6 @@ from cloud.sessions import router as sessions
 from cloud.sessions.service import Sessions
 from cloud.settings import CloudSettings, ProductionRefused
 from cloud.wallet import router as wallet
-from cloud.wallet.payments import SandboxPay
 from cloud.wallet.service import Wallet
 
 __all__ = ["ROLES", "CloudSettings", "ProductionRefused", "create_app"]
@@ -73,7 +72,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         app.include_router(feature.router)
     if not settings.production:
         app.include_router(dev.router)
-        if isinstance(svc.wallet.provider, SandboxPay):
+        if "sandbox" in svc.wallet.providers:
             app.include_router(dev.sandbox_router)
     app.mount("/static", StaticFiles(directory=pages.STATIC), name="static")
     return app
@@ -99,17 +98,23 @@ def build_services(settings: CloudSettings) -> Services:
         hub.notify(machine_id)
 
     development = [f"{what}: {prov.name}" for what, prov in (("SMS", sms), ("identity verification", verifier),
-                                                             ("payments", pay)) if prov.is_development]
+                                                             *(("payments", x) for x in pay.values()))
+                   if prov.is_development]
     if development:
         log.warning("DEVELOPMENT PROVIDERS ARE ON (%s): no real SMS is sent and no real money moves; login codes "
                     "are shown to the browser that asked for them. Never run this for customers.",
                     "; ".join(development))
+    wallet = Wallet(database, pay, box.subkey("payer-link"))
     accounts_settings = AccountSettings(photo_dir=settings.data_dir / "private" / "id-photos",
                                         photo_retention_days=settings.photo_retention_days, timezone=settings.timezone)
+    accounts = Accounts(database, box, sms, verifier, accounts_settings)
+    accounts.payout = wallet.withdraw_for_deletion
+    notify_base = settings.public_url.rstrip("/") + "/api/v1/payments/notify"
+    accounts.send_refunds = lambda ids, now_ms: wallet.send_refunds(ids, notify_base, now_ms)
     return Services(
         settings=settings, database=database, hub=hub, machines=machines, commands=commands,
         sessions=Sessions(database, machines, hub.connected, notify),
-        accounts=Accounts(database, box, sms, verifier, accounts_settings), wallet=Wallet(database, pay),
+        accounts=accounts, wallet=wallet,
         rewards=Rewards(database), operators=Operators(database, machines, hub.connected, notify),
         durable=DurableNonces(machines), development=development,
         scans_by_network=RateLimiter(settings.scans_per_minute_per_network, 60_000),
@@ -164,10 +169,12 @@ def _expire(svc: Services) -> None:
         log.warning("session %s lost: no report long after it must have ended", sid)
     for oid in svc.wallet.close_expired(svc.now()):
         log.info("top-up order %s closed unpaid", oid)
+    svc.wallet.settle_refunds(svc.settings.public_url.rstrip("/") + "/api/v1/payments/notify", svc.now())
 
 
 def _prune(svc: Services) -> None:
     svc.machines.prune_nonces(svc.now())
+    svc.wallet.reconcile_due(svc.now())
     deleted = svc.accounts.purge_photos(svc.now())
     if deleted:
         log.info("%d ID photos deleted (retention %d days)", deleted, svc.settings.photo_retention_days)

@@ -13,6 +13,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from cloud.accounts.providers import DevAutoVerify, DevSmsSink, ManualReview, SmsProvider, Verifier
+from cloud.errors import ProviderConfigError
 from cloud.security import SecretBox
 from cloud.wallet.payments import PaymentProvider, SandboxPay
 
@@ -80,7 +81,13 @@ class CloudSettings:
     # None picks the development providers, which production mode refuses
     sms_provider: SmsProvider | None = None
     verifier: Verifier | None = None
-    payment_provider: PaymentProvider | None = None
+    payment_provider: PaymentProvider | None = None     # one provider (tests); or:
+    payment_providers: list[PaymentProvider] | None = None
+    # by name, from the environment: TAPSHARE_PAYMENT_PROVIDERS=wechatpay,alipay (each reads its own
+    # TAPSHARE_WECHATPAY_* / TAPSHARE_ALIPAY_* credentials) and TAPSHARE_SMS_PROVIDER=tencent; empty: the
+    # development sandbox and SMS sink, which production mode refuses
+    payment_provider_names: str = field(default_factory=_text("TAPSHARE_PAYMENT_PROVIDERS"))
+    sms_provider_name: str = field(default_factory=_text("TAPSHARE_SMS_PROVIDER"))
     id_verify: str = field(default_factory=_text("TAPSHARE_ID_VERIFY"))   # manual or dev_auto; empty: by mode
     photo_retention_days: int = _number("photo_retention_days")
     timezone: str = "Asia/Shanghai"
@@ -113,16 +120,20 @@ class CloudSettings:
     def url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'cloud.db').resolve()}"
 
-    def providers(self, box: SecretBox) -> tuple[SmsProvider, Verifier, PaymentProvider]:
-        """The configured providers; production mode refuses every development one, with the reason."""
-        sms = self.sms_provider or DevSmsSink()
+    def providers(self, box: SecretBox) -> tuple[SmsProvider, Verifier, dict[str, PaymentProvider]]:
+        """The configured providers, their credentials checked now; production mode refuses every development
+        one, with the reason."""
+        sms = self.sms_provider or self._sms_from_env()
         mode = self.id_verify or ("manual" if self.production else "dev_auto")
         verifier = self.verifier or (DevAutoVerify() if mode == "dev_auto" else ManualReview())
-        pay = self.payment_provider or SandboxPay(box.subkey("sandbox-pay"))
+        pays = list(self.payment_providers or ([self.payment_provider] if self.payment_provider else []))
+        if not pays:
+            pays = self._payments_from_env(box)
+        by_name = {p.name: p for p in pays}
         if self.production:
             problems = [f"{what} is the development {p.name}" for what, p in
-                        (("the SMS provider", sms), ("identity verification", verifier), ("the payment provider", pay))
-                        if p.is_development]
+                        (("the SMS provider", sms), ("identity verification", verifier),
+                         *(("a payment provider", p) for p in pays)) if p.is_development]
             if not self.operator_name.strip() or not self.operator_contact.strip():
                 problems.append("TAPSHARE_OPERATOR_NAME and TAPSHARE_OPERATOR_CONTACT must name who handles personal "
                                 "information and how to reach them")
@@ -130,4 +141,38 @@ class CloudSettings:
                 problems.append(f"TAPSHARE_PUBLIC_URL must be https:// (is {self.public_url})")
             if problems:
                 raise ProductionRefused("production mode refuses to start: " + "; ".join(problems))
-        return sms, verifier, pay
+        return sms, verifier, by_name
+
+    def _sms_from_env(self) -> SmsProvider:
+        name = self.sms_provider_name.strip()
+        if name in ("", "dev_sink"):
+            return DevSmsSink()
+        if name == "tencent":
+            from cloud.accounts import sms_tencent
+            try:
+                return sms_tencent.from_env(os.environ)
+            except ProviderConfigError as e:
+                raise SettingsError(str(e)) from None
+        raise SettingsError(f"TAPSHARE_SMS_PROVIDER: must be tencent or dev_sink, got {name[:40]!r}")
+
+    def _payments_from_env(self, box: SecretBox) -> list[PaymentProvider]:
+        names = [n.strip() for n in self.payment_provider_names.split(",") if n.strip()] or ["sandbox"]
+        out: list[PaymentProvider] = []
+        for name in names:
+            if name in (p.name for p in out):
+                raise SettingsError(f"TAPSHARE_PAYMENT_PROVIDERS: {name} is listed twice")
+            try:
+                if name == "wechatpay":
+                    from cloud.wallet import wechatpay
+                    out.append(wechatpay.from_env(os.environ))
+                elif name == "alipay":
+                    from cloud.wallet import alipay
+                    out.append(alipay.from_env(os.environ))
+                elif name == "sandbox":
+                    out.append(SandboxPay(box.subkey("sandbox-pay")))
+                else:
+                    raise SettingsError(f"TAPSHARE_PAYMENT_PROVIDERS: must list wechatpay, alipay or sandbox, "
+                                        f"got {name[:40]!r}")
+            except ProviderConfigError as e:
+                raise SettingsError(str(e)) from None
+        return out

@@ -265,6 +265,7 @@ def test_deleting_an_account_erases_the_person_and_pays_the_balance_back(cloud):
     assert user.call("DELETE", "/api/v1/me", json={"confirm": True, "forfeit_balance": True}).status_code == 422
     r = user.call("DELETE", "/api/v1/me", json={"confirm": True, "refund_balance": True})
     assert r.status_code == 200 and r.json()["refund_fen"] == 3150, r.text
+    assert r.json()["manual_refund_fen"] == 150 and len(r.json()["refund_ids"]) == 2
     refund_id = r.json()["refund_id"]
     assert user.call("GET", "/api/v1/me").status_code == 401
     assert list(Path(cloud.settings.data_dir, "private", "id-photos").iterdir()) == []
@@ -274,11 +275,16 @@ def test_deleting_an_account_erases_the_person_and_pays_the_balance_back(cloud):
             t.balance_entries.c.user_id == user.user_id)).all()]
         assert conn.execute(select(t.identities)).first() is None
     assert "13900013333" not in str(dict(u)) and u["deleted_ms"] and kinds == ["topup", "topup", "adjustment", "payout"]
-    # the operator sees what is owed and through which payments (newest top-up first), and pays it once
+    # the top-ups went back through the provider, newest first, each to its final state
+    refunds = cloud.op("GET", "/api/v1/operator/refunds").json()["refunds"]
+    assert sorted((x["order_id"], x["amount_fen"], x["state"], x["origin"]) for x in refunds) == sorted([
+        (second["order_id"], 1000, "success", "deletion"), (first["order_id"], 2000, "success", "deletion")])
+    sandbox = cloud.app.state.services.wallet.providers["sandbox"]
+    assert sorted(sandbox.query_refund(x["order_id"], x["refund_id"]).amount_fen for x in refunds) == [1000, 2000]
+    # what came from no payment is the operator's to pay by transfer, once
     owed = cloud.op("GET", "/api/v1/operator/balance-refunds").json()["refunds"]
     assert [x["refund_id"] for x in owed] == [refund_id]
-    assert [(o["order_id"], o["amount_fen"]) for o in owed[0]["orders"]] == [
-        (second["order_id"], 1000), (first["order_id"], 2000), (None, 150)]
+    assert [(o["order_id"], o["amount_fen"]) for o in owed[0]["orders"]] == [(None, 150)]
     paid = cloud.op("POST", f"/api/v1/operator/balance-refunds/{refund_id}/paid", json={"reference": "WX-R-1"})
     assert paid.status_code == 200 and paid.json()["state"] == "paid"
     again = cloud.op("POST", f"/api/v1/operator/balance-refunds/{refund_id}/paid", json={"reference": "WX-R-2"})

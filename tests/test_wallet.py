@@ -201,7 +201,9 @@ def test_operator_refund_of_a_failed_dispense(cloud):
     path = f"/api/v1/operator/sessions/{sid}/refund"
     assert cloud.op("POST", path, token=viewer, json={"amount_fen": 50, "reason": "x"}).status_code == 403
     r = cloud.op("POST", path, token=operator, json={"amount_fen": 150, "reason": "cup overflowed: valve fault"})
-    assert r.status_code == 200 and r.json() == {"session_id": sid, "refunded_fen": 150, "charged_fen": 200}
+    assert r.status_code == 200 and r.json() == {"session_id": sid, "refunded_fen": 150, "charged_fen": 200,
+                                                 "to": "balance", "to_balance_fen": 150, "to_original_fen": 0,
+                                                 "provider_refunds": []}
     over = cloud.op("POST", path, token=operator, json={"amount_fen": 51, "reason": "again"})
     assert over.status_code == 422 and over.json()["refundable_fen"] == 50
     assert cloud.op("POST", "/api/v1/operator/sessions/s-none/refund", token=operator,

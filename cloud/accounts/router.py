@@ -41,7 +41,8 @@ def client_config(svc: Svc) -> dict[str, Any]:
     """What the phone pages must tell people: development providers are not real ones, and who handles their
     personal information."""
     a = svc.accounts
-    return {"development_sms_sink": a.sms.is_development, "sandbox_payments": svc.wallet.provider.is_development,
+    return {"development_sms_sink": a.sms.is_development, "sandbox_payments": "sandbox" in svc.wallet.providers,
+            "payment_methods": svc.wallet.methods(),
             "id_verifier": a.verifier.name, "timezone": a.settings.timezone,
             "operator_name": svc.settings.operator_name, "operator_contact": svc.settings.operator_contact}
 

@@ -96,8 +96,10 @@ class DeleteAccountIn(In):
 
 class DeleteAccountOut(BaseModel):
     deleted: bool
-    refund_id: str | None
-    refund_fen: int
+    refund_id: str | None               # the manual refund for what no top-up could take back, if any
+    refund_fen: int                     # the whole balance paid back
+    refund_ids: list[str] = []          # refunds through the providers, to the top-ups it came from
+    manual_refund_fen: int = 0
 
 
 class ReviewIn(In):
@@ -118,9 +120,16 @@ class PendingReviewsOut(BaseModel):
     pending: list[PendingReviewOut]
 
 
+class PaymentMethodOut(BaseModel):
+    provider: str                       # wechatpay, alipay, sandbox
+    channels: list[str]                 # jsapi, h5, native / wap, precreate / page
+    development: bool
+
+
 class ClientConfigOut(BaseModel):
     development_sms_sink: bool
     sandbox_payments: bool
+    payment_methods: list[PaymentMethodOut]
     id_verifier: str
     timezone: str
     operator_name: str

@@ -66,8 +66,9 @@ sandbox_router = APIRouter(include_in_schema=False)
 
 
 def _sandbox(svc: Svc) -> SandboxPay:
-    assert isinstance(svc.wallet.provider, SandboxPay)      # this router is included only with it
-    return svc.wallet.provider
+    sandbox = svc.wallet.providers["sandbox"]       # this router is included only with it
+    assert isinstance(sandbox, SandboxPay)
+    return sandbox
 
 
 @sandbox_router.get("/sandbox-pay/{order_id}")

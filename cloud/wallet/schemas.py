@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from datetime import date
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -29,17 +30,27 @@ class BalanceRefundPaidIn(In):
     reference: Annotated[str, Field(min_length=1, max_length=100)]
 
 
+ReturnPath = Annotated[str, Field(max_length=300, pattern=r"^/[A-Za-z0-9_./#?=&{}%-]*$")]
+ProviderName = Annotated[str, Field(max_length=32, pattern=r"^[a-z0-9_]*$")]
+
+
 class TopupIn(In):
     amount_fen: Annotated[int, Field(ge=1, le=10_000_000)]
-    return_path: Annotated[str, Field(max_length=300, pattern=r"^/[A-Za-z0-9_./#?=&{}%-]*$")] = \
-        "/app#/wallet?order={order_id}"
+    return_path: ReturnPath = "/app#/wallet?order={order_id}"
+    provider: ProviderName = ""         # empty: the first one offered
+    channel: Annotated[str, Field(max_length=16, pattern=r"^(|jsapi|h5|native|wap|precreate|page)$")] = ""
 
 
 class TopupOut(BaseModel):
     order_id: str
     amount_fen: int
     state: str
+    provider: str
+    channel: str
+    pay_kind: str                       # redirect (open pay_url), jsapi (WeixinJSBridge), qr (show qr_text)
     pay_url: str
+    qr_text: str
+    jsapi_params: dict[str, str]
     expires_ms: int
     sandbox: bool
 
@@ -51,6 +62,77 @@ class OrderOut(BaseModel):
     created_ms: int
     expires_ms: int
     paid_ms: int | None
+    provider: str
+    refunded_fen: int
+
+
+class MethodOut(BaseModel):
+    provider: str
+    channels: list[str]
+    development: bool
+
+
+class ProviderRefundOut(BaseModel):
+    refund_id: str
+    order_id: str
+    provider: str
+    amount_fen: int
+    state: str                          # requested, processing, success, closed, abnormal, failed
+    created_ms: int
+    done_ms: int | None
+
+
+class OperatorRefundOut(ProviderRefundOut):
+    user_id: str
+    origin: str
+    attempts: int
+    last_error: str | None
+    requested_by: str
+
+
+class ProviderRefundsOut(BaseModel):
+    refunds: list[OperatorRefundOut]
+
+
+class WithdrawIn(In):
+    amount_fen: Annotated[int | None, Field(ge=1, le=10_000_000)] = None
+
+
+class WithdrawOut(BaseModel):
+    withdrawn_fen: int
+    kept_fen: int
+    refunds: list[ProviderRefundOut]
+
+
+class PayerLinkIn(In):
+    provider: Literal["wechatpay"] = "wechatpay"
+    return_path: ReturnPath = "/app#/wallet"
+
+
+class PayerLinkOut(BaseModel):
+    url: str
+
+
+class ReconcileIn(In):
+    provider: ProviderName
+    bill_date: date
+
+
+class ReconciliationOut(BaseModel):
+    provider: str
+    bill_date: str
+    state: str                          # matched, mismatch
+    checked_ms: int
+    missing_here: list[dict[str, Any]]  # in the provider's bill, not paid/refunded here that day
+    missing_there: list[dict[str, Any]]     # paid/refunded here, not in the bill
+    duplicated: list[dict[str, Any]]
+    wrong_amount: list[dict[str, Any]]
+    bill_payments: int
+    bill_refunds: int
+    bill_payments_fen: int
+    bill_refunds_fen: int
+    our_payments: int
+    our_refunds: int
 
 
 class EntryOut(BaseModel):
@@ -68,25 +150,32 @@ class WalletOut(BaseModel):
     arrears_fen: int
     entries: list[EntryOut]
     orders: list[OrderOut]
+    refunds: list[ProviderRefundOut]
+    withdrawable_fen: int               # what can go back to the payments it came from now
+    methods: list[MethodOut]
     sandbox: bool
     min_topup_fen: int
     max_topup_fen: int
 
 
 class NotifyAckOut(BaseModel):
-    """What the payment provider is told: SUCCESS stops its retries."""
+    """What the sandbox is told; WeChat Pay is answered 204 and Alipay the text ``success``."""
 
     code: str
-    credited: bool
-    duplicate: bool = False
+    message: str = ""
 
 
 class RefundIn(In):
     amount_fen: Annotated[int, Field(ge=1, le=10_000_000)]
     reason: Annotated[str, Field(min_length=1, max_length=200)]
+    to: Literal["balance", "original"] = "balance"
 
 
 class RefundOut(BaseModel):
     session_id: str
     refunded_fen: int
     charged_fen: int
+    to: str
+    to_original_fen: int
+    to_balance_fen: int
+    provider_refunds: list[ProviderRefundOut]

@@ -1,24 +1,48 @@
-"""Wallet top-ups (s5) through a payment-provider interface, and refunds.
+"""Wallet top-ups (s5) through the payment providers (WeChat Pay, Alipay, or the development sandbox), refunds
+to the payments the money came from, and daily reconciliation with the providers' bills.
 
-The rule that keeps money right: the balance is credited only by a **verified provider notification**
-whose order id and amount match the stored order, exactly once (a conditional state change in the same
-transaction as the ledger entry). The browser's return from the pay page credits nothing. Orders not
-paid in time are asked about at the provider, then closed there and here.
+The rules that keep money right:
+
+* the balance is credited only by a **verified provider notification** (or the provider's signed answer to an
+  order query) whose order id and amount match the stored order, exactly once (a conditional state change in
+  the same transaction as the ledger entry). The browser's return from the pay page credits nothing;
+* money leaves the wallet (a withdrawal, a deleted account's balance, an operator's refund of a pour to the
+  original payment) as **refund rows written in the same transaction as the debit**, split over the top-ups
+  it came from (newest first, each within the provider's refund window); each row is then sent to the
+  provider with its own id (the provider's idempotency key: a retry never refunds twice) and followed to a
+  final state. A refund that fails comes back to the balance (or, for a deleted account, to the operators'
+  manual list); one the payer's account cannot take raises an alarm;
+* unpaid orders past their time are asked about at the provider, then closed there and here.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import logging
+import secrets
 import uuid
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, insert, select, update
 
 from cloud import db as t
-from cloud.db import Database, audit, first_row
-from cloud.errors import Conflict, DomainError, Invalid, NotFound, TooMany
+from cloud.db import Database, audit, first_row, raise_alarm
+from cloud.errors import Conflict, DomainError, Gone, Invalid, NotFound, TooMany, Unauthenticated, Unavailable
 from cloud.wallet.balance import add_entry, balance
-from cloud.wallet.payments import Notification, PaymentProvider
+from cloud.wallet.payments import (
+    CHINA,
+    BillRow,
+    Notification,
+    NotifyAck,
+    PaymentProvider,
+    PayRequest,
+    ProviderError,
+    RefundNotice,
+    RefundRequest,
+)
 
 log = logging.getLogger("tapshare.cloud.payments")
 
@@ -26,31 +50,87 @@ ORDER_TTL_MS = 15 * 60_000
 MIN_TOPUP_FEN, MAX_TOPUP_FEN = 100, 50_000
 PENDING_ORDERS_PER_USER = 5            # unpaid orders open at once
 ORDERS_PER_USER_PER_HOUR = 20
+REFUND_RETRY_BASE_MS = 5_000           # a refund the provider did not take is retried after 5 s, 10 s, ... 1 h
+REFUND_RETRY_MAX_MS = 3_600_000
+REFUND_QUERY_AFTER_MS = 60_000         # a refund still processing is asked about every minute ...
+REFUND_GIVE_UP_MS = 7 * 86_400_000     # ... and after a week without an answer it is an operator's alarm
+BILL_READY_HOUR = 11                   # the providers publish yesterday's bill by about 10:00 (UTC+8)
+PAYER_LINK_TTL_MS = 10 * 60_000
+RECONCILE_RETRY_MS = 30 * 60_000       # a bill not out yet is asked for again after half an hour
+FINAL_REFUND_STATES = ("success", "closed", "abnormal", "failed")
+
+
+def china_day_bounds(day: date) -> tuple[int, int]:
+    lo = int(datetime(day.year, day.month, day.day, tzinfo=CHINA).timestamp() * 1000)
+    return lo, lo + 86_400_000
+
+
+def _order_row(row) -> dict[str, Any]:
+    return {k: row[k] for k in ("order_id", "amount_fen", "state", "created_ms", "expires_ms", "paid_ms")} | \
+        {"provider": row["provider"], "refunded_fen": row.get("refunded_fen") or 0}
 
 
 class Wallet:
-    def __init__(self, db: Database, provider: PaymentProvider) -> None:
-        self.db, self.provider = db, provider
+    def __init__(self, db: Database, providers: dict[str, PaymentProvider] | PaymentProvider,
+                 link_key: bytes = b"") -> None:
+        if not isinstance(providers, dict):
+            providers = {providers.name: providers}
+        if not providers:
+            raise ValueError("at least one payment provider")
+        self.db, self.providers = db, providers
+        self._link_key = link_key or secrets.token_bytes(32)
+        self._reconcile_tried: dict[tuple[str, str], int] = {}
+        # the development sandbox, when it is on (its pages and the tests reach it here); else the first provider
+        self.provider = providers.get("sandbox") or next(iter(providers.values()))
 
-    def view(self, user_id: str) -> dict[str, Any]:
-        """The wallet page: balances, the newest entries (holds and releases left out) and top-up orders."""
-        e, o = t.balance_entries.c, t.topup_orders.c
+    def _provider(self, name: str) -> PaymentProvider:
+        p = self.providers.get(name)
+        if p is None:
+            raise Invalid("unknown_provider", f"payment provider {name!r} is not offered here; offered: "
+                          + ", ".join(self.providers))
+        return p
+
+    def methods(self) -> list[dict[str, Any]]:
+        return [{"provider": p.name, "channels": list(p.channels), "development": p.is_development}
+                for p in self.providers.values()]
+
+    def view(self, user_id: str, now_ms: int) -> dict[str, Any]:
+        """The wallet page: balances, the newest entries (holds and releases left out), top-up orders and
+        refunds."""
+        e, o, r = t.balance_entries.c, t.topup_orders.c, t.provider_refunds.c
         with self.db.read() as conn:
             available, held = balance(conn, user_id)
             entries = conn.execute(select(e.kind, e.amount_fen, e.session_id, e.note, e.created_ms)
                                    .where(e.user_id == user_id, e.kind.not_in(("hold", "release")))
                                    .order_by(e.entry_id.desc()).limit(50)).mappings().all()
-            orders = conn.execute(select(o.order_id, o.amount_fen, o.state, o.created_ms, o.expires_ms, o.paid_ms)
-                                  .where(o.user_id == user_id).order_by(o.created_ms.desc()).limit(20)).mappings().all()
+            orders = conn.execute(select(t.topup_orders).where(o.user_id == user_id)
+                                  .order_by(o.created_ms.desc()).limit(20)).mappings().all()
+            refunds = conn.execute(select(t.provider_refunds).where(r.user_id == user_id)
+                                   .order_by(r.created_ms.desc()).limit(20)).mappings().all()
+            refundable = self._refundable(conn, user_id, now_ms)
         return {"balance_fen": available + held, "held_fen": held, "available_fen": available,
                 "arrears_fen": max(0, -available), "entries": [dict(x) for x in entries],
-                "orders": [dict(x) for x in orders], "sandbox": self.provider.is_development,
+                "orders": [_order_row(x) for x in orders], "refunds": [_refund_out(x) for x in refunds],
+                "withdrawable_fen": max(0, min(available, sum(a for _o, a in refundable))),
+                "sandbox": self.provider.is_development, "methods": self.methods(),
                 "min_topup_fen": MIN_TOPUP_FEN, "max_topup_fen": MAX_TOPUP_FEN}
 
-    def create_topup(self, user_id: str, amount_fen: int, notify_url: str, return_url: str,
-                     now_ms: int) -> dict[str, Any]:
+    def create_topup(self, user_id: str, amount_fen: int, notify_base: str, return_url: str, now_ms: int,
+                     provider: str = "", channel: str = "", client_ip: str = "") -> dict[str, Any]:
         if not MIN_TOPUP_FEN <= amount_fen <= MAX_TOPUP_FEN:
             raise Invalid("bad_amount", f"a top-up is {MIN_TOPUP_FEN // 100} to {MAX_TOPUP_FEN // 100} yuan")
+        prov = self._provider(provider) if provider else self.provider
+        channel = channel or prov.channels[0]
+        if channel not in prov.channels:
+            raise Invalid("bad_channel", f"{prov.name} takes {', '.join(prov.channels)} here, not {channel!r}")
+        payer_id = ""
+        if channel == "jsapi":
+            with self.db.read() as conn:
+                payer_id = conn.execute(select(t.payer_accounts.c.payer_id).where(and_(
+                    t.payer_accounts.c.user_id == user_id, t.payer_accounts.c.provider == prov.name))).scalar() or ""
+            if not payer_id:
+                raise Conflict("payer_unknown", "WeChat must tell us who is paying first (it asks once)",
+                               provider=prov.name)
         order_id = "o-" + uuid.uuid4().hex[:24]
         expires = now_ms + ORDER_TTL_MS
         with self.db.tx() as conn:
@@ -64,25 +144,97 @@ class Wallet:
                 raise TooMany("too_many_orders", "too many top-up orders at once: pay or wait for the open ones",
                                retry_after_s=60)
             conn.execute(insert(t.topup_orders).values(order_id=order_id, user_id=user_id, amount_fen=amount_fen,
-                                                       state="pending", provider=self.provider.name,
+                                                       state="pending", provider=prov.name, channel=channel,
                                                        created_ms=now_ms, expires_ms=expires))
-        pay_url = self.provider.create(order_id, amount_fen, f"Tapshare top-up {amount_fen / 100:.2f} CNY",
-                                       notify_url, return_url.replace("{order_id}", order_id), expires)
-        return {"order_id": order_id, "amount_fen": amount_fen, "state": "pending", "pay_url": pay_url,
-                "expires_ms": expires, "sandbox": self.provider.is_development}
+        req = PayRequest(order_id=order_id, amount_fen=amount_fen,
+                         description=f"Tapshare 饮水充值 top-up ¥{amount_fen / 100:.2f}",
+                         notify_url=f"{notify_base}/{prov.name}", return_url=return_url.replace("{order_id}", order_id),
+                         expires_ms=expires, channel=channel, client_ip=client_ip, payer_id=payer_id)
+        try:
+            start = prov.create(req)
+        except ProviderError as e:
+            log.warning("top-up %s not created at %s: %s %s", order_id, prov.name, e.code, e.message)
+            with self.db.tx() as conn:
+                conn.execute(update(t.topup_orders).where(t.topup_orders.c.order_id == order_id)
+                             .values(state="closed", closed_ms=now_ms))
+                if not e.retryable:
+                    raise_alarm(conn, "payments", "create_refused",
+                                {"provider": prov.name, "code": e.code, "message": e.message[:200]}, now_ms)
+            raise Unavailable("payment_unavailable", f"{_label(prov.name)} could not start the payment "
+                              f"({e.code}); nothing was charged, try again or choose another way to pay",
+                              retry_after_s=30, provider=prov.name) from None
+        return {"order_id": order_id, "amount_fen": amount_fen, "state": "pending", "provider": prov.name,
+                "channel": channel, "pay_kind": start.kind, "pay_url": start.url, "qr_text": start.qr_text,
+                "jsapi_params": start.jsapi_params, "expires_ms": expires, "sandbox": prov.is_development}
+
+    def payer_link(self, user_id: str, provider: str, return_path: str, redirect_uri: str, now_ms: int) -> str:
+        """The provider's authorisation address that tells us who pays (WeChat's openid), with a signed state
+        naming this person and where to go back, valid for 10 minutes."""
+        prov = self._provider(provider)
+        if not hasattr(prov, "oauth_url"):
+            raise Invalid("no_payer_link", f"{prov.name} needs no authorisation")
+        body = f"{user_id}|{now_ms + PAYER_LINK_TTL_MS}|{return_path}"
+        mac = hmac.new(self._link_key, body.encode(), hashlib.sha256).hexdigest()[:32]
+        state = base64.urlsafe_b64encode(f"{body}|{mac}".encode()).decode().rstrip("=")
+        return prov.oauth_url(redirect_uri, state)
+
+    def payer_return(self, provider: str, code: str, state: str, now_ms: int) -> str:
+        """The provider sent the person back with a code: it becomes their payer id. Returns where to go."""
+        prov = self._provider(provider)
+        try:
+            raw = base64.urlsafe_b64decode(state + "=" * (-len(state) % 4)).decode()
+            user_id, expires, return_path, mac = raw.split("|", 3)
+            good = hmac.compare_digest(mac, hmac.new(self._link_key, f"{user_id}|{expires}|{return_path}".encode(),
+                                                     hashlib.sha256).hexdigest()[:32])
+        except (ValueError, UnicodeDecodeError):
+            good = False
+        if not good:
+            raise Unauthenticated("bad_state", "this authorisation link was not made here")
+        if int(expires) < now_ms:
+            raise Gone("link_expired", "this authorisation link has expired: start the top-up again")
+        if not code:
+            return return_path + ("&" if "?" in return_path else "?") + "payer=refused"
+        try:
+            payer_id = prov.openid_for_code(code)
+        except ProviderError as e:
+            raise Unavailable("payer_unknown", f"WeChat did not say who is paying ({e.code})",
+                              retry_after_s=10) from None
+        self.remember_payer(user_id, prov.name, payer_id, now_ms)
+        return return_path
+
+    def remember_payer(self, user_id: str, provider: str, payer_id: str, now_ms: int) -> None:
+        pa = t.payer_accounts.c
+        with self.db.tx() as conn:
+            known = conn.execute(select(pa.payer_id).where(and_(pa.user_id == user_id, pa.provider == provider))
+                                 ).scalar()
+            if known is None:
+                conn.execute(insert(t.payer_accounts).values(user_id=user_id, provider=provider, payer_id=payer_id,
+                                                             created_ms=now_ms))
+            elif known != payer_id:
+                conn.execute(update(t.payer_accounts).where(and_(pa.user_id == user_id, pa.provider == provider))
+                             .values(payer_id=payer_id, created_ms=now_ms))
 
     def order(self, user_id: str, order_id: str) -> dict[str, Any]:
         with self.db.read() as conn:
             row = first_row(conn, select(t.topup_orders).where(t.topup_orders.c.order_id == order_id))
         if row is None or row["user_id"] != user_id:
             raise NotFound("unknown_order", "no such top-up order")
-        return {k: row[k] for k in ("order_id", "amount_fen", "state", "created_ms", "expires_ms", "paid_ms")}
+        return _order_row(row)
 
-    def notify(self, headers: dict[str, str], body: bytes, now_ms: int) -> dict[str, Any]:
-        n = self.provider.verify({k.lower(): v for k, v in headers.items()}, body, now_ms)
-        return self.apply(n, now_ms)
+    # ---------------------------------------------------------------- what providers tell us
 
-    def apply(self, n: Notification, now_ms: int) -> dict[str, Any]:
+    def notify(self, provider: str, headers: dict[str, str], body: bytes, now_ms: int) -> NotifyAck:
+        """A provider's notification: verified by that provider's published rule, committed, then acknowledged
+        in the provider's format. Anything not genuine or not matching raises (the provider retries)."""
+        prov = self._provider(provider)
+        n = prov.verify({k.lower(): v for k, v in headers.items()}, body, now_ms)
+        if isinstance(n, RefundNotice):
+            self.apply_refund(prov.name, n, now_ms)
+        else:
+            self.apply(n, now_ms, prov.name)
+        return prov.ack(True)
+
+    def apply(self, n: Notification, now_ms: int, provider: str | None = None) -> dict[str, Any]:
         """Credit a verified notification's order once; a repeat is acknowledged and changes nothing."""
         o = t.topup_orders.c
         refused: DomainError | None = None
@@ -90,6 +242,10 @@ class Wallet:
             row = first_row(conn, select(t.topup_orders).where(o.order_id == n.order_id))
             if row is None:
                 raise NotFound("unknown_order", "no such order")
+            if provider is not None and row["provider"] != provider:
+                audit(conn, "payments", "provider_mismatch", n.order_id,
+                      {"notified_by": provider, "order_provider": row["provider"]}, now_ms)
+                raise Conflict("provider_mismatch", "this order was not placed with this provider")
             conn.execute(update(t.topup_orders).where(o.order_id == n.order_id)
                          .values(notifications=o.notifications + 1))
             if n.status != "SUCCESS":
@@ -97,6 +253,8 @@ class Wallet:
             if n.amount_fen != row["amount_fen"]:
                 audit(conn, "payments", "amount_mismatch", n.order_id,
                       {"notified_fen": n.amount_fen, "ordered_fen": row["amount_fen"]}, now_ms)
+                raise_alarm(conn, "payments", "amount_mismatch", {"order_id": n.order_id, "provider": row["provider"],
+                            "notified_fen": n.amount_fen, "ordered_fen": row["amount_fen"]}, now_ms)
                 log.error("payment notification for %s says %d fen, the order is %d fen: not credited",
                           n.order_id, n.amount_fen, row["amount_fen"])
                 refused = Conflict("amount_mismatch", "the notified amount does not match the order")
@@ -118,25 +276,126 @@ class Wallet:
         """Unpaid orders past their time: ask the provider first (a payment may be on its way), then close."""
         o = t.topup_orders.c
         with self.db.read() as conn:
-            due = conn.execute(select(o.order_id).where(and_(o.state == "pending", o.expires_ms < now_ms))
-                               .limit(200)).scalars().all()
+            due = conn.execute(select(o.order_id, o.provider).where(and_(o.state == "pending", o.expires_ms < now_ms))
+                               .limit(200)).all()
         closed = []
-        for order_id in due:
-            n = self.provider.query(order_id)
-            if n is not None and n.status == "SUCCESS":
-                self.apply(n, now_ms)
+        for order_id, provider in due:
+            prov = self.providers.get(provider)
+            if prov is None:
+                continue                                # a provider no longer configured: left for an operator
+            try:
+                n = prov.query(order_id)
+                if n is not None and n.status == "SUCCESS":
+                    self.apply(n, now_ms, prov.name)
+                    continue
+                if not prov.close(order_id):
+                    continue                            # paid meanwhile: the notification will credit it
+            except ProviderError as e:
+                log.warning("order %s: %s did not answer about it (%s); asking again later", order_id, provider,
+                            e.code)
                 continue
-            if not self.provider.close(order_id):
-                continue                                # paid meanwhile: the notification will credit it
+            except DomainError as e:
+                log.error("order %s: the provider's answer was refused: %s", order_id, e.message)
+                continue
             with self.db.tx() as conn:
                 if conn.execute(update(t.topup_orders).where(and_(o.order_id == order_id, o.state == "pending"))
                                 .values(state="closed", closed_ms=now_ms)).rowcount:
                     closed.append(order_id)
         return closed
 
-    def refund(self, operator_id: str, session_id: str, amount_fen: int, reason: str, now_ms: int) -> dict[str, Any]:
-        """Operator-initiated refund of (part of) a session's charge, e.g. for a failed dispense."""
+    # ---------------------------------------------------------------- money back to where it came from
+
+    def _refundable(self, conn, user_id: str, now_ms: int) -> list[tuple[dict[str, Any], int]]:
+        """The user's paid top-ups that can still take a refund (their provider is configured and the payment
+        is inside its refund window), newest first, with how much each can still take."""
+        o = t.topup_orders.c
+        rows = conn.execute(select(t.topup_orders).where(and_(o.user_id == user_id, o.state == "paid",
+                                                              o.amount_fen > o.refunded_fen))
+                            .order_by(o.paid_ms.desc(), o.order_id)).mappings().all()
+        out = []
+        for row in rows:
+            prov = self.providers.get(row["provider"])
+            if prov is None or (row["paid_ms"] or 0) < now_ms - prov.refund_window_days * 86_400_000:
+                continue
+            out.append((dict(row), row["amount_fen"] - row["refunded_fen"]))
+        return out
+
+    def _allocate(self, conn, user_id: str, amount_fen: int, origin: str, requested_by: str, reason: str,
+                  now_ms: int) -> tuple[list[str], int]:
+        """Split ``amount_fen`` over the user's refundable top-ups (newest first) as refund rows, in the caller's
+        transaction; returns the refund ids and what no top-up could take."""
+        ids, left = [], amount_fen
+        for row, room in self._refundable(conn, user_id, now_ms):
+            if left <= 0:
+                break
+            part = min(left, room)
+            refund_id = "rf-" + uuid.uuid4().hex[:24]
+            o = t.topup_orders.c
+            took = conn.execute(update(t.topup_orders).where(and_(
+                o.order_id == row["order_id"], o.refunded_fen + part <= o.amount_fen))
+                .values(refunded_fen=o.refunded_fen + part)).rowcount
+            if not took:
+                continue
+            conn.execute(insert(t.provider_refunds).values(
+                refund_id=refund_id, order_id=row["order_id"], user_id=user_id, provider=row["provider"],
+                amount_fen=part, origin=origin, reason=reason[:200], state="requested", requested_by=requested_by,
+                created_ms=now_ms, updated_ms=now_ms, attempts=0))
+            ids.append(refund_id)
+            left -= part
+        return ids, left
+
+    def withdraw(self, user_id: str, amount_fen: int | None, notify_base: str, now_ms: int) -> dict[str, Any]:
+        """The person takes (part of) their balance back to the payments it came from. Only what the top-ups
+        can take back is withdrawn; the rest stays in the wallet and the answer says why."""
+        with self.db.tx() as conn:
+            self.db.lock(conn, f"topup:{user_id}")
+            users_q = select(t.users.c.user_id).where(t.users.c.user_id == user_id)
+            if not self.db.is_sqlite:
+                users_q = users_q.with_for_update()     # a start at the same moment waits: its hold is counted
+            first_row(conn, users_q)
+            available, _held = balance(conn, user_id)
+            room = sum(a for _row, a in self._refundable(conn, user_id, now_ms))
+            want = available if amount_fen is None else amount_fen
+            if available <= 0:
+                raise Conflict("nothing_to_withdraw", "there is no balance to take back", available_fen=available)
+            if want < 1 or want > available:
+                raise Invalid("bad_amount", f"you can take back at most ¥{available / 100:.2f}",
+                              available_fen=available)
+            if room <= 0:
+                raise Conflict("not_refundable", "this balance did not come from a top-up that can still be "
+                               "refunded (older than the provider allows, or an operator's credit): ask the "
+                               "operator", available_fen=available)
+            take = min(want, room)
+            ids, left = self._allocate(conn, user_id, take, "withdrawal", user_id, "余额退回 balance withdrawal",
+                                       now_ms)
+            taken = take - left
+            add_entry(conn, user_id, "withdrawal", -taken, now_ms, note=f"{len(ids)} refund(s)")
+        self.send_refunds(ids, notify_base, now_ms)
+        return {"withdrawn_fen": taken, "kept_fen": want - taken, "refunds": self.refunds_of(user_id, ids)}
+
+    def withdraw_for_deletion(self, conn, user_id: str, available_fen: int, now_ms: int) -> dict[str, Any]:
+        """A deleted account's balance, in the deletion's transaction: refunds to its top-ups, and what they
+        cannot take as a manual refund for the operators (paid by transfer). Never forfeited."""
+        ids, left = self._allocate(conn, user_id, available_fen, "deletion", user_id, "注销账户 account deleted",
+                                   now_ms)
+        manual_id = None
+        if left > 0:
+            manual_id = "br-" + uuid.uuid4().hex[:20]
+            conn.execute(insert(t.balance_refunds).values(
+                refund_id=manual_id, user_id=user_id, amount_fen=left, state="requested", created_ms=now_ms,
+                orders=[{"order_id": None, "provider": "transfer", "amount_fen": left}]))
+        add_entry(conn, user_id, "payout", -available_fen, now_ms, note=f"account deleted: {len(ids)} refund(s)"
+                  + (f", {manual_id}" if manual_id else ""))
+        return {"refund_ids": ids, "manual_refund_id": manual_id, "manual_fen": left}
+
+    def refund(self, operator_id: str, session_id: str, amount_fen: int, reason: str, now_ms: int,
+               to: str = "balance", notify_base: str = "") -> dict[str, Any]:
+        """Operator-initiated refund of (part of) a session's charge, e.g. for a failed dispense: to the balance,
+        or on to the original payment (as much as the person's top-ups can take; the rest stays in the
+        balance)."""
         e = t.balance_entries.c
+        ids: list[str] = []
+        left = 0
         with self.db.tx() as conn:
             q = select(t.sessions).where(t.sessions.c.session_id == session_id)
             if not self.db.is_sqlite:
@@ -154,8 +413,237 @@ class Wallet:
                 raise Invalid("bad_refund", f"refundable: {charged - refunded} fen of {charged} fen charged",
                                refundable_fen=charged - refunded)
             add_entry(conn, s["user_id"], "refund", amount_fen, now_ms, session_id, reason[:200])
-            audit(conn, operator_id, "refund", session_id, {"amount_fen": amount_fen, "reason": reason}, now_ms)
-        return {"session_id": session_id, "refunded_fen": refunded + amount_fen, "charged_fen": charged}
+            if to == "original":
+                ids, left = self._allocate(conn, s["user_id"], amount_fen, "session", operator_id, reason, now_ms)
+                if amount_fen - left:
+                    add_entry(conn, s["user_id"], "withdrawal", -(amount_fen - left), now_ms, session_id,
+                              f"refund of {session_id} to the original payment")
+            audit(conn, operator_id, "refund", session_id,
+                  {"amount_fen": amount_fen, "reason": reason, "to": to, "provider_refunds": ids}, now_ms)
+        if ids:
+            self.send_refunds(ids, notify_base, now_ms)
+        return {"session_id": session_id, "refunded_fen": refunded + amount_fen, "charged_fen": charged, "to": to,
+                "to_original_fen": amount_fen - left if to == "original" else 0,
+                "to_balance_fen": left if to == "original" else amount_fen,
+                "provider_refunds": self.refunds_of(s["user_id"], ids) if ids else []}
+
+    def refunds_of(self, user_id: str, ids: list[str]) -> list[dict[str, Any]]:
+        r = t.provider_refunds.c
+        with self.db.read() as conn:
+            rows = conn.execute(select(t.provider_refunds).where(and_(r.user_id == user_id, r.refund_id.in_(ids)))
+                                .order_by(r.created_ms, r.refund_id)).mappings().all()
+        return [_refund_out(x) for x in rows]
+
+    def send_refunds(self, ids: list[str], notify_base: str, now_ms: int) -> None:
+        """Ask the providers for these refunds (each idempotent by its id). A provider that does not answer now
+        is asked again by :meth:`settle_refunds`; nothing here can refund twice."""
+        r = t.provider_refunds.c
+        for refund_id in ids:
+            with self.db.read() as conn:
+                row = first_row(conn, select(t.provider_refunds, t.topup_orders.c.amount_fen.label("order_fen"))
+                                .join(t.topup_orders, t.topup_orders.c.order_id == r.order_id)
+                                .where(r.refund_id == refund_id))
+            if row is None or row["state"] != "requested":
+                continue
+            prov = self.providers.get(row["provider"])
+            if prov is None:
+                continue
+            req = RefundRequest(refund_id=refund_id, order_id=row["order_id"], amount_fen=row["amount_fen"],
+                                order_total_fen=row["order_fen"], reason=row["reason"] or "退款 refund",
+                                notify_url=f"{notify_base}/{prov.name}" if notify_base else "")
+            try:
+                notice = prov.refund(req)
+            except ProviderError as e:
+                with self.db.tx() as conn:
+                    conn.execute(update(t.provider_refunds).where(and_(r.refund_id == refund_id,
+                                                                       r.state == "requested"))
+                                 .values(attempts=r.attempts + 1, updated_ms=now_ms,
+                                         last_error=f"{e.code}: {e.message}"[:200]))
+                if not e.retryable:
+                    self._finish_refund(refund_id, "failed", now_ms, error=f"{e.code}: {e.message}")
+                else:
+                    log.warning("refund %s: %s did not take it yet (%s); retrying later", refund_id, prov.name, e.code)
+                continue
+            self.apply_refund(prov.name, notice, now_ms)
+
+    def apply_refund(self, provider: str, n: RefundNotice, now_ms: int) -> None:
+        """A provider's word on one of our refunds (its answer, a query, or a verified notification)."""
+        r = t.provider_refunds.c
+        with self.db.tx() as conn:
+            row = first_row(conn, select(t.provider_refunds).where(r.refund_id == n.refund_id))
+            if row is None or row["provider"] != provider or row["order_id"] != n.order_id:
+                raise NotFound("unknown_refund", "no such refund")
+            if n.amount_fen != row["amount_fen"]:
+                raise_alarm(conn, "payments", "refund_amount_mismatch", {"refund_id": n.refund_id, "provider": provider,
+                            "notified_fen": n.amount_fen, "asked_fen": row["amount_fen"]}, now_ms)
+                raise Conflict("amount_mismatch", "the refund's amount does not match ours")
+            conn.execute(update(t.provider_refunds).where(and_(r.refund_id == n.refund_id,
+                                                               r.state.in_(("requested", "processing"))))
+                         .values(state="processing", provider_refund_id=n.provider_refund_id or None,
+                                 updated_ms=now_ms, attempts=r.attempts + 1, last_error=None))
+        if n.status != "PROCESSING":
+            self._finish_refund(n.refund_id, n.status.lower(), now_ms, done_ms=n.done_ms or now_ms)
+
+    def _finish_refund(self, refund_id: str, state: str, now_ms: int, done_ms: int | None = None,
+                       error: str = "") -> None:
+        """Move a refund to its final state once. If the money did not reach the payer (closed, failed), it comes
+        back: to the balance, or for a deleted account to the operators' manual refunds; abnormal (the payer's
+        account cannot take it) is the operators' to settle, with an alarm."""
+        r, o = t.provider_refunds.c, t.topup_orders.c
+        with self.db.tx() as conn:
+            won = conn.execute(update(t.provider_refunds).where(and_(r.refund_id == refund_id,
+                                                                     r.state.not_in(FINAL_REFUND_STATES)))
+                               .values(state=state, done_ms=done_ms or now_ms, updated_ms=now_ms,
+                                       last_error=error[:200] or r.last_error)).rowcount
+            if not won:
+                return
+            row = first_row(conn, select(t.provider_refunds).where(r.refund_id == refund_id))
+            if state == "success":
+                return
+            conn.execute(update(t.topup_orders).where(o.order_id == row["order_id"])
+                         .values(refunded_fen=o.refunded_fen - row["amount_fen"]))
+            detail = {"refund_id": refund_id, "order_id": row["order_id"], "provider": row["provider"],
+                      "amount_fen": row["amount_fen"], "user_id": row["user_id"], "error": error[:200]}
+            if state == "abnormal" or row["origin"] == "deletion":
+                manual_id = "br-" + uuid.uuid4().hex[:20]
+                conn.execute(insert(t.balance_refunds).values(
+                    refund_id=manual_id, user_id=row["user_id"], amount_fen=row["amount_fen"], state="requested",
+                    created_ms=now_ms, orders=[{"order_id": row["order_id"], "provider": row["provider"],
+                                                "amount_fen": row["amount_fen"], "failed_refund_id": refund_id}]))
+                raise_alarm(conn, "payments", f"refund_{state}", detail | {"manual_refund_id": manual_id}, now_ms)
+            else:
+                add_entry(conn, row["user_id"], "refund_return", row["amount_fen"], now_ms,
+                          note=f"refund {refund_id} {state}: back in the wallet")
+                raise_alarm(conn, "payments", f"refund_{state}", detail, now_ms)
+        log.warning("refund %s ended %s %s", refund_id, state, error)
+
+    def settle_refunds(self, notify_base: str, now_ms: int) -> int:
+        """Follow every unfinished refund: send again those the provider did not take (backing off), ask about
+        those still processing; a refund without an answer for a week becomes an alarm."""
+        r = t.provider_refunds.c
+        with self.db.read() as conn:
+            rows = conn.execute(select(r.refund_id, r.order_id, r.provider, r.state, r.attempts, r.updated_ms,
+                                       r.created_ms)
+                                .where(r.state.in_(("requested", "processing"))).order_by(r.updated_ms).limit(100)
+                                ).mappings().all()
+        touched = 0
+        for row in rows:
+            wait = min(REFUND_RETRY_MAX_MS, REFUND_RETRY_BASE_MS * 2 ** min(row["attempts"], 20))
+            if row["state"] == "processing":
+                wait = REFUND_QUERY_AFTER_MS
+            if now_ms - row["updated_ms"] < wait:
+                continue
+            touched += 1
+            if row["state"] == "requested":
+                self.send_refunds([row["refund_id"]], notify_base, now_ms)
+                continue
+            prov = self.providers.get(row["provider"])
+            if prov is None:
+                continue
+            try:
+                n = prov.query_refund(row["order_id"], row["refund_id"])
+            except ProviderError as e:
+                log.warning("refund %s: %s did not answer (%s)", row["refund_id"], row["provider"], e.code)
+                n = None
+            if n is not None:
+                self.apply_refund(prov.name, n, now_ms)
+            with self.db.tx() as conn:
+                conn.execute(update(t.provider_refunds).where(and_(r.refund_id == row["refund_id"],
+                                                                   r.state == "processing"))
+                             .values(updated_ms=now_ms))
+                if now_ms - row["created_ms"] > REFUND_GIVE_UP_MS and row["state"] == "processing":
+                    raise_alarm(conn, "payments", "refund_stuck", {"refund_id": row["refund_id"],
+                                "provider": row["provider"]}, now_ms)
+        return touched
+
+    def provider_refunds(self, state: str, limit: int) -> list[dict[str, Any]]:
+        r = t.provider_refunds.c
+        q = select(t.provider_refunds).order_by(r.created_ms.desc()).limit(limit)
+        if state != "all":
+            q = q.where(r.state == state)
+        with self.db.read() as conn:
+            return [_refund_out(x) | {"user_id": x["user_id"], "origin": x["origin"], "attempts": x["attempts"],
+                                      "last_error": x["last_error"], "requested_by": x["requested_by"]}
+                    for x in conn.execute(q).mappings().all()]
+
+    # ---------------------------------------------------------------- reconciliation
+
+    def reconcile(self, provider: str, day: date, now_ms: int) -> dict[str, Any]:
+        """Compare the provider's bill for ``day`` with our paid orders and finished refunds of that day (UTC+8);
+        the report lists what is missing on either side, duplicated, or of a different amount. A mismatch
+        raises an alarm. A bill not out yet raises Unavailable (nothing is stored)."""
+        prov = self._provider(provider)
+        try:
+            bill = prov.bill(day)
+        except ProviderError as e:
+            raise Unavailable("bill_not_ready" if e.retryable else "bill_refused",
+                              f"{prov.name} has no bill for {day.isoformat()} yet ({e.code}: {e.message})",
+                              retry_after_s=3600) from None
+        lo, hi = china_day_bounds(day)
+        o, r = t.topup_orders.c, t.provider_refunds.c
+        with self.db.read() as conn:
+            ours_paid = {x["order_id"]: x for x in conn.execute(
+                select(o.order_id, o.amount_fen, o.provider_txn_id).where(and_(
+                    o.provider == prov.name, o.state == "paid", o.paid_ms >= lo, o.paid_ms < hi))).mappings()}
+            ours_refunds = {x["refund_id"]: x for x in conn.execute(
+                select(r.refund_id, r.order_id, r.amount_fen).where(and_(
+                    r.provider == prov.name, r.state == "success", r.done_ms >= lo, r.done_ms < hi))).mappings()}
+            bill_orders = {b.order_id for b in bill if b.kind == "payment"} - set(ours_paid)
+            known = {x["order_id"]: x for x in conn.execute(
+                select(o.order_id, o.state, o.amount_fen, o.paid_ms).where(o.order_id.in_(bill_orders))).mappings()}
+            bill_refunds = {b.refund_id for b in bill if b.kind == "refund"} - set(ours_refunds)
+            known_refunds = {x["refund_id"]: x for x in conn.execute(
+                select(r.refund_id, r.state, r.amount_fen, r.done_ms).where(r.refund_id.in_(bill_refunds))
+            ).mappings()}
+        report = _compare(bill, ours_paid, ours_refunds, known, known_refunds)
+        state = "mismatch" if any(report[k] for k in ("missing_here", "missing_there", "duplicated",
+                                                      "wrong_amount")) else "matched"
+        report |= {"provider": prov.name, "bill_date": day.isoformat(), "state": state, "checked_ms": now_ms}
+        with self.db.tx() as conn:
+            c = t.reconciliations.c
+            conn.execute(t.reconciliations.delete().where(and_(c.provider == prov.name,
+                                                               c.bill_date == day.isoformat())))
+            conn.execute(insert(t.reconciliations).values(provider=prov.name, bill_date=day.isoformat(),
+                                                          state=state, report=report, checked_ms=now_ms))
+            if state == "mismatch":
+                raise_alarm(conn, "reconciliation", "mismatch", {
+                    "provider": prov.name, "bill_date": day.isoformat(),
+                    **{k: len(report[k]) for k in ("missing_here", "missing_there", "duplicated", "wrong_amount")}},
+                    now_ms)
+        if state == "mismatch":
+            log.error("reconciliation %s %s: MISMATCH %s", prov.name, day, {k: len(report[k]) for k in
+                      ("missing_here", "missing_there", "duplicated", "wrong_amount")})
+        return report
+
+    def reconciliation(self, provider: str, day: date) -> dict[str, Any]:
+        c = t.reconciliations.c
+        with self.db.read() as conn:
+            row = first_row(conn, select(t.reconciliations).where(and_(c.provider == provider,
+                                                                       c.bill_date == day.isoformat())))
+        if row is None:
+            raise NotFound("not_reconciled", f"{provider} {day.isoformat()} has not been reconciled")
+        return row["report"]
+
+    def reconcile_due(self, now_ms: int) -> list[dict[str, Any]]:
+        """Yesterday's bills (UTC+8), once they are out (after 11:00), for every provider not yet reconciled."""
+        now = datetime.fromtimestamp(now_ms / 1000, CHINA)
+        if now.hour < BILL_READY_HOUR:
+            return []
+        day = (now - timedelta(days=1)).date()
+        c = t.reconciliations.c
+        with self.db.read() as conn:
+            done = set(conn.execute(select(c.provider).where(c.bill_date == day.isoformat())).scalars())
+        out = []
+        for name in self.providers:
+            key = (name, day.isoformat())
+            if name in done or now_ms - self._reconcile_tried.get(key, -RECONCILE_RETRY_MS) < RECONCILE_RETRY_MS:
+                continue
+            self._reconcile_tried[key] = now_ms
+            try:
+                out.append(self.reconcile(name, day, now_ms))
+            except Unavailable as e:
+                log.info("reconciliation %s %s: %s", name, day, e.message)
+        return out
 
     def balance_refunds(self, state: str, limit: int) -> list[dict[str, Any]]:
         r = t.balance_refunds.c
@@ -187,3 +675,47 @@ def _refund_row(r) -> dict[str, Any]:
                               "reference", "orders")}
 
 
+def _refund_out(r) -> dict[str, Any]:
+    return {k: r[k] for k in ("refund_id", "order_id", "provider", "amount_fen", "state", "created_ms", "done_ms")}
+
+
+def _label(provider: str) -> str:
+    return {"wechatpay": "微信支付 WeChat Pay", "alipay": "支付宝 Alipay"}.get(provider, provider)
+
+
+def _compare(bill: list[BillRow], ours_paid: dict, ours_refunds: dict, known: dict,
+             known_refunds: dict) -> dict[str, list[dict[str, Any]]]:
+    missing_here, missing_there, duplicated, wrong_amount = [], [], [], []
+    seen: dict[tuple[str, str], int] = {}
+    for b in bill:
+        key = (b.kind, b.refund_id if b.kind == "refund" else b.order_id)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] == 2:
+            duplicated.append({"kind": b.kind, "order_id": b.order_id, "refund_id": b.refund_id,
+                               "provider_txn_id": b.provider_txn_id, "amount_fen": b.amount_fen})
+        if seen[key] > 1:
+            continue
+        ours = ours_paid.get(b.order_id) if b.kind == "payment" else ours_refunds.get(b.refund_id)
+        if ours is None:
+            other = known.get(b.order_id) if b.kind == "payment" else known_refunds.get(b.refund_id)
+            missing_here.append({"kind": b.kind, "order_id": b.order_id, "refund_id": b.refund_id,
+                                 "provider_txn_id": b.provider_txn_id, "amount_fen": b.amount_fen,
+                                 "ours": dict(other) if other else None})
+        elif ours["amount_fen"] != b.amount_fen:
+            wrong_amount.append({"kind": b.kind, "order_id": b.order_id, "refund_id": b.refund_id,
+                                 "bill_fen": b.amount_fen, "ours_fen": ours["amount_fen"]})
+    for order_id, x in ours_paid.items():
+        if ("payment", order_id) not in seen:
+            missing_there.append({"kind": "payment", "order_id": order_id, "amount_fen": x["amount_fen"],
+                                  "provider_txn_id": x["provider_txn_id"]})
+    for refund_id, x in ours_refunds.items():
+        if ("refund", refund_id) not in seen:
+            missing_there.append({"kind": "refund", "order_id": x["order_id"], "refund_id": refund_id,
+                                  "amount_fen": x["amount_fen"]})
+    return {"missing_here": missing_here, "missing_there": missing_there, "duplicated": duplicated,
+            "wrong_amount": wrong_amount,
+            "bill_payments": sum(1 for b in bill if b.kind == "payment"),
+            "bill_refunds": sum(1 for b in bill if b.kind == "refund"),
+            "bill_payments_fen": sum(b.amount_fen for b in bill if b.kind == "payment"),
+            "bill_refunds_fen": sum(b.amount_fen for b in bill if b.kind == "refund"),
+            "our_payments": len(ours_paid), "our_refunds": len(ours_refunds)}
