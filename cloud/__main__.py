@@ -40,7 +40,7 @@ def create_operator(database_url: str, name: str, role: str, valid_days: int | N
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cloud", description="Tapshare reference cloud service")
     sub = ap.add_subparsers(dest="cmd")
-    for name in ("serve", "create-operator", "dev-user"):
+    for name in ("serve", "create-operator", "dev-user", "reconcile"):
         sp = sub.add_parser(name)
         sp.add_argument("--database-url", default="")
         sp.add_argument("--data-dir", default="data/cloud")
@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument("name")
     op.add_argument("--role", default="operator", choices=list(ROLES))
     sub.add_parser("new-key")
+    rec = sub.choices["reconcile"]
+    rec.description = ("Compare the payment providers' trade bills for a day (UTC+8) with our orders and refunds; "
+                       "exit 0 if they match, 1 on a mismatch (also an operator alarm), 3 if a bill is not out yet.")
+    rec.add_argument("--date", default="", help="YYYY-MM-DD (default: yesterday in China)")
+    rec.add_argument("--provider", default="", help="one provider (default: every configured one)")
+    rec.add_argument("--json", action="store_true", help="print the full reports as JSON")
     dev = sub.choices["dev-user"]
     dev.add_argument("--phone", required=True)
     dev.add_argument("--balance-fen", type=int, default=1_000)
@@ -85,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                                          time.time_ns() // 1_000_000)
         print(f"user {user_id} token {token}")
         return 0
+    if cmd == "reconcile":
+        return _reconcile(settings, args)
     if cmd == "create-operator":
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         print(create_operator(settings.url(), args.name, args.role))
@@ -103,6 +111,48 @@ def main(argv: list[str] | None = None) -> int:
                                  header_timeout_s=settings.header_timeout_s, timeout_graceful_shutdown=3,
                                  backlog=4096)).run()
     return 0
+
+
+def _reconcile(settings: CloudSettings, args) -> int:
+    import datetime as dt
+    import json
+
+    from cloud.app import build_services
+    from cloud.errors import DomainError
+    from cloud.wallet.payments import CHINA
+    now_ms = time.time_ns() // 1_000_000
+    try:
+        day = dt.date.fromisoformat(args.date) if args.date else \
+            (dt.datetime.now(CHINA) - dt.timedelta(days=1)).date()
+    except ValueError:
+        print(f"error: --date must be YYYY-MM-DD, got {args.date!r}", file=sys.stderr)
+        return 2
+    try:
+        svc = build_services(settings)
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    names = [args.provider] if args.provider else list(svc.wallet.providers)
+    worst, reports = 0, []
+    for name in names:
+        try:
+            r = svc.wallet.reconcile(name, day, now_ms)
+        except DomainError as e:
+            print(f"{name} {day}: {e.message}", file=sys.stderr)
+            worst = max(worst, 3 if e.code == "bill_not_ready" else 2)
+            continue
+        reports.append(r)
+        counts = {k: len(r[k]) for k in ("missing_here", "missing_there", "duplicated", "wrong_amount")}
+        print(f"{name} {day}: {r['state'].upper()}  bill {r['bill_payments']} payments "
+              f"¥{r['bill_payments_fen'] / 100:.2f}, {r['bill_refunds']} refunds ¥{r['bill_refunds_fen'] / 100:.2f}; "
+              f"ours {r['our_payments']} payments, "
+              f"{r['our_refunds']} refunds" + ("" if r["state"] == "matched" else f"; {counts}"))
+        if r["state"] != "matched":
+            worst = max(worst, 1)
+    if args.json:
+        print(json.dumps(reports, ensure_ascii=False, indent=2))
+    svc.database.dispose()
+    return worst
 
 
 if __name__ == "__main__":

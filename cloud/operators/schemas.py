@@ -127,8 +127,20 @@ class SilentMachineOut(BaseModel):
     last_seen_ms: int | None
 
 
+class ServiceAlarmOut(BaseModel):
+    """An alarm that is not a machine's: payments (a refund that failed, an amount that did not match), SMS
+    (the provider refused), reconciliation (the day's bill does not match our books)."""
+
+    id: int
+    source: str
+    kind: str
+    detail: dict[str, Any]
+    created_ms: int
+
+
 class AlarmsOut(BaseModel):
     alarms: list[AlarmOut]
+    service_alarms: list[ServiceAlarmOut]
     silent_machines: list[SilentMachineOut]
 
 

@@ -112,7 +112,8 @@ class Operators:
                                     "acked_ms", "ack_ok", "ack_reason")}
 
     def alarms(self, limit: int, now_ms: int) -> dict[str, Any]:
-        """The newest alarms, and the enrolled machines not heard from for ``SILENT_AFTER_MS``."""
+        """The newest alarms (the machines', and the service's own: payments, SMS, reconciliation), and the
+        enrolled machines not heard from for ``SILENT_AFTER_MS``."""
         cut = now_ms - SILENT_AFTER_MS
         with self.db.read() as conn:
             ev = conn.execute(select(t.machine_events).where(t.machine_events.c.alarm.is_(True))
@@ -120,7 +121,9 @@ class Operators:
             silent = conn.execute(select(t.machines.c.machine_id, t.machines.c.last_seen_ms).where(and_(
                 t.machines.c.secret_enc.is_not(None),
                 or_(t.machines.c.last_seen_ms.is_(None), t.machines.c.last_seen_ms < cut)))).mappings().all()
-        return {"alarms": [dict(e) for e in ev],
+            service = conn.execute(select(t.alarms).order_by(t.alarms.c.created_ms.desc(), t.alarms.c.id.desc())
+                                   .limit(limit)).mappings().all()
+        return {"alarms": [dict(e) for e in ev], "service_alarms": [dict(a) for a in service],
                 "silent_machines": [dict(s) for s in silent if not self._connected(s["machine_id"])]}
 
     def records(self, machine_id: str | None, user_id: str | None, from_ms: int, to_ms: int,

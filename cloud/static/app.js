@@ -34,7 +34,8 @@ const T = {
     delete_explain: "注销后将删除您的姓名、证件信息和手机号，且无法恢复；交易记录依法保留。",
     delete_refund: "您的余额 ¥{amt} 将原路退回到充值时使用的支付账户，不会作废。如有疑问请联系：{contact}。",
     delete_go: "注销账户", delete_go_refund: "注销并退回余额 ¥{amt}",
-    deleted_refund: "账户已注销。余额 ¥{amt} 将原路退回（退款单号 {id}）。",
+    deleted_refund: "账户已注销。余额 ¥{amt} 正在原路退回到充值时使用的支付账户，通常几分钟到 3 个工作日到账。",
+    deleted_manual: "其中 ¥{amt} 无法原路退回，将由运营方转账退回（编号 {id}）。",
     status: "状态", back_prev: "返回", withdraw_consent: "撤回个人敏感信息处理同意", points_redeem: "兑换礼品", name_short: "姓名",
     withdraw_confirm: "确定撤回？将删除证件信息并取消实名，需重新登记才能取水",
     dev_banner: "开发模式：短信不会真正发送（验证码显示在登录页）；支付为沙箱，不扣真实款项。",
@@ -60,6 +61,15 @@ const T = {
     verified: "已实名认证", wallet: "钱包", topup_amount: "充值金额", paying: "正在确认付款……",
     paid: "充值成功", order_closed: "订单已关闭，未扣款。", return_note: "返回本页不代表已付款：以支付平台的通知为准。",
     history: "明细", kind_topup: "充值", kind_charge: "消费", kind_refund: "退款", kind_adjustment: "调整",
+    kind_withdrawal: "退回原支付账户", kind_refund_return: "退款未成功，已退回余额",
+    pay_with: "支付方式", m_wechatpay: "微信支付", m_alipay: "支付宝", m_sandbox: "沙箱支付（开发）",
+    scan_to_pay: "请用{app}扫描二维码付款", qr_expires: "二维码 15 分钟内有效。",
+    pay_cancelled: "已取消付款，未扣款。", payer_refused: "需要微信授权才能在微信内付款；也可以选择其他支付方式。",
+    withdraw_title: "退回余额", withdraw_explain: "可将余额原路退回到充值时使用的微信或支付宝账户，通常几分钟到 3 个工作日到账。",
+    withdraw_go: "原路退回 ¥{amt}", withdraw_confirm: "确认退回 ¥{amt}？", withdraw_none: "当前没有可退回的余额。",
+    withdraw_done: "已申请退回 ¥{amt}。", withdraw_kept: "¥{amt} 无法原路退回（来自赠送或超过退款期限），如需退回请联系运营方。",
+    refunds: "退款记录", rs_requested: "已提交", rs_processing: "退款中", rs_success: "已到账", rs_closed: "未成功，已退回余额",
+    rs_failed: "未成功，已退回余额", rs_abnormal: "退款异常，运营方将联系您处理",
     session: "取水中", waiting_valve: "正在等待饮水机开阀……", volume: "水量", cost: "金额",
     remaining: "剩余额度", flow: "流速", press_stop: "取水完毕请按饮水机上的【停止】按钮。",
     stop_phone: "在手机上停止", stopping: "已发送停止指令……",
@@ -108,7 +118,8 @@ const T = {
     delete_explain: "Deleting erases your name, document and mobile number and cannot be undone; transaction records the law requires are kept.",
     delete_refund: "Your balance of ¥{amt} is paid back to the payment account you topped up with, never forfeited. Questions: {contact}.",
     delete_go: "Delete my account", delete_go_refund: "Delete and pay back ¥{amt}",
-    deleted_refund: "Your account is deleted. The balance of ¥{amt} will be paid back (refund {id}).",
+    deleted_refund: "Your account is deleted. The balance of ¥{amt} is on its way back to the payment account you topped up with (minutes to 3 working days).",
+    deleted_manual: "¥{amt} of it cannot go back to a payment: the operator pays it by transfer (reference {id}).",
     status: "Status", back_prev: "Back", withdraw_consent: "Withdraw my consent to ID processing", points_redeem: "Gift redeemed", name_short: "Name",
     withdraw_confirm: "Withdraw? Your ID data is erased and you must register again to buy water",
     dev_banner: "Development mode: no real SMS is sent (the code shows on the login page); payments are a sandbox and move no money.",
@@ -142,6 +153,19 @@ const T = {
     order_closed: "The order closed; nothing was charged.",
     return_note: "Coming back here does not mean you paid: the payment provider's notification decides.",
     history: "History", kind_topup: "Top-up", kind_charge: "Water", kind_refund: "Refund", kind_adjustment: "Adjustment",
+    kind_withdrawal: "Back to your payment account", kind_refund_return: "Refund failed: back in your balance",
+    pay_with: "Pay with", m_wechatpay: "WeChat Pay", m_alipay: "Alipay", m_sandbox: "Sandbox (development)",
+    scan_to_pay: "Scan the QR code with {app} to pay", qr_expires: "The QR code is valid for 15 minutes.",
+    pay_cancelled: "Payment cancelled; nothing was charged.",
+    payer_refused: "Paying inside WeChat needs WeChat's authorisation; or choose another way to pay.",
+    withdraw_title: "Take your balance back",
+    withdraw_explain: "Your balance can go back to the WeChat or Alipay account you topped up with; it usually arrives within minutes to 3 working days.",
+    withdraw_go: "Refund ¥{amt} to my payment account", withdraw_confirm: "Refund ¥{amt}? Tap again to confirm",
+    withdraw_none: "There is no balance that can go back now.", withdraw_done: "Refund of ¥{amt} requested.",
+    withdraw_kept: "¥{amt} cannot go back to a payment (a credit, or past the refund period): ask the operator.",
+    refunds: "Refunds", rs_requested: "Requested", rs_processing: "In progress", rs_success: "Received",
+    rs_closed: "Failed: back in your balance", rs_failed: "Failed: back in your balance",
+    rs_abnormal: "Could not be paid to your account: the operator will contact you",
     session: "Dispensing", waiting_valve: "Waiting for the dispenser to open the valve…", volume: "Volume",
     cost: "Cost", remaining: "Credit left", flow: "Flow", press_stop: "When you are done, press the STOP button on the dispenser.",
     stop_phone: "Stop from the phone", stopping: "Stop sent…",
@@ -162,6 +186,11 @@ const T = {
   },
 };
 const ERR_ZH = {
+  payment_unavailable: "支付平台暂时无法创建订单，未扣款。请稍后再试或换一种支付方式。",
+  nothing_to_withdraw: "当前没有可退回的余额。", not_refundable: "这部分余额无法原路退回（来自赠送或超过退款期限），请联系运营方。",
+  sms_unavailable: "短信暂时发送失败，请一分钟后再试。", phone_rejected: "短信平台无法向该号码发送，请核对手机号。",
+  pay_cancelled: "已取消付款，未扣款。", payer_refused: "需要微信授权才能在微信内付款；也可以选择其他支付方式。",
+  link_expired: "授权已过期，请重新充值。",
   bad_phone: "手机号格式不正确（11 位，以 13-19 开头）。", sms_too_soon: "验证码发送太频繁，请稍后再试。",
   sms_limit_phone: "该号码今天获取验证码次数过多，请稍后再试。", sms_limit_ip: "当前网络请求验证码过多，请稍后再试。",
   wrong_code: "验证码错误。", code_expired: "验证码已过期，请重新获取。", too_many_attempts: "错误次数过多，请重新获取验证码。",
@@ -203,6 +232,12 @@ class ApiError extends Error {
   constructor(status, body) { super(body.message || `HTTP ${status}`); this.status = status; this.code = body.error; this.body = body; }
 }
 const ERR_EN = {
+  payment_unavailable: "The payment provider could not start the payment; nothing was charged. Try again or choose another way to pay.",
+  nothing_to_withdraw: "There is no balance to take back.",
+  not_refundable: "This balance cannot go back to a payment (a credit, or past the refund period): ask the operator.",
+  sms_unavailable: "The SMS could not be sent just now: try again in a minute.",
+  phone_rejected: "The SMS provider cannot send to this number: please check it.",
+  link_expired: "The authorisation expired: start the top-up again.",
   session_open: "You have a pour running.", balance_remaining: "Your account still has a balance.",
   topup_pending: "A top-up is still being paid: delete the account once it is paid or closed (at most 15 minutes).",
   network: "Network error: check your connection and try again.", machine_offline: "The dispenser is offline: nothing was charged.",
@@ -575,45 +610,134 @@ function entriesHtml(entries) {
 function localTime(ms) {
   return new Date(ms).toLocaleString(lang === "zh" ? "zh-CN" : "en-GB", {timeZone: clientConfig.timezone || "Asia/Shanghai", hour12: false});
 }
+// which way to pay, from where the page runs: inside WeChat (JSAPI), inside Alipay or another phone browser
+// (WeChat H5 / Alipay WAP), a computer (a QR code to scan with the phone)
+const UA = navigator.userAgent;
+const IN_WECHAT = /MicroMessenger/i.test(UA), IN_ALIPAY = /AlipayClient/i.test(UA);
+const ON_PHONE = IN_WECHAT || IN_ALIPAY || /Android|iPhone|iPad|Mobile/i.test(UA) || matchMedia("(pointer: coarse)").matches;
+function channelFor(m) {
+  const want = m.provider === "wechatpay" ? (IN_WECHAT ? ["jsapi", "h5", "native"] : ON_PHONE ? ["h5", "native"] : ["native", "h5"])
+    : m.provider === "alipay" ? (ON_PHONE ? ["wap", "precreate"] : ["precreate", "wap"]) : ["page"];
+  return want.find((c) => m.channels.includes(c)) || m.channels[0];
+}
+function usableMethods(methods) {
+  // inside WeChat, Alipay's pages cannot open (and the other way round): offer what works where the page is
+  return methods.filter((m) => !(IN_WECHAT && m.provider === "alipay") && !(IN_ALIPAY && m.provider === "wechatpay"));
+}
+function pickedMethod(methods) {
+  const saved = localStorage.getItem("tapshare.paymethod");
+  const pref = IN_WECHAT ? "wechatpay" : IN_ALIPAY ? "alipay" : saved;
+  return methods.find((m) => m.provider === pref) || methods[0];
+}
+function refundsHtml(refunds) {
+  return refunds.map((r) => `<li><span>${t("m_" + r.provider) || esc(r.provider)} · ${t("rs_" + r.state)}<br><small class="muted">${esc(localTime(r.created_ms))}</small></span>
+    <b class="${r.state === "success" ? "ok" : ""}">¥${yuan(r.amount_fen)}</b></li>`).join("");
+}
+async function startTopup(fen, method) {
+  const r = await api("POST", "/api/v1/me/topups", {amount_fen: fen, provider: method.provider, channel: channelFor(method),
+                                                    return_path: "/app#/wallet?order={order_id}"});
+  if (r.pay_kind === "redirect") { location.href = r.pay_url; return; }
+  if (r.pay_kind === "qr") {
+    const app = t("m_" + r.provider);
+    $("#order-state").innerHTML = `<div id="pay-qr" class="qr-box"><p>${esc(t("scan_to_pay", {app}))}</p>${r.qr_svg}
+      <p class="muted">¥${yuan(r.amount_fen)} · ${t("qr_expires")}</p></div>`;
+    $("#pay-qr").scrollIntoView({block: "nearest"});
+    watchOrder(r.order_id);
+    return;
+  }
+  if (r.pay_kind === "jsapi") {
+    const invoke = () => window.WeixinJSBridge.invoke("getBrandWCPayRequest", r.jsapi_params, (res) => {
+      if (res && res.err_msg === "get_brand_wcpay_request:ok") location.hash = `#/wallet?order=${encodeURIComponent(r.order_id)}`;
+      else showError("#topup-error", {code: "pay_cancelled", message: t("pay_cancelled")});
+    });
+    if (window.WeixinJSBridge) invoke(); else document.addEventListener("WeixinJSBridgeReady", invoke, {once: true});
+  }
+}
+function watchOrder(orderId) {
+  const box = $("#order-state"), v = visit();
+  every(700, async () => {
+    try {
+      const o = await api("GET", `/api/v1/me/topups/${encodeURIComponent(orderId)}`);
+      if (o.state === "paid") {
+        clearTimers();
+        // back to the machine the person was standing at, if the visit is still good
+        const back = v && Date.now() - v.at < 4.5 * 60_000
+          ? `<a class="button" id="continue" href="#/">${esc(t("continue_at", {m: v.machine.machine_id}))}</a>` : "";
+        box.innerHTML = `<p class="ok" id="paid">${t("paid")} ¥${yuan(o.amount_fen)}</p>${back}`;
+        const w2 = await api("GET", "/api/v1/me/wallet"); $("#available").textContent = `¥${yuan(w2.available_fen)}`;
+        $("#entries").innerHTML = entriesHtml(w2.entries);
+        renderWithdraw(w2);
+      } else if (o.state === "closed") { clearTimers(); box.innerHTML = `<p class="bad">${t("order_closed")}</p>`; }
+      else if (!$("#paying") && !$("#pay-qr")) box.innerHTML = `<p class="amber" id="paying">${t("paying")}</p><p class="muted">${t("return_note")}</p>`;
+    } catch (e) { clearTimers(); showError(box, e); }
+  });
+}
+// the balance that can go back to the payments it came from, and the refunds on their way
+function renderWithdraw(w, done = "") {
+  const card = $("#withdraw-card");
+  if (!card) return;
+  card.innerHTML = `<h2>${t("withdraw_title")}</h2><p class="muted">${t("withdraw_explain")}</p>
+    ${w.withdrawable_fen > 0 ? `<button class="secondary" id="withdraw-go">${esc(t("withdraw_go", {amt: yuan(w.withdrawable_fen)}))}</button>`
+      : done ? "" : `<p class="muted" id="withdraw-none">${t("withdraw_none")}</p>`}
+    <p class="err" id="withdraw-error" role="alert"></p><div id="withdraw-state" aria-live="polite">${done}</div>
+    ${w.refunds.length ? `<h3>${t("refunds")}</h3><ul class="list" id="refunds">${refundsHtml(w.refunds)}</ul>` : ""}`;
+  const go = $("#withdraw-go");
+  if (!go) return;
+  go.onclick = async () => {
+    const amt = yuan(w.withdrawable_fen);
+    if (go.dataset.confirm !== "1") { go.dataset.confirm = "1"; go.textContent = t("withdraw_confirm", {amt}); return; }
+    go.disabled = true;
+    try {
+      const r = await api("POST", "/api/v1/me/withdrawals", {});
+      const said = `<p class="ok" id="withdraw-done">${esc(t("withdraw_done", {amt: yuan(r.withdrawn_fen)}))}</p>`
+        + (r.kept_fen > 0 ? `<p class="note">${esc(t("withdraw_kept", {amt: yuan(r.kept_fen)}))}</p>` : "");
+      const w2 = await api("GET", "/api/v1/me/wallet");
+      $("#available").textContent = `¥${yuan(w2.available_fen)}`;
+      $("#entries").innerHTML = entriesHtml(w2.entries);
+      renderWithdraw(w2, said);
+    } catch (e) { go.disabled = false; showError("#withdraw-error", e); }
+  };
+}
 async function walletView(params) {
   if (!token()) { location.hash = "#/login"; return; }
   const w = await api("GET", "/api/v1/me/wallet");
   const amounts = [1000, 2000, 5000, 10000];
-  const v = visit();
+  const methods = usableMethods(w.methods);
+  let method = pickedMethod(methods);
   render(`<section class="card"><h1>${t("wallet")}</h1>
       <div class="grid"><div class="stat"><span>${t("available")}</span><b id="available">¥${yuan(w.available_fen)}</b></div>
       <div class="stat"><span>${t("held")}</span><b id="held">¥${yuan(w.held_fen)}</b></div></div>
       ${w.held_fen > 0 ? `<p class="note" id="held-note">${esc(t("held_note", {amt: yuan(w.held_fen)}))}</p>` : ""}
       ${w.arrears_fen > 0 ? `<p class="bad" id="arrears">${t("arrears")}: ¥${yuan(w.arrears_fen)}</p>` : ""}
       <div id="order-state" aria-live="polite"></div></section>
-    <section class="card"><h2>${t("topup")}</h2><div class="amounts">${amounts.map((a) => `<button class="secondary amt" data-fen="${a}">¥${a / 100}</button>`).join("")}</div>
+    <section class="card"><h2>${t("topup")}</h2>
+      ${methods.length > 1 ? `<p class="muted">${t("pay_with")}</p><div class="methods" role="radiogroup" aria-label="${t("pay_with")}">${methods.map((m) =>
+        `<button class="secondary method" role="radio" data-provider="${esc(m.provider)}" aria-checked="${m === method}">${t("m_" + m.provider)}</button>`).join("")}</div>` : ""}
+      <div class="amounts">${amounts.map((a) => `<button class="secondary amt" data-fen="${a}">¥${a / 100}</button>`).join("")}</div>
       <p class="err" id="topup-error" role="alert"></p>${w.sandbox ? `<p class="muted">${t("dev_banner")}</p>` : ""}</section>
+    <section class="card" id="withdraw-card"></section>
     <section class="card"><h2>${t("history")}</h2><ul class="list" id="entries">${entriesHtml(w.entries)}</ul></section>`);
-  document.querySelectorAll("button.amt").forEach((b) => { b.onclick = async () => {
-    try {
-      const r = await api("POST", "/api/v1/me/topups", {amount_fen: Number(b.dataset.fen), return_path: "/app#/wallet?order={order_id}"});
-      location.href = r.pay_url;
-    } catch (e) { showError("#topup-error", e); }
+  document.querySelectorAll("button.method").forEach((b) => { b.onclick = () => {
+    method = methods.find((m) => m.provider === b.dataset.provider);
+    localStorage.setItem("tapshare.paymethod", method.provider);
+    document.querySelectorAll("button.method").forEach((x) => x.setAttribute("aria-checked", String(x === b)));
   }; });
+  const pay = async (fen) => {
+    try { await startTopup(fen, method); }
+    catch (e) {
+      if (e.code === "payer_unknown") {       // WeChat tells us who pays once, then comes back here and goes on
+        const link = await api("POST", "/api/v1/me/payer-link", {provider: method.provider, return_path: `/app#/wallet?resume=${fen}`});
+        location.href = link.url; return;
+      }
+      showError("#topup-error", e);
+    }
+  };
+  document.querySelectorAll("button.amt").forEach((b) => { b.onclick = () => pay(Number(b.dataset.fen)); });
+  renderWithdraw(w);
+  if (params.get("payer") === "refused") showError("#topup-error", {code: "payer_refused", message: t("payer_refused")});
+  else if (params.get("resume") && method && method.provider === "wechatpay") pay(Number(params.get("resume")));
   const orderId = params.get("order");
-  if (orderId) {
-    const box = $("#order-state");
-    every(700, async () => {
-      try {
-        const o = await api("GET", `/api/v1/me/topups/${encodeURIComponent(orderId)}`);
-        if (o.state === "paid") {
-          clearTimers();
-          // back to the machine the person was standing at, if the visit is still good
-          const back = v && Date.now() - v.at < 4.5 * 60_000
-            ? `<a class="button" id="continue" href="#/">${esc(t("continue_at", {m: v.machine.machine_id}))}</a>` : "";
-          box.innerHTML = `<p class="ok" id="paid">${t("paid")} ¥${yuan(o.amount_fen)}</p>${back}`;
-          const w2 = await api("GET", "/api/v1/me/wallet"); $("#available").textContent = `¥${yuan(w2.available_fen)}`;
-          $("#entries").innerHTML = entriesHtml(w2.entries);
-        } else if (o.state === "closed") { clearTimers(); box.innerHTML = `<p class="bad">${t("order_closed")}</p>`; }
-        else if (!$("#paying")) box.innerHTML = `<p class="amber" id="paying">${t("paying")}</p><p class="muted">${t("return_note")}</p>`;
-      } catch (e) { clearTimers(); showError(box, e); }
-    });
-  }
+  if (orderId) watchOrder(orderId);
 }
 
 // ---------------------------------------------------------------- live session
@@ -766,7 +890,8 @@ async function accountView() {
         const r = await api("DELETE", "/api/v1/me", {confirm: true, refund_balance: true});   // never forfeits
         localStorage.removeItem("tapshare.token");
         $("#running").hidden = true;
-        render(`<section class="card" id="deleted"><p>${r.refund_fen > 0 ? esc(t("deleted_refund", {amt: yuan(r.refund_fen), id: r.refund_id})) : t("deleted")}</p></section>`);
+        render(`<section class="card" id="deleted"><p>${r.refund_fen > 0 ? esc(t("deleted_refund", {amt: yuan(r.refund_fen)})) : t("deleted")}</p>
+          ${r.manual_refund_fen > 0 ? `<p class="note" id="manual-refund">${esc(t("deleted_manual", {amt: yuan(r.manual_refund_fen), id: r.refund_id}))}</p>` : ""}</section>`);
       } catch (e) { showError("#acct-error", e); if ($("#delete-go")) $("#delete-go").disabled = false; }
     };
   };

@@ -124,7 +124,7 @@ def reconcile(body: ReconcileIn, op: MoneyOperator, svc: Svc, now: Now) -> dict[
     """Fetch a provider's trade bill for a day (UTC+8) and compare it with our orders and refunds: missing on
     either side, duplicated, or of another amount. A mismatch raises an operator alarm. Runs by itself every
     day for yesterday once the bills are out."""
-    return svc.wallet.reconcile(body.provider, body.bill_date, now)
+    return svc.wallet.reconcile(body.provider, body.day(), now)
 
 
 @router.get("/operator/reconciliations/{provider}/{bill_date}", response_model=ReconciliationOut, tags=["operator"])

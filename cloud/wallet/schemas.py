@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from cloud.errors import Invalid
 from cloud.schemas import In
 
 
@@ -50,6 +51,7 @@ class TopupOut(BaseModel):
     pay_kind: str                       # redirect (open pay_url), jsapi (WeixinJSBridge), qr (show qr_text)
     pay_url: str
     qr_text: str
+    qr_svg: str                         # the QR code to show, as inline SVG (empty unless pay_kind is qr)
     jsapi_params: dict[str, str]
     expires_ms: int
     sandbox: bool
@@ -115,7 +117,13 @@ class PayerLinkOut(BaseModel):
 
 class ReconcileIn(In):
     provider: ProviderName
-    bill_date: date
+    bill_date: Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")]     # the provider's day (UTC+8)
+
+    def day(self) -> date:
+        try:
+            return date.fromisoformat(self.bill_date)
+        except ValueError:
+            raise Invalid("bad_date", f"no such day: {self.bill_date}") from None
 
 
 class ReconciliationOut(BaseModel):

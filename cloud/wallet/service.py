@@ -26,6 +26,7 @@ import uuid
 from datetime import date, datetime, timedelta
 from typing import Any
 
+import segno
 from sqlalchemy import and_, func, insert, select, update
 
 from cloud import db as t
@@ -163,8 +164,13 @@ class Wallet:
             raise Unavailable("payment_unavailable", f"{_label(prov.name)} could not start the payment "
                               f"({e.code}); nothing was charged, try again or choose another way to pay",
                               retry_after_s=30, provider=prov.name) from None
+        qr_svg = ""
+        if start.kind == "qr":
+            qr_svg = segno.make(start.qr_text, error="m").svg_inline(scale=4, omitsize=True,
+                                                                     title=f"{prov.name} {order_id}")
         return {"order_id": order_id, "amount_fen": amount_fen, "state": "pending", "provider": prov.name,
                 "channel": channel, "pay_kind": start.kind, "pay_url": start.url, "qr_text": start.qr_text,
+                "qr_svg": qr_svg,
                 "jsapi_params": start.jsapi_params, "expires_ms": expires, "sandbox": prov.is_development}
 
     def payer_link(self, user_id: str, provider: str, return_path: str, redirect_uri: str, now_ms: int) -> str:
