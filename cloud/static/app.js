@@ -630,7 +630,7 @@ function pickedMethod(methods) {
   return methods.find((m) => m.provider === pref) || methods[0];
 }
 function refundsHtml(refunds) {
-  return refunds.map((r) => `<li><span>${t("m_" + r.provider) || esc(r.provider)} · ${t("rs_" + r.state)}<br><small class="muted">${esc(localTime(r.created_ms))}</small></span>
+  return refunds.map((r) => `<li><span>${t("rs_" + r.state)}<br><small class="muted">${esc(t("m_" + r.provider))} · ${esc(localTime(r.created_ms))}</small></span>
     <b class="${r.state === "success" ? "ok" : ""}">¥${yuan(r.amount_fen)}</b></li>`).join("");
 }
 async function startTopup(fen, method) {
