@@ -128,7 +128,12 @@ def test_an_answer_with_a_bad_signature_is_not_believed(gw, pay):
     assert e.value.code == "bad_answer_signature"
     with pytest.raises(ProviderError):
         pay.close("o-never")
-    gw.bad_answer_signature = False
+    gw.bad_answer_signature, gw.unsigned_answers = False, True
+    for call in (lambda: pay.query("o-never"), lambda: pay.close("o-never"), lambda: pay.create(order("o-u"))):
+        with pytest.raises(ProviderError) as e:             # an unsigned refusal is a refusal, never a fact
+            call()
+        assert e.value.retryable
+    gw.unsigned_answers = False
     assert pay.query("o-never") is None
 
 
@@ -295,7 +300,7 @@ class _Receiver:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/notify/alipay"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def close(self) -> None:
         self.server.shutdown()

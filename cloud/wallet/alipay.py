@@ -441,12 +441,12 @@ class Alipay:
         message = str(node.get("sub_msg") or node.get("msg") or "")[:200]
         sign = doc.get("sign")
         if not isinstance(sign, str) or not sign:
-            # Alipay leaves some gateway refusals unsigned (an unknown app, say): a refusal, but not a fact
+            # Alipay leaves some gateway refusals unsigned (an unknown app, say). Such an answer is not Alipay's
+            # word: what happened there is unknown (a refund may have been made), so it is never final.
             log.warning("alipay %s: unsigned answer %s %s", method, code, sub_code)
             if code == "10000":
                 raise AlipayError("unsigned_answer", f"{method}: an unsigned success answer", retryable=True)
-            raise AlipayError(sub_code or code or "unsigned_answer", f"{message} (unsigned answer)",
-                              retryable=True if not sub_code else _retryable(code, sub_code))
+            raise AlipayError(sub_code or code or "unsigned_answer", f"{message} (unsigned answer)", retryable=True)
         if not rsa2_verify(self.config.alipay_public_key, raw.encode("utf-8"), sign):
             log.error("alipay %s: the answer's signature does not match Alipay's public key", method)
             raise AlipayError("bad_answer_signature", f"{method}: the answer's signature does not match "
@@ -712,7 +712,7 @@ def parse_bill(data: bytes) -> list[BillRow]:
         if kind is None:
             continue
         amount = fen_of(cell["订单金额(元)"], signed=True)
-        if amount is None:
+        if amount is None or (kind == "payment" and amount < 0):
             raise AlipayError("bad_bill", f"bill line {n}: amount {cell['订单金额(元)'][:20]!r} not understood")
         at = china_ms(cell["完成时间"]) or 0
         if kind == "payment":

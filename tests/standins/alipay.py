@@ -242,9 +242,10 @@ class AlipayStandIn:
 
     Knobs: ``auto_notify`` (False: no notification is sent by itself), ``notify_delays_s`` (the first
     notification's delay, then the retries while the answer is not ``success``), ``bill_ready``,
-    ``bad_answer_signature`` (answers signed with the wrong key), ``refund_pending`` (refunds accepted but not
-    done until :meth:`finish_refunds`), ``fail_next`` (``{method: (code, sub_code)}`` answered once), ``clock_ms``
-    (the book's time: payments, refunds; requests' timestamps are checked against the real time)."""
+    ``bad_answer_signature`` (answers signed with the wrong key), ``unsigned_answers`` (no ``sign`` at all),
+    ``refund_pending`` (refunds accepted but not done until :meth:`finish_refunds`), ``fail_next``
+    (``{method: (code, sub_code)}`` answered once), ``clock_ms`` (the book's time: payments, refunds; requests'
+    timestamps are checked against the real time)."""
 
     def __init__(self, *, app_id: str = APP_ID, seller_id: str = SELLER_ID, keys: Keys | None = None,
                  auto_notify: bool = True, notify_delays_s: tuple[float, ...] = (0.05, 0.5, 2.0)) -> None:
@@ -254,6 +255,7 @@ class AlipayStandIn:
         self.notify_delays_s = notify_delays_s
         self.bill_ready = True
         self.bad_answer_signature = False
+        self.unsigned_answers = False
         self.refund_pending = False
         self.fail_next: dict[str, tuple[str, str]] = {}
         self.clock_ms = lambda: time.time_ns() // 1_000_000
@@ -278,7 +280,7 @@ class AlipayStandIn:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        t = threading.Thread(target=self._server.serve_forever, name="alipay-standin", daemon=True)
+        t = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="alipay-standin", daemon=True)
         t.start()
         return self
 
@@ -530,7 +532,7 @@ class AlipayStandIn:
             self.calls.append(call)
         raw = json.dumps(node, ensure_ascii=False, separators=(",", ":"))
         text = '{"' + node_name + '":' + raw
-        if signed:
+        if signed and not self.unsigned_answers:
             key = self.keys.app if self.bad_answer_signature else self.keys.alipay
             text += ',"sign":"' + sign(key, raw) + '"'
         return "text/html;charset=utf-8", (text + "}").encode("utf-8")
