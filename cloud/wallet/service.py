@@ -317,7 +317,7 @@ class Wallet:
         o = t.topup_orders.c
         rows = conn.execute(select(t.topup_orders).where(and_(o.user_id == user_id, o.state == "paid",
                                                               o.amount_fen > o.refunded_fen))
-                            .order_by(o.paid_ms.desc(), o.order_id)).mappings().all()
+                            .order_by(o.paid_ms.desc(), o.created_ms.desc(), o.order_id)).mappings().all()
         out = []
         for row in rows:
             prov = self.providers.get(row["provider"])
@@ -477,7 +477,15 @@ class Wallet:
         r = t.provider_refunds.c
         with self.db.tx() as conn:
             row = first_row(conn, select(t.provider_refunds).where(r.refund_id == n.refund_id))
-            if row is None or row["provider"] != provider or row["order_id"] != n.order_id:
+            if row is None:
+                # not ours (made in the provider's merchant console?): the operators must know, and the provider
+                # is told it was heard, or it would repeat it for a day
+                raise_alarm(conn, "payments", "unknown_refund", {"provider": provider, "refund_id": n.refund_id,
+                            "order_id": n.order_id, "amount_fen": n.amount_fen, "status": n.status}, now_ms)
+                log.error("%s reports refund %s of order %s, which we did not make", provider, n.refund_id,
+                          n.order_id)
+                return
+            if row["provider"] != provider or row["order_id"] != n.order_id:
                 raise NotFound("unknown_refund", "no such refund")
             if n.amount_fen != row["amount_fen"]:
                 raise_alarm(conn, "payments", "refund_amount_mismatch", {"refund_id": n.refund_id, "provider": provider,
@@ -534,7 +542,7 @@ class Wallet:
                                 ).mappings().all()
         touched = 0
         for row in rows:
-            wait = min(REFUND_RETRY_MAX_MS, REFUND_RETRY_BASE_MS * 2 ** min(row["attempts"], 20))
+            wait = min(REFUND_RETRY_MAX_MS, REFUND_RETRY_BASE_MS * 2 ** min(max(0, row["attempts"] - 1), 20))
             if row["state"] == "processing":
                 wait = REFUND_QUERY_AFTER_MS
             if now_ms - row["updated_ms"] < wait:
