@@ -321,10 +321,12 @@ class RealishSms:
     name, is_development = "gateway", False
 
     def __init__(self) -> None:
-        self.sent: list[tuple[str, str]] = []
+        self.sent: list[tuple[str, str]] = []          # (phone, code)
 
-    def send(self, phone, text):
-        self.sent.append((phone, text))
+    def send_code(self, phone, code, ttl_min):
+        from cloud.accounts.providers import SmsReceipt
+        self.sent.append((phone, code))
+        return SmsReceipt(self.name, f"req-{len(self.sent)}")
 
 
 def test_production_refuses_development_providers_and_plain_http(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import and_, func, insert, select, update
@@ -36,8 +36,8 @@ from cloud.accounts.identity import (
     normalize_phone,
     reencode_photo,
 )
-from cloud.accounts.providers import SmsProvider, Verifier
-from cloud.db import Database, audit, first_row
+from cloud.accounts.providers import SmsFailed, SmsProvider, Verifier
+from cloud.db import Database, audit, first_row, raise_alarm
 from cloud.errors import (
     Conflict,
     DomainError,
@@ -105,6 +105,16 @@ class Accounts:
         return hmac.new(self._code_key, f"{phone}:{code}".encode(), hashlib.sha256).hexdigest()
 
     def request_code(self, raw_phone: str, client_ip: str, now_ms: int) -> dict[str, Any]:
+        """Send a login code. Our limits come first, before any provider is asked: one code a minute per number,
+        5 an hour and 10 a day per number, 30 an hour per network. The code's row is written (so it counts) and
+        then the provider is called outside the transaction.
+
+        A failed send still counts for the one-minute wait and for the network's hourly limit, so nobody can make
+        us call the provider more than once a minute per number; it does not count against the number's hourly
+        and daily allowance, which protects the number's owner from being flooded with messages that a failed
+        send never delivered, so the person can try again after the minute however long the provider was down.
+        A code the provider surely did not send is burned (``used_ms``), so a code sent before it still works; one
+        whose fate is unknown (no answer in time) stays usable, as it may still arrive."""
         phone = normalized_phone(raw_phone)
         c = t.sms_codes.c
         with self.db.tx() as conn:
@@ -120,21 +130,52 @@ class Accounts:
                 wait_s = (RESEND_AFTER_MS - (now_ms - last) + 999) // 1000
                 raise TooMany("sms_too_soon", f"a code was sent less than a minute ago; try again in {wait_s} s",
                                retry_after_s=wait_s)
-            if count(c.phone == phone, HOUR_MS) >= CODES_PER_PHONE_PER_HOUR or \
-                    count(c.phone == phone, DAY_MS) >= CODES_PER_PHONE_PER_DAY:
+            sent_to_phone = and_(c.phone == phone, c.send_error.is_(None))
+            if count(sent_to_phone, HOUR_MS) >= CODES_PER_PHONE_PER_HOUR or \
+                    count(sent_to_phone, DAY_MS) >= CODES_PER_PHONE_PER_DAY:
                 raise TooMany("sms_limit_phone", "too many codes for this number; try again later",
                                retry_after_s=3600)
             if count(c.client_ip == client_ip, HOUR_MS) >= CODES_PER_IP_PER_HOUR:
                 raise TooMany("sms_limit_ip", "too many codes requested from this network; try again later",
                                retry_after_s=3600)
             code = f"{secrets.randbelow(1_000_000):06d}"
-            conn.execute(insert(t.sms_codes).values(phone=phone, code_mac=self._code_mac(phone, code),
-                                                    client_ip=client_ip[:64], created_ms=now_ms,
-                                                    expires_ms=now_ms + CODE_TTL_MS))
-        self.sms.send(phone, f"【Tapshare】您的登录验证码是 {code}，5 分钟内有效。Your login code is {code}.")
-        log.info("login code sent to %s", mask_phone(phone))
+            row_id = conn.execute(insert(t.sms_codes).values(
+                phone=phone, code_mac=self._code_mac(phone, code), client_ip=client_ip[:64], created_ms=now_ms,
+                expires_ms=now_ms + CODE_TTL_MS)).inserted_primary_key[0]
+        try:
+            receipt = self.sms.send_code(phone, code, CODE_TTL_MS // 60_000)
+        except SmsFailed as e:
+            self._send_failed(row_id, phone, e, now_ms)
+        except Exception as e:                  # a provider's bug: the person is told the same, operators see it
+            log.exception("the SMS provider %s failed unexpectedly", self.sms.name)
+            self._send_failed(row_id, phone, SmsFailed(self.sms.name, "provider_error", type(e).__name__,
+                                                       retryable=True, may_have_sent=True), now_ms)
+        with self.db.tx() as conn:
+            conn.execute(update(t.sms_codes).where(c.id == row_id).values(
+                provider=receipt.provider[:32], provider_request_id=receipt.request_id[:80] or None))
+        log.info("login code sent to %s by %s (request %s)", mask_phone(phone), receipt.provider, receipt.request_id)
         return {"sent": True, "phone_masked": mask_phone(phone), "resend_after_s": RESEND_AFTER_MS // 1000,
                 "expires_in_s": CODE_TTL_MS // 1000, "development_sms_sink": self.sms.is_development}
+
+    def _send_failed(self, row_id: int, phone: str, e: SmsFailed, now_ms: int) -> NoReturn:
+        """Record why the code was not sent, tell operators (unless the number is the person's mistake), and
+        refuse with words the person can act on."""
+        c = t.sms_codes.c
+        values: dict[str, Any] = {"provider": e.provider[:32], "send_error": f"{e.code}: {e.message}"[:200]}
+        if not e.may_have_sent:
+            values["used_ms"] = now_ms           # never delivered: burned, so an earlier code still works
+        with self.db.tx() as conn:
+            conn.execute(update(t.sms_codes).where(c.id == row_id).values(**values))
+            if not e.user_fault:
+                raise_alarm(conn, "sms", "send_failed", {"provider": e.provider, "code": e.code,
+                                                         "message": e.message[:200], "phone_masked": mask_phone(phone),
+                                                         "retryable": e.retryable}, now_ms)
+        log.warning("login code to %s not sent by %s: %s: %s", mask_phone(phone), e.provider, e.code, e.message)
+        if e.user_fault:
+            raise Invalid("phone_rejected", "the SMS provider will not send to this number: check it, or use "
+                                            "another number")
+        raise Unavailable("sms_unavailable", "the SMS could not be sent; try again in a minute",
+                          retry_after_s=RESEND_AFTER_MS // 1000)
 
     def login(self, raw_phone: str, code: str, now_ms: int) -> dict[str, Any]:
         phone = normalized_phone(raw_phone)
