@@ -48,3 +48,85 @@ def test_a_person_tops_up_in_the_sandbox_and_takes_the_balance_back(sandbox_clou
     assert wait_until(lambda: all(sandbox.query_refund(r["order_id"], r["refund_id"]) for r in w["refunds"]))
     assert errors == []
     page.close()
+
+
+# ---------------------------------------------------------------- the real providers' stand-ins
+PHONE_UA = ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 "
+            "Mobile Safari/537.36")
+
+
+@pytest.fixture
+def providers_cloud(tmp_path):
+    """A development cloud offering Alipay (its stand-in) and the sandbox, as an operator trying it would."""
+    from cloud.security import SecretBox
+    from cloud.wallet import alipay
+    from cloud.wallet.payments import SandboxPay
+    from tests.standins.alipay import AlipayStandIn
+    with AlipayStandIn() as ali:
+        pays = [alipay.from_env(ali.env(tmp_path / "keys")), SandboxPay(SecretBox(bytes(32)).subkey("sandbox-pay"))]
+        with CloudServer(tmp_path / "cloud", payment_providers=pays, **OPERATOR) as cloud:
+            yield cloud, ali
+
+
+def _phone(b, cloud, user, lang, width, ua=PHONE_UA):
+    page = b.new_page(viewport={"width": width, "height": 800}, user_agent=ua, has_touch=True,
+                      is_mobile=True, locale="zh-CN" if lang == "zh" else "en-GB")
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(cloud.url + "/app")
+    page.evaluate(f"() => {{ localStorage.setItem('tapshare.token', '{user.token}'); "
+                  f"localStorage.setItem('tapshare.lang', '{lang}'); }}")
+    page.reload()
+    return page, errors
+
+
+@pytest.mark.parametrize(("lang", "width"), [("zh", 320), ("zh", 390), ("en", 430)])
+def test_on_a_phone_a_person_picks_alipay_and_pays_on_alipays_page(providers_cloud, browser, lang, width):  # noqa: F811
+    cloud, ali = providers_cloud
+    user = cloud.user(f"13500002{width}", balance_fen=0)
+    page, errors = _phone(browser, cloud, user, lang, width)
+    page.goto(cloud.url + "/app#/wallet")
+    page.wait_for_selector("button.method[data-provider='alipay']")
+    assert [b.inner_text().split("\n") for b in page.query_selector_all("button.method")] == (
+        [["支付宝"], ["沙箱支付", "开发用，不扣款"]] if lang == "zh" else [["Alipay"], ["Sandbox", "development: no money"]])
+    page.click("button.method[data-provider='alipay']")
+    assert page.get_attribute("button.method[data-provider='alipay']", "aria-checked") == "true"
+    shot(page, f"p3-methods-{lang}-{width}")
+    page.click("button.amt[data-fen='5000']")
+    page.wait_for_url(f"{ali.base_url}/**")                       # Alipay's own page (the stand-in's)
+    assert "¥50.00" in page.content() or "50.00" in page.content()
+    page.click("#pay")
+    page.wait_for_url(f"{cloud.url}/app**")
+    page.wait_for_selector("#paid", timeout=15_000)
+    assert page.inner_text("#available") == "¥50.00"
+    shot(page, f"p4-alipay-paid-{lang}-{width}")
+    # the choice is remembered for next time
+    page.goto(cloud.url + "/app#/wallet")
+    page.wait_for_selector("button.method[aria-checked='true']")
+    assert page.get_attribute("button.method[aria-checked='true']", "data-provider") == "alipay"
+    assert errors == []
+    page.close()
+
+
+def test_on_a_computer_alipay_shows_a_qr_code_that_alipay_can_scan(providers_cloud, browser, tmp_path):  # noqa: F811
+    import zxingcpp
+    from PIL import Image
+    cloud, ali = providers_cloud
+    user = cloud.user("13500000301", balance_fen=0)
+    page, errors = _page(browser, cloud, user, "zh", 1366)
+    page.goto(cloud.url + "/app#/wallet")
+    page.wait_for_selector("button.method[data-provider='alipay']")
+    page.click("button.method[data-provider='alipay']")
+    page.click("button.amt[data-fen='2000']")
+    page.wait_for_selector("#pay-qr svg")
+    assert "支付宝" in page.inner_text("#pay-qr")
+    shot(page, "p5-alipay-qr-1366")
+    png = tmp_path / "qr.png"
+    page.locator("#pay-qr svg").screenshot(path=str(png))
+    codes = [c.text for c in zxingcpp.read_barcodes(Image.open(png)) if c.format == zxingcpp.BarcodeFormat.QRCode]
+    assert len(codes) == 1 and codes[0].startswith(ali.base_url)       # the code Alipay gave, readable
+    ali.pay_qr(codes[0])                                               # scanned and paid in the Alipay app
+    page.wait_for_selector("#paid", timeout=15_000)
+    assert page.inner_text("#available") == "¥20.00"
+    assert errors == []
+    page.close()
