@@ -5,7 +5,7 @@ notifications are settled by the order query, refunds go back through the provid
 day's bill reconciles, and production mode starts only with real providers whose credentials check out."""
 
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 import requests
@@ -116,6 +116,7 @@ def test_an_alipay_notification_that_never_comes_is_settled_by_the_order_query(a
 
 def test_an_alipay_balance_goes_back_through_alipay_and_the_day_reconciles(ali, ali_cloud):
     cloud = ali_cloud
+    ali.clock_ms = lambda: time.time_ns() // 1_000_000 - 86_400_000      # yesterday: bills come out the day after
     user = cloud.signup("13500000104")
     a = topup(user, 2000, "alipay", "precreate")
     ali.pay_qr(a["qr_text"])
@@ -127,7 +128,10 @@ def test_an_alipay_balance_goes_back_through_alipay_and_the_day_reconciles(ali, 
     assert sorted((x["order_id"], x["amount_fen"], x["state"]) for x in r.json()["refunds"]) == sorted(
         [(b["order_id"], 1000, "success"), (a["order_id"], 1500, "success")])
     assert ali.trade(a["order_id"]).refunded_fen() == 1500 and ali.trade(b["order_id"]).refunded_fen() == 1000
-    day = datetime.now(CHINA).date()
+    day = datetime.fromtimestamp(ali.clock_ms() / 1000, CHINA).date()
+    today = cloud.op("POST", "/api/v1/operator/reconciliations",
+                     json={"provider": "alipay", "bill_date": str(day + timedelta(days=1))})
+    assert today.status_code == 503 and today.json()["error"] == "bill_not_ready"
     rep = cloud.op("POST", "/api/v1/operator/reconciliations", json={"provider": "alipay", "bill_date": str(day)})
     assert rep.status_code == 200, rep.text
     rep = rep.json()
