@@ -300,6 +300,29 @@ def test_tencent_down_is_answered_at_once_and_retried_after_the_minute(cloud, tc
     assert login(cloud, tc.last_code(PHONE)).status_code == 200
 
 
+def test_a_slow_tencent_holds_only_a_few_request_threads(cloud, tc, monkeypatch):
+    import threading
+
+    from cloud.accounts import service
+    monkeypatch.setattr(service, "_SENDS", threading.BoundedSemaphore(1))
+    monkeypatch.setattr(service, "SEND_WAIT_S", 0.2)
+    tc.delay_s = 3.0
+    first: list[requests.Response] = []
+    slow = threading.Thread(target=lambda: first.append(ask(cloud)))
+    slow.start()
+    time.sleep(0.3)                                     # the first send is waiting for Tencent
+    started = time.monotonic()
+    busy = ask(cloud, "13900002222")
+    assert busy.status_code == 503 and busy.json()["error"] == "sms_unavailable"
+    assert time.monotonic() - started < 0.9
+    assert code_rows(cloud, "13900002222")[0]["send_error"].startswith("busy:")
+    slow.join(10)
+    assert first[0].status_code == 503 and len(tc.calls) == 1
+    tc.delay_s = 0
+    cloud.clock.now += 61_000
+    assert ask(cloud, "13900002222").status_code == 200            # the slot is free again
+
+
 def test_a_gateway_error_page_is_not_read_as_tencents_answer(cloud, tc):
     tc.http_status = 502
     r = ask(cloud)

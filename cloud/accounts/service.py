@@ -75,6 +75,11 @@ PHOTOS_PER_HOUR = 10               # per account: 10 x 5 MB at most an hour
 CONCURRENT_DECODES = 2
 DECODE_WAIT_S = 10.0
 _DECODES = threading.BoundedSemaphore(CONCURRENT_DECODES)
+# a slow SMS provider holds a request thread up to its timeout (15 s for Tencent): a few at a time, so it cannot
+# take every worker thread from the rest of the cloud
+CONCURRENT_SENDS = 8
+SEND_WAIT_S = 2.0
+_SENDS = threading.BoundedSemaphore(CONCURRENT_SENDS)
 
 
 # ---------------------------------------------------------------- accounts
@@ -110,11 +115,13 @@ class Accounts:
         then the provider is called outside the transaction.
 
         A failed send still counts for the one-minute wait and for the network's hourly limit, so nobody can make
-        us call the provider more than once a minute per number; it does not count against the number's hourly
-        and daily allowance, which protects the number's owner from being flooded with messages that a failed
-        send never delivered, so the person can try again after the minute however long the provider was down.
+        us call the provider more than once a minute per number (the 503 says to try again in a minute). It does
+        not count against the number's hourly and daily allowance (5 and 10), which protects the number's owner
+        from a flood of messages and is not used up by messages that were never delivered: after a provider outage
+        of any length the person can try again after the minute. (A send whose fate is unknown, a timeout, is not
+        counted either; the minute still bounds it, and each such failure is an operator alarm.)
         A code the provider surely did not send is burned (``used_ms``), so a code sent before it still works; one
-        whose fate is unknown (no answer in time) stays usable, as it may still arrive."""
+        whose fate is unknown stays usable, as the message may still arrive."""
         phone = normalized_phone(raw_phone)
         c = t.sms_codes.c
         with self.db.tx() as conn:
@@ -142,6 +149,9 @@ class Accounts:
             row_id = conn.execute(insert(t.sms_codes).values(
                 phone=phone, code_mac=self._code_mac(phone, code), client_ip=client_ip[:64], created_ms=now_ms,
                 expires_ms=now_ms + CODE_TTL_MS)).inserted_primary_key[0]
+        if not _SENDS.acquire(timeout=SEND_WAIT_S):
+            self._send_failed(row_id, phone, SmsFailed(self.sms.name, "busy", f"{CONCURRENT_SENDS} messages were "
+                                                       "already being sent", retryable=True), now_ms)
         try:
             receipt = self.sms.send_code(phone, code, CODE_TTL_MS // 60_000)
         except SmsFailed as e:
@@ -150,6 +160,8 @@ class Accounts:
             log.exception("the SMS provider %s failed unexpectedly", self.sms.name)
             self._send_failed(row_id, phone, SmsFailed(self.sms.name, "provider_error", type(e).__name__,
                                                        retryable=True, may_have_sent=True), now_ms)
+        finally:
+            _SENDS.release()
         with self.db.tx() as conn:
             conn.execute(update(t.sms_codes).where(c.id == row_id).values(
                 provider=receipt.provider[:32], provider_request_id=receipt.request_id[:80] or None))

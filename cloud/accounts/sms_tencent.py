@@ -342,8 +342,7 @@ def _e164(phone: str) -> str:
         return "+86" + phone
     if re.match(r"^\+[1-9][0-9]{6,14}$", phone):
         return phone
-    raise SmsFailed(NAME, "InvalidParameterValue.IncorrectPhoneNumber", "not a number Tencent can send to",
-                    user_fault=True)
+    raise SmsFailed(NAME, "unsupported_number", "not a number this adapter sends to", user_fault=True)
 
 
 def from_env(environ: Mapping[str, str]) -> TencentSms:
