@@ -88,7 +88,8 @@ def test_on_a_phone_a_person_picks_alipay_and_pays_on_alipays_page(providers_clo
     page.goto(cloud.url + "/app#/wallet")
     page.wait_for_selector("button.method[data-provider='alipay']")
     assert [b.inner_text().split("\n") for b in page.query_selector_all("button.method")] == (
-        [["支付宝"], ["沙箱支付", "开发用，不扣款"]] if lang == "zh" else [["Alipay"], ["Sandbox", "development: no money"]])
+        [["支付宝"], ["沙箱支付", "开发用，不扣款"]] if lang == "zh"
+        else [["Alipay"], ["Sandbox", "development: no money"]])
     page.click("button.method[data-provider='alipay']")
     assert page.get_attribute("button.method[data-provider='alipay']", "aria-checked") == "true"
     shot(page, f"p3-methods-{lang}-{width}")
@@ -130,3 +131,46 @@ def test_on_a_computer_alipay_shows_a_qr_code_that_alipay_can_scan(providers_clo
     assert page.inner_text("#available") == "¥20.00"
     assert errors == []
     page.close()
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_a_person_logs_in_with_a_code_tencent_delivered_and_is_told_when_sms_is_down(tmp_path, browser, lang):  # noqa: F811
+    from cloud.accounts import sms_tencent
+    from tests.standins.tencent_sms import TencentSmsStandIn
+    with TencentSmsStandIn() as tc, CloudServer(tmp_path / "c", sms_provider=sms_tencent.from_env(
+            tc.env(tmp_path / "keys")), **OPERATOR) as cloud:
+        page = browser.new_page(viewport={"width": 360, "height": 780}, user_agent=PHONE_UA, is_mobile=True,
+                                has_touch=True, locale="zh-CN" if lang == "zh" else "en-GB")
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(cloud.url + "/app")
+        page.evaluate(f"() => localStorage.setItem('tapshare.lang', '{lang}')")
+        page.goto(cloud.url + "/app#/login")
+        page.reload()
+        page.wait_for_selector("#agree-terms")
+        page.click("label[for=agree-terms]")
+        tc.error, tc.error_message = "InternalError.RequestTimeException", "backend timeout"
+        page.fill("#phone", "139 0000 1234")
+        page.click("#send")
+        said = "短信暂时发送失败，请一分钟后再试。" if lang == "zh" else "The SMS could not be sent just now"
+        page.wait_for_selector(f"#login-error:has-text('{said}')")
+        assert page.query_selector("#sms-list .sms") is None      # nothing of a development inbox here
+        shot(page, f"p6-sms-down-{lang}")
+        alarms = cloud.op("GET", "/api/v1/operator/alarms").json()["service_alarms"]
+        assert [(a["source"], a["kind"], a["detail"]["code"]) for a in alarms] == [
+            ("sms", "send_failed", "InternalError.RequestTimeException")]
+        # Tencent is back; the minute's wait still stands (no hammering), then the code arrives by SMS
+        tc.error = tc.error_message = None
+        with cloud.app.state.database.tx() as conn:
+            from sqlalchemy import update
+
+            from cloud import db as t
+            conn.execute(update(t.sms_codes).values(created_ms=t.sms_codes.c.created_ms - 61_000))
+        page.click("#send")
+        assert wait_until(lambda: tc.codes("+8613900001234"), timeout_s=10)
+        page.fill("#code", tc.last_code("+8613900001234"))
+        page.click("#login")
+        page.wait_for_selector("#nav-account")
+        page.wait_for_function("() => !location.hash.startsWith('#/login')")
+        assert errors == []
+        page.close()

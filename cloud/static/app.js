@@ -39,6 +39,7 @@ const T = {
     status: "状态", back_prev: "返回", withdraw_consent: "撤回个人敏感信息处理同意", points_redeem: "兑换礼品", name_short: "姓名",
     withdraw_confirm: "确定撤回？将删除证件信息并取消实名，需重新登记才能取水",
     dev_banner: "开发模式：短信不会真正发送（验证码显示在登录页）；支付为沙箱，不扣真实款项。",
+    dev_sms_only: "开发模式：短信不会真正发送（验证码显示在登录页）。", dev_pay_only: "开发模式：可选沙箱支付，不扣真实款项。",
     scan_first: "请用手机扫描饮水机屏幕上的二维码。", machine: "饮水机", price: "单价", per_l: "元/升",
     water_temp: "水温", tds: "水质 TDS", online: "在线", offline: "离线", busy: "正在为他人服务",
     ready: "可以取水", maintenance: "维护中", out_of_service: "暂停服务", step: "下一步", login_first: "用手机号登录", register_first: "实名登记",
@@ -123,6 +124,8 @@ const T = {
     status: "Status", back_prev: "Back", withdraw_consent: "Withdraw my consent to ID processing", points_redeem: "Gift redeemed", name_short: "Name",
     withdraw_confirm: "Withdraw? Your ID data is erased and you must register again to buy water",
     dev_banner: "Development mode: no real SMS is sent (the code shows on the login page); payments are a sandbox and move no money.",
+    dev_sms_only: "Development mode: no real SMS is sent (the code shows on the login page).",
+    dev_pay_only: "Development mode: the sandbox payment is offered; it moves no money.",
     scan_first: "Scan the QR code on a dispenser's screen with your phone.", machine: "Dispenser", price: "Price",
     per_l: "yuan/L", water_temp: "Water temperature", tds: "Water quality (TDS)", online: "Online",
     offline: "Offline", busy: "Serving someone else", ready: "Ready", maintenance: "Under maintenance",
@@ -226,6 +229,9 @@ const yuan = (fen) => (fen / 100).toFixed(2);
 const token = () => localStorage.getItem("tapshare.token");
 const visit = () => { try { return JSON.parse(sessionStorage.getItem("tapshare.visit") || "null"); } catch { return null; } };
 let devMode = false;
+// say exactly which development providers are on: the SMS sink, the sandbox payment, or both
+const devBannerKey = () => clientConfig.development_sms_sink && clientConfig.sandbox_payments ? "dev_banner"
+  : clientConfig.development_sms_sink ? "dev_sms_only" : "dev_pay_only";
 let clientConfig = {};
 
 class ApiError extends Error {
@@ -297,7 +303,7 @@ function applyChrome(tab) {
     if (a.dataset.tab === tab) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
   });
   const bar = $("#devbar");
-  bar.hidden = !devMode; bar.textContent = t("dev_banner");
+  bar.hidden = !devMode; bar.textContent = t(devBannerKey());
 }
 
 // Any page shows the pour that is running, with a way back to it (a person who left the page mid-pour).
@@ -714,7 +720,7 @@ async function walletView(params) {
       ${methods.length > 1 ? `<p class="muted">${t("pay_with")}</p><div class="methods" role="radiogroup" aria-label="${t("pay_with")}">${methods.map((m) =>
         `<button class="secondary method" role="radio" data-provider="${esc(m.provider)}" aria-checked="${m === method}">${t("m_" + m.provider)}${m.development ? `<small>${t("m_dev")}</small>` : ""}</button>`).join("")}</div>` : ""}
       <div class="amounts">${amounts.map((a) => `<button class="secondary amt" data-fen="${a}">¥${a / 100}</button>`).join("")}</div>
-      <p class="err" id="topup-error" role="alert"></p>${w.sandbox ? `<p class="muted">${t("dev_banner")}</p>` : ""}</section>
+      <p class="err" id="topup-error" role="alert"></p>${w.sandbox ? `<p class="muted">${t(devBannerKey())}</p>` : ""}</section>
     <section class="card" id="withdraw-card"></section>
     <section class="card"><h2>${t("history")}</h2><ul class="list" id="entries">${entriesHtml(w.entries)}</ul></section>`);
   document.querySelectorAll("button.method").forEach((b) => { b.onclick = () => {
