@@ -346,7 +346,7 @@ def test_expired_orders_close_themselves(wx, pay):
 
 @pytest.mark.parametrize(("status", "code", "retryable"), [
     (500, "SYSTEM_ERROR", True), (429, "FREQUENCY_LIMITED", True), (400, "PARAM_ERROR", False),
-    (403, "NO_AUTH", False), (503, "BUSY", True)])
+    (403, "NO_AUTH", False), (503, "BUSY", True), (500, "SOMETHING_ELSE", True), (502, "http_502", True)])
 def test_wechat_pay_refusals_carry_its_code(wx, pay, status, code, retryable):
     wx.fail_next["query"] = (status, code, "说明")
     with pytest.raises(ProviderError) as e:
@@ -626,7 +626,7 @@ def _yesterday_noon_ms() -> int:
 def test_the_bill_is_parsed_exactly(wx, pay):
     noon = _yesterday_noon_ms()
     day = datetime.fromtimestamp(noon / 1000, CHINA).date()
-    for i, fen in enumerate((1, 1230, 50_000)):
+    for i, fen in enumerate((1, 1230, 50_000, 29)):
         paid(wx, pay, f"o-bill-{i}", fen, at_ms=noon + i * 1000)
     paid(wx, pay, "o-bill-other-day", 999, at_ms=noon - DAY_MS)
     wx.clock_ms = lambda: noon + 3_600_000
@@ -634,12 +634,12 @@ def test_the_bill_is_parsed_exactly(wx, pay):
     wx.settle_refund("rf-bill-1", "SUCCESS")
     wx.clock_ms = lambda: now_ms()
     csv_text = wx.bill_csv(day).decode()
-    assert "`0.01," in csv_text and "`12.30," in csv_text and "`500.00," in csv_text
+    assert all(f"`{y}," in csv_text for y in ("0.01", "0.29", "12.30", "500.00"))
     rows = pay.bill(day)
     payments = sorted((r for r in rows if r.kind == "payment"), key=lambda r: r.amount_fen)
-    assert [(r.order_id, r.amount_fen) for r in payments] == [("o-bill-0", 1), ("o-bill-1", 1230),
+    assert [(r.order_id, r.amount_fen) for r in payments] == [("o-bill-0", 1), ("o-bill-3", 29), ("o-bill-1", 1230),
                                                              ("o-bill-2", 50_000)]
-    assert payments[1] == BillRow("payment", "o-bill-1", wx.order("o-bill-1").transaction_id, 1230,
+    assert payments[2] == BillRow("payment", "o-bill-1", wx.order("o-bill-1").transaction_id, 1230,
                                   at_ms=noon + 1000)
     refunds = [r for r in rows if r.kind == "refund"]
     assert refunds == [BillRow("refund", "o-bill-1", wx.refunds["rf-bill-1"].refund_id, 1230, refund_id="rf-bill-1",
@@ -664,7 +664,7 @@ def test_a_bill_not_out_yet_is_retryable(wx, pay, state, code):
     wx.bill_state = state
     with pytest.raises(ProviderError) as e:
         pay.bill(datetime.now(CHINA).date() - timedelta(days=1))
-    assert (e.value.code, e.value.retryable) == (code, True)
+    assert (e.value.code, e.value.retryable) == (code, True) and "not ready" in e.value.message
     wx.bill_state = "ready"
     with pytest.raises(ProviderError) as e:                 # today's bill does not exist yet
         pay.bill(datetime.now(CHINA).date())
@@ -693,6 +693,14 @@ def test_a_malformed_bill_is_refused():
         assert e.value.code == "bad_bill"
     with pytest.raises(ProviderError):
         wechatpay.parse_bill(good.encode("utf-16"))
+
+
+def test_bill_amounts_become_fen_exactly():
+    for fen in [*range(0, 2000), 2_999_999, 10_000_000]:
+        assert wechatpay.bill_fen(f"{fen // 100}.{fen % 100:02d}") == fen
+    assert (wechatpay.bill_fen("12.3"), wechatpay.bill_fen("-0.29"), wechatpay.bill_fen("500")) == (1230, -29, 50_000)
+    for bad in ("12.345", "1e3", "", "¥1.00", " 1.00", "1,000.00", "01.00", "NaN"):
+        assert wechatpay.bill_fen(bad) is None
 
 
 # ---------------------------------------------------------------------------------------------- web authorisation

@@ -114,7 +114,7 @@ _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 # WeChat Pay's answers that mean "the same request may succeed later"
 _RETRYABLE = {"SYSTEM_ERROR", "SYSTEMERROR", "FREQUENCY_LIMITED", "BANK_ERROR", "NOT_ENOUGH", "USER_PAYING",
-              "USERPAYING", "STATEMENT_CREATING", "NO_STATEMENT_EXIST"}
+              "USERPAYING"}
 # a close refused for one of these: the order is paid or closed already (the order query then says which)
 _CLOSE_STATE_CODES = {"ORDERPAID", "ORDER_PAID", "ORDER_CLOSED", "ORDERCLOSED", "TRADE_ERROR"}
 _NOT_READY_BILL = {"NO_STATEMENT_EXIST", "STATEMENT_CREATING"}
