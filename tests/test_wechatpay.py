@@ -259,6 +259,14 @@ def test_a_request_signed_with_another_merchant_key_is_refused_clearly(wx, tmp_p
     assert e.value.code == "SIGN_ERROR" and e.value.retryable
 
 
+def test_an_appid_not_bound_to_the_merchant_is_refused(wx, tmp_path):
+    other_app = wechatpay.from_env(wx.env(tmp_path / "k", TAPSHARE_WECHATPAY_APPID="wx0123456789abcdef"))
+    with pytest.raises(ProviderError) as e:
+        other_app.create(order("o-appid-1"))
+    assert (e.value.code, e.value.retryable) == ("APPID_MCHID_NOT_MATCH", False)
+    assert wx.received[-1].sign_ok and "o-appid-1" not in wx.orders
+
+
 def test_answers_that_are_not_genuine_are_not_believed(wx, pay):
     wx.bad_answer_signature = True
     with pytest.raises(ProviderError) as e:
@@ -483,9 +491,9 @@ def test_malformed_notifications_are_invalid(wx, pay):
         pay.verify(*signed(doc | {"resource": resource}), now_ms())
 
 
-def test_ack_is_as_published():
-    assert wechatpay.WechatPay.ack(None, True) == wechatpay.NotifyAck(204, "application/json", b"")  # type: ignore[arg-type]
-    fail = wechatpay.WechatPay.ack(None, False, "数据库忙")  # type: ignore[arg-type]
+def test_ack_is_as_published(pay):
+    assert pay.ack(True) == wechatpay.NotifyAck(204, "application/json", b"")
+    fail = pay.ack(False, "数据库忙")
     assert fail.status_code == 500 and json.loads(fail.body) == {"code": "FAIL", "message": "数据库忙"}
 
 
@@ -855,6 +863,9 @@ def test_config_keys_and_certificates_that_do_not_parse_or_do_not_fit(wx, tmp_pa
         message = _refused(good | {"TAPSHARE_WECHATPAY_APIV3_KEY_FILE": str(short)})
         assert f"TAPSHARE_WECHATPAY_APIV3_KEY_FILE: {short} must hold the APIv3 key, exactly 32 bytes; it holds " \
             f"{length}" in message
+    spaced = tmp_path / "apiv3_spaced.txt"
+    spaced.write_text("k" * 15 + " " + "k" * 16)
+    assert "32 printable ASCII" in _refused(good | {"TAPSHARE_WECHATPAY_APIV3_KEY_FILE": str(spaced)})
     secret = tmp_path / "secret.txt"
     secret.write_text("short")
     assert "TAPSHARE_WECHATPAY_APP_SECRET_FILE" in _refused(good | {"TAPSHARE_WECHATPAY_APP_SECRET_FILE": str(secret)})
