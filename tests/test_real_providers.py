@@ -209,3 +209,172 @@ def test_an_unknown_provider_in_the_notify_address_is_refused(ali_cloud):
     assert r.status_code == 422 and r.json()["error"] == "unknown_provider"
     r = requests.post(notify_url(ali_cloud, "alipay"), data=b"\xff\xfe garbage", timeout=5)
     assert 400 <= r.status_code < 500 and r.json()["message"]
+
+
+# ---------------------------------------------------------------- WeChat Pay
+
+@pytest.fixture
+def wx():
+    from tests.standins.wechatpay import WechatPayStandIn
+    with WechatPayStandIn() as stand_in:
+        yield stand_in
+
+
+def wx_cloud(wx, tmp_path, **kw):
+    from cloud.wallet import wechatpay
+    pay = wechatpay.from_env(wx.env(tmp_path / "keys", verify_with=("platform_cert", "public_key")))
+    return CloudServer(tmp_path / "cloud", payment_providers=[pay], **kw)
+
+
+def test_wechat_native_top_up_is_credited_once_whatever_wechat_sends(wx, tmp_path):
+    wx.auto_notify = False
+    with wx_cloud(wx, tmp_path) as cloud:
+        user = cloud.signup("13500000201")
+        o = topup(user, 1500, "wechatpay", "native")
+        assert o["pay_kind"] == "qr" and o["qr_text"].startswith("weixin://wxpay/bizpayurl")
+        wx.scan(o["qr_text"], notify=False)
+        oid = o["order_id"]
+        # not genuine, or not ours: refused, nothing credited
+        assert wx.notify(oid, bad_signature=True)[0][0] == 401
+        assert wx.notify(oid, serial="5157F09EFDC096DE15EBE81A47057A7232F1B8E1")[0][0] == 401   # unknown serial
+        assert wx.notify(oid, timestamp_offset_s=-301)[0][0] == 401                           # stale
+        assert wx.notify(oid, timestamp_offset_s=+301)[0][0] == 401
+        assert wx.notify(oid, tamper_ciphertext=True)[0][0] == 401
+        assert wx.notify(oid, mchid="1900009999")[0][0] == 401
+        r = wx.notify(oid, amount_fen=1)
+        assert r[0][0] == 409 and "amount_mismatch" in r[0][1]
+        assert available(user) == 0
+        # the genuine one, signed with the platform certificate and with the new public key (both accepted
+        # during WeChat's switch), 8 at once and again a second later: credited once, answered 204 each time
+        answers = wx.notify(oid, signer="platform_cert", concurrent=8) + \
+            wx.notify(oid, signer="public_key", concurrent=8, repeat=2, interval_s=1.0)
+        assert [s for s, _ in answers] == [204] * 24
+        assert available(user) == 1500
+        alarms = cloud.op("GET", "/api/v1/operator/alarms").json()["service_alarms"]
+        assert [a["kind"] for a in alarms] == ["amount_mismatch"]
+
+
+def test_wechat_h5_top_up_notified_before_the_browser_returns(wx, tmp_path):
+    wx.notify_delays_s = (0.0, 0.5, 2.0)
+    with wx_cloud(wx, tmp_path) as cloud:
+        user = cloud.signup("13500000202")
+        o = topup(user, 2000, "wechatpay", "h5")
+        assert o["pay_kind"] == "redirect" and o["pay_url"].startswith(wx.base_url)
+        assert "redirect_url=" in o["pay_url"]
+        back = wx.pay_h5(o["pay_url"])
+        assert wait_until(lambda: available(user) == 2000, timeout_s=10)      # the notification came first
+        assert back.startswith(cloud.url + "/app#/wallet?order=" + o["order_id"])
+        assert requests.get(back, timeout=10).status_code == 200               # the return credits nothing more
+        assert available(user) == 2000
+        sent = [r for r in wx.received if r.path.startswith("/v3/pay/transactions/h5")]
+        assert len(sent) == 1 and sent[0].sign_ok
+
+
+def test_a_wechat_notification_that_never_comes_is_settled_by_the_order_query(wx, tmp_path):
+    clock = Clock()
+    wx.auto_notify = False
+    with wx_cloud(wx, tmp_path, clock_ms=clock) as cloud:
+        wx.clock_ms = clock
+        user = cloud.signup("13500000203")
+        paid, unpaid = topup(user, 1000, "wechatpay", "native"), topup(user, 500, "wechatpay", "native")
+        wx.scan(paid["qr_text"])
+        clock.now += 16 * 60_000
+        assert wait_until(lambda: available(user) == 1000, timeout_s=10)
+        assert wait_until(lambda: user.call("GET", f"/api/v1/me/topups/{unpaid['order_id']}").json()["state"]
+                          == "closed", timeout_s=10)
+        assert wx.order(unpaid["order_id"]).state == "CLOSED"
+        with pytest.raises(ValueError):
+            wx.scan(unpaid["qr_text"])                  # closed at WeChat too: it can no longer be paid
+
+
+def test_inside_wechat_the_openid_comes_from_wechats_authorisation_then_jsapi_pays(wx, tmp_path):
+    with wx_cloud(wx, tmp_path) as cloud:
+        user = cloud.signup("13500000204")
+        r = user.call("POST", "/api/v1/me/topups", json={"amount_fen": 3000, "provider": "wechatpay",
+                                                         "channel": "jsapi"})
+        assert r.status_code == 409 and r.json()["error"] == "payer_unknown"
+        link = user.call("POST", "/api/v1/me/payer-link", json={"resume_fen": 3000}).json()["url"]
+        state = link.split("state=")[1].split("#")[0].split("&")[0]
+        assert state.isalnum() and len(state) <= 128                  # WeChat takes [a-zA-Z0-9]{0,128}
+        hop = requests.get(link, allow_redirects=False, timeout=10)      # WeChat asks nothing: snsapi_base
+        assert hop.status_code in (302, 303) and hop.headers["location"].startswith(cloud.url)
+        back = requests.get(hop.headers["location"], allow_redirects=False, timeout=10)
+        assert back.status_code == 303 and back.headers["location"] == "/app#/wallet?resume=3000"
+        # a forged or stale state is refused
+        forged = requests.get(cloud.url + "/api/v1/payments/wechatpay/oauth", params={"code": "x", "state": "A" * 60},
+                              timeout=10)
+        assert forged.status_code == 401 and forged.json()["error"] == "bad_state"
+        o = topup(user, 3000, "wechatpay", "jsapi")
+        assert o["pay_kind"] == "jsapi" and o["jsapi_params"]["package"].startswith("prepay_id=")
+        assert wx.pay_jsapi(o["jsapi_params"]) == {"err_msg": "get_brand_wcpay_request:ok"}
+        assert wait_until(lambda: available(user) == 3000, timeout_s=10)
+        assert wx.order(o["order_id"]).payer_openid == wx.oauth_openid
+
+
+def test_wechat_refunds_are_followed_to_their_end(wx, tmp_path):
+    with wx_cloud(wx, tmp_path) as cloud:
+        user = cloud.signup("13500000205")
+        orders = [topup(user, fen, "wechatpay", "native") for fen in (1000, 2000, 3000)]
+        for o in orders:
+            wx.scan(o["qr_text"])
+        assert wait_until(lambda: available(user) == 6000, timeout_s=10)
+        out = user.call("POST", "/api/v1/me/withdrawals", json={}).json()
+        assert out["withdrawn_fen"] == 6000 and {x["state"] for x in out["refunds"]} == {"processing"}
+        by_order = {x["order_id"]: x["refund_id"] for x in out["refunds"]}
+        ok, abnormal, closed = (by_order[o["order_id"]] for o in orders)
+        wx.settle_refund(ok, "SUCCESS")
+        wx.settle_refund(abnormal, "ABNORMAL")
+        wx.settle_refund(closed, "CLOSED")
+
+        def states():
+            return {x["refund_id"]: x["state"] for x in user.call("GET", "/api/v1/me/wallet").json()["refunds"]}
+        assert wait_until(lambda: states() == {ok: "success", abnormal: "abnormal", closed: "closed"}, timeout_s=10)
+        # CLOSED: the money is back in the wallet; ABNORMAL: the operators pay it by hand, with an alarm
+        assert available(user) == 3000
+        owed = cloud.op("GET", "/api/v1/operator/balance-refunds").json()["refunds"]
+        assert [(x["amount_fen"], x["orders"][0]["failed_refund_id"]) for x in owed] == [(2000, abnormal)]
+        kinds = sorted(a["kind"] for a in cloud.op("GET", "/api/v1/operator/alarms").json()["service_alarms"])
+        assert kinds == ["refund_abnormal", "refund_closed"]
+        # WeChat repeats the refund notifications: nothing changes
+        assert [s for s, _ in wx.notify_refund(ok, repeat=1, concurrent=4)] == [204] * 4
+        assert available(user) == 3000 and states()[ok] == "success"
+        # a refund notification that is not genuine changes nothing
+        assert wx.notify_refund(closed, bad_signature=True)[0][0] == 401
+
+
+def test_the_wechat_bill_reconciles_with_refunds_listed_on_the_day_they_were_asked(wx, tmp_path):
+    yesterday = time.time_ns() // 1_000_000 - 2 * 86_400_000   # the day before yesterday: out for sure by now
+    wx.clock_ms = lambda: yesterday
+    with wx_cloud(wx, tmp_path) as cloud:
+        user = cloud.signup("13500000206")
+        a, b = topup(user, 1000, "wechatpay", "native"), topup(user, 2500, "wechatpay", "native")
+        wx.scan(a["qr_text"])
+        wx.scan(b["qr_text"])
+        assert wait_until(lambda: available(user) == 3500, timeout_s=10)
+        out = user.call("POST", "/api/v1/me/withdrawals", json={"amount_fen": 500}).json()
+        refund_id = out["refunds"][0]["refund_id"]
+        # our refund was asked for today (the cloud's clock), WeChat's book says yesterday: move ours back, as if
+        # the person had asked yesterday, and leave it processing over midnight
+        from sqlalchemy import update
+        with cloud.app.state.database.tx() as conn:
+            conn.execute(update(t.provider_refunds).values(created_ms=yesterday))
+        day = datetime.fromtimestamp(yesterday / 1000, CHINA).date()
+        wx.clock_ms = lambda: time.time_ns() // 1_000_000              # and now it is today: the bill is out
+        rep = cloud.op("POST", "/api/v1/operator/reconciliations",
+                       json={"provider": "wechatpay", "bill_date": str(day)}).json()
+        assert rep["state"] == "matched", rep
+        assert (rep["bill_payments"], rep["bill_payments_fen"], rep["bill_refunds"]) == (2, 3500, 1)
+        # it succeeds the next day: that day's bill does not list it (it was asked for the day before), and that
+        # is no mismatch
+        wx.settle_refund(refund_id, "SUCCESS", at_ms=yesterday + 86_400_000)
+        assert wait_until(lambda: user.call("GET", "/api/v1/me/wallet").json()["refunds"][0]["state"] == "success")
+        with cloud.app.state.database.read() as conn:
+            done_ms = conn.execute(select(t.provider_refunds.c.done_ms)).scalar()     # WeChat's time, to the second
+        assert done_ms // 1000 == (yesterday + 86_400_000) // 1000
+        rep = cloud.op("POST", "/api/v1/operator/reconciliations",
+                       json={"provider": "wechatpay", "bill_date": str(day + timedelta(days=1))}).json()
+        assert rep["state"] == "matched" and rep["bill_refunds"] == 0, rep
+        wx.bill_state = "creating"
+        r = cloud.op("POST", "/api/v1/operator/reconciliations",
+                     json={"provider": "wechatpay", "bill_date": str(day - timedelta(days=1))})
+        assert r.status_code == 503 and r.json()["error"] == "bill_not_ready"

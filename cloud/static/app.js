@@ -732,7 +732,7 @@ async function walletView(params) {
     try { await startTopup(fen, method); }
     catch (e) {
       if (e.code === "payer_unknown") {       // WeChat tells us who pays once, then comes back here and goes on
-        const link = await api("POST", "/api/v1/me/payer-link", {provider: method.provider, return_path: `/app#/wallet?resume=${fen}`});
+        const link = await api("POST", "/api/v1/me/payer-link", {provider: method.provider, resume_fen: fen});
         location.href = link.url; return;
       }
       showError("#topup-error", e);

@@ -133,6 +133,8 @@ class PaymentProvider(Protocol):
     is_development: bool
     channels: tuple[str, ...]   # the PayRequest channels it takes
     refund_window_days: int     # how old a payment it still refunds
+    # optional: bill_refund_day = "requested" if its bill lists a refund on the day it was asked for (WeChat Pay);
+    # otherwise on the day it was done
 
     def create(self, req: PayRequest) -> PayStart:
         """Create the order at the provider; raises ProviderError."""

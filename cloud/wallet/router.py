@@ -72,7 +72,7 @@ def payer_link(body: PayerLinkIn, user_id: User, svc: Svc, now: Now) -> dict[str
     """Paying inside WeChat needs the payer's openid: the page opens this WeChat authorisation address once
     (silent, snsapi_base) and WeChat brings the person back through ``/api/v1/payments/wechatpay/oauth``."""
     redirect = svc.settings.public_url.rstrip("/") + "/api/v1/payments/wechatpay/oauth"
-    return {"url": svc.wallet.payer_link(user_id, body.provider, body.return_path, redirect, now)}
+    return {"url": svc.wallet.payer_link(user_id, body.provider, body.resume_fen, redirect, now)}
 
 
 @router.get("/payments/wechatpay/oauth", include_in_schema=False)

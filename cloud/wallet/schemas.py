@@ -108,7 +108,7 @@ class WithdrawOut(BaseModel):
 
 class PayerLinkIn(In):
     provider: Literal["wechatpay"] = "wechatpay"
-    return_path: ReturnPath = "/app#/wallet"
+    resume_fen: Annotated[int, Field(ge=0, le=10_000_000)] = 0      # the top-up to go on with once back
 
 
 class PayerLinkOut(BaseModel):

@@ -173,40 +173,43 @@ class Wallet:
                 "qr_svg": qr_svg,
                 "jsapi_params": start.jsapi_params, "expires_ms": expires, "sandbox": prov.is_development}
 
-    def payer_link(self, user_id: str, provider: str, return_path: str, redirect_uri: str, now_ms: int) -> str:
-        """The provider's authorisation address that tells us who pays (WeChat's openid), with a signed state
-        naming this person and where to go back, valid for 10 minutes."""
+    def payer_link(self, user_id: str, provider: str, resume_fen: int, redirect_uri: str, now_ms: int) -> str:
+        """The provider's authorisation address that tells us who pays (WeChat's openid), valid for 10 minutes.
+        Its ``state`` names this person, the top-up to resume and the expiry, with a MAC: base32, so letters and
+        digits only and under WeChat's 128 characters."""
         prov = self._provider(provider)
         if not hasattr(prov, "oauth_url"):
             raise Invalid("no_payer_link", f"{prov.name} needs no authorisation")
-        body = f"{user_id}|{now_ms + PAYER_LINK_TTL_MS}|{return_path}"
-        mac = hmac.new(self._link_key, body.encode(), hashlib.sha256).hexdigest()[:32]
-        state = base64.urlsafe_b64encode(f"{body}|{mac}".encode()).decode().rstrip("=")
+        body = f"{user_id}|{now_ms + PAYER_LINK_TTL_MS}|{resume_fen}".encode()
+        mac = hmac.new(self._link_key, body, hashlib.sha256).digest()[:10]
+        state = base64.b32encode(body + mac).decode().rstrip("=")
         return prov.oauth_url(redirect_uri, state)
 
     def payer_return(self, provider: str, code: str, state: str, now_ms: int) -> str:
         """The provider sent the person back with a code: it becomes their payer id. Returns where to go."""
         prov = self._provider(provider)
         try:
-            raw = base64.urlsafe_b64decode(state + "=" * (-len(state) % 4)).decode()
-            user_id, expires, return_path, mac = raw.split("|", 3)
-            good = hmac.compare_digest(mac, hmac.new(self._link_key, f"{user_id}|{expires}|{return_path}".encode(),
-                                                     hashlib.sha256).hexdigest()[:32])
-        except (ValueError, UnicodeDecodeError):
+            raw = base64.b32decode(state.upper() + "=" * (-len(state) % 8))
+            body, mac = raw[:-10], raw[-10:]
+            good = hmac.compare_digest(mac, hmac.new(self._link_key, body, hashlib.sha256).digest()[:10])
+            user_id, expires, resume_fen = body.decode().split("|")
+            resume = int(resume_fen)
+        except ValueError:              # bad base32, text or numbers (UnicodeDecodeError is one too)
             good = False
         if not good:
             raise Unauthenticated("bad_state", "this authorisation link was not made here")
         if int(expires) < now_ms:
             raise Gone("link_expired", "this authorisation link has expired: start the top-up again")
-        if not code:
-            return return_path + ("&" if "?" in return_path else "?") + "payer=refused"
+        back = "/app#/wallet" + (f"?resume={resume}" if resume else "")
+        if not code:                    # the person said no
+            return "/app#/wallet?payer=refused"
         try:
             payer_id = prov.openid_for_code(code)
         except ProviderError as e:
             raise Unavailable("payer_unknown", f"WeChat did not say who is paying ({e.code})",
                               retry_after_s=10) from None
         self.remember_payer(user_id, prov.name, payer_id, now_ms)
-        return return_path
+        return back
 
     def remember_payer(self, user_id: str, provider: str, payer_id: str, now_ms: int) -> None:
         pa = t.payer_accounts.c
@@ -595,20 +598,26 @@ class Wallet:
                               retry_after_s=3600) from None
         lo, hi = china_day_bounds(day)
         o, r = t.topup_orders.c, t.provider_refunds.c
+        if getattr(prov, "bill_refund_day", "done") == "requested":      # listed the day asked, as it was then
+            refunds_of_day = and_(r.created_ms >= lo, r.created_ms < hi, r.state.not_in(("requested", "failed")))
+        else:
+            refunds_of_day = and_(r.state == "success", r.done_ms >= lo, r.done_ms < hi)
         with self.db.read() as conn:
             ours_paid = {x["order_id"]: x for x in conn.execute(
                 select(o.order_id, o.amount_fen, o.provider_txn_id).where(and_(
                     o.provider == prov.name, o.state == "paid", o.paid_ms >= lo, o.paid_ms < hi))).mappings()}
             ours_refunds = {x["refund_id"]: x for x in conn.execute(
-                select(r.refund_id, r.order_id, r.amount_fen).where(and_(
-                    r.provider == prov.name, r.state == "success", r.done_ms >= lo, r.done_ms < hi))).mappings()}
+                select(r.refund_id, r.order_id, r.amount_fen).where(and_(r.provider == prov.name, refunds_of_day))
+            ).mappings()}
+            # lines of the bill that are ours but of another day here (a time on either side of midnight)
             bill_orders = {b.order_id for b in bill if b.kind == "payment"} - set(ours_paid)
             known = {x["order_id"]: x for x in conn.execute(
-                select(o.order_id, o.state, o.amount_fen, o.paid_ms).where(o.order_id.in_(bill_orders))).mappings()}
+                select(o.order_id, o.state, o.amount_fen, o.paid_ms).where(and_(
+                    o.order_id.in_(bill_orders), o.provider == prov.name))).mappings()}
             bill_refunds = {b.refund_id for b in bill if b.kind == "refund"} - set(ours_refunds)
             known_refunds = {x["refund_id"]: x for x in conn.execute(
-                select(r.refund_id, r.state, r.amount_fen, r.done_ms).where(r.refund_id.in_(bill_refunds))
-            ).mappings()}
+                select(r.refund_id, r.state, r.amount_fen, r.created_ms, r.done_ms).where(and_(
+                    r.refund_id.in_(bill_refunds), r.provider == prov.name))).mappings()}
         report = _compare(bill, ours_paid, ours_refunds, known, known_refunds)
         state = "mismatch" if any(report[k] for k in ("missing_here", "missing_there", "duplicated",
                                                       "wrong_amount")) else "matched"
@@ -710,8 +719,11 @@ def _compare(bill: list[BillRow], ours_paid: dict, ours_refunds: dict, known: di
         if seen[key] > 1:
             continue
         ours = ours_paid.get(b.order_id) if b.kind == "payment" else ours_refunds.get(b.refund_id)
+        other = known.get(b.order_id) if b.kind == "payment" else known_refunds.get(b.refund_id)
+        if ours is None and other is not None and other["state"] in ("paid", "processing", "success", "closed",
+                                                                       "abnormal"):
+            ours = other                # ours, dated the day before or after here: compared by amount only
         if ours is None:
-            other = known.get(b.order_id) if b.kind == "payment" else known_refunds.get(b.refund_id)
             missing_here.append({"kind": b.kind, "order_id": b.order_id, "refund_id": b.refund_id,
                                  "provider_txn_id": b.provider_txn_id, "amount_fen": b.amount_fen,
                                  "ours": dict(other) if other else None})

@@ -495,6 +495,7 @@ class WechatPay:
 
     name = NAME
     is_development = False
+    bill_refund_day = "requested"       # the trade bill lists a refund on the day it was asked for, not done
 
     def __init__(self, config: WechatPayConfig, session: requests.Session | None = None,
                  clock_ms: Callable[[], int] | None = None) -> None:
