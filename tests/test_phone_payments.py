@@ -174,3 +174,131 @@ def test_a_person_logs_in_with_a_code_tencent_delivered_and_is_told_when_sms_is_
         page.wait_for_function("() => !location.hash.startsWith('#/login')")
         assert errors == []
         page.close()
+
+
+WECHAT_UA = ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 "
+             "Mobile Safari/537.36 XWEB/1300 MMWEBSDK/20240301 MicroMessenger/8.0.49.2600 NetType/WIFI Language/zh_CN")
+
+
+@pytest.fixture
+def wechat_cloud(tmp_path):
+    """A development cloud offering WeChat Pay (its stand-in), Alipay (its stand-in) and the sandbox."""
+    from cloud.security import SecretBox
+    from cloud.wallet import alipay, wechatpay
+    from cloud.wallet.payments import SandboxPay
+    from tests.standins.alipay import AlipayStandIn
+    from tests.standins.wechatpay import WechatPayStandIn
+    with WechatPayStandIn() as wx, AlipayStandIn() as ali:
+        pays = [wechatpay.from_env(wx.env(tmp_path / "wx")), alipay.from_env(ali.env(tmp_path / "ali")),
+                SandboxPay(SecretBox(bytes(32)).subkey("sandbox-pay"))]
+        with CloudServer(tmp_path / "cloud", payment_providers=pays, **OPERATOR) as cloud:
+            yield cloud, wx
+
+
+@pytest.mark.parametrize(("lang", "width"), [("zh", 320), ("en", 390)])
+def test_inside_wechat_a_person_authorises_once_and_pays_through_the_jsapi_bridge(wechat_cloud, browser, lang,  # noqa: F811
+                                                                                  width):
+    """WeChat's in-app browser: the page asks WeChat who pays (silent authorisation, once), comes back, and pays
+    through WeixinJSBridge. The bridge is WeChat's native code, outside the page: here it hands the parameters to
+    the stand-in as the WeChat app would."""
+    cloud, wx = wechat_cloud
+    user = cloud.user(f"13500003{width}", balance_fen=0)
+    page, errors = _phone(browser, cloud, user, lang, width, ua=WECHAT_UA)
+    bridge_calls: list[dict] = []
+    visits: list[str] = []
+    page.on("request", lambda r: visits.append(r.url) if r.is_navigation_request() else None)
+
+    def bridge(params):
+        bridge_calls.append(params)
+        return wx.pay_jsapi(params)
+    page.expose_function("tapshareTestWechatPay", bridge)
+    page.add_init_script("""window.WeixinJSBridge = {invoke(name, params, cb) {
+        if (name !== 'getBrandWCPayRequest') return cb({err_msg: name + ':fail'});
+        window.tapshareTestWechatPay(params).then(cb); }};""")
+    page.reload()                                   # a fresh document, with WeChat's bridge in it
+    page.goto(cloud.url + "/app#/wallet")
+    page.wait_for_selector("button.method")
+    providers = [b.get_attribute("data-provider") for b in page.query_selector_all("button.method")]
+    assert providers == ["wechatpay", "sandbox"]                    # Alipay cannot open inside WeChat
+    assert page.get_attribute("button.method[data-provider='wechatpay']", "aria-checked") == "true"
+    shot(page, f"p7-in-wechat-{lang}-{width}")
+    page.click("button.amt[data-fen='2000']")
+    page.wait_for_selector("#paid", timeout=15_000)                 # authorised, back, resumed, paid
+    assert page.inner_text("#available") == "¥20.00"
+    assert len(bridge_calls) == 1 and bridge_calls[0]["package"].startswith("prepay_id=")
+    shot(page, f"p8-wechat-paid-{lang}-{width}")
+    assert len([u for u in visits if "/connect/oauth2/authorize" in u]) == 1      # went to WeChat once
+    # the next top-up needs no authorisation
+    page.click("button.amt[data-fen='1000']")
+    page.wait_for_function("() => document.querySelector('#available')?.textContent === '¥30.00'", timeout=15_000)
+    assert len(bridge_calls) == 2
+    assert len([u for u in visits if "/connect/oauth2/authorize" in u]) == 1
+    assert errors == []
+    page.close()
+
+
+def test_a_person_who_closes_the_wechat_pay_sheet_is_told_nothing_was_charged(wechat_cloud, browser):  # noqa: F811
+    cloud, wx = wechat_cloud
+    user = cloud.user("13500003999", balance_fen=0)
+    with cloud.app.state.database.tx() as conn:       # authorised before
+        from cloud import db as t
+        conn.execute(t.payer_accounts.insert().values(user_id=user.user_id, provider="wechatpay",
+                                                      payer_id=wx.oauth_openid, created_ms=1))
+    page, errors = _phone(browser, cloud, user, "zh", 390, ua=WECHAT_UA)
+    page.expose_function("tapshareTestWechatPay", lambda params: wx.pay_jsapi({**params, "cancel": True}))
+    page.add_init_script("""window.WeixinJSBridge = {invoke(name, params, cb) {
+        window.tapshareTestWechatPay(params).then(cb); }};""")
+    page.reload()                                   # a fresh document, with WeChat's bridge in it
+    page.goto(cloud.url + "/app#/wallet")
+    page.wait_for_selector("button.amt")
+    page.click("button.amt[data-fen='5000']")
+    page.wait_for_function("() => document.querySelector('#topup-error').textContent !== ''", timeout=10_000)
+    assert page.inner_text('#topup-error') == '已取消付款，未扣款。'
+    assert page.inner_text("#available") == "¥0.00"
+    assert errors == []
+    page.close()
+
+
+def test_a_phone_browser_pays_on_wechats_h5_page(wechat_cloud, browser):  # noqa: F811
+    cloud, wx = wechat_cloud
+    user = cloud.user("13500004001", balance_fen=0)
+    page, errors = _phone(browser, cloud, user, "zh", 390)
+    page.goto(cloud.url + "/app#/wallet")
+    page.wait_for_selector("button.method[data-provider='wechatpay']")
+    assert [b.get_attribute("data-provider") for b in page.query_selector_all("button.method")] == [
+        "wechatpay", "alipay", "sandbox"]
+    page.click("button.method[data-provider='wechatpay']")
+    page.click("button.amt[data-fen='1000']")
+    page.wait_for_url(f"{wx.base_url}/**")
+    assert "￥10.00" in page.inner_text("#amount")
+    page.click("#pay")
+    page.wait_for_url(f"{cloud.url}/app**")
+    page.wait_for_selector("#paid", timeout=15_000)
+    assert page.inner_text("#available") == "¥10.00"
+    assert errors == []
+    page.close()
+
+
+def test_a_computer_shows_the_wechat_native_qr_code(wechat_cloud, browser, tmp_path):  # noqa: F811
+    import zxingcpp
+    from PIL import Image
+    cloud, wx = wechat_cloud
+    user = cloud.user("13500004002", balance_fen=0)
+    page, errors = _page(browser, cloud, user, "en", 1366)
+    page.reload()
+    page.goto(cloud.url + "/app#/wallet")
+    page.wait_for_selector("button.method[data-provider='wechatpay']")
+    page.click("button.method[data-provider='wechatpay']")
+    page.click("button.amt[data-fen='5000']")
+    page.wait_for_selector("#pay-qr svg")
+    assert "WeChat Pay" in page.inner_text("#pay-qr")
+    shot(page, "p9-wechat-qr-1366-en")
+    png = tmp_path / "qr.png"
+    page.locator("#pay-qr svg").screenshot(path=str(png))
+    codes = [c.text for c in zxingcpp.read_barcodes(Image.open(png)) if c.format == zxingcpp.BarcodeFormat.QRCode]
+    assert len(codes) == 1 and codes[0].startswith("weixin://wxpay/bizpayurl")
+    wx.scan(codes[0])
+    page.wait_for_selector("#paid", timeout=15_000)
+    assert page.inner_text("#available") == "¥50.00"
+    assert errors == []
+    page.close()

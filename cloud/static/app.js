@@ -63,7 +63,7 @@ const T = {
     paid: "充值成功", order_closed: "订单已关闭，未扣款。", return_note: "返回本页不代表已付款：以支付平台的通知为准。",
     history: "明细", kind_topup: "充值", kind_charge: "消费", kind_refund: "退款", kind_adjustment: "调整",
     kind_withdrawal: "退回原支付账户", kind_refund_return: "退款未成功，已退回余额",
-    pay_with: "支付方式", m_wechatpay: "微信支付", m_alipay: "支付宝", m_sandbox: "沙箱支付", m_dev: "开发用，不扣款",
+    pay_with: "支付方式", m_wechatpay: "微信支付", m_alipay: "支付宝", m_sandbox: "沙箱支付", m_dev: "开发用，不扣款", app_wechatpay: "微信", app_alipay: "支付宝",
     scan_to_pay: "请用{app}扫描二维码付款", qr_expires: "二维码 15 分钟内有效。",
     pay_cancelled: "已取消付款，未扣款。", payer_refused: "需要微信授权才能在微信内付款；也可以选择其他支付方式。",
     withdraw_title: "退回余额", withdraw_explain: "可将余额原路退回到充值时使用的微信或支付宝账户，通常几分钟到 3 个工作日到账。",
@@ -157,7 +157,7 @@ const T = {
     return_note: "Coming back here does not mean you paid: the payment provider's notification decides.",
     history: "History", kind_topup: "Top-up", kind_charge: "Water", kind_refund: "Refund", kind_adjustment: "Adjustment",
     kind_withdrawal: "Back to your payment account", kind_refund_return: "Refund failed: back in your balance",
-    pay_with: "Pay with", m_wechatpay: "WeChat Pay", m_alipay: "Alipay", m_sandbox: "Sandbox", m_dev: "development: no money",
+    pay_with: "Pay with", m_wechatpay: "WeChat Pay", m_alipay: "Alipay", m_sandbox: "Sandbox", m_dev: "development: no money", app_wechatpay: "WeChat", app_alipay: "Alipay",
     scan_to_pay: "Scan the QR code with {app} to pay", qr_expires: "The QR code is valid for 15 minutes.",
     pay_cancelled: "Payment cancelled; nothing was charged.",
     payer_refused: "Paying inside WeChat needs WeChat's authorisation; or choose another way to pay.",
@@ -644,7 +644,7 @@ async function startTopup(fen, method) {
                                                     return_path: "/app#/wallet?order={order_id}"});
   if (r.pay_kind === "redirect") { location.href = r.pay_url; return; }
   if (r.pay_kind === "qr") {
-    const app = t("m_" + r.provider);
+    const app = t("app_" + r.provider);
     $("#order-state").innerHTML = `<div id="pay-qr" class="qr-box"><p>${esc(t("scan_to_pay", {app}))}</p>${r.qr_svg}
       <p class="muted">¥${yuan(r.amount_fen)} · ${t("qr_expires")}</p></div>`;
     $("#pay-qr").scrollIntoView({block: "nearest"});
