@@ -291,7 +291,7 @@ def test_a_computer_shows_the_wechat_native_qr_code(wechat_cloud, browser, tmp_p
     page.click("button.method[data-provider='wechatpay']")
     page.click("button.amt[data-fen='5000']")
     page.wait_for_selector("#pay-qr svg")
-    assert "WeChat Pay" in page.inner_text("#pay-qr")
+    assert "with WeChat to pay" in page.inner_text("#pay-qr")
     shot(page, "p9-wechat-qr-1366-en")
     png = tmp_path / "qr.png"
     page.locator("#pay-qr svg").screenshot(path=str(png))

@@ -669,8 +669,9 @@ function watchOrder(orderId) {
         // back to the machine the person was standing at, if the visit is still good
         const back = v && Date.now() - v.at < 4.5 * 60_000
           ? `<a class="button" id="continue" href="#/">${esc(t("continue_at", {m: v.machine.machine_id}))}</a>` : "";
+        const w2 = await api("GET", "/api/v1/me/wallet");      // the new balance shows with the news, not after
         box.innerHTML = `<p class="ok" id="paid">${t("paid")} ¥${yuan(o.amount_fen)}</p>${back}`;
-        const w2 = await api("GET", "/api/v1/me/wallet"); $("#available").textContent = `¥${yuan(w2.available_fen)}`;
+        $("#available").textContent = `¥${yuan(w2.available_fen)}`;
         $("#entries").innerHTML = entriesHtml(w2.entries);
         renderWithdraw(w2);
       } else if (o.state === "closed") { clearTimers(); box.innerHTML = `<p class="bad">${t("order_closed")}</p>`; }
