@@ -110,6 +110,7 @@ def build_services(settings: CloudSettings) -> Services:
     accounts = Accounts(database, box, sms, verifier, accounts_settings)
     accounts.payout = wallet.withdraw_for_deletion
     notify_base = settings.public_url.rstrip("/") + "/api/v1/payments/notify"
+    wallet.notify_base = notify_base
     accounts.send_refunds = lambda ids, now_ms: wallet.send_refunds(ids, notify_base, now_ms)
     return Services(
         settings=settings, database=database, hub=hub, machines=machines, commands=commands,
@@ -135,17 +136,20 @@ async def lifespan(app: FastAPI):
     svc: Services = app.state.services
     svc.hub.bind(asyncio.get_running_loop())
     task = asyncio.create_task(background(svc))
+    money = asyncio.create_task(payments_background(svc))
     flusher = asyncio.create_task(svc.durable.run())
     yield
     task.cancel()
+    money.cancel()
     flusher.cancel()
     svc.machines.flush_nonces()
     svc.database.dispose()
 
 
 async def background(svc: Services) -> None:
-    """The replay guard's nonces to disk; unclaimed starts voided, lost sessions reconciled, unpaid top-ups
-    closed (every ``background_interval_s``); old nonces and ID photos past retention removed (every minute)."""
+    """The replay guard's nonces to disk; unclaimed starts voided, lost sessions reconciled (every
+    ``background_interval_s``); old nonces and ID photos past retention removed (every minute). The payment
+    providers are called from :func:`payments_background`."""
     last_void = last_prune = time.monotonic()
     while True:
         await asyncio.sleep(NONCE_FLUSH_S)
@@ -167,14 +171,28 @@ def _expire(svc: Services) -> None:
         log.warning("session %s voided: the machine did not claim it by its deadline", sid)
     for sid in svc.sessions.reconcile_stale(svc.now()):
         log.warning("session %s lost: no report long after it must have ended", sid)
-    for oid in svc.wallet.close_expired(svc.now()):
-        log.info("top-up order %s closed unpaid", oid)
-    svc.wallet.settle_refunds(svc.settings.public_url.rstrip("/") + "/api/v1/payments/notify", svc.now())
+
+
+async def payments_background(svc: Services) -> None:
+    """The calls to the payment providers, on their own: unpaid top-ups asked about and closed, refunds followed,
+    yesterday's bills reconciled. A provider that is slow or down (15 s a call) delays only this, never the
+    replay guard's nonces or the release of held balances."""
+    last_reconcile = 0.0
+    while True:
+        await asyncio.sleep(svc.settings.background_interval_s)
+        try:
+            for oid in await run_in_threadpool(svc.wallet.close_expired, svc.now()):
+                log.info("top-up order %s closed unpaid", oid)
+            await run_in_threadpool(svc.wallet.settle_refunds, svc.wallet.notify_base, svc.now())
+            if time.monotonic() - last_reconcile >= 60:
+                last_reconcile = time.monotonic()
+                await run_in_threadpool(svc.wallet.reconcile_due, svc.now())
+        except Exception:
+            log.exception("payments background task failed")
 
 
 def _prune(svc: Services) -> None:
     svc.machines.prune_nonces(svc.now())
-    svc.wallet.reconcile_due(svc.now())
     deleted = svc.accounts.purge_photos(svc.now())
     if deleted:
         log.info("%d ID photos deleted (retention %d days)", deleted, svc.settings.photo_retention_days)

@@ -156,6 +156,7 @@ def test_a_refund_alipay_will_not_make_comes_back_to_the_balance_with_an_alarm(a
     assert [(a["kind"], a["detail"]["amount_fen"]) for a in alarms] == [("refund_failed", 1000)]
     # Alipay down for a moment: the refund waits and goes later, once
     ali.fail_next["alipay.trade.refund"] = ("20000", "isp.unknow-error")
+    cloud.app.state.services.wallet.refund_retry_base_ms = 300      # (30 s in service)
     r = user.call("POST", "/api/v1/me/withdrawals", json={})
     assert [x["state"] for x in r.json()["refunds"]] == ["requested"]
     assert wait_until(lambda: next(x["state"] for x in user.call("GET", "/api/v1/me/wallet").json()["refunds"])
@@ -293,12 +294,18 @@ def test_inside_wechat_the_openid_comes_from_wechats_authorisation_then_jsapi_pa
         r = user.call("POST", "/api/v1/me/topups", json={"amount_fen": 3000, "provider": "wechatpay",
                                                          "channel": "jsapi"})
         assert r.status_code == 409 and r.json()["error"] == "payer_unknown"
-        link = user.call("POST", "/api/v1/me/payer-link", json={"resume_fen": 3000}).json()["url"]
+        asked = user.call("POST", "/api/v1/me/payer-link", json={"resume_fen": 3000})
+        link, browser = asked.json()["url"], asked.cookies.get("tapshare_payer_link")
         state = link.split("state=")[1].split("#")[0].split("&")[0]
         assert state.isalnum() and len(state) <= 128                  # WeChat takes [a-zA-Z0-9]{0,128}
         hop = requests.get(link, allow_redirects=False, timeout=10)      # WeChat asks nothing: snsapi_base
         assert hop.status_code in (302, 303) and hop.headers["location"].startswith(cloud.url)
-        back = requests.get(hop.headers["location"], allow_redirects=False, timeout=10)
+        # the link opened in another browser (someone it was sent to) binds nothing
+        elsewhere = requests.get(hop.headers["location"], allow_redirects=False, timeout=10)
+        assert elsewhere.status_code == 401 and elsewhere.json()["error"] == "bad_state"
+        hop = requests.get(link, allow_redirects=False, timeout=10)
+        back = requests.get(hop.headers["location"], allow_redirects=False, timeout=10,
+                            cookies={"tapshare_payer_link": browser})
         assert back.status_code == 303 and back.headers["location"] == "/app#/wallet?resume=3000"
         # a forged or stale state is refused
         forged = requests.get(cloud.url + "/api/v1/payments/wechatpay/oauth", params={"code": "x", "state": "A" * 60},

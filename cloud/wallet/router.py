@@ -4,6 +4,7 @@ web authorisation JSAPI payments need, and the operators' refunds and daily reco
 
 from __future__ import annotations
 
+import secrets
 from datetime import date
 from typing import Annotated, Any
 
@@ -67,20 +68,29 @@ def withdraw(body: WithdrawIn, user_id: User, svc: Svc, now: Now) -> dict[str, A
     return svc.wallet.withdraw(user_id, body.amount_fen, _notify_base(svc), now)
 
 
+PAYER_COOKIE = "tapshare_payer_link"
+
+
 @router.post("/me/payer-link", response_model=PayerLinkOut)
-def payer_link(body: PayerLinkIn, user_id: User, svc: Svc, now: Now) -> dict[str, Any]:
+def payer_link(body: PayerLinkIn, response: Response, user_id: User, svc: Svc, now: Now) -> dict[str, Any]:
     """Paying inside WeChat needs the payer's openid: the page opens this WeChat authorisation address once
-    (silent, snsapi_base) and WeChat brings the person back through ``/api/v1/payments/wechatpay/oauth``."""
+    (silent, snsapi_base) and WeChat brings the person back through ``/api/v1/payments/wechatpay/oauth``. The
+    link works only in the browser that asked (a cookie), for 10 minutes."""
     redirect = svc.settings.public_url.rstrip("/") + "/api/v1/payments/wechatpay/oauth"
-    return {"url": svc.wallet.payer_link(user_id, body.provider, body.resume_fen, redirect, now)}
+    key = secrets.token_urlsafe(18)
+    response.set_cookie(PAYER_COOKIE, key, max_age=600, httponly=True, samesite="lax",
+                        secure=svc.settings.public_url.startswith("https://"), path="/api/v1/payments/wechatpay")
+    return {"url": svc.wallet.payer_link(user_id, body.provider, body.resume_fen, redirect, now, browser_key=key)}
 
 
 @router.get("/payments/wechatpay/oauth", include_in_schema=False)
-def wechat_oauth_return(svc: Svc, now: Now, code: Annotated[str, Query(max_length=200)] = "",
+def wechat_oauth_return(request: Request, svc: Svc, now: Now, code: Annotated[str, Query(max_length=200)] = "",
                         state: Annotated[str, Query(max_length=400)] = "") -> RedirectResponse:
     """WeChat's redirect after the authorisation: the code becomes the openid, kept for this person."""
-    back = svc.wallet.payer_return("wechatpay", code, state, now)
-    return RedirectResponse(back, status_code=303)
+    back = svc.wallet.payer_return("wechatpay", code, state, now, request.cookies.get(PAYER_COOKIE, ""))
+    out = RedirectResponse(back, status_code=303)
+    out.delete_cookie(PAYER_COOKIE, path="/api/v1/payments/wechatpay")
+    return out
 
 
 async def _notify(provider: str, request: Request, svc: Svc, now: int) -> Response:

@@ -51,13 +51,17 @@ ORDER_TTL_MS = 15 * 60_000
 MIN_TOPUP_FEN, MAX_TOPUP_FEN = 100, 50_000
 PENDING_ORDERS_PER_USER = 5            # unpaid orders open at once
 ORDERS_PER_USER_PER_HOUR = 20
-REFUND_RETRY_BASE_MS = 5_000           # a refund the provider did not take is retried after 5 s, 10 s, ... 1 h
-REFUND_RETRY_MAX_MS = 3_600_000
+REFUND_RETRY_BASE_MS = 30_000          # a refund the provider did not take is sent again after 30 s, 1 min, ... 1 h
+REFUND_RETRY_MAX_MS = 3_600_000        # (longer than one provider call can take: 5 s connect + 10 s read)
+REFUND_ALARM_ATTEMPTS = 8              # ... and after 8 sends (about 2 hours) it is an operator's alarm, once
 REFUND_QUERY_AFTER_MS = 60_000         # a refund still processing is asked about every minute ...
-REFUND_GIVE_UP_MS = 7 * 86_400_000     # ... and after a week without an answer it is an operator's alarm
+REFUND_ALARM_QUERIES = 24 * 60         # ... and after a day of that it is an operator's alarm, once
 BILL_READY_HOUR = 11                   # the providers publish yesterday's bill by about 10:00 (UTC+8)
 PAYER_LINK_TTL_MS = 10 * 60_000
 RECONCILE_RETRY_MS = 30 * 60_000       # a bill not out yet is asked for again after half an hour
+RECONCILE_DAYS = 3                     # days back that are still tried; then not reconciled is an alarm
+WITHDRAWALS_PER_DAY = 5                # a person's withdrawals in 24 hours (each is a refund call per top-up)
+MIN_WITHDRAWAL_FEN = 100               # unless it is the whole balance
 FINAL_REFUND_STATES = ("success", "closed", "abnormal", "failed")
 
 
@@ -81,6 +85,9 @@ class Wallet:
         self.db, self.providers = db, providers
         self._link_key = link_key or secrets.token_bytes(32)
         self._reconcile_tried: dict[tuple[str, str], int] = {}
+        self._alarmed: set[tuple[str, ...]] = set()
+        self.notify_base = ""               # where providers send notifications (set by the wiring)
+        self.refund_retry_base_ms = REFUND_RETRY_BASE_MS
         # the development sandbox, when it is on (its pages and the tests reach it here); else the first provider
         self.provider = providers.get("sandbox") or next(iter(providers.values()))
 
@@ -173,27 +180,31 @@ class Wallet:
                 "qr_svg": qr_svg,
                 "jsapi_params": start.jsapi_params, "expires_ms": expires, "sandbox": prov.is_development}
 
-    def payer_link(self, user_id: str, provider: str, resume_fen: int, redirect_uri: str, now_ms: int) -> str:
+    def payer_link(self, user_id: str, provider: str, resume_fen: int, redirect_uri: str, now_ms: int,
+                   browser_key: str = "") -> str:
         """The provider's authorisation address that tells us who pays (WeChat's openid), valid for 10 minutes.
-        Its ``state`` names this person, the top-up to resume and the expiry, with a MAC: base32, so letters and
-        digits only and under WeChat's 128 characters."""
+        Its ``state`` names this person, the top-up to resume, the expiry and the browser that asked (a hash of
+        ``browser_key``, a cookie only that browser holds, so a link opened by someone else binds nothing), with a
+        MAC: base32, so letters and digits only and under WeChat's 128 characters."""
         prov = self._provider(provider)
         if not hasattr(prov, "oauth_url"):
             raise Invalid("no_payer_link", f"{prov.name} needs no authorisation")
-        body = f"{user_id}|{now_ms + PAYER_LINK_TTL_MS}|{resume_fen}".encode()
+        browser = hashlib.sha256(browser_key.encode()).hexdigest()[:12]
+        body = f"{user_id}|{now_ms + PAYER_LINK_TTL_MS}|{resume_fen}|{browser}".encode()
         mac = hmac.new(self._link_key, body, hashlib.sha256).digest()[:10]
         state = base64.b32encode(body + mac).decode().rstrip("=")
         return prov.oauth_url(redirect_uri, state)
 
-    def payer_return(self, provider: str, code: str, state: str, now_ms: int) -> str:
+    def payer_return(self, provider: str, code: str, state: str, now_ms: int, browser_key: str = "") -> str:
         """The provider sent the person back with a code: it becomes their payer id. Returns where to go."""
         prov = self._provider(provider)
         try:
             raw = base64.b32decode(state.upper() + "=" * (-len(state) % 8))
             body, mac = raw[:-10], raw[-10:]
             good = hmac.compare_digest(mac, hmac.new(self._link_key, body, hashlib.sha256).digest()[:10])
-            user_id, expires, resume_fen = body.decode().split("|")
+            user_id, expires, resume_fen, browser = body.decode().split("|")
             resume = int(resume_fen)
+            good = good and hmac.compare_digest(browser, hashlib.sha256(browser_key.encode()).hexdigest()[:12])
         except ValueError:              # bad base32, text or numbers (UnicodeDecodeError is one too)
             good = False
         if not good:
@@ -214,6 +225,7 @@ class Wallet:
     def remember_payer(self, user_id: str, provider: str, payer_id: str, now_ms: int) -> None:
         pa = t.payer_accounts.c
         with self.db.tx() as conn:
+            self.db.lock(conn, f"payer:{user_id}:{provider}")      # two returns at once: one inserts
             known = conn.execute(select(pa.payer_id).where(and_(pa.user_id == user_id, pa.provider == provider))
                                  ).scalar()
             if known is None:
@@ -254,16 +266,21 @@ class Wallet:
             if provider is not None and row["provider"] != provider:
                 audit(conn, "payments", "provider_mismatch", n.order_id,
                       {"notified_by": provider, "order_provider": row["provider"]}, now_ms)
-                raise Conflict("provider_mismatch", "this order was not placed with this provider")
-            conn.execute(update(t.topup_orders).where(o.order_id == n.order_id)
-                         .values(notifications=o.notifications + 1))
-            if n.status != "SUCCESS":
+                refused = Conflict("provider_mismatch", "this order was not placed with this provider")
+            if refused is None:
+                conn.execute(update(t.topup_orders).where(o.order_id == n.order_id)
+                             .values(notifications=o.notifications + 1))
+            if refused is None and n.status != "SUCCESS":
                 return {"code": "SUCCESS", "credited": False}
-            if n.amount_fen != row["amount_fen"]:
+            if refused is None and n.amount_fen != row["amount_fen"]:
                 audit(conn, "payments", "amount_mismatch", n.order_id,
                       {"notified_fen": n.amount_fen, "ordered_fen": row["amount_fen"]}, now_ms)
-                raise_alarm(conn, "payments", "amount_mismatch", {"order_id": n.order_id, "provider": row["provider"],
-                            "notified_fen": n.amount_fen, "ordered_fen": row["amount_fen"]}, now_ms)
+                if row["state"] != "disputed":      # once: the provider's repeats and our queries say it again
+                    raise_alarm(conn, "payments", "amount_mismatch", {"order_id": n.order_id,
+                                "provider": row["provider"], "notified_fen": n.amount_fen,
+                                "ordered_fen": row["amount_fen"]}, now_ms)
+                    if row["state"] == "pending":   # not asked about again every second: an operator settles it
+                        conn.execute(update(t.topup_orders).where(o.order_id == n.order_id).values(state="disputed"))
                 log.error("payment notification for %s says %d fen, the order is %d fen: not credited",
                           n.order_id, n.amount_fen, row["amount_fen"])
                 refused = Conflict("amount_mismatch", "the notified amount does not match the order")
@@ -279,6 +296,13 @@ class Wallet:
                 log.warning("order %s was paid after it closed here: credited anyway (the money was taken)",
                             n.order_id)
             add_entry(conn, row["user_id"], "topup", row["amount_fen"], now_ms, note=f"order {n.order_id}")
+            back: list[str] = []
+            if self._user_deleted(conn, row["user_id"]):    # paid just before the account was deleted: pay it back
+                back = self.withdraw_for_deletion(conn, row["user_id"], row["amount_fen"], now_ms)["refund_ids"]
+                raise_alarm(conn, "payments", "paid_after_deletion", {"order_id": n.order_id,
+                            "amount_fen": row["amount_fen"], "refund_ids": back}, now_ms)
+        if back:
+            self.send_refunds(back, self.notify_base, now_ms)
         return {"code": "SUCCESS", "credited": True}
 
     def close_expired(self, now_ms: int) -> list[str]:
@@ -370,6 +394,16 @@ class Wallet:
             if want < 1 or want > available:
                 raise Invalid("bad_amount", f"you can take back at most ¥{available / 100:.2f}",
                               available_fen=available)
+            if want < MIN_WITHDRAWAL_FEN and want != available:
+                raise Invalid("bad_amount", f"take back at least ¥{MIN_WITHDRAWAL_FEN / 100:.2f}, or all of it",
+                              available_fen=available)
+            e = t.balance_entries.c
+            recent = conn.execute(select(func.count()).where(and_(
+                e.user_id == user_id, e.kind == "withdrawal", e.session_id.is_(None),
+                e.created_ms > now_ms - 86_400_000))).scalar() or 0
+            if recent >= WITHDRAWALS_PER_DAY:
+                raise TooMany("too_many_withdrawals", f"at most {WITHDRAWALS_PER_DAY} withdrawals a day: "
+                              "take it all back at once tomorrow", retry_after_s=3600)
             if room <= 0:
                 raise Conflict("not_refundable", "this balance did not come from a top-up that can still be "
                                "refunded (older than the provider allows, or an operator's credit): ask the "
@@ -445,7 +479,8 @@ class Wallet:
 
     def send_refunds(self, ids: list[str], notify_base: str, now_ms: int) -> None:
         """Ask the providers for these refunds (each idempotent by its id). A provider that does not answer now
-        is asked again by :meth:`settle_refunds`; nothing here can refund twice."""
+        is asked again by :meth:`settle_refunds`; nothing here can refund twice. Each row is claimed first
+        (``updated_ms``), so two senders (a retry, another instance) do not work on it at once."""
         r = t.provider_refunds.c
         for refund_id in ids:
             with self.db.read() as conn:
@@ -456,50 +491,86 @@ class Wallet:
                 continue
             prov = self.providers.get(row["provider"])
             if prov is None:
+                self._note_refund(refund_id, now_ms, f"provider {row['provider']} is not configured here",
+                                  alarm="refund_provider_missing")
                 continue
+            with self.db.tx() as conn:      # claim it: another sender that read the same row finds it moved
+                if not conn.execute(update(t.provider_refunds).where(and_(
+                        r.refund_id == refund_id, r.state == "requested", r.updated_ms == row["updated_ms"]))
+                        .values(updated_ms=max(now_ms, row["updated_ms"] + 1), attempts=r.attempts + 1)).rowcount:
+                    continue
             req = RefundRequest(refund_id=refund_id, order_id=row["order_id"], amount_fen=row["amount_fen"],
                                 order_total_fen=row["order_fen"], reason=row["reason"] or "退款 refund",
                                 notify_url=f"{notify_base}/{prov.name}" if notify_base else "")
             try:
                 notice = prov.refund(req)
             except ProviderError as e:
-                with self.db.tx() as conn:
-                    conn.execute(update(t.provider_refunds).where(and_(r.refund_id == refund_id,
-                                                                       r.state == "requested"))
-                                 .values(attempts=r.attempts + 1, updated_ms=now_ms,
-                                         last_error=f"{e.code}: {e.message}"[:200]))
-                if not e.retryable:
-                    self._finish_refund(refund_id, "failed", now_ms, error=f"{e.code}: {e.message}")
-                else:
+                if e.retryable:
                     log.warning("refund %s: %s did not take it yet (%s); retrying later", refund_id, prov.name, e.code)
+                    self._note_refund(refund_id, now_ms, f"{e.code}: {e.message}",
+                                      alarm="refund_not_taken" if row["attempts"] + 1 == REFUND_ALARM_ATTEMPTS
+                                      else "")
+                    continue
+                # refused: but an earlier attempt (a timeout, another sender) may have been taken; ask first
+                try:
+                    known = prov.query_refund(row["order_id"], refund_id)
+                except ProviderError:
+                    known = None
+                    self._note_refund(refund_id, now_ms, f"{e.code}: {e.message}; not confirmed by a query")
+                    continue
+                if known is not None:
+                    self.apply_refund(prov.name, known, now_ms)
+                else:
+                    self._finish_refund(refund_id, "failed", now_ms, error=f"{e.code}: {e.message}")
                 continue
             self.apply_refund(prov.name, notice, now_ms)
 
+    def _note_refund(self, refund_id: str, now_ms: int, error: str, alarm: str = "") -> None:
+        r = t.provider_refunds.c
+        with self.db.tx() as conn:
+            conn.execute(update(t.provider_refunds).where(r.refund_id == refund_id)
+                         .values(updated_ms=now_ms, last_error=error[:200]))
+            if alarm:
+                row = first_row(conn, select(t.provider_refunds).where(r.refund_id == refund_id))
+                raise_alarm(conn, "payments", alarm, {"refund_id": refund_id, "provider": row["provider"],
+                            "amount_fen": row["amount_fen"], "state": row["state"], "error": error[:200]}, now_ms)
+
     def apply_refund(self, provider: str, n: RefundNotice, now_ms: int) -> None:
-        """A provider's word on one of our refunds (its answer, a query, or a verified notification)."""
+        """A provider's word on one of our refunds (its answer, a query, or a verified notification). What does
+        not match ours is an alarm (and is acknowledged: the provider's repeats would change nothing)."""
         r = t.provider_refunds.c
         with self.db.tx() as conn:
             row = first_row(conn, select(t.provider_refunds).where(r.refund_id == n.refund_id))
+            problem = ""
             if row is None:
-                # not ours (made in the provider's merchant console?): the operators must know, and the provider
-                # is told it was heard, or it would repeat it for a day
-                raise_alarm(conn, "payments", "unknown_refund", {"provider": provider, "refund_id": n.refund_id,
-                            "order_id": n.order_id, "amount_fen": n.amount_fen, "status": n.status}, now_ms)
-                log.error("%s reports refund %s of order %s, which we did not make", provider, n.refund_id,
-                          n.order_id)
+                problem = "unknown_refund"      # made in the provider's merchant console?
+            elif row["provider"] != provider or row["order_id"] != n.order_id:
+                problem = "refund_mismatch"
+            elif n.amount_fen != row["amount_fen"]:
+                problem = "refund_amount_mismatch"
+            if problem:
+                raise_alarm(conn, "payments", problem, {"provider": provider, "refund_id": n.refund_id,
+                            "order_id": n.order_id, "notified_fen": n.amount_fen, "status": n.status,
+                            "ours": None if row is None else {k: row[k] for k in ("provider", "order_id",
+                                                                                  "amount_fen", "state")}},
+                            now_ms)
+                if row is not None:
+                    conn.execute(update(t.provider_refunds).where(r.refund_id == n.refund_id).values(
+                        updated_ms=now_ms, last_error=f"{problem}: {provider} says {n.amount_fen} fen, {n.status}"))
+                log.error("%s's word on refund %s (%s, %d fen) does not match ours: %s", provider, n.refund_id,
+                          n.order_id, n.amount_fen, problem)
                 return
-            if row["provider"] != provider or row["order_id"] != n.order_id:
-                raise NotFound("unknown_refund", "no such refund")
-            if n.amount_fen != row["amount_fen"]:
-                raise_alarm(conn, "payments", "refund_amount_mismatch", {"refund_id": n.refund_id, "provider": provider,
-                            "notified_fen": n.amount_fen, "asked_fen": row["amount_fen"]}, now_ms)
-                raise Conflict("amount_mismatch", "the refund's amount does not match ours")
             conn.execute(update(t.provider_refunds).where(and_(r.refund_id == n.refund_id,
                                                                r.state.in_(("requested", "processing"))))
                          .values(state="processing", provider_refund_id=n.provider_refund_id or None,
-                                 updated_ms=now_ms, attempts=r.attempts + 1, last_error=None))
-        if n.status != "PROCESSING":
+                                 updated_ms=now_ms, last_error=None))
+        if n.status == "SUCCESS" and row["state"] in ("closed", "failed", "abnormal"):
+            self._succeeded_late(n.refund_id, now_ms, n.done_ms or now_ms)
+        elif n.status != "PROCESSING":
             self._finish_refund(n.refund_id, n.status.lower(), now_ms, done_ms=n.done_ms or now_ms)
+
+    def _user_deleted(self, conn, user_id: str) -> bool:
+        return conn.execute(select(t.users.c.deleted_ms).where(t.users.c.user_id == user_id)).scalar() is not None
 
     def _finish_refund(self, refund_id: str, state: str, now_ms: int, done_ms: int | None = None,
                        error: str = "") -> None:
@@ -521,7 +592,7 @@ class Wallet:
                          .values(refunded_fen=o.refunded_fen - row["amount_fen"]))
             detail = {"refund_id": refund_id, "order_id": row["order_id"], "provider": row["provider"],
                       "amount_fen": row["amount_fen"], "user_id": row["user_id"], "error": error[:200]}
-            if state == "abnormal" or row["origin"] == "deletion":
+            if state == "abnormal" or row["origin"] == "deletion" or self._user_deleted(conn, row["user_id"]):
                 manual_id = "br-" + uuid.uuid4().hex[:20]
                 conn.execute(insert(t.balance_refunds).values(
                     refund_id=manual_id, user_id=row["user_id"], amount_fen=row["amount_fen"], state="requested",
@@ -534,9 +605,44 @@ class Wallet:
                 raise_alarm(conn, "payments", f"refund_{state}", detail, now_ms)
         log.warning("refund %s ended %s %s", refund_id, state, error)
 
+    def _succeeded_late(self, refund_id: str, now_ms: int, done_ms: int) -> None:
+        """The provider says a refund we had given up on (closed, failed, abnormal) did reach the payer after all
+        (WeChat lets a merchant settle an abnormal refund). What we gave back is taken back: from the balance it
+        went to, or the manual refund still unpaid is withdrawn; an operator is told either way."""
+        r, o, b = t.provider_refunds.c, t.topup_orders.c, t.balance_refunds.c
+        with self.db.tx() as conn:
+            row = first_row(conn, select(t.provider_refunds).where(r.refund_id == refund_id))
+            if row is None or row["state"] not in ("closed", "failed", "abnormal"):
+                return
+            conn.execute(update(t.provider_refunds).where(r.refund_id == refund_id)
+                         .values(state="success", done_ms=done_ms, updated_ms=now_ms))
+            conn.execute(update(t.topup_orders).where(o.order_id == row["order_id"])
+                         .values(refunded_fen=o.refunded_fen + row["amount_fen"]))
+            manual = [x for x in conn.execute(select(t.balance_refunds).where(and_(
+                b.user_id == row["user_id"], b.state == "requested"))).mappings()
+                if any(part.get("failed_refund_id") == refund_id for part in x["orders"])]
+            if manual:
+                conn.execute(update(t.balance_refunds).where(b.refund_id == manual[0]["refund_id"])
+                             .values(state="withdrawn", paid_ms=now_ms, paid_by="provider",
+                                     reference=f"{row['provider']} refund {refund_id} succeeded"))
+                taken = "the manual refund " + manual[0]["refund_id"] + " is withdrawn"
+            elif any(m["state"] == "paid" for m in conn.execute(select(t.balance_refunds).where(
+                    b.user_id == row["user_id"])).mappings()
+                    if any(part.get("failed_refund_id") == refund_id for part in m["orders"])):
+                taken = "PAID TWICE: the manual refund was paid already; recover it from the person"
+            else:
+                add_entry(conn, row["user_id"], "refund_correction", -row["amount_fen"], now_ms,
+                          note=f"refund {refund_id} reached the payer after all")
+                taken = "taken back from the balance"
+            raise_alarm(conn, "payments", "refund_succeeded_late", {
+                "refund_id": refund_id, "provider": row["provider"], "amount_fen": row["amount_fen"],
+                "was": row["state"], "user_id": row["user_id"], "done": taken}, now_ms)
+        log.error("refund %s (%s) succeeded after it was given up: %s", refund_id, row["state"], taken)
+
     def settle_refunds(self, notify_base: str, now_ms: int) -> int:
         """Follow every unfinished refund: send again those the provider did not take (backing off), ask about
-        those still processing; a refund without an answer for a week becomes an alarm."""
+        those still processing; one the provider has not taken or settled for long is an operator's alarm
+        (once). A row that fails here is noted and does not hold up the others."""
         r = t.provider_refunds.c
         with self.db.read() as conn:
             rows = conn.execute(select(r.refund_id, r.order_id, r.provider, r.state, r.attempts, r.updated_ms,
@@ -545,33 +651,43 @@ class Wallet:
                                 ).mappings().all()
         touched = 0
         for row in rows:
-            wait = min(REFUND_RETRY_MAX_MS, REFUND_RETRY_BASE_MS * 2 ** min(max(0, row["attempts"] - 1), 20))
+            wait = min(REFUND_RETRY_MAX_MS, self.refund_retry_base_ms * 2 ** min(max(0, row["attempts"] - 1), 20))
             if row["state"] == "processing":
                 wait = REFUND_QUERY_AFTER_MS
             if now_ms - row["updated_ms"] < wait:
                 continue
             touched += 1
-            if row["state"] == "requested":
-                self.send_refunds([row["refund_id"]], notify_base, now_ms)
-                continue
-            prov = self.providers.get(row["provider"])
-            if prov is None:
-                continue
             try:
-                n = prov.query_refund(row["order_id"], row["refund_id"])
-            except ProviderError as e:
-                log.warning("refund %s: %s did not answer (%s)", row["refund_id"], row["provider"], e.code)
-                n = None
-            if n is not None:
-                self.apply_refund(prov.name, n, now_ms)
-            with self.db.tx() as conn:
-                conn.execute(update(t.provider_refunds).where(and_(r.refund_id == row["refund_id"],
-                                                                   r.state == "processing"))
-                             .values(updated_ms=now_ms))
-                if now_ms - row["created_ms"] > REFUND_GIVE_UP_MS and row["state"] == "processing":
-                    raise_alarm(conn, "payments", "refund_stuck", {"refund_id": row["refund_id"],
-                                "provider": row["provider"]}, now_ms)
+                self._settle_one(row, notify_base, now_ms)
+            except Exception as e:          # one bad row must not stop every other refund
+                log.exception("refund %s could not be followed", row["refund_id"])
+                self._note_refund(row["refund_id"], now_ms, f"{type(e).__name__}: {e}"[:200])
         return touched
+
+    def _settle_one(self, row, notify_base: str, now_ms: int) -> None:
+        r = t.provider_refunds.c
+        if row["state"] == "requested":
+            self.send_refunds([row["refund_id"]], notify_base, now_ms)
+            return
+        prov = self.providers.get(row["provider"])
+        if prov is None:
+            self._note_refund(row["refund_id"], now_ms, f"provider {row['provider']} is not configured here",
+                              alarm="refund_provider_missing")
+            return
+        try:
+            n = prov.query_refund(row["order_id"], row["refund_id"])
+        except ProviderError as e:
+            log.warning("refund %s: %s did not answer (%s)", row["refund_id"], row["provider"], e.code)
+            n = None
+        if n is not None:
+            self.apply_refund(prov.name, n, now_ms)
+        with self.db.tx() as conn:
+            moved = conn.execute(update(t.provider_refunds).where(and_(r.refund_id == row["refund_id"],
+                                                                       r.state == "processing"))
+                                 .values(updated_ms=now_ms, attempts=r.attempts + 1)).rowcount
+            if moved and row["attempts"] + 1 == REFUND_ALARM_QUERIES:
+                raise_alarm(conn, "payments", "refund_stuck", {"refund_id": row["refund_id"],
+                            "provider": row["provider"], "since_ms": row["created_ms"]}, now_ms)
 
     def provider_refunds(self, state: str, limit: int) -> list[dict[str, Any]]:
         r = t.provider_refunds.c
@@ -648,25 +764,41 @@ class Wallet:
         return row["report"]
 
     def reconcile_due(self, now_ms: int) -> list[dict[str, Any]]:
-        """Yesterday's bills (UTC+8), once they are out (after 11:00), for every provider not yet reconciled."""
+        """The last few days' bills (UTC+8) not yet reconciled, once they are out (yesterday's after 11:00),
+        for every provider; a bill asked for again at most every half hour. A day still not reconciled when it
+        leaves that window is an operator's alarm."""
         now = datetime.fromtimestamp(now_ms / 1000, CHINA)
-        if now.hour < BILL_READY_HOUR:
-            return []
-        day = (now - timedelta(days=1)).date()
+        first = 1 if now.hour >= BILL_READY_HOUR else 2
+        days = [(now - timedelta(days=d)).date() for d in range(first, first + RECONCILE_DAYS)]
         c = t.reconciliations.c
         with self.db.read() as conn:
-            done = set(conn.execute(select(c.provider).where(c.bill_date == day.isoformat())).scalars())
+            done = set(conn.execute(select(c.provider, c.bill_date).where(
+                c.bill_date.in_([d.isoformat() for d in days]))).all())
         out = []
-        for name in self.providers:
-            key = (name, day.isoformat())
-            if name in done or now_ms - self._reconcile_tried.get(key, -RECONCILE_RETRY_MS) < RECONCILE_RETRY_MS:
-                continue
-            self._reconcile_tried[key] = now_ms
-            try:
-                out.append(self.reconcile(name, day, now_ms))
-            except Unavailable as e:
-                log.info("reconciliation %s %s: %s", name, day, e.message)
+        for day in days:
+            for name in self.providers:
+                key = (name, day.isoformat())
+                if key in done or now_ms - self._reconcile_tried.get(key, -RECONCILE_RETRY_MS) < RECONCILE_RETRY_MS:
+                    continue
+                self._reconcile_tried[key] = now_ms
+                try:
+                    out.append(self.reconcile(name, day, now_ms))
+                except DomainError as e:
+                    log.warning("reconciliation %s %s: %s", name, day, e.message)
+                    if day == days[-1]:
+                        self._alarm_once("reconciliation", "not_reconciled", key,
+                                         {"provider": name, "bill_date": day.isoformat(), "why": e.message[:200]},
+                                         now_ms)
+                except Exception:
+                    log.exception("reconciliation %s %s failed", name, day)
         return out
+
+    def _alarm_once(self, source: str, kind: str, key: tuple[str, str], detail: dict[str, Any], now_ms: int) -> None:
+        if (kind, *key) in self._alarmed:
+            return
+        self._alarmed.add((kind, *key))
+        with self.db.tx() as conn:
+            raise_alarm(conn, source, kind, detail, now_ms)
 
     def balance_refunds(self, state: str, limit: int) -> list[dict[str, Any]]:
         r = t.balance_refunds.c
@@ -697,7 +829,6 @@ def _refund_row(r) -> dict[str, Any]:
     return {k: r[k] for k in ("refund_id", "user_id", "amount_fen", "state", "created_ms", "paid_ms", "paid_by",
                               "reference", "orders")}
 
-
 def _refund_out(r) -> dict[str, Any]:
     return {k: r[k] for k in ("refund_id", "order_id", "provider", "amount_fen", "state", "created_ms", "done_ms")}
 
@@ -720,8 +851,8 @@ def _compare(bill: list[BillRow], ours_paid: dict, ours_refunds: dict, known: di
             continue
         ours = ours_paid.get(b.order_id) if b.kind == "payment" else ours_refunds.get(b.refund_id)
         other = known.get(b.order_id) if b.kind == "payment" else known_refunds.get(b.refund_id)
-        if ours is None and other is not None and other["state"] in ("paid", "processing", "success", "closed",
-                                                                       "abnormal"):
+        settled = ("paid",) if b.kind == "payment" else ("processing", "success")
+        if ours is None and other is not None and other["state"] in settled:
             ours = other                # ours, dated the day before or after here: compared by amount only
         if ours is None:
             missing_here.append({"kind": b.kind, "order_id": b.order_id, "refund_id": b.refund_id,
