@@ -385,3 +385,80 @@ def test_the_wechat_bill_reconciles_with_refunds_listed_on_the_day_they_were_ask
         r = cloud.op("POST", "/api/v1/operator/reconciliations",
                      json={"provider": "wechatpay", "bill_date": str(day - timedelta(days=1))})
         assert r.status_code == 503 and r.json()["error"] == "bill_not_ready"
+
+
+def test_a_wechat_refund_given_up_on_that_succeeds_later_is_taken_back(wx, tmp_path):
+    """WeChat lets a merchant settle an ABNORMAL refund by hand, and then it reports SUCCESS; a CLOSED one can
+    never succeed, but if WeChat says so we believe the signed word and take the money back from the balance."""
+    with wx_cloud(wx, tmp_path) as cloud:
+        user = cloud.signup("13500000207")
+        orders = [topup(user, fen, "wechatpay", "native") for fen in (1000, 2000)]
+        for o in orders:
+            wx.scan(o["qr_text"])
+        assert wait_until(lambda: available(user) == 3000, timeout_s=10)
+        out = user.call("POST", "/api/v1/me/withdrawals", json={}).json()
+        by_amount = {x["amount_fen"]: x["refund_id"] for x in out["refunds"]}
+        abnormal, closed = by_amount[2000], by_amount[1000]
+        wx.settle_refund(abnormal, "ABNORMAL")
+        wx.settle_refund(closed, "CLOSED")
+        assert wait_until(lambda: available(user) == 1000, timeout_s=10)      # CLOSED came back
+        assert [x["amount_fen"] for x in cloud.op("GET", "/api/v1/operator/balance-refunds").json()["refunds"]] \
+            == [2000]
+        with wx._lock:
+            wx.refunds[abnormal].status = wx.refunds[closed].status = "SUCCESS"
+            wx.refunds[abnormal].success_ms = wx.refunds[closed].success_ms = time.time_ns() // 1_000_000
+        assert [s for s, _ in wx.notify_refund(abnormal) + wx.notify_refund(closed)] == [204, 204]
+        assert wait_until(lambda: available(user) == 0, timeout_s=10)         # taken back from the balance
+        assert cloud.op("GET", "/api/v1/operator/balance-refunds").json()["refunds"] == []   # withdrawn, not owed
+        late = [a for a in cloud.op("GET", "/api/v1/operator/alarms").json()["service_alarms"]
+                if a["kind"] == "refund_succeeded_late"]
+        assert sorted(a["detail"]["was"] for a in late) == ["abnormal", "closed"]
+        states = {x["refund_id"]: x["state"] for x in cloud.op("GET", "/api/v1/operator/refunds").json()["refunds"]}
+        assert states == {abnormal: "success", closed: "success"}
+
+
+def test_money_paid_to_an_account_deleted_meanwhile_goes_back_through_wechat(wx, tmp_path):
+    clock = Clock()
+    wx.auto_notify = False
+    with wx_cloud(wx, tmp_path, clock_ms=clock) as cloud:
+        wx.clock_ms = clock
+        user = cloud.signup("13500000208")
+        o = topup(user, 1500, "wechatpay", "native")
+        wx.scan(o["qr_text"])                                   # paid at the last second, no notification yet
+        wx.unsigned_answers = True                              # and the cloud's questions get no answer it trusts
+        clock.now += 16 * 60_000
+        time.sleep(0.5)
+        r = user.call("DELETE", "/api/v1/me", json={"confirm": True, "refund_balance": True})
+        assert r.status_code == 200 and r.json()["refund_fen"] == 0, r.text
+        wx.unsigned_answers = False
+        clock.now = time.time_ns() // 1_000_000     # WeChat signs its notification with the real time
+        assert [s for s, _ in wx.notify(o["order_id"])] == [204]          # WeChat's notification arrives now
+        assert wait_until(lambda: wx.refunds and next(iter(wx.refunds.values())).amount_fen == 1500, timeout_s=10)
+        alarms = [a["kind"] for a in cloud.op("GET", "/api/v1/operator/alarms").json()["service_alarms"]]
+        assert "paid_after_deletion" in alarms
+        with cloud.app.state.database.read() as conn:
+            kinds = [(e.kind, e.amount_fen) for e in conn.execute(select(t.balance_entries).where(
+                t.balance_entries.c.user_id == user.user_id)).all()]
+        assert kinds == [("topup", 1500), ("payout", -1500)]
+
+
+def test_a_refund_answer_that_does_not_match_is_an_alarm_and_holds_up_no_other_refund(wx, tmp_path):
+    from cloud.wallet.payments import RefundNotice
+    with wx_cloud(wx, tmp_path) as cloud:
+        wallet = cloud.app.state.services.wallet
+        user = cloud.signup("13500000209")
+        o = topup(user, 2000, "wechatpay", "native")
+        wx.scan(o["qr_text"])
+        assert wait_until(lambda: available(user) == 2000, timeout_s=10)
+        out = user.call("POST", "/api/v1/me/withdrawals", json={"amount_fen": 1000})
+        assert out.status_code == 200
+        rid = out.json()["refunds"][0]["refund_id"]
+        wallet.apply_refund("wechatpay", RefundNotice(refund_id=rid, order_id=o["order_id"], amount_fen=999,
+                                                      status="SUCCESS"), time.time_ns() // 1_000_000)
+        alarms = cloud.op("GET", "/api/v1/operator/alarms").json()["service_alarms"]
+        assert [(a["kind"], a["detail"]["notified_fen"]) for a in alarms] == [("refund_amount_mismatch", 999)]
+        refunds = cloud.op("GET", "/api/v1/operator/refunds").json()["refunds"]
+        assert refunds[0]["state"] == "processing" and "refund_amount_mismatch" in refunds[0]["last_error"]
+        # the next withdrawal goes through as usual
+        again = user.call("POST", "/api/v1/me/withdrawals", json={})
+        assert again.status_code == 200 and again.json()["withdrawn_fen"] == 1000

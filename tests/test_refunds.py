@@ -187,3 +187,16 @@ def test_the_reconcile_command_prints_the_day_and_exits_by_the_result(cloud, cap
     assert code == 1 and "sandbox" in out.out and "MISMATCH" in out.out and "'missing_there': 1" in out.out
     assert cli.main(["reconcile", "--data-dir", str(cloud.settings.data_dir), "--date", "05/12/2026"]) == 2
     assert "YYYY-MM-DD" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cloud", ["sqlite"], indirect=True)
+def test_withdrawals_are_at_least_a_yuan_and_five_a_day(cloud):
+    user = cloud.signup("13600000007")
+    paid_topups(cloud, user, 2000)
+    r = user.call("POST", "/api/v1/me/withdrawals", json={"amount_fen": 1})
+    assert r.status_code == 422 and "at least" in r.json()["message"]
+    for _ in range(5):
+        assert user.call("POST", "/api/v1/me/withdrawals", json={"amount_fen": 100}).status_code == 200
+    r = user.call("POST", "/api/v1/me/withdrawals", json={"amount_fen": 100})
+    assert r.status_code == 429 and r.json()["error"] == "too_many_withdrawals"
+    assert available(user) == 1500
