@@ -60,7 +60,8 @@ const T = {
     doc_taiwan_permit: "台湾居民来往大陆通行证", manual_note: "该证件类型需人工审核。",
     photo: "证件照片（JPEG 或 PNG，不超过 5 MB）", submit: "提交", id_bad: "身份证号码校验未通过，请核对。",
     verified: "已实名认证", wallet: "钱包", topup_amount: "充值金额", paying: "正在确认付款……",
-    paid: "充值成功", order_closed: "订单已关闭，未扣款。", return_note: "返回本页不代表已付款：以支付平台的通知为准。",
+    paid: "充值成功", order_closed: "订单已关闭，未扣款。",
+    order_disputed: "支付平台告知的金额与订单不符，运营方正在核对，请勿重复付款。核对后会到账或原路退回。", return_note: "返回本页不代表已付款：以支付平台的通知为准。",
     history: "明细", kind_topup: "充值", kind_charge: "消费", kind_refund: "退款", kind_adjustment: "调整",
     kind_withdrawal: "退回原支付账户", kind_refund_return: "退款未成功，已退回余额",
     pay_with: "支付方式", m_wechatpay: "微信支付", m_alipay: "支付宝", m_sandbox: "沙箱支付", m_dev: "开发用，不扣款", app_wechatpay: "微信", app_alipay: "支付宝",
@@ -154,6 +155,7 @@ const T = {
     id_bad: "This resident ID number fails its check: please check it.", verified: "Verified",
     wallet: "Wallet", topup_amount: "Amount", paying: "Confirming the payment…", paid: "Top-up received",
     order_closed: "The order closed; nothing was charged.",
+    order_disputed: "The payment provider reported an amount that does not match the order. The operator is checking it: please do not pay again; it will be credited or refunded.",
     return_note: "Coming back here does not mean you paid: the payment provider's notification decides.",
     history: "History", kind_topup: "Top-up", kind_charge: "Water", kind_refund: "Refund", kind_adjustment: "Adjustment",
     kind_withdrawal: "Back to your payment account", kind_refund_return: "Refund failed: back in your balance",
@@ -676,6 +678,7 @@ function watchOrder(orderId) {
         $("#entries").innerHTML = entriesHtml(w2.entries);
         renderWithdraw(w2);
       } else if (o.state === "closed") { clearTimers(); box.innerHTML = `<p class="bad">${t("order_closed")}</p>`; }
+      else if (o.state === "disputed") { clearTimers(); box.innerHTML = `<p class="bad" id="disputed">${t("order_disputed")}</p>`; }
       else if (!$("#paying") && !$("#pay-qr")) box.innerHTML = `<p class="amber" id="paying">${t("paying")}</p><p class="muted">${t("return_note")}</p>`;
     } catch (e) { clearTimers(); showError(box, e); }
   });
