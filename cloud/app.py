@@ -104,14 +104,12 @@ def build_services(settings: CloudSettings) -> Services:
         log.warning("DEVELOPMENT PROVIDERS ARE ON (%s): no real SMS is sent and no real money moves; login codes "
                     "are shown to the browser that asked for them. Never run this for customers.",
                     "; ".join(development))
-    wallet = Wallet(database, pay, box.subkey("payer-link"))
+    wallet = Wallet(database, pay, box.subkey("payer-link"), public_url=lambda: settings.public_url)
     accounts_settings = AccountSettings(photo_dir=settings.data_dir / "private" / "id-photos",
                                         photo_retention_days=settings.photo_retention_days, timezone=settings.timezone)
     accounts = Accounts(database, box, sms, verifier, accounts_settings)
     accounts.payout = wallet.withdraw_for_deletion
-    notify_base = settings.public_url.rstrip("/") + "/api/v1/payments/notify"
-    wallet.notify_base = notify_base
-    accounts.send_refunds = lambda ids, now_ms: wallet.send_refunds(ids, notify_base, now_ms)
+    accounts.send_refunds = wallet.send_refunds
     return Services(
         settings=settings, database=database, hub=hub, machines=machines, commands=commands,
         sessions=Sessions(database, machines, hub.connected, notify),
@@ -183,7 +181,7 @@ async def payments_background(svc: Services) -> None:
         try:
             for oid in await run_in_threadpool(svc.wallet.close_expired, svc.now()):
                 log.info("top-up order %s closed unpaid", oid)
-            await run_in_threadpool(svc.wallet.settle_refunds, svc.wallet.notify_base, svc.now())
+            await run_in_threadpool(svc.wallet.settle_refunds, svc.now())
             if time.monotonic() - last_reconcile >= 60:
                 last_reconcile = time.monotonic()
                 await run_in_threadpool(svc.wallet.reconcile_due, svc.now())

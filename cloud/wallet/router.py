@@ -37,10 +37,6 @@ from cloud.wallet.schemas import (
 router = APIRouter(prefix="/api/v1", tags=["wallet"], responses=ERRORS)
 
 
-def _notify_base(svc: Svc) -> str:
-    return svc.settings.public_url.rstrip("/") + "/api/v1/payments/notify"     # configured: never a Host header
-
-
 @router.get("/me/wallet", response_model=WalletOut)
 def wallet(user_id: User, svc: Svc, now: Now) -> dict[str, Any]:
     return svc.wallet.view(user_id, now)
@@ -51,7 +47,7 @@ def topup(body: TopupIn, request: Request, user_id: User, svc: Svc, now: Now) ->
     """Create a top-up order at the chosen payment provider (``provider``, ``channel``: see ``methods`` in the
     wallet); the balance changes only when the provider's verified notification arrives."""
     base = svc.settings.public_url.rstrip("/")
-    return svc.wallet.create_topup(user_id, body.amount_fen, _notify_base(svc), base + body.return_path, now,
+    return svc.wallet.create_topup(user_id, body.amount_fen, base + body.return_path, now,
                                    provider=body.provider, channel=body.channel,
                                    client_ip=request.client.host if request.client else "")
 
@@ -65,7 +61,7 @@ def order(order_id: IdPath, user_id: User, svc: Svc) -> dict[str, Any]:
 def withdraw(body: WithdrawIn, user_id: User, svc: Svc, now: Now) -> dict[str, Any]:
     """Take (part of) the balance back to the payments it came from (refunds, newest top-up first, each
     followed to its end on the wallet page). Without ``amount_fen``: all that can go back."""
-    return svc.wallet.withdraw(user_id, body.amount_fen, _notify_base(svc), now)
+    return svc.wallet.withdraw(user_id, body.amount_fen, now)
 
 
 PAYER_COOKIE = "tapshare_payer_link"
@@ -117,8 +113,7 @@ async def payment_notify_sandbox(request: Request, svc: Svc, now: Now) -> Respon
 def refund(session_id: IdPath, body: RefundIn, op: MoneyOperator, svc: Svc, now: Now) -> dict[str, Any]:
     """Refund (part of) a settled session's charge: to the person's balance (``to: balance``), or on to the
     payments the balance came from (``to: original``)."""
-    return svc.wallet.refund(op["operator_id"], session_id, body.amount_fen, body.reason, now, to=body.to,
-                             notify_base=_notify_base(svc))
+    return svc.wallet.refund(op["operator_id"], session_id, body.amount_fen, body.reason, now, to=body.to)
 
 
 @router.get("/operator/refunds", response_model=ProviderRefundsOut, tags=["operator"])

@@ -23,6 +23,7 @@ import hmac
 import logging
 import secrets
 import uuid
+from collections.abc import Callable
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -77,7 +78,7 @@ def _order_row(row) -> dict[str, Any]:
 
 class Wallet:
     def __init__(self, db: Database, providers: dict[str, PaymentProvider] | PaymentProvider,
-                 link_key: bytes = b"") -> None:
+                 link_key: bytes = b"", public_url: Callable[[], str] = lambda: "") -> None:
         if not isinstance(providers, dict):
             providers = {providers.name: providers}
         if not providers:
@@ -86,10 +87,16 @@ class Wallet:
         self._link_key = link_key or secrets.token_bytes(32)
         self._reconcile_tried: dict[tuple[str, str], int] = {}
         self._alarmed: set[tuple[str, ...]] = set()
-        self.notify_base = ""               # where providers send notifications (set by the wiring)
+        self._public_url = public_url       # the configured address (read when needed): never a request's Host
         self.refund_retry_base_ms = REFUND_RETRY_BASE_MS
         # the development sandbox, when it is on (its pages and the tests reach it here); else the first provider
         self.provider = providers.get("sandbox") or next(iter(providers.values()))
+
+    @property
+    def notify_base(self) -> str:
+        """Providers notify ``{notify_base}/{provider}``; empty without a public address."""
+        base = self._public_url().rstrip("/")
+        return base + "/api/v1/payments/notify" if base else ""
 
     def _provider(self, name: str) -> PaymentProvider:
         p = self.providers.get(name)
@@ -123,7 +130,7 @@ class Wallet:
                 "sandbox": self.provider.is_development, "methods": self.methods(),
                 "min_topup_fen": MIN_TOPUP_FEN, "max_topup_fen": MAX_TOPUP_FEN}
 
-    def create_topup(self, user_id: str, amount_fen: int, notify_base: str, return_url: str, now_ms: int,
+    def create_topup(self, user_id: str, amount_fen: int, return_url: str, now_ms: int,
                      provider: str = "", channel: str = "", client_ip: str = "") -> dict[str, Any]:
         if not MIN_TOPUP_FEN <= amount_fen <= MAX_TOPUP_FEN:
             raise Invalid("bad_amount", f"a top-up is {MIN_TOPUP_FEN // 100} to {MAX_TOPUP_FEN // 100} yuan")
@@ -156,7 +163,8 @@ class Wallet:
                                                        created_ms=now_ms, expires_ms=expires))
         req = PayRequest(order_id=order_id, amount_fen=amount_fen,
                          description=f"Tapshare 饮水充值 top-up ¥{amount_fen / 100:.2f}",
-                         notify_url=f"{notify_base}/{prov.name}", return_url=return_url.replace("{order_id}", order_id),
+                         notify_url=f"{self.notify_base}/{prov.name}",
+                         return_url=return_url.replace("{order_id}", order_id),
                          expires_ms=expires, channel=channel, client_ip=client_ip, payer_id=payer_id)
         try:
             start = prov.create(req)
@@ -302,7 +310,7 @@ class Wallet:
                 raise_alarm(conn, "payments", "paid_after_deletion", {"order_id": n.order_id,
                             "amount_fen": row["amount_fen"], "refund_ids": back}, now_ms)
         if back:
-            self.send_refunds(back, self.notify_base, now_ms)
+            self.send_refunds(back, now_ms)
         return {"code": "SUCCESS", "credited": True}
 
     def close_expired(self, now_ms: int) -> list[str]:
@@ -377,7 +385,7 @@ class Wallet:
             left -= part
         return ids, left
 
-    def withdraw(self, user_id: str, amount_fen: int | None, notify_base: str, now_ms: int) -> dict[str, Any]:
+    def withdraw(self, user_id: str, amount_fen: int | None, now_ms: int) -> dict[str, Any]:
         """The person takes (part of) their balance back to the payments it came from. Only what the top-ups
         can take back is withdrawn; the rest stays in the wallet and the answer says why."""
         with self.db.tx() as conn:
@@ -413,7 +421,7 @@ class Wallet:
                                        now_ms)
             taken = take - left
             add_entry(conn, user_id, "withdrawal", -taken, now_ms, note=f"{len(ids)} refund(s)")
-        self.send_refunds(ids, notify_base, now_ms)
+        self.send_refunds(ids, now_ms)
         return {"withdrawn_fen": taken, "kept_fen": want - taken, "refunds": self.refunds_of(user_id, ids)}
 
     def withdraw_for_deletion(self, conn, user_id: str, available_fen: int, now_ms: int) -> dict[str, Any]:
@@ -432,7 +440,7 @@ class Wallet:
         return {"refund_ids": ids, "manual_refund_id": manual_id, "manual_fen": left}
 
     def refund(self, operator_id: str, session_id: str, amount_fen: int, reason: str, now_ms: int,
-               to: str = "balance", notify_base: str = "") -> dict[str, Any]:
+               to: str = "balance") -> dict[str, Any]:
         """Operator-initiated refund of (part of) a session's charge, e.g. for a failed dispense: to the balance,
         or on to the original payment (as much as the person's top-ups can take; the rest stays in the
         balance)."""
@@ -464,7 +472,7 @@ class Wallet:
             audit(conn, operator_id, "refund", session_id,
                   {"amount_fen": amount_fen, "reason": reason, "to": to, "provider_refunds": ids}, now_ms)
         if ids:
-            self.send_refunds(ids, notify_base, now_ms)
+            self.send_refunds(ids, now_ms)
         return {"session_id": session_id, "refunded_fen": refunded + amount_fen, "charged_fen": charged, "to": to,
                 "to_original_fen": amount_fen - left if to == "original" else 0,
                 "to_balance_fen": left if to == "original" else amount_fen,
@@ -477,7 +485,7 @@ class Wallet:
                                 .order_by(r.created_ms, r.refund_id)).mappings().all()
         return [_refund_out(x) for x in rows]
 
-    def send_refunds(self, ids: list[str], notify_base: str, now_ms: int) -> None:
+    def send_refunds(self, ids: list[str], now_ms: int) -> None:
         """Ask the providers for these refunds (each idempotent by its id). A provider that does not answer now
         is asked again by :meth:`settle_refunds`; nothing here can refund twice. Each row is claimed first
         (``updated_ms``), so two senders (a retry, another instance) do not work on it at once."""
@@ -501,7 +509,7 @@ class Wallet:
                     continue
             req = RefundRequest(refund_id=refund_id, order_id=row["order_id"], amount_fen=row["amount_fen"],
                                 order_total_fen=row["order_fen"], reason=row["reason"] or "退款 refund",
-                                notify_url=f"{notify_base}/{prov.name}" if notify_base else "")
+                                notify_url=f"{self.notify_base}/{prov.name}" if self.notify_base else "")
             try:
                 notice = prov.refund(req)
             except ProviderError as e:
@@ -639,7 +647,7 @@ class Wallet:
                 "was": row["state"], "user_id": row["user_id"], "done": taken}, now_ms)
         log.error("refund %s (%s) succeeded after it was given up: %s", refund_id, row["state"], taken)
 
-    def settle_refunds(self, notify_base: str, now_ms: int) -> int:
+    def settle_refunds(self, now_ms: int) -> int:
         """Follow every unfinished refund: send again those the provider did not take (backing off), ask about
         those still processing; one the provider has not taken or settled for long is an operator's alarm
         (once). A row that fails here is noted and does not hold up the others."""
@@ -658,16 +666,16 @@ class Wallet:
                 continue
             touched += 1
             try:
-                self._settle_one(row, notify_base, now_ms)
+                self._settle_one(row, now_ms)
             except Exception as e:          # one bad row must not stop every other refund
                 log.exception("refund %s could not be followed", row["refund_id"])
                 self._note_refund(row["refund_id"], now_ms, f"{type(e).__name__}: {e}"[:200])
         return touched
 
-    def _settle_one(self, row, notify_base: str, now_ms: int) -> None:
+    def _settle_one(self, row, now_ms: int) -> None:
         r = t.provider_refunds.c
         if row["state"] == "requested":
-            self.send_refunds([row["refund_id"]], notify_base, now_ms)
+            self.send_refunds([row["refund_id"]], now_ms)
             return
         prov = self.providers.get(row["provider"])
         if prov is None:
