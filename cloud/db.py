@@ -59,6 +59,7 @@ machines = Table(
     Column("open_session_id", String(64), nullable=True),
     Column("timezone", String(64), nullable=False, default="Asia/Shanghai"),   # bills and receipts are shown in it
     Column("hotline", String(40), nullable=False, default=""),                 # shown when it cannot serve
+    Column("site", String(100), nullable=False, default="", server_default=""),   # a group of machines, for reports
 )
 
 enrolment_tokens = Table(
@@ -317,6 +318,8 @@ sessions = Table(
     Index("sessions_by_user", "user_id", "state"),
     Index("sessions_by_machine", "machine_id", "created_ms"),
     Index("sessions_by_state", "state", "deadline_ms"),      # the void and reconciliation sweeps
+    Index("sessions_by_time", "created_ms"),                  # the console's searches and reports
+    Index("sessions_by_user_time", "user_id", "created_ms"),
 )
 
 reports = Table(       # idempotency: the first response to (machine, event id) is stored and replayed
@@ -380,11 +383,58 @@ machine_events = Table(
 operators = Table(
     "operators", metadata,
     Column("operator_id", String(64), primary_key=True),
-    Column("role", String(16), nullable=False),       # admin, operator, viewer
-    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("role", String(16), nullable=False),       # admin, reviewer, operator, viewer
+    Column("token_hash", String(64), nullable=True, unique=True),   # a bearer token for scripts, if one was made
     Column("created_ms", BigInteger, nullable=False),
     Column("expires_ms", BigInteger, nullable=True),      # tokens for scripts expire (TAPSHARE_OPERATOR_TOKEN_DAYS)
+    Column("revoked_ms", BigInteger, nullable=True),      # the bearer token revoked
+    Column("display_name", String(100), nullable=False, default="", server_default=""),
+    Column("password_hash", Text, nullable=True),         # argon2id; NULL: cannot sign in to the console
+    Column("totp_secret_enc", Text, nullable=True),       # the second factor's secret, sealed with the server key
+    Column("totp_pending_enc", Text, nullable=True),      # being set up: confirmed by a first code
+    Column("totp_last_step", BigInteger, nullable=True),  # a code is accepted once
+    Column("failed_logins", Integer, nullable=False, default=0, server_default="0"),
+    Column("locked_until_ms", BigInteger, nullable=True),
+    Column("disabled_ms", BigInteger, nullable=True),     # disabled by an admin: no sign-in, no token
+    Column("password_changed_ms", BigInteger, nullable=True),
+)
+
+operator_sessions = Table(   # the console's sign-ins: the cookie holds the token, the database only its hash
+    "operator_sessions", metadata,
+    Column("session_hash", String(64), primary_key=True),
+    Column("operator_id", String(64), ForeignKey("operators.operator_id"), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("last_seen_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
     Column("revoked_ms", BigInteger, nullable=True),
+    Column("client_ip", String(64), nullable=False, default=""),
+    Column("user_agent", String(200), nullable=False, default=""),
+    Index("operator_sessions_by_operator", "operator_id", "revoked_ms"),
+)
+
+operator_alarms = Table(    # what operators must see and act on: open -> acknowledged -> resolved, notified once
+    "operator_alarms", metadata,
+    Column("alarm_id", Integer, primary_key=True, autoincrement=True),
+    Column("rule", String(32), nullable=False),          # offline, leak, temperature, tds, ghost_flow, dead_letter, ...
+    Column("machine_id", String(64), nullable=True),      # NULL: the service's own (payments, reconciliation)
+    Column("open_key", String(160), nullable=True, unique=True),   # rule/subject while not resolved: one at a time
+    Column("severity", String(8), nullable=False),       # critical, warning, info
+    Column("state", String(16), nullable=False),         # open, acknowledged, resolved
+    Column("detail", JSON, nullable=False),
+    Column("opened_ms", BigInteger, nullable=False),
+    Column("last_ms", BigInteger, nullable=False),       # last time the condition was seen
+    Column("acked_ms", BigInteger, nullable=True),
+    Column("acked_by", String(64), nullable=True),
+    Column("ack_note", String(500), nullable=True),
+    Column("resolved_ms", BigInteger, nullable=True),
+    Column("resolved_by", String(64), nullable=True),    # an operator, or "system" when the condition cleared
+    Column("resolve_note", String(500), nullable=True),
+    Column("emailed_ms", BigInteger, nullable=True),     # each channel at most once per alarm
+    Column("webhooked_ms", BigInteger, nullable=True),
+    Column("notify_attempts", Integer, nullable=False, default=0, server_default="0"),
+    Column("notify_error", String(300), nullable=True),
+    Index("operator_alarms_by_state", "state", "opened_ms"),
+    Index("operator_alarms_by_machine", "machine_id", "opened_ms"),
 )
 
 audit_log = Table(
@@ -395,6 +445,8 @@ audit_log = Table(
     Column("target", String(128), nullable=False),
     Column("detail", JSON, nullable=False),
     Column("at_ms", BigInteger, nullable=False),
+    Index("audit_by_time", "at_ms"),
+    Index("audit_by_operator", "operator_id", "at_ms"),
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
