@@ -2,6 +2,7 @@
 
     python -m cloud serve [--host 127.0.0.1] [--port 8700] [--database-url URL] [--data-dir DIR]
     python -m cloud create-operator NAME --role admin|operator|viewer      (prints the bearer token once)
+    python -m cloud set-password NAME < password-file                      (to sign in to /console)
     python -m cloud new-key                                                (a server key for TAPSHARE_CLOUD_KEY)
     python -m cloud dev-user --phone 13800000000 --balance-fen 1000        (development only: a user and token)
 
@@ -40,7 +41,7 @@ def create_operator(database_url: str, name: str, role: str, valid_days: int | N
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cloud", description="Tapshare reference cloud service")
     sub = ap.add_subparsers(dest="cmd")
-    for name in ("serve", "create-operator", "dev-user", "reconcile"):
+    for name in ("serve", "create-operator", "set-password", "dev-user", "reconcile"):
         sp = sub.add_parser(name)
         sp.add_argument("--database-url", default="")
         sp.add_argument("--data-dir", default="data/cloud")
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument("name")
     op.add_argument("--role", default="operator", choices=list(ROLES))
     sub.add_parser("new-key")
+    pw = sub.choices["set-password"]
+    pw.description = ("Set an operator's console password, read from standard input (asked for on a terminal); "
+                      "it ends the operator's console sessions. Admins then manage operators in the console.")
+    pw.add_argument("name")
     rec = sub.choices["reconcile"]
     rec.description = ("Compare the payment providers' trade bills for a day (UTC+8) with our orders and refunds; "
                        "exit 0 if they match, 1 on a mismatch (also an operator alarm), 3 if a bill is not out yet.")
@@ -93,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if cmd == "reconcile":
         return _reconcile(settings, args)
+    if cmd == "set-password":
+        return _set_password(settings, args.name)
     if cmd == "create-operator":
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         print(create_operator(settings.url(), args.name, args.role))
@@ -110,6 +117,27 @@ def main(argv: list[str] | None = None) -> int:
                                  port=getattr(args, "port", 8700), log_level=getattr(args, "log_level", "info"),
                                  header_timeout_s=settings.header_timeout_s, timeout_graceful_shutdown=3,
                                  backlog=4096)).run()
+    return 0
+
+
+def _set_password(settings: CloudSettings, name: str) -> int:
+    import getpass
+
+    from cloud.console.service import ConsoleAuth
+    from cloud.errors import DomainError
+    from cloud.security import SecretBox
+    password = getpass.getpass("new console password: ") if sys.stdin.isatty() else sys.stdin.readline()
+    database = Database(settings.url())
+    database.create_all()
+    try:
+        box = SecretBox.from_env_or_file(settings.data_dir / "server.key", production=settings.production)
+        ConsoleAuth(database, box).set_password(name, password.rstrip("\n"), time.time_ns() // 1_000_000)
+    except DomainError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    finally:
+        database.dispose()
+    print(f"console password set for {name}: sign in at /console")
     return 0
 
 

@@ -29,6 +29,8 @@ import contract as p
 from cloud import pages
 from cloud.accounts import router as accounts
 from cloud.accounts.service import Accounts, AccountSettings
+from cloud.console import router as console
+from cloud.console.service import ConsoleAuth
 from cloud.db import Database
 from cloud.deps import Services, Svc
 from cloud.dev import router as dev
@@ -68,8 +70,9 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         app.add_middleware(HttpsOnly)
     install_handlers(app)
     app.add_api_route("/healthz", health, methods=["GET"], response_model=HealthOut, tags=["health"])
-    for feature in (devices, sessions, accounts, wallet, rewards, operators, pages):
+    for feature in (devices, sessions, accounts, wallet, rewards, operators, console, pages):
         app.include_router(feature.router)
+    app.include_router(console.pages)
     if not settings.production:
         app.include_router(dev.router)
         if "sandbox" in svc.wallet.providers:
@@ -115,7 +118,7 @@ def build_services(settings: CloudSettings) -> Services:
         sessions=Sessions(database, machines, hub.connected, notify),
         accounts=accounts, wallet=wallet,
         rewards=Rewards(database), operators=Operators(database, machines, hub.connected, notify),
-        durable=DurableNonces(machines), development=development,
+        console=ConsoleAuth(database, box), durable=DurableNonces(machines), development=development,
         scans_by_network=RateLimiter(settings.scans_per_minute_per_network, 60_000),
         scans_by_machine=RateLimiter(settings.scans_per_minute_per_machine, 60_000))
 

@@ -14,10 +14,11 @@ from fastapi.concurrency import run_in_threadpool
 
 import contract as p
 from cloud.accounts.service import Accounts
+from cloud.console.service import COOKIE, CSRF_HEADER, ConsoleAuth, check_role
 from cloud.db import Database
 from cloud.devices.hub import CommandHub
 from cloud.devices.service import Commands, DurableNonces, MachineAuth, Machines
-from cloud.errors import TooLarge, Unauthenticated
+from cloud.errors import Forbidden, TooLarge, Unauthenticated
 from cloud.middleware import MAX_BODY_BYTES
 from cloud.operators.service import Operators
 from cloud.ratelimit import RateLimiter
@@ -41,6 +42,7 @@ class Services:
     wallet: Wallet
     rewards: Rewards
     operators: Operators
+    console: ConsoleAuth
     durable: DurableNonces
     scans_by_network: RateLimiter
     scans_by_machine: RateLimiter
@@ -62,6 +64,7 @@ Svc = Annotated[Services, Depends(services)]
 Now = Annotated[int, Depends(now_ms)]
 IdPath = Annotated[str, PathParam(max_length=64)]
 MachinePath = Annotated[str, PathParam(max_length=64, pattern=p.MACHINE_ID_RE.pattern)]
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 TimeMs = Annotated[int, Query(ge=0, le=2**62)]
 
 
@@ -85,10 +88,14 @@ async def device(request: Request) -> MachineAuth:
     return auth
 
 
-async def bearer(authorization: Annotated[str | None, Header()] = None) -> str:
+def bearer_token(authorization: str | None) -> str:
     if not authorization or not authorization.lower().startswith("bearer "):
         raise Unauthenticated("unauthenticated", "log in first (Authorization: Bearer <token>)")
     return authorization[7:].strip()
+
+
+async def bearer(authorization: Annotated[str | None, Header()] = None) -> str:
+    return bearer_token(authorization)
 
 
 Bearer = Annotated[str, Depends(bearer)]
@@ -100,9 +107,17 @@ def user(token: Bearer, svc: Svc) -> str:
 
 def operator_role(min_role: str, only: tuple[str, ...] = ()) -> Callable[..., dict[str, Any]]:
     """An operator of at least ``min_role`` (or, with ``only``, of exactly one of those roles: separation of
-    duties, e.g. a reviewer who sees ID photos may not also move money)."""
-    def dep(token: Bearer, svc: Svc) -> dict[str, Any]:
-        return svc.operators.authenticate(token, min_role, only, svc.now())
+    duties, e.g. a reviewer who sees ID photos may not also move money): by bearer token (scripts), or by the
+    console's session cookie, which for anything but reading also needs the session's CSRF token in a header."""
+    def dep(request: Request, svc: Svc, authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+        if authorization or COOKIE not in request.cookies:
+            return svc.operators.authenticate(bearer_token(authorization), min_role, only, svc.now())
+        cookie = request.cookies[COOKIE]
+        row = svc.console.session(cookie, svc.now())
+        if request.method not in SAFE_METHODS and not svc.console.csrf_ok(cookie, request.headers.get(CSRF_HEADER, "")):
+            raise Forbidden("csrf", f"this request needs the {CSRF_HEADER} header of the console page")
+        check_role(row, min_role, only)
+        return row
     return dep
 
 

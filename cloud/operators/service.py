@@ -11,12 +11,11 @@ from sqlalchemy import and_, insert, or_, select
 
 import contract as p
 from cloud import db as t
+from cloud.console.service import ROLES, check_role
 from cloud.db import Database, audit, first_row
 from cloud.devices.service import SILENT_AFTER_MS, Commands, Machines
-from cloud.errors import Forbidden, NotFound, Unauthenticated
+from cloud.errors import NotFound, Unauthenticated
 from cloud.security import new_token, token_hash
-
-ROLES = {"viewer": 0, "operator": 1, "reviewer": 2, "admin": 3}   # reviewer: may see ID photos
 
 
 def create_operator(database: Database, name: str, role: str, valid_days: int, now_ms: int) -> str:
@@ -41,13 +40,11 @@ class Operators:
         """The operator holding ``token``, if its role allows: at least ``min_role``, or one of ``only``."""
         with self.db.read() as conn:
             row = first_row(conn, select(t.operators).where(t.operators.c.token_hash == token_hash(token)))
-        if row is None or row["revoked_ms"] is not None:
+        if row is None or row["revoked_ms"] is not None or row["disabled_ms"] is not None:
             raise Unauthenticated("unauthenticated", "unknown or revoked operator token")
         if row["expires_ms"] is not None and row["expires_ms"] < now_ms:
             raise Unauthenticated("token_expired", "this operator token has expired: ask an admin for a new one")
-        if ROLES[row["role"]] < ROLES[min_role] or (only and row["role"] not in only):
-            need = " or ".join(only) if only else f"at least {min_role}"
-            raise Forbidden("forbidden", f"this needs the {need} role; you are {row['role']}")
+        check_role(row, min_role, only)
         return row
 
     def logout(self, operator_id: str, now_ms: int) -> None:

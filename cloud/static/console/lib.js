@@ -1,0 +1,276 @@
+// What every console page shares: the API (cookie session + CSRF token), strings in Chinese and English, safe DOM
+// building (text is always text: nothing user-controlled goes through innerHTML), formats in the operator's time
+// zone, sortable tables, CSV links, charts (uPlot), dialogs and toasts.
+import uPlot from './vendor/uplot/uPlot.esm.js';
+
+export const state = { me: null, csrf: '', lang: 'zh', tz: 'Asia/Shanghai', onSignedOut: null };
+
+// ------------------------------------------------------------------ strings
+const STRINGS = { zh: {}, en: {} };
+export function addStrings(more) {
+  for (const lang of ['zh', 'en']) Object.assign(STRINGS[lang], more[lang] || {});
+}
+/** The string for ``key`` in the current language (Chinese if English lacks it); ``{name}`` filled from vars. */
+export function t(key, vars = {}) {
+  const s = STRINGS[state.lang][key] ?? STRINGS.zh[key] ?? key;
+  return s.replace(/\{(\w+)\}/g, (_, k) => (vars[k] ?? `{${k}}`));
+}
+
+// ------------------------------------------------------------------ the API
+export class ApiError extends Error {
+  constructor(status, code, message, body) { super(message); this.status = status; this.code = code; this.body = body; }
+}
+/** JSON in and out; changes carry the CSRF token; a 401 means the session ended (the sign-in page shows). */
+export async function api(method, path, body) {
+  const headers = { Accept: 'application/json' };
+  if (method !== 'GET') headers['X-CSRF-Token'] = state.csrf;
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  let r;
+  try {
+    r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+                            credentials: 'same-origin' });
+  } catch (e) {
+    throw new ApiError(0, 'network', t('err.network'));
+  }
+  const data = r.headers.get('content-type')?.includes('json') ? await r.json() : {};
+  if (!r.ok) {
+    if (r.status === 401 && state.onSignedOut && !path.endsWith('/console/login')) state.onSignedOut(data);
+    throw new ApiError(r.status, data.error || String(r.status), data.message || r.statusText, data);
+  }
+  return data;
+}
+/** A query string from an object, leaving out empty values. */
+export function qs(params) {
+  const u = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) if (v !== '' && v !== null && v !== undefined) u.set(k, v);
+  const s = u.toString();
+  return s ? `?${s}` : '';
+}
+
+// ------------------------------------------------------------------ roles
+const RANK = { viewer: 0, operator: 1, reviewer: 2, admin: 3 };
+/** Whether the signed-in operator has at least ``role`` (or, with ``only``, one of those exactly). The server
+ *  checks every request again: this only decides what is shown. */
+export function can(role, only) {
+  const mine = state.me?.role;
+  if (!mine) return false;
+  if (only) return only.includes(mine);
+  return RANK[mine] >= RANK[role];
+}
+
+// ------------------------------------------------------------------ DOM
+/** ``h('td', {class: 'num'}, text, child...)``: strings become text nodes; ``on*`` attributes become listeners. */
+export function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith('on') && typeof v === 'function') el.addEventListener(k.slice(2), v);
+    else if (k === 'class') el.className = v;
+    else if (k === 'dataset') Object.assign(el.dataset, v);
+    else if (k in el && typeof v !== 'string') el[k] = v;
+    else el.setAttribute(k, v === true ? '' : v);
+  }
+  append(el, children);
+  return el;
+}
+function append(el, children) {
+  for (const c of children.flat(Infinity)) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+}
+export function clear(el, ...children) { el.replaceChildren(); append(el, children); return el; }
+/** An SVG the server made itself (QR codes), never user input. */
+export function trustedSvg(markup) {
+  const doc = new DOMParser().parseFromString(markup, 'text/html');     // HTML parsing puts <svg> in its namespace
+  return document.importNode(doc.body.querySelector('svg'), true);
+}
+
+// ------------------------------------------------------------------ formats
+export function fen(n) {
+  if (n === null || n === undefined) return '–';
+  const sign = n < 0 ? '-' : '';
+  return `${sign}¥${(Math.abs(n) / 100).toFixed(2)}`;
+}
+export function litres(ml) { return ml === null || ml === undefined ? '–' : `${(ml / 1000).toFixed(2)} L`; }
+const fmtCache = {};
+function fmt(kind) {
+  const key = `${state.lang}/${state.tz}/${kind}`;
+  if (!fmtCache[key]) {
+    const base = { timeZone: state.tz, hourCycle: 'h23' };
+    const opts = kind === 'date' ? { year: 'numeric', month: '2-digit', day: '2-digit' }
+      : kind === 'time' ? { hour: '2-digit', minute: '2-digit', second: '2-digit' }
+        : { year: 'numeric', month: '2-digit', day: '2-digit', hour: '2-digit', minute: '2-digit', second: '2-digit' };
+    fmtCache[key] = new Intl.DateTimeFormat('sv-SE', { ...base, ...opts });   // 2026-12-06 10:20:30 in either language
+  }
+  return fmtCache[key];
+}
+export function when(ms) { return ms ? fmt('full').format(new Date(ms)) : '–'; }
+export function day(ms) { return ms ? fmt('date').format(new Date(ms)) : '–'; }
+export function clock(ms) { return ms ? fmt('time').format(new Date(ms)) : '–'; }
+/** "5 分钟前" / "5 min ago". */
+export function ago(ms, now = Date.now()) {
+  if (!ms) return t('time.never');
+  const s = Math.max(0, Math.round((now - ms) / 1000));
+  if (s < 60) return t('time.seconds', { n: s });
+  if (s < 3600) return t('time.minutes', { n: Math.round(s / 60) });
+  if (s < 86400) return t('time.hours', { n: Math.round(s / 3600) });
+  return t('time.days', { n: Math.round(s / 86400) });
+}
+/** Milliseconds of the start of a yyyy-mm-dd day in the operator's time zone (China: UTC+8, no DST). */
+export function dayStartMs(isoDay) {
+  return isoDay ? Date.parse(`${isoDay}T00:00:00+08:00`) : '';
+}
+export function isoDay(ms) { return day(ms); }
+
+// ------------------------------------------------------------------ tables
+/** A table; columns ``{key, label, num, sort: false, render(row) -> node|string, title}``. Clicking a header
+ *  sorts (numbers as numbers); ``select`` adds tick boxes and returns the set of ticked keys in ``.selected``. */
+export function table({ columns, rows, rowKey, empty, select, onRow, sortKey = '', sortDir = 1 }) {
+  const wrap = h('div', { class: 'tablewrap' });
+  const selected = new Set();
+  let key = sortKey; let dir = sortDir;
+  const draw = () => {
+    const sorted = key ? [...rows].sort((a, b) => cmp(a[key], b[key]) * dir) : rows;
+    const head = h('tr', {}, select ? h('th', {}, h('input', {
+      type: 'checkbox', 'aria-label': t('table.all'),
+      onchange: (e) => { for (const r of rows) e.target.checked ? selected.add(r[rowKey]) : selected.delete(r[rowKey]); draw(); },
+    })) : null, columns.map((c) => h('th', { class: c.num ? 'num' : '', 'aria-sort': key === c.key ? (dir > 0 ? 'ascending' : 'descending') : null },
+      c.sort === false ? c.label : h('button', { type: 'button', class: 'sort', onclick: () => { dir = key === c.key ? -dir : 1; key = c.key; draw(); } },
+        c.label, key === c.key ? (dir > 0 ? ' ▲' : ' ▼') : ''))));
+    const body = sorted.map((r) => h('tr', { class: selected.has(r[rowKey]) ? 'selected' : '', dataset: { key: r[rowKey] ?? '' } },
+      select ? h('td', {}, h('input', { type: 'checkbox', checked: selected.has(r[rowKey]), 'aria-label': String(r[rowKey]),
+        onchange: (e) => { e.target.checked ? selected.add(r[rowKey]) : selected.delete(r[rowKey]); e.target.closest('tr').className = e.target.checked ? 'selected' : ''; wrap.onselect?.(selected); } })) : null,
+      columns.map((c) => {
+        const v = c.render ? c.render(r) : r[c.key];
+        return h('td', { class: c.num ? 'num' : (c.wrap ? 'wrap' : '') }, v ?? '–');
+      })));
+    for (const tr of body) if (onRow) tr.addEventListener('dblclick', () => onRow(sorted[body.indexOf(tr)]));
+    clear(wrap, h('table', {}, h('thead', {}, head), h('tbody', {}, body)),
+      rows.length ? null : h('div', { class: 'empty' }, empty || t('table.empty')));
+    wrap.onselect?.(selected);
+  };
+  draw();
+  wrap.selected = selected;
+  wrap.redraw = (newRows) => { rows = newRows; draw(); };
+  return wrap;
+}
+function cmp(a, b) {
+  if (a === b) return 0;
+  if (a === null || a === undefined) return 1;
+  if (b === null || b === undefined) return -1;
+  if (typeof a === 'number' && typeof b === 'number') return a - b;
+  if (typeof a === 'boolean') return a === b ? 0 : a ? -1 : 1;
+  return String(a).localeCompare(String(b), state.lang === 'zh' ? 'zh-CN' : 'en');
+}
+/** A link that downloads a CSV the server makes from the same search (cookie session: a plain GET). */
+export function csvLink(path, params) {
+  return h('a', { class: 'button secondary', href: path + qs({ ...params, format: 'csv' }), download: '' }, t('csv'));
+}
+
+// ------------------------------------------------------------------ charts
+/** A line or bar chart of time series: ``xs`` in ms, ``series`` [{label, values, color, unit}]. Resizes with its box. */
+export function chart(el, { xs, series, height = 240, bars = false }) {
+  el.classList.add('chart');
+  const width = Math.max(320, el.clientWidth || 600);
+  const opts = {
+    width, height,
+    tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), state.tz),
+    scales: { x: { time: true } },
+    legend: { live: true },
+    axes: [{ stroke: '#56626e', grid: { stroke: '#eef1f4' } },
+      ...series.slice(0, 2).map((s, i) => ({ scale: s.unit, side: i ? 1 : 3, stroke: s.color, grid: { show: i === 0, stroke: '#eef1f4' },
+        values: (u, vals) => vals.map((v) => `${v}${s.unit ? ` ${s.unit}` : ''}`), size: 70 }))],
+    series: [{}, ...series.map((s) => ({
+      label: s.label, stroke: s.color, width: 2, scale: s.unit, spanGaps: false,
+      fill: bars ? `${s.color}55` : undefined,
+      paths: bars ? uPlot.paths.bars({ size: [0.7, 40] }) : undefined,
+      value: (u, v) => (v === null || v === undefined ? '–' : `${v}${s.unit ? ` ${s.unit}` : ''}`),
+    }))],
+  };
+  const data = [xs.map((x) => x / 1000), ...series.map((s) => s.values)];
+  el.replaceChildren();
+  const plot = new uPlot(opts, data, el);
+  const ro = new ResizeObserver(() => plot.setSize({ width: Math.max(320, el.clientWidth), height }));
+  ro.observe(el);
+  return plot;
+}
+
+// ------------------------------------------------------------------ dialogs and toasts
+/** A modal form; resolves with the values, or ``null`` if cancelled. ``fields`` [{name, label, type, required,
+ *  value, options: [[value, label]], max, min, maxlength}]; ``submit(values)`` may throw ApiError to show it. */
+export function dialog({ title, text, fields = [], ok = t('ok'), danger = false, submit }) {
+  return new Promise((resolve) => {
+    const err = h('div', { class: 'field-error', role: 'alert' });
+    const inputs = {};
+    const form = h('form', { method: 'dialog' }, h('h2', {}, title), text ? h('p', {}, text) : null,
+      fields.map((f) => {
+        const input = f.type === 'select'
+          ? h('select', { name: f.name, required: f.required }, f.options.map(([v, l]) => h('option', { value: v, selected: String(v) === String(f.value) }, l)))
+          : f.type === 'textarea'
+            ? h('textarea', { name: f.name, required: f.required, maxlength: f.maxlength || 500 }, f.value ?? '')
+            : h('input', { name: f.name, type: f.type || 'text', required: f.required, value: f.value ?? '',
+              min: f.min, max: f.max, step: f.step, maxlength: f.maxlength, autocomplete: f.autocomplete || 'off', inputmode: f.inputmode });
+        inputs[f.name] = input;
+        return f.type === 'checkbox' ? h('label', { class: 'inline' }, input, f.label) : h('label', {}, f.label, input);
+      }), err,
+      h('div', { class: 'actions' }, h('button', { type: 'submit', class: danger ? 'danger' : '', value: 'ok' }, ok),
+        h('button', { type: 'button', class: 'secondary', onclick: () => { dlg.close(); resolve(null); } }, t('cancel'))));
+    const dlg = h('dialog', { 'aria-label': title }, form);
+    form.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      const values = {};
+      for (const f of fields) {
+        const el = inputs[f.name];
+        values[f.name] = f.type === 'checkbox' ? el.checked : f.type === 'number' ? (el.value === '' ? null : Number(el.value)) : el.value.trim();
+        if (f.required && (values[f.name] === '' || values[f.name] === null)) { err.textContent = t('err.required', { field: f.label }); el.focus(); return; }
+      }
+      try {
+        const result = submit ? await submit(values) : values;
+        dlg.close(); dlg.remove(); resolve(result ?? values);
+      } catch (x) {
+        err.textContent = x.message || String(x);
+      }
+    });
+    dlg.addEventListener('cancel', () => resolve(null));
+    document.body.append(dlg);
+    dlg.showModal();
+  });
+}
+let toastTimer;
+export function toast(message, bad = false) {
+  const el = document.getElementById('toast');
+  el.textContent = message;
+  el.className = bad ? 'toast bad' : 'toast';
+  el.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => { el.hidden = true; }, bad ? 8000 : 4000);
+}
+/** Run an action, telling the operator what came of it. */
+export async function act(fn, done) {
+  try {
+    const r = await fn();
+    if (done) toast(done);
+    return r;
+  } catch (e) {
+    toast(e.message || String(e), true);
+    return undefined;
+  }
+}
+/** A page's heading, with actions at its right. */
+export function heading(title, ...actions) {
+  return h('div', { class: 'pagehead' }, h('h1', {}, title), ...actions);
+}
+
+addStrings({
+  zh: {
+    ok: '确定', cancel: '取消', csv: '导出 CSV', 'table.empty': '没有记录', 'table.all': '全选', loading: '加载中…',
+    'err.network': '网络错误，请检查连接后重试', 'err.required': '请填写：{field}',
+    'time.never': '从未', 'time.seconds': '{n} 秒前', 'time.minutes': '{n} 分钟前', 'time.hours': '{n} 小时前', 'time.days': '{n} 天前',
+  },
+  en: {
+    ok: 'OK', cancel: 'Cancel', csv: 'Export CSV', 'table.empty': 'Nothing here', 'table.all': 'Select all', loading: 'Loading…',
+    'err.network': 'Network error: check the connection and try again', 'err.required': 'Please fill in: {field}',
+    'time.never': 'never', 'time.seconds': '{n} s ago', 'time.minutes': '{n} min ago', 'time.hours': '{n} h ago', 'time.days': '{n} days ago',
+  },
+});
