@@ -1,5 +1,6 @@
 import os
 import secrets
+import shutil
 
 import pytest
 
@@ -36,3 +37,20 @@ def cloud(request, tmp_path):
     if drop is not None:
         server.app.state.database.dispose()
         drop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium driven by Playwright, one per test module (the console's tests; the phone pages' own)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        if os.environ.get("TAPSHARE_TEST_ALL"):
+            pytest.fail("test.sh set up everything, yet chromium is missing (see scripts/test-setup.sh)")
+        pytest.skip("no chromium: apt-get install chromium fonts-noto-cjk")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
+        yield b
+        b.close()

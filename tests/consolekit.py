@@ -6,17 +6,13 @@ Screenshots go to ``tests/screenshots/console``, named ``<name>-<lang>-<width>.p
 
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
 from pathlib import Path
 
-import pytest
 import requests
 
 from tests.test_phone_pages import assert_accessible
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = Path(__file__).parent / "screenshots" / "console"
 DESKTOP = {"width": 1366, "height": 768}
 WIDE = {"width": 1920, "height": 1080}
@@ -24,21 +20,6 @@ TABLET = {"width": 1024, "height": 768}
 PASSWORD = "Quan-shui-2026!"
 XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=1</script>'
 LONG_ADDRESS = "浙江省杭州市西湖区文三路四百七十八号华星时代广场A座一楼大堂东侧饮水点"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM:
-        if os.environ.get("TAPSHARE_TEST_ALL"):
-            pytest.fail("test.sh set up everything, yet chromium is missing (see scripts/test-setup.sh)")
-        pytest.skip("no chromium: apt-get install chromium fonts-noto-cjk")
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
-        yield b
-        b.close()
 
 
 def make_operator(cloud, role: str, name: str = "", password: str = PASSWORD, display_name: str = "") -> str:
@@ -95,14 +76,18 @@ def goto(page, hash_: str, ready: str) -> None:
 
 LAYOUT_JS = """() => {
   const out = [], W = window.innerWidth;
-  const say = (what, el) => out.push(what + ': ' + (el.textContent || el.value || el.id || el.tagName).trim().slice(0, 60));
+  const say = (what, el) =>
+    out.push(what + ': ' + (el.textContent || el.value || el.id || el.tagName).trim().slice(0, 60));
   const shown = (el) => { const r = el.getBoundingClientRect(), cs = getComputedStyle(el);
     return r.width > 0 && r.height > 0 && cs.visibility !== 'hidden' && !el.closest('[hidden]'); };
   if (document.documentElement.scrollWidth > W + 1) out.push('page scrolls sideways');
-  for (const el of document.querySelectorAll('button, .button, label, h1, h2, h3, dt, dd, th, .chip, .stat b, .stat span, p, li, .nav a, .tabs a, .crumb, .who')) {
+  const boxes = 'button, .button, label, h1, h2, h3, dt, dd, th, .chip, .stat b, .stat span, p, li, .nav a, .tabs a, '
+    + '.crumb, .who';
+  for (const el of document.querySelectorAll(boxes)) {
     if (!shown(el)) continue;
     const r = el.getBoundingClientRect();
-    if (el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).overflowX !== 'visible' && !el.matches('.crumb')) say('cut off', el);
+    if (el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).overflowX !== 'visible' && !el.matches('.crumb'))
+      say('cut off', el);
     if (!el.closest('.tablewrap') && (r.right > W + 1 || r.left < -1)) say('off screen', el);
     const card = el.parentElement && el.parentElement.closest('.card, .stat');
     if (card) {
@@ -111,7 +96,8 @@ LAYOUT_JS = """() => {
     }
   }
   const seg = new Intl.Segmenter(document.documentElement.lang, {granularity: 'word'});
-  for (const el of document.querySelectorAll('button, .button, dt, th, .chip, .stat span, .nav a, .tabs a, h1, h2, h3, label')) {
+  const labels = 'button, .button, dt, th, .chip, .stat span, .nav a, .tabs a, h1, h2, h3, label';
+  for (const el of document.querySelectorAll(labels)) {
     if (!shown(el)) continue;
     if (el.clientWidth > 0 && el.scrollWidth > el.clientWidth + 1) say('text wider than its box', el);
     const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);

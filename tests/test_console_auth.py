@@ -10,11 +10,10 @@ import pytest
 import requests
 
 from tests.cloudkit import CloudServer
-from tests.consolekit import (  # noqa: F401  (browser is a fixture)
+from tests.consolekit import (
     PASSWORD,
     XSS,
     Console,
-    browser,
     goto,
     make_operator,
     open_console,
@@ -75,7 +74,7 @@ def test_the_session_cookie_is_httponly_strict_and_changes_need_the_csrf_token(c
     s.csrf = "0" * 40
     assert s.call("POST", "/api/v1/console/operators", json=body).json()["error"] == "csrf"
     r = s.call("PATCH", "/api/v1/operator/machines/NOPE", csrf=False, json={"price_fen_per_l": 1})
-    assert r.status_code == 403 and r.json()["error"] == "csrf"                  # every changing endpoint, not only ours
+    assert r.status_code == 403 and r.json()["error"] == "csrf"           # every changing endpoint, not only ours
     s.csrf = s.get(cloud.url + "/api/v1/console/me").json()["csrf_token"]
     assert s.call("POST", "/api/v1/console/operators", json=body).status_code == 200
     assert cloud.op("GET", "/api/v1/operator/machines").status_code == 200       # scripts' bearer tokens still work
