@@ -20,6 +20,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     Connection,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -279,6 +280,8 @@ redemptions = Table(
     Column("points", Integer, nullable=False),
     Column("pickup_code", String(16), nullable=False),
     Column("created_ms", BigInteger, nullable=False),
+    Column("picked_up_ms", BigInteger, nullable=True),     # handed over at the site, marked in the console
+    Column("picked_up_by", String(64), nullable=True),
     UniqueConstraint("user_id", "request_id", name="redemption_once"),
 )
 
@@ -365,6 +368,18 @@ rental_records = Table(
     Column("record", JSON, nullable=False),
     Index("records_by_machine", "machine_id", "started_ms"),
     Index("records_by_user", "user_id", "started_ms"),
+)
+
+machine_samples = Table(   # what heartbeats said over time (at most one row per machine per few minutes), for charts
+    "machine_samples", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("machine_id", String(64), nullable=False),
+    Column("at_ms", BigInteger, nullable=False),
+    Column("temp_c", Float, nullable=True),
+    Column("tds_ppm", Integer, nullable=True),
+    Column("outbox_depth", Integer, nullable=False, default=0),
+    Column("dead_letters", Integer, nullable=False, default=0),
+    Index("samples_by_machine", "machine_id", "at_ms"),
 )
 
 machine_events = Table(

@@ -1,5 +1,6 @@
 """The operators' console: passwords, second factors, lockout and disabling of operators; their console sessions;
-operator alarms with a life (open, acknowledged, resolved) and notifications; machines' sites; indexes for the
+operator alarms with a life (open, acknowledged, resolved) and notifications; machines' sites and
+samples of their heartbeats for charts; gifts marked picked up; indexes for the
 console's searches, reports and audit log. Operators made only for the console have no bearer token.
 
 Revision ID: 0004
@@ -70,6 +71,19 @@ def upgrade() -> None:
                     sa.UniqueConstraint("open_key"))
     op.create_index("operator_alarms_by_state", "operator_alarms", ["state", "opened_ms"], unique=False)
     op.create_index("operator_alarms_by_machine", "operator_alarms", ["machine_id", "opened_ms"], unique=False)
+    op.create_table("machine_samples",
+                    sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+                    sa.Column("machine_id", sa.String(length=64), nullable=False),
+                    sa.Column("at_ms", sa.BigInteger(), nullable=False),
+                    sa.Column("temp_c", sa.Float(), nullable=True),
+                    sa.Column("tds_ppm", sa.Integer(), nullable=True),
+                    sa.Column("outbox_depth", sa.Integer(), nullable=False),
+                    sa.Column("dead_letters", sa.Integer(), nullable=False),
+                    sa.PrimaryKeyConstraint("id"))
+    op.create_index("samples_by_machine", "machine_samples", ["machine_id", "at_ms"], unique=False)
+    with op.batch_alter_table("redemptions") as b:
+        b.add_column(sa.Column("picked_up_ms", sa.BigInteger(), nullable=True))
+        b.add_column(sa.Column("picked_up_by", sa.String(length=64), nullable=True))
     op.create_index("sessions_by_time", "sessions", ["created_ms"], unique=False)
     op.create_index("sessions_by_user_time", "sessions", ["user_id", "created_ms"], unique=False)
     op.create_index("audit_by_time", "audit_log", ["at_ms"], unique=False)
@@ -81,6 +95,10 @@ def downgrade() -> None:
     op.drop_index("audit_by_time", table_name="audit_log")
     op.drop_index("sessions_by_user_time", table_name="sessions")
     op.drop_index("sessions_by_time", table_name="sessions")
+    with op.batch_alter_table("redemptions") as b:
+        b.drop_column("picked_up_by")
+        b.drop_column("picked_up_ms")
+    op.drop_table("machine_samples")
     op.drop_table("operator_alarms")
     op.drop_table("operator_sessions")
     with op.batch_alter_table("machines") as b:

@@ -79,6 +79,11 @@ function append(el, children) {
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
 }
+/** A page's own stylesheet (``pages/<name>.css``), linked once. */
+export function css(name) {
+  const href = `/static/console/pages/${name}.css`;
+  if (!document.querySelector(`link[href="${href}"]`)) document.head.append(h('link', { rel: 'stylesheet', href }));
+}
 export function clear(el, ...children) { el.replaceChildren(); append(el, children); return el; }
 /** An SVG the server made itself (QR codes), never user input. */
 export function trustedSvg(markup) {
