@@ -5,7 +5,7 @@ queue of registrations."""
 from __future__ import annotations
 
 import secrets
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -24,6 +24,7 @@ from cloud.accounts.schemas import (
     PhotoOut,
     RegisterIn,
     ReviewIn,
+    ReviewViewOut,
     SmsCodeIn,
     SmsCodeOut,
 )
@@ -126,8 +127,16 @@ def register(body: RegisterIn, user_id: User, svc: Svc, now: Now) -> dict[str, A
 
 # ---------------------------------------------------------------- reviewers
 @router.get("/operator/identities", response_model=PendingReviewsOut, tags=["operator"])
-def pending(op: Reviewer, svc: Svc, limit: Annotated[int, Query(ge=1, le=500)] = 100) -> dict[str, Any]:
-    return {"pending": svc.accounts.pending_reviews(limit)}
+def pending(op: Reviewer, svc: Svc, limit: Annotated[int, Query(ge=1, le=500)] = 100,
+            state: Literal["pending", "verified", "rejected"] = "pending") -> dict[str, Any]:
+    """The queue of registrations waiting for review (oldest first), or the latest decided ones."""
+    return {"pending": svc.accounts.pending_reviews(limit, state)}
+
+
+@router.get("/operator/identities/{user_id}", response_model=ReviewViewOut, tags=["operator"])
+def review_view(user_id: IdPath, op: Reviewer, svc: Svc, now: Now) -> dict[str, Any]:
+    """A registration with the name and number in full, to compare with the photo (every view audit-logged)."""
+    return svc.accounts.review_view(op["operator_id"], user_id, now)
 
 
 @router.get("/operator/identities/{user_id}/photo", tags=["operator"], response_class=Response,

@@ -114,6 +114,25 @@ class PendingReviewOut(BaseModel):
     name_masked: str
     photo_id: str | None
     submitted_ms: int
+    state: str = "pending"
+    decided_ms: int | None = None
+    reject_reason: str | None = None
+
+
+class ReviewViewOut(BaseModel):
+    """What a reviewer compares with the photo: the name and number in full (each view audit-logged)."""
+
+    user_id: str
+    doc_type: str
+    state: str
+    name: str
+    number: str
+    name_masked: str
+    number_masked: str
+    photo_stored: bool
+    submitted_ms: int
+    decided_ms: int | None
+    reject_reason: str | None
 
 
 class PendingReviewsOut(BaseModel):

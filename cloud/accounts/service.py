@@ -392,13 +392,31 @@ class Accounts:
 
     # ---------------------------------------------------------------- review (operators with the reviewer role)
 
-    def pending_reviews(self, limit: int) -> list[dict[str, Any]]:
+    def pending_reviews(self, limit: int, state: str = "pending") -> list[dict[str, Any]]:
+        """The registrations waiting for a decision, oldest first; or the latest decided ones, newest first."""
         i = t.identities.c
+        q = select(i.user_id, i.doc_type, i.number_masked, i.name_masked, i.photo_id, i.submitted_ms, i.state,
+                   i.decided_ms, i.reject_reason).where(i.state == state)
+        q = q.order_by(i.submitted_ms) if state == "pending" else q.order_by(i.decided_ms.desc())
         with self.db.read() as conn:
-            rows = conn.execute(select(i.user_id, i.doc_type, i.number_masked, i.name_masked, i.photo_id,
-                                       i.submitted_ms).where(i.state == "pending").order_by(i.submitted_ms)
-                                .limit(limit)).mappings().all()
-        return [dict(r) for r in rows]
+            return [dict(r) for r in conn.execute(q.limit(limit)).mappings().all()]
+
+    def review_view(self, operator_id: str, user_id: str, now_ms: int) -> dict[str, Any]:
+        """A registration as the reviewer must see it to compare with the photo: the name and number in full.
+        Decrypted only here, and each view is audit-logged before anything leaves."""
+        with self.db.tx() as conn:
+            row = first_row(conn, select(t.identities).where(t.identities.c.user_id == user_id))
+            if row is None:
+                raise NotFound("no_registration", "this user has not registered")
+            audit(conn, operator_id, "view_identity", user_id, {"state": row["state"]}, now_ms)
+            photo = row["photo_id"] and first_row(conn, select(t.id_photos.c.deleted_ms).where(
+                t.id_photos.c.photo_id == row["photo_id"]))
+        return {"user_id": user_id, "doc_type": row["doc_type"], "state": row["state"],
+                "name": self.pii.open(row["name_enc"], f"name:{user_id}").decode(),
+                "number": self.pii.open(row["number_enc"], f"doc:{user_id}").decode(),
+                "number_masked": row["number_masked"], "name_masked": row["name_masked"],
+                "photo_stored": bool(photo) and photo["deleted_ms"] is None, "submitted_ms": row["submitted_ms"],
+                "decided_ms": row["decided_ms"], "reject_reason": row["reject_reason"]}
 
     def view_photo(self, operator_id: str, user_id: str, now_ms: int) -> bytes:
         """The decrypted photo; every view is written to the audit log before the bytes leave."""

@@ -3,15 +3,19 @@ tokens. Each endpoint names the role it needs."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 
 import contract as p
+from cloud.csvout import csv_response
 from cloud.deps import Admin, IdPath, Now, Operator, Svc, TimeMs, Viewer
 from cloud.errors import ERRORS
 from cloud.operators.schemas import (
     AlarmsOut,
+    AuditOut,
     ClearLockoutIn,
     CommandOut,
     CommandQueuedOut,
@@ -96,6 +100,26 @@ def records(op: Viewer, svc: Svc, machine_id: Annotated[str | None, Query(max_le
     return {"records": svc.operators.records(machine_id, user_id, from_ms, to_ms, limit)}
 
 
+@router.get("/audit", response_model=AuditOut, responses={200: {"content": {"text/csv": {}}}})
+def audit_log(op: Admin, svc: Svc, operator_id: Annotated[str, Query(max_length=64)] = "",
+              action: Annotated[str, Query(max_length=64)] = "", target: Annotated[str, Query(max_length=128)] = "",
+              from_ms: TimeMs = 0, to_ms: TimeMs = 2**62, before_id: Annotated[int, Query(ge=1)] = 2**62,
+              limit: Annotated[int, Query(ge=1, le=500)] = 100,
+              format: Literal["json", "csv"] = "json") -> Any:
+    """Who did what to what, when (admins): newest first, filtered by operator, action, target and time;
+    ``format=csv`` downloads every matching entry."""
+    if format == "csv":
+        rows = svc.operators.audit_log(operator_id, action, target, from_ms, to_ms, before_id, None)
+        return csv_response("tapshare-audit.csv", ["id", "at_utc", "operator_id", "action", "target", "detail"],
+                            ([e["id"], iso_utc(e["at_ms"]), e["operator_id"], e["action"], e["target"],
+                              json.dumps(e["detail"], ensure_ascii=False)] for e in rows))
+    entries = list(svc.operators.audit_log(operator_id, action, target, from_ms, to_ms, before_id, limit + 1))
+    more = len(entries) > limit
+    entries = entries[:limit]
+    return {"entries": entries, "actions": svc.operators.audit_actions(),
+            "next_before_id": entries[-1]["id"] if more else None}
+
+
 @router.post("/logout", response_model=OkOut)
 def operator_logout(op: Viewer, svc: Svc, now: Now) -> dict[str, Any]:
     """Revoke the token this request carries."""
@@ -108,3 +132,7 @@ def revoke_operator(operator_id: IdPath, op: Admin, svc: Svc, now: Now) -> dict[
     """An admin revokes another operator's token (audited); the next request with it is refused."""
     svc.operators.revoke(op["operator_id"], operator_id, now)
     return {"ok": True}
+
+
+def iso_utc(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

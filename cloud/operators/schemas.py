@@ -156,3 +156,18 @@ class RecordOut(BaseModel):
 
 class RecordsOut(BaseModel):
     records: list[RecordOut]
+
+
+class AuditEntryOut(BaseModel):
+    id: int
+    operator_id: str
+    action: str
+    target: str
+    detail: dict[str, Any]
+    at_ms: int
+
+
+class AuditOut(BaseModel):
+    entries: list[AuditEntryOut]
+    actions: list[str]                  # every action ever logged, for the filter
+    next_before_id: int | None          # more, older entries: ask again with before_id

@@ -4,7 +4,7 @@ outcomes, rental records). Every change is audit-logged in its transaction."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy import and_, insert, or_, select
@@ -135,3 +135,24 @@ class Operators:
         with self.db.read() as conn:
             return [dict(x) for x in conn.execute(q.order_by(r.started_ms.desc()).limit(limit)).mappings().all()]
 
+
+    def audit_log(self, operator_id: str, action: str, target: str, from_ms: int, to_ms: int, before_id: int,
+                  limit: int | None) -> Iterator[dict[str, Any]]:
+        """Who did what to what, when: newest first, filtered; ``before_id`` pages on (the ids only grow)."""
+        a = t.audit_log.c
+        q = select(t.audit_log).where(and_(a.at_ms >= from_ms, a.at_ms < to_ms, a.id < before_id))
+        if operator_id:
+            q = q.where(a.operator_id == operator_id)
+        if action:
+            q = q.where(a.action == action)
+        if target:
+            q = q.where(a.target == target)
+        q = q.order_by(a.id.desc())
+        if limit is not None:
+            q = q.limit(limit)
+        with self.db.read() as conn:
+            yield from (dict(r) for r in conn.execute(q).mappings())
+
+    def audit_actions(self) -> list[str]:
+        with self.db.read() as conn:
+            return list(conn.execute(select(t.audit_log.c.action).distinct().order_by(t.audit_log.c.action)).scalars())

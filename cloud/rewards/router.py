@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
-from cloud.deps import IdPath, Now, Operator, Svc, User, Viewer
+from cloud.deps import IdPath, Now, Operator, Svc, TimeMs, User, Viewer
 from cloud.errors import ERRORS
 from cloud.rewards.schemas import (
     GiftChangeIn,
     GiftIn,
     GiftOut,
     GiftsOut,
+    OperatorRedemptionsOut,
     PointsOut,
     RedeemIn,
     RedemptionOut,
     RedemptionsOut,
 )
+from cloud.schemas import OkOut
 
 router = APIRouter(prefix="/api/v1", tags=["points"], responses=ERRORS)
 
@@ -56,3 +58,18 @@ def add_gift(body: GiftIn, op: Operator, svc: Svc, now: Now) -> dict[str, Any]:
 @router.patch("/operator/gifts/{gift_id}", response_model=GiftOut, tags=["operator"])
 def change_gift(gift_id: IdPath, body: GiftChangeIn, op: Operator, svc: Svc, now: Now) -> dict[str, Any]:
     return svc.rewards.change_gift(op["operator_id"], gift_id, body.model_dump(exclude_none=True), now)
+
+
+@router.get("/operator/redemptions", response_model=OperatorRedemptionsOut, tags=["operator"])
+def all_redemptions(op: Viewer, svc: Svc, state: Literal["waiting", "picked_up", "all"] = "all",
+                    code: Annotated[str, Query(max_length=16, pattern=r"^[0-9]*$")] = "",
+                    limit: Annotated[int, Query(ge=1, le=500)] = 100, before_ms: TimeMs = 2**62) -> dict[str, Any]:
+    """Redemptions with their pickup codes, newest first (``before_ms`` pages on)."""
+    return {"redemptions": svc.rewards.all_redemptions(state, code, limit, before_ms)}
+
+
+@router.post("/operator/redemptions/{redemption_id}/picked-up", response_model=OkOut, tags=["operator"])
+def picked_up(redemption_id: IdPath, op: Operator, svc: Svc, now: Now) -> dict[str, Any]:
+    """Mark a gift handed over (once; audited)."""
+    svc.rewards.picked_up(op["operator_id"], redemption_id, now)
+    return {"ok": True}

@@ -48,6 +48,7 @@ class GiftChangeIn(In):
     name_en: Annotated[str, Field(min_length=1, max_length=100)] | None = None
     points_cost: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     stock: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    stock_add: Annotated[int, Field(ge=-1_000_000, le=1_000_000)] | None = None   # restock relative to now
     active: bool | None = None
 
     @model_validator(mode="after")
@@ -74,3 +75,21 @@ class RedemptionOut(BaseModel):
 
 class RedemptionsOut(BaseModel):
     redemptions: list[RedemptionOut]
+
+
+class OperatorRedemptionOut(BaseModel):
+    redemption_id: str
+    user_id: str
+    phone_masked: str
+    gift_id: str
+    name_zh: str
+    name_en: str
+    points: int
+    pickup_code: str
+    created_ms: int
+    picked_up_ms: int | None
+    picked_up_by: str | None
+
+
+class OperatorRedemptionsOut(BaseModel):
+    redemptions: list[OperatorRedemptionOut]

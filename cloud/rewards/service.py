@@ -17,6 +17,7 @@ from sqlalchemy import Connection, and_, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from cloud import db as t
+from cloud.accounts.identity import mask_phone
 from cloud.db import Database, audit, first_row
 from cloud.errors import Conflict, InsufficientFunds, NotFound
 from cloud.wallet.balance import balance
@@ -55,9 +56,19 @@ class Rewards:
             return dict(first_row(conn, select(t.gifts).where(t.gifts.c.gift_id == gift_id)) or {})
 
     def change_gift(self, operator_id: str, gift_id: str, changes: dict[str, Any], now_ms: int) -> dict[str, Any]:
+        """Change a gift; ``stock_add`` restocks (or writes off) relative to the stock at that moment, so a
+        redemption at the same time is never lost the way an absolute ``stock`` would lose it."""
+        g = t.gifts.c
+        values = {k: v for k, v in changes.items() if k != "stock_add"}
+        cond = g.gift_id == gift_id
+        if changes.get("stock_add"):
+            values["stock"] = g.stock + changes["stock_add"]
+            cond = and_(cond, g.stock + changes["stock_add"] >= 0)
         with self.db.tx() as conn:
-            if conn.execute(update(t.gifts).where(t.gifts.c.gift_id == gift_id).values(**changes)).rowcount != 1:
-                raise NotFound("unknown_gift", "no such gift")
+            if conn.execute(update(t.gifts).where(cond).values(**values)).rowcount != 1:
+                if first_row(conn, select(g.gift_id).where(g.gift_id == gift_id)) is None:
+                    raise NotFound("unknown_gift", "no such gift")
+                raise Conflict("stock_below_zero", "that would take the stock below zero")
             audit(conn, operator_id, "change_gift", gift_id, changes, now_ms)
             return dict(first_row(conn, select(t.gifts).where(t.gifts.c.gift_id == gift_id)) or {})
 
@@ -119,6 +130,40 @@ class Rewards:
             rows = conn.execute(select(t.redemptions).where(r.user_id == user_id).order_by(r.created_ms.desc())
                                 .limit(100)).mappings().all()
         return [self._out(dict(x), repeated=False) for x in rows]
+
+
+    def all_redemptions(self, state: str, code: str, limit: int, before_ms: int) -> list[dict[str, Any]]:
+        """Redemptions for the staff who hand gifts over: by pickup code, waiting or picked up, newest first."""
+        r, g, u = t.redemptions.c, t.gifts.c, t.users.c
+        q = (select(r.redemption_id, r.user_id, r.gift_id, r.points, r.pickup_code, r.created_ms, r.picked_up_ms,
+                    r.picked_up_by, g.name_zh, g.name_en, u.phone, u.deleted_ms)
+             .join(t.gifts, g.gift_id == r.gift_id).join(t.users, u.user_id == r.user_id)
+             .where(r.created_ms < before_ms))
+        if code:
+            q = q.where(r.pickup_code == code)
+        if state == "waiting":
+            q = q.where(r.picked_up_ms.is_(None))
+        elif state == "picked_up":
+            q = q.where(r.picked_up_ms.is_not(None))
+        with self.db.read() as conn:
+            rows = conn.execute(q.order_by(r.created_ms.desc()).limit(limit)).mappings().all()
+        return [{**{k: v for k, v in x.items() if k not in ("phone", "deleted_ms")},
+                 "phone_masked": "" if x["deleted_ms"] else mask_phone(x["phone"])} for x in rows]
+
+    def picked_up(self, operator_id: str, redemption_id: str, now_ms: int) -> None:
+        """The gift was handed over; once only (a second click or a second desk is told so)."""
+        r = t.redemptions.c
+        with self.db.tx() as conn:
+            changed = conn.execute(update(t.redemptions).where(and_(r.redemption_id == redemption_id,
+                                                                    r.picked_up_ms.is_(None)))
+                                   .values(picked_up_ms=now_ms, picked_up_by=operator_id)).rowcount
+            if not changed:
+                row = first_row(conn, select(r.picked_up_ms, r.picked_up_by).where(r.redemption_id == redemption_id))
+                if row is None:
+                    raise NotFound("unknown_redemption", "no such redemption")
+                raise Conflict("already_picked_up", f"already handed over by {row['picked_up_by']}",
+                               picked_up_ms=row["picked_up_ms"])
+            audit(conn, operator_id, "gift_picked_up", redemption_id, {}, now_ms)
 
 
 def earn_points(conn: Connection, user_id: str, points: int, session_id: str, now_ms: int) -> None:

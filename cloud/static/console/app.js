@@ -12,7 +12,7 @@ const ROUTES = [
   { path: 'users', module: 'users', role: 'viewer', label: 'nav.users' },
   { path: 'gifts', module: 'gifts', role: 'viewer', label: 'nav.gifts' },
   { path: 'reports', module: 'reports', role: 'viewer', label: 'nav.reports' },
-  { path: 'audit', module: 'audit', role: 'viewer', label: 'nav.audit' },
+  { path: 'audit', module: 'audit', role: 'admin', label: 'nav.audit' },
   { path: 'operators', module: 'operators', role: 'admin', label: 'nav.operators' },
   { path: 'account', module: 'account', role: 'viewer', label: 'nav.account' },
 ];

@@ -208,7 +208,7 @@ export function dialog({ title, text, fields = [], ok = t('ok'), danger = false,
   return new Promise((resolve) => {
     const err = h('div', { class: 'field-error', role: 'alert' });
     const inputs = {};
-    const form = h('form', { method: 'dialog' }, h('h2', {}, title), text ? h('p', {}, text) : null,
+    const form = h('form', { method: 'dialog', novalidate: true }, h('h2', {}, title), text ? h('p', {}, text) : null,
       fields.map((f) => {
         const input = f.type === 'select'
           ? h('select', { name: f.name, required: f.required }, f.options.map(([v, l]) => h('option', { value: v, selected: String(v) === String(f.value) }, l)))
