@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import threading
 from typing import Any
 
 import pyotp
@@ -62,6 +63,8 @@ class ConsoleAuth:
     def __init__(self, db: Database, box: SecretBox) -> None:
         self.db, self.box = db, box
         self._csrf_key = box.subkey("console-csrf")
+        self._ghosts: dict[str, tuple[int, int]] = {}    # unknown names: (failures, locked until ms)
+        self._ghost_lock = threading.Lock()
 
     # ---------------------------------------------------------------- signing in
     def login(self, name: str, password: str, totp_code: str, client_ip: str, user_agent: str,
@@ -72,6 +75,7 @@ class ConsoleAuth:
             row = first_row(conn, select(t.operators).where(t.operators.c.operator_id == name))
         if row is None or row["password_hash"] is None:
             _verify(_DUMMY, password)
+            self._unknown_failed(name, now_ms)
             raise Unauthenticated("bad_credentials", "wrong name or password")
         if row["locked_until_ms"] and row["locked_until_ms"] > now_ms:
             raise TooMany("account_locked", "too many failed sign-ins: this account is locked for a while",
@@ -101,6 +105,18 @@ class ConsoleAuth:
                 expires_ms=now_ms + SESSION_MAX_MS, client_ip=client_ip[:64], user_agent=user_agent[:200]))
             audit(conn, name, "console_login", name, {"ip": client_ip}, now_ms)
         return token, self.operator(name)
+
+    def _unknown_failed(self, name: str, now_ms: int) -> None:
+        """A name nobody has is locked like a real one (in memory), so locking does not tell which names exist."""
+        with self._ghost_lock:
+            n, until = self._ghosts.get(name, (0, 0))
+            if until > now_ms:
+                raise TooMany("account_locked", "too many failed sign-ins: this account is locked for a while",
+                              retry_after_s=max(1, (until - now_ms + 999) // 1000))
+            n += 1
+            self._ghosts[name] = (0, now_ms + LOCK_MS) if n >= MAX_FAILURES else (n, 0)
+            if len(self._ghosts) > 10_000:
+                self._ghosts.pop(next(iter(self._ghosts)))
 
     def _failed(self, name: str, what: str, client_ip: str, now_ms: int) -> None:
         with self.db.tx() as conn:
