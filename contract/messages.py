@@ -261,7 +261,24 @@ class ProgressMsg(Msg):
     elapsed_ms: Ms
 
 
+class ConsumableMsg(Msg):
+    """A consumable's use as the machine counts it (its maintenance screen shows the same): litres poured and days
+    since it was replaced, against its life (0: not limited that way). ``used_permille`` is the larger share;
+    ``due`` says the machine asks for a replacement (it warns from 90 % of either life)."""
+
+    kind: Literal["filter", "uv_lamp"]
+    used_l: Annotated[int, Field(ge=0, le=MAX_JSON_INT)]
+    life_l: Annotated[int, Field(ge=0, le=1_000_000)]
+    used_days: Annotated[int, Field(ge=0, le=100_000)]
+    life_days: Annotated[int, Field(ge=0, le=100_000)]
+    used_permille: Annotated[int, Field(ge=0, le=MAX_JSON_INT)]
+    due: bool
+
+
 class HeartbeatMsg(Msg):
+    """A machine's telemetry. ``consumables`` and ``price_fen_per_l`` (the price its screen shows now) are newer
+    than the rest: a machine with older software leaves them out (``None``: not known), and is still accepted."""
+
     state: Annotated[str, Field(max_length=32)]
     session_id: Id | None = None
     valve_open: bool
@@ -274,6 +291,8 @@ class HeartbeatMsg(Msg):
     boot_id: Annotated[int, Field(ge=0)] = 0
     dead_letters: Annotated[int, Field(ge=0)] = 0
     uptime_s: Annotated[int, Field(ge=0)] = 0
+    consumables: Annotated[list[ConsumableMsg], Field(max_length=4)] | None = None
+    price_fen_per_l: PricePerLitre | None = None
 
 
 class TimeResponse(Msg):

@@ -17,7 +17,7 @@ from contract import SOFTWARE_VERSION
 from contract.events import EventKind as K
 from kiosk import pin as pins
 from kiosk.calibration import Pour, check_pour, compute
-from kiosk.config import Config
+from kiosk.config import Config, MaintenanceConfig
 from kiosk.events import (
     LOCKOUT_REMOTE,
     ClearLockout,
@@ -117,28 +117,12 @@ class MaintenanceService:
                      ClearLockout(LOCKOUT_REMOTE, ClearSource.SITE, actor=self.actor))
 
     # ---------------------------------------------------------------- consumables and flushing
-    def _volume_l(self, pulses: int) -> int:
-        mppl = self.rt.snapshot.milli_pulses_per_litre or 450_000
-        return pulses * 1000 // mppl
-
     def consumables(self) -> list[Consumable]:
-        m, now = self.cfg.maintenance, self.rt.clock.wall_ms()
-        total = self.ledger.totalizer_pulses()
-        out = []
-        for kind, life_l, life_days in (("filter", m.filter_life_l, m.filter_life_days),
-                                        ("uv_lamp", 0, m.uv_life_days)):
-            if not life_l and not life_days:
-                continue
-            since = self.ledger.setting(f"consumable_{kind}") or {"pulses": 0, "wall_ms": self._first_boot_ms()}
-            used_l = self._volume_l(total - since["pulses"])
-            used_days = (now - since["wall_ms"]) // DAY_MS
-            permille = max(used_l * 1000 // life_l if life_l else 0, used_days * 1000 // life_days if life_days else 0)
-            out.append(Consumable(kind, used_l, life_l, used_days, life_days, permille, permille >= WARN_AT_PERMILLE))
-        return out
+        return consumables(self.cfg.maintenance, self.ledger, self.rt.snapshot.milli_pulses_per_litre,
+                           self.rt.clock.wall_ms())
 
     def _first_boot_ms(self) -> int:
-        rows = self.ledger.events("boot", limit=100_000)
-        return rows[0]["wall_ms"] if rows else self.rt.clock.wall_ms()
+        return first_boot_ms(self.ledger, self.rt.clock.wall_ms())
 
     def replace_consumable(self, kind: str) -> None:
         if kind not in CONSUMABLES:
@@ -188,6 +172,28 @@ class MaintenanceService:
                 "boot_id": self.ledger.boot_id if self.ledger else None,
                 "uptime_s": int(time.time() - self._started_wall), "disk_free_mb": usage.free // 2**20,
                 "data_dir": str(self.cfg.data_dir), "pid": os.getpid()}
+
+
+def consumables(m: MaintenanceConfig, ledger, milli_pulses_per_litre: int, now_wall_ms: int) -> list[Consumable]:
+    """Each fitted consumable's use since it was last replaced (or since the first boot), in litres through the
+    meter and in days, against its life. Shared by the maintenance screen and the heartbeat, so the cloud sees
+    what the technician sees. Reads the ledger (may raise :class:`~kiosk.ledger.LedgerError`)."""
+    total, mppl = ledger.totalizer_pulses(), milli_pulses_per_litre or 450_000
+    out = []
+    for kind, life_l, life_days in (("filter", m.filter_life_l, m.filter_life_days), ("uv_lamp", 0, m.uv_life_days)):
+        if not life_l and not life_days:
+            continue
+        since = ledger.setting(f"consumable_{kind}") or {"pulses": 0, "wall_ms": first_boot_ms(ledger, now_wall_ms)}
+        used_l = max(0, total - since["pulses"]) * 1000 // mppl
+        used_days = max(0, now_wall_ms - since["wall_ms"]) // DAY_MS
+        permille = max(used_l * 1000 // life_l if life_l else 0, used_days * 1000 // life_days if life_days else 0)
+        out.append(Consumable(kind, used_l, life_l, used_days, life_days, permille, permille >= WARN_AT_PERMILLE))
+    return out
+
+
+def first_boot_ms(ledger, now_wall_ms: int) -> int:
+    rows = ledger.events("boot", limit=100_000)
+    return rows[0]["wall_ms"] if rows else now_wall_ms
 
 
 def store_pin(ledger, pin: str, actor: str) -> None:

@@ -18,7 +18,8 @@ only enqueues). Threads:
   idempotency key and its age; backs off with jitter on transient errors (honouring Retry-After);
   re-syncs the clock on 401s and retries; dead-letters a message the cloud rejects (4xx), visibly.
 * **heartbeat**: telemetry every ``heartbeat_interval_ms``, including the open session (the cloud ends a
-  session the machine no longer has as ``lost`` and releases its hold).
+  session the machine no longer has as ``lost`` and releases its hold), the price on the screen and the
+  consumables' use (the cloud's alarms say when a filter or UV lamp is due).
 
 Every thread is supervised: an unexpected exception (a ledger read or write that failed, a bug) is
 logged and the loop goes on after a backoff; a thread that fails ``THREAD_FAILURES_TO_LOCKOUT`` times in
@@ -56,7 +57,8 @@ from kiosk.events import (
     State,
     fault_lockout,
 )
-from kiosk.ledger import Ledger
+from kiosk.ledger import Ledger, LedgerError
+from kiosk.maintenance import consumables
 from kiosk.runtime import Runtime
 from kiosk.session import Snapshot
 from sync.client import AuthProblem, CloudClient, Rejected, SyncError, Transient
@@ -66,6 +68,7 @@ log = logging.getLogger("tapshare.sync")
 THREAD_FAILURES_TO_LOCKOUT = 3
 SYNC_LOCKOUT = fault_lockout("sync")
 REMEMBERED_COMMANDS = 1_000        # command ids handled recently (a redelivery is not handled twice)
+CONSUMABLES_EVERY_MS = 600_000     # their use changes by the day: counted again for a heartbeat at most this often
 CLAIM_TIMEOUT_S = 3.0
 
 
@@ -115,6 +118,7 @@ class SyncLink:
         self.sent = 0
         self.dead = 0
         self._started_mono = self._mono()
+        self._consumables: tuple[int, list[p.ConsumableMsg] | None] | None = None     # (counted at, counts)
         self._threads = [threading.Thread(target=self._supervised, args=(name, body), name=f"sync-{name}", daemon=True)
                          for name, body in (("commands", self._commands_loop), ("replies", self._replies_loop),
                                             ("outbox", self._outbox_loop), ("heartbeat", self._heartbeat_loop))]
@@ -485,7 +489,26 @@ class SyncLink:
             outbox_depth=self.ledger.outbox_depth(), dead_letters=self.ledger.outbox_depth("dead"),
             totalizer_pulses=self.ledger.totalizer_pulses(), lockouts=list(snap.lockouts)[:20],
             software_version=self.software_version, boot_id=self.ledger.boot_id,
-            uptime_s=(self._mono() - self._started_mono) // 1000)
+            uptime_s=(self._mono() - self._started_mono) // 1000, consumables=self._consumable_use(),
+            price_fen_per_l=snap.display_price_fen_per_l)
+
+    def _consumable_use(self) -> list[p.ConsumableMsg] | None:
+        """The filter's and UV lamp's use as the maintenance screen counts it (the operators' alarms say when one
+        is due), counted again at most every ``CONSUMABLES_EVERY_MS``. ``None`` while the ledger cannot say: the
+        heartbeat goes anyway."""
+        now = self._mono()
+        if self._consumables is None or now - self._consumables[0] >= CONSUMABLES_EVERY_MS:
+            try:
+                used = consumables(self.rt.cfg.maintenance, self.ledger, self.rt.snapshot.milli_pulses_per_litre,
+                                   self.rt.clock.wall_ms())
+                counts = [p.ConsumableMsg(kind=c.kind, used_l=c.used_l, life_l=c.life_l, used_days=c.used_days,
+                                          life_days=c.life_days, used_permille=c.used_permille, due=c.warn)
+                          for c in used]
+            except (LedgerError, ValueError) as e:
+                log.warning("consumables not counted for the heartbeat: %s", e)
+                counts = None
+            self._consumables = (now, counts)
+        return self._consumables[1]
 
     def _heartbeat_loop(self) -> None:
         """A heartbeat as soon as the clock is synced, then every interval. A signed request that succeeds

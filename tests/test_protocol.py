@@ -98,6 +98,21 @@ def test_messages_refuse_bad_input():
         p.DeviceEvent(event_id="not-an-id", kind="x", payload={})
 
 
+def test_a_heartbeat_may_carry_consumables_and_the_price_shown_and_older_ones_are_still_accepted():
+    old = p.HeartbeatMsg.model_validate({"state": "idle", "valve_open": False, "lockouts": [], "dead_letters": 0})
+    assert old.consumables is None and old.price_fen_per_l is None
+    filt = {"kind": "filter", "used_l": 2_900, "life_l": 3_000, "used_days": 20, "life_days": 180,
+            "used_permille": 966, "due": True}
+    new = p.HeartbeatMsg.model_validate({"state": "idle", "valve_open": False, "consumables": [filt],
+                                         "price_fen_per_l": 230})
+    assert new.model_dump()["consumables"] == [filt] and new.price_fen_per_l == 230
+    for bad in ({"kind": "membrane"}, {"used_l": -1}, {"due": "yes"}, {"extra": 1}):
+        with pytest.raises(ValidationError):
+            p.HeartbeatMsg(state="idle", valve_open=False, consumables=[{**filt, **bad}])
+    with pytest.raises(ValidationError):
+        p.HeartbeatMsg(state="idle", valve_open=False, price_fen_per_l=-1)
+
+
 # ---------------------------------------------------------------- event kinds, typed details, limits
 
 def test_event_details_golden_vectors():
