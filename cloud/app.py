@@ -7,6 +7,7 @@ and ``schemas.py``):
 * ``cloud/wallet``: balances, top-ups through the payment provider, refunds;
 * ``cloud/rewards``: points and gifts;
 * ``cloud/operators``: the fleet, alarms, rental records, operator tokens;
+* ``cloud/alarms``: operators' alarms with a life (open, acknowledged, resolved), their rules and notifications;
 * ``cloud/dev``: development-only routes, never in production.
 
 Device endpoints are signed (see :mod:`contract.signing`); operator and phone endpoints take bearer tokens.
@@ -29,6 +30,9 @@ import contract as p
 from cloud import pages
 from cloud.accounts import router as accounts
 from cloud.accounts.service import Accounts, AccountSettings
+from cloud.alarms import router as alarms
+from cloud.alarms.notify import Notifier
+from cloud.alarms.service import Alarms, AlarmSettings
 from cloud.console import router as console
 from cloud.console.service import ConsoleAuth
 from cloud.db import Database
@@ -70,7 +74,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         app.add_middleware(HttpsOnly)
     install_handlers(app)
     app.add_api_route("/healthz", health, methods=["GET"], response_model=HealthOut, tags=["health"])
-    for feature in (devices, sessions, accounts, wallet, rewards, operators, console, pages):
+    for feature in (devices, sessions, accounts, wallet, rewards, operators, console, alarms, pages):
         app.include_router(feature.router)
     app.include_router(console.pages)
     if not settings.production:
@@ -113,12 +117,16 @@ def build_services(settings: CloudSettings) -> Services:
     accounts = Accounts(database, box, sms, verifier, accounts_settings)
     accounts.payout = wallet.withdraw_for_deletion
     accounts.send_refunds = wallet.send_refunds
+    notifier = Notifier(database, settings.notify_settings(), public_url=lambda: settings.public_url,
+                        clock_ms=settings.clock_ms)
+    alarm_settings = AlarmSettings(settings.alarm_offline_after_s * 1000, settings.alarm_thresholds())
     return Services(
         settings=settings, database=database, hub=hub, machines=machines, commands=commands,
         sessions=Sessions(database, machines, hub.connected, notify),
         accounts=accounts, wallet=wallet,
         rewards=Rewards(database), operators=Operators(database, machines, hub.connected, notify),
-        console=ConsoleAuth(database, box), durable=DurableNonces(machines), development=development,
+        console=ConsoleAuth(database, box), alarms=Alarms(database, alarm_settings, hub.connected, notifier),
+        durable=DurableNonces(machines), development=development,
         scans_by_network=RateLimiter(settings.scans_per_minute_per_network, 60_000),
         scans_by_machine=RateLimiter(settings.scans_per_minute_per_machine, 60_000))
 
@@ -139,19 +147,22 @@ async def lifespan(app: FastAPI):
     task = asyncio.create_task(background(svc))
     money = asyncio.create_task(payments_background(svc))
     flusher = asyncio.create_task(svc.durable.run())
+    notifier = asyncio.create_task(notify_background(svc))
     yield
     task.cancel()
     money.cancel()
     flusher.cancel()
+    notifier.cancel()
     svc.machines.flush_nonces()
     svc.database.dispose()
 
 
 async def background(svc: Services) -> None:
     """The replay guard's nonces to disk; unclaimed starts voided, lost sessions reconciled (every
-    ``background_interval_s``); old nonces and ID photos past retention removed (every minute). The payment
-    providers are called from :func:`payments_background`."""
-    last_void = last_prune = time.monotonic()
+    ``background_interval_s``); the operators' alarm rules checked (every ``alarm_check_interval_s``); old nonces
+    and ID photos past retention removed (every minute). The payment providers are called from
+    :func:`payments_background`, alarm notifications sent from :func:`notify_background`."""
+    last_void = last_prune = last_alarms = time.monotonic()
     while True:
         await asyncio.sleep(NONCE_FLUSH_S)
         try:
@@ -160,6 +171,9 @@ async def background(svc: Services) -> None:
             if mono - last_void >= svc.settings.background_interval_s:
                 last_void = mono
                 await run_in_threadpool(_expire, svc)
+            if mono - last_alarms >= svc.settings.alarm_check_interval_s:
+                last_alarms = mono
+                await run_in_threadpool(svc.alarms.check, svc.now())
             if mono - last_prune >= 60:
                 last_prune = mono
                 await run_in_threadpool(_prune, svc)
@@ -190,6 +204,17 @@ async def payments_background(svc: Services) -> None:
                 await run_in_threadpool(svc.wallet.reconcile_due, svc.now())
         except Exception:
             log.exception("payments background task failed")
+
+
+async def notify_background(svc: Services) -> None:
+    """Alarm notifications (email, webhook), on their own: a mail server that is slow or down (15 s a try)
+    delays nothing else."""
+    while True:
+        await asyncio.sleep(svc.settings.alarm_check_interval_s)
+        try:
+            await run_in_threadpool(svc.alarms.notifier.send_due)
+        except Exception:
+            log.exception("alarm notifications failed")
 
 
 def _prune(svc: Services) -> None:

@@ -614,5 +614,9 @@ def audit(conn: Connection, operator_id: str, action: str, target: str, detail: 
 
 def raise_alarm(conn: Connection, source: str, kind: str, detail: dict, now_ms: int) -> None:
     """An alarm for operators that is not a machine's (payments, SMS, reconciliation), in the caller's
-    transaction; ``GET /api/v1/operator/alarms`` lists it with the machines' alarms."""
+    transaction; ``GET /api/v1/operator/alarms`` lists it with the machines' alarms. It also opens the operator
+    alarm (rule ``source``) for the problem, or counts it in the one open, which an operator resolves."""
+    from cloud.alarms.service import open_service_case  # cloud.alarms is built on this module
+
     conn.execute(insert(alarms).values(source=source, kind=kind, detail=detail, created_ms=now_ms))
+    open_service_case(conn, source, kind, detail, now_ms)

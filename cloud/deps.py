@@ -14,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 
 import contract as p
 from cloud.accounts.service import Accounts
+from cloud.alarms.service import Alarms
 from cloud.console.service import COOKIE, CSRF_HEADER, ConsoleAuth, check_role
 from cloud.db import Database
 from cloud.devices.hub import CommandHub
@@ -43,6 +44,7 @@ class Services:
     rewards: Rewards
     operators: Operators
     console: ConsoleAuth
+    alarms: Alarms
     durable: DurableNonces
     scans_by_network: RateLimiter
     scans_by_machine: RateLimiter

@@ -5,17 +5,23 @@ naming the variable (``TAPSHARE_OPERATOR_TOKEN_DAYS: must be a whole number from
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from cloud.accounts.providers import DevAutoVerify, DevSmsSink, ManualReview, SmsProvider, Verifier
+from cloud.alarms.notify import NotifySettings
+from cloud.alarms.rules import Thresholds
 from cloud.errors import ProviderConfigError
 from cloud.security import SecretBox
 from cloud.wallet.payments import PaymentProvider, SandboxPay
+
+_ADDRESS = re.compile(r"[^@\s,<>]+@[^@\s,<>]+")
 
 
 class SettingsError(ValueError):
@@ -34,6 +40,14 @@ _NUMBERS: dict[str, tuple[str, float, float, float]] = {
     "scans_per_minute_per_network": ("TAPSHARE_SCANS_PER_MINUTE_PER_NETWORK", 30, 1, 100_000_000),
     "scans_per_minute_per_machine": ("TAPSHARE_SCANS_PER_MINUTE_PER_MACHINE", 120, 1, 100_000_000),
     "header_timeout_s": ("TAPSHARE_HEADER_TIMEOUT_S", 10.0, 1, 600),
+    # operators' alarms (cloud/alarms): how often the rules are checked and notifications sent, their thresholds
+    "alarm_check_interval_s": ("TAPSHARE_ALARM_CHECK_INTERVAL_S", 5.0, 0.05, 3600),
+    "alarm_offline_after_s": ("TAPSHARE_ALARM_OFFLINE_AFTER_S", 300, 1, 30 * 86_400),
+    "alarm_temp_min_c": ("TAPSHARE_ALARM_TEMP_MIN_C", 2.0, -20, 60),
+    "alarm_temp_max_c": ("TAPSHARE_ALARM_TEMP_MAX_C", 30.0, -20, 100),
+    "alarm_tds_max_ppm": ("TAPSHARE_ALARM_TDS_MAX_PPM", 50, 1, 10_000),
+    "alarm_notify_retry_s": ("TAPSHARE_ALARM_NOTIFY_RETRY_S", 30.0, 0.01, 3600),
+    "smtp_port": ("TAPSHARE_SMTP_PORT", 587, 1, 65_535),
 }
 
 
@@ -61,13 +75,27 @@ def _text(name: str, default: str = "") -> Callable[[], str]:
     return lambda: os.environ.get(name, default)
 
 
-def _flag(name: str) -> Callable[[], bool]:
+def _flag(name: str, default: bool = False) -> Callable[[], bool]:
     def read() -> bool:
         raw = os.environ.get(name, "").strip()
         if raw not in ("", "0", "1"):
             raise SettingsError(f"{name}: must be 1 (on) or 0 (off), got {raw[:40]!r}")
-        return raw == "1"
+        return default if raw == "" else raw == "1"
     return read
+
+
+def _secret_file(var: str, path: str) -> str | None:
+    """The secret in the file ``path`` names (None when not set); a file that is named but cannot be read, or is
+    empty, stops start-up."""
+    if not path:
+        return None
+    try:
+        secret = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsError(f"{var}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not secret:
+        raise SettingsError(f"{var}: {path} is empty")
+    return secret
 
 
 @dataclass
@@ -98,6 +126,28 @@ class CloudSettings:
     operator_token_days: int = _number("operator_token_days")
     scans_per_minute_per_network: int = _number("scans_per_minute_per_network")
     scans_per_minute_per_machine: int = _number("scans_per_minute_per_machine")
+    # operators' alarms: the rules' thresholds (the machine has its own, and locks itself out past them). The
+    # temperature band warns before the machine's own lockout (35 C by default), as stored water warmer than 25-30 C
+    # lets bacteria grow; 50 mg/L TDS after reverse osmosis means a membrane wearing out, long before the
+    # 500 mg/L limit of purified drinking water (CJ 94) the machine locks itself out at.
+    alarm_check_interval_s: float = _number("alarm_check_interval_s")
+    alarm_offline_after_s: int = _number("alarm_offline_after_s")
+    alarm_temp_min_c: float = _number("alarm_temp_min_c")
+    alarm_temp_max_c: float = _number("alarm_temp_max_c")
+    alarm_tds_max_ppm: int = _number("alarm_tds_max_ppm")
+    # ... and where they are sent: email (empty host: none) and a webhook (empty URL: none), of alarms at least
+    # this severe (critical, warning or info), retried after alarm_notify_retry_s, doubling
+    alarm_notify_min_severity: str = field(default_factory=_text("TAPSHARE_ALARM_NOTIFY_MIN_SEVERITY", "warning"))
+    alarm_notify_retry_s: float = _number("alarm_notify_retry_s")
+    smtp_host: str = field(default_factory=_text("TAPSHARE_SMTP_HOST"))
+    smtp_port: int = _number("smtp_port")
+    smtp_starttls: bool = field(default_factory=_flag("TAPSHARE_SMTP_STARTTLS", default=True))
+    smtp_user: str = field(default_factory=_text("TAPSHARE_SMTP_USER"))
+    smtp_password_file: str = field(default_factory=_text("TAPSHARE_SMTP_PASSWORD_FILE"))
+    alarm_email_from: str = field(default_factory=_text("TAPSHARE_ALARM_EMAIL_FROM"))
+    alarm_email_to: str = field(default_factory=_text("TAPSHARE_ALARM_EMAIL_TO"))      # addresses, comma-separated
+    alarm_webhook_url: str = field(default_factory=_text("TAPSHARE_ALARM_WEBHOOK_URL"))
+    alarm_webhook_secret_file: str = field(default_factory=_text("TAPSHARE_ALARM_WEBHOOK_SECRET_FILE"))
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -116,6 +166,47 @@ class CloudSettings:
             ZoneInfo(self.timezone)
         except (ValueError, KeyError, OSError) as e:
             raise SettingsError(f"timezone: unknown time zone {self.timezone!r}") from e
+        self._check_alarms()
+
+    def _check_alarms(self) -> None:
+        if self.alarm_temp_min_c >= self.alarm_temp_max_c:
+            raise SettingsError("TAPSHARE_ALARM_TEMP_MIN_C: must be below TAPSHARE_ALARM_TEMP_MAX_C, got "
+                                f"{self.alarm_temp_min_c:g} and {self.alarm_temp_max_c:g}")
+        if self.alarm_notify_min_severity not in ("critical", "warning", "info"):
+            raise SettingsError("TAPSHARE_ALARM_NOTIFY_MIN_SEVERITY: must be critical, warning or info, got "
+                                f"{self.alarm_notify_min_severity[:40]!r}")
+        sender = self.alarm_email_from
+        if sender and (not _ADDRESS.fullmatch(parseaddr(sender)[1]) or "\n" in sender or "\r" in sender):
+            raise SettingsError(f"TAPSHARE_ALARM_EMAIL_FROM: not an email address: {sender[:80]!r}")
+        for address in self.email_to():
+            if not _ADDRESS.fullmatch(address):
+                raise SettingsError(f"TAPSHARE_ALARM_EMAIL_TO: not an email address: {address[:80]!r} (give bare "
+                                    "addresses, comma-separated)")
+        if self.smtp_host and not (self.alarm_email_from and self.email_to()):
+            raise SettingsError("TAPSHARE_SMTP_HOST is set: TAPSHARE_ALARM_EMAIL_FROM and TAPSHARE_ALARM_EMAIL_TO "
+                                "must say who sends the alarms and who gets them")
+        if not self.smtp_host and self.email_to():
+            raise SettingsError("TAPSHARE_ALARM_EMAIL_TO is set but TAPSHARE_SMTP_HOST is not: no alarm could be sent")
+        if self.alarm_webhook_url and not self.alarm_webhook_url.startswith(("http://", "https://")):
+            raise SettingsError(f"TAPSHARE_ALARM_WEBHOOK_URL: must start with https:// (or http:// in development), "
+                                f"got {self.alarm_webhook_url[:80]!r}")
+
+    def email_to(self) -> list[str]:
+        return [x.strip() for x in self.alarm_email_to.split(",") if x.strip()]
+
+    def alarm_thresholds(self) -> Thresholds:
+        return Thresholds(self.alarm_temp_min_c, self.alarm_temp_max_c, self.alarm_tds_max_ppm)
+
+    def notify_settings(self) -> NotifySettings:
+        """Where alarms are sent, with the SMTP password and the webhook's signing secret read from their files."""
+        secret = _secret_file("TAPSHARE_ALARM_WEBHOOK_SECRET_FILE", self.alarm_webhook_secret_file)
+        return NotifySettings(
+            smtp_host=self.smtp_host, smtp_port=self.smtp_port, smtp_starttls=self.smtp_starttls,
+            smtp_user=self.smtp_user, smtp_password=_secret_file("TAPSHARE_SMTP_PASSWORD_FILE",
+                                                                 self.smtp_password_file),
+            email_from=self.alarm_email_from, email_to=tuple(self.email_to()), webhook_url=self.alarm_webhook_url,
+            webhook_secret=secret.encode() if secret is not None else None,
+            min_severity=self.alarm_notify_min_severity, retry_s=self.alarm_notify_retry_s, timezone=self.timezone)
 
     def url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'cloud.db').resolve()}"
@@ -139,6 +230,13 @@ class CloudSettings:
                                 "information and how to reach them")
             if not self.public_url.startswith("https://"):
                 problems.append(f"TAPSHARE_PUBLIC_URL must be https:// (is {self.public_url})")
+            if self.alarm_webhook_url and not self.alarm_webhook_url.startswith("https://"):
+                problems.append(f"TAPSHARE_ALARM_WEBHOOK_URL must be https:// (is {self.alarm_webhook_url[:80]})")
+            if self.alarm_webhook_url and not self.alarm_webhook_secret_file:
+                problems.append("TAPSHARE_ALARM_WEBHOOK_SECRET_FILE must name the file of the secret that signs the "
+                                "alarm webhooks")
+            if self.smtp_host and self.smtp_user and not self.smtp_starttls and self.smtp_port != 465:
+                problems.append("TAPSHARE_SMTP_STARTTLS is off: the SMTP password would cross the network in clear")
             if problems:
                 raise ProductionRefused("production mode refuses to start: " + "; ".join(problems))
         return sms, verifier, by_name

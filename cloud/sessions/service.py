@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 
 import contract as p
 from cloud import db as t
+from cloud.alarms.service import on_machine_event
 from cloud.db import Database, audit, first_row
 from cloud.devices.service import COMMAND_TTL_MS, RECENTLY_SEEN_MS, Commands, Machines
 from cloud.errors import Conflict, DomainError, Forbidden, Gone, InsufficientFunds, NotFound, Unavailable
@@ -237,13 +238,13 @@ class Sessions:
                 if not self._void(conn, row, why, now_ms, states=("active",), new_state="lost"):
                     continue
                 lost.append(row["session_id"])
+                detail = p.EventKind.SESSION_LOST.detail_of(session_id=row["session_id"], user_id=row["user_id"],
+                                                            why=why, released_fen=row["credit_limit_fen"])
                 conn.execute(insert(t.machine_events).values(
                     machine_id=row["machine_id"], event_id=f"lost-{row['session_id']}"[:40],
-                    kind=p.EventKind.SESSION_LOST,
-                    payload={"detail": p.EventKind.SESSION_LOST.detail_of(
-                        session_id=row["session_id"], user_id=row["user_id"], why=why,
-                        released_fen=row["credit_limit_fen"])},
+                    kind=p.EventKind.SESSION_LOST, payload={"detail": detail},
                     received_ms=now_ms, occurred_ms=now_ms, alarm=True))
+                on_machine_event(conn, row["machine_id"], p.EventKind.SESSION_LOST, detail, now_ms, now_ms)
                 audit(conn, "system", "session_lost", row["session_id"],
                       {"machine_id": row["machine_id"], "why": why, "released_fen": row["credit_limit_fen"]}, now_ms)
         return lost
@@ -355,6 +356,7 @@ class Sessions:
         conn.execute(insert(t.machine_events).values(machine_id=machine_id, event_id=ev.event_id, kind=ev.kind,
                                                      payload=ev.payload, received_ms=now_ms,
                                                      occurred_ms=now_ms - ev.age_ms, alarm=ev.kind in ALARM_KINDS))
+        on_machine_event(conn, machine_id, ev.kind, ev.payload.get("detail", {}), now_ms - ev.age_ms, now_ms)
         return "accepted", ""
 
     def _settle(self, conn: Connection, machine_id: str, ev: p.DeviceEvent, now_ms: int) -> tuple[str, str]:
@@ -380,12 +382,13 @@ class Sessions:
             implausible.append(f"{fee} fen is more than the grant's credit of {s['credit_limit_fen']} fen")
             fee = s["credit_limit_fen"]
         if implausible:
+            detail = p.EventKind.IMPLAUSIBLE_REPORT.detail_of(
+                session_id=s["session_id"], problems=implausible, billed_pulses=r.billed_pulses,
+                milli_pulses_per_litre=r.milli_pulses_per_litre, billed_fen=fee)
             conn.execute(insert(t.machine_events).values(
                 machine_id=machine_id, event_id=ev.event_id, kind=p.EventKind.IMPLAUSIBLE_REPORT,
-                payload={"detail": p.EventKind.IMPLAUSIBLE_REPORT.detail_of(
-                    session_id=s["session_id"], problems=implausible, billed_pulses=r.billed_pulses,
-                    milli_pulses_per_litre=r.milli_pulses_per_litre, billed_fen=fee)},
-                received_ms=now_ms, occurred_ms=now_ms - ev.age_ms, alarm=True))
+                payload={"detail": detail}, received_ms=now_ms, occurred_ms=now_ms - ev.age_ms, alarm=True))
+            on_machine_event(conn, machine_id, p.EventKind.IMPLAUSIBLE_REPORT, detail, now_ms - ev.age_ms, now_ms)
             log.error("implausible report %s from %s: %s; billed %d fen", ev.event_id, machine_id,
                       "; ".join(implausible), fee)
         changed = conn.execute(update(t.sessions).where(and_(t.sessions.c.session_id == s["session_id"],

@@ -1,0 +1,46 @@
+"""The operators' alarms with a life: list them by state (with the counts for each), see one, acknowledge it, resolve
+it. Viewers read; operators act, each action audit-logged with its note. (``GET /api/v1/operator/alarms`` in
+:mod:`cloud.operators` still lists the raw alarm events.)"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+from fastapi import Path as PathParam
+
+from cloud.alarms.schemas import AlarmCaseOut, AlarmCasesOut, NoteIn
+from cloud.deps import Now, Operator, Svc, Viewer
+from cloud.errors import ERRORS
+
+router = APIRouter(prefix="/api/v1/operator", tags=["alarms"], responses=ERRORS)
+AlarmId = Annotated[int, PathParam(ge=1, le=2**62)]
+
+
+@router.get("/alarm-cases", response_model=AlarmCasesOut)
+def alarm_cases(op: Viewer, svc: Svc,
+                state: Literal["open", "acknowledged", "resolved", "active"] | None = None,
+                machine_id: Annotated[str | None, Query(max_length=64)] = None,
+                rule: Annotated[str | None, Query(max_length=32)] = None,
+                limit: Annotated[int, Query(ge=1, le=500)] = 100,
+                before_id: Annotated[int | None, Query(ge=1, le=2**62)] = None) -> dict[str, Any]:
+    """Newest first; ``active`` is open and acknowledged together. ``counts`` are for the same machine and rule."""
+    return svc.alarms.cases(state, machine_id, rule, limit, before_id)
+
+
+@router.get("/alarm-cases/{alarm_id}", response_model=AlarmCaseOut)
+def alarm_case(alarm_id: AlarmId, op: Viewer, svc: Svc) -> dict[str, Any]:
+    return svc.alarms.case(alarm_id)
+
+
+@router.post("/alarm-cases/{alarm_id}/acknowledge", response_model=AlarmCaseOut)
+def acknowledge(alarm_id: AlarmId, body: NoteIn, op: Operator, svc: Svc, now: Now) -> dict[str, Any]:
+    """Someone is on it (once: a second acknowledgement is 409 ``already_acknowledged``)."""
+    return svc.alarms.acknowledge(op["operator_id"], alarm_id, body.note, now)
+
+
+@router.post("/alarm-cases/{alarm_id}/resolve", response_model=AlarmCaseOut)
+def resolve(alarm_id: AlarmId, body: NoteIn, op: Operator, svc: Svc, now: Now) -> dict[str, Any]:
+    """Dealt with (409 ``already_resolved`` if it was). A condition that still holds opens a new alarm at the
+    next check."""
+    return svc.alarms.resolve(op["operator_id"], alarm_id, body.note, now)
