@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from fastapi import Path as PathParam
 
+from cloud.alarms.rules import RULES
 from cloud.alarms.schemas import AlarmCaseOut, AlarmCasesOut, NoteIn
 from cloud.deps import Now, Operator, Svc, Viewer
 from cloud.errors import ERRORS
@@ -24,8 +25,10 @@ def alarm_cases(op: Viewer, svc: Svc,
                 rule: Annotated[str | None, Query(max_length=32)] = None,
                 limit: Annotated[int, Query(ge=1, le=500)] = 100,
                 before_id: Annotated[int | None, Query(ge=1, le=2**62)] = None) -> dict[str, Any]:
-    """Newest first; ``active`` is open and acknowledged together. ``counts`` are for the same machine and rule."""
-    return svc.alarms.cases(state, machine_id, rule, limit, before_id)
+    """Newest first; ``active`` is open and acknowledged together. ``counts`` are for the same machine and rule;
+    ``rules`` names every rule (for a filter)."""
+    return {**svc.alarms.cases(state, machine_id, rule, limit, before_id),
+            "rules": [{"rule": r.name, "title_zh": r.zh, "title_en": r.en} for r in RULES.values()]}
 
 
 @router.get("/alarm-cases/{alarm_id}", response_model=AlarmCaseOut)

@@ -57,7 +57,14 @@ class StateCountsOut(BaseModel):
     active: int                  # open + acknowledged
 
 
+class RuleOut(BaseModel):
+    rule: str
+    title_zh: str
+    title_en: str
+
+
 class AlarmCasesOut(BaseModel):
     alarms: list[AlarmCaseOut]
     counts: StateCountsOut
+    rules: list[RuleOut] = []
     next_before_id: int | None   # pass as before_id for the next page; None: no more

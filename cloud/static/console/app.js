@@ -48,6 +48,7 @@ addStrings({
 
 state.lang = localStorage.getItem('console.lang') || (navigator.language.startsWith('zh') ? 'zh' : 'en');
 const modules = {};
+let development = [];          // the development providers the cloud runs with, named in a banner
 let renderSeq = 0;
 
 function allowed(route) { return route.only ? can(null, route.only) : can(route.role); }
@@ -60,10 +61,17 @@ function drawFrame() {
     ROUTES.filter((r) => r.label && allowed(r)).map((r) => h('a', {
       href: `#/${r.path}`, id: `nav-${r.path}`, 'aria-current': r.path === current || (current === 'machines' && r.path === 'fleet') ? 'page' : null,
     }, t(r.label))));
+  api('GET', '/api/v1/operator/alarm-cases?state=active&limit=1').then((d) => {     // how many need looking at
+    const link = document.getElementById('nav-alarms');
+    if (link && d.counts.active) link.append(h('span', { class: 'count', title: t('nav.alarms') }, String(d.counts.active)));
+  }).catch(() => {});
   const me = state.me;
   document.getElementById('who').textContent = me ? `${me.display_name || me.operator_id} · ${t(`role.${me.role}`)}` : '';
   document.getElementById('lang').textContent = t('lang');
   document.getElementById('signout').textContent = t('signout');
+  const bar = document.getElementById('devbar');
+  bar.textContent = development.length ? t('devbar', { what: development.join('; ') }) : '';
+  bar.hidden = !development.length;
 }
 
 async function route() {
@@ -153,11 +161,7 @@ window.addEventListener('hashchange', route);
 (async () => {
   try {
     const health = await fetch('/healthz').then((r) => r.json());
-    if (health.development_providers?.length) {
-      const bar = document.getElementById('devbar');
-      bar.textContent = t('devbar', { what: health.development_providers.join('; ') });
-      bar.hidden = false;
-    }
+    development = health.development_providers || [];
   } catch (e) { /* the page works without it */ }
   try {
     signedIn(await api('GET', '/api/v1/console/me'));
