@@ -46,6 +46,8 @@ from cloud.middleware import BodyLimit, HttpsOnly
 from cloud.operators import router as operators
 from cloud.operators.service import ROLES, Operators
 from cloud.ratelimit import RateLimiter
+from cloud.records import router as records
+from cloud.records.service import Records
 from cloud.rewards import router as rewards
 from cloud.rewards.service import Rewards
 from cloud.schemas import HealthOut
@@ -74,7 +76,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         app.add_middleware(HttpsOnly)
     install_handlers(app)
     app.add_api_route("/healthz", health, methods=["GET"], response_model=HealthOut, tags=["health"])
-    for feature in (devices, sessions, accounts, wallet, rewards, operators, console, alarms, pages):
+    for feature in (devices, sessions, accounts, wallet, rewards, operators, console, alarms, records, pages):
         app.include_router(feature.router)
     app.include_router(console.pages)
     if not settings.production:
@@ -126,6 +128,7 @@ def build_services(settings: CloudSettings) -> Services:
         accounts=accounts, wallet=wallet,
         rewards=Rewards(database), operators=Operators(database, machines, hub.connected, notify),
         console=ConsoleAuth(database, box), alarms=Alarms(database, alarm_settings, hub.connected, notifier),
+        records=Records(database),
         durable=DurableNonces(machines), development=development,
         scans_by_network=RateLimiter(settings.scans_per_minute_per_network, 60_000),
         scans_by_machine=RateLimiter(settings.scans_per_minute_per_machine, 60_000))

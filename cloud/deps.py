@@ -23,6 +23,7 @@ from cloud.errors import Forbidden, TooLarge, Unauthenticated
 from cloud.middleware import MAX_BODY_BYTES
 from cloud.operators.service import Operators
 from cloud.ratelimit import RateLimiter
+from cloud.records.service import Records
 from cloud.rewards.service import Rewards
 from cloud.sessions.service import Sessions
 from cloud.settings import CloudSettings
@@ -45,6 +46,7 @@ class Services:
     operators: Operators
     console: ConsoleAuth
     alarms: Alarms
+    records: Records
     durable: DurableNonces
     scans_by_network: RateLimiter
     scans_by_machine: RateLimiter

@@ -249,6 +249,39 @@ class Sessions:
                       {"machine_id": row["machine_id"], "why": why, "released_fen": row["credit_limit_fen"]}, now_ms)
         return lost
 
+    def close_stuck(self, operator_id: str, session_id: str, reason: str, now_ms: int) -> dict[str, Any]:
+        """An operator ends a session that is still starting or active because its machine never reported the
+        end, the way the sweeps would: the hold is released and nothing is charged (an unclaimed start becomes
+        ``voided``, a claimed one ``lost``). A cancel goes to the machine, so one that still pours stops and
+        reports; a report that arrives later settles the session by the water measured, once, as for any lost
+        session (:meth:`_settle`). Audit-logged with the reason."""
+        with self.db.tx() as conn:
+            q = select(t.sessions).where(t.sessions.c.session_id == session_id)
+            if not self.db.is_sqlite:
+                q = q.with_for_update()         # a claim or a report at the same moment waits for this
+            s = first_row(conn, q)
+            if s is None:
+                raise NotFound("unknown_session", "no such session")
+            if s["state"] not in ("starting", "active"):
+                raise Conflict("session_over", f"this session is already {s['state']}: nothing to close",
+                               session_state=s["state"])
+            new_state = "voided" if s["state"] == "starting" else "lost"
+            why = f"closed by operator {operator_id}: {reason}"[:200]
+            if not self._void(conn, s, why, now_ms, states=(s["state"],), new_state=new_state):
+                raise Conflict("session_changed", "this session changed meanwhile: look at it again")
+            cancel_id = None
+            if s["state"] == "active":
+                cancel_id = Commands.queue(conn, s["machine_id"], "cancel", now_ms, session_id=session_id,
+                                           reason="operator_close")
+            audit(conn, operator_id, "close_session", session_id,
+                  {"reason": reason, "was": s["state"], "now": new_state, "machine_id": s["machine_id"],
+                   "user_id": s["user_id"], "released_fen": s["credit_limit_fen"], "cancel_command": cancel_id},
+                  now_ms)
+        if cancel_id:
+            self._notify(s["machine_id"])
+        return {"session_id": session_id, "state": new_state, "released_fen": s["credit_limit_fen"],
+                "cancel_command_id": cancel_id}
+
     def progress(self, machine_id: str, msg: p.ProgressMsg) -> None:
         with self.db.tx() as conn:
             conn.execute(update(t.sessions).where(and_(t.sessions.c.session_id == msg.session_id,

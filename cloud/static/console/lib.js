@@ -185,7 +185,7 @@ export function chart(el, { xs, series, height = 240, bars = false }) {
     legend: { live: true },
     axes: [{ stroke: '#56626e', grid: { stroke: '#eef1f4' } },
       ...series.slice(0, 2).map((s, i) => ({ scale: s.unit, side: i ? 1 : 3, stroke: s.color, grid: { show: i === 0, stroke: '#eef1f4' },
-        values: (u, vals) => vals.map((v) => `${v}${s.unit ? ` ${s.unit}` : ''}`), size: 70 }))],
+        values: (u, vals) => vals.map((v) => `${v}${s.unit ? ` ${s.unit}` : ''}`), size: axisSize }))],
     series: [{}, ...series.map((s) => ({
       label: s.label, stroke: s.color, width: 2, scale: s.unit, spanGaps: false,
       fill: bars ? `${s.color}55` : undefined,
@@ -199,6 +199,14 @@ export function chart(el, { xs, series, height = 240, bars = false }) {
   const ro = new ResizeObserver(() => plot.setSize({ width: Math.max(320, el.clientWidth), height }));
   ro.observe(el);
   return plot;
+}
+
+const ruler = document.createElement('canvas').getContext('2d');
+/** A y axis wide enough for its longest label (at least 70 px): "6200 ml/min" is not cut off. */
+function axisSize(u, values) {
+  ruler.font = '12px system-ui, sans-serif';
+  const widest = Math.max(0, ...(values || []).map((v) => ruler.measureText(String(v)).width));
+  return Math.max(70, Math.ceil(widest) + 18);
 }
 
 // ------------------------------------------------------------------ dialogs and toasts
