@@ -55,6 +55,8 @@ from cloud.security import SecretBox
 from cloud.sessions import router as sessions
 from cloud.sessions.service import Sessions
 from cloud.settings import CloudSettings, ProductionRefused
+from cloud.users import router as users
+from cloud.users.service import Users
 from cloud.wallet import router as wallet
 from cloud.wallet.service import Wallet
 
@@ -76,7 +78,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         app.add_middleware(HttpsOnly)
     install_handlers(app)
     app.add_api_route("/healthz", health, methods=["GET"], response_model=HealthOut, tags=["health"])
-    for feature in (devices, sessions, accounts, wallet, rewards, operators, console, alarms, records, pages):
+    for feature in (devices, sessions, accounts, wallet, rewards, operators, console, alarms, records, users, pages):
         app.include_router(feature.router)
     app.include_router(console.pages)
     if not settings.production:
@@ -128,7 +130,7 @@ def build_services(settings: CloudSettings) -> Services:
         accounts=accounts, wallet=wallet,
         rewards=Rewards(database), operators=Operators(database, machines, hub.connected, notify),
         console=ConsoleAuth(database, box), alarms=Alarms(database, alarm_settings, hub.connected, notifier),
-        records=Records(database),
+        records=Records(database), users=Users(database, accounts.pii),
         durable=DurableNonces(machines), development=development,
         scans_by_network=RateLimiter(settings.scans_per_minute_per_network, 60_000),
         scans_by_machine=RateLimiter(settings.scans_per_minute_per_machine, 60_000))

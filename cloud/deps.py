@@ -27,6 +27,7 @@ from cloud.records.service import Records
 from cloud.rewards.service import Rewards
 from cloud.sessions.service import Sessions
 from cloud.settings import CloudSettings
+from cloud.users.service import Users
 from cloud.wallet.service import Wallet
 
 
@@ -47,6 +48,7 @@ class Services:
     console: ConsoleAuth
     alarms: Alarms
     records: Records
+    users: Users
     durable: DurableNonces
     scans_by_network: RateLimiter
     scans_by_machine: RateLimiter
