@@ -103,6 +103,7 @@ users = Table(
     Column("points", Integer, nullable=False, default=0),
     Column("created_ms", BigInteger, nullable=False),
     Column("deleted_ms", BigInteger, nullable=True),   # account deleted: personal data erased, records kept
+    Index("users_by_created", "created_ms"),             # the console's newest accounts
 )
 
 user_tokens = Table(      # bearer tokens of phone users, given by SMS login
@@ -295,6 +296,7 @@ balance_entries = Table(
     Column("note", String(200), nullable=False, default=""),
     Column("created_ms", BigInteger, nullable=False),
     Index("balance_by_user", "user_id"),
+    Index("balance_by_session", "session_id"),            # a session's hold, charge and refunds
 )
 
 sessions = Table(

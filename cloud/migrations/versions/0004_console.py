@@ -86,6 +86,8 @@ def upgrade() -> None:
         b.add_column(sa.Column("picked_up_by", sa.String(length=64), nullable=True))
     op.create_index("sessions_by_time", "sessions", ["created_ms"], unique=False)
     op.create_index("sessions_by_user_time", "sessions", ["user_id", "created_ms"], unique=False)
+    op.create_index("balance_by_session", "balance_entries", ["session_id"], unique=False)
+    op.create_index("users_by_created", "users", ["created_ms"], unique=False)
     op.create_index("audit_by_time", "audit_log", ["at_ms"], unique=False)
     op.create_index("audit_by_operator", "audit_log", ["operator_id", "at_ms"], unique=False)
 
@@ -93,6 +95,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("audit_by_operator", table_name="audit_log")
     op.drop_index("audit_by_time", table_name="audit_log")
+    op.drop_index("users_by_created", table_name="users")
+    op.drop_index("balance_by_session", table_name="balance_entries")
     op.drop_index("sessions_by_user_time", table_name="sessions")
     op.drop_index("sessions_by_time", table_name="sessions")
     with op.batch_alter_table("redemptions") as b:
