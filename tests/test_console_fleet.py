@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select
 
 import contract as p
 from cloud import db as t
 from cloud.app import _prune
 from cloud.fleet.samples import SAMPLE_EVERY_MS, SAMPLES_KEEP_MS
-from cloud.fleet.service import DISPLAYED_PRICE_KEY
+from cloud.fleet.service import CONSUMABLES_KEY, DISPLAYED_PRICE_KEY, fleet_row
 from tests.cloudkit import PG_URL, CloudServer
 from tests.consolekit import LONG_ADDRESS, WIDE, XSS, Console, goto, make_operator, open_console, shot
 
@@ -54,20 +54,6 @@ def beat(clock: Clock, dev, at_ms: int | None = None, **fields) -> None:
     assert r.status_code == 200, r.text
 
 
-def beat_with_screen(cloud, clock: Clock, dev, price: int, consumables: list[dict], **fields) -> None:
-    """A heartbeat from newer software that also says the price on its screen and its consumables' use. Until the
-    contract carries those fields, the stored heartbeat is given them as that software would have sent them."""
-    newer = {DISPLAYED_PRICE_KEY: price, "consumables": consumables}
-    if set(newer) <= set(p.HeartbeatMsg.model_fields):
-        beat(clock, dev, **fields, **newer)
-        return
-    beat(clock, dev, **fields)
-    with cloud.app.state.database.tx() as conn:
-        hb = conn.execute(select(t.machines.c.heartbeat).where(t.machines.c.machine_id == dev.machine_id)).scalar()
-        conn.execute(update(t.machines).where(t.machines.c.machine_id == dev.machine_id)
-                     .values(heartbeat={**hb, **newer}))
-
-
 def pour(clock: Clock, dev, user, at_ms: int, pulses: int, event_id: str, price: int = 200) -> str:
     """A real session at ``at_ms``: scan, start, the machine claims it and reports the end; returns its id."""
     clock.at(at_ms)
@@ -93,11 +79,12 @@ def consumables(filter_permille: int, uv_permille: int) -> list[dict]:
 
 @pytest.fixture
 def fleet(tmp_path):
-    """Four machines: S1 in the lobby, heard from for a week and poured from, its screen showing an
-    old price; S2 at a long address, out of service with a ghost-flow lockout and an open alarm; S3 with script
-    for its place, silent for 10 minutes; S4 enrolled and never heard from. Operators of every role."""
+    """Four machines: S1 in the lobby, heard from for a week and poured from, its screen showing an old price, its
+    filter due; S2 at a long address, out of service with a ghost-flow lockout and a dead letter; S3 with script
+    for its place, silent for 10 minutes; S4 enrolled and never heard from. The alarm rules judged once (TDS above
+    50 ppm is one: S1 and S2); operators of every role."""
     clock = Clock()
-    with CloudServer(tmp_path / "cloud", clock_ms=clock) as c:
+    with CloudServer(tmp_path / "cloud", clock_ms=clock, alarm_check_interval_s=3600) as c:
         c.clock = clock
         for role, name in (("admin", "boss"), ("operator", "yun.ying"), ("viewer", "kan.kan")):
             make_operator(c, role, name)
@@ -125,8 +112,8 @@ def fleet(tmp_path):
 
         def alive() -> None:
             """S1 and S2 heard from now (a machine not heard from for 2 minutes is offline)."""
-            beat_with_screen(c, clock, devs["S1"], 180, consumables(950, 300), temp_c=12.5, tds_ppm=80,
-                             software_version="1.4.2")
+            beat(clock, devs["S1"], price_fen_per_l=180, consumables=consumables(950, 300), temp_c=12.5, tds_ppm=80,
+                 software_version="1.4.2")
             beat(clock, devs["S2"], state="out_of_service", lockouts=["ghost_flow"], temp_c=14.2, tds_ppm=430,
                  software_version="1.4.2", outbox_depth=3, dead_letters=1)
         alive()
@@ -134,12 +121,11 @@ def fleet(tmp_path):
         r = devs["S2"].request("POST", "/device/v1/events", {"events": [
             devs["S2"].event("2-1", "boot"), devs["S2"].event("2-2", "lockout", {"reason": "ghost_flow"})]})
         assert r.status_code == 200, r.text
-        with c.app.state.database.tx() as conn:
-            conn.execute(insert(t.operator_alarms), [
-                {"rule": "ghost_flow", "machine_id": "S2", "open_key": "ghost_flow/S2", "severity": "critical",
-                 "state": "open", "detail": {"volume_ml": 120}, "opened_ms": now, "last_ms": now},
-                {"rule": "offline", "machine_id": "S1", "open_key": None, "severity": "warning", "state": "resolved",
-                 "detail": {}, "opened_ms": now - HOUR_MS, "last_ms": now - HOUR_MS}])
+        c.app.state.services.alarms.check(clock())
+        with c.app.state.database.tx() as conn:        # resolved long ago: not counted
+            conn.execute(insert(t.operator_alarms).values(
+                rule="offline", machine_id="S4", severity="critical", state="resolved", detail={},
+                opened_ms=now - HOUR_MS, last_ms=now - HOUR_MS, resolved_ms=now - HOUR_MS))
         c.devs = devs
         yield c
 
@@ -182,7 +168,7 @@ def test_the_fleet_page_filters_sorts_searches_and_downloads_what_it_shows(fleet
     page.wait_for_selector("#page-fleet tr[data-key='S4']")
     assert keys(page) == ["S1", "S2", "S3", "S4"]
     assert [page.inner_text(f"#stat-{x} b") for x in ("machines", "online", "offline", "alarms", "lockouts",
-                                                       "mismatch")] == ["4", "2/4", "2", "1", "1", "1"]
+                                                       "mismatch")] == ["4", "2/4", "2", "3", "1", "1"]
     assert "50%" in page.inner_text("#stat-online span")
     s1, s2, s3 = (page.inner_text(f"tr[data-key='{m}']") for m in ("S1", "S2", "S3"))
     assert "¥2.00" in s1 and "屏显 ¥1.80" in s1 and "12.5 °C" in s1 and "80 ppm" in s1 and "95% / 30%" in s1
@@ -200,7 +186,7 @@ def test_the_fleet_page_filters_sorts_searches_and_downloads_what_it_shows(fleet
     search(page, lockouts=True)
     assert keys(page) == ["S2"]
     search(page, alarms=True)
-    assert keys(page) == ["S2"]
+    assert keys(page) == ["S1", "S2", "S3"]
     search(page, mismatch=True)
     assert keys(page) == ["S1"]
     page.select_option("#fleet-state", "out_of_service")
@@ -306,7 +292,10 @@ def test_the_machine_page_draws_its_week_and_shows_its_log_commands_and_sessions
     page.set_viewport_size(WIDE)
     page.evaluate("location.hash = '#/machines/S2'")
     page.wait_for_selector("#events tbody tr:has-text('lockout')")
-    assert LONG_ADDRESS in page.inner_text("#fact-location") and "Ghost flow\tCritical" in page.inner_text("#alarms")
+    alarms = page.inner_text("#alarms")
+    assert LONG_ADDRESS in page.inner_text("#fact-location")
+    assert "water flowing with the valve closed\tCritical" in alarms
+    assert "reports refused by the cloud" in alarms and "TDS too high" in alarms
     assert page.locator("#events tbody tr").count() == 2
     page.wait_for_selector("#chart-tds canvas")
     shot(page, "machine")
@@ -442,6 +431,19 @@ def test_a_viewer_sees_no_actions_and_the_server_refuses_them(fleet, browser):
 
 
 # ---------------------------------------------------------------- the API on SQLite and PostgreSQL
+
+def test_the_fleet_reads_the_heartbeat_fields_the_contract_names():
+    hb = p.HeartbeatMsg(state="idle", valve_open=False, price_fen_per_l=180, consumables=consumables(950, 300))
+    row = fleet_row({"machine_id": "X", "location": "", "online": True, "enrolled": True, "last_seen_ms": 1,
+                     "price_fen_per_l": 200, "heartbeat": hb.model_dump()}, 0)
+    assert {DISPLAYED_PRICE_KEY, CONSUMABLES_KEY} <= set(p.HeartbeatMsg.model_fields)
+    assert (row["displayed_price_fen_per_l"], row["price_mismatch"], row["filter_used_permille"], row["filter_due"],
+            row["uv_used_permille"], row["uv_due"]) == (180, True, 950, True, 300, False)
+    older = fleet_row({"machine_id": "X", "location": "", "online": False, "enrolled": True, "last_seen_ms": 1,
+                       "price_fen_per_l": 200, "heartbeat": {"state": "idle", "valve_open": False}}, 0)
+    assert (older["displayed_price_fen_per_l"], older["price_mismatch"], older["filter_used_permille"]) == \
+        (None, False, None)
+
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def timed(request, tmp_path):

@@ -71,6 +71,8 @@ class BulkPriceOut(BaseModel):
 class MachineAlarmOut(BaseModel):
     alarm_id: int
     rule: str
+    title_zh: str                       # the rule in words
+    title_en: str
     severity: str
     state: str
     detail: dict[str, Any]

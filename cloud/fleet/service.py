@@ -14,6 +14,7 @@ from sqlalchemy import and_, func, select, update
 
 import contract as p
 from cloud import db as t
+from cloud.alarms.rules import RULES
 from cloud.db import Database, audit
 from cloud.devices.service import Commands
 from cloud.errors import NotFound
@@ -35,8 +36,6 @@ SORT_KEYS = ("machine_id", "site", "location", "online", "state", "lockouts", "o
 def consumable(heartbeat: dict[str, Any], kind: str) -> dict[str, Any] | None:
     """The heartbeat's word on one consumable (``filter``, ``uv_lamp``), or None when it says nothing usable."""
     items = heartbeat.get(CONSUMABLES_KEY)
-    if isinstance(items, dict):                           # tolerated: keyed by kind
-        items = [{"kind": k, **v} for k, v in items.items() if isinstance(v, dict)]
     for item in items if isinstance(items, list) else []:
         if isinstance(item, dict) and item.get("kind") == kind and isinstance(item.get("used_permille"), int):
             return item
@@ -148,7 +147,7 @@ class Fleet:
 
     # ---------------------------------------------------------------- one machine
     def machine(self, machine_id: str, now_ms: int) -> dict[str, Any]:
-        """A machine's settings, last heartbeat and fleet row, and its alarms not yet resolved."""
+        """A machine's settings, last heartbeat and fleet row, and its alarms not yet resolved (the rules in words)."""
         view = self.operators.machine_view(self.machines.get(machine_id), now_ms)
         a = t.operator_alarms.c
         with self.db.read() as conn:
@@ -156,6 +155,9 @@ class Fleet:
                 select(a.alarm_id, a.rule, a.severity, a.state, a.detail, a.opened_ms, a.last_ms)
                 .where(and_(a.machine_id == machine_id, a.state != "resolved")).order_by(a.opened_ms.desc()))
                 .mappings()]
+        for x in alarms:
+            rule = RULES.get(x["rule"])
+            x["title_zh"], x["title_en"] = (rule.zh, rule.en) if rule else (x["rule"], x["rule"])
         limits = {k: view[k] for k in p.LIMIT_BOUNDS}
         return {**fleet_row(view, len(alarms)), "timezone": view["timezone"], "hotline": view["hotline"],
                 "created_ms": view["created_ms"], "open_session_id": view["open_session_id"],

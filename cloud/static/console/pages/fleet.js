@@ -128,7 +128,8 @@ export async function render(root, parts, query) {
         h('span', {}, onlineChip(m), ' ', stateChip(m.state, m.online)),
         m.lockouts.map((x) => h('span', { class: 'chip bad' }, lockoutLabel(x))),
         h('span', { class: 'small muted nowrap' }, !m.enrolled ? t('fleet.not_enrolled') : m.last_seen_ms ? ago(m.last_seen_ms) : t('fleet.never'))) },
-      { key: 'open_alarms', label: t('fleet.alarms'), num: true, render: (m) => h('span', { class: m.open_alarms ? 'bad' : 'muted' }, String(m.open_alarms)) },
+      { key: 'open_alarms', label: t('fleet.alarms'), num: true, render: (m) => (m.open_alarms
+        ? h('a', { class: 'bad', href: `#/alarms${qs({ machine_id: m.machine_id })}` }, String(m.open_alarms)) : h('span', { class: 'muted' }, '0')) },
       { key: 'price_fen_per_l', label: t('fleet.price'), num: true, render: priceCell },
       { key: 'software_version', label: t('fleet.version'), render: (m) => h('span', { class: 'mono small' }, m.software_version || '–') },
       { key: 'outbox_depth', label: t('fleet.outbox'), num: true, render: (m) => h('span', { title: t('fleet.outbox_title') },

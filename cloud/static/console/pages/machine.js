@@ -2,7 +2,7 @@
 // alarms, event log, the commands sent with what became of them, and its latest sessions. Operators change its price,
 // place, time zone and hotline, take it out of service and back, and clear a lockout remotely; admins issue an
 // enrolment token and revoke its key. Only the buttons a role may use are shown; the server checks every request.
-import { t, addStrings, api, h, clear, table, dialog, toast, heading, when, clock, ago, fen, litres, chart, can, css, qs } from '../lib.js';
+import { state, t, addStrings, api, h, clear, table, dialog, toast, heading, when, clock, ago, fen, litres, chart, can, css, qs } from '../lib.js';
 import { refresh } from '../app.js';
 import { stateChip, lockoutLabel, onlineChip, temp, tds, permille, priceCell } from './fleet.js';
 
@@ -33,9 +33,6 @@ addStrings({
     'act.done': '完成', 'act.revoke_text': '吊销后设备 {id} 的所有请求立即被拒绝，需要新的注册令牌才能重新注册。',
     'act.revoked': '已吊销设备密钥',
     'severity.critical': '严重', 'severity.warning': '警告', 'severity.info': '提示', 'alarm.open': '未处理', 'alarm.acknowledged': '已确认',
-    'rule.offline': '离线', 'rule.leak': '漏水', 'rule.temperature': '水温异常', 'rule.tds': 'TDS 超标', 'rule.ghost_flow': '异常流量',
-    'rule.dead_letter': '上报失败（死信）', 'rule.storage': '存储故障', 'rule.hardware': '硬件故障', 'rule.filter_due': '滤芯需更换',
-    'rule.uv_due': '紫外灯需更换',
     'session.starting': '启动中', 'session.active': '出水中', 'session.ended': '已结束', 'session.voided': '已作废', 'session.lost': '已丢失',
     'end.stop_button': '按下停止键', 'end.credit_exhausted': '余额用尽', 'end.max_volume': '达到水量上限', 'end.max_duration': '达到时长上限',
     'end.idle': '长时间无水流', 'end.cancelled': '已取消', 'end.fault': '故障', 'end.leak': '漏水', 'end.shutdown': '设备关机', 'end.power_loss': '断电',
@@ -66,9 +63,6 @@ addStrings({
     'act.done': 'Done', 'act.revoke_text': 'Every request of machine {id} is refused at once; it needs a new enrolment token to enrol again.',
     'act.revoked': 'Machine key revoked',
     'severity.critical': 'Critical', 'severity.warning': 'Warning', 'severity.info': 'Info', 'alarm.open': 'Open', 'alarm.acknowledged': 'Acknowledged',
-    'rule.offline': 'Offline', 'rule.leak': 'Leak', 'rule.temperature': 'Temperature', 'rule.tds': 'TDS too high', 'rule.ghost_flow': 'Ghost flow',
-    'rule.dead_letter': 'Dead letters', 'rule.storage': 'Storage fault', 'rule.hardware': 'Hardware fault', 'rule.filter_due': 'Filter due',
-    'rule.uv_due': 'UV lamp due',
     'session.starting': 'Starting', 'session.active': 'Pouring', 'session.ended': 'Ended', 'session.voided': 'Voided', 'session.lost': 'Lost',
     'end.stop_button': 'Stop button', 'end.credit_exhausted': 'Credit used up', 'end.max_volume': 'Volume limit', 'end.max_duration': 'Time limit',
     'end.idle': 'No flow', 'end.cancelled': 'Cancelled', 'end.fault': 'Fault', 'end.leak': 'Leak', 'end.shutdown': 'Shut down', 'end.power_loss': 'Power loss',
@@ -104,9 +98,9 @@ export async function render(root, parts, query, { crumb }) {
     fact(t('mach.session'), m.open_session_id ? h('a', { href: `#/sessions/${encodeURIComponent(m.open_session_id)}`, class: 'mono' }, m.open_session_id) : t('mach.none')),
     fact(t('mach.created'), when(m.created_ms))));
 
-  const alarms = m.alarms.length ? h('section', { class: 'card', id: 'alarms' }, h('h2', {}, h('a', { href: '#/alarms' }, t('mach.alarms'))), table({
+  const alarms = m.alarms.length ? h('section', { class: 'card', id: 'alarms' }, h('h2', {}, h('a', { href: `#/alarms${qs({ machine_id: m.machine_id })}` }, t('mach.alarms'))), table({
     rows: m.alarms, rowKey: 'alarm_id', columns: [
-      { key: 'rule', label: t('mach.rule'), render: (a) => label('rule', a.rule) },
+      { key: 'rule', label: t('mach.rule'), render: (a) => h('a', { href: `#/alarms/${a.alarm_id}` }, state.lang === 'zh' ? a.title_zh : a.title_en) },
       { key: 'severity', label: t('mach.severity'), render: (a) => h('span', { class: `chip ${a.severity === 'critical' ? 'bad' : 'amber'}` }, label('severity', a.severity)) },
       { key: 'state', label: t('mach.alarm_state'), render: (a) => label('alarm', a.state) },
       { key: 'opened_ms', label: t('mach.opened'), render: (a) => when(a.opened_ms) },
@@ -162,7 +156,7 @@ export async function render(root, parts, query, { crumb }) {
   await drawCharts(chartsBox, base, query.get('range') === '7d' ? '7d' : '24h', rangeButtons);
 }
 
-/** The words for a code (``rule.offline``, ``session.ended``, ...), or the code itself when there are none. */
+/** The words for a code (``severity.critical``, ``session.ended``, ...), or the code itself when there are none. */
 function label(kind, code) {
   const key = `${kind}.${code}`;
   return t(key) === key ? code : t(key);
