@@ -8,6 +8,7 @@ and ``schemas.py``):
 * ``cloud/rewards``: points and gifts;
 * ``cloud/operators``: the fleet, alarms, rental records, operator tokens;
 * ``cloud/alarms``: operators' alarms with a life (open, acknowledged, resolved), their rules and notifications;
+* ``cloud/fleet``: the console's fleet list and machine page (rows, charts from heartbeat samples, bulk price);
 * ``cloud/dev``: development-only routes, never in production.
 
 Device endpoints are signed (see :mod:`contract.signing`); operator and phone endpoints take bearer tokens.
@@ -42,6 +43,8 @@ from cloud.devices import router as devices
 from cloud.devices.hub import CommandHub
 from cloud.devices.service import Commands, DurableNonces, Machines
 from cloud.errors import install_handlers
+from cloud.fleet import router as fleet
+from cloud.fleet.service import Fleet
 from cloud.middleware import BodyLimit, HttpsOnly
 from cloud.operators import router as operators
 from cloud.operators.service import ROLES, Operators
@@ -78,7 +81,8 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
         app.add_middleware(HttpsOnly)
     install_handlers(app)
     app.add_api_route("/healthz", health, methods=["GET"], response_model=HealthOut, tags=["health"])
-    for feature in (devices, sessions, accounts, wallet, rewards, operators, console, alarms, records, users, pages):
+    for feature in (devices, sessions, accounts, wallet, rewards, operators, fleet, console, alarms, records, users,
+                    pages):
         app.include_router(feature.router)
     app.include_router(console.pages)
     if not settings.production:
@@ -124,11 +128,12 @@ def build_services(settings: CloudSettings) -> Services:
     notifier = Notifier(database, settings.notify_settings(), public_url=lambda: settings.public_url,
                         clock_ms=settings.clock_ms)
     alarm_settings = AlarmSettings(settings.alarm_offline_after_s * 1000, settings.alarm_thresholds())
+    operators = Operators(database, machines, hub.connected, notify)
     return Services(
         settings=settings, database=database, hub=hub, machines=machines, commands=commands,
         sessions=Sessions(database, machines, hub.connected, notify),
         accounts=accounts, wallet=wallet,
-        rewards=Rewards(database), operators=Operators(database, machines, hub.connected, notify),
+        rewards=Rewards(database), operators=operators, fleet=Fleet(database, operators, notify),
         console=ConsoleAuth(database, box), alarms=Alarms(database, alarm_settings, hub.connected, notifier),
         records=Records(database), users=Users(database, accounts.pii),
         durable=DurableNonces(machines), development=development,
@@ -224,6 +229,7 @@ async def notify_background(svc: Services) -> None:
 
 def _prune(svc: Services) -> None:
     svc.machines.prune_nonces(svc.now())
+    svc.fleet.prune_samples(svc.now())
     deleted = svc.accounts.purge_photos(svc.now())
     if deleted:
         log.info("%d ID photos deleted (retention %d days)", deleted, svc.settings.photo_retention_days)

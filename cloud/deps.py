@@ -20,6 +20,7 @@ from cloud.db import Database
 from cloud.devices.hub import CommandHub
 from cloud.devices.service import Commands, DurableNonces, MachineAuth, Machines
 from cloud.errors import Forbidden, TooLarge, Unauthenticated
+from cloud.fleet.service import Fleet
 from cloud.middleware import MAX_BODY_BYTES
 from cloud.operators.service import Operators
 from cloud.ratelimit import RateLimiter
@@ -45,6 +46,7 @@ class Services:
     wallet: Wallet
     rewards: Rewards
     operators: Operators
+    fleet: Fleet
     console: ConsoleAuth
     alarms: Alarms
     records: Records

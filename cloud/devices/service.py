@@ -18,6 +18,7 @@ import contract as p
 from cloud import db as t
 from cloud.db import Database, audit, first_row
 from cloud.errors import BadRequest, Conflict, Invalid, NotFound, Unauthenticated, Unavailable
+from cloud.fleet.samples import Samples
 from cloud.security import SecretBox, token_hash
 
 log = logging.getLogger("tapshare.cloud")
@@ -42,6 +43,7 @@ class Machines:
     def __init__(self, db: Database, box: SecretBox, now_ms: int = 0) -> None:
         self.db, self.box = db, box
         self._secrets: dict[str, bytes] = {}
+        self.samples = Samples()       # heartbeats kept every few minutes, for the console's charts
         # Replay protection: nonces seen within the clock-skew window, checked in memory and written to
         # the database in group commits (flush_nonces), reloaded at start so a restart forgets nothing.
         self._nonces: dict[tuple[str, str], int] = {}
@@ -218,6 +220,7 @@ class Machines:
                 if s is None or s["state"] != "starting":   # the machine is free (a report may be on its way)
                     values["open_session_id"] = None
             conn.execute(update(t.machines).where(t.machines.c.machine_id == machine_id).values(**values))
+            self.samples.record(conn, machine_id, values["heartbeat"], now_ms)
         return m or {"price_fen_per_l": 0, "timezone": "Asia/Shanghai", "hotline": ""}
 
 

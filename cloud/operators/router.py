@@ -56,8 +56,8 @@ def change_machine(machine_id: IdPath, body: MachineSettingsIn, op: Operator, sv
 def clear_lockout(machine_id: IdPath, body: ClearLockoutIn, op: Operator, svc: Svc, now: Now) -> dict[str, Any]:
     """Ask the machine to clear a lockout remotely (ghost flow, operator); a wet leak sensor's lockout is
     refused by the machine itself: that needs a technician on site."""
-    cid = svc.operators.send(op["operator_id"], machine_id, p.CommandKind.CLEAR_LOCKOUT, {"reason": body.reason},
-                             now, reason=body.reason)
+    cid = svc.operators.send(op["operator_id"], machine_id, p.CommandKind.CLEAR_LOCKOUT,
+                             {"reason": body.reason, "note": body.note}, now, reason=body.reason, detail=body.note)
     return {"machine_id": machine_id, "command": "clear_lockout", "command_id": cid}
 
 

@@ -31,9 +31,11 @@ class ProvisionIn(In):
 
 
 class MachineSettingsIn(In):
-    """Any of a machine's price and limits; a price change is also sent to the machine."""
+    """Any of a machine's price and limits, place (location, site), time zone and hotline; a price change is also
+    sent to the machine."""
 
     location: Annotated[str, Field(max_length=200)] | None = None
+    site: Annotated[str, Field(max_length=100)] | None = None       # a group of machines, for the console and reports
     price_fen_per_l: PricePerLitre | None = None
     max_volume_ml: MaxVolumeMl | None = None
     max_duration_ms: MaxDurationMs | None = None
@@ -73,6 +75,7 @@ class MachineOut(BaseModel):
     min_dispense_ml: int
     timezone: str
     hotline: str
+    site: str = ""
     created_ms: int
     last_seen_ms: int | None
     heartbeat: dict[str, Any] | None
@@ -103,7 +106,8 @@ class ServiceIn(In):
 
 
 class ClearLockoutIn(In):
-    reason: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z_:]+$")]
+    reason: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z_:]+$")]    # the lockout to clear
+    note: Annotated[str, Field(max_length=500)] = ""                # why the operator clears it (audited)
 
 
 class CommandQueuedOut(BaseModel):

@@ -130,18 +130,19 @@ export function isoDay(ms) { return day(ms); }
 
 // ------------------------------------------------------------------ tables
 /** A table; columns ``{key, label, num, sort: false, render(row) -> node|string, title}``. Clicking a header
- *  sorts (numbers as numbers); ``select`` adds tick boxes and returns the set of ticked keys in ``.selected``. */
-export function table({ columns, rows, rowKey, empty, select, onRow, sortKey = '', sortDir = 1 }) {
+ *  sorts (numbers as numbers), or with ``onSort(key, dir)`` asks the server to (the rows are one page of many);
+ *  ``select`` adds tick boxes and returns the set of ticked keys in ``.selected``. */
+export function table({ columns, rows, rowKey, empty, select, onRow, onSort, sortKey = '', sortDir = 1 }) {
   const wrap = h('div', { class: 'tablewrap' });
   const selected = new Set();
   let key = sortKey; let dir = sortDir;
   const draw = () => {
-    const sorted = key ? [...rows].sort((a, b) => cmp(a[key], b[key]) * dir) : rows;
+    const sorted = key && !onSort ? [...rows].sort((a, b) => cmp(a[key], b[key]) * dir) : rows;
     const head = h('tr', {}, select ? h('th', {}, h('input', {
       type: 'checkbox', 'aria-label': t('table.all'),
       onchange: (e) => { for (const r of rows) e.target.checked ? selected.add(r[rowKey]) : selected.delete(r[rowKey]); draw(); },
     })) : null, columns.map((c) => h('th', { class: c.num ? 'num' : '', 'aria-sort': key === c.key ? (dir > 0 ? 'ascending' : 'descending') : null },
-      c.sort === false ? c.label : h('button', { type: 'button', class: 'sort', onclick: () => { dir = key === c.key ? -dir : 1; key = c.key; draw(); } },
+      c.sort === false ? c.label : h('button', { type: 'button', class: 'sort', onclick: () => { dir = key === c.key ? -dir : 1; key = c.key; onSort ? onSort(key, dir) : draw(); } },
         c.label, key === c.key ? (dir > 0 ? ' ▲' : ' ▼') : ''))));
     const body = sorted.map((r) => h('tr', { class: selected.has(r[rowKey]) ? 'selected' : '', dataset: { key: r[rowKey] ?? '' } },
       select ? h('td', {}, h('input', { type: 'checkbox', checked: selected.has(r[rowKey]), 'aria-label': String(r[rowKey]),
@@ -186,9 +187,9 @@ export function chart(el, { xs, series, height = 240, bars = false }) {
     axes: [{ stroke: '#56626e', grid: { stroke: '#eef1f4' } },
       ...series.slice(0, 2).map((s, i) => ({ scale: s.unit, side: i ? 1 : 3, stroke: s.color, grid: { show: i === 0, stroke: '#eef1f4' },
         values: (u, vals) => vals.map((v) => `${v}${s.unit ? ` ${s.unit}` : ''}`), size: axisSize }))],
-    series: [{}, ...series.map((s) => ({
+    series: [{ label: t('chart.time') }, ...series.map((s) => ({
       label: s.label, stroke: s.color, width: 2, scale: s.unit, spanGaps: false,
-      fill: bars ? `${s.color}55` : undefined,
+      fill: bars ? `${s.color}55` : undefined, points: bars ? { show: false } : undefined,
       paths: bars ? uPlot.paths.bars({ size: [0.7, 40] }) : undefined,
       value: (u, v) => (v === null || v === undefined ? '–' : `${v}${s.unit ? ` ${s.unit}` : ''}`),
     }))],
@@ -277,12 +278,12 @@ export function heading(title, ...actions) {
 
 addStrings({
   zh: {
-    ok: '确定', cancel: '取消', csv: '导出 CSV', 'table.empty': '没有记录', 'table.all': '全选', loading: '加载中…',
+    ok: '确定', cancel: '取消', csv: '导出 CSV', 'chart.time': '时间', 'table.empty': '没有记录', 'table.all': '全选', loading: '加载中…',
     'err.network': '网络错误，请检查连接后重试', 'err.required': '请填写：{field}',
     'time.never': '从未', 'time.seconds': '{n} 秒前', 'time.minutes': '{n} 分钟前', 'time.hours': '{n} 小时前', 'time.days': '{n} 天前',
   },
   en: {
-    ok: 'OK', cancel: 'Cancel', csv: 'Export CSV', 'table.empty': 'Nothing here', 'table.all': 'Select all', loading: 'Loading…',
+    ok: 'OK', cancel: 'Cancel', csv: 'Export CSV', 'chart.time': 'Time', 'table.empty': 'Nothing here', 'table.all': 'Select all', loading: 'Loading…',
     'err.network': 'Network error: check the connection and try again', 'err.required': 'Please fill in: {field}',
     'time.never': 'never', 'time.seconds': '{n} s ago', 'time.minutes': '{n} min ago', 'time.hours': '{n} h ago', 'time.days': '{n} days ago',
   },
