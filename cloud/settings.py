@@ -45,7 +45,7 @@ _NUMBERS: dict[str, tuple[str, float, float, float]] = {
     "alarm_offline_after_s": ("TAPSHARE_ALARM_OFFLINE_AFTER_S", 300, 1, 30 * 86_400),
     "alarm_temp_min_c": ("TAPSHARE_ALARM_TEMP_MIN_C", 2.0, -20, 60),
     "alarm_temp_max_c": ("TAPSHARE_ALARM_TEMP_MAX_C", 30.0, -20, 100),
-    "alarm_tds_max_ppm": ("TAPSHARE_ALARM_TDS_MAX_PPM", 50, 1, 10_000),
+    "alarm_tds_max_ppm": ("TAPSHARE_ALARM_TDS_MAX_PPM", 400, 1, 10_000),
     "alarm_notify_retry_s": ("TAPSHARE_ALARM_NOTIFY_RETRY_S", 30.0, 0.01, 3600),
     "smtp_port": ("TAPSHARE_SMTP_PORT", 587, 1, 65_535),
 }

@@ -288,9 +288,12 @@ def test_tds_too_high_and_a_machine_without_a_probe(cloud, clock):
     dev = machine(cloud, clock, "Q1")
     old = machine(cloud, clock, "Q2")
     assert old.heartbeat().status_code == 200                   # no probe (tds_ppm absent): never an alarm
-    assert dev.heartbeat(tds_ppm=80).status_code == 200
+    assert dev.heartbeat(tds_ppm=380).status_code == 200        # under the default 400: no alarm
+    check(cloud)
+    assert find(cloud, "tds", "Q1") is None
+    assert dev.heartbeat(tds_ppm=420).status_code == 200
     alarm = wait_case(cloud, "tds", "Q1")
-    assert alarm["detail"]["tds_ppm"] == 80 and alarm["detail"]["max_ppm"] == 50
+    assert alarm["detail"]["tds_ppm"] == 420 and alarm["detail"]["max_ppm"] == 400
     assert dev.heartbeat().status_code == 200                   # no reading this time
     stays(cloud, alarm["alarm_id"], "open")
     assert dev.heartbeat(tds_ppm=12).status_code == 200
@@ -743,7 +746,7 @@ def test_alarm_settings_are_checked_naming_the_variable(tmp_path, monkeypatch):
         assert CloudSettings(data_dir=tmp_path).notify_settings().smtp_password == "s3cret"
     d = CloudSettings(data_dir=tmp_path)
     assert (d.alarm_offline_after_s, d.alarm_temp_min_c, d.alarm_temp_max_c, d.alarm_tds_max_ppm,
-            d.alarm_check_interval_s, d.alarm_notify_min_severity) == (300, 2.0, 30.0, 50, 5.0, "warning")
+            d.alarm_check_interval_s, d.alarm_notify_min_severity) == (300, 2.0, 30.0, 400, 5.0, "warning")
 
 
 def test_production_refuses_a_plain_webhook_and_one_without_a_secret(tmp_path, monkeypatch):

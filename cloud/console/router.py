@@ -27,13 +27,11 @@ from cloud.console.service import COOKIE, SESSION_IDLE_MS, SESSION_MAX_MS, publi
 from cloud.deps import Admin, IdPath, Now, Svc, Viewer
 from cloud.errors import ERRORS, TooMany, Unauthenticated
 from cloud.pages import PAGE_HEADERS, STATIC
-from cloud.ratelimit import RateLimiter
 from cloud.schemas import OkOut
 
 router = APIRouter(prefix="/api/v1/console", tags=["console"], responses=ERRORS)
 pages = APIRouter(include_in_schema=False)
 CONSOLE = STATIC / "console"
-logins_by_network = RateLimiter(30, 60_000)      # guessing from one place, across names (lockout is per name)
 
 
 @pages.get("/console")
@@ -55,7 +53,7 @@ def _session_cookie(token: str | None) -> str:
 def login(body: LoginIn, request: Request, response: Response, svc: Svc, now: Now) -> dict[str, Any]:
     """Sign in with name and password (and the authenticator's code if the second factor is on). The session is
     an HttpOnly, SameSite=Strict cookie; changes also need the returned CSRF token in the X-CSRF-Token header."""
-    wait = logins_by_network.hit(_client_ip(request), now)
+    wait = svc.console.logins_by_network.hit(_client_ip(request), now)
     if wait is not None:
         raise TooMany("too_many_logins", "too many sign-in attempts from this network", retry_after_s=wait)
     token, row = svc.console.login(body.name, body.password, body.totp, _client_ip(request),

@@ -20,6 +20,7 @@ from sqlalchemy import and_, func, insert, select
 from cloud import db as t
 from cloud.db import Database, audit, first_row
 from cloud.errors import Conflict, Forbidden, Invalid, NotFound, TooMany, Unauthenticated
+from cloud.ratelimit import RateLimiter
 from cloud.security import SecretBox, new_token, token_hash
 
 COOKIE = "tapshare_console"
@@ -63,6 +64,7 @@ class ConsoleAuth:
     def __init__(self, db: Database, box: SecretBox) -> None:
         self.db, self.box = db, box
         self._csrf_key = box.subkey("console-csrf")
+        self.logins_by_network = RateLimiter(30, 60_000)   # guessing from one place, across names
         self._ghosts: dict[str, tuple[int, int]] = {}    # unknown names: (failures, locked until ms)
         self._ghost_lock = threading.Lock()
 
