@@ -45,7 +45,7 @@ from cloud.devices.service import Commands, DurableNonces, Machines
 from cloud.errors import install_handlers
 from cloud.fleet import router as fleet
 from cloud.fleet.service import Fleet
-from cloud.middleware import BodyLimit, HttpsOnly
+from cloud.middleware import BodyLimit, HttpsOnly, SecurityHeaders
 from cloud.operators import router as operators
 from cloud.operators.service import ROLES, Operators
 from cloud.ratelimit import RateLimiter
@@ -77,6 +77,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
     # for the server's graceful stop (it wakes every held long-poll), tests and tools
     app.state.database, app.state.settings, app.state.hub = svc.database, settings, svc.hub
     app.add_middleware(BodyLimit)
+    app.add_middleware(SecurityHeaders, page_headers=pages.PAGE_HEADERS, production=settings.production)
     if settings.production:
         app.add_middleware(HttpsOnly)
     install_handlers(app)

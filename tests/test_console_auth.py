@@ -118,6 +118,11 @@ def test_an_operator_turns_on_the_second_factor_in_the_page_and_then_needs_a_fre
     name = make_operator(cloud, "operator", "op-zhao")
     page = open_console(browser, cloud, name, hash_="#/account")
     page.click("#totp-start")
+    page.fill("dialog [name=password]", "not my password")                  # the password first, and right
+    page.click("dialog button[type=submit]")
+    page.wait_for_selector("dialog .field-error:has-text('password is wrong')")
+    page.fill("dialog [name=password]", PASSWORD)
+    page.click("dialog button[type=submit]")
     page.wait_for_selector("#totp-secret")
     shot(page, "totp-setup")
     secret = page.inner_text("#totp-secret").strip()
@@ -263,3 +268,112 @@ def test_the_first_admins_password_is_set_from_the_command_line(tmp_path):
     assert ok.returncode == 0, ok.stderr
     with CloudServer(data) as c:
         assert Console(c, "first").call("GET", "/api/v1/console/me").json()["operator"]["role"] == "admin"
+
+
+def test_parallel_guesses_are_counted_before_they_are_checked(cloud):
+    """25 wrong passwords at once: no more than five are tried, the rest are refused as locked."""
+    from concurrent.futures import ThreadPoolExecutor
+    name = make_operator(cloud, "operator", "op-par")
+    url = cloud.url + "/api/v1/console/login"
+    with ThreadPoolExecutor(25) as pool:
+        answers = list(pool.map(lambda i: requests.post(url, json={"name": name, "password": f"wrong-{i:04d}xx"},
+                                                        timeout=30).json()["error"], range(25)))
+    assert answers.count("bad_credentials") <= 5 and answers.count("account_locked") >= 20, answers
+    r = requests.post(url, json={"name": name, "password": PASSWORD}, timeout=10)
+    assert r.status_code == 429
+
+
+def test_one_code_signs_in_once_even_twice_at_the_same_moment(cloud, clock):
+    from concurrent.futures import ThreadPoolExecutor
+    name = make_operator(cloud, "operator", "op-otp")
+    s = Console(cloud, name)
+    secret = s.call("POST", "/api/v1/console/totp/setup", json={"password": PASSWORD}).json()["secret"]
+    totp = pyotp.TOTP(secret)
+    assert s.call("POST", "/api/v1/console/totp/enable", json={"code": totp.at(clock.ms / 1000)}).status_code == 200
+    clock.ms += 30_000
+    code = totp.at(clock.ms / 1000)
+    url = cloud.url + "/api/v1/console/login"
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(lambda _: requests.post(url, json={"name": name, "password": PASSWORD, "totp": code},
+                                                      timeout=30).status_code, range(6)))
+    assert codes.count(200) == 1 and set(codes) - {200} <= {401, 429}, codes      # once; the copies refused
+
+
+def test_a_stolen_session_cannot_guess_the_password_or_enrol_a_phone(cloud):
+    """Five wrong current passwords lock the name and end its sessions; the second factor needs the password."""
+    name = make_operator(cloud, "operator", "op-stolen")
+    thief = Console(cloud, name)
+    r = thief.call("POST", "/api/v1/console/totp/setup", json={"password": "guess-number-1"})
+    assert r.status_code == 401 and r.json()["error"] == "bad_credentials"
+    assert thief.call("POST", "/api/v1/console/totp/setup", json={}).status_code == 422
+    for i in range(4):
+        r = thief.call("POST", "/api/v1/console/password", json={"current": f"guess-{i}-xxxx", "new": "Xin-Mi-Ma-2099"})
+        assert r.status_code == 401, r.text
+    assert thief.call("GET", "/api/v1/console/me").json()["error"] == "signed_out"      # locked: the session ended
+    r = requests.post(cloud.url + "/api/v1/console/login", json={"name": name, "password": PASSWORD}, timeout=10)
+    assert r.status_code == 429 and r.json()["error"] == "account_locked"
+    actions = [a["action"] for a in audit(cloud, name)]
+    assert actions.count("console_totp_setup_failed") == 1 and actions.count("console_password_change_failed") == 4
+    assert "console_locked" in actions
+
+
+def test_signing_in_again_ends_the_old_session_and_a_stale_csrf_token_is_renewed(cloud, browser):
+    page = open_console(browser, cloud, "boss", hash_="#/account")
+    old_cookie = next(c["value"] for c in page.context.cookies() if c["name"] == "tapshare_console")
+    other = page.context.new_page()                       # another tab of the same browser signs in again
+    other.goto(cloud.url + "/console")
+    other.wait_for_selector("#shell:not([hidden])")
+    other.evaluate("""async (pw) => { await fetch('/api/v1/console/login', {method: 'POST',
+        headers: {'Content-Type': 'application/json'}, body: JSON.stringify({name: 'boss', password: pw})}); }""",
+                   PASSWORD)
+    r = requests.get(cloud.url + "/api/v1/console/me", cookies={"tapshare_console": old_cookie}, timeout=10)
+    assert r.status_code == 401                           # the cookie it replaced is over
+    page.click("#signout")                                # the first tab still holds the old CSRF token
+    page.wait_for_selector("#signin-name")
+    r = other.evaluate("async () => (await fetch('/api/v1/console/me')).status")
+    assert r == 401                                       # really signed out, not just shown the form
+    page.context.close()
+
+
+def test_api_answers_are_not_cached_and_every_page_has_its_policy(cloud):
+    s = Console(cloud, "boss")
+    me = s.call("GET", "/api/v1/console/me")
+    assert me.headers["cache-control"] == "no-store" and me.headers["x-content-type-options"] == "nosniff"
+    for path in ("/console", "/static/console/index.html", "/static/app.html"):
+        r = requests.get(cloud.url + path, timeout=10)
+        assert "script-src 'self'" in r.headers["content-security-policy"], path
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"], path
+
+
+def test_two_admins_demoting_each_other_at_once_leave_one_admin(tmp_path):
+    """On PostgreSQL, where two transactions really run at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.cloudkit import PG_URL
+    from tests.conftest import _fresh_postgres_database
+    if not PG_URL:
+        pytest.skip("no PostgreSQL (TAPSHARE_TEST_POSTGRES_URL)")
+    url, drop = _fresh_postgres_database()
+    try:
+        with CloudServer(tmp_path / "cloud", database_url=url) as c:
+            with c.app.state.database.tx() as conn:           # the bootstrap admin's token has expired
+                from cloud import db as t
+                conn.execute(t.operators.update().where(t.operators.c.role == "admin").values(expires_ms=1))
+            make_operator_direct = c.app.state.services.console.create
+            now = c.settings.clock_ms()
+            for n in ("a0", "b0"):
+                make_operator_direct("setup", n, "", "admin", PASSWORD, now)
+            for _ in range(3):
+                a, b = Console(c, "a0"), Console(c, "b0")
+                with ThreadPoolExecutor(2) as pool:
+                    codes = list(pool.map(lambda x: x[0].call("PATCH", f"/api/v1/console/operators/{x[1]}",
+                                                              json={"role": "viewer"}).status_code,
+                                          [(a, "b0"), (b, "a0")]))
+                assert sorted(codes) == [200, 409], codes
+                still = "a0" if codes[0] == 200 else "b0"           # who demoted the other
+                assert Console(c, still).call("GET", "/api/v1/console/me").json()["operator"]["role"] == "admin"
+                for o in ("a0", "b0"):                          # both admins again for the next round
+                    c.app.state.services.console.change("setup", o, {"role": "admin"}, c.settings.clock_ms())
+            c.app.state.database.dispose()
+    finally:
+        drop()

@@ -21,6 +21,7 @@ from cloud.console.schemas import (
     SignedOutOut,
     TotpCodeIn,
     TotpOffIn,
+    TotpSetupIn,
     TotpSetupOut,
 )
 from cloud.console.service import COOKIE, SESSION_IDLE_MS, SESSION_MAX_MS, public
@@ -56,8 +57,9 @@ def login(body: LoginIn, request: Request, response: Response, svc: Svc, now: No
     wait = svc.console.logins_by_network.hit(_client_ip(request), now)
     if wait is not None:
         raise TooMany("too_many_logins", "too many sign-in attempts from this network", retry_after_s=wait)
-    token, row = svc.console.login(body.name, body.password, body.totp, _client_ip(request),
-                                   request.headers.get("user-agent", ""), now)
+    token, row = svc.console.login_once(body.name, body.password, body.totp, _client_ip(request),
+                                        request.headers.get("user-agent", ""), now,
+                                        old_token=request.cookies.get(COOKIE, ""))
     secure = svc.settings.production or svc.settings.public_url.startswith("https://")
     response.set_cookie(COOKIE, token, max_age=SESSION_MAX_MS // 1000, path="/", httponly=True, samesite="strict",
                         secure=secure)
@@ -92,16 +94,18 @@ def logout_everywhere(op: Viewer, response: Response, svc: Svc, now: Now) -> dic
 
 
 @router.post("/password", response_model=OkOut)
-def change_password(body: PasswordIn, op: Viewer, svc: Svc, now: Now,
+def change_password(body: PasswordIn, request: Request, op: Viewer, svc: Svc, now: Now,
                     tapshare_console: Annotated[str | None, Cookie()] = None) -> dict[str, Any]:
-    """One's own new password; one's other sessions end."""
-    svc.console.change_password(op["operator_id"], body.current, body.new, tapshare_console or "", now)
+    """One's own new password; one's other sessions end. A wrong current password counts like a failed sign-in."""
+    svc.console.change_password(op["operator_id"], body.current, body.new, tapshare_console or "", now,
+                                _client_ip(request))
     return {"ok": True}
 
 
 @router.post("/totp/setup", response_model=TotpSetupOut)
-def totp_setup(op: Viewer, svc: Svc) -> dict[str, Any]:
-    return svc.console.totp_begin(op["operator_id"])
+def totp_setup(body: TotpSetupIn, request: Request, op: Viewer, svc: Svc, now: Now) -> dict[str, Any]:
+    """A new second-factor secret, after the password (a stolen session cannot enrol the thief's phone)."""
+    return svc.console.totp_begin(op["operator_id"], body.password, now, _client_ip(request))
 
 
 @router.post("/totp/enable", response_model=OkOut)
@@ -111,8 +115,8 @@ def totp_enable(body: TotpCodeIn, op: Viewer, svc: Svc, now: Now) -> dict[str, A
 
 
 @router.post("/totp/disable", response_model=OkOut)
-def totp_disable(body: TotpOffIn, op: Viewer, svc: Svc, now: Now) -> dict[str, Any]:
-    svc.console.totp_disable(op["operator_id"], body.password, body.code, now)
+def totp_disable(body: TotpOffIn, request: Request, op: Viewer, svc: Svc, now: Now) -> dict[str, Any]:
+    svc.console.totp_disable(op["operator_id"], body.password, body.code, now, _client_ip(request))
     return {"ok": True}
 
 

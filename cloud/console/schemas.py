@@ -51,6 +51,10 @@ class TotpSetupOut(BaseModel):
     qr_svg: str
 
 
+class TotpSetupIn(In):
+    password: Password
+
+
 class TotpCodeIn(In):
     code: Code
 

@@ -9,17 +9,19 @@ import hashlib
 import hmac
 import re
 import threading
+import unicodedata
 from typing import Any
 
 import pyotp
 import segno
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import and_, func, insert, select
+from sqlalchemy import and_, func, insert, or_, select
+from sqlalchemy.exc import IntegrityError
 
 from cloud import db as t
 from cloud.db import Database, audit, first_row
-from cloud.errors import Conflict, Forbidden, Invalid, NotFound, TooMany, Unauthenticated
+from cloud.errors import Conflict, Forbidden, Invalid, NotFound, TooMany, Unauthenticated, Unavailable
 from cloud.ratelimit import RateLimiter
 from cloud.security import SecretBox, new_token, token_hash
 
@@ -34,10 +36,15 @@ PASSWORD_MIN_CHARS = 10
 TOTP_ISSUER = "Tapshare"
 ROLES = {"viewer": 0, "operator": 1, "reviewer": 2, "admin": 3}
 COMMON = {"password", "password1", "password123", "1234567890", "0123456789", "qwertyuiop", "iloveyou12",
-          "tapshare123", "admin12345", "administrator", "1qaz2wsx3edc", "abc1234567", "aa12345678"}
+          "tapshare123", "admin12345", "administrator", "1qaz2wsx3edc", "abc1234567", "aa12345678", "woaini1314",
+          "qwerty12345", "1q2w3e4r5t", "a123456789", "5201314520", "1314520520", "qwe123456789", "zxcvbnm123",
+          "asdfghjkl1", "p@ssw0rd123", "passw0rd12", "abcd123456", "1234qwer!@", "qq123456789", "123456789a",
+          "wang123456", "zhang123456", "li12345678", "147258369a", "987654321a", "admin@123!"}
 OPERATOR_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{1,63}$")
 _hasher = PasswordHasher()             # argon2id, the library's defaults (RFC 9106's second recommendation)
 _DUMMY = _hasher.hash("not anyone's password")   # verified against for unknown names: the same time either way
+_HASHING = threading.BoundedSemaphore(4)  # 64 MiB each: a flood of sign-ins waits here, not in memory
+HASH_WAIT_S = 5
 
 
 def check_role(row: dict[str, Any], min_role: str, only: tuple[str, ...] = ()) -> None:
@@ -52,7 +59,7 @@ def password_problem(password: str, operator_id: str) -> str | None:
         return f"at least {PASSWORD_MIN_CHARS} characters"
     if len(password) > 200:
         return "at most 200 characters"
-    low = password.lower()
+    low = _normal(password).lower()
     if low in COMMON or len(set(low)) < 4:
         return "too easy to guess"
     if operator_id.lower() in low:
@@ -69,67 +76,129 @@ class ConsoleAuth:
         self._ghost_lock = threading.Lock()
 
     # ---------------------------------------------------------------- signing in
-    def login(self, name: str, password: str, totp_code: str, client_ip: str, user_agent: str,
-              now_ms: int) -> tuple[str, dict[str, Any]]:
+    def login(self, name: str, password: str, totp_code: str, client_ip: str, user_agent: str, now_ms: int,
+              old_token: str = "") -> tuple[str, dict[str, Any]]:
         """A new console session for the operator; the cookie's token and the operator's row. Unknown names and
-        wrong passwords give the same answer; five failures in a row lock the account for 15 minutes."""
+        wrong passwords give the same answer in the same time; five failures in a row lock the name for 15
+        minutes (each attempt is counted before the password is checked, so parallel guesses count too)."""
         with self.db.read() as conn:
             row = first_row(conn, select(t.operators).where(t.operators.c.operator_id == name))
         if row is None or row["password_hash"] is None:
+            self._unknown_attempt(name, now_ms)          # a locked name answers at once, whether it exists or not
             _verify(_DUMMY, password)
             self._unknown_failed(name, now_ms)
             raise Unauthenticated("bad_credentials", "wrong name or password")
-        if row["locked_until_ms"] and row["locked_until_ms"] > now_ms:
-            raise TooMany("account_locked", "too many failed sign-ins: this account is locked for a while",
-                          retry_after_s=max(1, (row["locked_until_ms"] - now_ms + 999) // 1000))
+        self._attempt(name, now_ms)
         if not _verify(row["password_hash"], password):
             self._failed(name, "password", client_ip, now_ms)
             raise Unauthenticated("bad_credentials", "wrong name or password")
         if row["disabled_ms"] is not None:
+            self._forgive(name)
             raise Forbidden("operator_disabled", "this operator has been disabled by an admin")
+        step = None
         if row["totp_secret_enc"]:
             if not totp_code:
+                self._forgive(name)                      # the password was right: asking for the code is no failure
                 raise Unauthenticated("totp_required", "enter the 6-digit code from your authenticator app")
             step = self._totp_step(row["totp_secret_enc"], name, totp_code, now_ms)
-            if step is None or step <= (row["totp_last_step"] or -1):
+            if step is None:
                 self._failed(name, "totp", client_ip, now_ms)
                 raise Unauthenticated("bad_totp", "wrong or already used code")
-        else:
-            step = None
         token = new_token()
+        o = t.operators.c
         with self.db.tx() as conn:
-            values: dict[str, Any] = {"failed_logins": 0, "locked_until_ms": None}
-            if step is not None:
-                values["totp_last_step"] = step
-            conn.execute(t.operators.update().where(t.operators.c.operator_id == name).values(**values))
+            if step is not None and not conn.execute(t.operators.update().where(and_(
+                    o.operator_id == name, or_(o.totp_last_step.is_(None), o.totp_last_step < step)))
+                    .values(totp_last_step=step)).rowcount:
+                raise _Replayed()                      # this code (or a later one) was used already: once only
+            conn.execute(t.operators.update().where(o.operator_id == name).values(failed_logins=0,
+                                                                                  locked_until_ms=None))
+            if old_token:                              # signing in again in this browser ends the session it had
+                conn.execute(t.operator_sessions.update().where(
+                    t.operator_sessions.c.session_hash == token_hash(old_token)).values(revoked_ms=now_ms))
             conn.execute(insert(t.operator_sessions).values(
                 session_hash=token_hash(token), operator_id=name, created_ms=now_ms, last_seen_ms=now_ms,
                 expires_ms=now_ms + SESSION_MAX_MS, client_ip=client_ip[:64], user_agent=user_agent[:200]))
             audit(conn, name, "console_login", name, {"ip": client_ip}, now_ms)
         return token, self.operator(name)
 
-    def _unknown_failed(self, name: str, now_ms: int) -> None:
-        """A name nobody has is locked like a real one (in memory), so locking does not tell which names exist."""
+    def login_once(self, *args: Any, **kw: Any) -> tuple[str, dict[str, Any]]:
+        """:meth:`login`, a replayed second-factor code counted as a failure."""
+        try:
+            return self.login(*args, **kw)
+        except _Replayed:
+            name, client_ip, now_ms = args[0], args[3], args[5]
+            self._failed(name, "totp_replayed", client_ip, now_ms)
+            raise Unauthenticated("bad_totp", "wrong or already used code") from None
+
+    @staticmethod
+    def _locked(until_ms: int, now_ms: int) -> TooMany:
+        return TooMany("account_locked", "too many failed sign-ins: this account is locked for a while",
+                       retry_after_s=max(1, (until_ms - now_ms + 999) // 1000))
+
+    def _attempt(self, name: str, now_ms: int) -> int:
+        """Count an attempt before its password is checked: refused at once while the name is locked, and the
+        sixth of any number of parallel guesses locks it."""
+        o = t.operators.c
+        with self.db.tx() as conn:
+            n = conn.execute(t.operators.update().where(and_(
+                o.operator_id == name, or_(o.locked_until_ms.is_(None), o.locked_until_ms <= now_ms)))
+                .values(failed_logins=o.failed_logins + 1, locked_until_ms=None).returning(o.failed_logins)).scalar()
+            if n is not None and n > MAX_FAILURES:
+                conn.execute(t.operators.update().where(o.operator_id == name)
+                             .values(failed_logins=0, locked_until_ms=now_ms + LOCK_MS))
+                audit(conn, name, "console_locked", name, {"minutes": LOCK_MS // 60_000, "parallel": True}, now_ms)
+            until = conn.execute(select(o.locked_until_ms).where(o.operator_id == name)).scalar()
+        if n is None or n > MAX_FAILURES:
+            raise self._locked(until or now_ms + LOCK_MS, now_ms)
+        return n
+
+    def _forgive(self, name: str) -> None:
+        o = t.operators.c
+        with self.db.tx() as conn:
+            conn.execute(t.operators.update().where(and_(o.operator_id == name, o.failed_logins > 0))
+                         .values(failed_logins=o.failed_logins - 1))
+
+    def _failed(self, name: str, what: str, client_ip: str, now_ms: int) -> None:
+        """The attempt (already counted) failed: audited; the fifth in a row locks the name and ends its sessions
+        (someone holding a stolen session cannot go on guessing the password or the code)."""
+        o = t.operators.c
+        with self.db.tx() as conn:
+            n = conn.execute(select(o.failed_logins).where(o.operator_id == name)).scalar() or 0
+            audit(conn, name, "console_login_failed" if what in ("password", "totp", "totp_replayed")
+                  else f"console_{what}_failed", name, {"ip": client_ip, "wrong": what}, now_ms)
+            if n >= MAX_FAILURES:
+                conn.execute(t.operators.update().where(o.operator_id == name)
+                             .values(failed_logins=0, locked_until_ms=now_ms + LOCK_MS))
+                ended = self._revoke_sessions(conn, name, now_ms)
+                audit(conn, name, "console_locked", name, {"ip": client_ip, "minutes": LOCK_MS // 60_000,
+                                                          "sessions_ended": ended}, now_ms)
+
+    def _unknown_attempt(self, name: str, now_ms: int) -> None:
         with self._ghost_lock:
-            n, until = self._ghosts.get(name, (0, 0))
-            if until > now_ms:
-                raise TooMany("account_locked", "too many failed sign-ins: this account is locked for a while",
-                              retry_after_s=max(1, (until - now_ms + 999) // 1000))
+            until = self._ghosts.get(name, (0, 0))[1]
+        if until > now_ms:
+            raise self._locked(until, now_ms)
+
+    def _unknown_failed(self, name: str, now_ms: int) -> None:
+        """A name nobody has is locked like a real one (in this process's memory; a fleet of instances shares
+        nothing here yet), so the lockout does not tell which names exist."""
+        with self._ghost_lock:
+            n, _ = self._ghosts.get(name, (0, 0))
             n += 1
             self._ghosts[name] = (0, now_ms + LOCK_MS) if n >= MAX_FAILURES else (n, 0)
             if len(self._ghosts) > 10_000:
                 self._ghosts.pop(next(iter(self._ghosts)))
 
-    def _failed(self, name: str, what: str, client_ip: str, now_ms: int) -> None:
-        with self.db.tx() as conn:
-            o = t.operators.c
-            n = conn.execute(t.operators.update().where(o.operator_id == name)
-                             .values(failed_logins=o.failed_logins + 1).returning(o.failed_logins)).scalar_one()
-            audit(conn, name, "console_login_failed", name, {"ip": client_ip, "wrong": what}, now_ms)
-            if n >= MAX_FAILURES:
-                conn.execute(t.operators.update().where(o.operator_id == name)
-                             .values(failed_logins=0, locked_until_ms=now_ms + LOCK_MS))
-                audit(conn, name, "console_locked", name, {"ip": client_ip, "minutes": LOCK_MS // 60_000}, now_ms)
+    def _check_own_password(self, row: dict[str, Any], password: str, what: str, client_ip: str,
+                            now_ms: int) -> None:
+        """One's password again, for changing the password or the second factor: counted and locked like a
+        sign-in."""
+        self._attempt(row["operator_id"], now_ms)
+        if row["password_hash"] is None or not _verify(row["password_hash"], password):
+            self._failed(row["operator_id"], what, client_ip, now_ms)
+            raise Unauthenticated("bad_credentials", "the password is wrong")
+        self._forgive(row["operator_id"])
 
     def session(self, token: str, now_ms: int) -> dict[str, Any]:
         """The operator of a live console session (refreshing its idle timer), or 401."""
@@ -184,27 +253,30 @@ class ConsoleAuth:
             raise NotFound("unknown_operator", "no such operator")
         return row
 
-    def change_password(self, operator_id: str, current: str, new: str, token: str, now_ms: int) -> None:
+    def change_password(self, operator_id: str, current: str, new: str, token: str, now_ms: int,
+                        client_ip: str = "") -> None:
         """The operator's own new password; their other sessions end."""
         row = self.operator(operator_id)
-        if row["password_hash"] is None or not _verify(row["password_hash"], current):
-            raise Unauthenticated("bad_credentials", "the current password is wrong")
         self._check_password(new, operator_id)
+        self._check_own_password(row, current, "password_change", client_ip, now_ms)
         with self.db.tx() as conn:
             conn.execute(t.operators.update().where(t.operators.c.operator_id == operator_id)
-                         .values(password_hash=_hasher.hash(new), password_changed_ms=now_ms))
+                         .values(password_hash=_hash(new), password_changed_ms=now_ms))
             n = self._revoke_sessions(conn, operator_id, now_ms, keep_hash=token_hash(token))
             audit(conn, operator_id, "console_password_changed", operator_id, {"other_sessions_ended": n}, now_ms)
 
-    def totp_begin(self, operator_id: str) -> dict[str, Any]:
-        """A new secret to add to an authenticator app, shown once; it takes effect when a code confirms it."""
+    def totp_begin(self, operator_id: str, password: str, now_ms: int, client_ip: str = "") -> dict[str, Any]:
+        """A new secret to add to an authenticator app, shown once; it takes effect when a code confirms it. The
+        password first: a stolen session must not be able to put the attacker's phone on the account."""
         row = self.operator(operator_id)
         if row["totp_secret_enc"]:
             raise Conflict("totp_enabled", "the second factor is already on: turn it off first")
+        self._check_own_password(row, password, "totp_setup", client_ip, now_ms)
         secret = pyotp.random_base32()
         with self.db.tx() as conn:
             conn.execute(t.operators.update().where(t.operators.c.operator_id == operator_id)
                          .values(totp_pending_enc=self.box.seal(secret.encode(), f"totp:{operator_id}")))
+            audit(conn, operator_id, "console_totp_setup", operator_id, {}, now_ms)
         uri = pyotp.TOTP(secret).provisioning_uri(name=operator_id, issuer_name=TOTP_ISSUER)
         svg = segno.make(uri, error="m").svg_inline(scale=4, omitsize=True, dark="#111", light="#fff")
         return {"secret": secret, "otpauth_uri": uri, "qr_svg": svg}
@@ -221,19 +293,23 @@ class ConsoleAuth:
                          .values(totp_secret_enc=row["totp_pending_enc"], totp_pending_enc=None, totp_last_step=step))
             audit(conn, operator_id, "console_totp_enabled", operator_id, {}, now_ms)
 
-    def totp_disable(self, operator_id: str, password: str, code: str, now_ms: int) -> None:
+    def totp_disable(self, operator_id: str, password: str, code: str, now_ms: int, client_ip: str = "") -> None:
         row = self.operator(operator_id)
         if not row["totp_secret_enc"]:
             raise Conflict("totp_off", "the second factor is not on")
-        if row["password_hash"] is None or not _verify(row["password_hash"], password):
-            raise Unauthenticated("bad_credentials", "the password is wrong")
+        self._check_own_password(row, password, "totp_disable", client_ip, now_ms)
         step = self._totp_step(row["totp_secret_enc"], operator_id, code, now_ms)
-        if step is None or step <= (row["totp_last_step"] or -1):
-            raise Unauthenticated("bad_totp", "wrong or already used code")
+        o = t.operators.c
         with self.db.tx() as conn:
-            conn.execute(t.operators.update().where(t.operators.c.operator_id == operator_id)
-                         .values(totp_secret_enc=None, totp_last_step=None))
-            audit(conn, operator_id, "console_totp_disabled", operator_id, {}, now_ms)
+            ok = step is not None and conn.execute(t.operators.update().where(and_(
+                o.operator_id == operator_id, or_(o.totp_last_step.is_(None), o.totp_last_step < step)))
+                .values(totp_secret_enc=None, totp_last_step=None)).rowcount == 1
+            if ok:
+                audit(conn, operator_id, "console_totp_disabled", operator_id, {}, now_ms)
+        if not ok:
+            self._attempt(operator_id, now_ms)
+            self._failed(operator_id, "totp_disable", client_ip, now_ms)
+            raise Unauthenticated("bad_totp", "wrong or already used code")
 
     def _totp_step(self, sealed: str, operator_id: str, code: str, now_ms: int) -> int | None:
         """The 30-second step the code belongs to (this one or its neighbours, for clock drift), or ``None``."""
@@ -271,15 +347,25 @@ class ConsoleAuth:
         if not OPERATOR_ID.fullmatch(operator_id):
             raise Invalid("bad_operator_id", "2-64 letters, digits and . _ @ -, starting with a letter or digit")
         self._check_password(password, operator_id)
-        with self.db.tx() as conn:
-            if first_row(conn, select(t.operators.c.operator_id).where(t.operators.c.operator_id == operator_id)):
-                raise Conflict("operator_exists", "an operator with this name already exists")
-            conn.execute(insert(t.operators).values(
-                operator_id=operator_id, display_name=display_name, role=role, token_hash=None, created_ms=now_ms,
-                password_hash=_hasher.hash(password), password_changed_ms=now_ms, failed_logins=0))
-            audit(conn, admin_id, "operator_created", operator_id, {"role": role, "display_name": display_name},
-                  now_ms)
+        hashed = _hash(password)
+        try:
+            with self.db.tx() as conn:
+                taken = first_row(conn, select(t.operators.c.operator_id).where(
+                    func.lower(t.operators.c.operator_id) == operator_id.lower()))
+                if taken:               # "Boss" and "boss" would be two people no one can tell apart in the log
+                    raise Conflict("operator_exists", f"this name is taken: {taken['operator_id']}")
+                self._insert_operator(conn, admin_id, operator_id, display_name, role, hashed, now_ms)
+        except IntegrityError:          # two admins made the same name at once
+            raise Conflict("operator_exists", "an operator with this name already exists") from None
         return public(self.operator(operator_id), now_ms)
+
+    @staticmethod
+    def _insert_operator(conn: Any, admin_id: str, operator_id: str, display_name: str, role: str, hashed: str,
+                         now_ms: int) -> None:
+        conn.execute(insert(t.operators).values(
+            operator_id=operator_id, display_name=display_name, role=role, token_hash=None, created_ms=now_ms,
+            password_hash=hashed, password_changed_ms=now_ms, failed_logins=0))
+        audit(conn, admin_id, "operator_created", operator_id, {"role": role, "display_name": display_name}, now_ms)
 
     def change(self, admin_id: str, operator_id: str, changes: dict[str, Any], now_ms: int) -> dict[str, Any]:
         """Re-role, rename, disable or enable, reset the password or the second factor. Disabling (or a new
@@ -298,7 +384,7 @@ class ConsoleAuth:
             told["disabled"] = False
         if changes.get("password"):
             self._check_password(changes["password"], operator_id)
-            values.update(password_hash=_hasher.hash(changes["password"]), password_changed_ms=now_ms,
+            values.update(password_hash=_hash(changes["password"]), password_changed_ms=now_ms,
                           failed_logins=0, locked_until_ms=None)
             told["password_reset"] = True
         if changes.get("reset_totp") and (row["totp_secret_enc"] or row["totp_pending_enc"]):
@@ -310,13 +396,8 @@ class ConsoleAuth:
         if not values:
             return public(row, now_ms)
         with self.db.tx() as conn:
-            if row["role"] == "admin" and (values.get("role", "admin") != "admin" or ("disabled_ms" in values
-                                           and values["disabled_ms"] is not None)):
-                o = t.operators.c
-                admins = conn.execute(select(func.count()).select_from(t.operators).where(and_(
-                    o.role == "admin", o.disabled_ms.is_(None), o.operator_id != operator_id))).scalar_one()
-                if admins == 0:
-                    raise Conflict("last_admin", "this is the last enabled admin: make another admin first")
+            if values.get("role", "admin") != "admin" or values.get("disabled_ms") is not None:
+                self._keep_an_admin(conn, operator_id, now_ms)
             conn.execute(t.operators.update().where(t.operators.c.operator_id == operator_id).values(**values))
             if told.get("disabled") or told.get("password_reset"):
                 told["sessions_ended"] = self._revoke_sessions(conn, operator_id, now_ms)
@@ -327,13 +408,31 @@ class ConsoleAuth:
             audit(conn, admin_id, "operator_changed", operator_id, told, now_ms)
         return public(self.operator(operator_id), now_ms)
 
+    def _keep_an_admin(self, conn: Any, operator_id: str, now_ms: int) -> None:
+        """Refuse to demote or disable the last admin who can still act (signs in with a password, or holds a
+        live token). The admins' rows are locked first, so two admins demoting each other at once cannot both
+        succeed (SQLite writes one at a time anyway)."""
+        o = t.operators.c
+        admins = select(o.operator_id, o.password_hash, o.token_hash, o.revoked_ms, o.expires_ms).where(and_(
+            o.role == "admin", o.disabled_ms.is_(None)))
+        if not self.db.is_sqlite:
+            admins = admins.order_by(o.operator_id).with_for_update()
+        rows = conn.execute(admins).mappings().all()
+        if operator_id not in {r["operator_id"] for r in rows}:
+            return                                   # not an enabled admin (any more): nothing to keep
+        able = [r for r in rows if r["operator_id"] != operator_id and (
+            r["password_hash"] is not None or (r["token_hash"] is not None and r["revoked_ms"] is None
+                                               and (r["expires_ms"] is None or r["expires_ms"] > now_ms)))]
+        if not able:
+            raise Conflict("last_admin", "this is the last admin who can sign in: make another admin first")
+
     def set_password(self, operator_id: str, password: str, now_ms: int, actor: str = "cli") -> None:
         """From the command line (the first admin's password): checked like any other."""
         self.operator(operator_id)
         self._check_password(password, operator_id)
         with self.db.tx() as conn:
             conn.execute(t.operators.update().where(t.operators.c.operator_id == operator_id).values(
-                password_hash=_hasher.hash(password), password_changed_ms=now_ms, failed_logins=0,
+                password_hash=_hash(password), password_changed_ms=now_ms, failed_logins=0,
                 locked_until_ms=None))
             self._revoke_sessions(conn, operator_id, now_ms)
             audit(conn, actor, "operator_password_set", operator_id, {}, now_ms)
@@ -350,8 +449,33 @@ def public(row: dict[str, Any], now_ms: int) -> dict[str, Any]:
             "sessions": row.get("sessions") or 0, "last_seen_ms": row.get("last_seen_ms")}
 
 
-def _verify(hashed: str, password: str) -> bool:
+class _Replayed(Exception):
+    """A second-factor code whose step (or a later one) was used already."""
+
+
+def _normal(password: str) -> str:
+    """NFKC: a password typed with a Chinese input method in full width is the same password in half width."""
+    return unicodedata.normalize("NFKC", password)
+
+
+def _hashing() -> None:
+    if not _HASHING.acquire(timeout=HASH_WAIT_S):
+        raise Unavailable("busy", "too many sign-ins are being checked right now; try again", retry_after_s=2)
+
+
+def _hash(password: str) -> str:
+    _hashing()
     try:
-        return _hasher.verify(hashed, password)
+        return _hasher.hash(_normal(password))
+    finally:
+        _HASHING.release()
+
+
+def _verify(hashed: str, password: str) -> bool:
+    _hashing()
+    try:
+        return _hasher.verify(hashed, _normal(password))
     except (VerificationError, InvalidHashError):
         return False
+    finally:
+        _HASHING.release()

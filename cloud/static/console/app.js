@@ -153,7 +153,11 @@ export function refresh() { const y = window.scrollY; route().then(() => window.
 
 document.getElementById('lang').addEventListener('click', () => { setLang(state.lang === 'zh' ? 'en' : 'zh'); route(); });
 document.getElementById('signout').addEventListener('click', async () => {
-  try { await api('POST', '/api/v1/console/logout'); } catch (e) { /* signed out already */ }
+  try {
+    await api('POST', '/api/v1/console/logout');
+  } catch (e) {
+    if (!(e instanceof ApiError && e.status === 401)) { toast(e.message, true); return; }   // not signed out: say so
+  }
   showSignin();
 });
 window.addEventListener('hashchange', route);

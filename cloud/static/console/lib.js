@@ -20,8 +20,9 @@ export function t(key, vars = {}) {
 export class ApiError extends Error {
   constructor(status, code, message, body) { super(message); this.status = status; this.code = code; this.body = body; }
 }
+const SIGNED_OUT = ['signed_out', 'operator_disabled', 'unauthenticated'];
 /** JSON in and out; changes carry the CSRF token; a 401 means the session ended (the sign-in page shows). */
-export async function api(method, path, body) {
+export async function api(method, path, body, retried = false) {
   const headers = { Accept: 'application/json' };
   if (method !== 'GET') headers['X-CSRF-Token'] = state.csrf;
   if (body !== undefined) headers['Content-Type'] = 'application/json';
@@ -34,7 +35,13 @@ export async function api(method, path, body) {
   }
   const data = r.headers.get('content-type')?.includes('json') ? await r.json() : {};
   if (!r.ok) {
-    if (r.status === 401 && state.onSignedOut && !path.endsWith('/console/login')) state.onSignedOut(data);
+    if (r.status === 403 && data.error === 'csrf' && !retried) {      // signed in again in another tab: a new token
+      const me = await api('GET', '/api/v1/console/me');
+      state.csrf = me.csrf_token;
+      return api(method, path, body, true);
+    }
+    // the session is over (not: a wrong password typed again to change something)
+    if (r.status === 401 && SIGNED_OUT.includes(data.error) && state.onSignedOut) state.onSignedOut(data);
     throw new ApiError(r.status, data.error || String(r.status), data.message || r.statusText, data);
   }
   return data;

@@ -10,7 +10,7 @@ addStrings({
     'acct.totp_scan': '用身份验证器（如 Google Authenticator、Microsoft Authenticator）扫描二维码，或手动输入密钥：',
     'acct.totp_code': '身份验证器显示的 6 位验证码', 'acct.totp_confirm': '确认开启', 'acct.totp_enabled': '两步验证已开启',
     'acct.totp_disabled': '两步验证已关闭', 'acct.everywhere': '在所有设备上退出', 'acct.everywhere_text': '结束您在所有电脑和平板上的控制台登录（包括这台）。',
-    'acct.everywhere_done': '已退出 {n} 个登录',
+    'acct.everywhere_done': '已退出 {n} 个登录', 'acct.totp_password': '请先输入您的密码。', 'acct.next': '下一步',
   },
   en: {
     'acct.title': 'My account', 'acct.name': 'Name', 'acct.role': 'Role', 'acct.password': 'Change password', 'acct.current': 'Current password',
@@ -22,6 +22,7 @@ addStrings({
     'acct.totp_code': 'The 6-digit code the app shows', 'acct.totp_confirm': 'Confirm', 'acct.totp_enabled': 'Two-step verification is on',
     'acct.totp_disabled': 'Two-step verification is off', 'acct.everywhere': 'Sign out everywhere',
     'acct.everywhere_text': 'End your console sign-ins on every computer and tablet, this one included.', 'acct.everywhere_done': '{n} sign-ins ended',
+    'acct.totp_password': 'Enter your password first.', 'acct.next': 'Next',
   },
 });
 
@@ -52,7 +53,9 @@ export async function render(root) {
       ? h('button', { type: 'button', class: 'secondary', id: 'totp-stop', onclick: stopTotp }, t('acct.totp_stop'))
       : h('button', { type: 'button', id: 'totp-start', onclick: startTotp }, t('acct.totp_start'))));
   async function startTotp() {
-    const setup = await act(() => api('POST', '/api/v1/console/totp/setup'));
+    const setup = await dialog({ title: t('acct.totp_start'), text: t('acct.totp_password'), ok: t('acct.next'), fields: [
+      { name: 'password', label: t('acct.current'), type: 'password', required: true, autocomplete: 'current-password' }],
+    submit: (v) => api('POST', '/api/v1/console/totp/setup', v) });
     if (!setup) return;
     const code = h('input', { inputmode: 'numeric', maxlength: 6, id: 'totp-code', autocomplete: 'one-time-code' });
     const e2 = h('div', { class: 'field-error', role: 'alert' });
