@@ -9,6 +9,7 @@ and ``schemas.py``):
 * ``cloud/operators``: the fleet, alarms, rental records, operator tokens;
 * ``cloud/alarms``: operators' alarms with a life (open, acknowledged, resolved), their rules and notifications;
 * ``cloud/fleet``: the console's fleet list and machine page (rows, charts from heartbeat samples, bulk price);
+* ``cloud/reports``: revenue, litres and sessions per day, machine and site;
 * ``cloud/dev``: development-only routes, never in production.
 
 Device endpoints are signed (see :mod:`contract.signing`); operator and phone endpoints take bearer tokens.
@@ -51,6 +52,8 @@ from cloud.operators.service import ROLES, Operators
 from cloud.ratelimit import RateLimiter
 from cloud.records import router as records
 from cloud.records.service import Records
+from cloud.reports import router as reports
+from cloud.reports.service import Reports
 from cloud.rewards import router as rewards
 from cloud.rewards.service import Rewards
 from cloud.schemas import HealthOut
@@ -83,7 +86,7 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
     install_handlers(app)
     app.add_api_route("/healthz", health, methods=["GET"], response_model=HealthOut, tags=["health"])
     for feature in (devices, sessions, accounts, wallet, rewards, operators, fleet, console, alarms, records, users,
-                    pages):
+                    pages, reports):
         app.include_router(feature.router)
     app.include_router(console.pages)
     if not settings.production:
@@ -137,7 +140,7 @@ def build_services(settings: CloudSettings) -> Services:
         rewards=Rewards(database), operators=operators, fleet=Fleet(database, operators, notify),
         console=ConsoleAuth(database, box), alarms=Alarms(database, alarm_settings, hub.connected, notifier),
         records=Records(database), users=Users(database, accounts.pii),
-        durable=DurableNonces(machines), development=development,
+        durable=DurableNonces(machines), development=development, reports=Reports(database),
         scans_by_network=RateLimiter(settings.scans_per_minute_per_network, 60_000),
         scans_by_machine=RateLimiter(settings.scans_per_minute_per_machine, 60_000))
 

@@ -25,6 +25,7 @@ from cloud.middleware import MAX_BODY_BYTES
 from cloud.operators.service import Operators
 from cloud.ratelimit import RateLimiter
 from cloud.records.service import Records
+from cloud.reports.service import Reports
 from cloud.rewards.service import Rewards
 from cloud.sessions.service import Sessions
 from cloud.settings import CloudSettings
@@ -55,6 +56,7 @@ class Services:
     scans_by_network: RateLimiter
     scans_by_machine: RateLimiter
     development: list[str]              # the development providers in use, named
+    reports: Reports
 
     def now(self) -> int:
         return self.settings.clock_ms()
