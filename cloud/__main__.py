@@ -5,6 +5,7 @@
     python -m cloud set-password NAME < password-file                      (to sign in to /console)
     python -m cloud new-key                                                (a server key for TAPSHARE_CLOUD_KEY)
     python -m cloud dev-user --phone 13800000000 --balance-fen 1000        (development only: a user and token)
+    python -m cloud demo-data                                              (development only: a demo fleet, once)
 
 The database is an embedded SQLite file in the data folder unless ``--database-url`` (or
 ``TAPSHARE_DATABASE_URL``) names another, e.g. ``postgresql+psycopg://user:pass@localhost/tapshare``.
@@ -41,7 +42,7 @@ def create_operator(database_url: str, name: str, role: str, valid_days: int | N
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cloud", description="Tapshare reference cloud service")
     sub = ap.add_subparsers(dest="cmd")
-    for name in ("serve", "create-operator", "set-password", "dev-user", "reconcile"):
+    for name in ("serve", "create-operator", "set-password", "dev-user", "reconcile", "demo-data"):
         sp = sub.add_parser(name)
         sp.add_argument("--database-url", default="")
         sp.add_argument("--data-dir", default="data/cloud")
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--phone", required=True)
     dev.add_argument("--balance-fen", type=int, default=1_000)
     dev.add_argument("--unregistered", action="store_true")
+    sub.choices["demo-data"].description = (
+        "Development only: seed a demo fleet (31 machines at 5 sites, 50 people, a week of sessions, alarms, gifts) "
+        "so every chart of the operators' console shows something, and print how to sign in to it. Once per "
+        "database: a second run changes nothing.")
     args = ap.parse_args(argv)
     if args.cmd == "new-key":
         print(secrets.token_bytes(32).hex())
@@ -98,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if cmd == "reconcile":
         return _reconcile(settings, args)
+    if cmd == "demo-data":
+        return _demo_data(settings)
     if cmd == "set-password":
         return _set_password(settings, args.name)
     if cmd == "create-operator":
@@ -138,6 +145,31 @@ def _set_password(settings: CloudSettings, name: str) -> int:
     finally:
         database.dispose()
     print(f"console password set for {name}: sign in at /console")
+    return 0
+
+
+def _demo_data(settings: CloudSettings) -> int:
+    from cloud.app import build_services
+    from cloud.dev.demo import DemoRefused, demo_admin, seed_demo
+    if settings.production:
+        print("error: the demo fleet is for development: it is refused in production mode (TAPSHARE_PRODUCTION=1), "
+              "where it would mix made-up sessions and money with real ones", file=sys.stderr)
+        return 1
+    t0 = time.monotonic()
+    svc = build_services(settings)
+    try:
+        counts = seed_demo(svc, settings.data_dir, time.time_ns() // 1_000_000)
+        name, password = demo_admin(svc, settings.data_dir, time.time_ns() // 1_000_000)
+    except DemoRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        svc.database.dispose()
+    print(f"demo fleet seeded in {time.monotonic() - t0:.1f} s: {counts['sessions']} sessions on "
+          f"{counts['commands']} start commands, {counts['machine_samples']} samples, "
+          f"{counts['balance_entries']} balance entries")
+    print(f"operators' console: {settings.public_url}/console  name: {name}  password: {password}  "
+          "(development only; the password is kept in the data folder)")
     return 0
 
 
