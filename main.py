@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--embedded-cloud", action="store_true",
                    help="with --simulate: run the reference cloud in this process (data in <data_dir>/cloud), "
                         "enrol this machine with it and serve the phone pages")
+    p.add_argument("--demo-fleet", action="store_true",
+                   help="with --embedded-cloud: on a fresh data folder, seed a demo fleet for the operators' console "
+                        "(python -m cloud demo-data) and print how to sign in to it")
     p.add_argument("--cloud-host", default="127.0.0.1", help="with --embedded-cloud: address to listen on")
     p.add_argument("--cloud-port", type=int, default=8700, help="with --embedded-cloud: port (0: any free port)")
     p.add_argument("--public-url", default="",
@@ -203,8 +206,14 @@ def start_embedded_cloud(cfg: config_mod.Config, args: argparse.Namespace):
                                  f"remove {cfg.data_dir} to start the simulation afresh")
     cfg = cfg.replace(cloud={"url": url, "public_url": embedded.public_url})
     link = embedded.demo_link(cfg.machine.id)
+    console = ""
+    if args.demo_fleet:
+        if secret is not None:
+            print("  seeding a demo fleet for the operators' console (first start) ...", flush=True)
+        name, password = embedded.demo_fleet(seed=secret is not None)
+        console = f"  Operators' console: {url}/console  name: {name}  password: {password}  (development only)\n"
     print(f"\n  Tapshare is running. Phone page for machine {cfg.machine.id} (open it in a browser):\n    {link}\n"
-          f"  (the QR code on the kiosk screen opens the same page; operators: {url}/docs)\n", flush=True)
+          f"  (the QR code on the kiosk screen opens the same page; operators: {url}/docs)\n{console}", flush=True)
     return embedded, cfg
 
 

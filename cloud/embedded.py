@@ -88,6 +88,18 @@ class EmbeddedCloud:
             raise EmbeddedCloudError(f"could not enrol {machine_id}: {e.text}")
         return bytes.fromhex(e.json()["secret_hex"])
 
+    def demo_fleet(self, seed: bool) -> tuple[str, str]:
+        """Development: seed the console's demo fleet (``python -m cloud demo-data``) when ``seed`` (a fresh data
+        folder), and return the development admin's name and password for the console."""
+        from cloud.dev.demo import DemoRefused, demo_admin, seed_demo
+        svc = self.app.state.services
+        if seed:
+            try:
+                seed_demo(svc, self.data_dir, time.time_ns() // 1_000_000)
+            except DemoRefused:
+                pass                     # there already: nothing to add
+        return demo_admin(svc, self.data_dir, time.time_ns() // 1_000_000)
+
     def demo_link(self, machine_id: str) -> str:
         """A link that always opens the machine's current QR page (development only: see /dev/qr)."""
         return f"{self.public_url}/dev/qr/{machine_id}"
