@@ -138,8 +138,9 @@ export function isoDay(ms) { return day(ms); }
 // ------------------------------------------------------------------ tables
 /** A table; columns ``{key, label, num, sort: false, render(row) -> node|string, title}``. Clicking a header
  *  sorts (numbers as numbers), or with ``onSort(key, dir)`` asks the server to (the rows are one page of many);
- *  ``select`` adds tick boxes and returns the set of ticked keys in ``.selected``. */
-export function table({ columns, rows, rowKey, empty, select, onRow, onSort, sortKey = '', sortDir = 1 }) {
+ *  ``select`` adds tick boxes and returns the set of ticked keys in ``.selected``; ``foot`` is a row (totals)
+ *  drawn under the body with the same columns, never sorted. */
+export function table({ columns, rows, rowKey, empty, select, onRow, onSort, sortKey = '', sortDir = 1, foot }) {
   const wrap = h('div', { class: 'tablewrap' });
   const selected = new Set();
   let key = sortKey; let dir = sortDir;
@@ -159,7 +160,9 @@ export function table({ columns, rows, rowKey, empty, select, onRow, onSort, sor
         return h('td', { class: c.num ? 'num' : (c.wrap ? 'wrap' : '') }, v ?? '–');
       })));
     for (const tr of body) if (onRow) tr.addEventListener('dblclick', () => onRow(sorted[body.indexOf(tr)]));
-    clear(wrap, h('table', {}, h('thead', {}, head), h('tbody', {}, body)),
+    const total = foot ? h('tfoot', {}, h('tr', {}, select ? h('td') : null, columns.map((c) => h('td', { class: c.num ? 'num' : '' },
+      (c.render ? c.render(foot) : foot[c.key]) ?? '')))) : null;
+    clear(wrap, h('table', {}, h('thead', {}, head), h('tbody', {}, body), total),
       rows.length ? null : h('div', { class: 'empty' }, empty || t('table.empty')));
     wrap.onselect?.(selected);
   };
