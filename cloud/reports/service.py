@@ -74,45 +74,56 @@ class Reports:
         self.db = db
 
     def report(self, first: date, last: date, by: str) -> dict[str, Any]:
-        """Every day of the period (for the chart), the rows of the grouping asked for, and the totals."""
+        """Every day of the period (for the chart), the rows of the grouping asked for, and the totals. Per machine
+        or site, one pass over the period's sessions gives both the days and the machines (by day and machine)."""
         lo, hi = day_start_ms(first), day_start_ms(last + timedelta(days=1))
+        keys = [DAY_KEY] if by == "day" else [DAY_KEY, t.sessions.c.machine_id]
+        by_day: dict[int, dict[str, int]] = {}
+        per_machine: dict[str, dict[str, int]] = {}
         with self.db.read() as conn:
-            by_day = self._sums(conn, DAY_KEY, lo, hi)
-            epoch = date(1970, 1, 1)
-            days = []
-            for n in range((last - first).days + 1):
-                d = first + timedelta(days=n)
-                days.append({"key": d.isoformat(), "day": d.isoformat(), "start_ms": day_start_ms(d),
-                             **by_day.get((d - epoch).days, _zero())})
-            if by == "day":
-                rows = days
-            else:
+            for key, figures in _sums(conn, keys, lo, hi).items():
+                _add(by_day.setdefault(key[0], _zero()), figures)
+                if by != "day":
+                    _add(per_machine.setdefault(key[1], _zero()), figures)
+            if by != "day":
                 m = t.machines.c
                 machines = conn.execute(select(m.machine_id, m.location, m.site).order_by(m.machine_id)).all()
-                per_machine = self._sums(conn, t.sessions.c.machine_id, lo, hi)
-                rows = [{"key": mid, "machine_id": mid, "location": loc, "site": site,
-                         **per_machine.get(mid, _zero())} for mid, loc, site in machines]
-                if by == "site":
-                    rows = _by_site(rows)
+        epoch = date(1970, 1, 1)
+        days = []
+        for n in range((last - first).days + 1):
+            d = first + timedelta(days=n)
+            days.append({"key": d.isoformat(), "day": d.isoformat(), "start_ms": day_start_ms(d),
+                         **by_day.get((d - epoch).days, _zero())})
+        rows = days
+        if by != "day":
+            rows = [{"key": mid, "machine_id": mid, "location": loc, "site": site, **per_machine.get(mid, _zero())}
+                    for mid, loc, site in machines]
+            if by == "site":
+                rows = _by_site(rows)
         totals = _zero()
         for d in days:
-            for f in FIGURES:
-                totals[f] += d[f]
+            _add(totals, d)
         return {"from_day": first.isoformat(), "to_day": last.isoformat(), "by": by, "timezone": "Asia/Shanghai",
                 "from_ms": lo, "to_ms": hi, "days": days, "rows": rows, "totals": totals}
 
-    def _sums(self, conn: Connection, key, lo: int, hi: int) -> dict[Any, dict[str, int]]:
-        """The figures of the settled sessions started in [lo, hi), grouped by ``key`` (a column or expression of
-        ``sessions``)."""
-        out: dict[Any, dict[str, int]] = {}
-        for k, n, fen, ml in conn.execute(sessions_query(key, lo, hi)):
-            out[k] = {**_zero(), "sessions": int(n), "revenue_fen": int(fen), "volume_ml": int(ml)}
-        for k, n, fen in conn.execute(refunds_query(key, lo, hi)):
-            figures = out.setdefault(k, _zero())
-            figures["refunded_sessions"], figures["refunded_fen"] = int(n), int(fen)
-        for figures in out.values():
-            figures["net_fen"] = figures["revenue_fen"] - figures["refunded_fen"]
-        return out
+
+def _sums(conn: Connection, keys: list, lo: int, hi: int) -> dict[tuple, dict[str, int]]:
+    """The figures of the settled sessions started in [lo, hi), grouped by ``keys`` (columns or expressions of
+    ``sessions``)."""
+    out: dict[tuple, dict[str, int]] = {}
+    for *key, n, fen, ml in conn.execute(sessions_query(keys, lo, hi)):
+        out[tuple(key)] = {**_zero(), "sessions": int(n), "revenue_fen": int(fen), "volume_ml": int(ml)}
+    for *key, n, fen in conn.execute(refunds_query(keys, lo, hi)):
+        figures = out.setdefault(tuple(key), _zero())
+        figures["refunded_sessions"], figures["refunded_fen"] = int(n), int(fen)
+    for figures in out.values():
+        figures["net_fen"] = figures["revenue_fen"] - figures["refunded_fen"]
+    return out
+
+
+def _add(into: dict[str, int], figures: dict[str, Any]) -> None:
+    for f in FIGURES:
+        into[f] += figures[f]
 
 
 DAY_KEY = (t.sessions.c.created_ms + CHINA_OFFSET_MS) // DAY_MS      # days since 1970-01-01 in China time
@@ -123,21 +134,29 @@ def _in_period(lo: int, hi: int):
     return and_(s.created_ms >= lo, s.created_ms < hi, s.state == "ended")
 
 
-def sessions_query(key, lo: int, hi: int) -> Select:
-    """Count, revenue and litres of the settled sessions started in [lo, hi) by ``key``: one aggregate over the
-    time index, grouped by the output column (so the grouping is the selected expression itself)."""
+def _grouped(keys: list) -> tuple[list, list]:
+    """The keys as output columns k0, k1, ... and the GROUP BY of those columns (so the grouping is the selected
+    expression itself, whatever its bound parameters)."""
+    return [k.label(f"k{i}") for i, k in enumerate(keys)], [literal_column(f"k{i}") for i in range(len(keys))]
+
+
+def sessions_query(keys: list, lo: int, hi: int) -> Select:
+    """Count, revenue and litres of the settled sessions started in [lo, hi) by ``keys``: one aggregate over the
+    time index."""
     s = t.sessions.c
-    return (select(key.label("k"), func.count(), func.coalesce(func.sum(s.fee_fen), 0),
-                   func.coalesce(func.sum(s.volume_ml), 0)).where(_in_period(lo, hi)).group_by(literal_column("k")))
+    columns, group = _grouped(keys)
+    return (select(*columns, func.count(), func.coalesce(func.sum(s.fee_fen), 0),
+                   func.coalesce(func.sum(s.volume_ml), 0)).where(_in_period(lo, hi)).group_by(*group))
 
 
-def refunds_query(key, lo: int, hi: int) -> Select:
-    """The refunds of those sessions by ``key``: sessions refunded and fen (refund entries are few: an index of
-    them by session makes this a small join; see the module's note)."""
+def refunds_query(keys: list, lo: int, hi: int) -> Select:
+    """The refunds of those sessions by ``keys``: sessions refunded and fen (refund entries are few: with an index
+    of them by session this is a short loop over the refunds; see the module's note)."""
     s, e = t.sessions.c, t.balance_entries.c
-    return (select(key.label("k"), func.count(distinct(e.session_id)), func.sum(e.amount_fen))
+    columns, group = _grouped(keys)
+    return (select(*columns, func.count(distinct(e.session_id)), func.sum(e.amount_fen))
             .select_from(t.balance_entries.join(t.sessions, s.session_id == e.session_id))
-            .where(e.kind == "refund", _in_period(lo, hi)).group_by(literal_column("k")))
+            .where(e.kind == "refund", _in_period(lo, hi)).group_by(*group))
 
 
 def _by_site(machine_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
