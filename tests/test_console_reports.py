@@ -19,7 +19,7 @@ from sqlalchemy import func, select, update
 from cloud import db as t
 from cloud.wallet.payments import CHINA
 from tests.cloudkit import CloudServer
-from tests.consolekit import WIDE, XSS, Console, goto, make_operator, open_console, shot
+from tests.consolekit import LONG_ADDRESS, WIDE, XSS, Console, goto, make_operator, open_console, shot
 from tests.test_cloud import start_session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,8 +52,8 @@ def known_sessions(cloud) -> dict[str, str]:
     not counted: S1 on the 17th at 00:00:00.000 (the period's end), and a start S1 refused (voided)."""
     s1, s2, s3 = cloud.provision("S1", price=200), cloud.provision("S2", price=300), cloud.provision("S3", price=150)
     with cloud.app.state.database.tx() as conn:
-        for machine_id, site in (("S1", SITE_A), ("S2", XSS)):
-            conn.execute(update(t.machines).where(t.machines.c.machine_id == machine_id).values(site=site))
+        for machine_id, values in (("S1", {"site": SITE_A}), ("S2", {"site": XSS}), ("S3", {"location": LONG_ADDRESS})):
+            conn.execute(update(t.machines).where(t.machines.c.machine_id == machine_id).values(**values))
     ann, bo = cloud.user("13800138101", balance_fen=5_000), cloud.user("13800138102", balance_fen=5_000)
     ids = {
         "a": pour(cloud, s1, ann, 450, 200, "2026-03-14T00:00:00.000"),
@@ -223,7 +223,7 @@ def test_the_reports_page_at_1920_and_the_named_periods(sqlite_cloud, browser):
         for name, first, last in (("7d", -6, 0), ("30d", -29, 0)):
             page.click(f"#period-{name}")
             page.wait_for_selector(f"#period-{name}[aria-current='true']")
-            page.wait_for_function("(n) => document.querySelectorAll('#page-reports tbody tr').length === n",
+            page.wait_for_function("(n) => document.querySelectorAll('#page-reports .tablewrap tbody tr').length === n",
                                    arg=last - first + 1)
             assert page.input_value("#to") == today
         page.click("#period-this_month")
@@ -250,19 +250,22 @@ def test_the_demo_fleet_fills_every_report_and_chart_once_and_never_in_productio
     assert again.returncode == 1 and "has the demo fleet already" in again.stderr
     assert "nothing was changed" in again.stderr
     with CloudServer(tmp_path / "cloud") as cloud:
-        week = cloud.op("GET", "/api/v1/operator/reports", params={"from": _day(-6), "to": _day(0), "by": "site"})
-        body = week.json()
-        assert all(d["sessions"] > 0 and d["revenue_fen"] > 0 for d in body["days"]), body["days"]
+        week = cloud.op("GET", "/api/v1/operator/reports", params={"from": _day(-6), "to": _day(0)}).json()
+        assert all(d["sessions"] > 0 and d["revenue_fen"] > 0 for d in week["days"]), week["days"]
+        books = cloud.op("GET", "/api/v1/operator/reports", params={"from": _day(-8), "to": _day(0), "by": "site"})
+        body = books.json()
         assert len(body["rows"]) == 6 and body["rows"][-1]["site"] == "" and body["totals"]["refunded_sessions"] == 4
-        books = cloud.op("GET", "/api/v1/operator/reports", params={"from": _day(-8), "to": _day(0)}).json()["totals"]
         with cloud.app.state.database.read() as conn:
             charged = -conn.execute(select(func.sum(t.balance_entries.c.amount_fen))
                                     .where(t.balance_entries.c.kind == "charge")).scalar()
-        assert books["revenue_fen"] == charged                                   # the report is the ledger's
+        assert body["totals"]["revenue_fen"] == charged                          # the report is the ledger's
         page = open_console(browser, cloud, "demo-admin", password=password, hash_="#/reports?period=7d")
         page.wait_for_selector("#report-totals")
         assert page.evaluate(CHART_INK, "#chart-revenue") > 2_000 and page.evaluate(CHART_INK, "#chart-litres") > 2_000
         shot(page, "reports-demo")
+        page.click("#by-machine")
+        page.wait_for_selector("tr[data-key='SH-RM-05']")
+        shot(page, "reports-demo-machine")
         assert page.errors == []
         page.context.close()
 

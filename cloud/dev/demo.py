@@ -119,7 +119,7 @@ class _Demo:
         for name, display, role in (("li.shenhe", "李审核", "reviewer"), ("zhang.yunying", "张运营", "operator"),
                                     ("chen.kan", "陈查看", "viewer")):
             self.svc.console.create(ADMIN, name, display, role, secrets.token_urlsafe(18), self.start - 29 * DAY_MS)
-        machines = self.machines()
+        machines = self.machines_made = self.machines()
         users = self.people()
         self.sessions(machines, users)
         self.events(machines)
@@ -128,8 +128,6 @@ class _Demo:
                 conn.execute(insert(t.metadata.tables[table]), rows)
             for user_id, points in self.points.items():
                 conn.execute(update(t.users).where(t.users.c.user_id == user_id).values(points=points))
-            for machine_id, values in self.changes.items():     # what the last heartbeat said, its site
-                conn.execute(update(t.machines).where(t.machines.c.machine_id == machine_id).values(**values))
         self.after()
         counts = {table: len(rows) for table, rows in self.rows.items()}
         with self.svc.database.tx() as conn:
@@ -149,28 +147,36 @@ class _Demo:
                     "per_day": 1.5, "price": 200})
         for i, m in enumerate(out):
             m.update(tds=self.rng.randint(35, 90), temp=self.rng.uniform(9.5, 12.5), boot=self.rng.randint(1, 6),
-                     seq=0, version="0.2.0" if i % 7 else "0.1.9", offline=i in (5, 17))
+                     seq=0, version="0.2.0" if i % 7 else "0.1.9", offline=i in (5, 17),
+                     filter=(self.rng.randint(150, 1_850), self.rng.randint(5, 84)))
             token = self.svc.machines.provision(ADMIN, m["machine_id"], m["location"], m["price"], p.Limits(), made)
             self.svc.machines.enroll(m["machine_id"], token, made + 3_600_000)
-        out[23]["tds"] = 160                   # a filter near its end: TDS climbing over the week
+        out[23].update(tds=420, filter=(1_930, 86))     # a filter at its end: TDS climbing over the week
         return out
 
-    def heartbeat(self, m: dict[str, Any], state: str = "idle", lockouts: tuple[str, ...] = ()) -> dict[str, Any]:
-        return p.HeartbeatMsg(state=state, valve_open=False, temp_c=round(m["temp"], 1), tds_ppm=m["tds"],
-                              outbox_depth=3 if m["offline"] else 0, totalizer_pulses=m["seq"] * 400_000,
-                              lockouts=list(lockouts), software_version=m["version"], boot_id=m["boot"],
-                              dead_letters=1 if m["machine_id"] == "SH-ZJ-02" else 0,
-                              uptime_s=3 * 86_400).model_dump()
+    def heartbeat(self, m: dict[str, Any], lockouts: tuple[str, ...] = (), **changes: Any) -> dict[str, Any]:
+        filter_l, filter_days = m["filter"]
+        consumables = [
+            p.ConsumableMsg(kind="filter", used_l=filter_l, life_l=2_000, used_days=filter_days, life_days=90,
+                            used_permille=max(filter_l // 2, filter_days * 1000 // 90),
+                            due=max(filter_l // 2, filter_days * 1000 // 90) >= 900),
+            p.ConsumableMsg(kind="uv_lamp", used_l=0, life_l=0, used_days=filter_days + 40, life_days=365,
+                            used_permille=(filter_days + 40) * 1000 // 365, due=False)]
+        return p.HeartbeatMsg(**{**dict(
+            state="out_of_service" if lockouts else "idle", valve_open=False, temp_c=round(m["temp"], 1),
+            tds_ppm=m["tds"], outbox_depth=3 if m["offline"] else 0, totalizer_pulses=m["seq"] * 400_000,
+            lockouts=list(lockouts), software_version=m["version"], boot_id=m["boot"],
+            dead_letters=1 if m["machine_id"] == "SH-ZJ-02" else 0, uptime_s=3 * 86_400, consumables=consumables,
+            price_fen_per_l=m["price"]), **changes}).model_dump()
 
     def samples(self, m: dict[str, Any], until_ms: int) -> None:
         phase = self.rng.uniform(0, 2 * math.pi)
         for at in range(self.start, until_ms, 5 * MIN_MS):
             day_part = math.sin(2 * math.pi * ((at + 8 * 3_600_000) % DAY_MS) / DAY_MS + phase)
-            drift = (at - self.start) / (DAYS * DAY_MS) * (150 if m["tds"] > 120 else 6)
+            climb = (at - until_ms) / (DAYS * DAY_MS) * (m["tds"] - 60 if m["tds"] > 120 else 6)   # to its last
             self.add("machine_samples", machine_id=m["machine_id"], at_ms=at,
                      temp_c=round(m["temp"] + 1.4 * day_part + self.rng.gauss(0, 0.15), 1),
-                     tds_ppm=max(5, int(m["tds"] - 150 + drift if m["tds"] > 120 else m["tds"] + drift)
-                                 + self.rng.randint(-3, 3)), outbox_depth=0, dead_letters=0)
+                     tds_ppm=max(5, int(m["tds"] + climb) + self.rng.randint(-3, 3)), outbox_depth=0, dead_letters=0)
 
     # ---------------------------------------------------------------- people, their identities and top-ups
     def people(self) -> list[str]:
@@ -336,27 +342,10 @@ class _Demo:
                     "error": "rejected by the cloud: malformed tech_pour report"})
         self.event(by_id["HZ-XH-02"], p.EventKind.CONSUMABLE_REPLACED, self.now - 3 * DAY_MS,
                    {"kind": "filter", "actor": "tech-wang"})
-        alarms = [("leak", leak, "critical", "open", leak_at, {"lockout": "leak_sensor"}),
-                  ("ghost_flow", ghost, "critical", "acknowledged", ghost_at, {"ghost_ml": 213}),
-                  ("tds", by_id["SH-ZJ-06"], "warning", "open", self.now - 9 * 3_600_000, {"tds_ppm": 312}),
-                  ("temperature", by_id["HZ-WK-04"], "warning", "resolved", self.now - 4 * DAY_MS, {"temp_c": 31.5})]
-        for rule, m, severity, state, at, detail in alarms:
-            resolved = state == "resolved"
-            self.add("operator_alarms", rule=rule, machine_id=m["machine_id"], severity=severity, state=state,
-                     open_key=None if resolved else f"{rule}:{m['machine_id']}", detail=detail, opened_ms=at,
-                     last_ms=at + (2 * 3_600_000 if resolved else self.now - at - 60_000),
-                     acked_ms=at + 20 * MIN_MS if state != "open" else None,
-                     acked_by="zhang.yunying" if state != "open" else None,
-                     ack_note="已通知现场维修人员，预计两小时内到场" if state != "open" else None,
-                     resolved_ms=at + 2 * 3_600_000 if resolved else None, resolved_by="system" if resolved else None,
-                     resolve_note=None)
-        hb_changes = {leak["machine_id"]: ("out_of_service", ("leak_sensor",)),
-                      ghost["machine_id"]: ("out_of_service", ("ghost_flow",))}
+        self.locked = {leak["machine_id"]: ("leak_sensor",), ghost["machine_id"]: ("ghost_flow",)}
         for m in machines:
-            state, lockouts = hb_changes.get(m["machine_id"], ("idle", ()))
             self.changes[m["machine_id"]] = {"site": m["site"], "hotline": "400-820-5678",
-                                             "last_seen_ms": m["last_seen"],
-                                             "heartbeat": self.heartbeat(m, state, lockouts)}
+                                             "last_seen_ms": m["last_seen"], "heartbeat": self.heartbeat(m)}
 
     def event(self, m: dict[str, Any], kind: p.EventKind, at: int, detail: dict[str, Any]) -> None:
         m["seq"] += 1
@@ -384,6 +373,28 @@ class _Demo:
             if n % 3 == 0:
                 self.svc.rewards.picked_up("zhang.yunying", r["redemption_id"], self.now - n * 5 * 3_600_000)
         self.svc.operators.change_machine("zhang.yunying", "SH-RM-01", {"price_fen_per_l": 280}, self.now - 40 * MIN_MS)
+        self.alarms()
+
+    def alarms(self) -> None:
+        """The alarms as the rules open them from the heartbeats: a machine too warm 4 days ago (resolved when it
+        cooled), then what the heartbeats say now (a leak, ghost flow, TDS, a dead-lettered report, two machines
+        silent, filters due); operators acknowledge two."""
+        hot, at = next(m for m in self.machines_made if m["machine_id"] == "HZ-WK-04"), self.now - 4 * DAY_MS
+        for hb, seen in ((self.heartbeat(hot, temp_c=31.5), at), (self.heartbeat(hot), at + 2 * 3_600_000)):
+            with self.svc.database.tx() as conn:
+                conn.execute(update(t.machines).where(t.machines.c.machine_id == hot["machine_id"])
+                             .values(heartbeat=hb, last_seen_ms=seen))
+            self.svc.alarms.check(seen + MIN_MS)
+        with self.svc.database.tx() as conn:
+            for machine_id, values in self.changes.items():
+                if machine_id in self.locked:
+                    m = next(x for x in self.machines_made if x["machine_id"] == machine_id)
+                    values = {**values, "heartbeat": self.heartbeat(m, self.locked[machine_id])}
+                conn.execute(update(t.machines).where(t.machines.c.machine_id == machine_id).values(**values))
+        self.svc.alarms.check(self.now)
+        for rule, note in (("ghost_flow", "已通知现场维修人员，预计两小时内到场"), ("tds", "滤芯已订购，明天上午更换")):
+            case = self.svc.alarms.cases("open", None, rule, 1, None)["alarms"][0]
+            self.svc.alarms.acknowledge("zhang.yunying", case["alarm_id"], note, self.now - 10 * MIN_MS)
 
 
 def _iso(ms: int) -> str:

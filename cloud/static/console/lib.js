@@ -185,19 +185,23 @@ export function csvLink(path, params) {
 }
 
 // ------------------------------------------------------------------ charts
-/** A line or bar chart of time series: ``xs`` in ms, ``series`` [{label, values, color, unit}]. Resizes with its box. */
-export function chart(el, { xs, series, height = 240, bars = false }) {
+/** A line or bar chart of time series: ``xs`` in ms, ``series`` [{label, values, color, unit}]. Resizes with its box.
+ *  Bars stand on zero. ``days``: one value per day (``xs`` the days' starts): ticks and the legend name days, and
+ *  the first and last bars are whole. */
+export function chart(el, { xs, series, height = 240, bars = false, days = false }) {
   el.classList.add('chart');
   const width = Math.max(320, el.clientWidth || 600);
   const opts = {
     width, height,
     tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), state.tz),
-    scales: { x: { time: true } },
+    scales: { x: { time: true, range: days ? (u, lo, hi) => [lo - 43200, hi + 43200] : undefined },
+      ...(bars ? Object.fromEntries(series.map((s) => [s.unit, { range: (u, lo, hi) => uPlot.rangeNum(0, Math.max(hi, 1), 0.1, true) }])) : {}) },
     legend: { live: true },
-    axes: [{ stroke: '#56626e', grid: { stroke: '#eef1f4' } },
+    axes: [{ stroke: '#56626e', grid: { stroke: '#eef1f4' },
+      ...(days ? { incrs: [86400, 2 * 86400, 7 * 86400, 14 * 86400, 28 * 86400], values: (u, ts) => ts.map((x) => day(x * 1000).slice(5)) } : {}) },
       ...series.slice(0, 2).map((s, i) => ({ scale: s.unit, side: i ? 1 : 3, stroke: s.color, grid: { show: i === 0, stroke: '#eef1f4' },
         values: (u, vals) => vals.map((v) => `${v}${s.unit ? ` ${s.unit}` : ''}`), size: axisSize }))],
-    series: [{ label: t('chart.time') }, ...series.map((s) => ({
+    series: [days ? { label: t('chart.day'), value: (u, x) => (x === null ? '–' : day(x * 1000)) } : { label: t('chart.time') }, ...series.map((s) => ({
       label: s.label, stroke: s.color, width: 2, scale: s.unit, spanGaps: false,
       fill: bars ? `${s.color}55` : undefined, points: bars ? { show: false } : undefined,
       paths: bars ? uPlot.paths.bars({ size: [0.7, 40] }) : undefined,
@@ -288,12 +292,12 @@ export function heading(title, ...actions) {
 
 addStrings({
   zh: {
-    ok: '确定', cancel: '取消', csv: '导出 CSV', 'chart.time': '时间', 'table.empty': '没有记录', 'table.all': '全选', loading: '加载中…',
+    ok: '确定', cancel: '取消', csv: '导出 CSV', 'chart.time': '时间', 'chart.day': '日期', 'table.empty': '没有记录', 'table.all': '全选', loading: '加载中…',
     'err.network': '网络错误，请检查连接后重试', 'err.required': '请填写：{field}',
     'time.never': '从未', 'time.seconds': '{n} 秒前', 'time.minutes': '{n} 分钟前', 'time.hours': '{n} 小时前', 'time.days': '{n} 天前',
   },
   en: {
-    ok: 'OK', cancel: 'Cancel', csv: 'Export CSV', 'chart.time': 'Time', 'table.empty': 'Nothing here', 'table.all': 'Select all', loading: 'Loading…',
+    ok: 'OK', cancel: 'Cancel', csv: 'Export CSV', 'chart.time': 'Time', 'chart.day': 'Day', 'table.empty': 'Nothing here', 'table.all': 'Select all', loading: 'Loading…',
     'err.network': 'Network error: check the connection and try again', 'err.required': 'Please fill in: {field}',
     'time.never': 'never', 'time.seconds': '{n} s ago', 'time.minutes': '{n} min ago', 'time.hours': '{n} h ago', 'time.days': '{n} days ago',
   },

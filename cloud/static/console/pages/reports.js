@@ -6,7 +6,7 @@ import { t, addStrings, api, h, clear, table, heading, fen, litres, qs, csvLink,
 addStrings({
   zh: {
     'rep.title': '报表', 'rep.this_month': '本月', 'rep.last_month': '上月', 'rep.7d': '最近 7 天', 'rep.30d': '最近 30 天',
-    'rep.from': '开始日期', 'rep.to': '结束日期（含）', 'rep.show': '查询', 'rep.period': '{from} 至 {to}（北京时间），共 {n} 天',
+    'rep.from': '开始日期', 'rep.to': '结束日期（含）', 'rep.show': '查询', 'rep.period': '{from} 至 {to}（北京时间），共 {n} 天。',
     'rep.by_day': '按日', 'rep.by_machine': '按设备', 'rep.by_site': '按站点',
     'rep.day': '日期', 'rep.machine': '设备', 'rep.location': '位置', 'rep.site': '站点', 'rep.machines': '设备数',
     'rep.sessions': '用水次数', 'rep.litres': '用水量', 'rep.revenue': '收入', 'rep.refunds': '退款', 'rep.net': '净收入',
@@ -16,13 +16,13 @@ addStrings({
   },
   en: {
     'rep.title': 'Reports', 'rep.this_month': 'This month', 'rep.last_month': 'Last month', 'rep.7d': 'Last 7 days', 'rep.30d': 'Last 30 days',
-    'rep.from': 'From', 'rep.to': 'To (incl.)', 'rep.show': 'Show', 'rep.period': '{from} to {to} (China time), {n} days',
+    'rep.from': 'From', 'rep.to': 'To (incl.)', 'rep.show': 'Show', 'rep.period': '{from} to {to} (China time), {n} days.',
     'rep.by_day': 'By day', 'rep.by_machine': 'By machine', 'rep.by_site': 'By site',
     'rep.day': 'Day', 'rep.machine': 'Machine', 'rep.location': 'Location', 'rep.site': 'Site', 'rep.machines': 'Machines',
     'rep.sessions': 'Sessions', 'rep.litres': 'Water', 'rep.revenue': 'Revenue', 'rep.refunds': 'Refunds', 'rep.net': 'Net revenue',
     'rep.refunded': '{fen} ({n})', 'rep.total': 'Total', 'rep.nosite': 'No site',
     'rep.chart_revenue': 'Revenue per day (CNY)', 'rep.chart_litres': 'Water per day (litres)', 'rep.yuan': 'CNY',
-    'rep.note': 'Settled sessions, on the day they started; a refund counts on its session\u2019s day, machine and site.',
+    'rep.note': 'Settled sessions, on the day they started; a refund counts on the day, machine and site of its session.',
   },
 });
 
@@ -87,9 +87,9 @@ export async function render(root, parts, query) {
     tabs, table({ rows: r.rows, rowKey: 'key', columns: columns(by), foot: { ...tot, key: '', total: true },
       sortKey: by === 'day' ? 'day' : by === 'machine' ? 'machine_id' : '' }));
   const xs = r.days.map((d) => d.start_ms);
-  chart(revenueChart, { xs, bars: true, height: 220,
+  chart(revenueChart, { xs, bars: true, days: true, height: 220,
     series: [{ label: t('rep.revenue'), values: r.days.map((d) => d.revenue_fen / 100), color: '#0a66c2', unit: t('rep.yuan') }] });
-  chart(litresChart, { xs, bars: true, height: 220,
+  chart(litresChart, { xs, bars: true, days: true, height: 220,
     series: [{ label: t('rep.litres'), values: r.days.map((d) => Math.round(d.volume_ml / 100) / 10), color: '#1a7f37', unit: 'L' }] });
 }
 
