@@ -16,9 +16,10 @@ What counts, exactly:
   the sessions of the period finally earned; a refund given today for last month's pour changes last month.
 * A machine counts at its **current site** (``machines.site``; an empty site is "no site").
 
-The figures are two aggregate queries on the sessions' time index (``sessions_by_time``) for the period, one for
-the sessions and one for their refunds (the refunds query wants an index on ``balance_entries`` refund rows by
-session; see the benchmark ``bench/bench_console.py``).
+The figures are aggregate queries over the period on the sessions' time index (``sessions_by_time``): the
+sessions and their refunds by day, and per machine or site the same by machine. The refunds query wants an index
+of the refund entries by session, and a covering index of settled sessions by time makes the sessions' aggregates
+index-only scans (see ``bench/bench_console.py``, which measures both, and the README).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import re
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Select, and_, distinct, func, literal_column, select
+from sqlalchemy import BigInteger, Connection, Select, and_, cast, distinct, func, literal_column, select
 
 from cloud import db as t
 from cloud.db import Database
@@ -75,17 +76,13 @@ class Reports:
 
     def report(self, first: date, last: date, by: str) -> dict[str, Any]:
         """Every day of the period (for the chart), the rows of the grouping asked for, and the totals. Per machine
-        or site, one pass over the period's sessions gives both the days and the machines (by day and machine)."""
+        or site, a second aggregate by machine (two aggregates of a few hundred rows each are cheaper than one by
+        day and machine, which a month of a large fleet makes tens of thousands of rows)."""
         lo, hi = day_start_ms(first), day_start_ms(last + timedelta(days=1))
-        keys = [DAY_KEY] if by == "day" else [DAY_KEY, t.sessions.c.machine_id]
-        by_day: dict[int, dict[str, int]] = {}
-        per_machine: dict[str, dict[str, int]] = {}
         with self.db.read() as conn:
-            for key, figures in _sums(conn, keys, lo, hi).items():
-                _add(by_day.setdefault(key[0], _zero()), figures)
-                if by != "day":
-                    _add(per_machine.setdefault(key[1], _zero()), figures)
+            by_day = _sums(conn, DAY_KEY, lo, hi)
             if by != "day":
+                per_machine = _sums(conn, t.sessions.c.machine_id, lo, hi)
                 m = t.machines.c
                 machines = conn.execute(select(m.machine_id, m.location, m.site).order_by(m.machine_id)).all()
         epoch = date(1970, 1, 1)
@@ -107,15 +104,15 @@ class Reports:
                 "from_ms": lo, "to_ms": hi, "days": days, "rows": rows, "totals": totals}
 
 
-def _sums(conn: Connection, keys: list, lo: int, hi: int) -> dict[tuple, dict[str, int]]:
-    """The figures of the settled sessions started in [lo, hi), grouped by ``keys`` (columns or expressions of
+def _sums(conn: Connection, key, lo: int, hi: int) -> dict[Any, dict[str, int]]:
+    """The figures of the settled sessions started in [lo, hi), grouped by ``key`` (a column or expression of
     ``sessions``)."""
-    out: dict[tuple, dict[str, int]] = {}
-    for *key, n, fen, ml in conn.execute(sessions_query(keys, lo, hi)):
-        out[tuple(key)] = {**_zero(), "sessions": int(n), "revenue_fen": int(fen), "volume_ml": int(ml)}
-    for *key, n, fen in conn.execute(refunds_query(keys, lo, hi)):
-        figures = out.setdefault(tuple(key), _zero())
-        figures["refunded_sessions"], figures["refunded_fen"] = int(n), int(fen)
+    out: dict[Any, dict[str, int]] = {}
+    for k, n, fen, ml in conn.execute(sessions_query(key, lo, hi)):
+        out[k] = {**_zero(), "sessions": n, "revenue_fen": fen, "volume_ml": ml}
+    for k, n, fen in conn.execute(refunds_query(key, lo, hi)):
+        figures = out.setdefault(k, _zero())
+        figures["refunded_sessions"], figures["refunded_fen"] = n, fen
     for figures in out.values():
         figures["net_fen"] = figures["revenue_fen"] - figures["refunded_fen"]
     return out
@@ -134,29 +131,26 @@ def _in_period(lo: int, hi: int):
     return and_(s.created_ms >= lo, s.created_ms < hi, s.state == "ended")
 
 
-def _grouped(keys: list) -> tuple[list, list]:
-    """The keys as output columns k0, k1, ... and the GROUP BY of those columns (so the grouping is the selected
-    expression itself, whatever its bound parameters)."""
-    return [k.label(f"k{i}") for i, k in enumerate(keys)], [literal_column(f"k{i}") for i in range(len(keys))]
+def _total(column):
+    """A sum as a whole number (PostgreSQL sums a bigint as numeric), 0 for none."""
+    return cast(func.coalesce(func.sum(column), 0), BigInteger)
 
 
-def sessions_query(keys: list, lo: int, hi: int) -> Select:
-    """Count, revenue and litres of the settled sessions started in [lo, hi) by ``keys``: one aggregate over the
-    time index."""
+def sessions_query(key, lo: int, hi: int) -> Select:
+    """Count, revenue and litres of the settled sessions started in [lo, hi) by ``key``: one aggregate over the
+    time index, grouped by its output column (so the grouping is the selected expression itself)."""
     s = t.sessions.c
-    columns, group = _grouped(keys)
-    return (select(*columns, func.count(), func.coalesce(func.sum(s.fee_fen), 0),
-                   func.coalesce(func.sum(s.volume_ml), 0)).where(_in_period(lo, hi)).group_by(*group))
+    return (select(key.label("k"), func.count(), _total(s.fee_fen), _total(s.volume_ml))
+            .where(_in_period(lo, hi)).group_by(literal_column("k")))
 
 
-def refunds_query(keys: list, lo: int, hi: int) -> Select:
-    """The refunds of those sessions by ``keys``: sessions refunded and fen (refund entries are few: with an index
+def refunds_query(key, lo: int, hi: int) -> Select:
+    """The refunds of those sessions by ``key``: sessions refunded and fen (refund entries are few: with an index
     of them by session this is a short loop over the refunds; see the module's note)."""
     s, e = t.sessions.c, t.balance_entries.c
-    columns, group = _grouped(keys)
-    return (select(*columns, func.count(distinct(e.session_id)), func.sum(e.amount_fen))
+    return (select(key.label("k"), func.count(distinct(e.session_id)), _total(e.amount_fen))
             .select_from(t.balance_entries.join(t.sessions, s.session_id == e.session_id))
-            .where(e.kind == "refund", _in_period(lo, hi)).group_by(*group))
+            .where(e.kind == "refund", _in_period(lo, hi)).group_by(literal_column("k")))
 
 
 def _by_site(machine_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
