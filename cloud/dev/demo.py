@@ -54,7 +54,7 @@ SITES = [
     ("杭州滨江网商路园区", "浙江省杭州市滨江区网商路699号阿里巴巴滨江园区", "HZ-BJ", 32, 180),
     ("杭州未来科技城", "浙江省杭州市余杭区文一西路1818号未来科技城海创园", "HZ-WK", 18, 150),
     ("上海张江科学城", "上海市浦东新区张江高科技园区碧波路690号", "SH-ZJ", 22, 250),
-    ("上海人民广场", "上海市黄浦区人民大道120号人民广场地铁站", "SH-RM", 40, 300),
+    ("上海人民广场", "上海市黄浦区人民大道120号人民广场地铁站", "SH-RM", 40, 280),
 ]
 SPOTS = ["一号楼一层大堂东侧饮水点", "二号楼三层茶水间入口右侧", "B1层地下通道中段立柱旁", "南门保安亭北侧十米",
          "三号楼五层电梯厅对面", "地铁2号口出站闸机外侧"]
@@ -142,7 +142,7 @@ class _Demo:
             for n, spot in enumerate(SPOTS, 1):
                 out.append({"machine_id": f"{prefix}-{n:02d}", "site": site, "location": address + spot,
                             "per_day": per_day * self.rng.uniform(0.6, 1.3),
-                            "price": price + self.rng.choice((-20, 0, 0, 0, 20))})
+                            "price": min(300, max(150, price + self.rng.choice((-20, 0, 0, 0, 20))))})
         out.append({"machine_id": "WS-TEST-01", "site": "", "location": "杭州市拱墅区莫干山路运维中心二楼测试台",
                     "per_day": 1.5, "price": 200})
         for i, m in enumerate(out):
@@ -372,7 +372,9 @@ class _Demo:
                 continue                         # not enough points or out of stock: as in life
             if n % 3 == 0:
                 self.svc.rewards.picked_up("zhang.yunying", r["redemption_id"], self.now - n * 5 * 3_600_000)
-        self.svc.operators.change_machine("zhang.yunying", "SH-RM-01", {"price_fen_per_l": 280}, self.now - 40 * MIN_MS)
+        rm01 = next(m for m in self.machines_made if m["machine_id"] == "SH-RM-01")    # its screen: the old price
+        self.svc.operators.change_machine("zhang.yunying", "SH-RM-01", {"price_fen_per_l": rm01["price"] - 20},
+                                          self.now - 40 * MIN_MS)
         self.alarms()
 
     def alarms(self) -> None:
