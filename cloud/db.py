@@ -297,6 +297,8 @@ balance_entries = Table(
     Column("created_ms", BigInteger, nullable=False),
     Index("balance_by_user", "user_id"),
     Index("balance_by_session", "session_id"),            # a session's hold, charge and refunds
+    Index("balance_refunds_by_session", "session_id",     # the reports' refunds, without the holds and charges
+          postgresql_where=text("kind = 'refund'"), sqlite_where=text("kind = 'refund'")),
 )
 
 sessions = Table(
@@ -325,6 +327,9 @@ sessions = Table(
     Index("sessions_by_state", "state", "deadline_ms"),      # the void and reconciliation sweeps
     Index("sessions_by_time", "created_ms"),                  # the console's searches and reports
     Index("sessions_by_user_time", "user_id", "created_ms"),
+    Index("sessions_settled_by_time", "created_ms",           # a month's report read from the index alone
+          postgresql_include=["machine_id", "fee_fen", "volume_ml"], postgresql_where=text("state = 'ended'"),
+          sqlite_where=text("state = 'ended'")),
 )
 
 reports = Table(       # idempotency: the first response to (machine, event id) is stored and replayed

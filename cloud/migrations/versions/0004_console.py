@@ -87,6 +87,11 @@ def upgrade() -> None:
     op.create_index("sessions_by_time", "sessions", ["created_ms"], unique=False)
     op.create_index("sessions_by_user_time", "sessions", ["user_id", "created_ms"], unique=False)
     op.create_index("balance_by_session", "balance_entries", ["session_id"], unique=False)
+    op.create_index("balance_refunds_by_session", "balance_entries", ["session_id"], unique=False,
+                    postgresql_where=sa.text("kind = 'refund'"), sqlite_where=sa.text("kind = 'refund'"))
+    op.create_index("sessions_settled_by_time", "sessions", ["created_ms"], unique=False,
+                    postgresql_include=["machine_id", "fee_fen", "volume_ml"],
+                    postgresql_where=sa.text("state = 'ended'"), sqlite_where=sa.text("state = 'ended'"))
     op.create_index("users_by_created", "users", ["created_ms"], unique=False)
     op.create_index("audit_by_time", "audit_log", ["at_ms"], unique=False)
     op.create_index("audit_by_operator", "audit_log", ["operator_id", "at_ms"], unique=False)
@@ -96,6 +101,8 @@ def downgrade() -> None:
     op.drop_index("audit_by_operator", table_name="audit_log")
     op.drop_index("audit_by_time", table_name="audit_log")
     op.drop_index("users_by_created", table_name="users")
+    op.drop_index("sessions_settled_by_time", table_name="sessions")
+    op.drop_index("balance_refunds_by_session", table_name="balance_entries")
     op.drop_index("balance_by_session", table_name="balance_entries")
     op.drop_index("sessions_by_user_time", table_name="sessions")
     op.drop_index("sessions_by_time", table_name="sessions")
