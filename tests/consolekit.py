@@ -6,6 +6,8 @@ Screenshots go to ``tests/screenshots/console``, named ``<name>-<lang>-<width>.p
 
 from __future__ import annotations
 
+import csv
+import io
 import secrets
 from pathlib import Path
 
@@ -137,3 +139,13 @@ def shot(page, name: str, full: bool = True) -> Path:
     assert_accessible(page, path.name)
     assert not page.evaluate("() => window.__xss"), "a user-controlled string ran as script"
     return path
+
+
+def download_csv(page, link: str = "a:has-text('导出 CSV')") -> list[list[str]]:
+    """Click a CSV link as a person does and read the file the browser saved: it starts with a byte-order mark
+    (Excel reads Chinese right only then), and its rows come back parsed."""
+    with page.expect_download() as dl:
+        page.click(link)
+    raw = Path(dl.value.path()).read_bytes()
+    assert raw.startswith("\ufeff".encode()), "a CSV for Excel starts with a byte-order mark"
+    return list(csv.reader(io.StringIO(raw.decode("utf-8-sig"))))

@@ -3,16 +3,13 @@ not: identity review (the full name and number, the photo viewed on purpose and 
 with a reason the person sees), gifts (catalogue, restock, pickup codes handed over once) and the audit log
 (filters, paging, CSV)."""
 
-import csv
-import io
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
 
 from cloud import db as t
 from tests.cloudkit import CloudServer, resident_id
-from tests.consolekit import WIDE, XSS, Console, goto, make_operator, open_console, shot
+from tests.consolekit import WIDE, XSS, Console, download_csv, goto, make_operator, open_console, shot
 
 LONG_GIFT = {"name_zh": "定制款不锈钢真空保温杯（五百毫升，附赠杯套与清洁刷）",
              "name_en": "Custom stainless-steel vacuum flask (500 ml, with sleeve and cleaning brush)"}
@@ -177,10 +174,7 @@ def test_an_admin_reads_filters_pages_and_exports_the_audit_log(cloud, browser):
     page.wait_for_function("() => document.querySelectorAll('#page-audit tbody tr').length === 1")
     assert "v007" in page.inner_text("#page-audit tbody")
     shot(page, "audit")
-    with page.expect_download() as dl:
-        page.click("a:has-text('导出 CSV')")
-    text = Path(dl.value.path()).read_text(encoding="utf-8-sig")
-    rows = list(csv.reader(io.StringIO(text)))
+    rows = download_csv(page)
     assert rows[0] == ["id", "at_utc", "operator_id", "action", "target", "detail"]
     assert len(rows) == 2 and rows[1][3:5] == ["operator_created", "v007"]
     page.context.close()

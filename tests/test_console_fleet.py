@@ -10,7 +10,6 @@ import csv
 import io
 import math
 import time
-from pathlib import Path
 
 import pytest
 from sqlalchemy import insert, select
@@ -21,7 +20,7 @@ from cloud.app import _prune
 from cloud.fleet.samples import SAMPLE_EVERY_MS, SAMPLES_KEEP_MS
 from cloud.fleet.service import CONSUMABLES_KEY, DISPLAYED_PRICE_KEY, fleet_row
 from tests.cloudkit import PG_URL, CloudServer
-from tests.consolekit import LONG_ADDRESS, WIDE, XSS, Console, goto, make_operator, open_console, shot
+from tests.consolekit import LONG_ADDRESS, WIDE, XSS, Console, download_csv, goto, make_operator, open_console, shot
 
 HOUR_MS = 3_600_000
 MIN_MS = 60_000
@@ -202,11 +201,8 @@ def test_the_fleet_page_filters_sorts_searches_and_downloads_what_it_shows(fleet
 
     fleet.alive()
     search(page, online="offline")
-    with page.expect_download() as dl:
-        page.click("#page-fleet a:has-text('导出 CSV')")
-    raw = Path(dl.value.path()).read_bytes()
-    assert raw.startswith("\ufeff".encode())
-    rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8-sig"))))
+    header, *body = download_csv(page, "#page-fleet a:has-text('导出 CSV')")
+    rows = [dict(zip(header, r, strict=True)) for r in body]
     assert [r["machine_id"] for r in rows] == ["S3", "S4"]                   # every row of the search, sorted
     assert rows[0]["location"] == XSS and rows[0]["temp_c"] == "11.0" and rows[0]["online"] == "false"
     assert rows[0]["last_seen_utc"].endswith("Z") and rows[1]["last_seen_utc"] == ""

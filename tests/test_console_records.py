@@ -3,10 +3,7 @@ signed DeviceClient, and a simulated dispenser that really pours), searched by m
 amount, paged, exported as CSV; a record with its flow chart, refunded through the page; a session stuck open closed
 by an operator (the hold released, a late report billed once); what each role is neither shown nor allowed."""
 
-import csv
-import io
 import itertools
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -14,7 +11,7 @@ from sqlalchemy import select
 from cloud import db as t
 from cloud.records.service import flow_chart
 from tests.cloudkit import CloudServer
-from tests.consolekit import LONG_ADDRESS, WIDE, XSS, Console, goto, make_operator, open_console, shot
+from tests.consolekit import LONG_ADDRESS, WIDE, XSS, Console, download_csv, goto, make_operator, open_console, shot
 from tests.test_cloud import start_session
 from tests.test_sync import Dispenser, buy_water
 from tests.util import wait_until
@@ -115,10 +112,7 @@ def test_an_operator_searches_pages_filters_and_exports_sessions(world, browser)
     page.fill("[name=min]", "2")
     page.click("#session-filters button[type=submit]")
     page.wait_for_function("() => document.querySelectorAll('#page-sessions tbody tr').length === 50")
-    with page.expect_download() as dl:
-        page.click("a:has-text('导出 CSV')")
-    text = Path(dl.value.path()).read_text(encoding="utf-8-sig")
-    rows = list(csv.reader(io.StringIO(text)))
+    rows = download_csv(page)
     assert rows[0][:5] == ["session_id", "started_local", "machine_id", "location", "user_id"]
     assert len(rows) == 1 + 52                                  # every match, not one page
     assert {r[3] for r in rows[1:]} == {LONG_ADDRESS} and {r[5] for r in rows[1:]} == {"138****8000"}

@@ -19,7 +19,7 @@ from sqlalchemy import func, select, update
 from cloud import db as t
 from cloud.wallet.payments import CHINA
 from tests.cloudkit import CloudServer
-from tests.consolekit import LONG_ADDRESS, WIDE, XSS, Console, goto, make_operator, open_console, shot
+from tests.consolekit import LONG_ADDRESS, WIDE, XSS, Console, download_csv, goto, make_operator, open_console, shot
 from tests.test_cloud import start_session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,9 +169,7 @@ def test_a_viewer_reads_the_reports_page_and_downloads_what_it_shows(sqlite_clou
     assert "¥16.00" in page.inner_text("#page-reports tfoot")
     assert page.evaluate(CHART_INK, "#chart-revenue") > 200 and page.evaluate(CHART_INK, "#chart-litres") > 200
     shot(page, "reports-day")
-    with page.expect_download() as dl:
-        page.click("a:has-text('导出 CSV')")
-    rows = list(csv.reader(io.StringIO(Path(dl.value.path()).read_text(encoding="utf-8-sig"))))
+    rows = download_csv(page)
     assert rows[1:] == [["2026-03-14", "3", "3.500", "9.00", "1", "0.50", "8.50"],
                         ["2026-03-15", "1", "1.000", "1.50", "0", "0.00", "1.50"],
                         ["2026-03-16", "2", "3.000", "6.00", "0", "0.00", "6.00"],
@@ -182,9 +180,7 @@ def test_a_viewer_reads_the_reports_page_and_downloads_what_it_shows(sqlite_clou
     assert page.locator(f"#page-reports td:text-is('{SITE_A}')").count() == 1
     assert page.locator("#page-reports td", has_text="<img src=x").count() == 1      # the site's name, as text
     shot(page, "reports-site")
-    with page.expect_download() as dl:
-        page.click("a:has-text('导出 CSV')")
-    rows = list(csv.reader(io.StringIO(Path(dl.value.path()).read_text(encoding="utf-8-sig"))))
+    rows = download_csv(page)
     assert [r[0] for r in rows] == ["site", XSS, SITE_A, "未分组 / No site", "合计 / Total"]    # by name, none last
     page.click("#by-machine")
     page.wait_for_selector("#page-reports tr[data-key='S2']")

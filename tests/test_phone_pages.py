@@ -4,7 +4,6 @@ code, logs in by SMS code, consents, registers with an ID photo, tops up in the 
 pour, stops at the machine and sees the bill. Screenshots at a phone viewport go to ``tests/screenshots/phone``.
 """
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -22,21 +21,6 @@ OPERATOR = {"operator_name": "杭州清泉水务有限公司", "operator_contact
 LONG_ADDRESS = "浙江省杭州市西湖区文三路四百七十八号华星时代广场A座一楼大堂东侧饮水点"      # 33 characters
 LONG_GIFT = {"name_zh": "定制款不锈钢真空保温杯（五百毫升，附赠杯套与清洁刷）",
              "name_en": "Custom stainless-steel vacuum flask (500 ml, with sleeve and cleaning brush)"}
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM:
-        if os.environ.get("TAPSHARE_TEST_ALL"):
-            pytest.fail("test.sh set up everything, yet chromium is missing (see scripts/test-setup.sh)")
-        pytest.skip("no chromium: apt-get install chromium fonts-noto-cjk")
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ balance goes back to the payments it came from from the wallet page. Screenshots
 import pytest
 
 from tests.cloudkit import CloudServer
-from tests.test_phone_pages import OPERATOR, _page, browser, shot  # noqa: F401  (browser is a fixture)
+from tests.test_phone_pages import OPERATOR, _page, shot
 from tests.util import wait_until
 
 
@@ -19,7 +19,7 @@ def sandbox_cloud(tmp_path):
 
 
 @pytest.mark.parametrize(("lang", "width"), [("zh", 320), ("en", 430)])
-def test_a_person_tops_up_in_the_sandbox_and_takes_the_balance_back(sandbox_cloud, browser, lang, width):  # noqa: F811
+def test_a_person_tops_up_in_the_sandbox_and_takes_the_balance_back(sandbox_cloud, browser, lang, width):
     cloud = sandbox_cloud
     user = cloud.user("13500000001", balance_fen=0)
     page, errors = _page(browser, cloud, user, lang, width)
@@ -81,7 +81,7 @@ def _phone(b, cloud, user, lang, width, ua=PHONE_UA):
 
 
 @pytest.mark.parametrize(("lang", "width"), [("zh", 320), ("zh", 390), ("en", 430)])
-def test_on_a_phone_a_person_picks_alipay_and_pays_on_alipays_page(providers_cloud, browser, lang, width):  # noqa: F811
+def test_on_a_phone_a_person_picks_alipay_and_pays_on_alipays_page(providers_cloud, browser, lang, width):
     cloud, ali = providers_cloud
     user = cloud.user(f"13500002{width}", balance_fen=0)
     page, errors = _phone(browser, cloud, user, lang, width)
@@ -109,7 +109,7 @@ def test_on_a_phone_a_person_picks_alipay_and_pays_on_alipays_page(providers_clo
     page.close()
 
 
-def test_on_a_computer_alipay_shows_a_qr_code_that_alipay_can_scan(providers_cloud, browser, tmp_path):  # noqa: F811
+def test_on_a_computer_alipay_shows_a_qr_code_that_alipay_can_scan(providers_cloud, browser, tmp_path):
     import zxingcpp
     from PIL import Image
     cloud, ali = providers_cloud
@@ -134,7 +134,7 @@ def test_on_a_computer_alipay_shows_a_qr_code_that_alipay_can_scan(providers_clo
 
 
 @pytest.mark.parametrize("lang", ["zh", "en"])
-def test_a_person_logs_in_with_a_code_tencent_delivered_and_is_told_when_sms_is_down(tmp_path, browser, lang):  # noqa: F811
+def test_a_person_logs_in_with_a_code_tencent_delivered_and_is_told_when_sms_is_down(tmp_path, browser, lang):
     from cloud.accounts import sms_tencent
     from tests.standins.tencent_sms import TencentSmsStandIn
     with TencentSmsStandIn() as tc, CloudServer(tmp_path / "c", sms_provider=sms_tencent.from_env(
@@ -196,7 +196,7 @@ def wechat_cloud(tmp_path):
 
 
 @pytest.mark.parametrize(("lang", "width"), [("zh", 320), ("en", 390)])
-def test_inside_wechat_a_person_authorises_once_and_pays_through_the_jsapi_bridge(wechat_cloud, browser, lang,  # noqa: F811
+def test_inside_wechat_a_person_authorises_once_and_pays_through_the_jsapi_bridge(wechat_cloud, browser, lang,
                                                                                   width):
     """WeChat's in-app browser: the page asks WeChat who pays (silent authorisation, once), comes back, and pays
     through WeixinJSBridge. The bridge is WeChat's native code, outside the page: here it hands the parameters to
@@ -237,7 +237,7 @@ def test_inside_wechat_a_person_authorises_once_and_pays_through_the_jsapi_bridg
     page.close()
 
 
-def test_a_person_who_closes_the_wechat_pay_sheet_is_told_nothing_was_charged(wechat_cloud, browser):  # noqa: F811
+def test_a_person_who_closes_the_wechat_pay_sheet_is_told_nothing_was_charged(wechat_cloud, browser):
     cloud, wx = wechat_cloud
     user = cloud.user("13500003999", balance_fen=0)
     with cloud.app.state.database.tx() as conn:       # authorised before
@@ -259,7 +259,7 @@ def test_a_person_who_closes_the_wechat_pay_sheet_is_told_nothing_was_charged(we
     page.close()
 
 
-def test_a_phone_browser_pays_on_wechats_h5_page(wechat_cloud, browser):  # noqa: F811
+def test_a_phone_browser_pays_on_wechats_h5_page(wechat_cloud, browser):
     cloud, wx = wechat_cloud
     user = cloud.user("13500004001", balance_fen=0)
     page, errors = _phone(browser, cloud, user, "zh", 390)
@@ -279,7 +279,7 @@ def test_a_phone_browser_pays_on_wechats_h5_page(wechat_cloud, browser):  # noqa
     page.close()
 
 
-def test_a_computer_shows_the_wechat_native_qr_code(wechat_cloud, browser, tmp_path):  # noqa: F811
+def test_a_computer_shows_the_wechat_native_qr_code(wechat_cloud, browser, tmp_path):
     import zxingcpp
     from PIL import Image
     cloud, wx = wechat_cloud
