@@ -76,6 +76,9 @@ IdPath = Annotated[str, PathParam(max_length=64)]
 MachinePath = Annotated[str, PathParam(max_length=64, pattern=p.MACHINE_ID_RE.pattern)]
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 TimeMs = Annotated[int, Query(ge=0, le=2**62)]
+MAX_ROW_ID = 2**31 - 1                    # integer primary keys (32-bit in PostgreSQL)
+RowIdQuery = Annotated[int, Query(ge=1, le=MAX_ROW_ID)]
+RowIdPath = Annotated[int, PathParam(ge=1, le=MAX_ROW_ID)]
 
 
 async def device(request: Request) -> MachineAuth:

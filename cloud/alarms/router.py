@@ -7,15 +7,14 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
-from fastapi import Path as PathParam
 
 from cloud.alarms.rules import RULES
 from cloud.alarms.schemas import AlarmCaseOut, AlarmCasesOut, NoteIn
-from cloud.deps import Now, Operator, Svc, Viewer
+from cloud.deps import Now, Operator, RowIdPath, RowIdQuery, Svc, Viewer
 from cloud.errors import ERRORS
 
 router = APIRouter(prefix="/api/v1/operator", tags=["alarms"], responses=ERRORS)
-AlarmId = Annotated[int, PathParam(ge=1, le=2**62)]
+AlarmId = RowIdPath
 
 
 @router.get("/alarm-cases", response_model=AlarmCasesOut)
@@ -24,7 +23,7 @@ def alarm_cases(op: Viewer, svc: Svc,
                 machine_id: Annotated[str | None, Query(max_length=64)] = None,
                 rule: Annotated[str | None, Query(max_length=32)] = None,
                 limit: Annotated[int, Query(ge=1, le=500)] = 100,
-                before_id: Annotated[int | None, Query(ge=1, le=2**62)] = None) -> dict[str, Any]:
+                before_id: RowIdQuery | None = None) -> dict[str, Any]:
     """Newest first; ``active`` is open and acknowledged together. ``counts`` are for the same machine and rule;
     ``rules`` names every rule (for a filter)."""
     return {**svc.alarms.cases(state, machine_id, rule, limit, before_id),

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query
 
 import contract as p
 from cloud.csvout import csv_response
-from cloud.deps import Admin, IdPath, Now, Operator, Svc, TimeMs, Viewer
+from cloud.deps import MAX_ROW_ID, Admin, IdPath, Now, Operator, RowIdQuery, Svc, TimeMs, Viewer
 from cloud.errors import ERRORS
 from cloud.operators.schemas import (
     AlarmsOut,
@@ -103,7 +103,7 @@ def records(op: Viewer, svc: Svc, machine_id: Annotated[str | None, Query(max_le
 @router.get("/audit", response_model=AuditOut, responses={200: {"content": {"text/csv": {}}}})
 def audit_log(op: Admin, svc: Svc, operator_id: Annotated[str, Query(max_length=64)] = "",
               action: Annotated[str, Query(max_length=64)] = "", target: Annotated[str, Query(max_length=128)] = "",
-              from_ms: TimeMs = 0, to_ms: TimeMs = 2**62, before_id: Annotated[int, Query(ge=1)] = 2**62,
+              from_ms: TimeMs = 0, to_ms: TimeMs = 2**62, before_id: RowIdQuery = MAX_ROW_ID,
               limit: Annotated[int, Query(ge=1, le=500)] = 100,
               format: Literal["json", "csv"] = "json") -> Any:
     """Who did what to what, when (admins): newest first, filtered by operator, action, target and time;
