@@ -160,9 +160,12 @@ def test_a_viewer_sees_gifts_but_cannot_change_them(cloud, browser):
 
 
 def test_an_admin_reads_filters_pages_and_exports_the_audit_log(cloud, browser):
+    gifts = []
     for i in range(130):                                   # enough for a second page
         cloud.op("PATCH", "/api/v1/operator/machines/NONE", json={"location": "x"})      # refused: not logged
-        make_operator(cloud, "viewer", f"v{i:03d}")
+        gifts.append(cloud.op("POST", "/api/v1/operator/gifts", json={"name_zh": f"杯子{i}", "name_en": f"Cup {i}",
+                                                                      "points_cost": 10, "stock": 1}).json())
+    make_operator(cloud, "viewer", "v007")
     page = open_console(browser, cloud, "boss", hash_="#/audit", viewport=WIDE)
     page.wait_for_selector("#page-audit tbody tr")
     assert page.locator("#page-audit tbody tr").count() == 100
@@ -177,6 +180,8 @@ def test_an_admin_reads_filters_pages_and_exports_the_audit_log(cloud, browser):
     rows = download_csv(page)
     assert rows[0] == ["id", "at_utc", "operator_id", "action", "target", "detail"]
     assert len(rows) == 2 and rows[1][3:5] == ["operator_created", "v007"]
+    goto(page, f"#/audit?action=add_gift&target={gifts[7]['gift_id']}", "#page-audit tbody tr")
+    assert page.locator("#page-audit tbody tr").count() == 1 and "杯子7" in page.inner_text("#page-audit tbody")
     page.context.close()
     assert Console(cloud, "yun.ying").call("GET", "/api/v1/operator/audit").status_code == 403
     admin = Console(cloud, "boss")
