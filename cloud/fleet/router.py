@@ -4,12 +4,11 @@ place, time zone, hotline, service, lockouts, keys) are the operators API's endp
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 
-from cloud.csvout import csv_response
+from cloud.csvout import csv_response, iso_utc
 from cloud.deps import MachinePath, Now, Operator, Svc, Viewer
 from cloud.errors import ERRORS
 from cloud.fleet.schemas import (
@@ -95,7 +94,3 @@ def sessions(machine_id: MachinePath, op: Viewer, svc: Svc,
 def csv_cell(v: Any) -> Any:
     """Lists joined with ';', booleans as true / false."""
     return ";".join(v) if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else v
-
-
-def iso_utc(ms: int | None) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z") if ms else ""

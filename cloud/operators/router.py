@@ -4,13 +4,12 @@ tokens. Each endpoint names the role it needs."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 
 import contract as p
-from cloud.csvout import csv_response
+from cloud.csvout import csv_response, iso_utc
 from cloud.deps import MAX_ROW_ID, Admin, IdPath, Now, Operator, RowIdQuery, Svc, TimeMs, Viewer
 from cloud.errors import ERRORS
 from cloud.operators.schemas import (
@@ -132,7 +131,3 @@ def revoke_operator(operator_id: IdPath, op: Admin, svc: Svc, now: Now) -> dict[
     """An admin revokes another operator's token (audited); the next request with it is refused."""
     svc.operators.revoke(op["operator_id"], operator_id, now)
     return {"ok": True}
-
-
-def iso_utc(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
