@@ -35,21 +35,21 @@ from cloud.accounts.service import Accounts, AccountSettings
 from cloud.alarms import router as alarms
 from cloud.alarms.notify import Notifier
 from cloud.alarms.service import Alarms, AlarmSettings
+from cloud.cluster import COMMANDS_CHANNEL, KEYS_CHANNEL, Leases, Listener, SharedRateLimiter
 from cloud.console import router as console
 from cloud.console.service import ConsoleAuth
 from cloud.db import Database
 from cloud.deps import Services, Svc
 from cloud.dev import router as dev
 from cloud.devices import router as devices
-from cloud.devices.hub import CommandHub
+from cloud.devices.hub import CommandHub, Presence
 from cloud.devices.service import Commands, DurableNonces, Machines
-from cloud.errors import install_handlers
+from cloud.errors import Unavailable, install_handlers
 from cloud.fleet import router as fleet
 from cloud.fleet.service import Fleet
 from cloud.middleware import BodyLimit, HttpsOnly, SecurityHeaders
 from cloud.operators import router as operators
 from cloud.operators.service import ROLES, Operators
-from cloud.ratelimit import RateLimiter
 from cloud.records import router as records
 from cloud.records.service import Records
 from cloud.reports import router as reports
@@ -69,6 +69,8 @@ from cloud.wallet.service import Wallet
 __all__ = ["ROLES", "CloudSettings", "ProductionRefused", "create_app"]
 log = logging.getLogger("tapshare.cloud")
 NONCE_FLUSH_S = 0.1
+COMMAND_RECHECK_S = 5.0      # how long a missed notification can delay a command, at most
+LEASE_MIN_S = 5.0            # a dead instance's background jobs move to another after this long, at least
 
 
 def create_app(settings: CloudSettings | None = None) -> FastAPI:
@@ -110,6 +112,7 @@ def build_services(settings: CloudSettings) -> Services:
     box = SecretBox.from_env_or_file(settings.data_dir / "server.key", production=settings.production)
     sms, verifier, pay = settings.providers(box)
     hub, machines = CommandHub(), Machines(database, box, settings.clock_ms())
+    presence = Presence(hub, database, settings.clock_ms, shared=not database.is_sqlite)
     commands = Commands(database, settings.clock_ms())
 
     def notify(machine_id: str) -> None:
@@ -132,23 +135,29 @@ def build_services(settings: CloudSettings) -> Services:
     notifier = Notifier(database, settings.notify_settings(), public_url=lambda: settings.public_url,
                         clock_ms=settings.clock_ms)
     alarm_settings = AlarmSettings(settings.alarm_offline_after_s * 1000, settings.alarm_thresholds())
-    operators = Operators(database, machines, hub.connected, notify)
+    operators = Operators(database, machines, presence.connected, notify)
     return Services(
         settings=settings, database=database, hub=hub, machines=machines, commands=commands,
-        sessions=Sessions(database, machines, hub.connected, notify),
+        sessions=Sessions(database, machines, presence.connected, notify),
         accounts=accounts, wallet=wallet,
         rewards=Rewards(database), operators=operators, fleet=Fleet(database, operators, notify),
-        console=ConsoleAuth(database, box), alarms=Alarms(database, alarm_settings, hub.connected, notifier),
+        console=ConsoleAuth(database, box), alarms=Alarms(database, alarm_settings, presence.connected, notifier),
         records=Records(database), users=Users(database, accounts.pii),
         durable=DurableNonces(machines), development=development, reports=Reports(database),
-        scans_by_network=RateLimiter(settings.scans_per_minute_per_network, 60_000),
-        scans_by_machine=RateLimiter(settings.scans_per_minute_per_machine, 60_000))
+        scans_by_network=SharedRateLimiter(database, "scans_by_network", settings.scans_per_minute_per_network, 60_000),
+        scans_by_machine=SharedRateLimiter(database, "scans_by_machine", settings.scans_per_minute_per_machine, 60_000),
+        presence=presence, leases=Leases(database, settings.instance_id))
 
 
 def health(svc: Svc) -> dict:
+    """For the load balancer: 200 while this instance serves; 503 once it is stopping (it drains: held long-polls
+    are answered, requests in flight finish, the balancer sends new ones elsewhere) or cannot reach the database."""
+    if svc.hub.closing:
+        raise Unavailable("draining", f"instance {svc.settings.instance_id} is stopping", retry_after_s=1)
     with svc.database.read() as conn:
         conn.execute(select(1))
     return {"status": "ok", "database": "sqlite" if svc.database.is_sqlite else "postgresql",
+            "instance": svc.settings.instance_id, "listening": svc.listener is None or svc.listener.connected.is_set(),
             "connected_machines": svc.hub.connected_count, "production": svc.settings.production,
             "development_providers": svc.development, "version": p.SOFTWARE_VERSION,
             "protocol_versions": sorted(p.SUPPORTED_PROTOCOL_VERSIONS)}
@@ -157,40 +166,83 @@ def health(svc: Svc) -> dict:
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI):
     svc: Services = app.state.services
-    svc.hub.bind(asyncio.get_running_loop())
-    task = asyncio.create_task(background(svc))
-    money = asyncio.create_task(payments_background(svc))
-    flusher = asyncio.create_task(svc.durable.run())
-    notifier = asyncio.create_task(notify_background(svc))
+    loop = asyncio.get_running_loop()
+    svc.hub.bind(loop)
+    if not svc.database.is_sqlite:
+        svc.listener = listener(svc)
+        svc.listener.start()
+    tasks = [asyncio.create_task(job(svc)) for job in (background, payments_background, notify_background)]
+    tasks.append(asyncio.create_task(svc.durable.run()))
     yield
-    task.cancel()
-    money.cancel()
-    flusher.cancel()
-    notifier.cancel()
+    for task in tasks:
+        task.cancel()
+    if svc.listener is not None:
+        svc.listener.stop()
     svc.machines.flush_nonces()
+    try:
+        svc.presence.flush()
+        svc.leases.release_all()            # another instance takes the background jobs over at once
+    except Exception:
+        log.exception("could not hand the background jobs over")
     svc.database.dispose()
 
 
+def listener(svc: Services) -> Listener:
+    """This instance's one ``LISTEN`` connection: commands queued at any instance wake the long-polls held here;
+    device keys revoked or re-enrolled anywhere are dropped from this instance's cache."""
+    def command(machine_id: str) -> None:
+        svc.commands.mark(machine_id)
+        svc.hub.notify(machine_id)
+
+    def connected() -> None:                # (re)connected: whatever was announced meanwhile is looked up instead
+        svc.machines.forget_secret()
+        for machine_id in svc.commands.due_machines(svc.now()):
+            svc.hub.notify(machine_id)
+
+    return Listener(svc.database.url, {COMMANDS_CHANNEL: command, KEYS_CHANNEL: svc.machines.forget_secret},
+                    on_connect=connected)
+
+
+def _leased(svc: Services, job: str, every_s: float) -> bool:
+    """Whether this instance runs ``job`` now: it holds the job's lease (renewed each run, lapsing after a few
+    missed runs, so the job moves to another instance when this one dies)."""
+    return svc.leases.hold(job, svc.now(), int(max(3 * every_s, LEASE_MIN_S) * 1000))
+
+
 async def background(svc: Services) -> None:
-    """The replay guard's nonces to disk; unclaimed starts voided, lost sessions reconciled (every
-    ``background_interval_s``); the operators' alarm rules checked (every ``alarm_check_interval_s``); old nonces
-    and ID photos past retention removed (every minute). The payment providers are called from
-    :func:`payments_background`, alarm notifications sent from :func:`notify_background`."""
-    last_void = last_prune = last_alarms = time.monotonic()
+    """This instance's replay-guard nonces and polling machines to the database (every 0.1 s) and, on
+    PostgreSQL, a look for commands whose notification was missed (every ``COMMAND_RECHECK_S``). The fleet's
+    jobs, each at one instance at a time (:func:`_leased`): unclaimed starts voided and lost sessions
+    reconciled (every ``background_interval_s``); the operators' alarm rules checked (every
+    ``alarm_check_interval_s``); old nonces, rate-limit counts, samples and ID photos past retention removed
+    (every minute). The payment providers are called from :func:`payments_background`, alarm notifications
+    sent from :func:`notify_background`."""
+    mono = time.monotonic()
+    last_void = last_prune = last_alarms = last_recheck = mono
     while True:
         await asyncio.sleep(NONCE_FLUSH_S)
         try:
             await run_in_threadpool(svc.machines.flush_nonces)
+            await run_in_threadpool(svc.presence.flush)
             mono = time.monotonic()
-            if mono - last_void >= svc.settings.background_interval_s:
+            if svc.listener is not None and mono - last_recheck >= COMMAND_RECHECK_S:
+                last_recheck = mono
+                for machine_id in await run_in_threadpool(svc.commands.due_machines, svc.now()):
+                    svc.hub.notify(machine_id)
+            every = svc.settings.background_interval_s
+            if mono - last_void >= every:
                 last_void = mono
-                await run_in_threadpool(_expire, svc)
+                if await run_in_threadpool(_leased, svc, "expire_sessions", every):
+                    await run_in_threadpool(_expire, svc)
             if mono - last_alarms >= svc.settings.alarm_check_interval_s:
                 last_alarms = mono
-                await run_in_threadpool(svc.alarms.check, svc.now())
+                if await run_in_threadpool(_leased, svc, "alarm_rules", svc.settings.alarm_check_interval_s):
+                    await run_in_threadpool(svc.alarms.check, svc.now())
             if mono - last_prune >= 60:
                 last_prune = mono
-                await run_in_threadpool(_prune, svc)
+                svc.machines.prune_local_nonces(svc.now())
+                if await run_in_threadpool(_leased, svc, "prune", 60):
+                    await run_in_threadpool(_prune, svc)
         except Exception:
             log.exception("background task failed")
 
@@ -203,13 +255,16 @@ def _expire(svc: Services) -> None:
 
 
 async def payments_background(svc: Services) -> None:
-    """The calls to the payment providers, on their own: unpaid top-ups asked about and closed, refunds followed,
-    yesterday's bills reconciled. A provider that is slow or down (15 s a call) delays only this, never the
-    replay guard's nonces or the release of held balances."""
+    """The calls to the payment providers, on their own (at one instance, by lease): unpaid top-ups asked about
+    and closed, refunds followed, yesterday's bills reconciled. A provider that is slow or down (15 s a call)
+    delays only this, never the replay guard's nonces or the release of held balances."""
     last_reconcile = 0.0
+    every = svc.settings.background_interval_s
     while True:
-        await asyncio.sleep(svc.settings.background_interval_s)
+        await asyncio.sleep(every)
         try:
+            if not await run_in_threadpool(_leased, svc, "payments", max(every, 20)):   # a round may take a while
+                continue
             for oid in await run_in_threadpool(svc.wallet.close_expired, svc.now()):
                 log.info("top-up order %s closed unpaid", oid)
             await run_in_threadpool(svc.wallet.settle_refunds, svc.now())
@@ -221,18 +276,21 @@ async def payments_background(svc: Services) -> None:
 
 
 async def notify_background(svc: Services) -> None:
-    """Alarm notifications (email, webhook), on their own: a mail server that is slow or down (15 s a try)
-    delays nothing else."""
+    """Alarm notifications (email, webhook), on their own (at one instance, by lease): a mail server that is
+    slow or down (15 s a try) delays nothing else."""
+    every = svc.settings.alarm_check_interval_s
     while True:
-        await asyncio.sleep(svc.settings.alarm_check_interval_s)
+        await asyncio.sleep(every)
         try:
-            await run_in_threadpool(svc.alarms.notifier.send_due)
+            if await run_in_threadpool(_leased, svc, "alarm_notify", max(every, 20)):
+                await run_in_threadpool(svc.alarms.notifier.send_due)
         except Exception:
             log.exception("alarm notifications failed")
 
 
 def _prune(svc: Services) -> None:
     svc.machines.prune_nonces(svc.now())
+    SharedRateLimiter.prune(svc.database, svc.now())
     svc.fleet.prune_samples(svc.now())
     deleted = svc.accounts.purge_photos(svc.now())
     if deleted:

@@ -61,6 +61,8 @@ machines = Table(
     Column("timezone", String(64), nullable=False, default="Asia/Shanghai"),   # bills and receipts are shown in it
     Column("hotline", String(40), nullable=False, default=""),                 # shown when it cannot serve
     Column("site", String(100), nullable=False, default="", server_default=""),   # a group of machines, for reports
+    # until when its current long-poll is held, at whichever cloud instance: "connected" for every instance
+    Column("poll_until_ms", BigInteger, nullable=True),
 )
 
 enrolment_tokens = Table(
@@ -469,6 +471,22 @@ audit_log = Table(
     Column("at_ms", BigInteger, nullable=False),
     Index("audit_by_time", "at_ms"),
     Index("audit_by_operator", "operator_id", "at_ms"),
+)
+
+job_leases = Table(   # a background job runs at one cloud instance at a time: the one holding its lease
+    "job_leases", metadata,
+    Column("job", String(40), primary_key=True),
+    Column("holder", String(100), nullable=False),
+    Column("until_ms", BigInteger, nullable=False),
+)
+
+rate_hits = Table(    # rate limits every cloud instance counts together: hits per key in fixed windows
+    "rate_hits", metadata,
+    Column("bucket", String(40), primary_key=True),
+    Column("key", String(200), primary_key=True),
+    Column("window_ms", BigInteger, primary_key=True),    # the window's start
+    Column("hits", Integer, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False, index=True),
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"

@@ -15,15 +15,15 @@ from fastapi.concurrency import run_in_threadpool
 import contract as p
 from cloud.accounts.service import Accounts
 from cloud.alarms.service import Alarms
+from cloud.cluster import Leases, Listener, SharedRateLimiter
 from cloud.console.service import COOKIE, CSRF_HEADER, ConsoleAuth, check_role
 from cloud.db import Database
-from cloud.devices.hub import CommandHub
+from cloud.devices.hub import CommandHub, Presence
 from cloud.devices.service import Commands, DurableNonces, MachineAuth, Machines
 from cloud.errors import Forbidden, TooLarge, Unauthenticated
 from cloud.fleet.service import Fleet
 from cloud.middleware import MAX_BODY_BYTES
 from cloud.operators.service import Operators
-from cloud.ratelimit import RateLimiter
 from cloud.records.service import Records
 from cloud.reports.service import Reports
 from cloud.rewards.service import Rewards
@@ -53,10 +53,13 @@ class Services:
     records: Records
     users: Users
     durable: DurableNonces
-    scans_by_network: RateLimiter
-    scans_by_machine: RateLimiter
+    scans_by_network: SharedRateLimiter
+    scans_by_machine: SharedRateLimiter
     development: list[str]              # the development providers in use, named
     reports: Reports
+    presence: Presence                  # which machines long-poll, at this instance or another
+    leases: Leases                      # which background jobs this instance runs
+    listener: Listener | None = None    # PostgreSQL: this instance's LISTEN connection (started with the app)
 
     def now(self) -> int:
         return self.settings.clock_ms()
@@ -98,6 +101,8 @@ async def device(request: Request) -> MachineAuth:
     else:
         auth = await run_in_threadpool(svc.machines.authenticate, request.method, path, headers, body, svc.now())
     await svc.durable.durable(auth.nonce_seq)      # replay-safe across a crash before anything is answered
+    if svc.machines.replayed(auth):                # used before: at another instance, or before a restart
+        raise Unauthenticated("replayed_nonce", "this nonce was already used (a replayed request)")
     return auth
 
 

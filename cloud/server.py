@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import threading
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -89,11 +90,27 @@ def raise_open_file_limit() -> int:
 
 class GracefulServer(uvicorn.Server):
     """uvicorn's server that, when told to stop (SIGTERM, or ``should_exit`` from a thread), first answers every
-    held long-poll (the app's command hub), so stopping takes milliseconds, not a minute, and fails no request."""
+    held long-poll (the app's command hub), so stopping takes milliseconds, not a minute, and fails no request.
+
+    Behind a load balancer (``TAPSHARE_DRAIN_S`` > 0) it drains first: for that long ``/healthz`` answers 503 and
+    long-polls are answered at once, while every request is still served, so the balancer's health check takes
+    the instance out before it stops listening; then requests in flight finish and it exits. A second signal
+    stops at once."""
+
+    _draining = False
 
     def handle_exit(self, sig, frame) -> None:
         _close_hub(self.config.app)
-        super().handle_exit(sig, frame)
+        settings = getattr(getattr(self.config.app, "state", None), "settings", None)
+        drain_s = getattr(settings, "drain_s", 0)
+        if self._draining or not drain_s:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        log.info("stopping: draining for %.1f s first (health check 503)", drain_s)
+        timer = threading.Timer(drain_s, super().handle_exit, (sig, frame))
+        timer.daemon = True
+        timer.start()
 
     def stop(self) -> None:
         _close_hub(self.config.app)

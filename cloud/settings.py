@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 from cloud.accounts.providers import DevAutoVerify, DevSmsSink, ManualReview, SmsProvider, Verifier
 from cloud.alarms.notify import NotifySettings
 from cloud.alarms.rules import Thresholds
+from cloud.cluster import instance_id
 from cloud.errors import ProviderConfigError
 from cloud.security import SecretBox
 from cloud.wallet.payments import PaymentProvider, SandboxPay
@@ -48,6 +49,9 @@ _NUMBERS: dict[str, tuple[str, float, float, float]] = {
     "alarm_tds_max_ppm": ("TAPSHARE_ALARM_TDS_MAX_PPM", 400, 1, 10_000),
     "alarm_notify_retry_s": ("TAPSHARE_ALARM_NOTIFY_RETRY_S", 30.0, 0.01, 3600),
     "smtp_port": ("TAPSHARE_SMTP_PORT", 587, 1, 65_535),
+    # stopping (SIGTERM): how long /healthz says 503 while this instance still serves, before it stops taking
+    # requests, so the load balancer moves new ones elsewhere first (a few of its health-check intervals)
+    "drain_s": ("TAPSHARE_DRAIN_S", 0.0, 0, 120),
 }
 
 
@@ -123,6 +127,9 @@ class CloudSettings:
     operator_name: str = field(default_factory=_text("TAPSHARE_OPERATOR_NAME"))
     operator_contact: str = field(default_factory=_text("TAPSHARE_OPERATOR_CONTACT"))
     header_timeout_s: float = _number("header_timeout_s")
+    drain_s: float = _number("drain_s")
+    # this instance's name among several (leases of background jobs, /healthz, logs)
+    instance_id: str = field(default_factory=instance_id)
     operator_token_days: int = _number("operator_token_days")
     scans_per_minute_per_network: int = _number("scans_per_minute_per_network")
     scans_per_minute_per_machine: int = _number("scans_per_minute_per_machine")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,7 +144,7 @@ def _annotate(conn: Connection, rule: str, machine_id: str, change: Callable[[di
 
 
 class Alarms:
-    def __init__(self, db: Database, settings: AlarmSettings, connected: Callable[[str], bool],
+    def __init__(self, db: Database, settings: AlarmSettings, connected: Callable[[Mapping[str, Any]], bool],
                  notifier: Any = None) -> None:
         self.db, self.settings, self._connected = db, settings, connected
         self.notifier = notifier                     # cloud.alarms.notify.Notifier, run by its own background task
@@ -156,7 +156,7 @@ class Alarms:
         rows with its alarms locked."""
         m = t.machines.c
         with self.db.read() as conn:
-            machines = conn.execute(select(m.machine_id, m.last_seen_ms, m.heartbeat)
+            machines = conn.execute(select(m.machine_id, m.last_seen_ms, m.poll_until_ms, m.heartbeat)
                                     .where(m.secret_enc.is_not(None))).mappings().all()
             active: dict[str, dict[str, dict]] = defaultdict(dict)
             for r in conn.execute(select(t.operator_alarms).where(and_(
@@ -176,7 +176,7 @@ class Alarms:
         seen, off = m["last_seen_ms"], alarms.get("offline")
         if seen is None:
             return out                     # enrolled, never heard from: listed by GET /alarms, not an alarm yet
-        if seen < now_ms - self.settings.offline_after_ms and not self._connected(m["machine_id"]):
+        if seen < now_ms - self.settings.offline_after_ms and not self._connected(m):
             if off is None or now_ms - off["last_ms"] >= TOUCH_MS:
                 out.append(("hold", "offline", {"last_seen_ms": seen, "silent_s": (now_ms - seen) // 1000}, now_ms))
             return out                     # its last heartbeat is stale: what it said is neither proved nor disproved
@@ -198,7 +198,7 @@ class Alarms:
             alarms = {r["rule"]: r for r in conn.execute(_locked(conn, and_(
                 a.machine_id == machine_id, a.state.in_(ACTIVE), a.rule.in_(MACHINE_STATE_RULES)))
                 .order_by(a.alarm_id)).mappings()}
-            machine = first_row(conn, select(m.machine_id, m.last_seen_ms, m.heartbeat)
+            machine = first_row(conn, select(m.machine_id, m.last_seen_ms, m.poll_until_ms, m.heartbeat)
                                 .where(m.machine_id == machine_id))
             for act in self._judge(machine, {k: dict(v) for k, v in alarms.items()}, now_ms) if machine else []:
                 if act[0] == "clear":

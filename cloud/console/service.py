@@ -16,13 +16,13 @@ import pyotp
 import segno
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import and_, func, insert, or_, select
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from cloud import db as t
+from cloud.cluster import SharedRateLimiter
 from cloud.db import Database, audit, first_row
 from cloud.errors import Conflict, Forbidden, Invalid, NotFound, TooMany, Unauthenticated, Unavailable
-from cloud.ratelimit import RateLimiter
 from cloud.security import SecretBox, new_token, token_hash
 
 COOKIE = "tapshare_console"
@@ -32,6 +32,7 @@ SESSION_MAX_MS = 12 * 3_600_000         # and after a working day whatever happe
 TOUCH_EVERY_MS = 60_000                 # last_seen written at most once a minute per session
 MAX_FAILURES = 5                        # wrong passwords or codes in a row before the account locks
 LOCK_MS = 15 * 60_000
+GHOSTS = "console_unknown_names"         # rate_hits bucket: failed sign-ins with names nobody has
 PASSWORD_MIN_CHARS = 10
 TOTP_ISSUER = "Tapshare"
 ROLES = {"viewer": 0, "operator": 1, "reviewer": 2, "admin": 3}
@@ -67,13 +68,17 @@ def password_problem(password: str, operator_id: str) -> str | None:
     return None
 
 
+def _ghost_key(name: str) -> str:
+    """An unknown name as a key of bounded length (names are compared case-insensitively, as operators' are)."""
+    return hashlib.sha256(name.casefold().encode()).hexdigest()
+
+
 class ConsoleAuth:
     def __init__(self, db: Database, box: SecretBox) -> None:
         self.db, self.box = db, box
         self._csrf_key = box.subkey("console-csrf")
-        self.logins_by_network = RateLimiter(30, 60_000)   # guessing from one place, across names
-        self._ghosts: dict[str, tuple[int, int]] = {}    # unknown names: (failures, locked until ms)
-        self._ghost_lock = threading.Lock()
+        # guessing from one place, across names, counted by every instance together
+        self.logins_by_network = SharedRateLimiter(db, "console_logins_by_network", 30, 60_000)
 
     # ---------------------------------------------------------------- signing in
     def login(self, name: str, password: str, totp_code: str, client_ip: str, user_agent: str, now_ms: int,
@@ -175,20 +180,29 @@ class ConsoleAuth:
                                                           "sessions_ended": ended}, now_ms)
 
     def _unknown_attempt(self, name: str, now_ms: int) -> None:
-        with self._ghost_lock:
-            until = self._ghosts.get(name, (0, 0))[1]
-        if until > now_ms:
-            raise self._locked(until, now_ms)
+        r = t.rate_hits.c
+        with self.db.read() as conn:
+            row = first_row(conn, select(r.hits, r.expires_ms).where(and_(
+                r.bucket == GHOSTS, r.key == _ghost_key(name), r.window_ms == 0)))
+        if row is not None and row["hits"] >= MAX_FAILURES and row["expires_ms"] > now_ms:
+            raise self._locked(row["expires_ms"], now_ms)
 
     def _unknown_failed(self, name: str, now_ms: int) -> None:
-        """A name nobody has is locked like a real one (in this process's memory; a fleet of instances shares
-        nothing here yet), so the lockout does not tell which names exist."""
-        with self._ghost_lock:
-            n, _ = self._ghosts.get(name, (0, 0))
-            n += 1
-            self._ghosts[name] = (0, now_ms + LOCK_MS) if n >= MAX_FAILURES else (n, 0)
-            if len(self._ghosts) > 10_000:
-                self._ghosts.pop(next(iter(self._ghosts)))
+        """A name nobody has is locked like a real one, so the lockout does not tell which names exist. Counted in
+        the database (``rate_hits``, shared by every instance; the prune job forgets them ``LOCK_MS`` after the
+        last failure): the fifth failure in a row locks the name for ``LOCK_MS``."""
+        r, key = t.rate_hits.c, _ghost_key(name)
+        with self.db.tx() as conn:
+            self.db.lock(conn, f"{GHOSTS}:{key}")
+            row = first_row(conn, select(r.hits, r.expires_ms).where(and_(
+                r.bucket == GHOSTS, r.key == key, r.window_ms == 0)))
+            n = 1 if row is None or row["expires_ms"] <= now_ms else row["hits"] + 1
+            if row is None:
+                conn.execute(insert(t.rate_hits).values(bucket=GHOSTS, key=key, window_ms=0, hits=n,
+                                                         expires_ms=now_ms + LOCK_MS))
+            else:
+                conn.execute(update(t.rate_hits).where(and_(r.bucket == GHOSTS, r.key == key, r.window_ms == 0))
+                             .values(hits=n, expires_ms=now_ms + LOCK_MS))
 
     def _check_own_password(self, row: dict[str, Any], password: str, what: str, client_ip: str,
                             now_ms: int) -> None:

@@ -1,17 +1,23 @@
 """Wakes long-polling dispensers when a command is queued for them.
 
 Waiters hold no database connection: they wait on an :class:`asyncio.Event` per machine and re-read
-their commands when woken (or at the end of the poll). One server process holds the hub; a fleet
-bigger than one process can serve would put a pub/sub (PostgreSQL LISTEN/NOTIFY) behind the same
-two methods.
+their commands when woken (or at the end of the poll). Each instance has its hub; with several instances
+on PostgreSQL, a command queued at any of them reaches this hub through the instance's one ``LISTEN``
+connection (:mod:`cloud.cluster`), and :class:`Presence` tells every instance which machines poll.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import bindparam, case, update
+
+from cloud import db as t
 
 
 class CommandHub:
@@ -83,3 +89,55 @@ class CommandHub:
     @property
     def connected_count(self) -> int:
         return len(self._polling)
+
+
+class Presence:
+    """Whether a machine is reachable now: long-polling at this instance (the hub knows), or at another one.
+
+    Each long-poll that starts records until when it will be held (``machines.poll_until_ms``, at most one write
+    a machine every few seconds, in one batch each ``flush``), so a phone's request at instance B can start a
+    machine that polls instance A. A held poll whose machine has gone counts as connected until its end, as it
+    does for the hub itself; an unclaimed start is voided and its money released either way. With SQLite there
+    is one process and only the hub is asked."""
+
+    RECENT_MS = int(CommandHub.RECENT_S * 1000)
+    REWRITE_MS = 5_000           # a poll that ends sooner than this after the recorded time is not written again
+
+    def __init__(self, hub: CommandHub, db, clock_ms, shared: bool) -> None:
+        self.hub, self.db, self.clock_ms, self.shared = hub, db, clock_ms, shared
+        self._due: dict[str, int] = {}           # machine -> poll_until_ms to write
+        self._written: dict[str, int] = {}       # machine -> poll_until_ms last written by this instance
+        self._lock = threading.Lock()
+
+    def polling(self, machine_id: str, wait_ms: int, now_ms: int) -> None:
+        if not self.shared:
+            return
+        until = now_ms + wait_ms + self.RECENT_MS
+        if until > self._written.get(machine_id, 0) + self.REWRITE_MS:
+            with self._lock:
+                self._due[machine_id] = until
+                self._written[machine_id] = until
+
+    def flush(self) -> int:
+        """Write the polls begun since the last flush (one transaction; machines in order, so two instances'
+        flushes never wait on each other crosswise). An earlier time never replaces a later one."""
+        with self._lock:
+            due, self._due = self._due, {}
+            if len(self._written) > 2 * max(1, len(due)) and len(self._written) > 1000:
+                now = self.clock_ms()
+                self._written = {m: u for m, u in self._written.items() if u > now}
+        if not due:
+            return 0
+        mc = t.machines.c
+        until = bindparam("until", type_=mc.poll_until_ms.type)
+        stmt = update(t.machines).where(mc.machine_id == bindparam("mid")).values(poll_until_ms=case(
+            (mc.poll_until_ms.is_(None), until), (mc.poll_until_ms < until, until), else_=mc.poll_until_ms))
+        with self.db.tx() as conn:
+            conn.execute(stmt, [{"mid": m, "until": u} for m, u in sorted(due.items())])
+        return len(due)
+
+    def connected(self, machine: Mapping[str, Any]) -> bool:
+        """``machine``: its row (``machine_id`` and ``poll_until_ms``)."""
+        if self.hub.connected(machine["machine_id"]):
+            return True
+        return self.shared and (machine.get("poll_until_ms") or 0) > self.clock_ms()

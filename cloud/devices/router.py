@@ -41,6 +41,7 @@ async def poll_commands(auth: Device, svc: Svc,
                         ) -> p.CommandsResponse:
     """Long-poll: returns at once if commands are waiting, else when one is queued or ``wait_ms`` passes."""
     hub, commands = svc.hub, svc.commands
+    svc.presence.polling(auth.machine_id, wait_ms, svc.now())      # reachable, for every instance
     async with hub.polling(auth.machine_id) as ev:
         cmds, again_ms = [], None
         if auth.machine_id in commands.maybe_pending:

@@ -12,10 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import Connection, and_, insert, select, update
+from sqlalchemy import Connection, and_, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 import contract as p
 from cloud import db as t
+from cloud.cluster import COMMANDS_CHANNEL, KEYS_CHANNEL, announce
 from cloud.db import Database, audit, first_row
 from cloud.errors import BadRequest, Conflict, Invalid, NotFound, Unauthenticated, Unavailable
 from cloud.fleet.samples import Samples
@@ -37,16 +40,21 @@ class MachineAuth:
     secret: bytes
     timestamp_ms: int = 0          # when the machine signed the request (its server-corrected clock)
     nonce_seq: int = 0             # the request may be answered once the nonce journal is durable up to this
+    nonce: str = ""
 
 
 class Machines:
     def __init__(self, db: Database, box: SecretBox, now_ms: int = 0) -> None:
         self.db, self.box = db, box
         self._secrets: dict[str, bytes] = {}
+        self._secrets_generation = 0   # bumped whenever cached secrets are dropped (see :meth:`forget_secret`)
         self.samples = Samples()       # heartbeats kept every few minutes, for the console's charts
-        # Replay protection: nonces seen within the clock-skew window, checked in memory and written to
-        # the database in group commits (flush_nonces), reloaded at start so a restart forgets nothing.
+        # Replay protection: the database decides (a unique key on machine and nonce), so a nonce used at one
+        # instance is refused at every other and after any restart. Nonces are written in group commits
+        # (flush_nonces) and a request is answered only once its own is in; this process's own recent nonces are
+        # also kept in memory (pruned with the database), which refuses a replay to this instance at once.
         self._nonces: dict[tuple[str, str], int] = {}
+        self._replayed: dict[tuple[str, str], int] = {}   # nonces the database refused, until their request asks
         self._unflushed: list[dict[str, Any]] = []
         self._nonce_lock = threading.Lock()
         self._nonce_seq = 0            # nonces accepted so far
@@ -56,9 +64,6 @@ class Machines:
             for mid, sealed in conn.execute(select(t.machines.c.machine_id, t.machines.c.secret_enc)
                                             .where(t.machines.c.secret_enc.is_not(None))):
                 self._secrets[mid] = box.open(sealed, f"machine:{mid}")
-            for m, n, seen in conn.execute(select(t.nonces.c.machine_id, t.nonces.c.nonce, t.nonces.c.seen_ms)
-                                           .where(t.nonces.c.seen_ms >= now_ms - NONCE_KEEP_MS)):
-                self._nonces[(m, n)] = seen
 
     def provision(self, operator_id: str, machine_id: str, location: str, price_fen_per_l: int, limits: p.Limits,
                   now_ms: int) -> str:
@@ -97,7 +102,8 @@ class Machines:
                 raise Unauthenticated("enrolment_token_used", "this enrolment token was already used")
             conn.execute(update(t.machines).where(t.machines.c.machine_id == machine_id)
                          .values(secret_enc=self.box.seal(secret, f"machine:{machine_id}")))
-        self._secrets.pop(machine_id, None)
+            announce(conn, KEYS_CHANNEL, machine_id)
+        self.forget_secret(machine_id)
         return secret
 
     def revoke_key(self, operator_id: str, machine_id: str, now_ms: int) -> None:
@@ -111,7 +117,8 @@ class Machines:
                                                                t.enrolment_tokens.c.used_ms.is_(None)))
                          .values(used_ms=now_ms))
             audit(conn, operator_id, "revoke_machine_key", machine_id, {}, now_ms)
-        self._secrets.pop(machine_id, None)
+            announce(conn, KEYS_CHANNEL, machine_id)         # every other instance drops its cached secret
+        self.forget_secret(machine_id)
 
     def new_enrolment_token(self, operator_id: str, machine_id: str, now_ms: int) -> str:
         """A fresh single-use enrolment token for an existing machine (re-enrolment after a revoke or a new SD card)."""
@@ -129,13 +136,24 @@ class Machines:
         cached = self._secrets.get(machine_id)
         if cached is not None:
             return cached
+        generation = self._secrets_generation
         with self.db.read() as conn:
             row = first_row(conn, select(t.machines.c.secret_enc).where(t.machines.c.machine_id == machine_id))
         if row is None or row["secret_enc"] is None:
             return None
         secret = self.box.open(row["secret_enc"], f"machine:{machine_id}")
-        self._secrets[machine_id] = secret
+        if generation == self._secrets_generation:   # not dropped while it was read: it may be out of date
+            self._secrets[machine_id] = secret
         return secret
+
+    def forget_secret(self, machine_id: str | None = None) -> None:
+        """Drop a cached device secret (all of them with ``None``): another instance revoked or re-enrolled the
+        machine, or the listener reconnected and may have missed that."""
+        self._secrets_generation += 1
+        if machine_id is None:
+            self._secrets.clear()
+        else:
+            self._secrets.pop(machine_id, None)
 
     def cached_secret(self, machine_id: str) -> bytes | None:
         return self._secrets.get(machine_id)
@@ -174,32 +192,56 @@ class Machines:
             self._unflushed.append({"machine_id": machine_id, "nonce": nonce, "seen_ms": now_ms})
             self._nonce_seq += 1
             seq = self._nonce_seq
-        return MachineAuth(machine_id, secret, ts, seq)
+        return MachineAuth(machine_id, secret, ts, seq, nonce)
 
     def flush_nonces(self) -> int:
         """Write the nonces seen since the last flush, in one transaction (a group commit: every request waits
-        for the flush that holds its nonce before it is answered, so a crash forgets no nonce it answered)."""
+        for the flush that holds its nonce before it is answered, so a crash forgets no nonce it answered). A
+        nonce already in the database (used at another instance, or before a restart) is not written again but
+        remembered as replayed, which its request learns from :meth:`replayed` once the flush is durable."""
         with self._nonce_lock:
             rows, self._unflushed = self._unflushed, []
             seq = self._nonce_seq
         if rows:
             try:
                 with self.db.tx() as conn:
-                    conn.execute(insert(t.nonces), rows)
+                    ins = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(t.nonces)
+                    stored = {(m, n) for m, n in conn.execute(
+                        ins.on_conflict_do_nothing().returning(t.nonces.c.machine_id, t.nonces.c.nonce), rows)}
             except Exception:
                 with self._nonce_lock:
                     self._unflushed[:0] = rows          # written with the next flush; nobody was answered
                 raise
+            if len(stored) < len(rows):
+                with self._nonce_lock:
+                    for r in rows:
+                        if (r["machine_id"], r["nonce"]) not in stored:
+                            self._replayed[(r["machine_id"], r["nonce"])] = r["seen_ms"]
         self.nonces_durable_seq = max(self.nonces_durable_seq, seq)
         return len(rows)
 
-    def prune_nonces(self, now_ms: int) -> int:
+    def replayed(self, auth: MachineAuth) -> bool:
+        """Whether the database refused this request's nonce (call after it is durable)."""
+        if not self._replayed:
+            return False
+        with self._nonce_lock:
+            return self._replayed.pop((auth.machine_id, auth.nonce), None) is not None
+
+    def prune_local_nonces(self, now_ms: int) -> int:
+        """This instance's memory of nonces: those older than the clock-skew window can no longer be replayed."""
         cut = now_ms - NONCE_KEEP_MS
         with self._nonce_lock:
-            for key in [k for k, seen in self._nonces.items() if seen < cut]:
+            old = [k for k, seen in self._nonces.items() if seen < cut]
+            for key in old:
                 del self._nonces[key]
+            for key in [k for k, seen in self._replayed.items() if seen < cut]:
+                del self._replayed[key]
+        return len(old)
+
+    def prune_nonces(self, now_ms: int) -> int:
+        """The database's nonces older than the clock-skew window (one instance does this: a leased job)."""
         with self.db.tx() as conn:
-            return conn.execute(t.nonces.delete().where(t.nonces.c.seen_ms < cut)).rowcount
+            return conn.execute(t.nonces.delete().where(t.nonces.c.seen_ms < now_ms - NONCE_KEEP_MS)).rowcount
 
     def get(self, machine_id: str) -> dict[str, Any]:
         with self.db.read() as conn:
@@ -246,7 +288,19 @@ class Commands:
         body = p.CommandMsg(command_id=command_id, kind=msg_kind, **fields).model_dump(mode="json")
         conn.execute(insert(t.commands).values(command_id=command_id, machine_id=machine_id, kind=msg_kind,
                                                body=body, created_ms=now_ms, expires_ms=now_ms + ttl_ms))
+        announce(conn, COMMANDS_CHANNEL, machine_id)     # wakes its long-poll at whichever instance holds it
         return command_id
+
+    def due_machines(self, now_ms: int) -> set[str]:
+        """Every machine with a command to hand out now, each marked as maybe pending: the periodic re-check that
+        bounds what a missed notification can cost (one query an instance every few seconds)."""
+        c = t.commands.c
+        with self.db.read() as conn:
+            due = {r[0] for r in conn.execute(select(c.machine_id).where(and_(
+                c.acked_ms.is_(None), c.expires_ms > now_ms,
+                or_(c.delivered_ms.is_(None), c.delivered_ms <= now_ms - REDELIVER_MS))).distinct())}
+        self.maybe_pending |= due
+        return due
 
     def pending(self, machine_id: str, now_ms: int) -> tuple[list[p.CommandMsg], int | None]:
         """Unacknowledged commands to hand out now, and when (server ms) one held back may be handed out again.

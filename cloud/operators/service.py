@@ -4,7 +4,7 @@ outcomes, rental records). Every change is audit-logged in its transaction."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from sqlalchemy import and_, insert, or_, select
@@ -30,7 +30,7 @@ def create_operator(database: Database, name: str, role: str, valid_days: int, n
 
 
 class Operators:
-    def __init__(self, db: Database, machines: Machines, connected: Callable[[str], bool],
+    def __init__(self, db: Database, machines: Machines, connected: Callable[[Mapping[str, Any]], bool],
                  notify: Callable[[str], None]) -> None:
         self.db, self.machines = db, machines
         self._connected, self._notify = connected, notify
@@ -67,7 +67,7 @@ class Operators:
     def machine_view(self, m: dict[str, Any], now_ms: int) -> dict[str, Any]:
         d = {k: v for k, v in m.items() if k != "secret_enc"}
         d["enrolled"] = m["secret_enc"] is not None
-        d["online"] = self._connected(m["machine_id"]) or (m["last_seen_ms"] or 0) > now_ms - SILENT_AFTER_MS
+        d["online"] = self._connected(m) or (m["last_seen_ms"] or 0) > now_ms - SILENT_AFTER_MS
         return d
 
     def machines_view(self, now_ms: int) -> list[dict[str, Any]]:
@@ -115,13 +115,14 @@ class Operators:
         with self.db.read() as conn:
             ev = conn.execute(select(t.machine_events).where(t.machine_events.c.alarm.is_(True))
                               .order_by(t.machine_events.c.received_ms.desc()).limit(limit)).mappings().all()
-            silent = conn.execute(select(t.machines.c.machine_id, t.machines.c.last_seen_ms).where(and_(
+            mc = t.machines.c
+            silent = conn.execute(select(mc.machine_id, mc.last_seen_ms, mc.poll_until_ms).where(and_(
                 t.machines.c.secret_enc.is_not(None),
                 or_(t.machines.c.last_seen_ms.is_(None), t.machines.c.last_seen_ms < cut)))).mappings().all()
             service = conn.execute(select(t.alarms).order_by(t.alarms.c.created_ms.desc(), t.alarms.c.id.desc())
                                    .limit(limit)).mappings().all()
         return {"alarms": [dict(e) for e in ev], "service_alarms": [dict(a) for a in service],
-                "silent_machines": [dict(s) for s in silent if not self._connected(s["machine_id"])]}
+                "silent_machines": [dict(s) for s in silent if not self._connected(s)]}
 
     def records(self, machine_id: str | None, user_id: str | None, from_ms: int, to_ms: int,
                 limit: int) -> list[dict[str, Any]]:

@@ -59,7 +59,7 @@ class Sessions:
         m = self.machines.get(machine_id)
         hb = m["heartbeat"] or {}
         return {"machine_id": machine_id, "location": m["location"], "price_fen_per_l": m["price_fen_per_l"],
-                "online": self._connected(machine_id), "temp_c": hb.get("temp_c"), "tds_ppm": hb.get("tds_ppm"),
+                "online": self._connected(m), "temp_c": hb.get("temp_c"), "tds_ppm": hb.get("tds_ppm"),
                 "busy": m["open_session_id"] is not None, "state": hb.get("state", "unknown")}
 
     def start(self, user_id: str, presence_token: str, expected_price_fen_per_l: int, now_ms: int) -> dict[str, Any]:
@@ -105,7 +105,7 @@ class Sessions:
                                lockouts=(m["heartbeat"] or {}).get("lockouts", []))
             # reachable: long-polling now, or a signed heartbeat just now (its poll is on the way; the command
             # waits for it, and an unconfirmed start is voided after ACK_TIMEOUT_MS with the hold released)
-            if not self._connected(machine_id) and (m["last_seen_ms"] or 0) < now_ms - RECENTLY_SEEN_MS:
+            if not self._connected(m) and (m["last_seen_ms"] or 0) < now_ms - RECENTLY_SEEN_MS:
                 raise Unavailable("machine_offline", "this machine is offline right now; you were not charged")
             available, _ = balance(conn, user_id)
             if available < 0:
