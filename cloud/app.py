@@ -69,7 +69,6 @@ from cloud.wallet.service import Wallet
 __all__ = ["ROLES", "CloudSettings", "ProductionRefused", "create_app"]
 log = logging.getLogger("tapshare.cloud")
 NONCE_FLUSH_S = 0.1
-COMMAND_RECHECK_S = 5.0      # how long a missed notification can delay a command, at most
 LEASE_MIN_S = 5.0            # a dead instance's background jobs move to another after this long, at least
 
 
@@ -211,7 +210,7 @@ def _leased(svc: Services, job: str, every_s: float) -> bool:
 
 async def background(svc: Services) -> None:
     """This instance's replay-guard nonces and polling machines to the database (every 0.1 s) and, on
-    PostgreSQL, a look for commands whose notification was missed (every ``COMMAND_RECHECK_S``). The fleet's
+    PostgreSQL, a look for commands whose notification was missed (every ``command_recheck_s``). The fleet's
     jobs, each at one instance at a time (:func:`_leased`): unclaimed starts voided and lost sessions
     reconciled (every ``background_interval_s``); the operators' alarm rules checked (every
     ``alarm_check_interval_s``); old nonces, rate-limit counts, samples and ID photos past retention removed
@@ -225,7 +224,7 @@ async def background(svc: Services) -> None:
             await run_in_threadpool(svc.machines.flush_nonces)
             await run_in_threadpool(svc.presence.flush)
             mono = time.monotonic()
-            if svc.listener is not None and mono - last_recheck >= COMMAND_RECHECK_S:
+            if svc.listener is not None and mono - last_recheck >= svc.settings.command_recheck_s:
                 last_recheck = mono
                 for machine_id in await run_in_threadpool(svc.commands.due_machines, svc.now()):
                     svc.hub.notify(machine_id)

@@ -52,6 +52,9 @@ _NUMBERS: dict[str, tuple[str, float, float, float]] = {
     # stopping (SIGTERM): how long /healthz says 503 while this instance still serves, before it stops taking
     # requests, so the load balancer moves new ones elsewhere first (a few of its health-check intervals)
     "drain_s": ("TAPSHARE_DRAIN_S", 0.0, 0, 120),
+    # PostgreSQL: how often an instance looks for commands whose notification it missed (the longest such a
+    # command can wait)
+    "command_recheck_s": ("TAPSHARE_COMMAND_RECHECK_S", 5.0, 0.1, 600),
 }
 
 
@@ -128,6 +131,7 @@ class CloudSettings:
     operator_contact: str = field(default_factory=_text("TAPSHARE_OPERATOR_CONTACT"))
     header_timeout_s: float = _number("header_timeout_s")
     drain_s: float = _number("drain_s")
+    command_recheck_s: float = _number("command_recheck_s")
     # this instance's name among several (leases of background jobs, /healthz, logs)
     instance_id: str = field(default_factory=instance_id)
     operator_token_days: int = _number("operator_token_days")

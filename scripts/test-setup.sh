@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sourced by test.sh: makes this machine able to run every test.
 #  - As root on Debian/Ubuntu (apt-get): installs the Debian packages the tests drive (Chromium, CJK
-#    fonts, Xvfb and Mesa for the Kivy window, xdotool, shellcheck, PostgreSQL, debootstrap and
+#    fonts, Xvfb and Mesa for the Kivy window, xdotool, shellcheck, PostgreSQL, HAProxy, debootstrap and
 #    systemd-nspawn for the boot test), starts PostgreSQL, exports TAPSHARE_TEST_POSTGRES_URL, and sets
 #    TAPSHARE_TEST_ALL=1 so that a test whose tool is still missing fails instead of skipping.
 #  - Otherwise: says exactly what to install (and how), then the tests that need it skip with that reason.
@@ -9,7 +9,7 @@
 
 # libatomic1: Playwright's bundled Node.js needs it, and a minimal Debian lacks it
 test_packages=(chromium fonts-noto-cjk xvfb xauth xdotool libgl1-mesa-dri libgl1 libegl1 libgles2 libmtdev1
-  libsdl2-2.0-0 shellcheck postgresql debootstrap systemd-container libatomic1)
+  libsdl2-2.0-0 shellcheck postgresql debootstrap systemd-container libatomic1 haproxy)
 
 missing_packages() {
   local p

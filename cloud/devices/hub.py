@@ -95,13 +95,13 @@ class Presence:
     """Whether a machine is reachable now: long-polling at this instance (the hub knows), or at another one.
 
     Each long-poll that starts records until when it will be held (``machines.poll_until_ms``, at most one write
-    a machine every few seconds, in one batch each ``flush``), so a phone's request at instance B can start a
+    a machine a second, in one batch each ``flush``), so a phone's request at instance B can start a
     machine that polls instance A. A held poll whose machine has gone counts as connected until its end, as it
     does for the hub itself; an unclaimed start is voided and its money released either way. With SQLite there
     is one process and only the hub is asked."""
 
     RECENT_MS = int(CommandHub.RECENT_S * 1000)
-    REWRITE_MS = 5_000           # a poll that ends sooner than this after the recorded time is not written again
+    REWRITE_MS = 1_000           # at most one write a machine a second (a machine polling without waiting)
 
     def __init__(self, hub: CommandHub, db, clock_ms, shared: bool) -> None:
         self.hub, self.db, self.clock_ms, self.shared = hub, db, clock_ms, shared
