@@ -337,3 +337,35 @@ def test_a_rolling_restart_of_every_instance_during_sessions_fails_no_request(he
     for user in people:
         me = user.me()
         assert me["held_fen"] == 0 and me["available_fen"] == 100_000 - 200 * ended[user.user_id]
+
+
+# ---------------------------------------------------------------- what instances must agree on at once
+
+def test_a_revoked_machine_key_is_refused_by_every_instance_at_once(healthy):
+    fleet = healthy
+    dev = machine(fleet)
+    for inst in fleet.instances:                           # each instance has the secret cached now
+        assert on(dev, inst.url).heartbeat().status_code == 200
+    r = requests.post(fleet.instances[0].url + f"/api/v1/operator/machines/{dev.machine_id}/revoke-key",
+                      headers={"Authorization": f"Bearer {fleet.admin}"}, timeout=10)
+    assert r.status_code == 200, r.text
+    # the other instances hear of it by NOTIFY (milliseconds), not at their next restart
+    for inst in fleet.instances:
+        assert wait_until(lambda i=inst: on(dev, i.url).heartbeat().json().get("error") == "unknown_machine",
+                          timeout_s=3), inst.index
+
+
+def test_scan_limits_are_counted_by_every_instance_together(healthy):
+    fleet = healthy
+    dev, user = machine(fleet), person(fleet)
+    while time.time() % 60 > 45:                           # the whole burst inside one minute's window
+        time.sleep(0.5)
+    bases = [inst.url for inst in fleet.instances]
+    with ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(lambda i: requests.get(bases[i % 3] + "/api/v1/scan", timeout=10, headers={
+            "Authorization": f"Bearer {user.token}"}, params={"machine": dev.machine_id, "c": dev.qr()}).status_code,
+            range(120)))
+    assert codes == [200] * 120                            # 120 a minute per machine (the default)
+    for base in bases:
+        over = requests.get(base + "/api/v1/scan", params={"machine": dev.machine_id, "c": dev.qr()}, timeout=10)
+        assert over.status_code == 429 and over.json()["error"] == "too_many_scans", over.text
