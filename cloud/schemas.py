@@ -19,7 +19,9 @@ class OkOut(BaseModel):
 class HealthOut(BaseModel):
     status: str
     database: str
-    connected_machines: int
+    instance: str = ""                     # this instance's name (TAPSHARE_INSTANCE_ID)
+    listening: bool = True                 # PostgreSQL: its LISTEN connection is up (commands from other instances)
+    connected_machines: int                # long-polls held by this instance
     production: bool
     development_providers: list[str]
     version: str = ""                      # the software version (the contract's), and the protocol versions spoken

@@ -93,7 +93,8 @@ class Instance:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"cloud{self.index + 1} exited: {self.log.read_text()[-2000:]}")
             try:
-                if requests.get(self.url + "/healthz", timeout=2).status_code == 200:
+                r = requests.get(self.url + "/healthz", timeout=2)
+                if r.status_code == 200 and r.json()["listening"]:        # and hears the other instances
                     return
             except requests.RequestException:
                 pass

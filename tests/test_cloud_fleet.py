@@ -369,3 +369,14 @@ def test_scan_limits_are_counted_by_every_instance_together(healthy):
     for base in bases:
         over = requests.get(base + "/api/v1/scan", params={"machine": dev.machine_id, "c": dev.qr()}, timeout=10)
         assert over.status_code == 429 and over.json()["error"] == "too_many_scans", over.text
+
+
+def test_each_instance_says_who_it_is_and_that_it_listens(healthy):
+    for inst in healthy.instances:
+        h = requests.get(inst.url + "/healthz", timeout=5).json()
+        assert (h["status"], h["database"], h["instance"], h["listening"]) == \
+            ("ok", "postgresql", f"cloud{inst.index + 1}", True)
+    via = requests.get(healthy.url + "/healthz", timeout=5)
+    assert via.status_code == 200 and via.headers["strict-transport-security"]
+    plain = requests.get(f"http://127.0.0.1:{healthy.http_port}/healthz", timeout=5, allow_redirects=False)
+    assert plain.status_code == 301 and plain.headers["location"].startswith("https://")
