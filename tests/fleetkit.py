@@ -142,6 +142,13 @@ class CloudFleet:
         self.admin = ""
 
     def __enter__(self) -> CloudFleet:
+        try:
+            return self._start()
+        except BaseException:
+            self.__exit__()                        # no instance or balancer left running
+            raise
+
+    def _start(self) -> CloudFleet:
         # the first instance migrates the database; the others find it done (they would also wait on its lock)
         self.instances[0].start()
         for inst in self.instances[1:]:
@@ -154,8 +161,9 @@ class CloudFleet:
         check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
         if check.returncode:
             raise RuntimeError(f"haproxy refuses the configuration: {check.stdout}{check.stderr}")
-        self.haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=open(self.dir / "haproxy.log", "ab"),
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.dir / "haproxy.log", "ab") as log:
+            self.haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
         self.wait_balanced()
         out = subprocess.run([sys.executable, "-m", "cloud", "create-operator", "fleet-admin", "--role", "admin",
                               "--database-url", self.database_url, "--data-dir", str(self.dir / "data")],
