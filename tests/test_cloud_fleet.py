@@ -380,3 +380,45 @@ def test_each_instance_says_who_it_is_and_that_it_listens(healthy):
     assert via.status_code == 200 and via.headers["strict-transport-security"]
     plain = requests.get(f"http://127.0.0.1:{healthy.http_port}/healthz", timeout=5, allow_redirects=False)
     assert plain.status_code == 301 and plain.headers["location"].startswith("https://")
+
+
+def test_a_stopping_instance_drains_answers_held_polls_at_once_and_still_serves(healthy):
+    fleet = healthy
+    inst = fleet.instances[2]
+    dev = machine(fleet)
+    th, out = background_poll(on(dev, inst.url), wait_ms=30_000)
+    assert wait_until(lambda: 2 in holding(fleet), timeout_s=10)
+    inst.proc.send_signal(15)                             # SIGTERM, as systemctl stop
+    th.join(5)
+    assert out.get("status") == 200 and out["body"]["commands"] == [], out    # answered now, not in 30 s
+    r = requests.get(inst.url + "/healthz", timeout=5)
+    assert r.status_code == 503 and r.json()["error"] == "draining", r.text
+    assert on(dev, inst.url).heartbeat().status_code == 200       # still serving while the balancer moves off
+    assert wait_until(lambda: fleet.servers_up().get("cloud3") is False, timeout_s=5)
+    assert inst.proc.wait(15) in (0, -15)
+
+
+def test_a_missed_notification_is_made_good_by_the_periodic_recheck(tmp_path):
+    """One instance whose LISTEN connection is down: a command queued meanwhile still reaches the poll it holds,
+    found by the re-check (here every 0.5 s)."""
+    if not PG_URL:
+        pytest.skip("no PostgreSQL (TAPSHARE_TEST_POSTGRES_URL)")
+    from tests.cloudkit import CloudServer
+    from tests.conftest import _fresh_postgres_database
+    url, drop = _fresh_postgres_database()
+    try:
+        with CloudServer(tmp_path / "cloud", database_url=url, command_recheck_s=0.5) as cloud:
+            svc = cloud.app.state.services
+            assert wait_until(svc.listener.connected.is_set)
+            svc.listener.stop()                          # deaf: NOTIFY reaches nobody here
+            dev = cloud.provision("R1")
+            th, out = background_poll(dev, wait_ms=20_000)
+            assert wait_until(lambda: svc.hub.connected_count == 1)
+            from cloud.devices.service import Commands
+            with svc.database.tx() as conn:               # queued as another instance would: no local wake-up
+                cid = Commands.queue(conn, "R1", p.CommandKind.PRICE, svc.now(), price_fen_per_l=300)
+            th.join(25)
+            assert out.get("status") == 200 and [c["command_id"] for c in out["body"]["commands"]] == [cid], out
+            cloud.app.state.database.dispose()
+    finally:
+        drop()
