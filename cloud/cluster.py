@@ -85,7 +85,7 @@ class Leases:
 
 class SharedRateLimiter:
     """At most ``limit`` hits per key in each window of ``window_ms``, counted by every instance together (one
-    upsert a hit). The same interface as :class:`cloud.ratelimit.RateLimiter`, whose memory is one process's."""
+    upsert a hit; expired windows are pruned every minute), so a limit holds whichever instance a request reaches."""
 
     def __init__(self, db: Database, bucket: str, limit: int, window_ms: int) -> None:
         self.db, self.bucket, self.limit, self.window_ms = db, bucket, limit, window_ms

@@ -1,5 +1,5 @@
 """The fleet as the console shows it: one row per machine from its settings, its last heartbeat and its open alarms
-(filtered, sorted and paged here, since online-ness comes from the command hub's memory and heartbeats are JSON),
+(filtered, sorted and paged here, since online-ness comes from the command hub and presence, and heartbeats are JSON),
 one machine's charts, event log, commands and sessions, and a price change for many machines at once."""
 
 from __future__ import annotations
