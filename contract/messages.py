@@ -308,6 +308,38 @@ class MachineSettingsMsg(Msg):
     hotline: Annotated[str, Field(max_length=40)] = ""
 
 
+UPDATE_STEPS = ("downloading", "downloaded", "verified", "installed", "deferred", "switched", "healthy",
+                "rolled_back", "refused", "failed")
+ReleaseVersion = Annotated[str, Field(pattern=r"^\d{1,6}(?:\.\d{1,6}){1,3}$")]
+
+
+class UpdateOfferMsg(Msg):
+    """A release the cloud asks the machine to install, in the heartbeat's answer while a rollout includes the
+    machine (left out otherwise: a machine whose software predates updates never sees the field). ``url`` is a
+    signed device request's path; ``sha256`` and ``size_bytes`` are the whole bundle file's, checked before it is
+    opened (the bundle's own signature is checked after)."""
+
+    rollout_id: Annotated[int, Field(ge=1, le=2**31 - 1)]
+    version: ReleaseVersion
+    url: Annotated[str, Field(pattern=r"^/device/v1/releases/[0-9.]{3,30}/bundle$")]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    size_bytes: Annotated[int, Field(ge=1, le=400 * 1024 * 1024)]
+
+
+class UpdateReportMsg(Msg):
+    """Each step of a machine's update (``POST /device/v1/update-report``): downloading, downloaded, verified,
+    installed, deferred (busy: water flowing or maintenance), switched, healthy (the new release reached the
+    cloud), rolled_back, refused (``reason``: the bundle's refusal code) or failed."""
+
+    rollout_id: Annotated[int, Field(ge=1, le=2**31 - 1)]
+    version: ReleaseVersion
+    step: Literal[UPDATE_STEPS]  # type: ignore[valid-type]
+    reason: Annotated[str, Field(max_length=40, pattern=r"^[a-z0-9_]*$")] = ""
+    detail: Annotated[str, Field(max_length=500)] = ""
+    running_version: Annotated[str, Field(max_length=40)] = ""
+
+
 class HeartbeatResponse(Msg):
     server_time_ms: int
     settings: MachineSettingsMsg
+    update: UpdateOfferMsg | None = None

@@ -74,7 +74,7 @@ def post_progress(body: p.ProgressMsg, auth: Device, svc: Svc) -> dict[str, Any]
     return {"ok": True}
 
 
-@router.post("/heartbeat", response_model=p.HeartbeatResponse)
+@router.post("/heartbeat", response_model=p.HeartbeatResponse, response_model_exclude_none=True)   # no "update": null
 def post_heartbeat(body: p.HeartbeatMsg, auth: Device, svc: Svc, now: Now) -> p.HeartbeatResponse:
     """Telemetry in; the machine's settings (price shown, time zone, hotline) out."""
     m = svc.machines.heartbeat(auth.machine_id, body, now)
