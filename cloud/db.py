@@ -94,6 +94,9 @@ commands = Table(
     Column("ack_ok", Boolean, nullable=True),
     Column("ack_reason", String(200), nullable=True),
     Index("commands_pending", "machine_id", "acked_ms", "expires_ms"),
+    # each instance's look for commands whose notification it missed (every few seconds) reads only these
+    Index("commands_unacked", "expires_ms", postgresql_where=text("acked_ms IS NULL"),
+          sqlite_where=text("acked_ms IS NULL")),
 )
 
 users = Table(

@@ -31,9 +31,13 @@ def upgrade() -> None:
                     sa.Column("expires_ms", sa.BigInteger(), nullable=False),
                     sa.PrimaryKeyConstraint("bucket", "key", "window_ms"))
     op.create_index("ix_rate_hits_expires_ms", "rate_hits", ["expires_ms"])
+    # each instance's periodic look for commands whose notification it missed reads only these
+    op.create_index("commands_unacked", "commands", ["expires_ms"], postgresql_where=sa.text("acked_ms IS NULL"),
+                    sqlite_where=sa.text("acked_ms IS NULL"))
 
 
 def downgrade() -> None:
+    op.drop_index("commands_unacked", table_name="commands")
     op.drop_index("ix_rate_hits_expires_ms", table_name="rate_hits")
     op.drop_table("rate_hits")
     op.drop_table("job_leases")
