@@ -170,7 +170,7 @@ async def lifespan(app: FastAPI):
     if not svc.database.is_sqlite:
         svc.listener = listener(svc)
         svc.listener.start()
-    tasks = [asyncio.create_task(job(svc)) for job in (background, payments_background, notify_background)]
+    tasks = [asyncio.create_task(job(svc)) for job in (flusher, background, payments_background, notify_background)]
     tasks.append(asyncio.create_task(svc.durable.run()))
     yield
     for task in tasks:
@@ -208,26 +208,39 @@ def _leased(svc: Services, job: str, every_s: float) -> bool:
     return svc.leases.hold(job, svc.now(), int(max(3 * every_s, LEASE_MIN_S) * 1000))
 
 
+async def flusher(svc: Services) -> None:
+    """This instance's own writes, every 0.1 s and never behind a job (a round of alarm rules over thousands of
+    machines takes seconds): the replay guard's nonces and the machines polling here; and on PostgreSQL, every
+    ``command_recheck_s``, a look for commands whose notification was missed."""
+    last_recheck = time.monotonic()
+    while True:
+        await asyncio.sleep(NONCE_FLUSH_S)
+        for what, flush in (("nonces", svc.machines.flush_nonces), ("polling machines", svc.presence.flush)):
+            try:
+                await run_in_threadpool(flush)
+            except Exception:
+                log.exception("could not write this instance's %s (written with the next flush)", what)
+        if svc.listener is not None and time.monotonic() - last_recheck >= svc.settings.command_recheck_s:
+            last_recheck = time.monotonic()
+            try:
+                for machine_id in await run_in_threadpool(svc.commands.due_machines, svc.now()):
+                    svc.hub.notify(machine_id)
+            except Exception:
+                log.exception("could not look for commands due")
+
+
 async def background(svc: Services) -> None:
-    """This instance's replay-guard nonces and polling machines to the database (every 0.1 s) and, on
-    PostgreSQL, a look for commands whose notification was missed (every ``command_recheck_s``). The fleet's
-    jobs, each at one instance at a time (:func:`_leased`): unclaimed starts voided and lost sessions
-    reconciled (every ``background_interval_s``); the operators' alarm rules checked (every
+    """The fleet's jobs, each at one instance at a time (:func:`_leased`): unclaimed starts voided and lost
+    sessions reconciled (every ``background_interval_s``); the operators' alarm rules checked (every
     ``alarm_check_interval_s``); old nonces, rate-limit counts, samples and ID photos past retention removed
-    (every minute). The payment providers are called from :func:`payments_background`, alarm notifications
-    sent from :func:`notify_background`."""
+    (every minute). This instance's own writes are :func:`flusher`'s; the payment providers are called from
+    :func:`payments_background`, alarm notifications sent from :func:`notify_background`."""
     mono = time.monotonic()
-    last_void = last_prune = last_alarms = last_recheck = mono
+    last_void = last_prune = last_alarms = mono
     while True:
         await asyncio.sleep(NONCE_FLUSH_S)
         try:
-            await run_in_threadpool(svc.machines.flush_nonces)
-            await run_in_threadpool(svc.presence.flush)
             mono = time.monotonic()
-            if svc.listener is not None and mono - last_recheck >= svc.settings.command_recheck_s:
-                last_recheck = mono
-                for machine_id in await run_in_threadpool(svc.commands.due_machines, svc.now()):
-                    svc.hub.notify(machine_id)
             every = svc.settings.background_interval_s
             if mono - last_void >= every:
                 last_void = mono

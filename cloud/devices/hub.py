@@ -132,8 +132,14 @@ class Presence:
         until = bindparam("until", type_=mc.poll_until_ms.type)
         stmt = update(t.machines).where(mc.machine_id == bindparam("mid")).values(poll_until_ms=case(
             (mc.poll_until_ms.is_(None), until), (mc.poll_until_ms < until, until), else_=mc.poll_until_ms))
-        with self.db.tx() as conn:
-            conn.execute(stmt, [{"mid": m, "until": u} for m, u in sorted(due.items())])
+        try:
+            with self.db.tx() as conn:
+                conn.execute(stmt, [{"mid": m, "until": u} for m, u in sorted(due.items())])
+        except Exception:
+            with self._lock:                     # written with the next flush, not forgotten
+                for m, u in due.items():
+                    self._due[m] = max(u, self._due.get(m, 0))
+            raise
         return len(due)
 
     def connected(self, machine: Mapping[str, Any]) -> bool:
