@@ -81,9 +81,11 @@ class Conn:
         self.port = port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.last = ""                               # what the last request was (for the errors' names)
 
     async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
                       ) -> tuple[int, dict]:
+        self.last = method + " " + "/".join(path.split("?")[0].split("/")[:4])
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         head = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}"]
@@ -160,7 +162,9 @@ class Bench:
                     self.got_at.setdefault(sid, time.perf_counter())
                     ack_path = f"/device/v1/commands/{cmd['command_id']}/ack"
                     ack = json.dumps({"ok": True}).encode()
-                    await conn.request("POST", ack_path, ack, self._signed(mid, secret, "POST", ack_path, ack))
+                    st, _ = await conn.request("POST", ack_path, ack, self._signed(mid, secret, "POST", ack_path, ack))
+                    if st != 200:
+                        self.errors[f"ack {st}"] = self.errors.get(f"ack {st}", 0) + 1
                     self.seq += 1
                     event_id = f"1-{self.seq}"
                     payload = {"event_id": event_id, "kind": "session_ended", "machine_id": mid, "boot_id": 1,
@@ -184,7 +188,8 @@ class Bench:
             except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
                 if self.stop:
                     break
-                self.errors[type(e).__name__] = self.errors.get(type(e).__name__, 0) + 1
+                what = f"{type(e).__name__} on {conn.last}"
+                self.errors[what] = self.errors.get(what, 0) + 1
                 conn = Conn(self.machine_port(i))
                 await asyncio.sleep(0.5)
 
@@ -224,7 +229,8 @@ class Bench:
                                                                                    0) + 1
                     self.idle.add(i)
             except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
-                self.errors[type(e).__name__] = self.errors.get(type(e).__name__, 0) + 1
+                what = f"{type(e).__name__} on {c.last}"
+                self.errors[what] = self.errors.get(what, 0) + 1
                 c = Conn(port)
             finally:
                 free.put_nowait(c)
@@ -259,7 +265,8 @@ class Bench:
                 else:
                     self.errors[f"status {st}"] = self.errors.get(f"status {st}", 0) + 1
             except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
-                self.errors[type(e).__name__] = self.errors.get(type(e).__name__, 0) + 1
+                what = f"{type(e).__name__} on {conn.last}"
+                self.errors[what] = self.errors.get(what, 0) + 1
                 conn = Conn(self.machine_port(i))
             await asyncio.sleep(max(0.0, 1.0 - (time.perf_counter() - t0)))
 
@@ -483,13 +490,17 @@ def fleet_run(args, n: int) -> None:
                 pipe.send("go")
             t0 = time.perf_counter()
             lost_restart: list[str] = []
+            before_restart = [0.0] * len(pids)        # CPU of the processes stopped, in this phase
             if args.rolling_restart:
                 time.sleep(3)
                 for inst in fleet.instances:
                     t_stop = time.perf_counter()
+                    before_restart[inst.index] = cpu_seconds(inst.proc.pid) - c1[inst.index]
                     code = inst.stop()
                     stopped = time.perf_counter() - t_stop
-                    inst.start()
+                    inst.start(wait=False)
+                    c1[inst.index] = 0.0              # the new process, counted from its start
+                    inst.wait_healthy(60)
                     fleet.wait_balanced(60)
                     print(f"        restarted cloud{inst.index + 1}: SIGTERM -> exit {code} in {stopped:.1f} s, "
                           f"back in the balancer {time.perf_counter() - t_stop:.1f} s after the SIGTERM", flush=True)
@@ -518,9 +529,9 @@ def fleet_run(args, n: int) -> None:
                 for k, v in r["errors"].items():
                     errors[k] = errors.get(k, 0) + v
             q = (lambda f: pct(lat, f) * 1000) if lat else (lambda f: float("nan"))
-            busy = [b - a for a, b in zip(c1, c2, strict=True)]
-            rolling = " (across the restarts: each restarted process counted from its start)" if args.rolling_restart \
-                else ""
+            busy = [b - a + x for a, b, x in zip(c1, c2, before_restart, strict=True)]
+            rolling = " (each instance: its old process until the SIGTERM, then the new one from its start)" \
+                if args.rolling_restart else ""
             print(f"        {completed} sessions in {elapsed:.1f} s = {completed / elapsed:.1f}/s; start->command "
                   f"p50 {q(.5):.1f} ms, p95 {q(.95):.1f} ms, p99 {q(.99):.1f} ms (n={len(lat)}, started {started}, "
                   f"never received {missing}); errors {errors or 'none'}", flush=True)
