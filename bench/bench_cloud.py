@@ -355,9 +355,10 @@ def generator(conn, machines, tokens, ports, rate: float, watchers: int) -> None
             tasks.append(asyncio.create_task(b.dispenser(i)))
             if i % 100 == 99:
                 await asyncio.sleep(0.1)
-        while b.connected < len(machines):
+        deadline = time.monotonic() + 120           # a machine not connected by then is reported, not waited for
+        while b.connected < len(machines) and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-        conn.send(("connected", b.connected))
+        conn.send(("connected", b.connected, dict(b.errors)))
         assert await loop.run_in_executor(None, conn.recv) == "go"
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
@@ -470,8 +471,12 @@ def fleet_run(args, n: int) -> None:
                 pipes.append(parent_end)
                 procs.append(proc)
             t_ramp = time.perf_counter()
-            held = sum(pipe.recv()[1] for pipe in pipes)
+            hello = [pipe.recv() for pipe in pipes]
+            held = sum(h[1] for h in hello)
             ramp = time.perf_counter() - t_ramp
+            if held < n:
+                print(f"        only {held} of {n} machines connected within 120 s; errors "
+                      f"{[h[2] for h in hello]}", flush=True)
             time.sleep(3)
             pids = [inst.proc.pid for inst in fleet.instances]
             hpids = [h.pid for h in fleet.haproxies]
