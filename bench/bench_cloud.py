@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sqlalchemy import insert
 
 import contract as p
-from bench.common import free_port, start_cloud, stop_process
+from bench.common import free_port, pct, start_cloud, stop_process
 from cloud import db as t
 from cloud.db import Database
 from cloud.security import SecretBox, new_token, token_hash
@@ -41,31 +41,35 @@ def raise_fd_limit(n: int = 20_000) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(n, hard), hard))
 
 
-def seed(data_dir: Path, n: int) -> tuple[list[tuple[str, bytes]], list[str]]:
-    """Machines (enrolled) and users with a balance, written straight into the database."""
-    box = SecretBox.from_env_or_file(data_dir / "server.key", production=False)
-    database = Database(f"sqlite:///{data_dir / 'cloud.db'}")
-    database.create_all()
+def seed(data_dir: Path, n: int, database_url: str | None = None, box: SecretBox | None = None,
+         prefix: str = "B", users: int | None = None) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """Machines (enrolled) and users with a balance, written straight into the database: SQLite in data_dir, or
+    ``database_url`` already migrated (the fleet's first instance did) with the fleet's key ``box``."""
+    box = box or SecretBox.from_env_or_file(data_dir / "server.key", production=False)
+    database = Database(database_url or f"sqlite:///{data_dir / 'cloud.db'}")
+    if database_url is None:
+        database.create_all()
     now = time.time_ns() // 1_000_000
     machines, tokens = [], []
     m_rows, u_rows, tok_rows, bal_rows = [], [], [], []
     for i in range(n):
-        mid, secret = f"B{i:05d}", secrets.token_bytes(32)
+        mid, secret = f"{prefix}{i:05d}", secrets.token_bytes(32)
         machines.append((mid, secret))
         m_rows.append(dict(machine_id=mid, secret_enc=box.seal(secret, f"machine:{mid}"), location="bench",
                            price_fen_per_l=200, max_volume_ml=5000, max_duration_ms=300_000, max_idle_ms=15_000,
                            max_credit_fen=10_000, created_ms=now))
-    for i in range(max(200, n // 5)):
-        uid, tok = f"bu{i:05d}", new_token()
+    for i in range(users if users is not None else max(200, n // 5)):
+        uid, tok = f"{prefix.lower()}u{i:05d}", new_token()
         tokens.append(tok)
-        u_rows.append(dict(user_id=uid, phone=f"139{i:08d}", registered=True, points=0, created_ms=now))
+        u_rows.append(dict(user_id=uid, phone=f"13{ord(prefix[0]) % 10}{i:08d}", registered=True, points=0,
+                           created_ms=now))
         tok_rows.append(dict(token_hash=token_hash(tok), user_id=uid, created_ms=now))
         bal_rows.append(dict(user_id=uid, kind="topup", amount_fen=10_000_000, note="bench", created_ms=now))
     with database.tx() as conn:
-        conn.execute(insert(t.machines), m_rows)
-        conn.execute(insert(t.users), u_rows)
-        conn.execute(insert(t.user_tokens), tok_rows)
-        conn.execute(insert(t.balance_entries), bal_rows)
+        for table, rows in ((t.machines, m_rows), (t.users, u_rows), (t.user_tokens, tok_rows),
+                            (t.balance_entries, bal_rows)):
+            for k in range(0, len(rows), 5000):
+                conn.execute(insert(table), rows[k:k + 5000])
     database.dispose()
     return machines, tokens
 
@@ -77,9 +81,11 @@ class Conn:
         self.port = port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.last = ""                               # what the last request was (for the errors' names)
 
     async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
                       ) -> tuple[int, dict]:
+        self.last = method + " " + "/".join(path.split("?")[0].split("/")[:4])
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         head = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}"]
@@ -105,8 +111,16 @@ class Conn:
 
 
 class Bench:
-    def __init__(self, port: int, machines: list[tuple[str, bytes]], tokens: list[str]) -> None:
+    """``port``: where everything goes; or ``machine_port(i)`` where dispenser i polls and ``phone_port(i)`` where
+    the start for machine i goes, with a label its latency is counted under (``(port, label)``)."""
+
+    def __init__(self, port: int, machines: list[tuple[str, bytes]], tokens: list[str],
+                 machine_port=None, phone_port=None) -> None:
         self.port, self.machines, self.tokens = port, machines, tokens
+        self.machine_port = machine_port or (lambda i: port)
+        self.phone_port = phone_port or (lambda i: (self.machine_port(i), ""))
+        self.label: dict[str, str] = {}              # session id -> its label
+        self.stop_phones: asyncio.Event | None = None   # set: the phones stop (instead of after ``seconds``)
         self.sent_at: dict[str, float] = {}          # session id -> when the phone sent the start
         self.got_at: dict[str, float] = {}           # session id -> when its dispenser had the command
         self.completed = 0
@@ -116,6 +130,9 @@ class Bench:
         self.stop = False
         self.seq = 0
         self.status_s: list[float] = []               # the phones' machine-status polls (one a second each)
+        self.busy_users: set[int] = set()             # a person with a session running starts no other
+        self.user_of: dict[str, int] = {}             # session id -> its person
+        self.ended: set[str] = set()                  # sessions whose end the machine reported
 
     def _signed(self, mid: str, secret: bytes, method: str, path: str, body: bytes) -> dict[str, str]:
         return p.signed_headers(secret, mid, method, path, body, timestamp_ms=time.time_ns() // 1_000_000,
@@ -123,8 +140,9 @@ class Bench:
 
     async def dispenser(self, i: int) -> None:
         mid, secret = self.machines[i]
-        conn = Conn(self.port)
-        path = "/device/v1/commands?wait_ms=55000"
+        conn = Conn(self.machine_port(i))
+        # the first poll answers at once (connected, known to every instance); then each is held up to 55 s
+        path = "/device/v1/commands?wait_ms=0"
         first = True
         while not self.stop:
             try:
@@ -132,6 +150,7 @@ class Bench:
                 if first:
                     self.connected += 1
                     first = False
+                    path = "/device/v1/commands?wait_ms=55000"
                 if status != 200:
                     self.errors[f"poll {status}"] = self.errors.get(f"poll {status}", 0) + 1
                     await asyncio.sleep(1)
@@ -143,7 +162,9 @@ class Bench:
                     self.got_at.setdefault(sid, time.perf_counter())
                     ack_path = f"/device/v1/commands/{cmd['command_id']}/ack"
                     ack = json.dumps({"ok": True}).encode()
-                    await conn.request("POST", ack_path, ack, self._signed(mid, secret, "POST", ack_path, ack))
+                    st, _ = await conn.request("POST", ack_path, ack, self._signed(mid, secret, "POST", ack_path, ack))
+                    if st != 200:
+                        self.errors[f"ack {st}"] = self.errors.get(f"ack {st}", 0) + 1
                     self.seq += 1
                     event_id = f"1-{self.seq}"
                     payload = {"event_id": event_id, "kind": "session_ended", "machine_id": mid, "boot_id": 1,
@@ -162,20 +183,28 @@ class Bench:
                     else:
                         self.errors[f"report {st}"] = self.errors.get(f"report {st}", 0) + 1
                     self.idle.add(i)
+                    self.ended.add(sid)
+                    self.busy_users.discard(self.user_of.pop(sid, None))   # their session has ended
             except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
-                self.errors[type(e).__name__] = self.errors.get(type(e).__name__, 0) + 1
-                conn = Conn(self.port)
+                if self.stop:
+                    break
+                what = f"{type(e).__name__} on {conn.last}"
+                self.errors[what] = self.errors.get(what, 0) + 1
+                conn = Conn(self.machine_port(i))
                 await asyncio.sleep(0.5)
 
     async def phone(self, rate: float, seconds: float) -> None:
-        conns = [Conn(self.port) for _ in range(16)]
-        free = asyncio.Queue()
-        for c in conns:
-            free.put_nowait(c)
+        pools: dict[int, asyncio.Queue] = {}        # a pool of 16 keep-alive connections per address
         users = list(range(len(self.tokens)))
-        busy_users: set[int] = set()
+        busy_users = self.busy_users
 
         async def one(i: int, u: int) -> None:
+            port, label = self.phone_port(i)
+            if port not in pools:
+                pools[port] = asyncio.Queue()
+                for _ in range(16):
+                    pools[port].put_nowait(Conn(port))
+            free = pools[port]
             c = await free.get()
             try:
                 mid, secret = self.machines[i]
@@ -191,20 +220,25 @@ class Bench:
                 st, res = await c.request("POST", "/api/v1/sessions", body.encode(), auth)
                 if st == 200:                 # the command may reach the dispenser before this response
                     self.sent_at[res["session_id"]] = t0
+                    self.label[res["session_id"]] = label
+                    if res["session_id"] not in self.ended:
+                        self.user_of[res["session_id"]] = u
+                        u = -1                # still busy: released when the machine reports the end
                 else:
                     self.errors[f"start {st} {res.get('error')}"] = self.errors.get(f"start {st} {res.get('error')}",
                                                                                    0) + 1
                     self.idle.add(i)
             except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
-                self.errors[type(e).__name__] = self.errors.get(type(e).__name__, 0) + 1
-                conns.append(Conn(self.port))
+                what = f"{type(e).__name__} on {c.last}"
+                self.errors[what] = self.errors.get(what, 0) + 1
+                c = Conn(port)
             finally:
                 free.put_nowait(c)
                 busy_users.discard(u)
 
         end = time.perf_counter() + seconds
         tasks = []
-        while time.perf_counter() < end:
+        while (time.perf_counter() < end) if self.stop_phones is None else not self.stop_phones.is_set():
             if self.idle and len(busy_users) < len(users):
                 i = random.choice(tuple(self.idle))
                 self.idle.discard(i)
@@ -217,10 +251,12 @@ class Bench:
 
     async def watcher(self, seconds: float) -> None:
         """A person standing at a machine: the phone page asks for its status once a second."""
-        conn = Conn(self.port)
-        mid = random.choice(self.machines)[0]
+        i = random.randrange(len(self.machines))
+        mid = self.machines[i][0]
+        conn = Conn(self.machine_port(i))
         end = time.perf_counter() + seconds
-        while time.perf_counter() < end and not self.stop:
+        while not self.stop and ((time.perf_counter() < end) if self.stop_phones is None
+                                 else not self.stop_phones.is_set()):
             t0 = time.perf_counter()
             try:
                 st, _ = await conn.request("GET", f"/api/v1/machines/{mid}")
@@ -229,8 +265,9 @@ class Bench:
                 else:
                     self.errors[f"status {st}"] = self.errors.get(f"status {st}", 0) + 1
             except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
-                self.errors[type(e).__name__] = self.errors.get(type(e).__name__, 0) + 1
-                conn = Conn(self.port)
+                what = f"{type(e).__name__} on {conn.last}"
+                self.errors[what] = self.errors.get(what, 0) + 1
+                conn = Conn(self.machine_port(i))
             await asyncio.sleep(max(0.0, 1.0 - (time.perf_counter() - t0)))
 
 
@@ -291,6 +328,248 @@ def one_size(n: int, rate: float, seconds: float, watchers: int = 0) -> None:
                   f"p50 {st[len(st) // 2] * 1000:.1f} ms, p99 {st[min(len(st) - 1, int(len(st) * .99))] * 1000:.1f} ms")
 
 
+# ------------------------------------------------------------------ several instances behind HAProxy (issue 21)
+
+MACHINES_PER_BALANCER = 9_000      # an HAProxy process holds two descriptors a connection; a process may have 20,000
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def generator(conn, machines, tokens, ports, rate: float, watchers: int) -> None:
+    """One load-generator process: its slice of the machines (machine i polls through balancer ports[i % len]),
+    its own phones at ``rate``. Talks to the parent through ``conn``: ("connected", n); waits for "go"; runs the
+    phones until "stop"; sends its figures; exits."""
+    raise_fd_limit()
+
+    async def go() -> dict:
+        b = Bench(ports[0], machines, tokens, machine_port=lambda i: ports[i % len(ports)])
+        b.stop_phones = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        tasks = []
+        for i in range(len(machines)):
+            tasks.append(asyncio.create_task(b.dispenser(i)))
+            if i % 100 == 99:
+                await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 120           # a machine not connected by then is reported, not waited for
+        while b.connected < len(machines) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        conn.send(("connected", b.connected, dict(b.errors)))
+        assert await loop.run_in_executor(None, conn.recv) == "go"
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        phones = asyncio.gather(b.phone(rate, 1e9), *(b.watcher(1e9) for _ in range(watchers)))
+        assert await loop.run_in_executor(None, conn.recv) == "stop"
+        b.stop_phones.set()
+        await phones
+        elapsed = time.perf_counter() - t0
+        for _ in range(100):                      # the last commands reach their machines, the last reports land
+            if all(sid in b.got_at for sid in b.sent_at) and len(b.idle) == len(machines):
+                break
+            await asyncio.sleep(0.1)
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        errors_during = dict(b.errors)
+        b.stop = True
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return dict(lat=[b.got_at[sid] - t for sid, t in b.sent_at.items() if sid in b.got_at],
+                    missing=sum(1 for sid in b.sent_at if sid not in b.got_at), started=len(b.sent_at),
+                    completed=b.completed, elapsed=elapsed, errors=errors_during, status=b.status_s,
+                    connected=b.connected,
+                    cpu=cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime)
+
+    conn.send(("result", asyncio.run(go())))
+
+
+def cross_instance(fleet, machines, tokens, rate: float, seconds: float) -> dict[str, list[float]]:
+    """Machine j polls instance j % n directly; each start goes directly to that instance (A->A) or to the next
+    one (B->A), alternately: what delivery through the database's NOTIFY adds to delivery in one process."""
+    ports = [inst.port for inst in fleet.instances]
+    n = len(ports)
+    turn = {"k": 0}
+
+    def phone_port(i: int) -> tuple[int, str]:
+        turn["k"] += 1
+        a = i % n
+        return (ports[a], "A->A") if turn["k"] % 2 else (ports[(a + 1) % n], "B->A")
+
+    async def go() -> Bench:
+        b = Bench(ports[0], machines, tokens, machine_port=lambda i: ports[i % n], phone_port=phone_port)
+        tasks = [asyncio.create_task(b.dispenser(i)) for i in range(len(machines))]
+        while b.connected < len(machines):
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2.5)                  # every instance knows where they poll (presence, flushed each 1 s)
+        await b.phone(rate, seconds)
+        for _ in range(50):
+            if all(sid in b.got_at for sid in b.sent_at):
+                break
+            await asyncio.sleep(0.1)
+        b.stop = True
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return b
+
+    b = asyncio.run(go())
+    out: dict[str, list[float]] = {"A->A": [], "B->A": []}
+    for sid, t0 in b.sent_at.items():
+        if sid in b.got_at:
+            out[b.label[sid]].append(b.got_at[sid] - t0)
+    out["missing"] = [sid for sid in b.sent_at if sid not in b.got_at]
+    out["errors"] = b.errors
+    return out
+
+
+def fleet_run(args, n: int) -> None:
+    import multiprocessing as mp
+
+    import psycopg
+
+    from tests.fleetkit import CloudFleet
+    admin_url = args.database_url or os.environ.get("TAPSHARE_TEST_POSTGRES_URL")
+    if not admin_url:
+        sys.exit("--instances needs PostgreSQL: --database-url (or TAPSHARE_TEST_POSTGRES_URL), a server where "
+                 "the bench may CREATE DATABASE (it creates a fresh one and drops it at the end)")
+    name = "bench_" + secrets.token_hex(5)
+    plain_admin = admin_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(plain_admin, autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {name}")
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    balancers = args.balancers or max(1, -(-n // MACHINES_PER_BALANCER))
+    gens = args.generators or max(1, -(-n // 7_000))
+    env = {"TAPSHARE_SCANS_PER_MINUTE_PER_NETWORK": "100000000", "TAPSHARE_SCANS_PER_MINUTE_PER_MACHINE": "1000000"}
+    try:
+        with tempfile.TemporaryDirectory() as d, CloudFleet(Path(d), url, n=args.instances, env=env,
+                                                              balancers=balancers, plain=True,
+                                                              log_balancer=False) as fleet:
+            box = SecretBox(bytes.fromhex(fleet.env["TAPSHARE_CLOUD_KEY"]))
+            t_seed = time.perf_counter()
+            machines, tokens = seed(Path(d), n, url, box)
+            cross_m, cross_t = seed(Path(d), args.cross_machines, url, box, prefix="X",
+                                    users=args.cross_machines)
+            print(f"N={n:>6}, {args.instances} instances on PostgreSQL, {balancers} HAProxy process(es) (plain http "
+                  f"frontends), {gens} generator processes; seeded in {time.perf_counter() - t_seed:.1f} s",
+                  flush=True)
+            ports = fleet.plain_ports
+            ctx = mp.get_context("fork")
+            pipes, procs = [], []
+            for g in range(gens):
+                idx = list(range(g, n, gens))                      # machine i: generator i % gens
+                users = list(range(g, len(tokens), gens))
+                parent_end, child_end = ctx.Pipe()
+                # machine i polls through balancer i % balancers: keep that with the slice's own numbering
+                my_ports = [ports[(g + k * gens) % balancers] for k in range(balancers)]
+                proc = ctx.Process(target=generator, args=(child_end, [machines[i] for i in idx],
+                                                           [tokens[u] for u in users], my_ports,
+                                                           args.rate / gens, args.watchers // gens))
+                proc.start()
+                pipes.append(parent_end)
+                procs.append(proc)
+            t_ramp = time.perf_counter()
+            hello = [pipe.recv() for pipe in pipes]
+            held = sum(h[1] for h in hello)
+            ramp = time.perf_counter() - t_ramp
+            if held < n:
+                print(f"        only {held} of {n} machines connected within 120 s; errors "
+                      f"{[h[2] for h in hello]}", flush=True)
+            time.sleep(3)
+            pids = [inst.proc.pid for inst in fleet.instances]
+            hpids = [h.pid for h in fleet.haproxies]
+            # idle: every machine holds its poll, nobody starts anything
+            c0 = [cpu_seconds(pid) for pid in pids]
+            h0 = [cpu_seconds(pid) for pid in hpids]
+            time.sleep(args.idle_seconds)
+            c1 = [cpu_seconds(pid) for pid in pids]
+            h1 = [cpu_seconds(pid) for pid in hpids]
+            idle_cores = sum(c1) - sum(c0)
+            print(f"        held {held} connections (ramp {ramp:.1f} s); idle {args.idle_seconds:.0f} s: instances "
+                  f"{', '.join(f'{b - a:.2f}' for a, b in zip(c0, c1, strict=True))} CPU-s, "
+                  f"{1000 * idle_cores / args.idle_seconds / max(held, 1):.4f} cores per 1,000 held connections; "
+                  f"HAProxy {sum(h1) - sum(h0):.2f} CPU-s", flush=True)
+            for pipe in pipes:
+                pipe.send("go")
+            t0 = time.perf_counter()
+            lost_restart: list[str] = []
+            before_restart = [0.0] * len(pids)        # CPU of the processes stopped, in this phase
+            if args.rolling_restart:
+                time.sleep(3)
+                for inst in fleet.instances:
+                    t_stop = time.perf_counter()
+                    before_restart[inst.index] = cpu_seconds(inst.proc.pid) - c1[inst.index]
+                    code = inst.stop()
+                    stopped = time.perf_counter() - t_stop
+                    inst.start(wait=False)
+                    c1[inst.index] = 0.0              # the new process, counted from its start
+                    inst.wait_healthy(60)
+                    fleet.wait_balanced(60)
+                    print(f"        restarted cloud{inst.index + 1}: SIGTERM -> exit {code} in {stopped:.1f} s, "
+                          f"back in the balancer {time.perf_counter() - t_stop:.1f} s after the SIGTERM", flush=True)
+                    time.sleep(3)
+                if any(not inst.alive for inst in fleet.instances):
+                    lost_restart.append("an instance did not come back")
+            rest = args.seconds - (time.perf_counter() - t0)
+            if rest > 0:
+                time.sleep(rest)
+            c2 = [cpu_seconds(inst.proc.pid) for inst in fleet.instances]
+            h2 = [cpu_seconds(pid) for pid in hpids]
+            rss = [rss_mb(inst.proc.pid) for inst in fleet.instances]
+            hrss = [rss_mb(pid) for pid in hpids]
+            for pipe in pipes:
+                pipe.send("stop")
+            results = [pipe.recv()[1] for pipe in pipes]
+            for proc in procs:
+                proc.join(30)
+            lat = sorted(x for r in results for x in r["lat"])
+            elapsed = max(r["elapsed"] for r in results)
+            completed = sum(r["completed"] for r in results)
+            started = sum(r["started"] for r in results)
+            missing = sum(r["missing"] for r in results)
+            errors: dict[str, int] = {}
+            for r in results:
+                for k, v in r["errors"].items():
+                    errors[k] = errors.get(k, 0) + v
+            q = (lambda f: pct(lat, f) * 1000) if lat else (lambda f: float("nan"))
+            busy = [b - a + x for a, b, x in zip(c1, c2, before_restart, strict=True)]
+            rolling = " (each instance: its old process until the SIGTERM, then the new one from its start)" \
+                if args.rolling_restart else ""
+            print(f"        {completed} sessions in {elapsed:.1f} s = {completed / elapsed:.1f}/s; start->command "
+                  f"p50 {q(.5):.1f} ms, p95 {q(.95):.1f} ms, p99 {q(.99):.1f} ms (n={len(lat)}, started {started}, "
+                  f"never received {missing}); errors {errors or 'none'}", flush=True)
+            print(f"        CPU-s under load{rolling}: instances {', '.join(f'{x:.1f}' for x in busy)} = "
+                  f"{sum(busy) / elapsed:.2f} cores, {1000 * sum(busy) / elapsed / max(held, 1):.4f} cores per "
+                  f"1,000 held connections, {sum(busy) / max(completed, 1) * 1000:.1f} CPU-ms per session; HAProxy "
+                  f"{sum(h2) - sum(h1):.1f} CPU-s; generators {sum(r['cpu'] for r in results):.1f} CPU-s", flush=True)
+            print(f"        RSS: instances {', '.join(f'{x:.0f}' for x in rss)} MB; HAProxy "
+                  f"{', '.join(f'{x:.0f}' for x in hrss)} MB", flush=True)
+            if args.rolling_restart:
+                print(f"        rolling restart of {len(fleet.instances)} instances under load: commands lost "
+                      f"{missing}, requests failed {sum(errors.values())}"
+                      + ("; " + "; ".join(lost_restart) if lost_restart else ""), flush=True)
+            st = sorted(x for r in results for x in r["status"])
+            if st:
+                print(f"        status polls ({args.watchers} phones at 1/s): {len(st)}, "
+                      f"p50 {pct(st, .5) * 1000:.1f} ms, p99 {pct(st, .99) * 1000:.1f} ms", flush=True)
+            if args.cross_machines and not args.rolling_restart:
+                cross = cross_instance(fleet, cross_m, cross_t, args.cross_rate, args.cross_seconds)
+                aa, ba = sorted(cross["A->A"]), sorted(cross["B->A"])
+
+                def fmt(xs):
+                    return (f"p50 {pct(xs, .5) * 1000:.1f} ms, p99 {pct(xs, .99) * 1000:.1f} ms (n={len(xs)})"
+                            if xs else "none")
+                print(f"        cross-instance ({args.cross_machines} machines polling instances directly, "
+                      f"{args.cross_rate:g} starts/s, the others idle): A->A {fmt(aa)}; B->A {fmt(ba)}; "
+                      + (f"B->A adds {(pct(ba, .5) - pct(aa, .5)) * 1000:.1f} ms at p50; " if aa and ba else "")
+                      + f"never received {len(cross['missing'])}; errors {cross['errors'] or 'none'}", flush=True)
+    finally:
+        with psycopg.connect(plain_admin, autocommit=True) as c:
+            c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--machines", type=int, nargs="+", default=[100, 1_000, 10_000])
@@ -298,10 +577,29 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=50, help="phone starts per second")
     ap.add_argument("--watchers", type=int, default=100,
                     help="phones standing at machines, polling the machine's status once a second")
+    fl = ap.add_argument_group("several instances (issue 21)")
+    fl.add_argument("--instances", type=int, default=0,
+                    help="N cloud instances on PostgreSQL behind HAProxy (0: one process on SQLite, no balancer)")
+    fl.add_argument("--database-url", help="a PostgreSQL server where the bench may create (and drop) a database; "
+                                           "default TAPSHARE_TEST_POSTGRES_URL")
+    fl.add_argument("--generators", type=int, default=0,
+                    help="load-generator processes, each with a slice of the machines (default: one per 7,000)")
+    fl.add_argument("--balancers", type=int, default=0,
+                    help=f"HAProxy processes (default: one per {MACHINES_PER_BALANCER:,} machines)")
+    fl.add_argument("--idle-seconds", type=float, default=10, help="CPU measured with every poll held, no starts")
+    fl.add_argument("--cross-machines", type=int, default=60,
+                    help="machines polling instances directly for the A->A / B->A measurement (0: skip)")
+    fl.add_argument("--cross-rate", type=float, default=10)
+    fl.add_argument("--cross-seconds", type=float, default=20)
+    fl.add_argument("--rolling-restart", action="store_true",
+                    help="SIGTERM and restart every instance in turn during the phone phase")
     args = ap.parse_args()
     raise_fd_limit()
     for n in args.machines:
-        one_size(n, args.rate, args.seconds, args.watchers)
+        if args.instances:
+            fleet_run(args, n)
+        else:
+            one_size(n, args.rate, args.seconds, args.watchers)
 
 
 if __name__ == "__main__":

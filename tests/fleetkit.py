@@ -54,8 +54,11 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return directory / "tapshare.pem", directory / "cert.pem"
 
 
-def haproxy_config(pem: Path, https_port: int, http_port: int, servers: list[int], socket_path: Path) -> str:
-    """The repository's configuration with this test's addresses: binds, servers, log and stats socket."""
+def haproxy_config(pem: Path, https_port: int, http_port: int, servers: list[int], socket_path: Path,
+                   plain_port: int | None = None) -> str:
+    """The repository's configuration with this test's addresses: binds, servers, log and stats socket.
+    ``plain_port``: also a frontend without TLS and without the redirect to https (the benchmark's load
+    generator, whose thousands of TLS handshakes would measure the generator, not the cloud)."""
     text = HAPROXY_CFG.read_text()
     text = re.sub(r"^    log /dev/log local0$", "    log stdout format raw local0", text, flags=re.M)
     text = re.sub(r"^    stats socket \S+", f"    stats socket {socket_path}", text, flags=re.M)
@@ -64,8 +67,19 @@ def haproxy_config(pem: Path, https_port: int, http_port: int, servers: list[int
     text = re.sub(r"^    server .*\n", "", text, flags=re.M)
     # this machine allows a process fewer descriptors than a production balancer has (two a connection)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    maxconn = 60_000
     if hard != resource.RLIM_INFINITY and hard < 120_000:
-        text = re.sub(r"^    maxconn \d+$", f"    maxconn {hard // 2 - 500}", text, flags=re.M)
+        maxconn = hard // 2 - 500
+        text = re.sub(r"^    maxconn \d+$", f"    maxconn {maxconn}", text, flags=re.M)
+    if plain_port is not None:
+        text = text.replace("\nbackend tapshare_cloud\n", f"""
+frontend tapshare_plain
+    bind 127.0.0.1:{plain_port}
+    maxconn {maxconn}
+    default_backend tapshare_cloud
+
+backend tapshare_cloud
+""", 1)
     return text + "".join(f"    server cloud{i + 1} 127.0.0.1:{port}\n" for i, port in enumerate(servers))
 
 
@@ -126,7 +140,8 @@ class CloudFleet:
     """``n`` instances and HAProxy in front. ``url`` is the balancer's https address (clients trust ``ca``)."""
 
     def __init__(self, directory: Path, database_url: str, n: int = 3, drain_s: float = 3.0,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, balancers: int = 1, plain: bool = False,
+                 log_balancer: bool = True) -> None:
         if not shutil.which("haproxy"):
             raise RuntimeError("haproxy is not installed (apt-get install haproxy; test.sh does)")
         self.dir = directory
@@ -139,6 +154,11 @@ class CloudFleet:
         self.instances = [Instance(self, i) for i in range(n)]
         self.pem, self.ca = self_signed(self.dir / "tls")
         self.haproxy: subprocess.Popen | None = None
+        # more HAProxy processes (the benchmark's: one process may hold only so many descriptors here); each with
+        # its own ports and runtime socket; ``plain_ports``: their frontends without TLS when ``plain``
+        self.n_balancers, self.log_balancer = balancers, log_balancer
+        self.haproxies: list[subprocess.Popen] = []
+        self.plain_ports = [free_port() for _ in range(balancers)] if plain else []
         self.admin = ""
 
     def __enter__(self) -> CloudFleet:
@@ -155,15 +175,22 @@ class CloudFleet:
             inst.start(wait=False)
         for inst in self.instances[1:]:
             inst.wait_healthy()
-        cfg = self.dir / "haproxy.cfg"
-        cfg.write_text(haproxy_config(self.pem, self.https_port, self.http_port,
-                                      [i.port for i in self.instances], self.dir / "haproxy.sock"))
-        check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
-        if check.returncode:
-            raise RuntimeError(f"haproxy refuses the configuration: {check.stdout}{check.stderr}")
-        with open(self.dir / "haproxy.log", "ab") as log:
-            self.haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+        for b in range(self.n_balancers):
+            https_port, http_port = (self.https_port, self.http_port) if b == 0 else (free_port(), free_port())
+            sfx = "" if b == 0 else str(b + 1)
+            cfg = self.dir / f"haproxy{sfx}.cfg"
+            text = haproxy_config(self.pem, https_port, http_port, [i.port for i in self.instances],
+                                  self.dir / f"haproxy{sfx}.sock", self.plain_ports[b] if self.plain_ports else None)
+            if not self.log_balancer:             # a log line a request, at thousands a second, costs CPU
+                text = re.sub(r"^    log stdout format raw local0$", "", text, flags=re.M)
+            cfg.write_text(text)
+            check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
+            if check.returncode:
+                raise RuntimeError(f"haproxy refuses the configuration: {check.stdout}{check.stderr}")
+            with open(self.dir / f"haproxy{sfx}.log", "ab") as log:
+                self.haproxies.append(subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=log,
+                                                       stderr=subprocess.STDOUT, start_new_session=True))
+        self.haproxy = self.haproxies[0]
         self.wait_balanced()
         out = subprocess.run([sys.executable, "-m", "cloud", "create-operator", "fleet-admin", "--role", "admin",
                               "--database-url", self.database_url, "--data-dir", str(self.dir / "data")],
@@ -172,28 +199,36 @@ class CloudFleet:
         return self
 
     def wait_balanced(self, timeout_s: float = 20) -> None:
-        """Until HAProxy sees every running instance up (its health checks)."""
+        """Until HAProxy (every HAProxy process) sees every running instance up (its health checks)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            up = self.servers_up()
-            if up is not None and sum(up.values()) == sum(i.alive for i in self.instances):
+            ups = [self.servers_up(b) for b in range(self.n_balancers)]
+            if all(up is not None and sum(up.values()) == sum(i.alive for i in self.instances) for up in ups):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"HAProxy does not see the instances up: {self.servers_up()}")
 
-    def servers_up(self) -> dict[str, bool] | None:
-        """Each server's state as HAProxy sees it (its runtime API)."""
+    def runtime(self, command: str, balancer: int = 0) -> str | None:
+        """A command to HAProxy's runtime API (the stats socket of HAProxy process ``balancer``)."""
+        sfx = "" if balancer == 0 else str(balancer + 1)
         try:
             with socket.socket(socket.AF_UNIX) as s:
-                s.connect(str(self.dir / "haproxy.sock"))
-                s.sendall(b"show servers state tapshare_cloud\n")
+                s.connect(str(self.dir / f"haproxy{sfx}.sock"))
+                s.sendall(command.encode() + b"\n")
                 data = b""
                 while chunk := s.recv(65536):
                     data += chunk
         except OSError:
             return None
+        return data.decode()
+
+    def servers_up(self, balancer: int = 0) -> dict[str, bool] | None:
+        """Each server's state as HAProxy sees it (its runtime API)."""
+        data = self.runtime("show servers state tapshare_cloud", balancer)
+        if data is None:
+            return None
         out = {}
-        for line in data.decode().splitlines():
+        for line in data.splitlines():
             parts = line.split()
             if len(parts) > 6 and parts[1] == "tapshare_cloud":
                 out[parts[3]] = parts[5] == "2"           # srv_op_state 2: running
@@ -204,9 +239,9 @@ class CloudFleet:
             if inst.alive:
                 inst.proc.kill()
                 inst.proc.wait(10)
-        if self.haproxy is not None:
-            self.haproxy.terminate()
-            self.haproxy.wait(10)
+        for proc in self.haproxies:
+            proc.terminate()
+            proc.wait(10)
 
     def op(self, method: str, path: str, **kw) -> requests.Response:
         return requests.request(method, self.url + path, timeout=10, verify=str(self.ca),
