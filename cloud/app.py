@@ -10,6 +10,7 @@ and ``schemas.py``):
 * ``cloud/alarms``: operators' alarms with a life (open, acknowledged, resolved), their rules and notifications;
 * ``cloud/fleet``: the console's fleet list and machine page (rows, charts from heartbeat samples, bulk price);
 * ``cloud/reports``: revenue, litres and sessions per day, machine and site;
+* ``cloud/releases``: fleet updates: signed release bundles, rollouts, the offer in a heartbeat's answer;
 * ``cloud/dev``: development-only routes, never in production.
 
 Device endpoints are signed (see :mod:`contract.signing`); operator and phone endpoints take bearer tokens.
@@ -52,6 +53,8 @@ from cloud.operators import router as operators
 from cloud.operators.service import ROLES, Operators
 from cloud.records import router as records
 from cloud.records.service import Records
+from cloud.releases import router as releases
+from cloud.releases.service import Releases
 from cloud.reports import router as reports
 from cloud.reports.service import Reports
 from cloud.rewards import router as rewards
@@ -87,8 +90,9 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
     install_handlers(app)
     app.add_api_route("/healthz", health, methods=["GET"], response_model=HealthOut, tags=["health"])
     for feature in (devices, sessions, accounts, wallet, rewards, operators, fleet, console, alarms, records, users,
-                    pages, reports):
+                    pages, reports, releases):
         app.include_router(feature.router)
+    app.include_router(releases.device_router)
     app.include_router(console.pages)
     if not settings.production:
         app.include_router(dev.router)
@@ -145,7 +149,8 @@ def build_services(settings: CloudSettings) -> Services:
         durable=DurableNonces(machines), development=development, reports=Reports(database),
         scans_by_network=SharedRateLimiter(database, "scans_by_network", settings.scans_per_minute_per_network, 60_000),
         scans_by_machine=SharedRateLimiter(database, "scans_by_machine", settings.scans_per_minute_per_machine, 60_000),
-        presence=presence, leases=Leases(database, settings.instance_id))
+        presence=presence, leases=Leases(database, settings.instance_id),
+        releases=Releases(database, settings.data_dir, settings.release_keys_dir))
 
 
 def health(svc: Svc) -> dict:

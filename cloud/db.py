@@ -492,6 +492,47 @@ rate_hits = Table(    # rate limits every cloud instance counts together: hits p
     Column("expires_ms", BigInteger, nullable=False, index=True),
 )
 
+releases = Table(    # fleet updates: signed bundles an admin uploaded (the file: data_dir/releases/<version>.bundle)
+    "releases", metadata,
+    Column("version", String(40), primary_key=True),
+    Column("sha256", String(64), nullable=False),         # of the whole bundle file: what a machine checks first
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("key_id", String(16), nullable=False),         # the release key that signed it
+    Column("manifest", JSON, nullable=False),             # the manifest without its files: counts and total size
+    Column("notes", String(2000), nullable=False, default=""),
+    Column("uploaded_by", String(64), nullable=False),
+    Column("uploaded_ms", BigInteger, nullable=False),
+    Column("withdrawn_ms", BigInteger, nullable=True),    # withdrawn: offered and served no more
+)
+
+rollouts = Table(    # a release offered to a set of machines; one open (active or paused) rollout per machine
+    "rollouts", metadata,
+    Column("rollout_id", Integer, primary_key=True, autoincrement=True),
+    Column("version", String(40), ForeignKey("releases.version"), nullable=False),
+    Column("created_by", String(64), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("state", String(16), nullable=False),          # active, paused, stopped, done
+    Column("machine_ids", JSON, nullable=True),           # the chosen machines, or NULL with a percent
+    Column("percent", Integer, nullable=True),
+    Column("max_rollback_pct", Integer, nullable=False),  # stopped by itself when more roll back or fail
+    Column("stop_reason", String(200), nullable=True),
+    Column("updated_ms", BigInteger, nullable=False),
+)
+
+machine_updates = Table(    # each targeted machine's step in a rollout, as its reports and heartbeats say
+    "machine_updates", metadata,
+    Column("rollout_id", Integer, ForeignKey("rollouts.rollout_id"), primary_key=True),
+    Column("machine_id", String(64), primary_key=True),
+    Column("version", String(40), nullable=False),
+    Column("step", String(16), nullable=False),           # pending, then contract.UPDATE_STEPS
+    Column("reason", String(40), nullable=False, default=""),
+    Column("detail", String(500), nullable=False, default=""),
+    Column("running_version", String(40), nullable=False, default=""),
+    Column("updated_ms", BigInteger, nullable=False),
+    Index("machine_updates_by_rollout", "rollout_id", "step"),
+    Index("machine_updates_by_machine", "machine_id"),    # every heartbeat looks its machine's offer up
+)
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 LEGACY_SCHEMA_VERSION = 3      # release 0.1.0's schema_info version: the schema of migration 0001
 MIGRATION_LOCK_KEY = 0x7A95_0001     # PostgreSQL advisory lock: one instance migrates at a time

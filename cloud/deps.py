@@ -25,6 +25,7 @@ from cloud.fleet.service import Fleet
 from cloud.middleware import MAX_BODY_BYTES
 from cloud.operators.service import Operators
 from cloud.records.service import Records
+from cloud.releases.service import Releases
 from cloud.reports.service import Reports
 from cloud.rewards.service import Rewards
 from cloud.sessions.service import Sessions
@@ -59,6 +60,7 @@ class Services:
     reports: Reports
     presence: Presence                  # which machines long-poll, at this instance or another
     leases: Leases                      # which background jobs this instance runs
+    releases: Releases                  # fleet updates: release bundles, rollouts, the machines' steps
     listener: Listener | None = None    # PostgreSQL: this instance's LISTEN connection (started with the app)
 
     def now(self) -> int:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 from cloud.accounts.identity import MAX_PHOTO_BYTES
+from contract.bundle import MAX_BUNDLE_BYTES
 
 MAX_BODY_BYTES = 256 * 1024
 BODY_LIMITS = {"/api/v1/me/id-photo": MAX_PHOTO_BYTES + 64 * 1024}   # paths allowed more than MAX_BODY_BYTES
+# paths whose route streams the body itself (to disk) and enforces its own cap: only Content-Length is checked here
+STREAMED_LIMITS = {"/api/v1/operator/releases": MAX_BUNDLE_BYTES}
 
 
 class BodyLimit:
@@ -23,7 +26,8 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        limit = BODY_LIMITS.get(path, MAX_BODY_BYTES)
+        streamed = scope.get("method") == "POST" and path in STREAMED_LIMITS
+        limit = STREAMED_LIMITS[path] if streamed else BODY_LIMITS.get(path, MAX_BODY_BYTES)
         raw = scope.get("raw_path") or path.encode()
         if b"\x00" in raw or b"%00" in raw.lower() or b"%00" in scope.get("query_string", b"").lower() \
                 or "\x00" in path:
@@ -33,7 +37,7 @@ class BodyLimit:
             if k == b"content-length" and (not v.isdigit() or int(v) > limit):
                 await self._refuse(send, limit)
                 return
-        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+        if streamed or scope.get("method") not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
         # read the body here (at most the limit), check it, then hand it on whole

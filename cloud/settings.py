@@ -159,9 +159,13 @@ class CloudSettings:
     alarm_email_to: str = field(default_factory=_text("TAPSHARE_ALARM_EMAIL_TO"))      # addresses, comma-separated
     alarm_webhook_url: str = field(default_factory=_text("TAPSHARE_ALARM_WEBHOOK_URL"))
     alarm_webhook_secret_file: str = field(default_factory=_text("TAPSHARE_ALARM_WEBHOOK_SECRET_FILE"))
+    # fleet updates: the public keys (*.pub.pem) whose signatures an uploaded release bundle may carry, read at
+    # each upload; empty: data_dir/release-keys
+    release_keys_dir: Path | str = field(default_factory=_text("TAPSHARE_RELEASE_KEYS_DIR"))
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        self.release_keys_dir = Path(self.release_keys_dir or self.data_dir / "release-keys")
         self.database_url = self.database_url or os.environ.get("TAPSHARE_DATABASE_URL", "")
         for name, (var, _default, low, high) in _NUMBERS.items():
             if not low <= getattr(self, name) <= high:

@@ -136,11 +136,11 @@ class DeviceClient:
         self.http = requests.Session()
 
     def request(self, method: str, path: str, body: dict | None = None, *, nonce: str | None = None,
-                timeout: float = 10, secret: bytes | None = None) -> requests.Response:
+                timeout: float = 10, secret: bytes | None = None, headers: dict | None = None) -> requests.Response:
         raw = json.dumps(body).encode() if body is not None else b""
-        headers = p.signed_headers(secret or self.secret, self.machine_id, method, path, raw,
-                                   timestamp_ms=time.time_ns() // 1_000_000 + self.offset,
-                                   nonce=nonce or secrets.token_hex(16))
+        headers = {**(headers or {}), **p.signed_headers(secret or self.secret, self.machine_id, method, path, raw,
+                                                         timestamp_ms=time.time_ns() // 1_000_000 + self.offset,
+                                                         nonce=nonce or secrets.token_hex(16))}
         if body is not None:
             headers["Content-Type"] = "application/json"
         return self.http.request(method, self.base + path, data=raw, headers=headers, timeout=timeout)

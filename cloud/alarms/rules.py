@@ -48,6 +48,7 @@ RULES: dict[str, Rule] = {r.name: r for r in (
     Rule("payments", "critical", "支付异常", "payments problem"),
     Rule("reconciliation", "critical", "对账不符", "reconciliation mismatch"),
     Rule("sms", "warning", "短信发送失败", "SMS not sent"),
+    Rule("rollout", "critical", "软件升级已自动停止", "software rollout stopped by itself"),
 )}
 SEVERITY_WORDS = {"critical": ("严重", "CRITICAL"), "warning": ("警告", "WARNING"), "info": ("提示", "INFO")}
 

@@ -48,7 +48,7 @@ ACTIVE = ("open", "acknowledged")
 STATES = ("open", "acknowledged", "resolved")
 MACHINE_STATE_RULES = ("offline", *HEARTBEAT_RULES)
 TOUCH_MS = 60_000         # while a condition lasts, its last_ms moves on at most this often (not a write a heartbeat)
-SUBJECT_FIELDS = ("refund_id", "order_id", "bill_date")   # what tells one payments problem from another
+SUBJECT_FIELDS = ("refund_id", "order_id", "bill_date", "rollout_id")   # what tells one problem from another
 DEAD_LETTERS_KEPT = 5
 a = t.operator_alarms.c
 
@@ -109,8 +109,9 @@ def _refresh(conn: Connection, row: dict[str, Any], detail: dict[str, Any], at_m
 
 
 def open_service_case(conn: Connection, source: str, kind: str, detail: dict[str, Any], now_ms: int) -> None:
-    """The service's own problem (``source``: payments, reconciliation, sms) as an operator alarm: one per problem
-    (the refund, order or bill day it is about, else the provider), its repeats counted while it is open."""
+    """The service's own problem (``source``: payments, reconciliation, sms, rollout) as an operator alarm: one per
+    problem (the refund, order, bill day or rollout it is about, else the provider), its repeats counted while it
+    is open."""
     subject = [kind, str(detail.get("provider", ""))]
     subject += [str(detail[f]) for f in SUBJECT_FIELDS if detail.get(f)][:1]
     open_case(conn, source, ":".join(subject), None, {"kind": kind, **detail}, now_ms)

@@ -76,9 +76,11 @@ def post_progress(body: p.ProgressMsg, auth: Device, svc: Svc) -> dict[str, Any]
 
 @router.post("/heartbeat", response_model=p.HeartbeatResponse, response_model_exclude_none=True)   # no "update": null
 def post_heartbeat(body: p.HeartbeatMsg, auth: Device, svc: Svc, now: Now) -> p.HeartbeatResponse:
-    """Telemetry in; the machine's settings (price shown, time zone, hotline) out."""
+    """Telemetry in; the machine's settings (price shown, time zone, hotline) out, and the release its rollout
+    offers it, if any (:mod:`cloud.releases`)."""
     m = svc.machines.heartbeat(auth.machine_id, body, now)
     for sid in svc.sessions.reconcile(auth.machine_id, body, auth.timestamp_ms, now):
         log.warning("session %s lost: machine %s says it has no such session", sid, auth.machine_id)
     return p.HeartbeatResponse(server_time_ms=now, settings=p.MachineSettingsMsg(
-        price_fen_per_l=m["price_fen_per_l"], timezone=m["timezone"], hotline=m["hotline"]))
+        price_fen_per_l=m["price_fen_per_l"], timezone=m["timezone"], hotline=m["hotline"]),
+        update=svc.releases.offer(auth.machine_id, body.software_version, now))
