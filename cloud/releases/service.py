@@ -248,8 +248,8 @@ class Releases:
         if row is None or row["step"] in ENDED_STEPS:
             return None
         if software_version == row["version"]:
-            self._record(row["rollout_id"], machine_id, "healthy", "heartbeat", "its heartbeat says it runs "
-                         f"{software_version}", software_version, now_ms, only_from=STEPS[:-4])
+            self._record(row["rollout_id"], machine_id, "healthy", "heartbeat", "", software_version, now_ms,
+                         only_from=STEPS[:-4])
             return None
         if row["state"] != "active":
             return None

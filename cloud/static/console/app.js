@@ -12,6 +12,7 @@ const ROUTES = [
   { path: 'users', module: 'users', role: 'viewer', label: 'nav.users' },
   { path: 'gifts', module: 'gifts', role: 'viewer', label: 'nav.gifts' },
   { path: 'reports', module: 'reports', role: 'viewer', label: 'nav.reports' },
+  { path: 'releases', module: 'releases', role: 'viewer', label: 'nav.releases' },
   { path: 'audit', module: 'audit', role: 'admin', label: 'nav.audit' },
   { path: 'operators', module: 'operators', role: 'admin', label: 'nav.operators' },
   { path: 'account', module: 'account', role: 'viewer', label: 'nav.account' },
@@ -20,7 +21,7 @@ const ROUTES = [
 addStrings({
   zh: {
     title: '运营控制台', 'nav.fleet': '设备', 'nav.sessions': '用水记录', 'nav.alarms': '告警', 'nav.identity': '实名审核',
-    'nav.users': '用户', 'nav.gifts': '礼品', 'nav.reports': '报表', 'nav.audit': '审计日志', 'nav.operators': '操作员',
+    'nav.users': '用户', 'nav.gifts': '礼品', 'nav.reports': '报表', 'nav.releases': '软件升级', 'nav.audit': '审计日志', 'nav.operators': '操作员',
     'nav.account': '我的账户', signout: '退出', lang: 'English',
     'signin.title': 'Tapshare 运营控制台', 'signin.name': '用户名', 'signin.password': '密码', 'signin.totp': '动态验证码（6 位）',
     'signin.go': '登录', 'signin.bad': '用户名或密码错误', 'signin.locked': '登录失败次数过多，账户已锁定，请 {min} 分钟后再试',
@@ -32,7 +33,7 @@ addStrings({
   },
   en: {
     title: 'Operators\u2019 console', 'nav.fleet': 'Machines', 'nav.sessions': 'Rental records', 'nav.alarms': 'Alarms',
-    'nav.identity': 'ID review', 'nav.users': 'Users', 'nav.gifts': 'Gifts', 'nav.reports': 'Reports', 'nav.audit': 'Audit log',
+    'nav.identity': 'ID review', 'nav.users': 'Users', 'nav.gifts': 'Gifts', 'nav.reports': 'Reports', 'nav.releases': 'Software updates', 'nav.audit': 'Audit log',
     'nav.operators': 'Operators', 'nav.account': 'My account', signout: 'Sign out', lang: '中文',
     'signin.title': 'Tapshare operators\u2019 console', 'signin.name': 'Name', 'signin.password': 'Password',
     'signin.totp': 'Authenticator code (6 digits)', 'signin.go': 'Sign in', 'signin.bad': 'Wrong name or password',
