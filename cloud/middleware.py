@@ -15,8 +15,10 @@ STREAMED_LIMITS = {"/api/v1/operator/releases": MAX_BUNDLE_BYTES}
 
 class BodyLimit:
     """Refuses bodies over MAX_BODY_BYTES with 413, by Content-Length or while streaming (chunked bodies too), and
-    NUL characters in the path, the query or a body (400: PostgreSQL cannot store them). Pure ASGI: no
-    per-request task overhead."""
+    NUL characters in the path, the query or a body (400: PostgreSQL cannot store them). A route in
+    STREAMED_LIMITS (a release bundle, hundreds of megabytes) gets its body untouched, checked here only by
+    Content-Length: it streams the body to disk and enforces the same cap itself. Pure ASGI: no per-request
+    task overhead."""
 
     def __init__(self, app) -> None:
         self.app = app
