@@ -100,7 +100,10 @@ class Presence:
     does for the hub itself; an unclaimed start is voided and its money released either way. With SQLite there
     is one process and only the hub is asked."""
 
-    RECENT_MS = int(CommandHub.RECENT_S * 1000)
+    # a machine polls again at once, but a busy one (or a slow network) may take a few seconds: its last poll
+    # counts this long after its end, as a heartbeat does (RECENTLY_SEEN_MS); a start to a machine that has in
+    # fact gone is voided by its deadline and its money released
+    RECENT_MS = 10_000
     REWRITE_MS = 1_000           # at most one write a machine a second (a machine polling without waiting)
 
     def __init__(self, hub: CommandHub, db, clock_ms, shared: bool) -> None:
