@@ -181,3 +181,78 @@ def test_a_release_that_crashes_at_start_is_rolled_back_and_reported(bundles, ma
     assert wait_until(lambda: len(cloud.heartbeats) > n + 2, 30)
     assert cloud.heartbeats[-1]["software_version"] == "0.2.0"
     assert cloud.steps().count("downloading") == 1                               # not tried again
+
+
+def test_an_update_offered_mid_pour_is_deferred_until_the_machine_is_idle(bundles, machine):
+    cloud, layout = machine
+    start_and_wait_online(cloud, layout)
+    now_ms = int(__import__("time").time() * 1000)
+    cloud.commands.append({"command_id": "start-1", "kind": "start", "grant": {
+        "session_id": "S-mid-pour", "machine_id": cloud.machine_id, "user_ref": "U1", "price_fen_per_l": 200,
+        "credit_limit_fen": 1000, "max_volume_ml": 5000, "max_duration_ms": 20_000, "max_idle_ms": 60_000,
+        "deadline_ms": now_ms + 30_000, "min_dispense_ml": 0}})
+    assert wait_until(lambda: cloud.heartbeats[-1]["state"] == "dispensing", 30), kit.kiosk_log(layout)
+    cloud.offer_bundle(bundles.good, "0.3.0", rollout_id=5)
+    with kit.PathUnit(layout) as unit:
+        assert wait_until(lambda: "deferred" in cloud.steps(), 60), (cloud.reports, kit.kiosk_log(layout))
+        assert cloud.heartbeats[-1]["state"] == "dispensing" and "switched" not in cloud.steps()
+        assert wait_until(lambda: "healthy" in cloud.steps(), 300), (cloud.reports, unit.output())
+    assert cloud.steps("0.3.0") == ["downloading", "downloaded", "verified", "installed", "deferred", "switched",
+                                    "healthy"]
+    from kiosk.ledger import Ledger
+    ledger = Ledger.open(layout / "data" / "ledger.db", machine_id=cloud.machine_id, wall_clock=lambda: 0,
+                         new_boot=False)
+    try:
+        session = ledger.session("S-mid-pour")
+    finally:
+        ledger.close()
+    assert session["state"] == "ended" and session["end_reason"] == "max_duration"    # not cut by the switch
+
+
+def ask(layout: Path, action: str, bundle: Path) -> None:
+    staged = layout / "data" / "updates" / "0.3.0.bundle"
+    if not staged.exists():
+        staged.write_bytes(bundle.read_bytes())
+    (layout / "data" / "updates" / "apply.json").write_text(json.dumps({
+        "action": action, "version": "0.3.0", "bundle": str(staged), "sha256": kit.sha256_file(staged),
+        "rollout_id": 9}))
+
+
+def runnable(layout: Path) -> bool:
+    cur = layout / "opt" / "current"
+    r = subprocess.run([str(cur / ".venv" / "bin" / "python"), str(cur / "main.py"), "--print-config"],
+                       capture_output=True, cwd=cur)
+    return r.returncode == 0
+
+
+@pytest.mark.parametrize("step", ["unpacked", "venv", "journal", "switched", "restarted"])
+def test_power_loss_at_each_step_of_the_switch_leaves_one_working_release(bundles, machine, step):
+    cloud, layout = machine
+    unit = kit.PathUnit(layout, crash_at=step)
+    if step in ("journal", "switched", "restarted"):
+        ask(layout, "install", bundles.good)
+        assert kit.PathUnit(layout).run_applier("run").returncode == 0
+        ask(layout, "switch", bundles.good)
+    else:
+        ask(layout, "install", bundles.good)
+    r = unit.run_applier("run")
+    assert r.returncode == -9, r.stderr                  # SIGKILL: the power went
+    if step == "restarted":                              # the new release had started: it dies with the power
+        kit.stop_kiosk(layout)
+    healthy = (layout / "data" / "updates" / "healthy-0.3.0").exists()
+    r = kit.PathUnit(layout).run_applier("recover", "--boot")
+    assert r.returncode == 0, r.stderr
+    target = current(layout)
+    assert target == ("releases/0.2.0-base" if not healthy else target) and target.startswith("releases/0.")
+    assert (layout / "opt" / target / ".installed").exists() and runnable(layout)
+    assert not [p for p in (layout / "opt" / "releases").iterdir() if p.name.startswith(".")]
+    assert not (layout / "opt" / "state" / "trial.json").exists() and not (layout / "opt" / "current.new").exists()
+    events = json.loads((layout / "opt" / "state" / "events.json").read_text())["events"] \
+        if (layout / "opt" / "state" / "events.json").exists() else []
+    if step in ("journal", "switched", "restarted") and not healthy:
+        assert (events[-1]["step"], events[-1]["reason"]) == ("rolled_back", "interrupted")
+        assert releases(layout) == ["0.2.0-base"]
+    # and the machine runs on: the release recovery left starts and reaches the cloud
+    kit.start_kiosk(layout)
+    version = (layout / "opt" / target / "VERSION").read_text().strip() if healthy else "0.2.0"
+    assert wait_until(lambda: version in cloud.versions_heard(), 60), kit.kiosk_log(layout)
