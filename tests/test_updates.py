@@ -256,3 +256,24 @@ def test_power_loss_at_each_step_of_the_switch_leaves_one_working_release(bundle
     kit.start_kiosk(layout)
     version = (layout / "opt" / target / "VERSION").read_text().strip() if healthy else "0.2.0"
     assert wait_until(lambda: version in cloud.versions_heard(), 60), kit.kiosk_log(layout)
+
+
+def test_deploy_installs_the_applier_its_units_and_the_pinned_key(bundles, tmp_path):
+    import shutil
+
+    from tests.test_deploy import deploy, fake_pi
+    root = fake_pi(tmp_path / "root")
+    r = deploy(root, "--release-key", str(bundles.pub), release="r1")
+    assert r.returncode == 0, r.stderr
+    assert (root / "etc/tapshare/release-keys/release.pub.pem").read_bytes() == bundles.pub.read_bytes()
+    applier = root / "usr/local/lib/tapshare/apply-update.py"
+    assert applier.read_bytes() == kit.APPLIER.read_bytes() and os.access(applier, os.X_OK)
+    units = [root / "etc/systemd/system" / n for n in ("tapshare-update.path", "tapshare-update.service",
+                                                        "tapshare-update-recover.service")]
+    assert "PathExists=/var/lib/tapshare/updates/apply.json" in units[0].read_text()
+    stub_log = (root / "tapshare-deploy-stub.log").read_text()
+    assert "enable tapshare-update.path tapshare-update-recover.service" in stub_log
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("no systemd-analyze")
+    v = subprocess.run(["systemd-analyze", "verify", *map(str, units)], capture_output=True, text=True)
+    assert v.returncode == 0, v.stderr
