@@ -27,6 +27,8 @@ Options:
   --provision TOKEN      enrol with the cloud using this single-use token (stores the device secret)
   --pin                  set the technicians' maintenance PIN (from TAPSHARE_MAINTENANCE_PIN or asked)
   --soak SECONDS         how long a new release must run unchanged before it is live (default 45; 30-600)
+  --release-key FILE     pin this Ed25519 public key (PEM) for fleet updates (default: keys/*.pub.pem in this
+                         checkout); updates signed by no pinned key are refused, and updates never change the pins
   --leave-desktop        on Raspberry Pi OS Desktop: switch the desktop off (boot to the console) and go on;
                          run it from SSH or a text console, not a terminal on the desktop it stops
   --root DIR             install under DIR instead of / (for tests; implies no service restarts)
@@ -52,6 +54,7 @@ TOKEN=""
 SET_PIN=0
 SOAK_S=45
 LEAVE_DESKTOP=0
+RELEASE_KEY=""
 FORCE_CHECK=0
 LIVE=""
 LIVE_STATUS=""
@@ -69,6 +72,7 @@ while [[ $# -gt 0 ]]; do
     --pin) SET_PIN=1; shift ;;
     --soak) SOAK_S=$2; shift 2 ;;
     --leave-desktop) LEAVE_DESKTOP=1; shift ;;
+    --release-key) RELEASE_KEY=$2; shift 2 ;;
     --root) ROOT=$(cd "$2" && pwd); shift 2 ;;
     --dry-run) DRY=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -186,7 +190,7 @@ install_packages() {
   run apt-get update -qq
   run env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     python3-venv python3-lgpio python3-dev fonts-noto-cjk libsdl2-2.0-0 libgl1 libegl1 libgles2 libmtdev1 \
-    libdrm2 libgbm1 systemd-timesyncd sqlite3
+    libdrm2 libgbm1 systemd-timesyncd sqlite3 python3-cryptography
 }
 
 create_user() {
@@ -520,6 +524,7 @@ mv "$state.new" "$state"
 echo "tapshare.service keeps failing to start: rebooting (reboot $((count + 1)) of at most 3 an hour)" >&2
 systemctl reboot
 EOF
+  write_update_units
   local old_watchdog=$ROOT/etc/systemd/system.conf.d/10-tapshare-watchdog.conf    # its old name, overridden by Pi OS
   if [[ -f $old_watchdog ]]; then CHANGED=1; [[ $DRY == 1 ]] || rm -f "$old_watchdog"; fi
   put_file "$WATCHDOG_CONF" 0644 <<'EOF' || true
@@ -680,8 +685,57 @@ roll_back() {
   fi
 }
 
+# Fleet updates: the kiosk (unprivileged) downloads and checks a release and asks by writing apply.json; root's
+# applier, kept outside every release so no update can replace it, checks it again, installs and switches. Its
+# release keys and state are root's: the service user can read them, never change them.
+write_update_units() {
+  local updates=$DATA_DIR/updates keys=$ETC/release-keys k found=0
+  if [[ $DRY == 1 ]]; then say "would install the update applier and its units"; return 0; fi
+  mkdir -p "$ROOT/usr/local/lib/tapshare" "$keys" "$APP/state" "$ROOT$updates"
+  chmod 0755 "$keys" "$APP/state"
+  run chown "$USER_NAME:$USER_NAME" "$ROOT$updates"
+  put_file "$ROOT/usr/local/lib/tapshare/apply-update.py" 0755 < "$SRC/scripts/apply-update.py" || true
+  for k in ${RELEASE_KEY:-} "$SRC"/keys/*.pub.pem; do
+    [[ -f $k ]] || continue
+    found=1
+    if put_file "$keys/$(basename "${k%.pub.pem}" .pem).pub.pem" 0644 < "$k"; then say "pinned the release key $k"; fi
+  done
+  [[ $found == 1 || -n $(ls "$keys" 2>/dev/null) ]] ||
+    say "no release key pinned (--release-key FILE): this machine refuses every fleet update"
+  put_file "$ROOT/etc/systemd/system/tapshare-update.path" 0644 <<EOF || true
+[Unit]
+Description=Tapshare: install or switch to a release when the dispenser asks
+[Path]
+PathExists=$updates/apply.json
+[Install]
+WantedBy=multi-user.target
+EOF
+  put_file "$ROOT/etc/systemd/system/tapshare-update.service" 0644 <<EOF || true
+[Unit]
+Description=Tapshare: install or switch to a downloaded release (checked again here)
+[Service]
+Type=oneshot
+Environment=TAPSHARE_UPDATES_DIR=$updates
+ExecStart=/usr/bin/python3 /usr/local/lib/tapshare/apply-update.py run
+TimeoutStartSec=30min
+EOF
+  put_file "$ROOT/etc/systemd/system/tapshare-update-recover.service" 0644 <<EOF || true
+[Unit]
+Description=Tapshare: finish or undo an update that power loss interrupted
+Before=tapshare.service
+[Service]
+Type=oneshot
+Environment=TAPSHARE_UPDATES_DIR=$updates
+ExecStart=/usr/bin/python3 /usr/local/lib/tapshare/apply-update.py recover --boot
+[Install]
+WantedBy=multi-user.target
+EOF
+}
+
 enable_services() {
   run systemctl daemon-reload
+  run systemctl enable tapshare-update.path tapshare-update-recover.service
+  run systemctl start tapshare-update.path
   if [[ ${JOURNAL_CHANGED:-0} == 1 ]]; then run systemctl restart systemd-journald.service; fi
   run systemctl enable tapshare.service
   run systemctl enable --now systemd-timesyncd.service

@@ -20,12 +20,12 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from contract import SOFTWARE_VERSION
 from hal.base import SystemClock
 from kiosk import config as config_mod
 from kiosk.ledger import Ledger, LedgerError
 from kiosk.ports import Valve
 from kiosk.runtime import Runtime, boot
+from kiosk.version import running_version
 
 log = logging.getLogger("tapshare")
 
@@ -181,13 +181,27 @@ def start_link(cfg: config_mod.Config, runtime, clock):
         return None
     client = CloudClient(cfg.cloud.url, cfg.machine.id, secret, wall_ms=clock.wall_ms, mono_ms=clock.monotonic_ms,
                          timeout_s=cfg.cloud.request_timeout_ms / 1000)
-    link = SyncLink(runtime, client, runtime.ledger, software_version=SOFTWARE_VERSION,
+    link = SyncLink(runtime, client, runtime.ledger, software_version=running_version(),
                     poll_wait_ms=cfg.cloud.poll_wait_ms,
                     heartbeat_interval_ms=cfg.cloud.heartbeat_interval_ms,
                     link_lost_after_ms=cfg.cloud.link_lost_after_ms)
+    link.updater = start_updater(cfg, runtime, client)
     link.start()
-    log.info("cloud link to %s started", cfg.cloud.url)
+    log.info("cloud link to %s started (software %s)", cfg.cloud.url, running_version())
     return link
+
+
+def start_updater(cfg: config_mod.Config, runtime, client):
+    """Fleet updates: the offers in heartbeat answers, fetched and checked here, installed by root's applier."""
+    from sync.updater import Updater, default_paths
+    paths = default_paths(cfg.data_dir)
+    try:
+        updater = Updater(runtime, client, running_version=running_version(), **paths)
+        updater.start()
+    except OSError as e:
+        log.error("fleet updates off: %s", e)
+        return None
+    return updater
 
 
 def start_embedded_cloud(cfg: config_mod.Config, args: argparse.Namespace):
@@ -365,6 +379,8 @@ class Dispenser:
             self.users.halt()
         if self.link is not None:
             self.link.stop(flush_s=3.0)
+            if self.link.updater is not None:
+                self.link.updater.stop()
         if self.hw is not None:
             self.hw.close()
         self.valve.close()

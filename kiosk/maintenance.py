@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from contract import SOFTWARE_VERSION
 from contract.events import EventKind as K
 from kiosk import pin as pins
 from kiosk.calibration import Pour, check_pour, compute
@@ -30,6 +29,7 @@ from kiosk.events import (
     TechPour,
     TechStop,
 )
+from kiosk.version import running_version
 
 log = logging.getLogger("tapshare.maintenance")
 PIN_KEY, PIN_STATE_KEY = "maintenance_pin", "maintenance_pin_state"
@@ -168,7 +168,7 @@ class MaintenanceService:
     # ---------------------------------------------------------------- machine information
     def machine_info(self) -> dict[str, Any]:
         usage = shutil.disk_usage(self.cfg.data_dir)
-        return {"machine_id": self.cfg.machine.id, "version": SOFTWARE_VERSION, "ip": local_ip(),
+        return {"machine_id": self.cfg.machine.id, "version": running_version(), "ip": local_ip(),
                 "boot_id": self.ledger.boot_id if self.ledger else None,
                 "uptime_s": int(time.time() - self._started_wall), "disk_free_mb": usage.free // 2**20,
                 "data_dir": str(self.cfg.data_dir), "pid": os.getpid()}

@@ -29,7 +29,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from contract import SOFTWARE_VERSION
 from contract.billing import Calibration
 from contract.events import EventKind
 from kiosk.config import Config
@@ -61,6 +60,7 @@ from kiosk.events import (
 from kiosk.ledger import Ledger, LedgerError
 from kiosk.ports import Clock, FlowMeter, Valve
 from kiosk.session import CoreSettings, DispenserCore, Snapshot
+from kiosk.version import running_version
 
 log = logging.getLogger("tapshare.runtime")
 
@@ -363,14 +363,14 @@ def boot(cfg: Config, valve: Valve, meter: FlowMeter, clock: Clock, *,
     seen: list[str] = []
     try:
         ledger = Ledger.open(cfg.db_path, machine_id=cfg.machine.id, wall_clock=clock.wall_ms,
-                             software_version=SOFTWARE_VERSION, mono_clock=clock.monotonic_ms)
+                             software_version=running_version(), mono_clock=clock.monotonic_ms)
         recovered = ledger.recover_open_sessions()
         for r in recovered:
             log.warning("session %s was left open (%s): closed, billed %d fen from its last checkpoint",
                         r.session_id, r.reason, r.cost_fen)
         lockouts = ledger.lockouts()
         seen = ledger.recent_session_ids()
-        ledger.record(EventKind.BOOT, version=SOFTWARE_VERSION, boot_id=ledger.boot_id,
+        ledger.record(EventKind.BOOT, version=running_version(), boot_id=ledger.boot_id,
                       recovered_sessions=[r.session_id for r in recovered], totalizer_pulses=ledger.totalizer_pulses())
     except LedgerError as e:
         error = str(e)

@@ -48,6 +48,10 @@ class Rejected(SyncError):
         self.status, self.code = status, code
 
 
+class TooLarge(SyncError):
+    """A download that goes on past the size it was announced with."""
+
+
 MAX_RTT_FOR_TIME_MS = 2_000
 
 
@@ -160,12 +164,74 @@ class CloudClient:
 
     def heartbeat(self, hb: p.HeartbeatMsg) -> p.MachineSettingsMsg | None:
         """Send telemetry; returns the machine's settings the cloud answers with (None from an older cloud)."""
+        answer = self.heartbeat_answer(hb)
+        return answer.settings if answer is not None else None
+
+    def heartbeat_answer(self, hb: p.HeartbeatMsg) -> p.HeartbeatResponse | None:
+        """Send telemetry; the cloud's whole answer (settings, and a release to install if it offers one), or
+        None if it has no valid settings. An offer that is not valid is dropped, not the settings with it."""
         data = self._send("POST", "/device/v1/heartbeat", hb.model_dump())
         try:
-            return p.HeartbeatResponse.model_validate(data).settings
+            return p.HeartbeatResponse.model_validate(data)
+        except ValueError:
+            pass
+        try:
+            answer = p.HeartbeatResponse.model_validate({k: v for k, v in data.items() if k != "update"})
         except ValueError:
             log.warning("the heartbeat's answer has no valid machine settings")
             return None
+        log.warning("the heartbeat's answer offers an update that is not valid: ignored")
+        return answer
+
+    def update_report(self, msg: p.UpdateReportMsg) -> None:
+        self._send("POST", "/device/v1/update-report", msg.model_dump())
+
+    def download(self, path: str, dest, *, max_bytes: int, timeout_s: float = 30.0) -> int:
+        """GET a (signed) file into ``dest``, resuming after what ``dest`` already holds (Range), never past
+        ``max_bytes`` (:class:`TooLarge`, the part kept so far left as it is). Returns the bytes ``dest`` holds."""
+        have = dest.stat().st_size if dest.exists() else 0
+        if have > max_bytes:
+            dest.unlink()
+            have = 0
+        headers = p.signed_headers(self.secret, self.machine_id, "GET", path, b"",
+                                   timestamp_ms=self.server_now_ms(), nonce=secrets.token_hex(16))
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        try:
+            r = self._session().get(self.base_url + path, headers=headers, stream=True, timeout=timeout_s)
+        except requests.RequestException as e:
+            raise Transient(f"GET {path}: {type(e).__name__}") from e
+        with r:
+            if r.status_code == 416 and have == max_bytes:
+                return have
+            if r.status_code >= 500 or r.status_code == 429:
+                raise Transient(f"GET {path}: {r.status_code}")
+            if r.status_code >= 400:
+                try:
+                    data = r.json()
+                except ValueError:
+                    data = {}
+                code, message = str(data.get("error", "rejected")), str(data.get("message", ""))
+                if r.status_code == 401:
+                    raise AuthProblem(code, message)
+                raise Rejected(r.status_code, code, message)
+            if r.status_code == 206:
+                start = r.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
+                if start != str(have):
+                    raise Transient(f"GET {path}: the server resumed at {start!r}, not {have}")
+                mode = "ab"
+            else:                                   # 200: the whole file again
+                mode, have = "wb", 0
+            try:
+                with open(dest, mode) as fh:
+                    for chunk in r.iter_content(1 << 16):
+                        if have + len(chunk) > max_bytes:
+                            raise TooLarge(f"GET {path}: more than the {max_bytes} bytes offered")
+                        fh.write(chunk)
+                        have += len(chunk)
+            except requests.RequestException as e:
+                raise Transient(f"GET {path}: {type(e).__name__} after {have} bytes") from e
+        return have
 
     def progress(self, msg: p.ProgressMsg) -> None:
         self._send("POST", "/device/v1/progress", msg.model_dump(), timeout_s=2.0)

@@ -119,6 +119,7 @@ class SyncLink:
         self.dead = 0
         self._started_mono = self._mono()
         self._consumables: tuple[int, list[p.ConsumableMsg] | None] | None = None     # (counted at, counts)
+        self.updater = None               # sync.updater.Updater: told of each accepted heartbeat and its offer
         self._threads = [threading.Thread(target=self._supervised, args=(name, body), name=f"sync-{name}", daemon=True)
                          for name, body in (("commands", self._commands_loop), ("replies", self._replies_loop),
                                             ("outbox", self._outbox_loop), ("heartbeat", self._heartbeat_loop))]
@@ -518,7 +519,11 @@ class SyncLink:
             if self.client.time_synced:
                 wait_s = self.heartbeat_interval_ms / 1000
                 try:
-                    settings = self.client.heartbeat(self.heartbeat_msg())
+                    answer = self.client.heartbeat_answer(self.heartbeat_msg())
+                    settings = answer.settings if answer is not None else None
+                    if self.updater is not None:
+                        self.updater.heartbeat_accepted()
+                        self.updater.offer(answer.update if answer is not None else None)
                     if settings is not None and settings != self._settings:
                         self._settings = settings        # before the link is up: the QR never shows a stale price
                         self.rt.post(MachineSettings(settings.price_fen_per_l, settings.timezone, settings.hotline))
