@@ -107,7 +107,7 @@ class Fleet:
 
 @pytest.fixture
 def fleet(bundles, tmp_path):  # noqa: F811
-    """The cloud trusting the release key, the 0.3.0 bundle uploaded by an admin, and one machine provisioned,
+    """The cloud trusting the release key and one machine provisioned,
     enrolled (its secret from the enrolment) and set up at 0.2.0, talking to the cloud through the proxy. Every
     update report the cloud takes is noted with whether it was recorded."""
     f = Fleet()
@@ -116,10 +116,6 @@ def fleet(bundles, tmp_path):  # noqa: F811
         keys = Path(cloud.settings.release_keys_dir)
         keys.mkdir(parents=True, exist_ok=True)
         (keys / "release.pub.pem").write_bytes(bundles.pub.read_bytes())
-        r = cloud.op("POST", "/api/v1/operator/releases", data=bundles.good.read_bytes(),
-                     headers={"Content-Type": "application/octet-stream"})
-        assert r.status_code == 200, r.text
-        assert r.json()["version"] == "0.3.0" and r.json()["sha256"] == kit.sha256_file(bundles.good)
         f.machine_id = f"E2E-{os.urandom(3).hex()}"
         device = cloud.provision(f.machine_id)
         f.proxy = CuttingProxy(int(cloud.url.rsplit(":", 1)[1]), cut_bytes=5_000_000)
@@ -140,6 +136,14 @@ def fleet(bundles, tmp_path):  # noqa: F811
         finally:
             kit.stop_kiosk(f.layout)
             f.proxy.close()
+
+
+def upload(f: Fleet, bundle: Path) -> None:
+    """An admin uploads the bundle file, as the console does."""
+    r = f.cloud.op("POST", "/api/v1/operator/releases", data=bundle.read_bytes(),
+                   headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == "0.3.0" and r.json()["sha256"] == kit.sha256_file(bundle)
 
 
 def heard(f: Fleet) -> str:
@@ -170,6 +174,7 @@ def roll_out(f: Fleet, **body) -> int:
 
 def test_a_release_rolled_out_by_the_cloud_lands_and_the_rollout_is_done(bundles, fleet):  # noqa: F811
     f = fleet
+    upload(f, bundles.good)
     start_online(f)
     rid = roll_out(f)
     with kit.PathUnit(f.layout) as unit:
@@ -193,3 +198,36 @@ def test_a_release_rolled_out_by_the_cloud_lands_and_the_rollout_is_done(bundles
     target = os.readlink(f.layout / "opt" / "current")
     assert target.startswith("releases/0.3.0-") and (f.layout / "opt" / target / "VERSION").read_text() == "0.3.0\n"
     assert json.loads((f.layout / "opt" / "state" / "installed.json").read_text()) == {"highest": "0.3.0"}
+
+
+@pytest.fixture(scope="module")
+def crashing(bundles, tmp_path_factory):  # noqa: F811
+    """0.3.0 signed by the trusted key, whose main.py exits at once: it installs fine and never reaches the cloud."""
+    return kit.rewrite_bundle(bundles.good, tmp_path_factory.mktemp("crash") / "crash.bundle", key=bundles.key,
+                              replace={"app/main.py": b"import sys\nsys.exit('this release cannot start')\n"})
+
+
+def test_a_release_that_crashes_is_rolled_back_and_stops_its_rollout_with_an_alarm(fleet, crashing):
+    f = fleet
+    upload(f, crashing)
+    start_online(f)
+    rid = roll_out(f, max_rollback_pct=0)
+    with kit.PathUnit(f.layout, health_s=20) as unit:
+        assert wait_until(lambda: rollout_view(f, rid)["state"] == "stopped", 900), (
+            f.reports, unit.output(), kit.kiosk_log(f.layout))
+    view = rollout_view(f, rid)
+    [m] = view["machines"]
+    assert (m["step"], m["reason"], m["running_version"]) == ("rolled_back", "no_heartbeat", "0.2.0"), m
+    assert view["counts"]["rolled_back"] == 1 and "1 of 1" in view["stop_reason"], view
+    assert [s for s, _, _ in f.reports] == ["downloading", "downloaded", "verified", "installed", "switched",
+                                            "rolled_back"]
+    assert all(recorded for _, recorded, _ in f.reports), f.reports
+    cases = f.cloud.op("GET", "/api/v1/operator/alarm-cases?state=active&rule=rollout").json()["alarms"]
+    assert len(cases) == 1 and cases[0]["detail"]["rollout_id"] == rid and cases[0]["detail"]["rolled_back"] == 1
+    audit = f.cloud.op("GET", "/api/v1/operator/audit?action=rollout_auto_stop").json()["entries"]
+    assert [e["target"] for e in audit] == [str(rid)]
+    # the machine runs 0.2.0 on, tells the cloud so, and is offered nothing more
+    assert os.readlink(f.layout / "opt" / "current") == "releases/0.2.0-base"
+    n = len(f.proxy.requests)
+    assert wait_until(lambda: len([r for r in f.proxy.requests[n:] if "/heartbeat" in r]) >= 2, 30)
+    assert heard(f) == "0.2.0" and len(f.proxy.bundle_requests()) == 2      # the cut one and its resumption
