@@ -244,6 +244,26 @@ def test_download_resumes_with_range(fleet, kit):
     assert steps(cloud, rid)["state"] == "stopped" and offer(dev["M-A"]) is None
 
 
+def test_a_pause_lets_a_machine_finish_the_download_it_began(fleet, kit):
+    """A pause stops new offers; a machine whose download broke off resumes it (a refusal would make its updater
+    report ``failed``, which counts against the rollout). One that never began gets nothing; after a stop, none."""
+    cloud, dev = fleet
+    rid = rollout(cloud, version="0.3.0", machine_ids=["M-A", "M-B"]).json()["rollout_id"]
+    up = offer(dev["M-A"])
+    assert offer(dev["M-B"]) == up
+    first = dev["M-A"].request("GET", up["url"], headers={"Range": "bytes=0-4095"})
+    assert first.status_code == 206
+    assert report(dev["M-A"], rid, "downloading").json()["recorded"]
+    assert cloud.op("POST", f"/api/v1/operator/rollouts/{rid}/pause").json()["state"] == "paused"
+    rest = dev["M-A"].request("GET", up["url"], headers={"Range": "bytes=4096-"})
+    assert rest.status_code == 206, rest.text
+    assert hashlib.sha256(first.content + rest.content).hexdigest() == up["sha256"]
+    assert dev["M-B"].request("GET", up["url"]).status_code == 404                 # it had not begun
+    assert offer(dev["M-A"]) is None and offer(dev["M-B"]) is None                 # nothing new offered
+    assert cloud.op("POST", f"/api/v1/operator/rollouts/{rid}/stop").json()["state"] == "stopped"
+    assert dev["M-A"].request("GET", up["url"], headers={"Range": "bytes=4096-"}).status_code == 404
+
+
 def test_reports_are_recorded(fleet):
     cloud, dev = fleet
     rid = rollout(cloud, version="0.3.0", machine_ids=["M-A", "M-B"]).json()["rollout_id"]

@@ -34,6 +34,7 @@ class CuttingProxy:
         self.target_port, self.cut_bytes = target_port, cut_bytes
         self.requests: list[str] = []
         self.cut_done = False
+        self.on_cut = lambda: None            # called once the cut is decided, before the machine sees it
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self._halt = False
@@ -77,6 +78,7 @@ class CuttingProxy:
                     conn["sent"] += len(data)
                     if conn["sent"] > self.cut_bytes:
                         self.cut_done = True
+                        self.on_cut()
                         break
                 client.sendall(data)
         except OSError:
@@ -231,3 +233,30 @@ def test_a_release_that_crashes_is_rolled_back_and_stops_its_rollout_with_an_ala
     n = len(f.proxy.requests)
     assert wait_until(lambda: len([r for r in f.proxy.requests[n:] if "/heartbeat" in r]) >= 2, 30)
     assert heard(f) == "0.2.0" and len(f.proxy.bundle_requests()) == 2      # the cut one and its resumption
+
+
+def test_a_pause_while_the_download_is_broken_off_lets_it_finish_and_resume_carries_on(bundles, fleet):  # noqa: F811
+    """The operator pauses the rollout just as the machine's download breaks off: it resumes its download all the
+    same (nothing new is offered, but what a machine began it may finish), and after resume the rollout ends done,
+    not stopped by a ``failed`` that a refused download would have caused."""
+    f = fleet
+    upload(f, bundles.good)
+    start_online(f)
+    rid = roll_out(f)
+    paused = []
+    f.proxy.on_cut = lambda: paused.append(f.cloud.op("POST", f"/api/v1/operator/rollouts/{rid}/pause").json())
+    with kit.PathUnit(f.layout) as unit:
+        assert wait_until(lambda: {"downloaded", "failed"} & {s for s, _, _ in f.reports}, 240), (
+            f.reports, kit.kiosk_log(f.layout))
+        assert paused[0]["state"] == "paused" and rollout_view(f, rid)["state"] == "paused"
+        assert "failed" not in [s for s, _, _ in f.reports], f.reports
+        got = f.proxy.bundle_requests()
+        assert len(got) == 2 and "range: bytes=" in got[1].lower(), got
+        r = f.cloud.op("POST", f"/api/v1/operator/rollouts/{rid}/resume")
+        assert r.status_code == 200 and r.json()["state"] == "active", r.text
+        assert wait_until(lambda: rollout_view(f, rid)["state"] == "done", 900), (
+            f.reports, unit.output(), kit.kiosk_log(f.layout))
+        assert wait_until(lambda: not (f.layout / "opt" / "state" / "trial.json").exists(), 60), unit.output()
+    [m] = rollout_view(f, rid)["machines"]
+    assert (m["step"], m["running_version"]) == ("healthy", "0.3.0") and heard(f) == "0.3.0"
+    assert [s for s, _, _ in f.reports] == EVERY_STEP, f.reports

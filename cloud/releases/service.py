@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy import Connection, and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 import contract as p
@@ -257,10 +257,14 @@ class Releases:
                                 sha256=row["sha256"], size_bytes=row["size_bytes"])
 
     def bundle_for(self, machine_id: str, version: str) -> tuple[Path, int]:
-        """The bundle file a machine may download: only the version its active rollout offers it."""
+        """The bundle file a machine may download: only the version its rollout offers it, while the rollout is
+        active, or paused once the machine has begun (a pause stops new offers; a machine whose download broke off
+        resumes it, else its updater takes the refusal as final and reports ``failed``, which would count against
+        the rollout as a rollback does and stop it)."""
         q = (select(r_.size_bytes).select_from(t.machine_updates)
              .join(t.rollouts, ro.rollout_id == mu.rollout_id).join(t.releases, r_.version == ro.version)
-             .where(and_(mu.machine_id == machine_id, ro.version == version, ro.state == "active",
+             .where(and_(mu.machine_id == machine_id, ro.version == version,
+                         or_(ro.state == "active", and_(ro.state == "paused", mu.step != "pending")),
                          r_.withdrawn_ms.is_(None), mu.step.not_in(ENDED_STEPS))))
         with self.db.read() as conn:
             size = conn.execute(q).scalar()
