@@ -2,9 +2,10 @@
 before they are kept), rollouts of one to chosen machines or a percentage of the fleet, the offer each targeted
 machine finds in its heartbeat's answer, the bundle it downloads (resumable), and the steps it reports.
 
-A rollout stops by itself when too many of the machines that got as far as switching rolled back or failed
-(``max_rollback_pct``), and raises an operator alarm: a release that breaks machines must not reach the rest.
-It is done when every machine it targets is healthy.
+A rollout stops by itself when too many of the machines that got as far as switching rolled back
+(``max_rollback_pct``; a machine that failed before switching, a download or an install, is shown but not
+counted: it still runs its old release), and raises an operator alarm: a release that breaks machines must
+not reach the rest. It is done when every machine it targets is healthy.
 
 Race safety: every change to a rollout and its machines' steps happens under the rollout's lock
 (:meth:`cloud.db.Database.lock`; SQLite's writers are serial anyway), so two reports arriving together at two
@@ -33,7 +34,7 @@ log = logging.getLogger("tapshare.cloud")
 
 OPEN = ("active", "paused")                                    # a rollout that still covers its machines
 ENDED_STEPS = ("refused", "rolled_back", "failed", "healthy")  # nothing more is offered to the machine
-REACHED_SWITCH = ("switched", "healthy", "rolled_back", "failed")
+REACHED_SWITCH = ("switched", "healthy", "rolled_back")
 STEPS = ("pending", *p.UPDATE_STEPS)
 CHUNK_BYTES = 256 * 1024
 r_ = t.releases.c
@@ -300,7 +301,7 @@ class Releases:
         return True
 
     def _judge(self, conn: Connection, rollout_id: int, now_ms: int) -> None:
-        """After a step changed, under the rollout's lock: stop it when rollbacks and failures pass its limit
+        """After a step changed, under the rollout's lock: stop it when rollbacks pass its limit
         among the machines that switched (alarm, audited), or call it done when every machine is healthy."""
         row = first_row(conn, select(t.rollouts).where(ro.rollout_id == rollout_id))
         if row is None or row["state"] not in OPEN:
@@ -308,9 +309,9 @@ class Releases:
         counts = Counter(dict(conn.execute(select(mu.step, func.count()).where(mu.rollout_id == rollout_id)
                                            .group_by(mu.step)).all()))
         reached = sum(counts[s] for s in REACHED_SWITCH)
-        bad = counts["rolled_back"] + counts["failed"]
+        bad = counts["rolled_back"]
         if reached >= 1 and bad * 100 > row["max_rollback_pct"] * reached:
-            reason = (f"{bad} of {reached} machines that switched rolled back or failed, more than "
+            reason = (f"{bad} of {reached} machines that switched rolled back, more than "
                       f"{row['max_rollback_pct']} %")
             conn.execute(update(t.rollouts).where(ro.rollout_id == rollout_id).values(
                 state="stopped", stop_reason=reason, updated_ms=now_ms))
