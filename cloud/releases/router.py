@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 import contract as p
 from cloud.deps import Admin, Device, Now, RowIdPath, Svc, Viewer
-from cloud.errors import ERRORS, Invalid, UnsupportedMedia
+from cloud.errors import ERRORS, Err, Invalid, UnsupportedMedia
 from cloud.releases.schemas import ReleaseOut, ReleasesOut, ReportOut, RolloutIn, RolloutOut, RolloutsOut
 from cloud.releases.service import CHUNK_BYTES
 
@@ -85,7 +85,13 @@ def change_rollout(rollout_id: RowIdPath, action: Literal["pause", "resume", "st
     return svc.releases.change_rollout(op["operator_id"], rollout_id, action, now)
 
 
-@device_router.get("/releases/{version}/bundle", response_model=None)
+BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
+
+@device_router.get("/releases/{version}/bundle", response_model=None, response_class=StreamingResponse,
+                   responses={200: {"content": BINARY, "description": "the whole bundle"},
+                              206: {"content": BINARY, "description": "the bytes the Range header asked for"},
+                              416: {"model": Err, "description": "the Range starts past the end"}})
 async def download_bundle(version: VersionPath, auth: Device, svc: Svc,
                           range: Annotated[str | None, Header()] = None) -> StreamingResponse | JSONResponse:
     """The bundle offered to this machine, streamed; ``Range: bytes=N-`` (or ``N-M``) resumes a download
