@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -22,6 +23,20 @@ from cloud.server import GracefulServer, server_config
 PG_URL = os.environ.get("TAPSHARE_TEST_POSTGRES_URL", "")
 
 
+class _Server(GracefulServer):
+    """The cloud's own server, looking at ``should_exit`` every 10 ms instead of uvicorn's 100 ms: the suite stops
+    hundreds of servers, each after waiting for the next look. How it stops (held long-polls answered first) is
+    GracefulServer's, unchanged."""
+
+    async def main_loop(self) -> None:
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + 1) % 864000
+            await asyncio.sleep(0.01)
+            should_exit = await self.on_tick(counter)
+
+
 class CloudServer:
     def __init__(self, data_dir: Path, database_url: str = "", **settings) -> None:
         self.settings = CloudSettings(database_url=database_url, data_dir=data_dir, background_interval_s=0.1,
@@ -29,8 +44,8 @@ class CloudServer:
         self._given = set(settings)
         self.http = requests.Session()       # one browser: it keeps the development SMS inbox's cookie
         self.app = create_app(self.settings)
-        self.server = GracefulServer(server_config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                                   header_timeout_s=self.settings.header_timeout_s))
+        self.server = _Server(server_config(self.app, host="127.0.0.1", port=0, log_level="warning",
+                                            header_timeout_s=self.settings.header_timeout_s))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> CloudServer:
