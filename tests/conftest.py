@@ -21,6 +21,30 @@ def _fresh_postgres_database() -> tuple[str, callable]:
     return PG_URL.rsplit("/", 1)[0] + "/" + name, drop
 
 
+@pytest.fixture(autouse=True)
+def cheap_password_hashing(request, monkeypatch):
+    """Operators' passwords hashed with argon2id at its lowest cost (about 1 ms, not 100 ms per hash and per
+    sign-in): the console's tests make and sign in hundreds of operators, and what they prove (who may sign in,
+    lockouts, second factor, sessions) does not depend on the cost. The library's defaults, which the cloud uses,
+    are kept where the cost is the point: a test that asks for ``real_password_hashing`` (guesses racing while
+    a hash is being checked), the command line, and the cloud run as a separate process."""
+    if "real_password_hashing" in request.fixturenames:
+        return
+    from argon2 import PasswordHasher
+
+    from cloud.console import service
+    cheap = PasswordHasher(time_cost=1, memory_cost=256, parallelism=1)
+    monkeypatch.setattr(service, "_hasher", cheap)
+    monkeypatch.setattr(service, "_DUMMY", cheap.hash("not anyone's password"))
+
+
+@pytest.fixture
+def real_password_hashing():
+    """The cloud's own argon2id parameters (see cheap_password_hashing)."""
+    from cloud.console import service
+    assert service._hasher.memory_cost == 65536           # the library's default: what production uses
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def cloud(request, tmp_path):
     """A real cloud server on loopback, on SQLite and on PostgreSQL."""

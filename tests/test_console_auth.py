@@ -270,7 +270,7 @@ def test_the_first_admins_password_is_set_from_the_command_line(tmp_path):
         assert Console(c, "first").call("GET", "/api/v1/console/me").json()["operator"]["role"] == "admin"
 
 
-def test_parallel_guesses_are_counted_before_they_are_checked(cloud):
+def test_parallel_guesses_are_counted_before_they_are_checked(real_password_hashing, cloud):
     """25 wrong passwords at once: no more than five are tried, the rest are refused as locked."""
     from concurrent.futures import ThreadPoolExecutor
     name = make_operator(cloud, "operator", "op-par")
@@ -283,7 +283,7 @@ def test_parallel_guesses_are_counted_before_they_are_checked(cloud):
     assert r.status_code == 429
 
 
-def test_one_code_signs_in_once_even_twice_at_the_same_moment(cloud, clock):
+def test_one_code_signs_in_once_even_twice_at_the_same_moment(real_password_hashing, cloud, clock):
     from concurrent.futures import ThreadPoolExecutor
     name = make_operator(cloud, "operator", "op-otp")
     s = Console(cloud, name)
