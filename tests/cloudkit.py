@@ -21,6 +21,7 @@ from cloud.app import CloudSettings, create_app
 from cloud.server import GracefulServer, server_config
 
 PG_URL = os.environ.get("TAPSHARE_TEST_POSTGRES_URL", "")
+RUNNING: list[CloudServer] = []         # the clouds now serving (a stopping dispenser asks them to answer its poll)
 
 
 class _Server(GracefulServer):
@@ -60,9 +61,12 @@ class CloudServer:
         if "public_url" not in self._given:
             self.settings.public_url = self.url          # what phones and payment notifications are sent to
         self.admin = create_operator(self.settings.url(), f"admin-{secrets.token_hex(3)}", "admin")
+        RUNNING.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        if self in RUNNING:
+            RUNNING.remove(self)
         self.server.stop()
         self.thread.join(10)
 

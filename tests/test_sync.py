@@ -13,6 +13,7 @@ from kiosk.config import Config
 from kiosk.events import State
 from sync.client import CloudClient
 from sync.link import SyncLink
+from tests import cloudkit
 from tests.cloudkit import CloudServer
 from tests.faultproxy import FaultProxy
 from tests.util import wait_until
@@ -50,6 +51,11 @@ class Dispenser:
         return self
 
     def __exit__(self, *exc):
+        # the link's commands thread is held in a long-poll until poll_wait_ms ends; told to halt, then woken
+        # by the cloud as a queued command would wake it, it stops now instead of at the end of that wait
+        self.link._halt.set()
+        for cloud in list(cloudkit.RUNNING):
+            cloud.app.state.hub.notify(self.cfg.machine.id)
         self.link.stop()
         self.rt.request_stop()
         self.rt.wait_stopped(5)
