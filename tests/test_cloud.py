@@ -4,9 +4,11 @@ import secrets
 import threading
 import time
 
+import pytest
 import requests
 
 import contract as p
+from tests.util import wait_until
 
 
 def connected(device):
@@ -243,17 +245,50 @@ def test_qr_codes_expire_and_are_bound_to_the_machine(cloud):
     assert user.scan("M7", "not-digits").status_code == 410
 
 
-def test_an_unacknowledged_start_is_voided_and_not_charged(cloud):
+class MovedClock:
+    """The cloud's clock: real time moved on by ``offset_ms``."""
+
+    def __init__(self) -> None:
+        self.offset_ms = 0
+
+    def __call__(self) -> int:
+        return time.time_ns() // 1_000_000 + self.offset_ms
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def timed_cloud(request, tmp_path):
+    """Like ``cloud``, with a clock the test moves on (``timed_cloud.clock``) instead of waiting for it."""
+    from tests.cloudkit import PG_URL, CloudServer
+    url, drop = "", None
+    if request.param == "postgresql":
+        if not PG_URL:
+            pytest.skip("no PostgreSQL: run scripts/postgres-for-tests.sh and export TAPSHARE_TEST_POSTGRES_URL")
+        from tests.conftest import _fresh_postgres_database
+        url, drop = _fresh_postgres_database()
+    clock = MovedClock()
+    with CloudServer(tmp_path / "cloud", database_url=url, clock_ms=clock) as c:
+        c.clock = clock
+        yield c
+    if drop is not None:
+        c.app.state.database.dispose()
+        drop()
+
+
+def test_an_unacknowledged_start_is_voided_and_not_charged(timed_cloud):
     from cloud.sessions import service
+    cloud = timed_cloud
     dev = cloud.provision("M9")
     user = cloud.user("13800000010", balance_fen=1_000)
     session, cmd = start_session(cloud, dev, user)
-    deadline = time.time() + service.ACK_TIMEOUT_MS / 1000 + 3
-    while time.time() < deadline:
-        view = user.call("GET", f"/api/v1/sessions/{session['session_id']}").json()
-        if view["state"] == "voided":
-            break
-        time.sleep(0.1)
+
+    def state() -> str:
+        return user.call("GET", f"/api/v1/sessions/{session['session_id']}").json()["state"]
+    assert state() == "starting"
+    # the machine never claims it: the cloud's clock (and the machine's) moves past the void time, and the
+    # cloud's background task voids it on its own
+    cloud.clock.offset_ms = dev.offset = service.ACK_TIMEOUT_MS + 1_000
+    assert wait_until(lambda: state() == "voided", 5), state()
+    view = user.call("GET", f"/api/v1/sessions/{session['session_id']}").json()
     assert view["state"] == "voided" and not view["charged"] and "did not confirm" in view["void_reason"]
     assert user.me()["available_fen"] == 1_000
     late = dev.ack(cmd["command_id"])                             # a late claim is refused: the machine must not pour
