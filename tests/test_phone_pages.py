@@ -23,9 +23,21 @@ LONG_GIFT = {"name_zh": "定制款不锈钢真空保温杯（五百毫升，附�
              "name_en": "Custom stainless-steel vacuum flask (500 ml, with sleeve and cleaning brush)"}
 
 
+class MovedClock:
+    """The cloud's clock: real time, moved on by ``offset_ms`` where a test would otherwise wait."""
+
+    def __init__(self) -> None:
+        self.offset_ms = 0
+
+    def __call__(self) -> int:
+        return time.time_ns() // 1_000_000 + self.offset_ms
+
+
 @pytest.fixture
 def world(tmp_path):
-    with CloudServer(tmp_path / "cloud", **OPERATOR) as cloud:
+    clock = MovedClock()
+    with CloudServer(tmp_path / "cloud", clock_ms=clock, **OPERATOR) as cloud:
+        cloud.clock = clock
         dev = cloud.provision("S1", price=200)
         assert cloud.op("PATCH", "/api/v1/operator/machines/S1", json={"location": LONG_ADDRESS}).status_code == 200
         with Dispenser(tmp_path, cloud.url, "S1", dev.secret) as d:
@@ -293,11 +305,22 @@ def test_a_machine_that_does_not_answer_charges_nothing(world, browser):
     page.wait_for_selector("#start:not([disabled])")
     d.link.stop()                          # the machine goes quiet just as the person presses start
     page.click("#start")
+    assert wait_until(lambda: session_states(cloud, user) == ["starting"])
+    from cloud.sessions.service import ACK_TIMEOUT_MS
+    cloud.clock.offset_ms = ACK_TIMEOUT_MS + 1_000   # past the void time, not waited for: the cloud voids it
     page.wait_for_selector("#voided", timeout=20_000)
     assert "nothing has been charged" in page.inner_text("#live")
     shot(page, "14-not-started-en")
     assert user.call("GET", "/api/v1/me/wallet").json()["available_fen"] == 1000
     page.close()
+
+
+def session_states(cloud, user) -> list[str]:
+    from sqlalchemy import select
+
+    from cloud import db as t
+    with cloud.app.state.database.read() as conn:
+        return list(conn.execute(select(t.sessions.c.state).where(t.sessions.c.user_id == user.user_id)).scalars())
 
 
 def test_an_expired_qr_code_asks_to_scan_again(world, browser):
