@@ -533,6 +533,24 @@ machine_updates = Table(    # each targeted machine's step in a rollout, as its 
     Index("machine_updates_by_machine", "machine_id"),    # every heartbeat looks its machine's offer up
 )
 
+machine_update_steps = Table(    # every step of a machine in a rollout, in the order the cloud received them
+    "machine_update_steps", metadata,
+    Column("step_id", Integer, primary_key=True, autoincrement=True),    # the order of arrival
+    Column("rollout_id", Integer, ForeignKey("rollouts.rollout_id"), nullable=False),
+    Column("machine_id", String(64), nullable=False),
+    Column("version", String(40), nullable=False),        # as the report said (another version: not applied)
+    Column("step", String(16), nullable=False),           # pending, then contract.UPDATE_STEPS
+    Column("reason", String(40), nullable=False, default=""),
+    Column("detail", String(500), nullable=False, default=""),    # the latest repeat's
+    Column("running_version", String(40), nullable=False, default=""),
+    Column("source", String(16), nullable=False),         # machine (its report), heartbeat, cloud (the rollout)
+    Column("applied", Boolean, nullable=False),           # it moved the current step (false: late or not its own)
+    Column("repeats", Integer, nullable=False, default=1),    # the same step received again right after: one row
+    Column("at_ms", BigInteger, nullable=False),          # first received
+    Column("last_at_ms", BigInteger, nullable=False),     # last received
+    Index("machine_update_steps_by_machine", "rollout_id", "machine_id", "at_ms"),
+)
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 LEGACY_SCHEMA_VERSION = 3      # release 0.1.0's schema_info version: the schema of migration 0001
 MIGRATION_LOCK_KEY = 0x7A95_0001     # PostgreSQL advisory lock: one instance migrates at a time

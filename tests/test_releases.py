@@ -3,7 +3,8 @@ uploaded (and refused when signed by an unknown key, re-signed wrongly, tampered
 version with other bytes), rolled out to chosen machines or a percentage, offered in the heartbeat's answer
 only to the machines of an active rollout, downloaded with Range so a download resumes, and the machines'
 reports recorded; a rollout stops by itself (alarm, audit) when too many roll back, also when two reports
-arrive at once (SQLite and PostgreSQL)."""
+arrive at once (SQLite and PostgreSQL). Each machine's steps are kept in order of arrival, also those a heartbeat
+overtook, repeats as one row, at most HISTORY_ROWS per machine and rollout."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import pytest
 import requests
 
 from cloud.__main__ import create_operator
-from cloud.releases.service import selected
+from cloud.releases.service import HISTORY_ROWS, selected
 from tests.test_bundle import checkout, members, write
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -284,6 +285,90 @@ def test_reports_are_recorded(fleet):
     view = steps(cloud, rid)
     assert view["state"] == "done" and view["counts"]["healthy"] == 2
     assert rollout(cloud, version="0.3.0", machine_ids=["M-A"]).status_code == 200     # done: no longer covers
+
+
+def history(cloud, rollout_id: int, machine_id: str, token: str | None = None) -> dict:
+    r = cloud.op("GET", f"/api/v1/operator/rollouts/{rollout_id}/machines/{machine_id}/steps", token)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_a_report_the_heartbeat_overtook_is_kept_without_moving_the_step(fleet):
+    """The heartbeat of the new release marks the machine healthy before its queued ``switched`` report arrives:
+    the current step stays healthy, and the history has both in the order they arrived, the machine's own rows
+    in its own order (it sends them one at a time), the late ones marked as not applied, with their detail."""
+    cloud, dev = fleet
+    rid = rollout(cloud, version="0.3.0", machine_ids=["M-A", "M-B"]).json()["rollout_id"]
+    mine = ["downloading", "downloaded", "verified", "installed", "deferred"]
+    for step in mine:
+        assert report(dev["M-A"], rid, step, detail=f"步骤 {step}").json() == {"recorded": True}
+    assert offer(dev["M-A"], "0.3.0") is None                                   # back, running 0.3.0: healthy
+    late = "已于 14:02 切换到新版本，旧版本保留在 previous 以便回滚"
+    assert report(dev["M-A"], rid, "switched", detail=late, running_version="0.2.0").json() == {"recorded": False}
+    assert report(dev["M-A"], rid, "healthy", running_version="0.3.0").json() == {"recorded": False}
+    assert offer(dev["M-A"], "0.3.0") is None                                   # no step: not in the history
+    m = {x["machine_id"]: x for x in steps(cloud, rid)["machines"]}["M-A"]
+    assert m["step"] == "healthy" and m["reason"] == "heartbeat"
+    h = history(cloud, rid, "M-A", create_operator(cloud.settings.url(), "viewer-steps", "viewer"))
+    assert h["step"] == "healthy" and h["max_rows"] == HISTORY_ROWS and h["version"] == "0.3.0"
+    rows = h["steps"]
+    assert [(x["step"], x["source"], x["applied"]) for x in rows] == [
+        ("pending", "cloud", True), *[(s, "machine", True) for s in mine], ("healthy", "heartbeat", True),
+        ("switched", "machine", False), ("healthy", "machine", False)]
+    assert [x["step"] for x in rows if x["source"] == "machine"] == [*mine, "switched", "healthy"]
+    assert rows[-2]["detail"] == late and rows[-2]["running_version"] == "0.2.0"
+    assert rows[6]["reason"] == "heartbeat" and rows[6]["running_version"] == "0.3.0"
+    assert [x["step_id"] for x in rows] == sorted(x["step_id"] for x in rows)
+    assert [x["at_ms"] for x in rows] == sorted(x["at_ms"] for x in rows)
+    # after healthy, a rollback still moves the step (today's rule), and is in the history after the rest
+    why = "重启后 120 秒内没有心跳"
+    assert report(dev["M-A"], rid, "rolled_back", reason="unhealthy", detail=why).json()["recorded"]
+    rows = history(cloud, rid, "M-A")["steps"]
+    assert (rows[-1]["step"], rows[-1]["applied"], rows[-1]["detail"]) == ("rolled_back", True, why)
+    # a report of another version is kept, not applied; the other machine's history is its own
+    assert report(dev["M-B"], rid, "downloading", "0.4.0").json() == {"recorded": False}
+    rows = history(cloud, rid, "M-B")["steps"]
+    assert [(x["step"], x["version"], x["applied"]) for x in rows] == [("pending", "0.3.0", True),
+                                                                      ("downloading", "0.4.0", False)]
+
+
+def test_repeats_are_one_row_and_the_history_is_capped(fleet):
+    cloud, dev = fleet
+    rid = rollout(cloud, version="0.3.0", machine_ids=["M-A", "M-B"]).json()["rollout_id"]
+    report(dev["M-A"], rid, "downloaded")
+    for i in range(12):                                   # busy for a long time: one row
+        assert report(dev["M-A"], rid, "deferred", reason="busy", detail=f"正在出水（第 {i} 次）").json()["recorded"]
+    rows = history(cloud, rid, "M-A")["steps"]
+    assert [(x["step"], x["repeats"]) for x in rows] == [("pending", 1), ("downloaded", 1), ("deferred", 12)]
+    d = rows[-1]
+    assert d["detail"] == "正在出水（第 11 次）" and d["last_at_ms"] >= d["at_ms"]
+    report(dev["M-A"], rid, "deferred", reason="maintenance")             # another reason: a row of its own
+    assert [x["reason"] for x in history(cloud, rid, "M-A")["steps"]][-2:] == ["busy", "maintenance"]
+    # steps that alternate are rows each, and only the newest HISTORY_ROWS are kept
+    sent = []
+    for i in range(HISTORY_ROWS + 4):
+        step = ("downloading", "downloaded")[i % 2]
+        assert report(dev["M-A"], rid, step, detail=f"#{i}").json()["recorded"]
+        sent.append((step, f"#{i}"))
+    rows = history(cloud, rid, "M-A")["steps"]
+    assert len(rows) == HISTORY_ROWS and [(x["step"], x["detail"]) for x in rows] == sent[-HISTORY_ROWS:]
+    assert [x["step"] for x in history(cloud, rid, "M-B")["steps"]] == ["pending"]
+
+
+def test_a_machines_history_is_only_for_a_rollout_it_is_in(fleet):
+    cloud, dev = fleet
+    rid = rollout(cloud, version="0.3.0", machine_ids=["M-A"]).json()["rollout_id"]
+    base = "/api/v1/operator/rollouts"
+    r = cloud.op("GET", f"{base}/{rid + 1}/machines/M-A/steps")
+    assert r.status_code == 404 and r.json()["error"] == "no_rollout" and str(rid + 1) in r.json()["message"]
+    r = cloud.op("GET", f"{base}/{rid}/machines/M-C/steps")
+    assert r.status_code == 404 and r.json()["error"] == "no_machine" and "M-C" in r.json()["message"]
+    assert cloud.op("GET", f"{base}/{rid}/machines/M-NONE/steps").json()["error"] == "no_machine"
+    assert cloud.op("GET", f"{base}/0/machines/M-A/steps").status_code == 422
+    assert cloud.op("GET", f"{base}/{rid}/machines/{'M' * 65}/steps").status_code == 422
+    assert requests.get(cloud.url + f"{base}/{rid}/machines/M-A/steps", timeout=10).status_code == 401
+    assert report(dev["M-C"], rid, "downloading").json() == {"recorded": False}     # not in it: nowhere
+    assert cloud.op("GET", f"{base}/{rid}/machines/M-C/steps").status_code == 404
 
 
 def test_rollbacks_stop_a_rollout(fleet):

@@ -13,9 +13,17 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 import contract as p
-from cloud.deps import Admin, Device, Now, RowIdPath, Svc, Viewer
+from cloud.deps import Admin, Device, IdPath, Now, RowIdPath, Svc, Viewer
 from cloud.errors import ERRORS, Err, Invalid, UnsupportedMedia
-from cloud.releases.schemas import ReleaseOut, ReleasesOut, ReportOut, RolloutIn, RolloutOut, RolloutsOut
+from cloud.releases.schemas import (
+    MachineHistoryOut,
+    ReleaseOut,
+    ReleasesOut,
+    ReportOut,
+    RolloutIn,
+    RolloutOut,
+    RolloutsOut,
+)
 from cloud.releases.service import CHUNK_BYTES
 
 router = APIRouter(prefix="/api/v1/operator", tags=["releases"], responses=ERRORS)
@@ -77,6 +85,13 @@ def list_rollouts(op: Viewer, svc: Svc) -> dict[str, Any]:
 @router.get("/rollouts/{rollout_id}", response_model=RolloutOut)
 def get_rollout(rollout_id: RowIdPath, op: Viewer, svc: Svc) -> dict[str, Any]:
     return svc.releases.rollout(rollout_id)
+
+
+@router.get("/rollouts/{rollout_id}/machines/{machine_id}/steps", response_model=MachineHistoryOut)
+def machine_steps(rollout_id: RowIdPath, machine_id: IdPath, op: Viewer, svc: Svc) -> dict[str, Any]:
+    """Every step of one machine in the rollout as the cloud received them, oldest first, with those that
+    arrived too late to move its current step; 404 ``no_rollout`` or ``no_machine`` (not in this rollout)."""
+    return svc.releases.history(rollout_id, machine_id)
 
 
 @router.post("/rollouts/{rollout_id}/{action}", response_model=RolloutOut)

@@ -71,5 +71,35 @@ class RolloutsOut(BaseModel):
     rollouts: list[RolloutOut]
 
 
+class StepOut(BaseModel):
+    step_id: int                     # the order the cloud received them in
+    version: str                     # as the report said
+    step: str                        # pending, or contract.UPDATE_STEPS
+    reason: str
+    detail: str                      # the latest repeat's
+    running_version: str
+    source: str                      # machine (its report), heartbeat (it came back running the version), cloud
+    applied: bool                    # false: it did not move the current step (arrived late, or another version)
+    repeats: int                     # the same step received again right after counts here
+    at_ms: int                       # first received
+    last_at_ms: int                  # last received
+
+
+class MachineHistoryOut(BaseModel):
+    """One machine's steps in a rollout, oldest first, and its current step."""
+
+    rollout_id: int
+    machine_id: str
+    version: str
+    step: str
+    reason: str
+    detail: str
+    running_version: str
+    updated_ms: int
+    max_rows: int                    # the oldest rows beyond it are dropped
+    steps: list[StepOut]
+
+
 class ReportOut(BaseModel):
-    recorded: bool                   # false: not this machine's rollout or version, or a late copy after healthy
+    recorded: bool                   # false: the current step did not move (not this machine's rollout or version,
+                                     # or a step after healthy); a report of its rollout is kept in the history

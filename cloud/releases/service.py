@@ -9,7 +9,15 @@ not reach the rest. It is done when every machine it targets is healthy.
 
 Race safety: every change to a rollout and its machines' steps happens under the rollout's lock
 (:meth:`cloud.db.Database.lock`; SQLite's writers are serial anyway), so two reports arriving together at two
-instances are judged one after the other and the second sees the first."""
+instances are judged one after the other and the second sees the first.
+
+History: ``machine_updates`` holds each machine's current step; ``machine_update_steps`` every step received, in
+the order it arrived, written in the same transaction. A machine sends its reports one at a time from a queue on
+disk, so its own rows are in its own order; but the heartbeat that marks it healthy may overtake its ``switched``
+report. That late report does not move the current step back (``applied`` false) and is still kept, with its
+detail and time: an operator asking why a machine rolled back, or how long it waited to be idle, sees every step.
+The same step received again right after is one row (``repeats``, ``last_at_ms``), and a machine keeps at most
+``HISTORY_ROWS`` rows per rollout (the oldest go), so a machine that stays busy for days does not grow it."""
 
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 import contract as p
@@ -40,6 +48,9 @@ CHUNK_BYTES = 256 * 1024
 r_ = t.releases.c
 ro = t.rollouts.c
 mu = t.machine_updates.c
+hs = t.machine_update_steps.c
+HISTORY_ROWS = 50                  # per machine and rollout: the newest are kept
+SOURCES = ("machine", "heartbeat", "cloud")
 
 
 def selected(rollout_id: int, machine_id: str, percent: int) -> bool:
@@ -184,6 +195,10 @@ class Releases:
             conn.execute(insert(t.machine_updates), [
                 {"rollout_id": rid, "machine_id": m, "version": version, "step": "pending", "reason": "",
                  "detail": "", "running_version": "", "updated_ms": now_ms} for m in targets])
+            conn.execute(insert(t.machine_update_steps), [
+                {"rollout_id": rid, "machine_id": m, "version": version, "step": "pending", "reason": "",
+                 "detail": "", "running_version": "", "source": "cloud", "applied": True, "repeats": 1,
+                 "at_ms": now_ms, "last_at_ms": now_ms} for m in targets])
             audit(conn, operator_id, "rollout_create", str(rid),
                   {"version": version, "machines": len(targets), "percent": percent,
                    "max_rollback_pct": max_rollback_pct}, now_ms)
@@ -250,7 +265,7 @@ class Releases:
             return None
         if software_version == row["version"]:
             self._record(row["rollout_id"], machine_id, "healthy", "heartbeat", "", software_version, now_ms,
-                         only_from=STEPS[:-4])
+                         source="heartbeat", only_from=STEPS[:-4])
             return None
         if row["state"] != "active":
             return None
@@ -275,30 +290,58 @@ class Releases:
         return path, size
 
     def report(self, machine_id: str, msg: p.UpdateReportMsg, now_ms: int) -> dict[str, Any]:
-        """A machine's step. A report for a rollout the machine is not in, or for another version, is ignored
-        (``recorded``: false); so is any step after healthy except rolled_back (a late copy of an earlier one)."""
+        """A machine's step. A report for a rollout the machine is not in is ignored (``recorded``: false); one for
+        another version of it, or any step after healthy except rolled_back (a report the heartbeat overtook, or a
+        late copy), leaves the current step as it is (``recorded``: false) and is kept in the history."""
         recorded = self._record(msg.rollout_id, machine_id, msg.step, msg.reason, msg.detail, msg.running_version,
-                                now_ms, version=msg.version)
+                                now_ms, source="machine", version=msg.version)
         return {"recorded": recorded}
 
     def _record(self, rollout_id: int, machine_id: str, step: str, reason: str, detail: str, running_version: str,
-                now_ms: int, *, version: str | None = None, only_from: tuple[str, ...] | None = None) -> bool:
+                now_ms: int, *, source: str, version: str | None = None,
+                only_from: tuple[str, ...] | None = None) -> bool:
+        """Move the machine's current step (true), or not (false: see :meth:`report`); a machine's report goes into
+        the history either way, the heartbeat's only when it moved the step (every heartbeat is no step)."""
         with self.db.tx() as conn:
             self.db.lock(conn, f"rollout:{rollout_id}")
             row = first_row(conn, select(t.machine_updates).where(and_(mu.rollout_id == rollout_id,
                                                                        mu.machine_id == machine_id)))
-            if row is None or (version is not None and version != row["version"]):
+            if row is None:
                 return False
-            if only_from is not None and row["step"] not in only_from:
+            applied = ((version is None or version == row["version"])
+                       and (only_from is None or row["step"] in only_from)
+                       and (row["step"] != "healthy" or step == "rolled_back"))
+            if not applied and source != "machine":
                 return False
-            if row["step"] == "healthy" and step != "rolled_back":
+            detail, running_version = detail[:500], running_version[:40]
+            _remember(conn, rollout_id, machine_id, version or row["version"], step, reason, detail, running_version,
+                      source, applied, now_ms)
+            if not applied:
                 return False
             conn.execute(update(t.machine_updates).where(and_(mu.rollout_id == rollout_id,
                                                               mu.machine_id == machine_id)).values(
-                step=step, reason=reason, detail=detail[:500], running_version=running_version[:40],
-                updated_ms=now_ms))
+                step=step, reason=reason, detail=detail, running_version=running_version, updated_ms=now_ms))
             self._judge(conn, rollout_id, now_ms)
         return True
+
+    def history(self, rollout_id: int, machine_id: str) -> dict[str, Any]:
+        """One machine's steps in a rollout in the order they arrived, with its current step (404 for a rollout
+        that does not exist or a machine it does not cover)."""
+        with self.db.read() as conn:
+            if first_row(conn, select(ro.rollout_id).where(ro.rollout_id == rollout_id)) is None:
+                raise NotFound("no_rollout", f"no rollout {rollout_id}")
+            cur = first_row(conn, select(mu.version, mu.step, mu.reason, mu.detail, mu.running_version, mu.updated_ms)
+                            .where(and_(mu.rollout_id == rollout_id, mu.machine_id == machine_id)))
+            if cur is None:
+                raise NotFound("no_machine", f"machine {machine_id} is not in rollout {rollout_id}")
+            rows = [dict(x) for x in conn.execute(
+                select(hs.step_id, hs.version, hs.step, hs.reason, hs.detail, hs.running_version, hs.source,
+                       hs.applied, hs.repeats, hs.at_ms, hs.last_at_ms)
+                .where(and_(hs.rollout_id == rollout_id, hs.machine_id == machine_id))
+                .order_by(hs.step_id)).mappings()]
+        for x in rows:
+            x["applied"] = bool(x["applied"])
+        return {"rollout_id": rollout_id, "machine_id": machine_id, **cur, "max_rows": HISTORY_ROWS, "steps": rows}
 
     def _judge(self, conn: Connection, rollout_id: int, now_ms: int) -> None:
         """After a step changed, under the rollout's lock: stop it when rollbacks pass its limit
@@ -324,6 +367,27 @@ class Releases:
             conn.execute(update(t.rollouts).where(ro.rollout_id == rollout_id).values(state="done",
                                                                                       updated_ms=now_ms))
             log.info("rollout %d of %s done", rollout_id, row["version"])
+
+
+def _remember(conn: Connection, rollout_id: int, machine_id: str, version: str, step: str, reason: str, detail: str,
+              running_version: str, source: str, applied: bool, now_ms: int) -> None:
+    """A step into the machine's history, under the rollout's lock: the same one as the newest row again (a
+    machine reporting ``deferred`` while it stays busy) counts on that row; a new row beyond ``HISTORY_ROWS``
+    drops the oldest."""
+    where = and_(hs.rollout_id == rollout_id, hs.machine_id == machine_id)
+    last = first_row(conn, select(hs.step_id, hs.version, hs.step, hs.reason, hs.source, hs.applied)
+                     .where(where).order_by(hs.step_id.desc()).limit(1))
+    if last is not None and (last["version"], last["step"], last["reason"], last["source"], bool(last["applied"])) \
+            == (version, step, reason, source, applied):
+        conn.execute(update(t.machine_update_steps).where(hs.step_id == last["step_id"]).values(
+            repeats=hs.repeats + 1, last_at_ms=now_ms, detail=detail, running_version=running_version))
+        return
+    conn.execute(insert(t.machine_update_steps).values(
+        rollout_id=rollout_id, machine_id=machine_id, version=version, step=step, reason=reason, detail=detail,
+        running_version=running_version, source=source, applied=applied, repeats=1, at_ms=now_ms, last_at_ms=now_ms))
+    old = conn.execute(select(hs.step_id).where(where).order_by(hs.step_id.desc()).offset(HISTORY_ROWS)).scalars().all()
+    if old:
+        conn.execute(delete(t.machine_update_steps).where(hs.step_id.in_(old)))
 
 
 def _key_id(fh) -> str:
