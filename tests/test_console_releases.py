@@ -1,19 +1,21 @@
 """The console's software-updates page in Chromium (issue 22), in Chinese and English at 1366 px: an admin uploads
 a tampered bundle through the file input (refused, in words) and then a good one, creates a rollout of ticked
 machines, sees the machines' steps as they report and heartbeat, and pauses it; a viewer sees it all and no
-button that changes anything."""
+button that changes anything. One machine's steps open in a dialog, oldest first, with the report its heartbeat
+overtook marked as late, at 1366 px and the tablet's 1024 px."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
 import pytest
 
 from tests.cloudkit import CloudServer
-from tests.consolekit import goto, make_operator, open_console, shot
+from tests.consolekit import DESKTOP, TABLET, goto, make_operator, open_console, shot
 from tests.test_bundle import members, write
-from tests.test_releases import MAKE, make, report
+from tests.test_releases import MAKE, make, report, upload
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +106,51 @@ def test_an_admin_uploads_rolls_out_and_pauses(cloud, browser, bundles, lang):
     assert viewer.locator("#upload-release, #new-rollout, #resume-1, #stop-1").count() == 0
     assert viewer.errors == []
     viewer.context.close()
+
+
+LONG_DETAIL = ("设备正在出水：用户会话 S-20261206-0001 仍未结束，等待空闲后再切换到新版本"
+               "（已等待约十二分钟，期间共检查七次，每次都在出水或有会话进行中）")
+LATE_DETAIL = "已切换到新版本 0.3.0，旧版本保留在 previous 目录以便回滚；新版本启动后等待心跳确认"
+HISTORY_WORDS = {"zh": {"title": "设备 M-A 的升级步骤（批次 1）", "late": "晚到：未改变当前步骤", "repeats": "共 3 次",
+                        "heartbeat": "心跳", "busy": "设备忙", "now": "已升级"},
+                 "en": {"title": "Update steps of M-A (rollout 1)", "late": "arrived late: current step unchanged",
+                        "repeats": "3 times", "heartbeat": "heartbeat", "busy": "busy", "now": "Updated"}}
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, TABLET], ids=["1366", "1024"])
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_a_viewer_opens_one_machines_steps(cloud, browser, bundles, lang, viewport):
+    """The heartbeat of the new release marks M-A healthy before its ``switched`` report arrives: the dialog shows
+    every step in the order received, the deferred repeats as one, and the late report with its detail."""
+    w = HISTORY_WORDS[lang]
+    assert upload(cloud, bundles["good"]).status_code == 200
+    assert cloud.op("POST", "/api/v1/operator/rollouts", json={"version": "0.3.0", "machine_ids": ["M-A", "M-B"]}
+                    ).status_code == 200
+    dev = cloud.devs["M-A"]
+    for step in ("downloading", "downloaded", "verified", "installed"):
+        assert report(dev, 1, step).json()["recorded"]
+    for _ in range(3):
+        assert report(dev, 1, "deferred", reason="busy", detail=LONG_DETAIL).json()["recorded"]
+    assert "update" not in dev.heartbeat(software_version="0.3.0").json()          # healthy, by the heartbeat
+    assert report(dev, 1, "switched", detail=LATE_DETAIL, running_version="0.2.0").json() == {"recorded": False}
+
+    page = open_console(browser, cloud, "kan.kan", lang=lang, viewport=viewport, hash_="#/releases/1")
+    page.click("#page-releases tr[data-key='M-A'] button.history")
+    page.wait_for_selector("#step-history li.late[data-step='switched']")
+    dlg = page.locator("#step-history")
+    text = dlg.inner_text()
+    assert w["title"] in text and w["repeats"] in text and w["busy"] in text and w["late"] in text
+    assert dlg.locator("form > .line .chip").inner_text() == w["now"]                 # the current step
+    steps = dlg.locator("li").evaluate_all("els => els.map(e => [e.dataset.step, e.classList.contains('late')])")
+    assert steps == [["pending", False], ["downloading", False], ["downloaded", False], ["verified", False],
+                     ["installed", False], ["deferred", False], ["healthy", False], ["switched", True]]
+    assert LONG_DETAIL in dlg.locator("li[data-step='deferred'] .detail").inner_text()
+    late = dlg.locator("li[data-step='switched']").inner_text()
+    assert LATE_DETAIL in late and "0.2.0" in late
+    assert w["heartbeat"] in dlg.locator("li[data-step='healthy']").inner_text()
+    assert re.search(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}", dlg.locator("li[data-step='switched'] .line").inner_text())
+    shot(page, "rollout-steps" + ("-tablet" if viewport is TABLET else ""))
+    page.click("#history-close")
+    page.wait_for_selector("#step-history", state="detached")
+    assert page.errors == []
+    page.context.close()

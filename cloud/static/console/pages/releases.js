@@ -37,6 +37,11 @@ addStrings({
     'refusal.no_machines': '按此比例没有选中任何设备',
     'reason.heartbeat': '心跳显示已运行新版本', 'reason.too_old': '设备版本太旧，不能直接升级到此版本',
     'reason.downgrade': '不高于设备装过的最高版本（防回退）', 'reason.wrong_device_type': '升级包不适用于此设备类型',
+    'reason.busy': '设备忙（正在出水或维护中）',
+    'hist.open': '步骤记录', 'hist.title': '设备 {machine} 的升级步骤（批次 {id}）', 'hist.now': '当前步骤',
+    'hist.source.machine': '设备上报', 'hist.source.heartbeat': '心跳', 'hist.source.cloud': '云端',
+    'hist.repeats': '共 {n} 次，最后一次 {at}', 'hist.late': '晚到：未改变当前步骤', 'hist.other_version': '版本 {version}',
+    'hist.running': '运行 {version}', 'hist.kept': '按收到的先后排列；每台设备最多保留最近 {n} 条', 'hist.close': '关闭',
   },
   en: {
     'rel.title': 'Software updates', 'rel.releases': 'Releases', 'rel.rollouts': 'Rollouts', 'rel.upload': 'Upload a bundle',
@@ -70,6 +75,11 @@ addStrings({
     'refusal.no_machines': 'That percentage selects no machine',
     'reason.heartbeat': 'its heartbeat says it runs the new version', 'reason.too_old': 'runs a version too old to upgrade from',
     'reason.downgrade': 'not above the highest version it installed (anti-rollback)', 'reason.wrong_device_type': 'the bundle is for another device type',
+    'reason.busy': 'busy (water flowing or in maintenance)',
+    'hist.open': 'Steps', 'hist.title': 'Update steps of {machine} (rollout {id})', 'hist.now': 'Current step',
+    'hist.source.machine': 'machine report', 'hist.source.heartbeat': 'heartbeat', 'hist.source.cloud': 'cloud',
+    'hist.repeats': '{n} times, last at {at}', 'hist.late': 'arrived late: current step unchanged', 'hist.other_version': 'version {version}',
+    'hist.running': 'running {version}', 'hist.kept': 'In the order received; the newest {n} are kept per machine', 'hist.close': 'Close',
   },
 });
 
@@ -283,5 +293,39 @@ async function renderRollout(root, id) {
         m.detail ? h('span', { class: 'muted small' }, ` ${m.detail}`) : null] : '–') },
       { key: 'heartbeat_version', label: t('ro.running'), render: (m) => h('span', { class: 'mono small' }, m.heartbeat_version || m.running_version || '–') },
       { key: 'updated_ms', label: t('ro.updated'), render: (m) => h('span', { title: when(m.updated_ms) }, ago(m.updated_ms)) },
+      { key: 'history', label: t('hist.open'), sort: false, render: (m) => h('button', { type: 'button', class: 'secondary small history',
+        'aria-label': `${t('hist.open')} ${m.machine_id}`, onclick: () => showHistory(r.rollout_id, m.machine_id) }, t('hist.open')) },
     ] }));
+}
+
+const stepChip = (step) => h('span', { class: `chip ${STEP_CLASS[step] || ''}`, dataset: { step } }, t(`step.${step}`));
+
+/** One machine's steps as the cloud received them, oldest first: when, which step, who said so (the machine's
+ *  report, its heartbeat, the cloud), the reason and detail; a report that arrived after a later step (its
+ *  heartbeat overtook it) is marked, since it did not change the current step. */
+async function showHistory(rolloutId, machineId) {
+  const hist = await api('GET', `/api/v1/operator/rollouts/${rolloutId}/machines/${encodeURIComponent(machineId)}/steps`);
+  const title = t('hist.title', { machine: machineId, id: rolloutId });
+  const dlg = h('dialog', { 'aria-label': title, class: 'wide history', id: 'step-history' });
+  const close = () => { dlg.close(); dlg.remove(); };
+  const item = (x) => h('li', { class: x.applied ? '' : 'late', dataset: { stepId: x.step_id, step: x.step } },
+    h('div', { class: 'line' }, h('span', { class: 'small' }, when(x.at_ms)), stepChip(x.step),
+      h('span', { class: 'muted small' }, t(`hist.source.${x.source}`)),
+      x.version !== hist.version ? h('span', { class: 'muted small mono' }, t('hist.other_version', { version: x.version })) : null,
+      x.running_version ? h('span', { class: 'muted small' }, t('hist.running', { version: x.running_version })) : null,
+      x.applied ? null : h('span', { class: 'chip amber late-mark' }, t('hist.late'))),
+    x.reason || x.repeats > 1 ? h('div', { class: 'small muted why' },
+      x.reason ? h('span', { class: 'reason', title: x.reason }, reason(x.reason)) : null,
+      x.repeats > 1 ? h('span', { class: 'repeats' }, t('hist.repeats', { n: x.repeats, at: when(x.last_at_ms) })) : null) : null,
+    x.detail ? h('div', { class: 'detail' }, x.detail) : null);
+  dlg.append(h('form', { method: 'dialog', onsubmit: (e) => { e.preventDefault(); close(); } },
+    h('h2', {}, title),
+    h('div', { class: 'line' }, h('span', {}, `${t('hist.now')}${state.lang === 'zh' ? '：' : ':'}`), stepChip(hist.step),
+      h('span', { class: 'muted small' }, when(hist.updated_ms))),
+    h('ol', { class: 'steps', tabindex: 0, 'aria-label': title }, hist.steps.map(item)),   // it scrolls: keyboard too
+    h('div', { class: 'actions' }, h('button', { type: 'submit', id: 'history-close' }, t('hist.close')),
+      h('span', { class: 'muted small' }, t('hist.kept', { n: hist.max_rows })))));
+  dlg.addEventListener('cancel', () => dlg.remove());
+  document.body.append(dlg);
+  dlg.showModal();
 }
