@@ -193,6 +193,23 @@ class ImplausibleReport(Detail):
     billed_fen: Count
 
 
+class UpdateHold(Detail):
+    """The machine stopped taking starts so a software update can switch and restart it."""
+
+    version: Code
+    hold_ms: Count
+
+
+class UpdateHoldRefused(Detail):
+    version: Code
+    why: Text
+
+
+class UpdateHoldEnded(Detail):
+    version: Code
+    reason: Code
+
+
 class SessionEnded(Detail):
     """Placeholder: a session's end is reported as :class:`contract.messages.SessionEndedPayload`."""
 
@@ -247,6 +264,10 @@ class EventKind(StrEnum):
     CALIBRATION_CHANGED = "calibration_changed", CalibrationChanged, True
     CALIBRATION_REFUSED = "calibration_refused", ActorRefused, True
     CONSUMABLE_REPLACED = "consumable_replaced", ConsumableReplaced, True
+    # software updates (the machine's own log: the cloud hears of updates through update reports)
+    UPDATE_HOLD = "update_hold", UpdateHold
+    UPDATE_HOLD_REFUSED = "update_hold_refused", UpdateHoldRefused
+    UPDATE_HOLD_ENDED = "update_hold_ended", UpdateHoldEnded
     # the outbox
     REPORT_DEAD_LETTERED = "report_dead_lettered", DeadLettered, True, True
     DEAD_LETTER_RETRIED = "dead_letter_retried", DeadLetterRetried

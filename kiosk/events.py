@@ -24,6 +24,7 @@ class State(StrEnum):
     OFFLINE = "offline"              # no link to the cloud: no new sessions
     OUT_OF_SERVICE = "out_of_service"  # a lockout (leak, fault, operator) holds the machine
     MAINTENANCE = "maintenance"      # a technician is at the machine
+    UPDATING = "updating"            # a software update is switching releases: no new sessions until it restarts
 
 
 class EndReason(StrEnum):
@@ -215,6 +216,31 @@ class MachineSettings:
     hotline: str = ""
 
 
+UPDATE_HOLD_MS = 180_000   # how long an update may hold the machine before it serves again by itself
+
+
+@dataclass(frozen=True)
+class BeginUpdate:
+    """The updater asks to switch to release ``version``, which restarts the service. Accepted only when the
+    machine is idle (no session, valve closed, no technician, no receipt on screen); from then on every start is
+    refused until the restart, :class:`EndUpdate` or ``hold_ms`` later (so a switch that never happens never
+    leaves the machine unusable). Checking idleness and refusing starts is one step on the core thread, so no
+    pour can begin between the check and the restart. ``refused_why`` is set by the runtime when a precondition
+    it checked failed (the valve is physically open)."""
+
+    version: str
+    hold_ms: int = UPDATE_HOLD_MS
+    refused_why: str = ""
+
+
+@dataclass(frozen=True)
+class EndUpdate:
+    """The switch did not happen (the applier refused or failed, or it never came): serve again."""
+
+    version: str
+    reason: str = "ended"
+
+
 @dataclass(frozen=True)
 class ReceiptDismissed:
     pass
@@ -263,7 +289,8 @@ class MaintenanceActivity:
 Event = (GrantReceived | PulseCount | StopPressed | CancelReceived | Tick | TemperatureReading
          | WaterQualityReading | LowWater | Fault | SessionStartFailed | LeakSensor | LinkChanged
          | SetOutOfService | ClearLockout | EnterMaintenance | ExitMaintenance | ReceiptDismissed | Shutdown
-         | PriceChanged | TechPour | TechStop | SetCalibration | MaintenanceActivity | MachineSettings)
+         | PriceChanged | TechPour | TechStop | SetCalibration | MaintenanceActivity | MachineSettings
+         | BeginUpdate | EndUpdate)
 
 
 # ---------------------------------------------------------------- actions (outputs)

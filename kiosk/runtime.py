@@ -19,6 +19,9 @@ returned actions in order. Fail-safe rules:
   just before it are ghost flow, not the new session's; and after the valve opens the armed limit is
   checked against the fresh count.
 * If the valve is open while the core says it should not be, it is closed (checked every loop).
+* A software update asks for its hold (:meth:`Runtime.begin_update`) and waits for the core thread's answer:
+  the core checks it is idle and starts refusing starts in the one step, so nothing can open the valve between
+  "idle" and the restart the update then asks for.
 """
 
 from __future__ import annotations
@@ -27,18 +30,21 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from contract.billing import Calibration
 from contract.events import EventKind
 from kiosk.config import Config
 from kiosk.events import (
+    UPDATE_HOLD_MS,
     Action,
     AddToTotalizer,
+    BeginUpdate,
     Checkpoint,
     ClearLockout,
     ClearSource,
     CloseValve,
+    EndUpdate,
     Event,
     Fault,
     GrantReceived,
@@ -80,6 +86,15 @@ class BootReport:
     lockouts: dict[str, str]
 
 
+@dataclass
+class _Ask:
+    """An event posted with a reply: the core thread feeds it, then sets ``answer`` and ``done``."""
+
+    event: BeginUpdate
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: str | None = "the core thread did not answer"
+
+
 class Runtime:
     """Owns the core; :meth:`run` is the core thread's body."""
 
@@ -103,6 +118,22 @@ class Runtime:
     def post(self, event: Event) -> None:
         """Queue an event for the core thread (safe from any thread)."""
         self._events.put(event)
+
+    def begin_update(self, version: str, *, hold_ms: int = UPDATE_HOLD_MS, timeout_s: float = 5.0) -> str | None:
+        """Ask the core for an update's hold and wait for its answer (safe from any thread): ``None`` when the
+        machine was idle and now refuses every start until the restart, :meth:`end_update` or ``hold_ms`` later;
+        otherwise why not. A core thread that does not answer within ``timeout_s`` is a refusal (and the hold, if
+        it is granted late, is ended at once: an ``EndUpdate`` is queued right behind the request)."""
+        ask = _Ask(BeginUpdate(version, hold_ms))
+        self._events.put(ask)       # type: ignore[arg-type]  (the core thread tells an _Ask from an event)
+        if not ask.done.wait(timeout_s):
+            self._events.put(EndUpdate(version, "no_answer"))
+            return f"the core thread did not answer within {timeout_s:g} s"
+        return ask.answer
+
+    def end_update(self, version: str, reason: str = "ended") -> None:
+        """The switch did not happen: lift the update's hold, if it still holds (safe from any thread)."""
+        self._events.put(EndUpdate(version, reason))
 
     def stop_pressed(self) -> None:
         """The stop button's edge callback: the valve closes here and now, then the core is told.
@@ -134,7 +165,10 @@ class Runtime:
                 except queue.Empty:
                     event = None
                 while event is not None:
-                    self._feed(event)
+                    if isinstance(event, _Ask):
+                        self._answer(event)
+                    else:
+                        self._feed(event)
                     if isinstance(event, Shutdown):
                         return
                     try:
@@ -150,6 +184,16 @@ class Runtime:
             self._safe_close_valve()
             self.snapshot = self.core.snapshot()
             self._stopped.set()
+
+    def _answer(self, ask: _Ask) -> None:
+        ev = ask.event
+        try:
+            if self.valve.is_open:             # whatever the core believes, water that may flow is not idle
+                ev = replace(ev, refused_why="the valve is open")
+            self._feed(ev)
+            ask.answer = None if self.core.updating == ev.version else (self.core.update_refusal or "refused")
+        finally:
+            ask.done.set()
 
     def _sample_meter(self) -> None:
         try:

@@ -21,6 +21,8 @@ Safety rules, all enforced here and covered by table-driven tests:
   valve is closed outside that window are ghost flow: never billed; more than ``ghost_volume_ml``
   within ``ghost_window_ms`` locks the machine out of service (leak alarm).
 * A reading faster than the plumbing can flow, or a counter that goes backwards, is a meter fault.
+* A software update switches releases (a restart) only under a hold the core grants when it is idle, in the
+  same step that makes it refuse every start and technician until the restart (:class:`BeginUpdate`).
 """
 
 from __future__ import annotations
@@ -37,15 +39,18 @@ from kiosk.core.maintenance_mode import MaintenanceMode
 from kiosk.core.meter import PulseMeter
 from kiosk.core.settings import CoreSettings
 from kiosk.core.tech_pour import TechnicianPour
+from kiosk.core.update_hold import UpdateHold
 from kiosk.events import (
     LOCKOUT_GHOST_FLOW,
     LOCKOUT_LEAK_SENSOR,
     LOCKOUT_REMOTE,
     Action,
+    BeginUpdate,
     CancelReceived,
     ClearLockout,
     CloseValve,
     EndReason,
+    EndUpdate,
     EnterMaintenance,
     Event,
     ExitMaintenance,
@@ -116,6 +121,7 @@ class Snapshot:
     tech_elapsed_ms: int = 0
     tech_last: TechPourResult | None = None
     maintenance_idle_ms: int = 0          # how long the maintenance screen has been untouched
+    updating_version: str = ""            # the release an update is switching to (state UPDATING)
 
 
 class DispenserCore:
@@ -131,6 +137,7 @@ class DispenserCore:
         self._maintenance = MaintenanceMode(settings)
         self._customer = CustomerSession(settings, self._meter, self._alarms.readings, seen_session_ids)
         self._tech = TechnicianPour(settings, self._meter, self._maintenance)
+        self._update = UpdateHold()
         self.settings = settings
         self.online = False
         self.display_price_fen_per_l = settings.display_price_fen_per_l
@@ -154,6 +161,8 @@ class DispenserCore:
     def state(self) -> State:
         if self._customer.phase is not None:
             return self._customer.phase
+        if self._update.active:
+            return State.UPDATING
         if self.lockouts:
             return State.OUT_OF_SERVICE
         if self.maintenance:
@@ -170,6 +179,16 @@ class DispenserCore:
     @property
     def maintenance(self) -> bool:
         return self._maintenance.active
+
+    @property
+    def updating(self) -> str | None:
+        """The release an update holds the machine for (no starts until the restart), or None."""
+        return self._update.version
+
+    @property
+    def update_refusal(self) -> str | None:
+        """Why the last :class:`BeginUpdate` was refused (None: it was accepted)."""
+        return self._update.refusal
 
     @property
     def temp_c(self) -> float | None:
@@ -220,6 +239,7 @@ class DispenserCore:
                         timezone=self.timezone, hotline=self.hotline,
                         milli_pulses_per_litre=self.settings.calibration.milli_pulses_per_litre,
                         maintenance_idle_ms=self._maintenance.idle_ms(now),
+                        updating_version=self._update.version or "",
                         **self._tech.snapshot_fields(now), **self._customer.snapshot_fields(now, state))
 
     # ------------------------------------------------------------------ what involves several parts
@@ -238,6 +258,8 @@ class DispenserCore:
         """Why the machine cannot take this grant now, if it cannot."""
         if self._customer.busy:
             return "busy"
+        if self._update.active:
+            return "updating"
         if self.lockouts:
             return "out_of_service"
         if self.maintenance:
@@ -299,7 +321,7 @@ class DispenserCore:
             actions += self._maintenance.on_tick(now)
         if self._customer.phase is None:
             actions += self._meter.flush(now)
-        return actions + self._ghost_flow.on_tick(now) + self._alarms.on_tick(now)
+        return actions + self._ghost_flow.on_tick(now) + self._alarms.on_tick(now) + self._update.on_tick(now)
 
     def _on_shutdown(self, ev: Shutdown, now: int) -> list[Action]:
         actions = self._customer.shutdown(now) + self._tech.shutdown(now)
@@ -336,6 +358,9 @@ class DispenserCore:
 
     # ------------------------------------------------------------------ events: maintenance and technicians
     def _on_enter_maintenance(self, ev: EnterMaintenance, now: int) -> list[Action]:
+        if self._update.active:                 # a technician's pour would be cut by the restart too
+            return [RecordEvent.of(EventKind.MAINTENANCE_REFUSED, actor=ev.actor,
+                                   why="a software update is being installed; try again in a few minutes")]
         actions = self._maintenance.enter(ev.actor, now, session_running=self._customer.busy)
         if self.maintenance:
             self._customer.dismiss_receipt()    # the technician's screen replaces a receipt
@@ -362,6 +387,27 @@ class DispenserCore:
         if calibration is not None:
             self.settings = replace(self.settings, calibration=calibration)
         return actions
+
+    # ------------------------------------------------------------------ events: software updates
+    def _update_busy(self, ev: BeginUpdate) -> str | None:
+        """Why the machine cannot be restarted for an update now, if it cannot."""
+        if self._customer.phase is State.RECEIPT:
+            return "a receipt is on the screen"
+        if self._customer.phase is not None:
+            return f"a session is {self._customer.phase.value}"
+        if self.valve_should_be_open:
+            return "the valve is open"
+        if self.maintenance:
+            return "a technician is at the machine"
+        if self._update.active and self._update.version != ev.version:
+            return f"the update to {self._update.version} holds the machine"
+        return None
+
+    def _on_begin_update(self, ev: BeginUpdate, now: int) -> list[Action]:
+        return self._update.begin(ev, now, self._update_busy(ev))
+
+    def _on_end_update(self, ev: EndUpdate, now: int) -> list[Action]:
+        return self._update.end(ev)
 
     # ------------------------------------------------------------------ events: the link and the cloud's settings
     def _on_link(self, ev: LinkChanged, now: int) -> list[Action]:
@@ -408,4 +454,6 @@ _HANDLERS = {
     SetCalibration: DispenserCore._on_set_calibration,
     MaintenanceActivity: DispenserCore._on_activity,
     MachineSettings: DispenserCore._on_settings,
+    BeginUpdate: DispenserCore._on_begin_update,
+    EndUpdate: DispenserCore._on_end_update,
 }

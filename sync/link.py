@@ -367,7 +367,7 @@ class SyncLink:
         # a change the phone must see at once (out of service, maintenance, back in service, lockouts): a heartbeat
         # now, not up to a heartbeat interval later
         resting = snap.state if snap.state in (State.IDLE, State.OFFLINE, State.OUT_OF_SERVICE,
-                                               State.MAINTENANCE) else "busy"
+                                               State.MAINTENANCE, State.UPDATING) else "busy"
         service = (resting, snap.lockouts)
         if service != self._service_state:
             first, self._service_state = self._service_state is None, service
@@ -538,5 +538,6 @@ class SyncLink:
 
 
 _REFUSAL = {State.DISPENSING: "busy", State.SETTLING: "busy", State.RECEIPT: "busy",
-            State.OUT_OF_SERVICE: "out_of_service", State.MAINTENANCE: "maintenance", State.OFFLINE: "offline"}
+            State.OUT_OF_SERVICE: "out_of_service", State.MAINTENANCE: "maintenance", State.OFFLINE: "offline",
+            State.UPDATING: "updating"}
 _CLEAR_OUTCOMES = (p.EventKind.LOCKOUT_CLEARED, p.EventKind.LOCKOUT_CLEAR_REFUSED, p.EventKind.LOCKOUT_CLEAR_IGNORED)

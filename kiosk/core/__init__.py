@@ -13,4 +13,5 @@ gpiozero, requests, sqlite or clock reads; time comes in as ``now_ms``.
 * :mod:`kiosk.core.customer`: a customer's session, from grant to receipt.
 * :mod:`kiosk.core.tech_pour`: technicians' pours and the meter's calibration.
 * :mod:`kiosk.core.maintenance_mode`: maintenance mode and its inactivity timeout.
+* :mod:`kiosk.core.update_hold`: the hold a software update takes while it switches releases (no starts).
 """

@@ -44,9 +44,11 @@ from kiosk.ui.pin_pad import PinPadScreen
 from kiosk.ui.present import present, screen_for
 from kiosk.ui.qr import qr_texture
 from kiosk.ui.receipt import ReceiptScreen
+from kiosk.ui.updating import UpdatingScreen
 
 HERE = Path(__file__).resolve().parent
-SCREEN_MODULES = ("idle", "dispensing", "receipt", "offline", "out_of_service", "maintenance", "pin_pad")
+SCREEN_MODULES = ("idle", "dispensing", "receipt", "offline", "out_of_service", "updating", "maintenance",
+                  "pin_pad")
 BUSY_FPS, IDLE_FPS = 30.0, 10.0     # Kivy's frame cap (Clock._max_fps: Kivy has no public setter after start)
 TICK_S = 0.1
 LONG_PRESS_S = 2.0
@@ -121,7 +123,7 @@ class KioskApp(App):
         self.manager = ScreenManager(transition=NoTransition())
         self.maintenance = MaintenanceScreen(runtime=self.runtime, service=self.service)
         for screen in (IdleScreen(), DispensingScreen(), ReceiptScreen(), OfflineScreen(),
-                       OutOfServiceScreen(), self.maintenance, PinPadScreen()):
+                       OutOfServiceScreen(), UpdatingScreen(), self.maintenance, PinPadScreen()):
             self.manager.add_widget(screen)
         root = BoxLayout(orientation="vertical")
         root.add_widget(self.manager)

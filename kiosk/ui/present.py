@@ -9,7 +9,7 @@ from kiosk.ui.i18n import STRINGS, lockout_text, reason_text, tr
 
 SCREENS = {State.IDLE: "idle", State.DISPENSING: "dispensing", State.SETTLING: "dispensing",
            State.RECEIPT: "receipt", State.OFFLINE: "offline", State.OUT_OF_SERVICE: "out_of_service",
-           State.MAINTENANCE: "maintenance"}
+           State.MAINTENANCE: "maintenance", State.UPDATING: "updating"}
 
 
 def screen_for(snap: Snapshot) -> str:
@@ -64,6 +64,8 @@ def present(snap: Snapshot, lang: str, *, started_hhmm: str = "", maintenance_ti
         "lockouts": "\n".join(dict.fromkeys(lockout_text(r, lang) for r in snap.lockouts)) or tr("lock_other", lang),
         "rejection": tr("rejected", lang, why=rejection_text(snap.last_rejection, lang)) if snap.last_rejection else "",
         "support": tr("support_hotline", lang, number=snap.hotline) if snap.hotline else tr("support", lang),
+        "updating": tr("updating_body", lang) + (f"\n{tr('updating_to', lang, version=snap.updating_version)}"
+                                                 if snap.updating_version else ""),
     }
     if snap.state is State.MAINTENANCE:
         v.update(maintenance_texts(snap, lang, maintenance_timeout_ms))
