@@ -13,7 +13,9 @@ The kiosk (unprivileged) downloads and checks a bundle and then asks, by writing
   trusted), unpack only the manifest's files into ``releases/.<dir>.partial``, install the venv offline from the
   bundled wheelhouse (or reuse the one for the same lock), write ``VERSION``, mark ``.installed``, rename to
   ``releases/<version>-<sha8>``. Slow (minutes for a new venv on a Pi), so it runs while the machine serves.
-* ``{"action": "switch", ...}``: sent by the kiosk only when idle: journal the trial (``state/trial.json``:
+* ``{"action": "switch", ...}``: sent by the kiosk only when idle, once its core holds the machine (refuses every
+  start) until the restart: a request found after its ``not_after_ms`` (wall clock) is left undone (``deferred``,
+  ``stale``: the hold may have lifted and a customer may be pouring). Else journal the trial (``state/trial.json``:
   from, to, deadline), point ``current`` at the new release (symlink + rename), restart the service, and wait
   ``TAPSHARE_UPDATE_HEALTH_S`` (120) seconds for the new release to write ``<updates>/healthy-<version>`` (after
   the cloud accepted a heartbeat with that version). Without it: switch back, restart, record ``rolled_back``.
@@ -370,6 +372,11 @@ def install_venv(venv: Path, lock: Path, wheels: Path) -> None:
 def switch(req: dict) -> None:
     version, rollout_id = str(req.get("version", "")), int(req.get("rollout_id", 0) or 0)
     parse_version(version)
+    not_after_ms = req.get("not_after_ms")
+    if isinstance(not_after_ms, int) and time.time_ns() // 1_000_000 > not_after_ms:
+        record(rollout_id, version, "deferred", "stale", "the switch was asked for too long ago: the machine may "
+                                                         "be serving again; the kiosk asks again when idle")
+        return
     found = sorted(d.name for d in (APP / "releases").glob(f"{version}-*") if (d / ".installed").is_file())
     if not found:
         raise Refused("not_installed", f"release {version} is not installed")

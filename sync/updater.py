@@ -10,9 +10,15 @@ A release offered in the heartbeat's answer (:class:`contract.UpdateOfferMsg`) g
    reported with its code and this offer is never tried again;
 3. **install**: ``apply.json`` asks root's applier (scripts/apply-update.py, started by a systemd path unit) to
    verify it again, unpack it beside the running release and build its venv, all while the machine serves;
-4. **switch** only when idle (no session, valve closed, not in maintenance; ``deferred`` is reported once while
-   busy): a second ``apply.json`` makes the applier switch and restart the service. The new release writes
-   ``healthy-<version>`` after the cloud accepted its first heartbeat; without it the applier switches back.
+4. **switch** only when idle: the core thread is asked for an update's hold (:meth:`kiosk.runtime.Runtime.
+   begin_update`), which it grants only with no session, the valve closed and no technician, and from that same
+   step refuses every start (the cloud is told at once and releases the customer's hold). Only then does a second
+   ``apply.json`` make the applier switch and restart the service; while busy, ``deferred`` is reported once.
+   If the applier refuses or fails the switch the hold ends at once; if no restart comes within the hold
+   (``TAPSHARE_UPDATE_HOLD_S``, 180 s) the core lifts it by itself, the request is withdrawn and the switch is
+   tried again when idle, ``RETRY_HOLDS`` holds later (an applier that never comes must not keep the machine
+   held). The new release writes ``healthy-<version>`` after the cloud accepted its first
+   heartbeat; without it the applier switches back.
 
 Every step is reported (``POST /device/v1/update-report``), from a queue kept on disk and retried until the
 cloud accepts each report, so a restart (which an update always is) loses none. What the applier did (installed,
@@ -31,14 +37,14 @@ from pathlib import Path
 
 import contract as p
 from contract import bundle as b
-from kiosk.events import State
+from kiosk.events import UPDATE_HOLD_MS
 from kiosk.runtime import Runtime
 from sync.client import AuthProblem, CloudClient, Rejected, SyncError, TooLarge, Transient
 
 log = logging.getLogger("tapshare.update")
 
-BUSY = (State.DISPENSING, State.SETTLING, State.RECEIPT, State.MAINTENANCE)
 TERMINAL = ("refused", "failed", "rolled_back")
+RETRY_HOLDS = 5          # after a switch that never came, serve this many holds' time before holding again
 
 
 def default_paths(data_dir: Path) -> dict[str, Path]:
@@ -47,7 +53,8 @@ def default_paths(data_dir: Path) -> dict[str, Path]:
     env = os.environ.get
     return {"updates": Path(env("TAPSHARE_UPDATES_DIR", str(data_dir / "updates"))),
             "app": Path(env("TAPSHARE_APP", "/opt/tapshare")),
-            "keys": Path(env("TAPSHARE_RELEASE_KEYS", "/etc/tapshare/release-keys"))}
+            "keys": Path(env("TAPSHARE_RELEASE_KEYS", "/etc/tapshare/release-keys")),
+            "hold_ms": int(float(env("TAPSHARE_UPDATE_HOLD_S", str(UPDATE_HOLD_MS / 1000))) * 1000)}
 
 
 def _read_json(path: Path, default):
@@ -68,10 +75,11 @@ def _write_json(path: Path, data) -> None:
 
 class Updater:
     def __init__(self, runtime: Runtime, client: CloudClient, *, running_version: str, updates: Path, app: Path,
-                 keys: Path, device_type: str = b.DEVICE_TYPE, interval_s: float = 0.5) -> None:
+                 keys: Path, device_type: str = b.DEVICE_TYPE, interval_s: float = 0.5,
+                 hold_ms: int = UPDATE_HOLD_MS) -> None:
         self.rt, self.client, self.running = runtime, client, running_version
         self.updates, self.app, self.keys, self.device_type = updates, app, keys, device_type
-        self.interval_s = interval_s
+        self.interval_s, self.hold_ms = interval_s, hold_ms
         self._offer: p.UpdateOfferMsg | None = None
         self._wake = threading.Event()
         self._halt = threading.Event()
@@ -157,7 +165,10 @@ class Updater:
             self._queue_report(int(e.get("rollout_id") or 0), str(e["version"]), str(e["step"]),
                                str(e.get("reason", "")), str(e.get("detail", "")))
             if e["step"] in TERMINAL:
+                self.rt.end_update(str(e["version"]), f"{e['step']}:{e.get('reason', '')}"[:60])   # serve again
                 self._finish(int(e.get("rollout_id") or 0), str(e["version"]))
+            elif e["step"] == "deferred":      # the applier left a stale switch undone: serve, ask again when idle
+                self.rt.end_update(str(e["version"]), f"deferred:{e.get('reason', '')}"[:60])
             elif e["step"] == "installed":
                 state = self._state()
                 if state.get("version") == e["version"] and state.get("phase") == "installing":
@@ -211,6 +222,8 @@ class Updater:
             self._verify(o)
         elif phase == "installed":
             self._switch_when_idle(o, state)
+        elif phase == "switching":
+            self._watch_switch(o, state)
 
     def _begin(self, o: p.UpdateOfferMsg) -> dict | None:
         for f in self.updates.glob("*.part"):
@@ -282,28 +295,39 @@ class Updater:
         self._set_state(phase="installing")
         self._request("install", o, path)
 
-    def _request(self, action: str, o: p.UpdateOfferMsg, path: Path) -> None:
+    def _request(self, action: str, o: p.UpdateOfferMsg, path: Path, **extra) -> None:
         _write_json(self.updates / "apply.json", {"action": action, "version": o.version, "bundle": str(path),
-                                                  "sha256": o.sha256, "rollout_id": o.rollout_id})
-
-    def busy(self) -> str | None:
-        """Why the machine cannot switch now, or None (idle)."""
-        snap = self.rt.snapshot
-        if self.rt.valve.is_open:
-            return "the valve is open"
-        if snap.state in BUSY:
-            return f"the machine is {snap.state.value}"
-        if snap.session_id:
-            return "a session is open"
-        return None
+                                                  "sha256": o.sha256, "rollout_id": o.rollout_id, **extra})
 
     def _switch_when_idle(self, o: p.UpdateOfferMsg, state: dict) -> None:
-        why = self.busy()
+        """Ask the core for the hold (idle check and refusal of new starts in one step on the core thread), and
+        only once it holds ask root for the switch, which restarts the service."""
+        if self.rt.clock.wall_ms() < int(state.get("retry_at_ms", 0)):
+            return
+        why = self.rt.begin_update(o.version, hold_ms=self.hold_ms)
         if why:
             if not state.get("deferred"):
                 self._queue_report(o.rollout_id, o.version, "deferred", "busy", why)
                 self._set_state(deferred=True)
             return
+        now_ms = self.rt.clock.wall_ms()
         self._set_state(phase="switching")
-        log.warning("update %s: idle, asking for the switch", o.version)
-        self._request("switch", o, self.updates / f"{o.version}.bundle")
+        log.warning("update %s: idle and holding (no new starts), asking for the switch", o.version)
+        # the applier must not begin a switch so late that the restart could come after the hold has lifted
+        self._request("switch", o, self.updates / f"{o.version}.bundle", not_after_ms=now_ms + self.hold_ms // 2)
+
+    def _watch_switch(self, o: p.UpdateOfferMsg, state: dict) -> None:
+        """The switch was asked for and the machine holds; a restart ends this process. If the hold is gone (the
+        core lifted it at its deadline: the applier never acted) withdraw the request and try again when idle."""
+        if self.rt.snapshot.updating_version == o.version:
+            return
+        req = _read_json(self.updates / "apply.json", None)
+        if isinstance(req, dict) and req.get("action") == "switch" and req.get("version") == o.version:
+            (self.updates / "apply.json").unlink(missing_ok=True)
+        log.error("update %s: no restart within the hold; serving again, the switch is tried again when idle",
+                  o.version)
+        if not state.get("no_switch_reported"):
+            self._queue_report(o.rollout_id, o.version, "deferred", "no_switch",
+                               f"the switch did not happen within {self.hold_ms // 1000} s; tried again when idle")
+        self._set_state(phase="installed", deferred=False, no_switch_reported=True,
+                        retry_at_ms=self.rt.clock.wall_ms() + RETRY_HOLDS * self.hold_ms)

@@ -277,3 +277,106 @@ def test_deploy_installs_the_applier_its_units_and_the_pinned_key(bundles, tmp_p
         pytest.skip("no systemd-analyze")
     v = subprocess.run(["systemd-analyze", "verify", *map(str, units)], capture_output=True, text=True)
     assert v.returncode == 0, v.stderr
+
+
+class InstallOnly:
+    """tapshare-update.path that runs the applier for ``install`` requests only: a ``switch`` request stays in
+    apply.json (the applier is slow to come, or never comes) until the test lets it run (``allow_switch``)."""
+
+    def __init__(self, layout: Path) -> None:
+        import threading
+        self.unit, self.req = kit.PathUnit(layout), layout / "data" / "updates" / "apply.json"
+        self.allow_switch = False
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def action(self) -> str | None:
+        try:
+            return json.loads(self.req.read_text()).get("action")
+        except (OSError, ValueError):
+            return None
+
+    def _loop(self) -> None:
+        while not self._halt.is_set():
+            if self.action() == "install" or (self.allow_switch and self.action() == "switch"):
+                self.unit.run_applier("run")
+            self._halt.wait(0.05)
+
+    def __enter__(self) -> InstallOnly:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._halt.set()
+        self._thread.join(60)
+
+
+def start_command(cloud, session_id: str) -> str:
+    import time
+    now_ms = int(time.time() * 1000)
+    command_id = f"start-{session_id}"
+    cloud.commands.append({"command_id": command_id, "kind": "start", "grant": {
+        "session_id": session_id, "machine_id": cloud.machine_id, "user_ref": "U1", "price_fen_per_l": 200,
+        "credit_limit_fen": 1000, "max_volume_ml": 5000, "max_duration_ms": 3_000, "max_idle_ms": 60_000,
+        "deadline_ms": now_ms + 30_000, "min_dispense_ml": 0}})
+    return command_id
+
+
+def acks_for(cloud, command_id: str) -> list[dict]:
+    return [body for cid, body in list(cloud.acks) if cid == command_id]
+
+
+def ledger_session(layout: Path, machine_id: str, session_id: str):
+    from kiosk.ledger import Ledger
+    ledger = Ledger.open(layout / "data" / "ledger.db", machine_id=machine_id, wall_clock=lambda: 0, new_boot=False)
+    try:
+        return ledger.session(session_id)
+    finally:
+        ledger.close()
+
+
+def test_a_start_that_arrives_between_the_idle_check_and_the_restart_is_refused_and_the_cloud_told(bundles, machine):
+    """The race the hold closes: the machine was idle, the switch is asked for, the applier has not restarted the
+    service yet, and a customer scans. The start is refused (the cloud voids it and releases the customer's hold),
+    the valve never opens, and the switch then lands."""
+    cloud, layout = machine
+    start_and_wait_online(cloud, layout)
+    cloud.offer_bundle(bundles.good, "0.3.0", rollout_id=11)
+    with InstallOnly(layout) as unit:
+        assert wait_until(lambda: unit.action() == "switch", 900), (cloud.reports, unit.unit.output(),
+                                                                    kit.kiosk_log(layout))
+        assert wait_until(lambda: cloud.heartbeats[-1]["state"] == "updating", 30), kit.kiosk_log(layout)
+        command_id = start_command(cloud, "S-under-hold")
+        assert wait_until(lambda: acks_for(cloud, command_id), 30), kit.kiosk_log(layout)
+        assert [(a["ok"], a["reason"]) for a in acks_for(cloud, command_id)] == [(False, "updating")]
+        assert all(h["state"] != "dispensing" and not h["valve_open"] for h in cloud.heartbeats)
+        assert ledger_session(layout, cloud.machine_id, "S-under-hold") is None        # never started here
+        unit.allow_switch = True
+        assert wait_until(lambda: "healthy" in cloud.steps(), 300), (cloud.reports, unit.unit.output())
+    assert cloud.steps("0.3.0") == ["downloading", "downloaded", "verified", "installed", "switched", "healthy"]
+    assert current(layout).startswith("releases/0.3.0-")
+    assert wait_until(lambda: cloud.heartbeats[-1]["software_version"] == "0.3.0"
+                      and cloud.heartbeats[-1]["state"] == "idle", 30)     # the new release boots serving
+
+
+def test_a_switch_that_never_comes_lifts_the_hold_and_is_tried_again_when_idle(bundles, machine):
+    cloud, layout = machine
+    kit.start_kiosk(layout, env={"TAPSHARE_UPDATE_HOLD_S": "4"})
+    assert wait_until(lambda: "0.2.0" in cloud.versions_heard(), 60), kit.kiosk_log(layout)
+    cloud.offer_bundle(bundles.good, "0.3.0", rollout_id=12)
+    with InstallOnly(layout) as unit:
+        assert wait_until(lambda: unit.action() == "switch", 900), (cloud.reports, unit.unit.output())
+        assert wait_until(lambda: cloud.heartbeats[-1]["state"] == "updating", 30), kit.kiosk_log(layout)
+        # the applier never comes: the hold lifts, the request is withdrawn, the machine serves
+        assert wait_until(lambda: "no_switch" in [r["reason"] for r in cloud.reports], 60), kit.kiosk_log(layout)
+        assert wait_until(lambda: cloud.heartbeats[-1]["state"] == "idle", 30)
+        assert wait_until(lambda: unit.action() in (None, "switch"), 5)
+        command_id = start_command(cloud, "S-after-hold")
+        assert wait_until(lambda: acks_for(cloud, command_id), 30), kit.kiosk_log(layout)
+        assert acks_for(cloud, command_id)[0]["ok"] is True                          # claimed: it pours
+        assert wait_until(lambda: (ledger_session(layout, cloud.machine_id, "S-after-hold") or {}).get("state")
+                          == "ended", 60), kit.kiosk_log(layout)
+        unit.allow_switch = True                                                     # the applier is back
+        assert wait_until(lambda: "healthy" in cloud.steps(), 300), (cloud.reports, unit.unit.output(),
+                                                                      kit.kiosk_log(layout))
+    assert ledger_session(layout, cloud.machine_id, "S-after-hold")["end_reason"] == "max_duration"

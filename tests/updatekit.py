@@ -39,15 +39,17 @@ def kiosk_env(layout: Path) -> dict:
     return env
 
 
-def start_kiosk(layout: Path) -> int:
-    """main.py from ``current``, as tapshare.service's ExecStart runs it; its pid (also in LAYOUT/kiosk.pid)."""
+def start_kiosk(layout: Path, env: dict | None = None) -> int:
+    """main.py from ``current``, as tapshare.service's ExecStart runs it (with ``env`` added: this start only);
+    its pid (also in LAYOUT/kiosk.pid)."""
     current = layout / "opt" / "current"
     n = len(list(layout.glob("kiosk-*.log")))
     with open(layout / f"kiosk-{n}.log", "wb") as log:
         proc = subprocess.Popen([str(current / ".venv" / "bin" / "python"), str(current / "main.py"), "--simulate",
                                  "--headless", "--config", str(layout / "etc" / "config.toml"), "--data-dir",
                                  str(layout / "data"), "--log-level", "DEBUG"],
-                                cwd=current, env=kiosk_env(layout), stdout=log, stderr=subprocess.STDOUT,
+                                cwd=current, env={**kiosk_env(layout), **(env or {})}, stdout=log,
+                                stderr=subprocess.STDOUT,
                                 start_new_session=True)
     (layout / "kiosk.pid").write_text(str(proc.pid))
     return proc.pid
