@@ -162,6 +162,11 @@ class Drive:
         self.shoot("maintenance")
         rt.post(ExitMaintenance(actor="test"))
         assert wait(lambda: rt.snapshot.state is State.IDLE)
+        assert rt.begin_update("0.3.0", hold_ms=600_000) is None          # an update holds the machine
+        assert wait(lambda: rt.snapshot.state is State.UPDATING)
+        self.shoot("updating")
+        rt.end_update("0.3.0")
+        assert wait(lambda: rt.snapshot.state is State.IDLE)
         hw.world.set_leak(True)
         assert wait(lambda: rt.snapshot.state is State.OUT_OF_SERVICE)
         self.shoot("out_of_service")

@@ -24,7 +24,7 @@ from tests.xvfb import RunningSystem, Xvfb
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = Path(__file__).parent / "screenshots" / "kiosk"
-SCREENS = ("idle", "dispensing", "receipt", "offline", "maintenance", "out_of_service")
+SCREENS = ("idle", "dispensing", "receipt", "offline", "maintenance", "updating", "out_of_service")
 
 
 @pytest.fixture(scope="module")

@@ -41,9 +41,9 @@ STRINGS: dict[str, dict[str, str]] = {
     "thanks": {"zh": "谢谢使用，账单已发送到您的手机", "en": "Thank you. The bill is on your phone too"},
     "seconds": {"zh": "秒", "en": "s"},
     "minutes": {"zh": "分", "en": "min"},
-    "updating_title": {"zh": "正在升级软件，请稍候", "en": "Updating software, please wait"},
-    "updating_body": {"zh": "升级期间暂停取水，几分钟后自动恢复。", "en": "Water is paused while the software updates; "
-                      "the machine will be ready again in a few minutes."},
+    "updating_title": {"zh": "正在升级软件，请稍候", "en": "Updating software"},
+    "updating_body": {"zh": "升级期间暂停取水，几分钟后自动恢复。",
+                      "en": "Please wait: water is paused for a few minutes."},
     "updating_to": {"zh": "新版本 {version}", "en": "New version {version}"},
     "offline_title": {"zh": "网络连接中断", "en": "No connection"},
     "offline_body": {"zh": "暂时无法扫码取水，恢复连接后自动可用。",
