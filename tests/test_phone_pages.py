@@ -520,3 +520,24 @@ def test_the_phone_sees_the_machine_go_out_of_service_within_two_seconds(tmp_pat
             page.wait_for_selector("#start:not([disabled])", timeout=2_000)
             assert page.inner_text("#start-why") == ""
             page.close()
+
+
+@pytest.mark.parametrize("lang,width,state,why", [("zh", 320, "更新中", "更新软件"),
+                                                  ("en", 430, "Updating", "software update")])
+def test_the_phone_says_the_machine_is_updating_and_offers_no_start_until_it_is_back(tmp_path, browser, lang, width,
+                                                                                     state, why):
+    with CloudServer(tmp_path / "cloud", **OPERATOR) as cloud:
+        dev = cloud.provision("U9", price=200)
+        user = cloud.user("13800138556", balance_fen=3_000)
+        with Dispenser(tmp_path, cloud.url, "U9", dev.secret, heartbeat_interval_ms=30_000) as d:
+            assert wait_until(lambda: d.rt.snapshot.online)
+            page, _ = _page(browser, cloud, user, lang, width)
+            page.goto(d.link.current_qr_url(cloud.url))
+            page.wait_for_selector("#start:not([disabled])")
+            assert d.rt.begin_update("0.9.0", hold_ms=60_000) is None
+            page.wait_for_selector("#start[disabled]", timeout=2_000)
+            assert state in page.inner_text("#mstate") and why in page.inner_text("#start-why")
+            shot(page, f"19-updating-{lang}-{width}")
+            d.rt.end_update("0.9.0", "switch_failed")
+            page.wait_for_selector("#start:not([disabled])", timeout=2_000)
+            page.close()

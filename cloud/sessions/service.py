@@ -99,8 +99,9 @@ class Sessions:
             if m["open_session_id"] is not None:
                 raise Conflict("machine_busy", "this machine is serving someone else; please wait")
             hb_state = (m["heartbeat"] or {}).get("state")
-            if hb_state in ("out_of_service", "maintenance"):       # the machine says so in its latest heartbeat
-                words = "is out of service" if hb_state == "out_of_service" else "is being serviced"
+            if hb_state in ("out_of_service", "maintenance", "updating"):   # the machine says so in its heartbeat
+                words = {"out_of_service": "is out of service", "maintenance": "is being serviced",
+                         "updating": "is installing a software update"}[hb_state]
                 raise Conflict(f"machine_{hb_state}", f"this machine {words} right now; you were not charged",
                                lockouts=(m["heartbeat"] or {}).get("lockouts", []))
             # reachable: long-polling now, or a signed heartbeat just now (its poll is on the way; the command

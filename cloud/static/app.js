@@ -11,6 +11,7 @@ const T = {
     step_login: "登录", step_register: "实名", step_topup: "充值", step_pour: "取水", steps_label: "开始取水的步骤",
     why_offline: "饮水机离线，暂时无法取水。", why_busy: "饮水机正在为他人服务，请稍候。",
     why_maintenance: "饮水机正在维护，暂时无法取水。", why_out_of_service: "饮水机暂停服务，暂时无法取水。",
+    why_updating: "饮水机正在更新软件，约一分钟后恢复。",
     why_low_balance: "余额不足，请先充值。", continue_at: "回到饮水机 {m} 继续取水",
     agree_terms_pre: "我已阅读并同意", terms: "《用户协议》", privacy: "《隐私政策》", and: "和",
     must_agree: "请先阅读并勾选同意《用户协议》和《隐私政策》。",
@@ -42,7 +43,7 @@ const T = {
     dev_sms_only: "开发模式：短信不会真正发送（验证码显示在登录页）。", dev_pay_only: "开发模式：可选沙箱支付，不扣真实款项。",
     scan_first: "请用手机扫描饮水机屏幕上的二维码。", machine: "饮水机", price: "单价", per_l: "元/升",
     water_temp: "水温", tds: "水质 TDS", online: "在线", offline: "离线", busy: "正在为他人服务",
-    ready: "可以取水", maintenance: "维护中", out_of_service: "暂停服务", step: "下一步", login_first: "用手机号登录", register_first: "实名登记",
+    ready: "可以取水", maintenance: "维护中", out_of_service: "暂停服务", updating: "更新中", step: "下一步", login_first: "用手机号登录", register_first: "实名登记",
     review_pending: "实名登记审核中", rejected: "实名登记未通过", arrears_msg: "您的账户欠费，请先充值后再取水。",
     arrears: "欠费", topup: "充值", start: "开始取水", balance: "余额", available: "可用", held: "冻结",
     scan_again: "请重新扫描饮水机上的二维码。", confirm_price: "价格已变更，请确认新价格后再开始。",
@@ -96,6 +97,7 @@ const T = {
     step_login: "Log in", step_register: "Verify ID", step_topup: "Top up", step_pour: "Pour", steps_label: "Steps to your first pour",
     why_offline: "The dispenser is offline: it cannot pour right now.", why_busy: "The dispenser is serving someone else: please wait.",
     why_maintenance: "The dispenser is being serviced: it cannot pour right now.",
+    why_updating: "The dispenser is installing a software update: back in about a minute.",
     why_out_of_service: "The dispenser is out of service: it cannot pour right now.",
     why_low_balance: "Your balance is too low: top up first.", continue_at: "Back to dispenser {m} to pour",
     agree_terms_pre: "I have read and agree to the", terms: "User Agreement", privacy: "Privacy Policy", and: "and the",
@@ -129,7 +131,7 @@ const T = {
     dev_pay_only: "Development mode: the sandbox payment is offered; it moves no money.",
     scan_first: "Scan the QR code on a dispenser's screen with your phone.", machine: "Dispenser", price: "Price",
     per_l: "yuan/L", water_temp: "Water temperature", tds: "Water quality (TDS)", online: "Online",
-    offline: "Offline", busy: "Serving someone else", ready: "Ready", maintenance: "Under maintenance",
+    offline: "Offline", busy: "Serving someone else", ready: "Ready", maintenance: "Under maintenance", updating: "Updating",
     out_of_service: "Out of service", step: "Next step",
     login_first: "Log in with your phone number", register_first: "Register your real name",
     review_pending: "Your registration is being reviewed", rejected: "Your registration was not accepted",
@@ -209,6 +211,7 @@ const ERR_ZH = {
   insufficient_points: "积分不足。", out_of_stock: "礼品已兑完。", bad_amount: "充值金额需在 1 至 500 元之间。",
   unauthenticated: "登录已过期，请重新登录。", unknown_machine: "找不到这台饮水机。", balance_remaining: "账户还有余额。",
   machine_out_of_service: "饮水机暂停服务，未扣费。", machine_maintenance: "饮水机正在维护，未扣费。",
+  machine_updating: "饮水机正在更新软件，未扣费，请约一分钟后再试。",
   too_many_scans: "扫码过于频繁，请稍后再试。", upload_quota: "上传次数过多，请一小时后再试。",
   too_many_orders: "未完成的充值订单过多，请先完成或稍后再试。", busy: "服务器繁忙，请稍后再试。",
   network: "网络连接失败，请检查网络后重试。", nul_character: "输入包含无效字符。",
@@ -250,6 +253,7 @@ const ERR_EN = {
   session_open: "You have a pour running.", balance_remaining: "Your account still has a balance.",
   topup_pending: "A top-up is still being paid: delete the account once it is paid or closed (at most 15 minutes).",
   network: "Network error: check your connection and try again.", machine_offline: "The dispenser is offline: nothing was charged.",
+  machine_updating: "The dispenser is installing a software update: nothing was charged. Try again in about a minute.",
 };
 function errText(e) {
   if (lang === "zh" && e.code && ERR_ZH[e.code]) return ERR_ZH[e.code];
@@ -343,6 +347,7 @@ function machineState(m) {
   if (!m.online) return ["bad", "offline", "why_offline"];
   if (m.state === "maintenance") return ["amber", "maintenance", "why_maintenance"];
   if (m.state === "out_of_service") return ["bad", "out_of_service", "why_out_of_service"];
+  if (m.state === "updating") return ["amber", "updating", "why_updating"];
   if (m.busy) return ["amber", "busy", "why_busy"];
   return ["ok", "ready", null];
 }
@@ -351,7 +356,7 @@ function machineCard(m) {
   return `<section class="card" id="machine"><h2>${t("machine")} ${esc(m.machine_id)}</h2>
     <p class="muted addr">${esc(m.location)}</p>
     <div class="grid">
-      <div class="stat"><span>${t("price")}</span><b id="price">${yuan(m.price_fen_per_l)} ${t("per_l")}</b></div>
+      <div class="stat"><span>${t("price")}</span><b id="price">${yuan(m.price_fen_per_l)} <span class="unit">${t("per_l")}</span></b></div>
       <div class="stat"><span>${t("water_temp")}</span><b id="temp">${m.temp_c == null ? "—" : m.temp_c.toFixed(1) + " °C"}</b></div>
       <div class="stat"><span>${t("tds")}</span><b id="tds">${m.tds_ppm == null ? "—" : m.tds_ppm + " ppm"}</b></div>
       <div class="stat"><span>${t("status")}</span><b id="mstate" class="${cls}">${t(word)}</b></div>
@@ -425,7 +430,7 @@ async function home(scanError) {
     const [cls, word, why] = machineState(m);
     const st = $("#mstate"); if (!st) return;
     st.className = cls; st.textContent = t(word);
-    $("#price").textContent = `${yuan(m.price_fen_per_l)} ${t("per_l")}`;
+    $("#price").innerHTML = `${yuan(m.price_fen_per_l)} <span class="unit">${esc(t("per_l"))}</span>`;
     $("#temp").textContent = m.temp_c == null ? "—" : m.temp_c.toFixed(1) + " °C";
     $("#tds").textContent = m.tds_ppm == null ? "—" : m.tds_ppm + " ppm";
     const reason = why ? t(why) : lowBalance ? t("why_low_balance") : "";
