@@ -510,6 +510,12 @@ EOF
 # Started by systemd when tapshare.service hit its start limit (5 failed starts in 10 minutes): reboots the
 # Pi, at most 3 times an hour; after that the dispenser stays down with the valve closed until someone looks.
 set -euo pipefail
+# a fleet update on trial is the applier's to undo: it rolls back and restarts the service; no reboot for it
+trial=${TAPSHARE_ESCALATE_TRIAL:-/opt/tapshare/state/trial.json}
+if [[ -f $trial ]]; then
+  echo "tapshare.service failed during an update's trial: apply-update rolls the release back; not rebooting" >&2
+  exit 0
+fi
 state=${TAPSHARE_ESCALATE_STATE:-/var/lib/tapshare-escalate/reboots}
 mkdir -p "${state%/*}"
 now=$(date +%s)

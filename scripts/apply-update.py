@@ -68,6 +68,18 @@ HEALTH_S = float(os.environ.get("TAPSHARE_UPDATE_HEALTH_S", "120"))
 RESTART = shlex.split(os.environ.get("TAPSHARE_UPDATE_RESTART", "systemctl restart tapshare.service"))
 PYTHON = os.environ.get("TAPSHARE_UPDATE_PYTHON", "python3")
 CRASH_AT = os.environ.get("TAPSHARE_UPDATE_CRASH_AT", "")   # tests: SIGKILL ourselves at this step
+# How the service is asked about during a trial ("" for none): its automatic restarts since the switch and whether
+# systemd gave up on it. A release that keeps crashing is rolled back at once, not after HEALTH_S, and before
+# systemd's start limit (5 in 10 min) fails the unit and tapshare-escalate reboots the Pi for it.
+STATUS = shlex.split(os.environ.get("TAPSHARE_UPDATE_STATUS",
+                                    "systemctl show tapshare.service -p NRestarts -p ActiveState"))
+RESET = shlex.split(os.environ.get("TAPSHARE_UPDATE_RESET", "systemctl reset-failed tapshare.service"))
+TRIAL_RESTARTS = int(os.environ.get("TAPSHARE_UPDATE_TRIAL_RESTARTS", "2"))   # crashes of a new release: enough
+# Disk: an install needs the bundle's copy, the unpacked files and (for a new lock) a venv of about VENV_FACTOR
+# times its wheels, and leaves RESERVE free for the ledger and the journal; releases other than the live, the
+# previous and the one on trial are pruned first.
+RESERVE_BYTES = int(float(os.environ.get("TAPSHARE_UPDATE_RESERVE_MB", "64")) * 1024 * 1024)
+VENV_FACTOR = 3
 
 
 class Refused(Exception):
@@ -155,9 +167,36 @@ def current_target() -> str:
 
 
 def restart_service() -> None:
+    if RESET:       # a unit that hit its start limit refuses "restart" until its failed state is reset
+        subprocess.run(RESET, capture_output=True, text=True)
     r = subprocess.run(RESTART, capture_output=True, text=True)
     if r.returncode != 0:
         log(f"restart ({' '.join(RESTART)}) failed: {r.stderr.strip()[:300]}")
+
+
+def service_status() -> dict[str, str]:
+    """The service's ``NRestarts`` and ``ActiveState`` (empty when not asked for or not known)."""
+    if not STATUS:
+        return {}
+    try:
+        r = subprocess.run(STATUS, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    pairs = (line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    return {k.strip(): v.strip() for k, v in pairs} if r.returncode == 0 else {}
+
+
+def crashing(base: dict[str, str], now: dict[str, str]) -> str:
+    """Why the release on trial is failing by systemd's account, or ""."""
+    if not base or not now:
+        return ""
+    if now.get("ActiveState") == "failed":
+        return "systemd gave up on it (its start limit)"
+    try:
+        restarts = int(now.get("NRestarts", "0")) - int(base.get("NRestarts", "0"))
+    except ValueError:
+        return ""
+    return f"it stopped and was restarted {restarts} times" if restarts >= TRIAL_RESTARTS else ""
 
 
 # ---------------------------------------------------------------- verification (independent of the kiosk's)
@@ -284,10 +323,72 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def python_tag() -> str:
-    out = subprocess.run([PYTHON, "-c", "import sys; print(f'{sys.version_info[0]}{sys.version_info[1]}')"],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    return f"py{out}"
+def python_version() -> str:
+    """The machine's Python as ``3.11``."""
+    return subprocess.run([PYTHON, "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+# ---------------------------------------------------------------- disk space
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def tree_bytes(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def prune(*, venvs: bool) -> int:
+    """Remove the releases that are neither current, previous (deploy.sh's roll-back target) nor on trial, and
+    (``venvs``) the virtualenvs no remaining release uses; the bytes freed."""
+    keep = {current_target()}
+    for name in ("previous", "live"):
+        try:
+            keep.add((APP / name).read_text().splitlines()[0].strip())
+        except (OSError, IndexError):
+            pass
+    trial = read_json(STATE / "trial.json")
+    if trial:
+        keep.update((str(trial.get("from", "")), str(trial.get("to", ""))))
+    freed = 0
+    for d in (APP / "releases").iterdir():
+        if d.name.startswith(".") or f"releases/{d.name}" in keep or not d.is_dir():
+            continue
+        freed += tree_bytes(d)
+        shutil.rmtree(d, ignore_errors=True)
+        log(f"pruned the old release {d.name}")
+    if not venvs:
+        return freed
+    used = set()
+    for d in (APP / "releases").iterdir():
+        try:
+            used.add(os.path.basename(os.readlink(d / ".venv")))
+        except OSError:
+            pass
+    for v in (APP / "venvs").glob("*") if (APP / "venvs").is_dir() else ():
+        if v.is_dir() and v.name not in used and not v.is_symlink():
+            freed += tree_bytes(v)
+            shutil.rmtree(v, ignore_errors=True)
+            log(f"pruned the unused virtualenv {v.name}")
+    return freed
+
+
+def need_space(path: Path, needed: int, what: str) -> None:
+    if free_bytes(path) < needed + RESERVE_BYTES:
+        prune(venvs=True)           # a roll-back leaves its venv (for a retry); room first
+    have = free_bytes(path)
+    if have < needed + RESERVE_BYTES:
+        raise Refused("no_space", f"{what} needs {needed // 2**20 + 1} MiB and {RESERVE_BYTES // 2**20} MiB stay free "
+                                  f"for the ledger; {have // 2**20} MiB are free on {path}")
 
 
 def install(req: dict) -> None:
@@ -298,6 +399,8 @@ def install(req: dict) -> None:
         raise Refused("bad_request", f"no bundle {src.name!r} in {UPDATES}")
     # a copy only root can write: the kiosk cannot change it between our checks and the unpacking
     staged = STATE / "incoming.bundle"
+    prune(venvs=False)
+    need_space(STATE, src.stat().st_size, "a copy of the bundle")
     shutil.copyfile(src, staged)
     digest = sha256_file(staged)
     if digest != req.get("sha256"):
@@ -314,8 +417,16 @@ def install(req: dict) -> None:
     partial = APP / "releases" / f".{name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
+    dotted = python_version()
+    tag = "py" + dotted.replace(".", "")
+    app_bytes = sum(e["size"] for f, e in m["files"].items() if f.startswith("app/"))
+    wheel_bytes = sum(e["size"] for f, e in m["files"].items() if f.startswith(f"wheels/{tag}/"))
+    lock_entry = m["files"].get(f"app/requirements-pi-{tag}.lock")
+    venv_known = bool(lock_entry) and (APP / "venvs" / f"py{dotted}-{lock_entry['sha256'][:12]}"
+                                       / ".installed").is_file()
+    need_space(APP / "releases", app_bytes + (0 if venv_known else (1 + VENV_FACTOR) * wheel_bytes),
+               f"release {version}" + ("" if venv_known else " and its virtualenv"))
     partial.mkdir(parents=True)
-    tag = python_tag()
     with tarfile.open(staged, "r:") as tar:
         for fname, entry in m["files"].items():
             if not fname.startswith("app/"):
@@ -333,7 +444,7 @@ def install(req: dict) -> None:
         lock = partial / f"requirements-pi-{tag}.lock"
         if not lock.is_file():
             raise Refused("no_python", f"the release has no {lock.name} for this machine's Python")
-        key = f"{tag}-{sha256_file(lock)[:12]}"
+        key = f"py{dotted}-{sha256_file(lock)[:12]}"         # deploy.sh's name: its venv is reused
         venv = APP / "venvs" / key
         if not (venv / ".installed").is_file():
             wheels = STATE / "wheels"
@@ -395,11 +506,18 @@ def switch(req: dict) -> None:
     crash_point("switched")
     restart_service()
     crash_point("restarted")
-    deadline = time.monotonic() + HEALTH_S
-    while time.monotonic() < deadline and not healthy.exists():
+    started = time.monotonic()
+    deadline, base, why, next_look = started + HEALTH_S, service_status(), "", started + 1
+    while time.monotonic() < deadline and not healthy.exists() and not why:
         time.sleep(0.2)
+        if time.monotonic() >= next_look:
+            why, next_look = crashing(base, service_status()), time.monotonic() + 1
     if healthy.exists():
         commit(trial)
+    elif why:
+        roll_back(trial, "crashed", f"release {version} did not stay up: {why} in its first "
+                                    f"{time.monotonic() - started:.0f} s")
+        restart_service()
     else:
         roll_back(trial, "no_heartbeat", f"release {version} did not reach the cloud within {HEALTH_S:.0f} s "
                                          "of its start")
@@ -417,6 +535,7 @@ def commit(trial: dict) -> None:
     (STATE / "trial.json").unlink()
     fsync_dir(STATE)
     log(f"{version}: healthy, live")
+    prune(venvs=True)
 
 
 def roll_back(trial: dict, reason: str, detail: str) -> None:
@@ -473,7 +592,8 @@ def run() -> int:
             raise Refused("bad_request", f"unknown action {str(action)[:20]!r}")
     except Refused as e:
         record(rollout_id, version if VERSION_RE.fullmatch(version) else "0.0.0",
-               "failed" if e.code in ("install_failed", "not_installed", "bad_request", "no_python") else "refused",
+               "failed" if e.code in ("install_failed", "not_installed", "bad_request", "no_python", "no_space")
+               else "refused",
                e.code, e.message)
         for d in (APP / "releases").glob(".*.partial"):
             shutil.rmtree(d, ignore_errors=True)

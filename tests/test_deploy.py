@@ -314,3 +314,10 @@ def test_a_restart_storm_reboots_the_pi_at_most_three_times_an_hour(tmp_path):
     assert all(o.returncode == 0 for o in outs)
     assert (tmp_path / "reboots.log").read_text().splitlines() == ["reboot"] * 3
     assert "no more reboots, the valve stays closed" in outs[3].stderr
+    # an update on trial that crashes is the applier's to roll back: no reboot for it, none counted
+    (tmp_path / "st/r").unlink()
+    (tmp_path / "trial.json").write_text("{}")
+    out = subprocess.run([str(escalate)], env={**env, "TAPSHARE_ESCALATE_TRIAL": str(tmp_path / "trial.json")},
+                         capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0 and "not rebooting" in out.stderr
+    assert (tmp_path / "reboots.log").read_text().splitlines() == ["reboot"] * 3 and not (tmp_path / "st/r").exists()

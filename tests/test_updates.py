@@ -73,6 +73,9 @@ def start_and_wait_online(cloud, layout, version="0.2.0") -> None:
 
 def test_a_good_update_resumes_its_download_lands_and_reports_every_step(bundles, machine):
     cloud, layout = machine
+    old = layout / "opt" / "releases" / "0.1.0-old"          # a release from long ago: pruned once 0.3.0 is live
+    old.mkdir()
+    (old / ".installed").touch()
     start_and_wait_online(cloud, layout)
     cloud.cut_download_after = 5_000_000                 # the first download breaks off: resumed with Range
     cloud.offer_bundle(bundles.good, "0.3.0", rollout_id=7)
@@ -91,6 +94,29 @@ def test_a_good_update_resumes_its_download_lands_and_reports_every_step(bundles
     assert (layout / "opt" / "live").read_text().startswith(target + "\n")
     assert (layout / "opt" / "previous").read_text() == "releases/0.2.0-base\n"
     assert not list((layout / "data" / "updates").glob("*.bundle"))        # cleaned up once healthy
+    assert releases(layout) == sorted(["0.2.0-base", target.split("/")[1]])   # live and previous: no more
+
+
+def test_an_install_without_room_is_failed_no_space_and_leaves_nothing_behind(bundles, machine, tmp_path):
+    """The applier's state folder on a real small disk: the bundle's copy would leave less than the reserve."""
+    _cloud, layout = machine
+    from tests.test_money_faults import small_disk
+    state = layout / "opt" / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    size_mb = bundles.good.stat().st_size // 2**20 + 8           # room for the bundle, not for the reserve too
+    with small_disk(tmp_path, size_mb) as disk:
+        subprocess.run(["mount", "--bind", str(disk), str(state)], check=True)
+        try:
+            ask(layout, "install", bundles.good)
+            r = kit.PathUnit(layout).run_applier("run")
+            assert r.returncode == 1, r.stderr
+            events = json.loads((state / "events.json").read_text())["events"]
+            assert [(e["step"], e["reason"]) for e in events] == [("failed", "no_space")]
+            assert "MiB" in events[0]["detail"] and "free" in events[0]["detail"]
+            assert not (state / "incoming.bundle").exists()
+            assert releases(layout) == ["0.2.0-base"] and current(layout) == "releases/0.2.0-base"
+        finally:
+            subprocess.run(["umount", "-l", str(state)], check=False)
 
 
 def flip_signature(sig: bytes) -> bytes:

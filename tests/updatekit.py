@@ -101,7 +101,9 @@ class PathUnit:
     def env(self) -> dict:
         env = kiosk_env(self.layout)
         env.update(TAPSHARE_UPDATE_HEALTH_S=str(self.health_s), TAPSHARE_UPDATE_PYTHON=sys.executable,
-                   TAPSHARE_UPDATE_RESTART=f"{sys.executable} {Path(__file__).resolve()} restart {self.layout}")
+                   TAPSHARE_UPDATE_RESTART=f"{sys.executable} {Path(__file__).resolve()} restart {self.layout}",
+                   # no systemd here: no automatic restarts to count (the booted root's test has them)
+                   TAPSHARE_UPDATE_STATUS="", TAPSHARE_UPDATE_RESET="")
         if self.crash_at:
             env["TAPSHARE_UPDATE_CRASH_AT"] = self.crash_at
         return env
