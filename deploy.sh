@@ -98,6 +98,7 @@ USER_NAME=tapshare
 GROUPS_NEEDED=(gpio spi video render input)
 ESCALATE=$ROOT/usr/local/lib/tapshare/escalate
 ESCALATE_UNIT=$ROOT/etc/systemd/system/tapshare-escalate.service
+DEPLOYING=/run/tapshare-deploy.pid    # while deploy.sh checks a release: escalate leaves the roll-back to it
 LOG=${ROOT:-/tmp}/tapshare-deploy-stub.log
 
 say() { echo "deploy.sh: $*"; }
@@ -516,6 +517,12 @@ if [[ -f $trial ]]; then
   echo "tapshare.service failed during an update's trial: apply-update rolls the release back; not rebooting" >&2
   exit 0
 fi
+# deploy.sh checking a release it just installed rolls it back itself (its PID is in this file while it checks)
+checking=${TAPSHARE_ESCALATE_DEPLOYING:-/run/tapshare-deploy.pid}
+if [[ -f $checking ]] && kill -0 "$(cat "$checking" 2>/dev/null || echo 0)" 2>/dev/null; then
+  echo "tapshare.service failed while deploy.sh checks a new release: deploy.sh rolls it back; not rebooting" >&2
+  exit 0
+fi
 state=${TAPSHARE_ESCALATE_STATE:-/var/lib/tapshare-escalate/reboots}
 mkdir -p "${state%/*}"
 now=$(date +%s)
@@ -642,17 +649,21 @@ switch_release() {
   ln -sfn "$target" "$link.new" && mv -T "$link.new" "$link"
   run systemctl daemon-reload
   HEALTH_WHY="its health check failed"
+  # a release that crashes in a loop while this checks it must not hit the start limit and reboot the Pi
+  # (tapshare-escalate) under this script: the roll-back below is the answer to it
+  if [[ -z $ROOT ]]; then echo $$ > "$DEPLOYING"; trap 'rm -f "$DEPLOYING"' EXIT; fi
   if health_check; then
+    [[ -n $ROOT ]] || rm -f "$DEPLOYING"
     say "release $RELEASE is live"
     if [[ -n $LIVE && $LIVE != "$target" ]]; then echo "$LIVE" > "$APP/previous"; fi
     printf '%s\n%s\n' "$target" "$HEALTH_STATUS" > "$APP/live"
     return 0
   fi
+  run systemctl stop tapshare.service      # at once: no more restarts of a crashing release
   say "release $RELEASE failed: $HEALTH_WHY"
   if [[ -z $ROOT && $STUB == 0 ]]; then
     journalctl -u tapshare.service -n 15 --no-pager -o cat 2>/dev/null | sed 's/^/    /' || true
   fi
-  run systemctl stop tapshare.service
   if [[ -n $LIVE && $LIVE != "$target" && -d $APP/$LIVE ]]; then
     roll_back
   elif [[ $REBOOT == 1 ]]; then
@@ -666,6 +677,7 @@ switch_release() {
     rm -f "$link"
     say "no earlier release: the service is stopped and disabled (the valve stays closed)"
   fi
+  [[ -n $ROOT ]] || rm -f "$DEPLOYING"
   rm -rf "${APP:?}/$target"
   prune_releases
   exit 3

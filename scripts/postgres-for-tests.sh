@@ -18,6 +18,16 @@ for _ in $(seq 1 30); do
 done
 su postgres -c "psql -qAtc \"select 1 from pg_roles where rolname='tapshare_test'\"" | grep -q 1 ||
   su postgres -c "psql -qc \"create role tapshare_test login createdb password 'tapshare_test'\"" >/dev/null
+# room for a fleet on one server: three cloud instances' pools (30 each), their listeners, the tests' and the
+# benchmark's own connections (the default 100 runs out under bench_cloud --instances 3)
+if (( $(su postgres -c "psql -qAtc 'show max_connections'") < 300 )); then
+  su postgres -c "psql -qc 'alter system set max_connections = 300'" >/dev/null
+  pg_ctlcluster "$ver" main restart >&2
+  for _ in $(seq 1 30); do
+    su postgres -c "psql -qAtc 'select 1'" >/dev/null 2>&1 && break
+    sleep 1
+  done
+fi
 # a test's database is dropped WITH (FORCE): the role may end the connections a test server left behind
 su postgres -c "psql -qc 'grant pg_signal_backend to tapshare_test'" >/dev/null
 port=$(pg_lsclusters -h | awk -v v="$ver" '$1 == v && $2 == "main" {print $3}')

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +169,83 @@ def test_admin_commands_as_root_leave_the_ledger_to_the_service(pi):
     owners = pi.sh("stat -c '%U %n' /var/lib/tapshare/ledger.db*").stdout.split("\n")
     assert all(line.startswith("tapshare ") for line in owners if line), owners
     serving(pi)
+
+
+# ---------------------------------------------------------------- a fleet update inside the booted root
+
+def test_a_fleet_update_lands_and_a_crashing_one_rolls_back_without_a_reboot(pi, tmp_path_factory):
+    """The real units do it all: the kiosk (as the service user, hardened) hears of 0.3.0 from a cloud on the host,
+    downloads and checks it; tapshare-update.path starts root's applier, which checks again, installs (reusing
+    deploy.sh's venv: same lock), switches only when the kiosk holds the machine, restarts tapshare.service with
+    systemctl and commits once the new release reached the cloud. Then 0.4.0, whose main.py dies at once: systemd
+    restarts it, the applier sees it crash and rolls back before the start limit fails the unit, so
+    tapshare-escalate never reboots the Pi for it."""
+    import subprocess
+    import sys
+
+    from sync.secret import write_secret
+    from tests import updatekit as kit
+    from tests.util import wait_until
+
+    base = tmp_path_factory.mktemp("boot-update")
+    key = base / "release.pem"
+    make = [sys.executable, str(kit.ROOT / "scripts" / "make-bundle.py")]
+    subprocess.run([*make, "--new-key", str(key)], check=True, capture_output=True)
+    (base / "src").mkdir()
+    src = kit.checkout_copy(base / "src")
+    out = subprocess.run([*make, "--key", str(key), "--src", str(src), "--out", str(base), "--version", "0.3.0",
+                          "--min-version", "0.2.0", "--host-wheels"], check=True, capture_output=True, text=True)
+    good = Path(out.stdout.split()[0])
+
+    def as_040(m):
+        m["version"] = "0.4.0"
+    crashing = kit.rewrite_bundle(good, base / "crash.bundle", key=key, manifest_edit=as_040, replace={
+        "app/main.py": b"import sys\nsys.exit('this release cannot start')\n"})
+
+    cloud = kit.StandInCloud("BOOT-0001", b"boot-secret-" + bytes(20))
+    try:
+        root = pi.root
+        (root / "etc/tapshare/release-keys/boot-test.pub.pem").write_bytes((base / "release.pub.pem").read_bytes())
+        pi.sh("chmod 0644 /etc/tapshare/release-keys/boot-test.pub.pem")
+        write_secret(root / "etc/tapshare/device.secret", cloud.secret, overwrite=True)
+        pi.sh("chown tapshare:tapshare /etc/tapshare/device.secret && chmod 0600 /etc/tapshare/device.secret")
+        cfg = root / "etc/tapshare/config.toml"
+        text = cfg.read_text()
+        cfg.write_text(text.replace('url = "http://127.0.0.1:9"', f'url = "{cloud.url}"\nheartbeat_interval_ms = 2000'))
+        before = current(pi)
+        pi.sh("systemctl restart tapshare.service")
+        serving(pi)
+        assert wait_until(lambda: "0.2.0" in cloud.versions_heard(), 60), pi.sh(
+            "journalctl -u tapshare.service -o cat --no-pager | tail -40").stdout
+
+        cloud.offer_bundle(good, "0.3.0", rollout_id=31)
+        assert wait_until(lambda: "healthy" in cloud.steps("0.3.0") or "rolled_back" in cloud.steps(), 600), (
+            cloud.reports, pi.sh("journalctl -u tapshare-update.service -o cat --no-pager | tail -40").stdout)
+        assert cloud.steps("0.3.0") == ["downloading", "downloaded", "verified", "installed", "switched", "healthy"]
+        assert wait_until(lambda: pi.sh("test -e /opt/tapshare/state/trial.json", check=False).returncode != 0, 30)
+        live = current(pi)
+        assert live.startswith("releases/0.3.0-") and pi.sh(f"cat /opt/tapshare/{live}/VERSION").stdout == "0.3.0\n"
+        # deploy.sh's venv, found by its name: nothing was installed from the bundle's wheels
+        assert pi.sh(f"readlink /opt/tapshare/{live}/.venv").stdout == pi.sh(
+            f"readlink /opt/tapshare/{before}/.venv").stdout
+        assert releases(pi) == sorted([before.split("/")[1], live.split("/")[1]])      # the oldest pruned
+        serving(pi)
+        assert wait_until(lambda: "0.3.0" in cloud.versions_heard(), 30)
+        journal = pi.sh("journalctl -u tapshare-update.service -o cat --no-pager").stdout
+        assert "0.3.0: healthy, live" in journal, journal[-3000:]
+
+        init_pid = pi.pid
+        cloud.offer_bundle(crashing, "0.4.0", rollout_id=32)
+        assert wait_until(lambda: "rolled_back" in cloud.steps("0.4.0"), 600), (
+            cloud.reports, pi.sh("journalctl -u tapshare-update.service -o cat --no-pager | tail -40").stdout)
+        back = next(r for r in cloud.reports if r["step"] == "rolled_back")
+        assert back["reason"] == "crashed" and back["running_version"] == "0.3.0", back
+        assert current(pi) == live
+        serving(pi)
+        assert pi.proc.poll() is None and pi._init_pid() == init_pid        # the container was not rebooted
+        escalate = pi.sh("journalctl -u tapshare-escalate.service -o cat --no-pager").stdout
+        assert "keeps failing to start: rebooting" not in escalate, escalate
+        assert pi.prop("ActiveState") == "active"
+        assert pi.sh("cat /opt/tapshare/state/installed.json").stdout.strip() == '{"highest": "0.3.0"}'
+    finally:
+        cloud.close()
