@@ -181,6 +181,12 @@ class SyncLink:
             log.warning("sync thread %s works again", name)
             self.rt.post(ClearLockout(SYNC_LOCKOUT, ClearSource.AUTO, actor=f"sync-{name}"))
 
+    def collection_sizes(self) -> dict[str, int]:
+        """How full the link's long-lived collections are (diagnostics; README, "Bounded resources")."""
+        return {"handled_commands": len(self._handled), "start_commands": len(self._start_commands),
+                "clear_commands": len(self._clear_commands), "replies_queued": self._replies.qsize(),
+                "thread_failures": len(self._failures)}
+
     @property
     def thread_failures(self) -> dict[str, int]:
         return dict(self._failures)
