@@ -9,9 +9,9 @@ another; ``--driver sim`` uses main.py's own simulated users instead (no cloud, 
 Sampled from outside, every ``--sample-s``: the kiosk's and the cloud's resident memory, threads and file
 descriptors; the ledger's and its WAL's size. From inside the kiosk (its opt-in diagnostics, kiosk/diag.py,
 ``TAPSHARE_DIAG_FILE``): Python's traced heap (tracemalloc), Kivy's live textures and caches, the core's and the
-sync link's long-lived collections. Halfway through warm-up (``--warmup`` sessions) the kiosk is sent SIGUSR1, which takes the tracemalloc baseline
-(the snapshot's own memory settles before warm-up ends); at the end the sites that grew most since then are
-printed.
+sync link's long-lived collections. Halfway through warm-up (``--warmup`` sessions) the kiosk is sent SIGUSR1,
+which takes the tracemalloc baseline (the snapshot's own memory settles before warm-up ends); at the end the
+sites that grew most since then are printed.
 
 Prints each figure's growth per 1,000 sessions after warm-up (least squares over the samples), for the first and
 the second half of that span (a plateau shows as a second half near zero), and the top growing allocation sites.
