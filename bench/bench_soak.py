@@ -352,10 +352,13 @@ def main() -> int:
             if n and n % 100 == 0 and phones is not None:
                 print(f"  {n} sessions, {(time.monotonic() - started) / 60:.1f} min, kiosk RSS "
                       f"{rss_kb(kiosk.pid) / 1024:.1f} MB", flush=True)
-        kiosk.send_signal(signal.SIGUSR1)
-        time.sleep(max(2.0, args.sample_s / 5))
-        sampler.samples.append(sampler.sample())
+        sampler.samples.append(sampler.sample())       # before the last snapshot, which costs memory itself
         sampler.halt.set()
+        kiosk.send_signal(signal.SIGUSR1)              # the growth since the baseline
+        deadline_s = time.monotonic() + 60
+        while args.tracemalloc and time.monotonic() < deadline_s and \
+                not any("growth" in ln for ln in diag_lines(tmp)):
+            time.sleep(1)
         lines = diag_lines(tmp)
         for s in sampler.samples:                       # each sample's wall time, to place the diagnostics lines
             s["wall_ms"] = int(time.time() * 1000 - (time.monotonic() - sampler.t0 - s["t_s"]) * 1000)
