@@ -248,6 +248,9 @@ def run_window(cfg: config_mod.Config, runtime, link, world, phone_link: str, ui
                     phone_link=phone_link, on_stop=lambda: runtime.request_stop("window closed"), service=service,
                     maintenance_timeout_ms=cfg.maintenance.timeout_ms)
     ui_hooks["long_press"] = app.request_pin_pad       # the stop button held while idle opens the PIN pad
+    if ui_hooks.get("diag") is not None:
+        from kiosk.ui.app import ui_figures
+        ui_hooks["diag"].providers["ui"] = ui_figures
     ui_hooks["ticks"] = lambda: app.ticks              # the systemd watchdog waits for the UI's clock too
     from kivy.core.window import Window
 
@@ -346,6 +349,22 @@ def start_watchdog(runtime, hooks: dict):
     return watchdog
 
 
+def start_diagnostics(runtime, link, events):
+    """Soak diagnostics (``TAPSHARE_DIAG_FILE``, see kiosk/diag.py), or ``None`` when not asked for: this
+    process's figures and its long-lived collections' sizes as JSON lines; SIGUSR1 writes one at once."""
+    from kiosk.diag import Diagnostics
+    diag = Diagnostics.from_env()
+    if diag is None:
+        return None
+    diag.providers["core"] = runtime.core.collection_sizes
+    diag.providers["runtime"] = lambda: {"events_queued": events.qsize(), "listeners": len(runtime.listeners)}
+    if link is not None:
+        diag.providers["link"] = link.collection_sizes
+    diag.install_signal()
+    diag.start()
+    return diag
+
+
 @dataclass
 class Dispenser:
     """The running dispenser's parts: what :func:`run_dispenser` started, and stops in order."""
@@ -356,6 +375,7 @@ class Dispenser:
     link: Any = None                    # sync.link.SyncLink (None: not provisioned)
     watchdog: Any = None
     users: Any = None                   # simulated users (the desktop simulation without a cloud)
+    diag: Any = None                    # kiosk.diag.Diagnostics (TAPSHARE_DIAG_FILE; None: off)
     embedded: Any = None                # the desktop simulation's in-process cloud
 
     def run_until_stopped(self, cfg: config_mod.Config, args: argparse.Namespace, hooks: dict) -> None:
@@ -375,6 +395,8 @@ class Dispenser:
         systemd.notify("STOPPING=1")
         if self.watchdog is not None:
             self.watchdog.stop()
+        if self.diag is not None:
+            self.diag.stop()
         if self.users is not None:
             self.users.halt()
         if self.link is not None:
@@ -432,6 +454,7 @@ def run_dispenser(cfg: config_mod.Config, args: argparse.Namespace, embedded) ->
     healthy = report.ledger_error is None and hw_error is None
     d = Dispenser(runtime, valve, hw=hw, embedded=embedded, link=start_link(cfg, runtime, clock))
     d.watchdog = start_watchdog(runtime, hooks)
+    d.diag = hooks["diag"] = start_diagnostics(runtime, d.link, events)
     serving = service_status(report.ledger_error, hw_error)
     if args.headless:
         systemd.notify(f"READY=1\nSTATUS={serving}")

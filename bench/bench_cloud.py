@@ -22,6 +22,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -297,6 +298,33 @@ async def run(port: int, machines, tokens, rate: float, seconds: float, ramp_s: 
     return b
 
 
+class RssSampler(threading.Thread):
+    """The server's resident memory every ``every_s`` (for a long run: is it flat after warm-up?)."""
+
+    def __init__(self, pid: int, every_s: float = 2.0) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every_s, self.halt = pid, every_s, threading.Event()
+        self.points: list[tuple[float, float]] = []          # (s since start, MB)
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        while not self.halt.wait(self.every_s):
+            self.points.append((time.monotonic() - t0, rss_mb(self.pid)))
+
+    def summary(self, sessions_per_s: float) -> str:
+        """Growth per 1,000 sessions after warm-up (the first quarter of the run), over the rest, its first and
+        its second half (least squares; the sessions' rate is steady, so time stands for sessions)."""
+        from bench.bench_soak import slope
+        pts = self.points[len(self.points) // 4:]
+        if len(pts) < 6 or sessions_per_s <= 0:
+            return "server RSS: too few samples for a trend (run longer)"
+        mid = (pts[0][0] + pts[-1][0]) / 2
+        per_k = [s * 1000 / sessions_per_s if s is not None else float("nan")
+                 for s in (slope(pts), slope([q for q in pts if q[0] <= mid]), slope([q for q in pts if q[0] >= mid]))]
+        return (f"server RSS {pts[0][1]:.1f} MB after warm-up, {pts[-1][1]:.1f} MB at the end; per 1,000 sessions "
+                f"{per_k[0]:+.2f} MB (first half {per_k[1]:+.2f}, second half {per_k[2]:+.2f})")
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -308,12 +336,15 @@ def one_size(n: int, rate: float, seconds: float, watchers: int = 0) -> None:
         machines, tokens = seed(data, n)
         port = free_port()
         server = start_cloud(data, port, preexec_fn=raise_fd_limit)
+        memory = RssSampler(server.pid)
         try:
             srv0, gen0 = cpu_seconds(server.pid), resource.getrusage(resource.RUSAGE_SELF)
+            memory.start()
             b = asyncio.run(run(port, machines, tokens, rate, seconds, ramp_s=max(2.0, n / 1000),
                                 server_pid=server.pid, watchers=watchers))
             srv1, gen1 = cpu_seconds(server.pid), resource.getrusage(resource.RUSAGE_SELF)
         finally:
+            memory.halt.set()
             stop_process(server)
         lat = sorted(b.got_at[s] - t0 for s, t0 in b.sent_at.items() if s in b.got_at)
         missing = sum(1 for s in b.sent_at if s not in b.got_at)
@@ -322,6 +353,7 @@ def one_size(n: int, rate: float, seconds: float, watchers: int = 0) -> None:
         print(f"N={n:>6}: {b.completed} sessions in {b.elapsed:.1f} s = {b.completed / b.elapsed:.1f}/s; "
               f"start->command p50 {q(.5):.1f} ms, p99 {q(.99):.1f} ms (n={len(lat)}, never received {missing}); "
               f"CPU server {srv1 - srv0:.1f} s, generator {gen_cpu:.1f} s; errors {b.errors or 'none'}")
+        print("        " + memory.summary(b.completed / b.elapsed if b.elapsed else 0.0))
         if b.status_s:
             st = sorted(b.status_s)
             print(f"        status polls from {watchers} phones at machines (1/s each, alongside): {len(st)}, "

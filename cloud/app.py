@@ -237,7 +237,7 @@ async def flusher(svc: Services) -> None:
 async def background(svc: Services) -> None:
     """The fleet's jobs, each at one instance at a time (:func:`_leased`): unclaimed starts voided and lost
     sessions reconciled (every ``background_interval_s``); the operators' alarm rules checked (every
-    ``alarm_check_interval_s``); old nonces, rate-limit counts, samples and ID photos past retention removed
+    ``alarm_check_interval_s``); old nonces, rate-limit counts, samples, commands and ID photos past retention removed
     (every minute). This instance's own writes are :func:`flusher`'s; the payment providers are called from
     :func:`payments_background`, alarm notifications sent from :func:`notify_background`."""
     mono = time.monotonic()
@@ -309,6 +309,9 @@ def _prune(svc: Services) -> None:
     svc.machines.prune_nonces(svc.now())
     SharedRateLimiter.prune(svc.database, svc.now())
     svc.fleet.prune_samples(svc.now())
+    pruned = svc.commands.prune(svc.now(), svc.settings.command_retention_days * 86_400_000)
+    if pruned:
+        log.info("%d commands older than %d days deleted", pruned, svc.settings.command_retention_days)
     deleted = svc.accounts.purge_photos(svc.now())
     if deleted:
         log.info("%d ID photos deleted (retention %d days)", deleted, svc.settings.photo_retention_days)

@@ -97,6 +97,7 @@ commands = Table(
     # each instance's look for commands whose notification it missed (every few seconds) reads only these
     Index("commands_unacked", "expires_ms", postgresql_where=text("acked_ms IS NULL"),
           sqlite_where=text("acked_ms IS NULL")),
+    Index("commands_by_time", "created_ms"),         # the prune of commands past their retention
 )
 
 users = Table(

@@ -92,6 +92,7 @@ class GpioFlowMeter:
     """
 
     RATE_WINDOW_S = 1.0
+    MAX_EDGES_KEPT = 4_096      # bound of the rate window's edge times (2 kHz, the fastest meter tested, for 2 s)
 
     def __init__(self, pin: int, *, valve: GpioValve, pin_factory: Factory, pull_up: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -99,7 +100,9 @@ class GpioFlowMeter:
         self._lock = threading.Lock()
         self._count = 0
         self._limit: int | None = None
-        self._edges: deque[float] = deque()
+        # edge times of the last RATE_WINDOW_S only: old ones leave on every edge (they once stayed until a rate
+        # was asked for, and nothing in service asks, so every pulse of a machine's life was kept)
+        self._edges: deque[float] = deque(maxlen=self.MAX_EDGES_KEPT)
         self.limit_closes = 0
         self._dev = DigitalInputDevice(pin, pull_up=pull_up, pin_factory=pin_factory)
         self._dev.when_activated = self._edge
@@ -109,7 +112,10 @@ class GpioFlowMeter:
         close = False
         with self._lock:
             self._count += 1
-            self._edges.append(now)
+            edges = self._edges
+            edges.append(now)
+            while now - edges[0] > self.RATE_WINDOW_S:
+                edges.popleft()
             if self._limit is not None and self._count >= self._limit:
                 self._limit = None
                 close = True

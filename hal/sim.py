@@ -27,13 +27,16 @@ from gpiozero.pins.mock import MockFactory, MockPin, MockSPIDevice
 
 from hal.sensors import tds_ppm_from_voltage
 
+PIN_STATES_KEPT = 256          # states a simulated pin remembers (gpiozero's MockPin keeps every one)
+
 
 class SimPin(MockPin):
-    """A MockPin that keeps only its last 256 states (MockPin keeps all; a simulation runs for days)."""
+    """A MockPin that keeps only its last ``PIN_STATES_KEPT`` states (MockPin keeps all; a simulation runs for
+    days)."""
 
     def clear_states(self) -> None:
         super().clear_states()
-        self.states = deque(self.states, maxlen=256)
+        self.states = deque(self.states, maxlen=PIN_STATES_KEPT)
 
 
 def mock_factory() -> MockFactory:
@@ -164,6 +167,11 @@ class SimMcp3008(MockSPIDevice):
     def __init__(self, factory: MockFactory, *, vref: float = 3.3, clock_pin: int = 11, mosi_pin: int = 10,
                  miso_pin: int = 9, select_pin: int = 8) -> None:
         super().__init__(clock_pin, mosi_pin, miso_pin, select_pin, pin_factory=factory)
+        # gpiozero makes the clock and select pins with its own classes, which keep every state: a TDS read every
+        # few seconds toggled them ~50 times, for ever (the soak benchmark found it)
+        for pin in (self.clock_pin, self.select_pin):
+            if pin is not None:
+                pin.states = deque(pin.states, maxlen=PIN_STATES_KEPT)
         self.vref = vref
         self.volts = [0.0] * 8
         self._phase = "idle"

@@ -229,6 +229,12 @@ class DispenserCore:
             raise TypeError(f"unknown event {event!r}")
         return handler(self, event, now_ms)
 
+    def collection_sizes(self) -> dict[str, int]:
+        """How many items the core's long-lived collections hold (diagnostics and tests; README, "Bounded
+        resources", states each one's bound)."""
+        return {**self._customer.collection_sizes(), "ghost_window": len(self._ghost_flow.window),
+                "lockouts": len(self._lockouts.active)}
+
     def snapshot(self) -> Snapshot:
         now, state, readings = self._now_ms, self.state, self._alarms.readings
         return Snapshot(state=state, machine_id=self.settings.machine_id, online=self.online,

@@ -68,6 +68,8 @@ log = logging.getLogger("tapshare.sync")
 THREAD_FAILURES_TO_LOCKOUT = 3
 SYNC_LOCKOUT = fault_lockout("sync")
 REMEMBERED_COMMANDS = 1_000        # command ids handled recently (a redelivery is not handled twice)
+UNDECIDED_KEPT = 100               # starts and lockout clears waiting for the core's decision (in practice 0 or 1)
+PROGRESS_QUEUED_MAX = 100          # live progress is dropped (best effort) while this many replies wait to be sent
 CONSUMABLES_EVERY_MS = 600_000     # their use changes by the day: counted again for a heartbeat at most this often
 CLAIM_TIMEOUT_S = 3.0
 
@@ -181,6 +183,12 @@ class SyncLink:
             log.warning("sync thread %s works again", name)
             self.rt.post(ClearLockout(SYNC_LOCKOUT, ClearSource.AUTO, actor=f"sync-{name}"))
 
+    def collection_sizes(self) -> dict[str, int]:
+        """How full the link's long-lived collections are (diagnostics; README, "Bounded resources")."""
+        return {"handled_commands": len(self._handled), "start_commands": len(self._start_commands),
+                "clear_commands": len(self._clear_commands), "replies_queued": self._replies.qsize(),
+                "thread_failures": len(self._failures)}
+
     @property
     def thread_failures(self) -> dict[str, int]:
         return dict(self._failures)
@@ -274,6 +282,7 @@ class SyncLink:
         if cmd.kind in (p.CommandKind.IN_SERVICE, p.CommandKind.CLEAR_LOCKOUT):
             reason = "operator" if cmd.kind is p.CommandKind.IN_SERVICE else cmd.reason
             self._clear_commands[cmd.command_id] = reason
+            _keep_newest(self._clear_commands, UNDECIDED_KEPT)
             self.rt.post(ClearLockout(reason, ClearSource.REMOTE, actor="cloud", ref=cmd.command_id))
             return                        # acknowledged when the core has decided (see _observe)
         event = {
@@ -315,6 +324,7 @@ class SyncLink:
             log.warning("start %s not claimed: the session is %s", cmd.command_id, result.session_state)
             return
         self._start_commands[g.session_id] = cmd.command_id
+        _keep_newest(self._start_commands, UNDECIDED_KEPT)
         left_ms = max(1_000, g.deadline_ms - self.client.server_now_ms())
         self.rt.post(GrantReceived(Grant(
             session_id=g.session_id, machine_id=g.machine_id, user_ref=g.user_ref,
@@ -375,7 +385,8 @@ class SyncLink:
                 self._heartbeat_now.set()
         if snap.state is State.DISPENSING and snap.session_id:
             now = self._mono()
-            if now - self._last_progress_mono >= self.progress_interval_ms:
+            if now - self._last_progress_mono >= self.progress_interval_ms \
+                    and self._replies.qsize() < PROGRESS_QUEUED_MAX:
                 self._last_progress_mono = now
                 self._replies.put(("progress", p.ProgressMsg(
                     session_id=snap.session_id, volume_ml=snap.volume_ml, cost_fen=snap.cost_fen,
@@ -535,6 +546,12 @@ class SyncLink:
                 self._thread_ok("heartbeat")
             if self._heartbeat_now.wait(wait_s):
                 self._heartbeat_now.clear()        # the machine's service state changed: tell the cloud now
+
+
+def _keep_newest(table: dict, n: int) -> None:
+    """Forget the oldest entries beyond ``n`` (a dict keeps insertion order)."""
+    while len(table) > n:
+        table.pop(next(iter(table)))
 
 
 _REFUSAL = {State.DISPENSING: "busy", State.SETTLING: "busy", State.RECEIPT: "busy",

@@ -86,7 +86,10 @@ class Notifier:
         q = select(t.operator_alarms, t.machines.c.location).outerjoin(
             t.machines, t.machines.c.machine_id == a.machine_id).where(and_(
                 a.state.in_(("open", "acknowledged")), a.severity.in_(wanted), a.notify_attempts < MAX_ATTEMPTS, due))
-        waiting = [i for i, at in self._not_before.items() if at > now]     # backing off: not in the way of others
+        # backing off: not in the way of others. Only those still waiting are kept (an alarm closed while it backed
+        # off is never asked about again): at most one entry per alarm that failed within MAX_BACKOFF_MS
+        self._not_before = {i: at for i, at in self._not_before.items() if at > now}
+        waiting = list(self._not_before)
         if waiting:
             q = q.where(a.alarm_id.not_in(waiting))
         with self.db.read() as conn:

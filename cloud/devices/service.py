@@ -302,6 +302,14 @@ class Commands:
         self.maybe_pending |= due
         return due
 
+    def prune(self, now_ms: int, keep_ms: int) -> int:
+        """Delete the commands queued more than ``keep_ms`` ago that are over: answered, or expired unanswered (a
+        command is never handed out after it expires). Without it the table grew by two rows a session forever."""
+        c, cut = t.commands.c, now_ms - keep_ms
+        with self.db.tx() as conn:
+            return conn.execute(t.commands.delete().where(and_(
+                c.created_ms < cut, or_(c.acked_ms.is_not(None), c.expires_ms < cut)))).rowcount
+
     def pending(self, machine_id: str, now_ms: int) -> tuple[list[p.CommandMsg], int | None]:
         """Unacknowledged commands to hand out now, and when (server ms) one held back may be handed out again.
 

@@ -24,6 +24,7 @@ log = logging.getLogger("tapshare.cloud.payments")
 NOTIFY_MAX_AGE_MS = 10 * 60_000
 
 HEADER_TS, HEADER_SIG = "X-Pay-Timestamp", "X-Pay-Signature"
+SANDBOX_KEPT = 10_000        # the development sandbox remembers this many orders, refunds and deliveries (oldest go)
 CHINA = timezone(timedelta(hours=8))          # the providers' bills and times are in China Standard Time
 
 
@@ -163,6 +164,12 @@ class PaymentProvider(Protocol):
         not ready yet (bills come out around 10:00 the next day)."""
 
 
+def _trim(kept: dict) -> None:
+    """Forget the oldest entries beyond ``SANDBOX_KEPT`` (a dict keeps the order they came in)."""
+    while len(kept) > SANDBOX_KEPT:
+        kept.pop(next(iter(kept)))
+
+
 @dataclass
 class _SandboxOrder:
     order_id: str
@@ -199,6 +206,7 @@ class SandboxPay:
         with self._lock:
             self._orders[req.order_id] = _SandboxOrder(req.order_id, req.amount_fen, req.description,
                                                        req.notify_url, req.return_url, req.expires_ms)
+            _trim(self._orders)
         return PayStart("redirect", url=f"/sandbox-pay/{req.order_id}")
 
     def order(self, order_id: str) -> _SandboxOrder | None:
@@ -245,6 +253,7 @@ class SandboxPay:
             status = 0
         with self._lock:
             self.deliveries.append((o.order_id, status))
+            del self.deliveries[:-SANDBOX_KEPT]
 
     def query(self, order_id: str) -> Notification | None:
         o = self.order(order_id)
@@ -293,6 +302,7 @@ class SandboxPay:
                                   provider_refund_id="sbr-" + uuid.uuid4().hex[:20], amount_fen=req.amount_fen,
                                   status="SUCCESS", done_ms=time.time_ns() // 1_000_000)
             self._refunds[req.refund_id] = notice
+            _trim(self._refunds)
             return notice
 
     def query_refund(self, order_id: str, refund_id: str) -> RefundNotice | None:

@@ -778,6 +778,11 @@ class Wallet:
         now = datetime.fromtimestamp(now_ms / 1000, CHINA)
         first = 1 if now.hour >= BILL_READY_HOUR else 2
         days = [(now - timedelta(days=d)).date() for d in range(first, first + RECONCILE_DAYS)]
+        window = {d.isoformat() for d in days}
+        # what is remembered is of the days still tried only (a provider and day each: at most RECONCILE_DAYS x
+        # providers); a day that left the window is never tried nor alarmed about again
+        self._reconcile_tried = {k: v for k, v in self._reconcile_tried.items() if k[1] in window}
+        self._alarmed = {k for k in self._alarmed if k[-1] in window}
         c = t.reconciliations.c
         with self.db.read() as conn:
             done = set(conn.execute(select(c.provider, c.bill_date).where(

@@ -85,6 +85,9 @@ class SeenSessions:
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._ids
 
+    def __len__(self) -> int:
+        return len(self._ids)
+
     def add(self, session_id: str) -> None:
         if len(self._order) == self._order.maxlen:
             self._ids.discard(self._order[0])
@@ -141,6 +144,10 @@ class CustomerSession:
     def busy(self) -> bool:
         """A session is running: the valve is open, or its overrun is settling."""
         return self.phase in (State.DISPENSING, State.SETTLING)
+
+    def collection_sizes(self) -> dict[str, int]:
+        """How full the long-lived collections are (for diagnostics: each has a bound)."""
+        return {"seen_session_ids": len(self._seen), "flow_samples": len(self._flow_samples)}
 
     # ------------------------------------------------------------------ start
     def grant_problem(self, g: Grant, now_ms: int, display_price_fen_per_l: int) -> str | None:

@@ -87,3 +87,23 @@ def build_app(runtime, *, layout: str, language: str, receipt_display_ms: int, q
     return KioskApp(runtime, layout=layout, language=language, receipt_display_ms=receipt_display_ms, qr_url=qr_url,
                     sim_world=sim_world, phone_link=phone_link, on_stop=on_stop, service=service,
                     maintenance_timeout_ms=maintenance_timeout_ms)
+
+
+def ui_figures() -> dict[str, int]:
+    """Kivy's long-lived objects, for diagnostics (``TAPSHARE_DIAG_FILE``): live textures and texture regions
+    (found through the garbage collector, so a leaked one shows), and the items in each of Kivy's caches."""
+    import gc
+
+    from kivy.cache import Cache
+    from kivy.graphics.texture import Texture, TextureRegion
+    textures = regions = 0
+    for o in gc.get_objects():
+        if isinstance(o, Texture):
+            if isinstance(o, TextureRegion):
+                regions += 1
+            else:
+                textures += 1
+    out = {"textures": textures, "texture_regions": regions}
+    for category, objects in list(getattr(Cache, "_objects", {}).items()):
+        out[f"cache:{category}"] = len(objects)
+    return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,6 +54,7 @@ BUSY_FPS, IDLE_FPS = 30.0, 10.0     # Kivy's frame cap (Clock._max_fps: Kivy has
 TICK_S = 0.1
 LONG_PRESS_S = 2.0
 QR_CHECK_S = 1.0
+DRAW_TIMES_KEPT = 100_000           # frame times kept for the benchmark (TAPSHARE_UI_STATS), the newest
 UI_MAP_EVERY_S = 0.3                # how often the widget map is looked at, and how long a screen must be unchanged
 
 
@@ -108,7 +110,7 @@ class KioskApp(App):
         self._session_id: str | None = None
         self._started_text = ""
         self._receipt_since: float | None = None
-        self.draw_ms: list[float] = []         # time to draw a frame while dispensing (benchmark)
+        self.draw_ms: deque[float] = deque(maxlen=DRAW_TIMES_KEPT)   # time to draw a frame while dispensing
         self._draw_t0 = 0.0
         self._first_qr = True
         self._ui_map_path = os.environ.get("TAPSHARE_UI_MAP", "")
@@ -290,7 +292,7 @@ class KioskApp(App):
     def on_stop(self) -> None:
         stats = os.environ.get("TAPSHARE_UI_STATS")
         if stats:
-            Path(stats).write_text(json.dumps({"draw_ms": self.draw_ms}))
+            Path(stats).write_text(json.dumps({"draw_ms": list(self.draw_ms)}))
         if self.after_stop is not None:
             self.after_stop()
 
