@@ -11,6 +11,7 @@ import logging
 import os
 import queue
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,7 @@ class Hardware:
     sensors: SensorPoller
     switches: dict[str, GpioSwitch] = field(default_factory=dict)
     world: SimulatedWorld | None = None
+    adc: Mcp3008Voltage | None = None
 
     def start(self) -> None:
         self.sensors.start()
@@ -83,11 +85,25 @@ class Hardware:
             self.world.start()
 
     def close(self) -> None:
-        """Stop the threads; the valve is closed and its pin left at the inactive level."""
+        """Stop the threads; the valve is closed and its pin left at the inactive level; every other device is
+        closed too (gpiozero shares an SPI bus between devices on the same pins: one left open would answer the
+        next MCP3008 made on those pins, even on another pin factory)."""
         self.valve.close()
         self.sensors.halt()
+        if self.sensors.is_alive() and self.sensors is not threading.current_thread():
+            self.sensors.join(timeout=2)
         if self.world is not None:
             self.world.halt()
+        devices = [self.meter, self.stop, *self.switches.values(), self.adc]
+        if self.world is not None:
+            devices.append(self.world.adc)
+        for dev in devices:
+            if dev is None:
+                continue
+            try:
+                dev.close()
+            except Exception:
+                log.warning("closing %s failed", type(dev).__name__, exc_info=True)
 
 
 @dataclass
@@ -177,7 +193,7 @@ def build(cfg: Config, *, post: Callable[[Event], None], on_stop_press: Callable
         if pins.low_water >= 0:
             switches["low_water"] = GpioSwitch(pins.low_water, on_change=lambda low: post(LowWater(low)),
                                                active_high=pins.sensors_active_high, pin_factory=factory)
-        tds = None
+        tds, adc = None, None
         if cfg.sensors.tds_fitted:
             adc = Mcp3008Voltage(pins.tds_adc_channel, vref=cfg.sensors.adc_vref, pin_factory=factory)
             tds = TdsProbe(adc.voltage, k_value=cfg.sensors.tds_k_value)
@@ -190,7 +206,7 @@ def build(cfg: Config, *, post: Callable[[Event], None], on_stop_press: Callable
     thermometer = W1Thermometer(sensor_id=cfg.sensors.thermometer_id, sane_min_c=cfg.sensors.temp_sane_min_c,
                                 sane_max_c=cfg.sensors.temp_sane_max_c, base_directory=thermo_dir)
     poller = SensorPoller(post, thermometer=thermometer, tds=tds, interval_ms=cfg.sensors.read_interval_ms)
-    hw = Hardware(factory, valve, meter, stop, poller, switches, world)
+    hw = Hardware(factory, valve, meter, stop, poller, switches, world, adc)
     # a sensor that is already triggered at boot must lock out at once
     for name, sw in switches.items():
         if sw.active:
