@@ -41,7 +41,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, start_cloud, stop_process  # noqa: E402
+from bench.common import enrol_machine, free_port, start_cloud, stop_process  # noqa: E402
 from kiosk.diag import open_fds, rss_kb  # noqa: E402
 
 MACHINE = "SOAK-1"
@@ -66,20 +66,6 @@ def size_kb(path: Path) -> float:
 
 
 # ------------------------------------------------------------------ the cloud and the machine
-def enrol(tmp: Path, base: str) -> tuple[dict, str]:
-    admin = subprocess.run([sys.executable, "-m", "cloud", "create-operator", "soak", "--role", "admin",
-                            "--data-dir", str(tmp / "cloud")], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.strip()
-    h = {"Authorization": f"Bearer {admin}"}
-    r = requests.post(base + "/api/v1/operator/machines", headers=h, timeout=10,
-                      json={"machine_id": MACHINE, "price_fen_per_l": PRICE_FEN_PER_L})
-    r.raise_for_status()
-    tok = r.json()["enrolment_token"]
-    secret = requests.post(base + "/device/v1/enroll", timeout=10,
-                           json={"machine_id": MACHINE, "enrolment_token": tok}).json()["secret_hex"]
-    return h, secret
-
-
 def kiosk_config(tmp: Path, base: str, args: argparse.Namespace) -> Path:
     """Accelerated timers: a 1 s receipt, a short overrun window, a heartbeat every 5 s (all within the
     config's documented bounds)."""
@@ -320,7 +306,7 @@ def main() -> int:
             cloud = start_cloud(tmp / "cloud", port)
             stack.callback(stop_process, cloud)
             base = f"http://127.0.0.1:{port}"
-            admin, secret = enrol(tmp, base)
+            admin, secret = enrol_machine(tmp / "cloud", base, MACHINE, PRICE_FEN_PER_L, "soak")
             from kiosk.config import load
             from sync.secret import write_secret
             cfg = kiosk_config(tmp, base, args)

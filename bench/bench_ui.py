@@ -29,7 +29,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, pct, start_cloud, stop_process  # noqa: E402
+from bench.common import enrol_machine, free_port, pct, start_cloud, stop_process  # noqa: E402
 from tests.xvfb import Xvfb  # noqa: E402
 
 BARE = """
@@ -76,19 +76,6 @@ def bare_window_figures(env: dict, tmp: Path, window_s: float) -> tuple[float, f
     figures = idle_figures(bare.pid, window_s)
     stop_process(bare)
     return figures
-
-
-def enrol_machine(tmp: Path, base: str) -> tuple[dict, str]:
-    """An admin of the cloud at ``base`` enrols BENCH-1; returns the admin's headers and the machine's secret."""
-    admin = subprocess.run([sys.executable, "-m", "cloud", "create-operator", "bench", "--role", "admin",
-                            "--data-dir", str(tmp / "cloud")], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.strip()
-    h = {"Authorization": f"Bearer {admin}"}
-    tok = requests.post(base + "/api/v1/operator/machines", headers=h, timeout=10,
-                        json={"machine_id": "BENCH-1", "price_fen_per_l": 200}).json()["enrolment_token"]
-    secret = requests.post(base + "/device/v1/enroll", timeout=10,
-                           json={"machine_id": "BENCH-1", "enrolment_token": tok}).json()["secret_hex"]
-    return h, secret
 
 
 def start_kiosk(tmp: Path, base: str, secret: str, env: dict, stats: Path) -> tuple[subprocess.Popen, float]:
@@ -169,7 +156,7 @@ def main() -> int:
         cloud = start_cloud(tmp / "cloud", port)
         try:
             base = f"http://127.0.0.1:{port}"
-            h, secret = enrol_machine(tmp, base)
+            h, secret = enrol_machine(tmp / "cloud", base, "BENCH-1", 200)
             stats = tmp / "ui-stats.json"
             kiosk, first_qr_s = start_kiosk(tmp, base, secret, env, stats)
             kiosk_figures = idle_figures(kiosk.pid, args.window_s)

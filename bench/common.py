@@ -60,3 +60,26 @@ def stop_process(proc) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def enrol_machine(data_dir, base: str, machine_id: str, price_fen_per_l: int, operator: str = "bench"
+                  ) -> tuple[dict, str]:
+    """An admin (made with the cloud's CLI on ``data_dir``) enrols ``machine_id`` at the cloud at ``base``;
+    returns the admin's headers and the machine's secret (hex)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import requests
+    root = Path(__file__).resolve().parent.parent
+    admin = subprocess.run([sys.executable, "-m", "cloud", "create-operator", operator, "--role", "admin",
+                            "--data-dir", str(data_dir)], cwd=root, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    h = {"Authorization": f"Bearer {admin}"}
+    r = requests.post(base + "/api/v1/operator/machines", headers=h, timeout=10,
+                      json={"machine_id": machine_id, "price_fen_per_l": price_fen_per_l})
+    r.raise_for_status()
+    r = requests.post(base + "/device/v1/enroll", timeout=10,
+                      json={"machine_id": machine_id, "enrolment_token": r.json()["enrolment_token"]})
+    r.raise_for_status()
+    return h, r.json()["secret_hex"]

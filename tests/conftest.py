@@ -78,3 +78,15 @@ def browser():
             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
         yield b
         b.close()
+
+
+@pytest.fixture
+def factory():
+    """gpiozero's mock pins (the only mocked hardware), also the default factory while the test runs."""
+    from gpiozero import Device
+
+    from hal.sim import mock_factory
+    f = mock_factory()
+    Device.pin_factory = f
+    yield f
+    f.reset()

@@ -4,25 +4,18 @@ events, never timed. bench/bench_soak.py measures the whole app; these catch a b
 from __future__ import annotations
 
 import pytest
-from gpiozero import Device
 from sqlalchemy import insert, select, update
 
 from cloud import db as t
 from cloud.db import Database
 from cloud.devices.service import COMMAND_TTL_MS, Commands
 from hal.gpio import GpioFlowMeter, GpioValve, Mcp3008Voltage
-from hal.sim import PIN_STATES_KEPT, SimMcp3008, mock_factory
+from hal.sim import PIN_STATES_KEPT, SimMcp3008
 from sync.link import _keep_newest
 
 DAY_MS = 86_400_000
 
 
-@pytest.fixture
-def factory():
-    f = mock_factory()
-    Device.pin_factory = f
-    yield f
-    f.reset()
 
 
 def test_the_flow_meter_keeps_only_the_last_second_of_edges(factory):

@@ -15,15 +15,6 @@ from hal.sensors import SensorPoller, TdsProbe, W1Thermometer, tds_ppm_from_volt
 from hal.sim import SimMcp3008, SimThermometerFiles, mock_factory
 from kiosk.events import TemperatureReading, WaterQualityReading
 
-
-@pytest.fixture
-def factory():
-    f = mock_factory()
-    Device.pin_factory = f
-    yield f
-    f.reset()
-
-
 # ---------------------------------------------------------------- valve
 
 @pytest.mark.parametrize("active_high", [True, False])

@@ -29,6 +29,11 @@ class OffsetClock(SystemClock):
         return super().wall_ms() + self.offset_ms
 
 
+def heartbeat_state(cloud) -> str | None:
+    """The state in the only machine's last heartbeat, as the cloud's operators see it."""
+    return (cloud.op("GET", "/api/v1/operator/machines").json()["machines"][0]["heartbeat"] or {}).get("state")
+
+
 class Dispenser:
     def __init__(self, tmp_path, url, machine_id, secret, clock_offset_ms=0, poll_wait_ms=1_000, data_dir=None,
                  heartbeat_interval_ms=300):
@@ -266,18 +271,15 @@ def test_the_phone_sees_service_changes_within_two_seconds_and_cannot_start_mean
         with Dispenser(tmp_path, cloud.url, "S7", dev.secret, heartbeat_interval_ms=30_000) as d:
             assert wait_until(lambda: d.rt.snapshot.online)
 
-            def cloud_state():
-                return (cloud.op("GET", "/api/v1/operator/machines").json()["machines"][0]["heartbeat"] or {}) \
-                    .get("state")
-            assert wait_until(lambda: cloud_state() == "idle", 5)
+            assert wait_until(lambda: heartbeat_state(cloud) == "idle", 5)
             presence = user.scan("S7", d.qr_code(cloud.url)).json()["presence_token"]
             d.rt.post(SetOutOfService("cleaning"))
             t0 = time.monotonic()
-            assert wait_until(lambda: cloud_state() == "out_of_service", 2.0), cloud_state()
+            assert wait_until(lambda: heartbeat_state(cloud) == "out_of_service", 2.0), heartbeat_state(cloud)
             seen_s = time.monotonic() - t0
             r = user.start(presence)
             assert r.status_code == 409 and r.json()["error"] == "machine_out_of_service", r.text
             assert user.me()["held_fen"] == 0
             d.rt.post(ClearLockout("operator", ClearSource.SITE, actor="tech"))
-            assert wait_until(lambda: cloud_state() == "idle", 2.0)
+            assert wait_until(lambda: heartbeat_state(cloud) == "idle", 2.0)
             assert seen_s < 2.0

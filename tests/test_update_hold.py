@@ -193,7 +193,7 @@ def test_the_cloud_refuses_a_start_up_front_while_the_machine_updates_and_holds_
     """The core would refuse the start anyway (and the cloud void it); saying so before the hold is taken spares the
     person a spinner and the account a hold, and the phone tells them why in their language."""
     from tests.cloudkit import CloudServer
-    from tests.test_sync import Dispenser
+    from tests.test_sync import Dispenser, heartbeat_state
     from tests.util import wait_until
     with CloudServer(tmp_path / "cloud") as cloud:
         dev = cloud.provision("U7", price=200)
@@ -201,19 +201,16 @@ def test_the_cloud_refuses_a_start_up_front_while_the_machine_updates_and_holds_
         with Dispenser(tmp_path, cloud.url, "U7", dev.secret, heartbeat_interval_ms=30_000) as d:
             assert wait_until(lambda: d.rt.snapshot.online)
 
-            def cloud_state():
-                return (cloud.op("GET", "/api/v1/operator/machines").json()["machines"][0]["heartbeat"] or {}) \
-                    .get("state")
-            assert wait_until(lambda: cloud_state() == "idle", 5)
+            assert wait_until(lambda: heartbeat_state(cloud) == "idle", 5)
             scan = user.scan("U7", d.qr_code(cloud.url)).json()
             assert d.rt.begin_update("0.9.0", hold_ms=60_000) is None
-            assert wait_until(lambda: cloud_state() == "updating", 2.0), cloud_state()
+            assert wait_until(lambda: heartbeat_state(cloud) == "updating", 2.0), heartbeat_state(cloud)
             assert user.scan("U7", d.qr_code(cloud.url)).json()["machine"]["state"] == "updating"
             r = user.start(scan["presence_token"])
             assert r.status_code == 409 and r.json()["error"] == "machine_updating", r.text
             assert "software update" in r.json()["message"]
             assert user.me()["held_fen"] == 0
             d.rt.end_update("0.9.0", "switch_failed")          # the switch did not happen: serving again
-            assert wait_until(lambda: cloud_state() == "idle", 2.0)
+            assert wait_until(lambda: heartbeat_state(cloud) == "idle", 2.0)
             r = user.start(user.scan("U7", d.qr_code(cloud.url)).json()["presence_token"])
             assert r.status_code in (200, 201), r.text
