@@ -318,6 +318,33 @@ def test_an_impossible_jump_is_a_fault_and_is_not_billed():
     assert "faster than the plumbing" in h.core.lockouts["fault:flow_meter"]
 
 
+def test_pulses_delivered_late_in_one_burst_are_not_a_fault():
+    """The edge callback thread was held up for 600 ms (a busy CPU): the counter stood still, then caught up with
+    the 9 pulses that came meanwhile, 32 ms after the last reading. Over the last second that is 5 l/min."""
+    h = Harness()
+    h.start()
+    h.flow(1.5, pulses_per_s=15, step_ms=20)
+    billed = h.total
+    for _ in range(30):
+        h.send(PulseCount(h.total), 20)           # nothing arrives for 600 ms
+    actions = h.pour(9, dt=32)
+    assert not any(isinstance(a, CloseValve) for a in actions) and h.state == "dispensing"
+    assert "fault:flow_meter" not in h.core.lockouts
+    h.send(StopPressed())
+    h.tick(1_000)
+    assert h.ended()[0].record.billed_pulses == billed + 9       # every pulse billed, once
+
+
+def test_a_meter_counting_too_fast_for_a_second_is_a_fault_even_in_small_steps():
+    """Noise on the line: 300 pulses a second (40 l/min) in steps that each look small."""
+    h = Harness()
+    h.start()
+    h.flow(0.5)
+    actions = h.flow(1.5, pulses_per_s=300, step_ms=20)
+    assert CloseValve("fault") in actions
+    assert "faster than the plumbing" in h.core.lockouts["fault:flow_meter"]
+
+
 def test_fast_but_possible_flow_is_not_a_fault():
     h = Harness()
     h.start()

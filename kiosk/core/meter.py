@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 from kiosk.core.settings import CoreSettings
 from kiosk.events import Action, AddToTotalizer
 
 METER_SLACK_PULSES = 5          # tolerance of the plausibility check for jitter on short intervals
+# The plausibility check judges the flow over at least this long. Edges reach the counter from a callback thread:
+# when it is held up (a busy CPU, the window drawing its first frame, a slow SD card), pulses that came at a
+# normal rate arrive in one burst between two readings a few ms apart; over the last second they are plausible.
+# A meter that really counts too fast (noise on the line, a wrong meter) does so for longer and is still caught.
+METER_WINDOW_MS = 1_000
+READINGS_KEPT = 1_000           # bound of the window's readings (one per core step: 100 ms at rest, 5-20 ms pouring)
 
 
 class PulseMeter:
@@ -18,26 +26,36 @@ class PulseMeter:
         self.settings = settings
         self.last_total_pulses: int | None = None     # None until the first reading
         self._last_read_ms = 0
+        # (ms, total) readings of the window: the oldest is the newest one at least METER_WINDOW_MS old
+        self._readings: deque[tuple[int, int]] = deque(maxlen=READINGS_KEPT)
         self._unsaved_pulses = 0
         self._flushed_ms = 0
 
     def read(self, total_pulses: int, now_ms: int) -> tuple[int, str | None]:
         """Take a reading of the counter: the new pulses since the last one, or 0 with a meter fault's detail.
         The first reading only sets the baseline."""
+        readings = self._readings
         if self.last_total_pulses is None:
             self.last_total_pulses, self._last_read_ms = total_pulses, now_ms
+            readings.append((now_ms, total_pulses))
             return 0, None
         new_pulses = total_pulses - self.last_total_pulses
-        elapsed_ms = now_ms - self._last_read_ms
         self.last_total_pulses, self._last_read_ms = total_pulses, now_ms
+        if new_pulses < 0:
+            readings.clear()
+            readings.append((now_ms, total_pulses))
+            return 0, f"pulse counter went backwards by {-new_pulses}"
+        readings.append((now_ms, total_pulses))
+        while len(readings) > 2 and now_ms - readings[1][0] >= METER_WINDOW_MS:
+            readings.popleft()
         if new_pulses == 0:
             return 0, None
-        if new_pulses < 0:
-            return 0, f"pulse counter went backwards by {-new_pulses}"
+        since_ms, since_total = readings[0]
+        span_ms, span_pulses = now_ms - since_ms, total_pulses - since_total
         cal, max_flow = self.settings.calibration, self.settings.max_flow_ml_per_min
-        plausible = cal.pulses_for_volume_ml(max_flow * max(elapsed_ms, 1) / 60_000) * 1.5
-        if new_pulses > plausible + METER_SLACK_PULSES:
-            return 0, (f"{new_pulses} pulses in {elapsed_ms} ms is faster than the plumbing "
+        plausible = cal.pulses_for_volume_ml(max_flow * max(span_ms, 1) / 60_000) * 1.5
+        if span_pulses > plausible + METER_SLACK_PULSES:
+            return 0, (f"{span_pulses} pulses in {span_ms} ms is faster than the plumbing "
                        f"can flow ({max_flow} ml/min)")
         self._unsaved_pulses += new_pulses
         return new_pulses, None
