@@ -318,7 +318,7 @@ def main() -> int:
         stack.callback(stop_process, kiosk)
         count = (lambda: done[0]) if phones is not None else (lambda: sim_sessions(tmp))
         sampler = Sampler(tmp, kiosk, cloud, args.sample_s, count)
-        marked = False
+        marked, failed_in_a_row = False, 0
         started = time.monotonic()
         sampler.start()
         while count() < args.sessions and (deadline is None or time.monotonic() < deadline):
@@ -328,6 +328,13 @@ def main() -> int:
             if phones is not None:
                 if phones.one():
                     done[0] += 1
+                    failed_in_a_row = 0
+                else:
+                    failed_in_a_row += 1
+                if failed_in_a_row >= 50:               # a soak of a machine that serves nobody measures nothing
+                    print(f"50 sessions in a row failed ({phones.failures}): the machine does not serve; its log:\n"
+                          + (tmp / "kiosk.log").read_text()[-3000:])
+                    return 1
             else:
                 time.sleep(1)
             if not marked and count() >= warmup // 2:
