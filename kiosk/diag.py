@@ -17,6 +17,8 @@ This is runtime code (it reads clocks and /proc and writes a file); the pure cor
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import json
 import logging
@@ -52,6 +54,33 @@ def open_fds(pid: int | str = "self") -> int:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return -1
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def native_memory() -> dict:
+    """Memory outside Python's heap, as the libraries count it: SQLite's (page caches and statements of every
+    connection in the process: ``sqlite3_memory_used``) and glibc malloc's, in use and held free (fragmentation)
+    (``mallinfo2``). Empty where a library is not there (another libc, a static SQLite)."""
+    out: dict = {}
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("sqlite3") or "libsqlite3.so.0")
+        lib.sqlite3_memory_used.restype = ctypes.c_int64
+        out["sqlite_kb"] = lib.sqlite3_memory_used() // 1024
+    except (OSError, AttributeError):
+        pass
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+        mallinfo2.restype = _MallInfo2
+        m = mallinfo2()
+        out["malloc_in_use_kb"] = (m.uordblks + m.hblkhd) // 1024
+        out["malloc_free_kb"] = m.fordblks // 1024
+    except (OSError, AttributeError):
+        pass
+    return out
 
 
 class Diagnostics(threading.Thread):
@@ -115,7 +144,7 @@ class Diagnostics(threading.Thread):
     def figures(self) -> dict:
         out: dict = {"wall_ms": time.time_ns() // 1_000_000, "mono_ms": time.monotonic_ns() // 1_000_000,
                      "rss_kb": rss_kb(), "threads": threading.active_count(), "fds": open_fds(),
-                     "gc_counts": list(gc.get_count())}
+                     "gc_counts": list(gc.get_count()), "native": native_memory()}
         for name, fn in list(self.providers.items()):
             try:
                 out[name] = fn()

@@ -69,3 +69,25 @@ def test_commands_are_pruned_after_their_retention_unless_still_waiting(tmp_path
     assert left == {recent, waiting} and old_expired not in left
     assert COMMAND_TTL_MS < 7 * DAY_MS
     db.dispose()
+
+
+def test_the_diagnostics_line_counts_native_memory_too(tmp_path, monkeypatch):
+    """A soak's line says what grows outside Python's heap: SQLite's caches and malloc's free-but-held memory."""
+    import json
+    import sqlite3
+
+    from kiosk.diag import Diagnostics
+    monkeypatch.setenv("TAPSHARE_DIAG_FILE", str(tmp_path / "diag.jsonl"))
+    diag = Diagnostics.from_env()
+    diag.providers["core"] = lambda: {"seen_session_ids": 3}
+    con = sqlite3.connect(tmp_path / "x.db")
+    before = diag.figures()["native"]["sqlite_kb"]
+    con.execute("CREATE TABLE t (x TEXT)")
+    con.executemany("INSERT INTO t VALUES (?)", [("x" * 200,)] * 10_000)
+    con.commit()
+    diag.write_line()
+    line = json.loads((tmp_path / "diag.jsonl").read_text())
+    assert line["native"]["sqlite_kb"] >= before + 1_000          # its page cache filled (2 MB at most by default)
+    assert line["native"]["malloc_in_use_kb"] > 0 and line["native"]["malloc_free_kb"] >= 0
+    assert line["core"] == {"seen_session_ids": 3} and line["rss_kb"] > 0 and line["fds"] > 0
+    con.close()
