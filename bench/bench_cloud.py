@@ -75,6 +75,9 @@ def seed(data_dir: Path, n: int, database_url: str | None = None, box: SecretBox
     return machines, tokens
 
 
+CONNECT_TIMEOUT_S = 10
+
+
 class Conn:
     """One keep-alive HTTP/1.1 connection, one request at a time."""
 
@@ -88,7 +91,10 @@ class Conn:
                       ) -> tuple[int, dict]:
         self.last = method + " " + "/".join(path.split("?")[0].split("/")[:4])
         if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+            # a connection the balancer never accepts (its queue full: the SYN is retried for minutes) is an
+            # error with a name, not a machine silently missing from the count
+            self.reader, self.writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port),
+                                                              CONNECT_TIMEOUT_S)
         head = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}"]
         if body:
             head.append("Content-Type: application/json")
