@@ -519,7 +519,9 @@ if [[ -f $trial ]]; then
 fi
 # deploy.sh checking a release it just installed rolls it back itself (its PID is in this file while it checks)
 checking=${TAPSHARE_ESCALATE_DEPLOYING:-/run/tapshare-deploy.pid}
-if [[ -f $checking ]] && kill -0 "$(cat "$checking" 2>/dev/null || echo 0)" 2>/dev/null; then
+pid=$(cat "$checking" 2>/dev/null || true)
+# only a live deploy.sh: a PID file left by a killed one (its PID reused by another process) does not count
+if [[ $pid =~ ^[1-9][0-9]*$ ]] && tr '\0' ' ' 2>/dev/null < "/proc/$pid/cmdline" | grep -q 'deploy\.sh'; then
   echo "tapshare.service failed while deploy.sh checks a new release: deploy.sh rolls it back; not rebooting" >&2
   exit 0
 fi
@@ -659,10 +661,10 @@ switch_release() {
     printf '%s\n%s\n' "$target" "$HEALTH_STATUS" > "$APP/live"
     return 0
   fi
-  run systemctl stop tapshare.service      # at once: no more restarts of a crashing release
+  run systemctl stop tapshare.service || true     # at once: no more restarts of a crashing release
   say "release $RELEASE failed: $HEALTH_WHY"
-  if [[ -z $ROOT && $STUB == 0 ]]; then
-    journalctl -u tapshare.service -n 15 --no-pager -o cat 2>/dev/null | sed 's/^/    /' || true
+  if [[ -z $ROOT && $STUB == 0 ]]; then     # (its stop's own lines come last: enough lines for the failure too)
+    journalctl -u tapshare.service -n 40 --no-pager -o cat 2>/dev/null | sed 's/^/    /' || true
   fi
   if [[ -n $LIVE && $LIVE != "$target" && -d $APP/$LIVE ]]; then
     roll_back

@@ -317,6 +317,7 @@ class DispenserCore:
                                fault=ev.kind), *self._fault(ev.kind, ev.detail, now)]
 
     def _on_tick(self, ev: Tick, now: int) -> list[Action]:
+        self._meter.still(now)
         end = self._customer.time_limit(now)
         if end is not None:
             return self._customer.close(end, now)    # everything else waits for the next tick

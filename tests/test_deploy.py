@@ -321,16 +321,22 @@ def test_a_restart_storm_reboots_the_pi_at_most_three_times_an_hour(tmp_path):
                          capture_output=True, text=True, timeout=10)
     assert out.returncode == 0 and "not rebooting" in out.stderr
     assert (tmp_path / "reboots.log").read_text().splitlines() == ["reboot"] * 3 and not (tmp_path / "st/r").exists()
-    # nor while deploy.sh (alive) checks a release it just installed: it rolls that back itself; a stale PID
-    # file (deploy.sh gone) does not stop the reboot
-    (tmp_path / "deploying.pid").write_text(f"{os.getpid()}\n")
-    env["TAPSHARE_ESCALATE_DEPLOYING"] = str(tmp_path / "deploying.pid")
-    out = subprocess.run([str(escalate)], env=env, capture_output=True, text=True, timeout=10)
-    assert out.returncode == 0 and "deploy.sh rolls it back; not rebooting" in out.stderr
-    assert not (tmp_path / "st/r").exists()
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    (tmp_path / "deploying.pid").write_text(f"{gone.pid}\n")
-    out = subprocess.run([str(escalate)], env=env, capture_output=True, text=True, timeout=10)
-    assert out.returncode == 0 and "rebooting (reboot 1 of at most 3 an hour)" in out.stderr
-    assert (tmp_path / "reboots.log").read_text().splitlines() == ["reboot"] * 4
+    # nor while deploy.sh (alive) checks a release it just installed: it rolls that back itself
+    deploying = subprocess.Popen(["bash", "-c", "sleep 30; exit 0", "deploy.sh"])   # (no exec: bash stays)
+    try:
+        (tmp_path / "deploying.pid").write_text(f"{deploying.pid}\n")
+        env["TAPSHARE_ESCALATE_DEPLOYING"] = str(tmp_path / "deploying.pid")
+        out = subprocess.run([str(escalate)], env=env, capture_output=True, text=True, timeout=10)
+        assert out.returncode == 0 and "deploy.sh rolls it back; not rebooting" in out.stderr
+        assert not (tmp_path / "st/r").exists()
+    finally:
+        deploying.kill()
+        deploying.wait()
+    # a PID file left behind (deploy.sh gone, its PID free or another process's), or an empty one, stops nothing
+    for pid in (str(deploying.pid), str(os.getpid()), "", "0"):
+        (tmp_path / "deploying.pid").write_text(pid + "\n")
+        out = subprocess.run([str(escalate)], env=env, capture_output=True, text=True, timeout=10)
+        assert out.returncode == 0 and "keeps failing to start: rebooting" in out.stderr, (pid, out.stderr)
+        assert out.stderr.count("\n") == 1, out.stderr                          # nothing else said
+        (tmp_path / "st/r").unlink()
+    assert (tmp_path / "reboots.log").read_text().splitlines() == ["reboot"] * 7

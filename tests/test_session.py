@@ -345,6 +345,26 @@ def test_a_meter_counting_too_fast_for_a_second_is_a_fault_even_in_small_steps()
     assert "faster than the plumbing" in h.core.lockouts["fault:flow_meter"]
 
 
+def test_noise_right_after_a_long_pause_is_a_fault_at_once():
+    """Readings come only when the count changes: the one before the noise is ten minutes old, but the core's steps
+    (every 100 ms at rest) say the count stood still. Noise at 400 l/min (3,000 pulses a second) is refused within
+    its first readings, not after a second of it."""
+    h = Harness()
+    h.start()
+    h.pour(40, dt=1_000)
+    h.tick(600_000)
+    for _ in range(15):
+        h.tick(100)
+    out = []
+    for _ in range(10):
+        out += h.pour(60, dt=20)
+        if CloseValve("fault") in out:
+            break
+    assert CloseValve("fault") in out and "fault:flow_meter" in h.core.lockouts
+    h.tick(1_000)
+    assert h.ended()[0].record.billed_pulses <= 40 + 120        # at most two readings of it billed
+
+
 def test_fast_but_possible_flow_is_not_a_fault():
     h = Harness()
     h.start()

@@ -13,7 +13,7 @@ METER_SLACK_PULSES = 5          # tolerance of the plausibility check for jitter
 # normal rate arrive in one burst between two readings a few ms apart; over the last second they are plausible.
 # A meter that really counts too fast (noise on the line, a wrong meter) does so for longer and is still caught.
 METER_WINDOW_MS = 1_000
-READINGS_KEPT = 1_000           # bound of the window's readings (one per core step: 100 ms at rest, 5-20 ms pouring)
+READINGS_KEPT = 1_000           # bound of the window's readings (one a core step: 100 ms at rest, 5-20 ms pouring)
 
 
 class PulseMeter:
@@ -25,7 +25,6 @@ class PulseMeter:
     def __init__(self, settings: CoreSettings) -> None:
         self.settings = settings
         self.last_total_pulses: int | None = None     # None until the first reading
-        self._last_read_ms = 0
         # (ms, total) readings of the window: the oldest is the newest one at least METER_WINDOW_MS old
         self._readings: deque[tuple[int, int]] = deque(maxlen=READINGS_KEPT)
         self._unsaved_pulses = 0
@@ -36,18 +35,16 @@ class PulseMeter:
         The first reading only sets the baseline."""
         readings = self._readings
         if self.last_total_pulses is None:
-            self.last_total_pulses, self._last_read_ms = total_pulses, now_ms
+            self.last_total_pulses = total_pulses
             readings.append((now_ms, total_pulses))
             return 0, None
         new_pulses = total_pulses - self.last_total_pulses
-        self.last_total_pulses, self._last_read_ms = total_pulses, now_ms
+        self.last_total_pulses = total_pulses
         if new_pulses < 0:
             readings.clear()
             readings.append((now_ms, total_pulses))
             return 0, f"pulse counter went backwards by {-new_pulses}"
-        readings.append((now_ms, total_pulses))
-        while len(readings) > 2 and now_ms - readings[1][0] >= METER_WINDOW_MS:
-            readings.popleft()
+        self._keep(now_ms, total_pulses)
         if new_pulses == 0:
             return 0, None
         since_ms, since_total = readings[0]
@@ -55,10 +52,28 @@ class PulseMeter:
         cal, max_flow = self.settings.calibration, self.settings.max_flow_ml_per_min
         plausible = cal.pulses_for_volume_ml(max_flow * max(span_ms, 1) / 60_000) * 1.5
         if span_pulses > plausible + METER_SLACK_PULSES:
+            readings.clear()                 # the next pulses are judged on their own, not with the ones refused
+            readings.append((now_ms, total_pulses))
             return 0, (f"{span_pulses} pulses in {span_ms} ms is faster than the plumbing "
                        f"can flow ({max_flow} ml/min)")
         self._unsaved_pulses += new_pulses
         return new_pulses, None
+
+    def still(self, now_ms: int) -> None:
+        """The core's step with no new reading: the count is unchanged at ``now_ms``. Readings come only when the
+        count changes, so without this the reading before a burst after a long pause would be minutes old, and the
+        burst judged over minutes; a step that never came (the core itself held up) leaves the span as long as it
+        really was."""
+        if self.last_total_pulses is not None:
+            self._keep(now_ms, self.last_total_pulses)
+
+    def _keep(self, now_ms: int, total_pulses: int) -> None:
+        readings = self._readings
+        if readings and readings[-1][0] == now_ms and readings[-1][1] == total_pulses:
+            return
+        readings.append((now_ms, total_pulses))
+        while len(readings) > 2 and now_ms - readings[1][0] >= METER_WINDOW_MS:
+            readings.popleft()
 
     def close_at(self, more_pulses: int) -> int:
         """The counter's total at which the valve closes by itself, ``more_pulses`` from now."""
