@@ -329,6 +329,11 @@ def python_version() -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
+def venv_name(dotted_python: str, lock_sha256: str) -> str:
+    """A virtualenv's folder under venvs/: deploy.sh's name (``py3.11-<lock hash>``), so each reuses the other's."""
+    return f"py{dotted_python}-{lock_sha256[:12]}"
+
+
 # ---------------------------------------------------------------- disk space
 
 def free_bytes(path: Path) -> int:
@@ -422,7 +427,7 @@ def install(req: dict) -> None:
     app_bytes = sum(e["size"] for f, e in m["files"].items() if f.startswith("app/"))
     wheel_bytes = sum(e["size"] for f, e in m["files"].items() if f.startswith(f"wheels/{tag}/"))
     lock_entry = m["files"].get(f"app/requirements-pi-{tag}.lock")
-    venv_known = bool(lock_entry) and (APP / "venvs" / f"py{dotted}-{lock_entry['sha256'][:12]}"
+    venv_known = bool(lock_entry) and (APP / "venvs" / venv_name(dotted, lock_entry["sha256"])
                                        / ".installed").is_file()
     need_space(APP / "releases", app_bytes + (0 if venv_known else (1 + VENV_FACTOR) * wheel_bytes),
                f"release {version}" + ("" if venv_known else " and its virtualenv"))
@@ -444,7 +449,7 @@ def install(req: dict) -> None:
         lock = partial / f"requirements-pi-{tag}.lock"
         if not lock.is_file():
             raise Refused("no_python", f"the release has no {lock.name} for this machine's Python")
-        key = f"py{dotted}-{sha256_file(lock)[:12]}"         # deploy.sh's name: its venv is reused
+        key = venv_name(dotted, sha256_file(lock))
         venv = APP / "venvs" / key
         if not (venv / ".installed").is_file():
             wheels = STATE / "wheels"

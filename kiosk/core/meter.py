@@ -33,27 +33,24 @@ class PulseMeter:
     def read(self, total_pulses: int, now_ms: int) -> tuple[int, str | None]:
         """Take a reading of the counter: the new pulses since the last one, or 0 with a meter fault's detail.
         The first reading only sets the baseline."""
-        readings = self._readings
         if self.last_total_pulses is None:
             self.last_total_pulses = total_pulses
-            readings.append((now_ms, total_pulses))
+            self._restart(now_ms, total_pulses)
             return 0, None
         new_pulses = total_pulses - self.last_total_pulses
         self.last_total_pulses = total_pulses
         if new_pulses < 0:
-            readings.clear()
-            readings.append((now_ms, total_pulses))
+            self._restart(now_ms, total_pulses)
             return 0, f"pulse counter went backwards by {-new_pulses}"
         self._keep(now_ms, total_pulses)
         if new_pulses == 0:
             return 0, None
-        since_ms, since_total = readings[0]
+        since_ms, since_total = self._readings[0]
         span_ms, span_pulses = now_ms - since_ms, total_pulses - since_total
         cal, max_flow = self.settings.calibration, self.settings.max_flow_ml_per_min
         plausible = cal.pulses_for_volume_ml(max_flow * max(span_ms, 1) / 60_000) * 1.5
         if span_pulses > plausible + METER_SLACK_PULSES:
-            readings.clear()                 # the next pulses are judged on their own, not with the ones refused
-            readings.append((now_ms, total_pulses))
+            self._restart(now_ms, total_pulses)     # the next pulses are judged on their own, not with these
             return 0, (f"{span_pulses} pulses in {span_ms} ms is faster than the plumbing "
                        f"can flow ({max_flow} ml/min)")
         self._unsaved_pulses += new_pulses
@@ -66,6 +63,10 @@ class PulseMeter:
         really was."""
         if self.last_total_pulses is not None:
             self._keep(now_ms, self.last_total_pulses)
+
+    def _restart(self, now_ms: int, total_pulses: int) -> None:
+        self._readings.clear()
+        self._readings.append((now_ms, total_pulses))
 
     def _keep(self, now_ms: int, total_pulses: int) -> None:
         readings = self._readings
