@@ -228,7 +228,8 @@ def test_a_fleet_update_lands_and_a_crashing_one_rolls_back_without_a_reboot(pi,
         # deploy.sh's venv, found by its name: nothing was installed from the bundle's wheels
         assert pi.sh(f"readlink /opt/tapshare/{live}/.venv").stdout == pi.sh(
             f"readlink /opt/tapshare/{before}/.venv").stdout
-        assert releases(pi) == sorted([before.split("/")[1], live.split("/")[1]])      # the oldest pruned
+        kept = sorted([before.split("/")[1], live.split("/")[1]])     # the oldest pruned, just after the commit
+        assert wait_until(lambda: releases(pi) == kept, 30), releases(pi)
         serving(pi)
         assert wait_until(lambda: "0.3.0" in cloud.versions_heard(), 30)
         journal = pi.sh("journalctl -u tapshare-update.service -o cat --no-pager").stdout
