@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_end_to_end import window_box
 from tests.xvfb import RunningSystem, Xvfb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,16 +35,31 @@ class Screen:
         self.upside_down = False                # [screen] rotation_deg = 180: the picture is turned, and so are taps
 
     def find_window(self) -> None:
+        """Where the window is, from the X server (xdotool), once the app has drawn its first screen (its widget
+        map): not from the picture, whose edges may be as dark as Xvfb's empty screen."""
         from PIL import ImageGrab
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
+        geometry: dict[str, str] = {}
+        m = None
         while time.monotonic() < deadline:
-            box = window_box(ImageGrab.grab(xdisplay=self.x.display))
             m = self.map()
-            if box and m and (box[2] - box[0]) >= m["window"][0] - 2:
-                self.left, self.top = box[0], box[1]
+            found = subprocess.run(["xdotool", "search", "--pid", str(self.proc.pid)], env=self.x.env(),
+                                   capture_output=True, text=True, timeout=10).stdout.split()
+            if found:                                       # the process's window (SDL names its pid on it)
+                shell = subprocess.run(["xdotool", "getwindowgeometry", "--shell", found[0]], env=self.x.env(),
+                                       capture_output=True, text=True, timeout=10).stdout
+                geometry = dict(line.split("=", 1) for line in shell.split() if "=" in line)
+            if m and geometry and [int(geometry["WIDTH"]), int(geometry["HEIGHT"])] == list(m["window"]):
+                self.left, self.top = int(geometry["X"]), int(geometry["Y"])
                 return
+            if self.proc.poll() is not None:
+                break
             time.sleep(0.2)
-        raise AssertionError("the kiosk window did not appear")
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        ImageGrab.grab(xdisplay=self.x.display).save(SHOTS / "window-not-found.png")
+        raise AssertionError(f"the kiosk window did not appear: X says {geometry or 'no window'}, the app's map says "
+                             f"{m and m.get('window')}, the app {'exited' if self.proc.poll() is not None else 'runs'}"
+                             f" (the screen: {SHOTS / 'window-not-found.png'})")
 
     def map(self) -> dict | None:
         try:

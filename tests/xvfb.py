@@ -20,18 +20,26 @@ class Xvfb:
         exe = shutil.which("Xvfb")
         if exe is None:
             raise FileNotFoundError("Xvfb is not installed (Debian: apt-get install xvfb)")
-        for n in range(91, 140):
-            if Path(f"/tmp/.X11-unix/X{n}").exists() or Path(f"/tmp/.X{n}-lock").exists():
+        # each display from :91 (clear of a desktop's :0 and of the booted test root's): Xvfb takes the display's
+        # lock file itself, and writes the number to the pipe once it listens (-displayfd), or exits; so two test
+        # processes starting one at the same moment never both believe they have the same display
+        for n in range(91, 160):
+            if Path(f"/tmp/.X{n}-lock").exists():
                 continue
-            proc = subprocess.Popen([exe, f":{n}", "-screen", "0", self.size, "-nolisten", "tcp"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and proc.poll() is None:
-                if Path(f"/tmp/.X11-unix/X{n}").exists():
-                    self.proc, self.display = proc, f":{n}"
-                    return self
-                time.sleep(0.05)
+            read_end, write_end = os.pipe()
+            try:
+                proc = subprocess.Popen([exe, f":{n}", "-displayfd", str(write_end), "-screen", "0", self.size,
+                                         "-nolisten", "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        pass_fds=(write_end,))
+            finally:
+                os.close(write_end)
+            with os.fdopen(read_end, "rb") as r:
+                ready = r.readline().strip()        # empty: it exited (the display was taken)
+            if ready == str(n).encode():
+                self.proc, self.display = proc, f":{n}"
+                return self
             proc.kill()
+            proc.wait()
         raise RuntimeError("could not start Xvfb")
 
     def env(self, **extra: str) -> dict[str, str]:
