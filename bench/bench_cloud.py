@@ -76,6 +76,7 @@ def seed(data_dir: Path, n: int, database_url: str | None = None, box: SecretBox
 
 
 CONNECT_TIMEOUT_S = 10
+ANSWER_MARGIN_S = 15
 
 
 class Conn:
@@ -101,6 +102,17 @@ class Conn:
         head += [f"{k}: {v}" for k, v in (headers or {}).items()]
         self.writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
         await self.writer.drain()
+        # as a device does: an answer that does not come within the poll's wait and a margin is an error with a
+        # name (and the machine connects again), not a machine silently missing from the count
+        wait_ms = int(path.split("wait_ms=", 1)[1].split("&")[0]) if "wait_ms=" in path else 0
+        return await asyncio.wait_for(self._answer(), wait_ms / 1000 + ANSWER_MARGIN_S)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    async def _answer(self) -> tuple[int, dict]:
         status_line = await self.reader.readline()
         if not status_line:
             raise ConnectionError("closed")
@@ -114,7 +126,11 @@ class Conn:
             if k.lower() == "content-length":
                 length = int(v)
         data = await self.reader.readexactly(length) if length else b""
-        return status, json.loads(data) if data else {}
+        try:
+            return status, json.loads(data) if data else {}
+        except ValueError:                  # the balancer's own error page (HTML), named by its title
+            title = data.split(b"<h1>", 1)[-1].split(b"</h1>", 1)[0][:60].decode("utf-8", "replace")
+            return status, {"error": f"not JSON: {title}"}
 
 
 class Bench:
@@ -140,6 +156,7 @@ class Bench:
         self.busy_users: set[int] = set()             # a person with a session running starts no other
         self.user_of: dict[str, int] = {}             # session id -> its person
         self.ended: set[str] = set()                  # sessions whose end the machine reported
+        self.doing: dict[int, str] = {}               # machine -> what it waits for now (for a run that stalls)
 
     def _signed(self, mid: str, secret: bytes, method: str, path: str, body: bytes) -> dict[str, str]:
         return p.signed_headers(secret, mid, method, path, body, timestamp_ms=time.time_ns() // 1_000_000,
@@ -153,13 +170,16 @@ class Bench:
         first = True
         while not self.stop:
             try:
+                self.doing[i] = "first poll" if first else "long-poll"
                 status, body = await conn.request("GET", path, headers=self._signed(mid, secret, "GET", path, b""))
+                self.doing[i] = "handling"
                 if first:
                     self.connected += 1
                     first = False
                     path = "/device/v1/commands?wait_ms=55000"
                 if status != 200:
-                    self.errors[f"poll {status}"] = self.errors.get(f"poll {status}", 0) + 1
+                    what = f"poll {status} {body.get('error', '')}".strip()
+                    self.errors[what] = self.errors.get(what, 0) + 1
                     await asyncio.sleep(1)
                     continue
                 for cmd in body["commands"]:
@@ -192,11 +212,16 @@ class Bench:
                     self.idle.add(i)
                     self.ended.add(sid)
                     self.busy_users.discard(self.user_of.pop(sid, None))   # their session has ended
-            except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:          # any failure is counted by its name; the machine goes on
                 if self.stop:
                     break
-                what = f"{type(e).__name__} on {conn.last}"
+                what = f"{type(e).__name__} on {conn.last}" + (
+                    "" if isinstance(e, (ConnectionError, OSError, asyncio.IncompleteReadError)) else f": {e!r:.80}")
                 self.errors[what] = self.errors.get(what, 0) + 1
+                self.doing[i] = "reconnecting"
+                conn.close()
                 conn = Conn(self.machine_port(i))
                 await asyncio.sleep(0.5)
 
@@ -396,7 +421,10 @@ def generator(conn, machines, tokens, ports, rate: float, watchers: int) -> None
         deadline = time.monotonic() + 120           # a machine not connected by then is reported, not waited for
         while b.connected < len(machines) and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-        conn.send(("connected", b.connected, dict(b.errors)))
+        doing: dict[str, int] = {}
+        for what in b.doing.values():
+            doing[what] = doing.get(what, 0) + 1
+        conn.send(("connected", b.connected, dict(b.errors), doing))
         assert await loop.run_in_executor(None, conn.recv) == "go"
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
@@ -463,6 +491,29 @@ def cross_instance(fleet, machines, tokens, rate: float, seconds: float) -> dict
     return out
 
 
+def where_connections_are(fleet) -> str:
+    """Where the machines' connections are: at each HAProxy process (held from the machines, open to each
+    instance, queued for one) and at each instance (long-polls its hub holds)."""
+    import requests
+    parts = []
+    for b in range(fleet.n_balancers):
+        text = fleet.runtime("show stat", b) or ""
+        rows = [dict(zip(text.lstrip("# ").splitlines()[0].split(","), line.split(","), strict=False))
+                for line in text.splitlines()[1:] if line.strip()] if text else []
+        front = sum(int(r["scur"] or 0) for r in rows if r["svname"] == "FRONTEND")
+        servers = [f"{r['svname']} {r['scur']} (queued {r['qcur']}, checks failed {r['chkfail']}, down "
+                   f"{r['chkdown']} times)" for r in rows
+                   if r["pxname"] == "tapshare_cloud" and r["svname"] not in ("FRONTEND", "BACKEND")]
+        parts.append(f"HAProxy {b + 1}: {front} from machines, to " + ", ".join(servers))
+    for inst in fleet.instances:
+        try:
+            held = requests.get(inst.url + "/healthz", timeout=10).json()["connected_machines"]
+        except (requests.RequestException, KeyError, ValueError) as e:
+            held = f"? ({type(e).__name__})"
+        parts.append(f"cloud{inst.index + 1} holds {held} polls")
+    return "; ".join(parts)
+
+
 def fleet_run(args, n: int) -> None:
     import multiprocessing as mp
 
@@ -514,8 +565,9 @@ def fleet_run(args, n: int) -> None:
             ramp = time.perf_counter() - t_ramp
             if held < n:
                 print(f"        only {held} of {n} machines connected within 120 s; errors "
-                      f"{[h[2] for h in hello]}", flush=True)
+                      f"{[h[2] for h in hello]}; waiting for {[h[3] for h in hello]}", flush=True)
             time.sleep(3)
+            print("        " + where_connections_are(fleet), flush=True)
             pids = [inst.proc.pid for inst in fleet.instances]
             hpids = [h.pid for h in fleet.haproxies]
             # idle: every machine holds its poll, nobody starts anything
@@ -556,6 +608,7 @@ def fleet_run(args, n: int) -> None:
             c2 = [cpu_seconds(inst.proc.pid) for inst in fleet.instances]
             h2 = [cpu_seconds(pid) for pid in hpids]
             rss = [rss_mb(inst.proc.pid) for inst in fleet.instances]
+            print("        under load: " + where_connections_are(fleet), flush=True)
             hrss = [rss_mb(pid) for pid in hpids]
             for pipe in pipes:
                 pipe.send("stop")
