@@ -4,8 +4,9 @@ logged-in phone user and each operator role. An endpoint states what it needs in
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Query, Request
@@ -62,6 +63,9 @@ class Services:
     leases: Leases                      # which background jobs this instance runs
     releases: Releases                  # fleet updates: release bundles, rollouts, the machines' steps
     listener: Listener | None = None    # PostgreSQL: this instance's LISTEN connection (started with the app)
+    # when this instance last had an answer from its database (time.monotonic(); the flusher asks each second):
+    # /healthz answers from it at once, never waiting behind the requests for a database connection
+    database_ok_at: float = field(default_factory=time.monotonic)
 
     def now(self) -> int:
         return self.settings.clock_ms()

@@ -425,3 +425,39 @@ def test_a_missed_notification_is_made_good_by_the_periodic_recheck(tmp_path):
             cloud.app.state.database.dispose()
     finally:
         drop()
+
+
+def test_health_answers_at_once_and_says_when_the_database_has_gone(tmp_path):
+    """/healthz is the balancer's only question: it is answered on the event loop from the flusher's last answer
+    from the database (asked each second), so a burst of requests waiting for database connections cannot make a
+    live instance look dead; and an instance whose database is gone for HEALTH_DATABASE_S says so with 503, and
+    serves again once it is back."""
+    if not PG_URL:
+        pytest.skip("no PostgreSQL (TAPSHARE_TEST_POSTGRES_URL)")
+    import psycopg
+
+    from cloud.app import HEALTH_DATABASE_S
+    from tests.cloudkit import CloudServer
+    from tests.conftest import _fresh_postgres_database
+    url, drop = _fresh_postgres_database()
+    name = url.rsplit("/", 1)[1]
+    admin = PG_URL.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        with CloudServer(tmp_path / "cloud", database_url=url) as cloud:
+            assert requests.get(cloud.url + "/healthz", timeout=5).status_code == 200
+            with psycopg.connect(admin, autocommit=True) as c:     # the database goes: no connection is let in
+                c.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false")
+                c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            t0 = time.monotonic()
+
+            def unhealthy() -> bool:
+                r = requests.get(cloud.url + "/healthz", timeout=5)
+                return r.status_code == 503 and r.json()["error"] == "database_unreachable"
+            assert wait_until(unhealthy, HEALTH_DATABASE_S + 10)
+            assert time.monotonic() - t0 >= HEALTH_DATABASE_S - 1.5     # not at the first failed probe
+            with psycopg.connect(admin, autocommit=True) as c:
+                c.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
+            assert wait_until(lambda: requests.get(cloud.url + "/healthz", timeout=5).status_code == 200, 15)
+            cloud.app.state.database.dispose()
+    finally:
+        drop()
