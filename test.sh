@@ -10,4 +10,7 @@ source scripts/bootstrap.sh
 if [[ -f ../shared/tools/check_layers.py ]]; then
   .venv/bin/python ../shared/tools/check_layers.py
 fi
-exec .venv/bin/python -m pytest "$@"
+# two workers (this machine's 2 cores; most tests wait on servers, windows and a booted root, not the CPU), each
+# taking whole files (a file's module fixtures, such as the booted root, are made once); TAPSHARE_TEST_WORKERS=0
+# runs in one process, and "-n 0" among the arguments does too
+exec .venv/bin/python -m pytest -n "${TAPSHARE_TEST_WORKERS:-2}" --dist loadfile "$@"
