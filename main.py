@@ -388,7 +388,8 @@ class Dispenser:
         run_window(cfg, runtime, self.link, self.hw.world if self.hw is not None else None,
                    self.embedded.demo_link(cfg.machine.id) if self.embedded else "", hooks)
         runtime.request_stop("window closed")
-        runtime.wait_stopped(5)
+        if not runtime.wait_stopped(5):     # stop() closes the valve and the hardware whatever the core does
+            log.error("the core did not stop within 5 s of the window closing: the valve is closed without it")
 
     def stop(self) -> None:
         from kiosk import systemd
