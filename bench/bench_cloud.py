@@ -531,7 +531,8 @@ def fleet_run(args, n: int) -> None:
     url = admin_url.rsplit("/", 1)[0] + "/" + name
     balancers = args.balancers or max(1, -(-n // MACHINES_PER_BALANCER))
     gens = args.generators or max(1, -(-n // 7_000))
-    env = {"TAPSHARE_SCANS_PER_MINUTE_PER_NETWORK": "100000000", "TAPSHARE_SCANS_PER_MINUTE_PER_MACHINE": "1000000"}
+    env = {"TAPSHARE_SCANS_PER_MINUTE_PER_NETWORK": "100000000", "TAPSHARE_SCANS_PER_MINUTE_PER_MACHINE": "1000000",
+           **({"TAPSHARE_ALARM_CHECK_INTERVAL_S": str(args.alarm_check_s)} if args.alarm_check_s else {})}
     try:
         with tempfile.TemporaryDirectory() as d, CloudFleet(Path(d), url, n=args.instances, env=env,
                                                               balancers=balancers, plain=True,
@@ -682,6 +683,9 @@ def main() -> None:
                     help="machines polling instances directly for the A->A / B->A measurement (0: skip)")
     fl.add_argument("--cross-rate", type=float, default=10)
     fl.add_argument("--cross-seconds", type=float, default=20)
+    fl.add_argument("--alarm-check-s", type=float, default=0,
+                    help="the instances' TAPSHARE_ALARM_CHECK_INTERVAL_S (0: the cloud's default, 5 s); a large value "
+                         "shows what the operators' alarm rules cost the start->command latency")
     fl.add_argument("--rolling-restart", action="store_true",
                     help="SIGTERM and restart every instance in turn during the phone phase")
     args = ap.parse_args()
