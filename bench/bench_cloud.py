@@ -35,6 +35,7 @@ from bench.common import free_port, pct, start_cloud, stop_process
 from cloud import db as t
 from cloud.db import Database
 from cloud.security import SecretBox, new_token, token_hash
+from sync.link import poll_wait_now_ms
 
 
 def raise_fd_limit(n: int = 20_000) -> None:
@@ -76,6 +77,7 @@ def seed(data_dir: Path, n: int, database_url: str | None = None, box: SecretBox
 
 
 CONNECT_TIMEOUT_S = 10
+POLL_WAIT_MS = 55_000            # a device's (sync.link's default)
 ANSWER_MARGIN_S = 15
 
 
@@ -88,8 +90,9 @@ class Conn:
         self.writer: asyncio.StreamWriter | None = None
         self.last = ""                               # what the last request was (for the errors' names)
 
-    async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
-                      ) -> tuple[int, dict]:
+    async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
+                      held_ms: int = 0) -> tuple[int, dict]:
+        """``held_ms``: how long the server may hold the answer (a long-poll's wait)."""
         self.last = method + " " + "/".join(path.split("?")[0].split("/")[:4])
         if self.writer is None:
             # a connection the balancer never accepts (its queue full: the SYN is retried for minutes) is an
@@ -104,8 +107,7 @@ class Conn:
         await self.writer.drain()
         # as a device does: an answer that does not come within the poll's wait and a margin is an error with a
         # name (and the machine connects again), not a machine silently missing from the count
-        wait_ms = int(path.split("wait_ms=", 1)[1].split("&")[0]) if "wait_ms=" in path else 0
-        return await asyncio.wait_for(self._answer(), wait_ms / 1000 + ANSWER_MARGIN_S)
+        return await asyncio.wait_for(self._answer(), held_ms / 1000 + ANSWER_MARGIN_S)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -138,8 +140,9 @@ class Bench:
     the start for machine i goes, with a label its latency is counted under (``(port, label)``)."""
 
     def __init__(self, port: int, machines: list[tuple[str, bytes]], tokens: list[str],
-                 machine_port=None, phone_port=None) -> None:
+                 machine_port=None, phone_port=None, aligned_polls: bool = False) -> None:
         self.port, self.machines, self.tokens = port, machines, tokens
+        self.aligned_polls, self.rng = aligned_polls, random.Random()
         self.machine_port = machine_port or (lambda i: port)
         self.phone_port = phone_port or (lambda i: (self.machine_port(i), ""))
         self.label: dict[str, str] = {}              # session id -> its label
@@ -165,18 +168,24 @@ class Bench:
     async def dispenser(self, i: int) -> None:
         mid, secret = self.machines[i]
         conn = Conn(self.machine_port(i))
-        # the first poll answers at once (connected, known to every instance); then each is held up to 55 s
-        path = "/device/v1/commands?wait_ms=0"
-        first = True
+        # the first poll answers at once (connected, known to every instance); then each is held as a device's
+        # is (sync.link: 44-55 s). The first long-poll's wait is spread over the whole 55 s, as a fleet running
+        # for a while has its polls spread (a machine's place in the cycle is where it once booted), unless
+        # --aligned-polls: every machine then comes back in the wave the ramp made, as after a cloud restart
+        wait_ms, first = 0, True
         while not self.stop:
             try:
+                path = f"/device/v1/commands?wait_ms={wait_ms}"
                 self.doing[i] = "first poll" if first else "long-poll"
-                status, body = await conn.request("GET", path, headers=self._signed(mid, secret, "GET", path, b""))
+                status, body = await conn.request("GET", path, headers=self._signed(mid, secret, "GET", path, b""),
+                                                  held_ms=wait_ms)
                 self.doing[i] = "handling"
+                wait_ms = poll_wait_now_ms(POLL_WAIT_MS, self.rng)
                 if first:
                     self.connected += 1
                     first = False
-                    path = "/device/v1/commands?wait_ms=55000"
+                    if not self.aligned_polls:
+                        wait_ms = self.rng.randint(1_000, POLL_WAIT_MS)
                 if status != 200:
                     what = f"poll {status} {body.get('error', '')}".strip()
                     self.errors[what] = self.errors.get(what, 0) + 1
@@ -304,8 +313,8 @@ class Bench:
 
 
 async def run(port: int, machines, tokens, rate: float, seconds: float, ramp_s: float, server_pid: int,
-              watchers: int = 0) -> Bench:
-    b = Bench(port, machines, tokens)
+              watchers: int = 0, aligned_polls: bool = False) -> Bench:
+    b = Bench(port, machines, tokens, aligned_polls=aligned_polls)
     tasks = []
     for i in range(len(machines)):
         tasks.append(asyncio.create_task(b.dispenser(i)))
@@ -361,7 +370,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def one_size(n: int, rate: float, seconds: float, watchers: int = 0) -> None:
+def postgres_cpu_seconds() -> float:
+    """CPU of every PostgreSQL process on this machine (its backends, and those ended: counted to the server's
+    main process when it reaped them); the bench's database shares the 2 cores with the rest."""
+    total, tck = 0.0, os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name, rest = text.split("(", 1)[1].rsplit(")", 1)
+        if name.startswith("postgres"):
+            f = rest.split()
+            total += (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])) / tck
+    return total
+
+
+def one_size(n: int, rate: float, seconds: float, watchers: int = 0, aligned_polls: bool = False) -> None:
     with tempfile.TemporaryDirectory() as d:
         data = Path(d)
         machines, tokens = seed(data, n)
@@ -372,7 +397,7 @@ def one_size(n: int, rate: float, seconds: float, watchers: int = 0) -> None:
             srv0, gen0 = cpu_seconds(server.pid), resource.getrusage(resource.RUSAGE_SELF)
             memory.start()
             b = asyncio.run(run(port, machines, tokens, rate, seconds, ramp_s=max(2.0, n / 1000),
-                                server_pid=server.pid, watchers=watchers))
+                                server_pid=server.pid, watchers=watchers, aligned_polls=aligned_polls))
             srv1, gen1 = cpu_seconds(server.pid), resource.getrusage(resource.RUSAGE_SELF)
         finally:
             memory.halt.set()
@@ -403,14 +428,15 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def generator(conn, machines, tokens, ports, rate: float, watchers: int) -> None:
+def generator(conn, machines, tokens, ports, rate: float, watchers: int, aligned_polls: bool) -> None:
     """One load-generator process: its slice of the machines (machine i polls through balancer ports[i % len]),
     its own phones at ``rate``. Talks to the parent through ``conn``: ("connected", n); waits for "go"; runs the
     phones until "stop"; sends its figures; exits."""
     raise_fd_limit()
 
     async def go() -> dict:
-        b = Bench(ports[0], machines, tokens, machine_port=lambda i: ports[i % len(ports)])
+        b = Bench(ports[0], machines, tokens, machine_port=lambda i: ports[i % len(ports)],
+                  aligned_polls=aligned_polls)
         b.stop_phones = asyncio.Event()
         loop = asyncio.get_running_loop()
         tasks = []
@@ -491,6 +517,18 @@ def cross_instance(fleet, machines, tokens, rate: float, seconds: float) -> dict
     return out
 
 
+def requests_answered(fleet) -> int:
+    """HTTP requests the balancers have passed to the instances so far (HAProxy's req_tot of the backend)."""
+    total = 0
+    for b in range(fleet.n_balancers):
+        text = fleet.runtime("show stat", b) or ""
+        rows = [dict(zip(text.lstrip("# ").splitlines()[0].split(","), line.split(","), strict=False))
+                for line in text.splitlines()[1:] if line.strip()] if text else []
+        total += sum(int(r.get("req_tot") or 0) for r in rows
+                     if r["pxname"] == "tapshare_cloud" and r["svname"] == "BACKEND")
+    return total
+
+
 def where_connections_are(fleet) -> str:
     """Where the machines' connections are: at each HAProxy process (held from the machines, open to each
     instance, queued for one) and at each instance (long-polls its hub holds)."""
@@ -543,7 +581,9 @@ def fleet_run(args, n: int) -> None:
             cross_m, cross_t = seed(Path(d), args.cross_machines, url, box, prefix="X",
                                     users=args.cross_machines)
             print(f"N={n:>6}, {args.instances} instances on PostgreSQL, {balancers} HAProxy process(es) (plain http "
-                  f"frontends), {gens} generator processes; seeded in {time.perf_counter() - t_seed:.1f} s",
+                  f"frontends), {gens} generator processes; polls "
+                  f"{'aligned by the ramp' if args.aligned_polls else 'spread'}; seeded in "
+                  f"{time.perf_counter() - t_seed:.1f} s",
                   flush=True)
             ports = fleet.plain_ports
             ctx = mp.get_context("fork")
@@ -556,7 +596,8 @@ def fleet_run(args, n: int) -> None:
                 my_ports = [ports[(g + k * gens) % balancers] for k in range(balancers)]
                 proc = ctx.Process(target=generator, args=(child_end, [machines[i] for i in idx],
                                                            [tokens[u] for u in users], my_ports,
-                                                           args.rate / gens, args.watchers // gens))
+                                                           args.rate / gens, args.watchers // gens,
+                                                           args.aligned_polls))
                 proc.start()
                 pipes.append(parent_end)
                 procs.append(proc)
@@ -574,14 +615,20 @@ def fleet_run(args, n: int) -> None:
             # idle: every machine holds its poll, nobody starts anything
             c0 = [cpu_seconds(pid) for pid in pids]
             h0 = [cpu_seconds(pid) for pid in hpids]
+            pg0, r0 = postgres_cpu_seconds(), requests_answered(fleet)
             time.sleep(args.idle_seconds)
             c1 = [cpu_seconds(pid) for pid in pids]
             h1 = [cpu_seconds(pid) for pid in hpids]
+            pg1, r1 = postgres_cpu_seconds(), requests_answered(fleet)
             idle_cores = sum(c1) - sum(c0)
+            polls = max(r1 - r0, 1)
             print(f"        held {held} connections (ramp {ramp:.1f} s); idle {args.idle_seconds:.0f} s: instances "
                   f"{', '.join(f'{b - a:.2f}' for a, b in zip(c0, c1, strict=True))} CPU-s, "
                   f"{1000 * idle_cores / args.idle_seconds / max(held, 1):.4f} cores per 1,000 held connections; "
-                  f"HAProxy {sum(h1) - sum(h0):.2f} CPU-s", flush=True)
+                  f"HAProxy {sum(h1) - sum(h0):.2f} CPU-s, PostgreSQL {pg1 - pg0:.2f} CPU-s; {r1 - r0} polls renewed "
+                  f"= {(r1 - r0) / args.idle_seconds:.0f}/s, CPU-ms per poll: instances "
+                  f"{1000 * idle_cores / polls:.2f}, HAProxy {1000 * (sum(h1) - sum(h0)) / polls:.2f}, PostgreSQL "
+                  f"{1000 * (pg1 - pg0) / polls:.2f}", flush=True)
             for pipe in pipes:
                 pipe.send("go")
             t0 = time.perf_counter()
@@ -607,6 +654,7 @@ def fleet_run(args, n: int) -> None:
             if rest > 0:
                 time.sleep(rest)
             c2 = [cpu_seconds(inst.proc.pid) for inst in fleet.instances]
+            pg2 = postgres_cpu_seconds()
             h2 = [cpu_seconds(pid) for pid in hpids]
             rss = [rss_mb(inst.proc.pid) for inst in fleet.instances]
             print("        under load: " + where_connections_are(fleet), flush=True)
@@ -635,7 +683,8 @@ def fleet_run(args, n: int) -> None:
             print(f"        CPU-s under load{rolling}: instances {', '.join(f'{x:.1f}' for x in busy)} = "
                   f"{sum(busy) / elapsed:.2f} cores, {1000 * sum(busy) / elapsed / max(held, 1):.4f} cores per "
                   f"1,000 held connections, {sum(busy) / max(completed, 1) * 1000:.1f} CPU-ms per session; HAProxy "
-                  f"{sum(h2) - sum(h1):.1f} CPU-s; generators {sum(r['cpu'] for r in results):.1f} CPU-s", flush=True)
+                  f"{sum(h2) - sum(h1):.1f} CPU-s; PostgreSQL {pg2 - pg1:.1f} CPU-s; generators "
+                  f"{sum(r['cpu'] for r in results):.1f} CPU-s", flush=True)
             print(f"        RSS: instances {', '.join(f'{x:.0f}' for x in rss)} MB; HAProxy "
                   f"{', '.join(f'{x:.0f}' for x in hrss)} MB", flush=True)
             if args.rolling_restart:
@@ -674,6 +723,9 @@ def main() -> None:
                     help="N cloud instances on PostgreSQL behind HAProxy (0: one process on SQLite, no balancer)")
     fl.add_argument("--database-url", help="a PostgreSQL server where the bench may create (and drop) a database; "
                                            "default TAPSHARE_TEST_POSTGRES_URL")
+    ap.add_argument("--aligned-polls", action="store_true",
+                    help="every machine's first long-poll held the whole 55 s, so the fleet comes back in the wave the "
+                         "ramp made (as after a cloud restart); default: spread as a running fleet's are")
     fl.add_argument("--generators", type=int, default=0,
                     help="load-generator processes, each with a slice of the machines (default: one per 7,000)")
     fl.add_argument("--balancers", type=int, default=0,
@@ -694,7 +746,7 @@ def main() -> None:
         if args.instances:
             fleet_run(args, n)
         else:
-            one_size(n, args.rate, args.seconds, args.watchers)
+            one_size(n, args.rate, args.seconds, args.watchers, args.aligned_polls)
 
 
 if __name__ == "__main__":

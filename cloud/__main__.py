@@ -14,6 +14,7 @@ The database is an embedded SQLite file in the data folder unless ``--database-u
 from __future__ import annotations
 
 import argparse
+import logging
 import secrets
 import sys
 import time
@@ -115,13 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     from cloud.db import SchemaMismatch
     from cloud.security import KeyError_
     from cloud.server import GracefulServer, server_config
+    # the service's own log lines (tapshare.*: releases, alarms resolved, payments, draining ...) at the server's
+    # level, beside uvicorn's, to standard error (the journal): without a handler only warnings were shown
+    log_level = getattr(args, "log_level", "info")
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(levelname)-9s %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)     # a line for each of its plugins
     try:
         app = create_app(settings)
     except (SettingsError, SchemaMismatch, KeyError_) as e:      # production refusals, a database to move aside
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from cloud.gc_policy import GcPolicy
+    GcPolicy(settings.gc_full_every_s).apply()       # after the app is built: what it holds is frozen
     GracefulServer(server_config(app, host=getattr(args, "host", "127.0.0.1"),
-                                 port=getattr(args, "port", 8700), log_level=getattr(args, "log_level", "info"),
+                                 port=getattr(args, "port", 8700), log_level=log_level,
                                  header_timeout_s=settings.header_timeout_s, timeout_graceful_shutdown=3,
                                  backlog=4096)).run()
     return 0

@@ -35,6 +35,7 @@ from cloud.accounts import router as accounts
 from cloud.accounts.service import Accounts, AccountSettings
 from cloud.alarms import router as alarms
 from cloud.alarms.notify import Notifier
+from cloud.alarms.rules import alarming
 from cloud.alarms.service import Alarms, AlarmSettings
 from cloud.cluster import COMMANDS_CHANNEL, KEYS_CHANNEL, Leases, Listener, SharedRateLimiter
 from cloud.console import router as console
@@ -116,7 +117,9 @@ def build_services(settings: CloudSettings) -> Services:
     database.create_all()
     box = SecretBox.from_env_or_file(settings.data_dir / "server.key", production=settings.production)
     sms, verifier, pay = settings.providers(box)
-    hub, machines = CommandHub(), Machines(database, box, settings.clock_ms())
+    thresholds = settings.alarm_thresholds()
+    hub = CommandHub()
+    machines = Machines(database, box, settings.clock_ms(), alarm_hint=lambda hb: alarming(hb, thresholds))
     presence = Presence(hub, database, settings.clock_ms, shared=not database.is_sqlite)
     commands = Commands(database, settings.clock_ms())
 
@@ -139,7 +142,7 @@ def build_services(settings: CloudSettings) -> Services:
     accounts.send_refunds = wallet.send_refunds
     notifier = Notifier(database, settings.notify_settings(), public_url=lambda: settings.public_url,
                         clock_ms=settings.clock_ms)
-    alarm_settings = AlarmSettings(settings.alarm_offline_after_s * 1000, settings.alarm_thresholds())
+    alarm_settings = AlarmSettings(settings.alarm_offline_after_s * 1000, thresholds)
     operators = Operators(database, machines, presence.connected, notify)
     return Services(
         settings=settings, database=database, hub=hub, machines=machines, commands=commands,

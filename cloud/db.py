@@ -8,7 +8,9 @@ sum of all entries; the held amount is the sum of open holds.
 
 from __future__ import annotations
 
+import select
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +33,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    exc,
     insert,
     inspect,
     text,
@@ -63,6 +66,10 @@ machines = Table(
     Column("site", String(100), nullable=False, default="", server_default=""),   # a group of machines, for reports
     # until when its current long-poll is held, at whichever cloud instance: "connected" for every instance
     Column("poll_until_ms", BigInteger, nullable=True),
+    # whether its latest heartbeat shows any alarm rule's condition, judged when the heartbeat arrived (NULL:
+    # unknown, e.g. written before migration 0009): the alarm round reads only such machines, the silent ones
+    # and those with an alarm, not the whole fleet every few seconds
+    Column("alarm_hint", Boolean, nullable=True),
 )
 
 enrolment_tokens = Table(
@@ -561,6 +568,41 @@ MIGRATION_LOCK_KEY = 0x7A95_0001     # PostgreSQL advisory lock: one instance mi
 SQLITE_CACHE_KIB = 512
 
 
+# a pooled PostgreSQL connection idle this long is asked whether it still works before it is used (SQLAlchemy's
+# pool_pre_ping asks at every checkout: a round trip to the database before each transaction, a fifth of the
+# database time under a fleet's load, for connections that were used a few milliseconds before)
+PING_IDLE_S = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Pessimistic disconnect handling for connections that sat in the pool: a database restart or a network cut
+    while they were idle is found before a request uses one, and the pool opens a fresh connection instead
+    (raising DisconnectionError from a checkout is SQLAlchemy's documented way to ask for that)."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn, record) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn, record, _proxy) -> None:
+        since = record.info.pop("idle_since", None)
+        if since is not None and (time.monotonic() - since >= PING_IDLE_S or _has_spoken(dbapi_conn)):
+            try:
+                engine.dialect.do_ping(dbapi_conn)
+            except Exception as e:                   # psycopg's OperationalError, a closed connection, ...
+                raise exc.DisconnectionError(f"a pooled connection no longer works: {e}") from e
+
+
+def _has_spoken(dbapi_conn) -> bool:
+    """Whether the server sent something to a connection that asked nothing: PostgreSQL does so when it ends the
+    connection (a restart, pg_terminate_backend: an error, then end of file), found without a round trip."""
+    try:
+        readable, _, _ = select.select([dbapi_conn.fileno()], [], [], 0)
+    except (OSError, ValueError, AttributeError):
+        return True                                  # closed, or not a socket we can ask: let the ping decide
+    return bool(readable)
+
+
 class SchemaMismatch(RuntimeError):
     pass
 
@@ -579,8 +621,12 @@ class Database:
             # and only as many connections as ever run at once fill theirs (first-in-first-out warmed all 48)
             kwargs.update(pool_size=48, max_overflow=16, pool_use_lifo=True)
         else:
-            kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+            # most recently used first, as for SQLite: the connections in use stay warm, and only the few that
+            # sat idle past PING_IDLE_S are pinged before their next use
+            kwargs.update(pool_size=10, max_overflow=20, pool_use_lifo=True)
         self.engine: Engine = create_engine(url, **kwargs)
+        if not self.is_sqlite:
+            _ping_when_idle(self.engine)
         if self.is_sqlite:
             @event.listens_for(self.engine, "connect")
             def _pragmas(dbapi_conn, _record) -> None:

@@ -58,6 +58,10 @@ _NUMBERS: dict[str, tuple[str, float, float, float]] = {
     # PostgreSQL: how often an instance looks for commands whose notification it missed (the longest such a
     # command can wait)
     "command_recheck_s": ("TAPSHARE_COMMAND_RECHECK_S", 5.0, 0.1, 600),
+    # a serving process's full garbage collections: one this often instead of whenever CPython decides (which,
+    # holding thousands of long-polls, was a pause of up to 2 s every few seconds: cloud/gc_policy.py); 0 keeps
+    # CPython's defaults
+    "gc_full_every_s": ("TAPSHARE_GC_FULL_EVERY_S", 300.0, 0, 86_400),
 }
 
 
@@ -136,6 +140,7 @@ class CloudSettings:
     header_timeout_s: float = _number("header_timeout_s")
     drain_s: float = _number("drain_s")
     command_recheck_s: float = _number("command_recheck_s")
+    gc_full_every_s: float = _number("gc_full_every_s")
     # this instance's name among several (leases of background jobs, /healthz, logs)
     instance_id: str = field(default_factory=instance_id)
     operator_token_days: int = _number("operator_token_days")

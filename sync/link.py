@@ -72,6 +72,15 @@ UNDECIDED_KEPT = 100               # starts and lockout clears waiting for the c
 PROGRESS_QUEUED_MAX = 100          # live progress is dropped (best effort) while this many replies wait to be sent
 CONSUMABLES_EVERY_MS = 600_000     # their use changes by the day: counted again for a heartbeat at most this often
 CLAIM_TIMEOUT_S = 3.0
+# each long-poll asks to be held between (1 - POLL_JITTER) and all of poll_wait_ms: a fleet that reconnected at
+# once (a cloud instance restarted, a town's network came back) would otherwise come back in one wave every
+# poll_wait_ms for ever; with the spread it is even again within a few polls
+POLL_JITTER = 0.2
+
+
+def poll_wait_now_ms(poll_wait_ms: int, rng: random.Random | None = None) -> int:
+    """How long this poll asks to be held (a device's and the cloud benchmark's simulated ones)."""
+    return int(poll_wait_ms * (1 - POLL_JITTER * (rng or random).random()))
 
 
 class Backoff:
@@ -233,7 +242,7 @@ class SyncLink:
             try:
                 if not self.client.time_synced:
                     self.client.sync_time()
-                commands = self.client.poll(self.poll_wait_ms)
+                commands = self.client.poll(poll_wait_now_ms(self.poll_wait_ms))
                 self._ok()
                 backoff.reset()
                 for cmd in commands:

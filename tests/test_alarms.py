@@ -183,6 +183,37 @@ def test_a_machine_holding_a_long_poll_is_not_offline(cloud, clock):
     wait_case(cloud, "offline", "POLL1")                      # once the poll is over and the hub forgets it
 
 
+def test_the_round_reads_only_machines_that_may_need_a_change(both, clock, monkeypatch):
+    """A fleet's healthy machines are not read by every round (at 10,000 machines that read held a core's share
+    every 5 s): each heartbeat is judged when it arrives and the machine keeps whether it showed anything."""
+    alarms = both.app.state.services.alarms
+    silent = machine(both, clock, "QUIET")
+    assert silent.heartbeat().status_code == 200
+    clock.forward(301_000)
+    healthy = [machine(both, clock, f"OK{i:02d}") for i in range(20)]
+    for dev in healthy:
+        assert dev.heartbeat(temp_c=12.0, tds_ppm=50).status_code == 200
+    leaking = machine(both, clock, "WET")
+    assert leaking.heartbeat(lockouts=["leak_sensor"]).status_code == 200
+    with both.app.state.database.read() as conn:
+        hints = dict(conn.execute(select(t.machines.c.machine_id, t.machines.c.alarm_hint)).all())
+    assert hints["WET"] is True and hints["QUIET"] is False and {hints[d.machine_id] for d in healthy} == {False}
+    judged: list[str] = []
+    judge = alarms._judge
+    monkeypatch.setattr(alarms, "_judge", lambda m, *a: judged.append(m["machine_id"]) or judge(m, *a))
+    leak = wait_case(both, "leak", "WET")
+    wait_case(both, "offline", "QUIET")
+    judged.clear()
+    check(both)
+    assert sorted(set(judged)) == ["QUIET", "WET"]            # the silent one and the wet one, none of the 20
+    # the leak is fixed: judged (it has an alarm) and resolved; from then on it is not read either
+    assert leaking.heartbeat(lockouts=[]).status_code == 200
+    wait_resolved(both, leak["alarm_id"])
+    judged.clear()
+    check(both)
+    assert sorted(set(judged)) == ["QUIET"]
+
+
 # ---------------------------------------------------------------- what the heartbeat says
 
 @pytest.mark.parametrize("lockout, rule, severity, words_first", [

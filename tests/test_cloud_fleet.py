@@ -461,3 +461,37 @@ def test_health_answers_at_once_and_says_when_the_database_has_gone(tmp_path):
             cloud.app.state.database.dispose()
     finally:
         drop()
+
+
+def test_pooled_connections_cut_while_idle_are_replaced_before_they_are_used():
+    """PostgreSQL restarted (or ended the connections) while the pool held them: the next transactions are served,
+    each on a connection that was checked first. One that has sat for PING_IDLE_S is pinged; one used a moment ago
+    is checked without a round trip (the server has said goodbye on its socket), not pinged before every
+    transaction as SQLAlchemy's pool_pre_ping would (a round trip per transaction under load)."""
+    if not PG_URL:
+        pytest.skip("no PostgreSQL (TAPSHARE_TEST_POSTGRES_URL)")
+    import psycopg
+    from sqlalchemy import text
+
+    from cloud.db import PING_IDLE_S, Database
+    from tests.conftest import _fresh_postgres_database
+    url, drop = _fresh_postgres_database()
+    name = url.rsplit("/", 1)[1]
+    admin = PG_URL.replace("postgresql+psycopg://", "postgresql://")
+    db = Database(url)
+    db.create_all()
+    try:
+        for idle_s in (0, PING_IDLE_S + 0.3):          # cut right after use, and after a pause
+            with db.read() as conn, db.read() as other:     # two pooled connections
+                assert conn.execute(text("SELECT 1")).scalar() == other.execute(text("SELECT 1")).scalar() == 1
+            time.sleep(idle_s)
+            with psycopg.connect(admin, autocommit=True) as c:   # waits until each has ended
+                cut = c.execute("SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+                                "WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchone()[0]
+            assert cut >= 2
+            for _ in range(4):
+                with db.read() as conn:
+                    assert conn.execute(text("SELECT count(*) FROM machines")).scalar() == 0
+    finally:
+        db.dispose()
+        drop()

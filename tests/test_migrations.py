@@ -85,7 +85,7 @@ def test_a_new_database_is_made_by_the_migrations_and_matches_the_models(databas
     db.create_all()
     db.create_all()                                  # again: nothing to do
     with db.engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0008"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0009"
     assert schema_drift(db) == []
     db.dispose()
 
@@ -96,7 +96,7 @@ def test_a_database_of_the_previous_release_is_upgraded_with_its_data_and_served
     db.create_all()
     assert schema_drift(db) == []                    # the upgraded schema is exactly this release's
     with db.read() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0008"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0009"
         assert conn.execute(select(t.bills.c.amount_fen)).scalar() == 150
         assert conn.execute(select(t.machines.c.location)).scalar().startswith("杭州市西湖区")
     db.dispose()

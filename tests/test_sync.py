@@ -262,6 +262,20 @@ def test_online_at_once_with_a_long_poll_and_its_wait_does_not_skew_the_clock(tm
             assert d.client.offset_ms == offset
 
 
+def test_each_long_poll_asks_for_its_own_wait_so_a_fleet_does_not_return_in_waves(tmp_path):
+    """A fleet that reconnected at once (a cloud instance restarted) would otherwise come back to the cloud in
+    one wave every 55 s for ever: each poll asks for between 80 % and all of the configured wait."""
+    with CloudServer(tmp_path / "cloud") as cloud:
+        dev = cloud.provision("J1")
+        with Dispenser(tmp_path, cloud.url, "J1", dev.secret, poll_wait_ms=300) as d:
+            asked: list[int] = []
+            real = d.client.poll
+            d.client.poll = lambda wait_ms: asked.append(wait_ms) or real(wait_ms)
+            assert wait_until(lambda: len(asked) >= 15, timeout_s=20)
+    assert all(240 <= w <= 300 for w in asked), asked
+    assert max(asked) - min(asked) >= 20 and len(set(asked)) >= 5, asked
+
+
 def test_the_phone_sees_service_changes_within_two_seconds_and_cannot_start_meanwhile(tmp_path):
     """Heartbeats come every 30 s in the field; a change a phone must see goes at once."""
     from kiosk.events import ClearLockout, ClearSource, SetOutOfService

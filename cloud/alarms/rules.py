@@ -99,3 +99,8 @@ def heartbeat_conditions(hb: dict[str, Any], th: Thresholds) -> dict[str, dict[s
             c = next((c for c in hb["consumables"] if c.get("kind") == kind), None)
             out[f"{kind}_due"] = {k: v for k, v in c.items() if k != "due"} if c and c.get("due") else None
     return out
+
+
+def alarming(hb: dict[str, Any], th: Thresholds) -> bool:
+    """Whether the heartbeat shows any rule's condition (kept as ``machines.alarm_hint`` when it arrives)."""
+    return any(cond is not None for cond in heartbeat_conditions(hb, th).values())

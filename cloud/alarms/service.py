@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, select, update
+from sqlalchemy import Connection, and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -152,13 +152,23 @@ class Alarms:
 
     # ---------------------------------------------------------------- the rules
     def check(self, now_ms: int) -> tuple[int, int]:
-        """Judge every enrolled machine against the rules; returns how many alarms were opened and resolved. Reads
+        """Judge the enrolled machines against the rules; returns how many alarms were opened and resolved. Reads
         first, and only a machine that needs a change gets a transaction, in which it is judged again on fresh
-        rows with its alarms locked."""
+        rows with its alarms locked.
+
+        Only the machines that may need a change are read: those whose latest heartbeat showed a condition
+        (``alarm_hint``, judged when it arrived, or not known), those silent for ``offline_after_ms``, and those
+        with an open alarm. Any other machine was heard recently and said nothing wrong, and has no alarm to
+        resolve: judging it changes nothing, and reading a whole fleet every few seconds would hold a core."""
         m = t.machines.c
         with self.db.read() as conn:
-            machines = conn.execute(select(m.machine_id, m.last_seen_ms, m.poll_until_ms, m.heartbeat)
-                                    .where(m.secret_enc.is_not(None))).mappings().all()
+            alarmed = select(a.machine_id).where(and_(
+                a.state.in_(ACTIVE), a.machine_id.is_not(None), a.rule.in_(MACHINE_STATE_RULES)))
+            machines = conn.execute(select(m.machine_id, m.last_seen_ms, m.poll_until_ms, m.heartbeat).where(and_(
+                m.secret_enc.is_not(None), m.last_seen_ms.is_not(None), or_(
+                    m.alarm_hint.is_(None), m.alarm_hint.is_(True),
+                    m.last_seen_ms < now_ms - self.settings.offline_after_ms,
+                    m.machine_id.in_(alarmed))))).mappings().all()
             active: dict[str, dict[str, dict]] = defaultdict(dict)
             for r in conn.execute(select(t.operator_alarms).where(and_(
                     a.state.in_(ACTIVE), a.machine_id.is_not(None), a.rule.in_(MACHINE_STATE_RULES)))).mappings():

@@ -105,11 +105,13 @@ class Presence:
     # fact gone is voided by its deadline and its money released
     RECENT_MS = 10_000
     REWRITE_MS = 1_000           # at most one write a machine a second (a machine polling without waiting)
+    PRUNE_EVERY_MS = 10_000      # _written keeps each machine until its poll_until_ms, dropped this often
 
     def __init__(self, hub: CommandHub, db, clock_ms, shared: bool) -> None:
         self.hub, self.db, self.clock_ms, self.shared = hub, db, clock_ms, shared
         self._due: dict[str, int] = {}           # machine -> poll_until_ms to write
         self._written: dict[str, int] = {}       # machine -> poll_until_ms last written by this instance
+        self._pruned_ms = 0                      # when the times past were last dropped from _written
         self._lock = threading.Lock()
 
     def polling(self, machine_id: str, wait_ms: int, now_ms: int) -> None:
@@ -126,8 +128,9 @@ class Presence:
         flushes never wait on each other crosswise). An earlier time never replaces a later one."""
         with self._lock:
             due, self._due = self._due, {}
-            if len(self._written) > 2 * max(1, len(due)) and len(self._written) > 1000:
-                now = self.clock_ms()
+            now = self.clock_ms()
+            if now - self._pruned_ms >= self.PRUNE_EVERY_MS:    # not every flush: it is a pass over every machine
+                self._pruned_ms = now
                 self._written = {m: u for m, u in self._written.items() if u > now}
         if not due:
             return 0

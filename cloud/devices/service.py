@@ -8,6 +8,7 @@ import logging
 import secrets
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,8 +45,12 @@ class MachineAuth:
 
 
 class Machines:
-    def __init__(self, db: Database, box: SecretBox, now_ms: int = 0) -> None:
+    def __init__(self, db: Database, box: SecretBox, now_ms: int = 0,
+                 alarm_hint: Callable[[dict[str, Any]], bool] | None = None) -> None:
         self.db, self.box = db, box
+        # whether a heartbeat shows any alarm rule's condition (cloud.alarms.rules.alarming, wired by the app):
+        # kept with the machine so the alarm round need not read the whole fleet; None leaves it unknown
+        self.alarm_hint = alarm_hint
         self._secrets: dict[str, bytes] = {}
         self._secrets_generation = 0   # bumped whenever cached secrets are dropped (see :meth:`forget_secret`)
         self.samples = Samples()       # heartbeats kept every few minutes, for the console's charts
@@ -255,6 +260,7 @@ class Machines:
         mc = t.machines.c
         with self.db.tx() as conn:
             values: dict[str, Any] = {"last_seen_ms": now_ms, "heartbeat": hb.model_dump()}
+            values["alarm_hint"] = self.alarm_hint(values["heartbeat"]) if self.alarm_hint else None
             m = first_row(conn, select(mc.open_session_id, mc.price_fen_per_l, mc.timezone, mc.hotline)
                      .where(mc.machine_id == machine_id))
             if m and m["open_session_id"] and hb.session_id is None:
