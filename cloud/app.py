@@ -209,7 +209,7 @@ def listener(svc: Services) -> Listener:
         svc.hub.notify(machine_id)
 
     def connected() -> None:                # (re)connected: whatever was announced meanwhile is looked up instead
-        svc.machines.forget_secret()
+        svc.machines.reload_secrets()
         for machine_id in svc.commands.due_machines(svc.now()):
             svc.hub.notify(machine_id)
 

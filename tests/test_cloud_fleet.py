@@ -495,3 +495,38 @@ def test_pooled_connections_cut_while_idle_are_replaced_before_they_are_used():
     finally:
         db.dispose()
         drop()
+
+
+def test_a_listener_that_reconnects_reloads_the_keys_and_sees_a_revocation_it_missed(tmp_path):
+    """When its LISTEN session breaks, an instance may miss a key revoked at another one: on reconnecting it reads
+    every key again, so the revoked one is refused and the others are still answered without a database read
+    (dropping them all, as it did, made each machine's next request read its key: 10,000 reads after a blip)."""
+    if not PG_URL:
+        pytest.skip("no PostgreSQL (TAPSHARE_TEST_POSTGRES_URL)")
+    import psycopg
+
+    from tests.cloudkit import CloudServer
+    from tests.conftest import _fresh_postgres_database
+    url, drop = _fresh_postgres_database()
+    name = url.rsplit("/", 1)[1]
+    admin = PG_URL.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        with CloudServer(tmp_path / "cloud", database_url=url) as cloud:
+            devs = [cloud.provision(f"K{i}") for i in range(3)]
+            listener, machines = cloud.app.state.services.listener, cloud.app.state.services.machines
+            assert wait_until(lambda: listener.connected.is_set())
+            with psycopg.connect(admin, autocommit=True) as c:
+                # the listener goes, and while it is away K0's key is revoked (as another instance would)
+                c.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = %s "
+                          "AND application_name = 'tapshare-listener'", (name,))
+            assert wait_until(lambda: not listener.connected.is_set(), 5)
+            with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as c:
+                c.execute("UPDATE machines SET secret_enc = NULL WHERE machine_id = 'K0'")
+            assert wait_until(lambda: listener.connected.is_set(), 15)
+            assert machines.cached_secret("K0") is None
+            assert all(machines.cached_secret(d.machine_id) is not None for d in devs[1:])
+            assert devs[0].heartbeat().status_code == 401
+            assert [d.heartbeat().status_code for d in devs[1:]] == [200, 200]
+            cloud.app.state.database.dispose()
+    finally:
+        drop()

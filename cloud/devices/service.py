@@ -160,6 +160,24 @@ class Machines:
         else:
             self._secrets.pop(machine_id, None)
 
+    def reload_secrets(self) -> int:
+        """Every enrolled machine's key read again, replacing the cache at once: the listener (re)connected, and a
+        key revoked or re-enrolled while nobody listened is seen, while no request has to read its key from the
+        database (dropping them all made each machine's next request at each instance do so). A key dropped
+        here meanwhile (revoked at this instance) makes it read again; after three tries they are dropped."""
+        sm = t.machines.c
+        for _ in range(3):
+            generation = self._secrets_generation
+            with self.db.read() as conn:
+                fresh = {mid: self.box.open(sealed, f"machine:{mid}") for mid, sealed in conn.execute(
+                    select(sm.machine_id, sm.secret_enc).where(sm.secret_enc.is_not(None)))}
+            if generation == self._secrets_generation:
+                self._secrets_generation += 1
+                self._secrets = fresh
+                return len(fresh)
+        self.forget_secret()
+        return 0
+
     def cached_secret(self, machine_id: str) -> bytes | None:
         return self._secrets.get(machine_id)
 
