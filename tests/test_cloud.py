@@ -92,6 +92,37 @@ def test_signed_requests(cloud):
     assert ghost.heartbeat().json()["error"] == "unknown_machine"
 
 
+def test_polls_arriving_together_share_a_flush_of_the_replay_guard_and_a_replay_is_still_refused(cloud):
+    """A long-poll's nonce joins a flush with the others that came within POLL_GATHER_S (a flush per poll was most
+    of the cost of a fleet's polls); it is still durable before the poll is answered, and a replayed poll is
+    refused at once."""
+    from concurrent.futures import ThreadPoolExecutor
+    machines = cloud.app.state.services.machines
+    devs = [cloud.provision(f"G{i:02d}") for i in range(8)]
+    for d in devs:
+        assert d.heartbeat().status_code == 200                   # connections open, keys cached
+    flushed: list[int] = []
+    flush = machines.flush_nonces
+    machines.flush_nonces = lambda: flushed.append(flush()) or flushed[-1]
+    start = threading.Barrier(len(devs))
+
+    def poll(i: int) -> requests.Response:
+        start.wait()
+        time.sleep(0.004 * i)                                      # one every 4 ms: 28 ms for the eight
+        return devs[i].request("GET", "/device/v1/commands?wait_ms=0")
+    with ThreadPoolExecutor(len(devs)) as pool:
+        answers = list(pool.map(poll, range(len(devs))))
+    assert [r.status_code for r in answers] == [200] * len(devs)
+    written = [n for n in flushed if n]
+    assert sum(written) == len(devs) and len(written) <= 4, flushed     # gathered, not a flush a poll
+    nonce = secrets.token_hex(16)
+    t0 = time.monotonic()
+    assert devs[0].request("GET", "/device/v1/commands?wait_ms=0", nonce=nonce).status_code == 200
+    assert time.monotonic() - t0 < 2                                # alone: answered after its short gather
+    replay = devs[0].request("GET", "/device/v1/commands?wait_ms=0", nonce=nonce)
+    assert replay.status_code == 401 and replay.json()["error"] == "replayed_nonce"
+
+
 def test_the_body_is_signed(cloud):
     a = cloud.provision("A2")
     raw = b'{"state":"idle","valve_open":false}'

@@ -369,18 +369,30 @@ class DurableNonces:
         self.machines = machines
         self._wake = asyncio.Event()
         self._next: asyncio.Future | None = None
+        self._gathering: asyncio.TimerHandle | None = None
 
-    async def durable(self, seq: int, timeout_s: float = 10.0) -> None:
+    async def durable(self, seq: int, timeout_s: float = 10.0, gather_s: float = 0.0) -> None:
+        """Returns once the nonce journal is durable up to ``seq``. ``gather_s``: the request can wait that long
+        for a flush that takes others' nonces too (a long-poll, whose answer is not awaited), instead of asking
+        for one at once (a flush a request was most of the cost of a fleet's polls)."""
         while self.machines.nonces_durable_seq < seq:
+            loop = asyncio.get_running_loop()
             if self._next is None:
-                self._next = asyncio.get_running_loop().create_future()
+                self._next = loop.create_future()
             fut = self._next
-            self._wake.set()
+            if gather_s <= 0:
+                self._wake.set()
+            elif self._gathering is None:
+                self._gathering = loop.call_later(gather_s, self._gathered)
             try:
                 await asyncio.wait_for(asyncio.shield(fut), timeout_s)
             except Exception as e:
                 raise Unavailable("busy", "the server could not record this request; try again",
                                retry_after_s=1) from e
+
+    def _gathered(self) -> None:
+        self._gathering = None
+        self._wake.set()
 
     async def run(self) -> None:
         while True:
