@@ -335,6 +335,9 @@ def _prune(svc: Services) -> None:
     pruned = svc.commands.prune(svc.now(), svc.settings.command_retention_days * 86_400_000)
     if pruned:
         log.info("%d commands older than %d days deleted", pruned, svc.settings.command_retention_days)
+    steps = svc.releases.prune_history(svc.now(), svc.settings.update_history_days * 86_400_000)
+    if steps:
+        log.info("%d update steps of rollouts ended %d days ago deleted", steps, svc.settings.update_history_days)
     deleted = svc.accounts.purge_photos(svc.now())
     if deleted:
         log.info("%d ID photos deleted (retention %d days)", deleted, svc.settings.photo_retention_days)

@@ -40,6 +40,9 @@ _NUMBERS: dict[str, tuple[str, float, float, float]] = {
     # commands to machines (starts, stops, prices ...), answered or expired, are deleted this long after they were
     # queued (the console's command view and an operator's "what became of it" look back this far)
     "command_retention_days": ("TAPSHARE_COMMAND_RETENTION_DAYS", 7, 1, 3650),
+    # the step-by-step history of a fleet update's machines is deleted this long after its rollout ended (stopped
+    # or done); each machine's outcome in it (machine_updates) is kept
+    "update_history_days": ("TAPSHARE_UPDATE_HISTORY_DAYS", 365, 1, 36_500),
     "operator_token_days": ("TAPSHARE_OPERATOR_TOKEN_DAYS", 90, 1, 36_500),
     "scans_per_minute_per_network": ("TAPSHARE_SCANS_PER_MINUTE_PER_NETWORK", 30, 1, 100_000_000),
     "scans_per_minute_per_machine": ("TAPSHARE_SCANS_PER_MINUTE_PER_MACHINE", 120, 1, 100_000_000),
@@ -133,6 +136,7 @@ class CloudSettings:
     id_verify: str = field(default_factory=_text("TAPSHARE_ID_VERIFY"))   # manual or dev_auto; empty: by mode
     photo_retention_days: int = _number("photo_retention_days")
     command_retention_days: int = _number("command_retention_days")
+    update_history_days: int = _number("update_history_days")
     timezone: str = "Asia/Shanghai"
     # who handles the personal information (named in the consent text and the user agreement, as PIPL requires)
     operator_name: str = field(default_factory=_text("TAPSHARE_OPERATOR_NAME"))

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from cloud import db as t
 from cloud.__main__ import create_operator
 from cloud.releases.service import HISTORY_ROWS, selected
 from tests.test_bundle import checkout, members, write
@@ -353,6 +354,29 @@ def test_repeats_are_one_row_and_the_history_is_capped(fleet):
     rows = history(cloud, rid, "M-A")["steps"]
     assert len(rows) == HISTORY_ROWS and [(x["step"], x["detail"]) for x in rows] == sent[-HISTORY_ROWS:]
     assert [x["step"] for x in history(cloud, rid, "M-B")["steps"]] == ["pending"]
+
+
+def test_the_steps_of_a_rollout_that_ended_long_ago_are_deleted_and_its_outcomes_kept(fleet):
+    """Step rows are capped per machine and rollout, but rollouts go on for years: a rollout's steps go
+    ``update_history_days`` after it ended (the minute prune); an open one's, and each machine's outcome, stay."""
+    from cloud.app import _prune
+    cloud, dev = fleet
+    svc = cloud.app.state.services
+    old = rollout(cloud, version="0.3.0", machine_ids=["M-A"]).json()["rollout_id"]
+    report(dev["M-A"], old, "downloaded")
+    assert cloud.op("POST", f"/api/v1/operator/rollouts/{old}/stop").status_code == 200
+    live = rollout(cloud, version="0.3.0", machine_ids=["M-B"]).json()["rollout_id"]
+    report(dev["M-B"], live, "downloaded")
+    keep_ms = svc.settings.update_history_days * 86_400_000
+    _prune(svc)                                            # ended just now: kept
+    assert [x["step"] for x in history(cloud, old, "M-A")["steps"]] == ["pending", "downloaded"]
+    with svc.database.tx() as conn:                        # as if it had ended a day more than that ago
+        conn.execute(t.rollouts.update().where(t.rollouts.c.rollout_id == old).values(
+            updated_ms=svc.now() - keep_ms - 86_400_000))
+    _prune(svc)
+    gone = history(cloud, old, "M-A")
+    assert gone["steps"] == [] and gone["step"] == "downloaded"          # the outcome stays
+    assert [x["step"] for x in history(cloud, live, "M-B")["steps"]] == ["pending", "downloaded"]
 
 
 def test_a_machines_history_is_only_for_a_rollout_it_is_in(fleet):

@@ -17,7 +17,9 @@ disk, so its own rows are in its own order; but the heartbeat that marks it heal
 report. That late report does not move the current step back (``applied`` false) and is still kept, with its
 detail and time: an operator asking why a machine rolled back, or how long it waited to be idle, sees every step.
 The same step received again right after is one row (``repeats``, ``last_at_ms``), and a machine keeps at most
-``HISTORY_ROWS`` rows per rollout (the oldest go), so a machine that stays busy for days does not grow it."""
+``HISTORY_ROWS`` rows per rollout (the oldest go), so a machine that stays busy for days does not grow it. The
+steps of a rollout that ended are deleted ``update_history_days`` later (:meth:`Releases.prune_history`, the
+cloud's minute prune); each machine's outcome stays."""
 
 from __future__ import annotations
 
@@ -342,6 +344,13 @@ class Releases:
         for x in rows:
             x["applied"] = bool(x["applied"])
         return {"rollout_id": rollout_id, "machine_id": machine_id, **cur, "max_rows": HISTORY_ROWS, "steps": rows}
+
+    def prune_history(self, now_ms: int, keep_ms: int) -> int:
+        """The steps of rollouts that ended (stopped or done) more than ``keep_ms`` ago; each machine's outcome
+        (its current step in ``machine_updates``) stays. Returns how many rows went."""
+        ended = select(ro.rollout_id).where(and_(ro.state.in_(("stopped", "done")), ro.updated_ms < now_ms - keep_ms))
+        with self.db.tx() as conn:
+            return conn.execute(delete(t.machine_update_steps).where(hs.rollout_id.in_(ended))).rowcount
 
     def _judge(self, conn: Connection, rollout_id: int, now_ms: int) -> None:
         """After a step changed, under the rollout's lock: stop it when rollbacks pass its limit
