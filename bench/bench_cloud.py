@@ -540,7 +540,8 @@ def where_connections_are(fleet) -> str:
                 for line in text.splitlines()[1:] if line.strip()] if text else []
         front = sum(int(r["scur"] or 0) for r in rows if r["svname"] == "FRONTEND")
         servers = [f"{r['svname']} {r['scur']} (queued {r['qcur']}, checks failed {r['chkfail']}, down "
-                   f"{r['chkdown']} times)" for r in rows
+                   f"{r['chkdown']} times, connections opened {r.get('connect', '?')}, reused "
+                   f"{r.get('reuse', '?')})" for r in rows
                    if r["pxname"] == "tapshare_cloud" and r["svname"] not in ("FRONTEND", "BACKEND")]
         parts.append(f"HAProxy {b + 1}: {front} from machines, to " + ", ".join(servers))
     for inst in fleet.instances:
