@@ -530,3 +530,48 @@ def test_a_listener_that_reconnects_reloads_the_keys_and_sees_a_revocation_it_mi
             cloud.app.state.database.dispose()
     finally:
         drop()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_presence_writes_keep_the_latest_time_for_each_machine(tmp_path, backend):
+    """Each instance writes until when its held polls last, in one batch a flush (on PostgreSQL two statements,
+    whatever the number): a later time is kept, an earlier one written after it (another instance's older poll)
+    does not replace it, and a machine not in the table is no error."""
+    from sqlalchemy import insert, select
+
+    from cloud import db as t
+    from cloud.db import Database
+    from cloud.devices.hub import CommandHub, Presence
+    drop = None
+    if backend == "postgresql":
+        if not PG_URL:
+            pytest.skip("no PostgreSQL (TAPSHARE_TEST_POSTGRES_URL)")
+        from tests.conftest import _fresh_postgres_database
+        url, drop = _fresh_postgres_database()
+    else:
+        url = f"sqlite:///{tmp_path / 'p.db'}"
+    db = Database(url)
+    db.create_all()
+    try:
+        with db.tx() as conn:
+            conn.execute(insert(t.machines), [dict(machine_id=f"P{i}", location="x", price_fen_per_l=200,
+                                                   max_volume_ml=5000, max_duration_ms=300_000, max_idle_ms=15_000,
+                                                   max_credit_fen=10_000, created_ms=0) for i in range(3)])
+        now = {"ms": 1_000_000}
+        a = Presence(CommandHub(), db, lambda: now["ms"], shared=True)
+        b = Presence(CommandHub(), db, lambda: now["ms"], shared=True)
+        a.polling("P0", 50_000, now["ms"])
+        a.polling("P1", 50_000, now["ms"])
+        a.polling("GONE", 50_000, now["ms"])
+        assert a.flush() == 3
+        b.polling("P1", 10_000, now["ms"])                  # an older poll's end, written after
+        b.polling("P2", 20_000, now["ms"])
+        assert b.flush() == 2
+        with db.read() as conn:
+            got = dict(conn.execute(select(t.machines.c.machine_id, t.machines.c.poll_until_ms)).all())
+        r = Presence.RECENT_MS
+        assert got == {"P0": 1_050_000 + r, "P1": 1_050_000 + r, "P2": 1_020_000 + r}
+    finally:
+        db.dispose()
+        if drop:
+            drop()
