@@ -143,6 +143,7 @@ class Bench:
                  machine_port=None, phone_port=None, aligned_polls: bool = False) -> None:
         self.port, self.machines, self.tokens = port, machines, tokens
         self.aligned_polls, self.rng = aligned_polls, random.Random()
+        self.heartbeats_sent = 0
         self.machine_port = machine_port or (lambda i: port)
         self.phone_port = phone_port or (lambda i: (self.machine_port(i), ""))
         self.label: dict[str, str] = {}              # session id -> its label
@@ -164,6 +165,27 @@ class Bench:
     def _signed(self, mid: str, secret: bytes, method: str, path: str, body: bytes) -> dict[str, str]:
         return p.signed_headers(secret, mid, method, path, body, timestamp_ms=time.time_ns() // 1_000_000,
                                 nonce=secrets.token_hex(16))
+
+    async def heartbeats(self, i: int, every_s: float) -> None:
+        """Dispenser i's heartbeats, as a device sends them beside its poll (its own connection), every
+        ``every_s`` (+-10 %), the first at a random point of the interval."""
+        mid, secret = self.machines[i]
+        conn = Conn(self.machine_port(i))
+        body = json.dumps({"state": "idle", "valve_open": False, "software_version": "bench"}).encode()
+        path = "/device/v1/heartbeat"
+        await asyncio.sleep(self.rng.uniform(0, every_s))
+        while not self.stop:
+            try:
+                st, _ = await conn.request("POST", path, body, self._signed(mid, secret, "POST", path, body))
+                self.heartbeats_sent += 1
+                if st != 200:
+                    self.errors[f"heartbeat {st}"] = self.errors.get(f"heartbeat {st}", 0) + 1
+            except (TimeoutError, OSError, ValueError) as e:
+                what = f"{type(e).__name__} on heartbeat"
+                self.errors[what] = self.errors.get(what, 0) + 1
+                conn.close()
+                conn = Conn(self.machine_port(i))
+            await asyncio.sleep(every_s * self.rng.uniform(0.9, 1.1))
 
     async def dispenser(self, i: int) -> None:
         mid, secret = self.machines[i]
@@ -428,7 +450,8 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def generator(conn, machines, tokens, ports, rate: float, watchers: int, aligned_polls: bool) -> None:
+def generator(conn, machines, tokens, ports, rate: float, watchers: int, aligned_polls: bool,
+              heartbeat_s: float = 0) -> None:
     """One load-generator process: its slice of the machines (machine i polls through balancer ports[i % len]),
     its own phones at ``rate``. Talks to the parent through ``conn``: ("connected", n); waits for "go"; runs the
     phones until "stop"; sends its figures; exits."""
@@ -447,6 +470,8 @@ def generator(conn, machines, tokens, ports, rate: float, watchers: int, aligned
         deadline = time.monotonic() + 120           # a machine not connected by then is reported, not waited for
         while b.connected < len(machines) and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
+        if heartbeat_s:
+            tasks += [asyncio.create_task(b.heartbeats(i, heartbeat_s)) for i in range(len(machines))]
         doing: dict[str, int] = {}
         for what in b.doing.values():
             doing[what] = doing.get(what, 0) + 1
@@ -605,7 +630,7 @@ def fleet_run(args, n: int) -> None:
                 proc = ctx.Process(target=generator, args=(child_end, [machines[i] for i in idx],
                                                            [tokens[u] for u in users], my_ports,
                                                            args.rate / gens, args.watchers // gens,
-                                                           args.aligned_polls))
+                                                           args.aligned_polls, args.heartbeat_s))
                 proc.start()
                 pipes.append(parent_end)
                 procs.append(proc)
@@ -734,6 +759,8 @@ def main() -> None:
     ap.add_argument("--aligned-polls", action="store_true",
                     help="every machine's first long-poll held the whole 55 s, so the fleet comes back in the wave the "
                          "ramp made (as after a cloud restart); default: spread as a running fleet's are")
+    fl.add_argument("--heartbeat-s", type=float, default=0,
+                    help="each machine also sends a heartbeat this often, on its own connection (devices: 30)")
     fl.add_argument("--generators", type=int, default=0,
                     help="load-generator processes, each with a slice of the machines (default: one per 7,000)")
     fl.add_argument("--balancers", type=int, default=0,

@@ -515,13 +515,15 @@ def test_a_listener_that_reconnects_reloads_the_keys_and_sees_a_revocation_it_mi
             devs = [cloud.provision(f"K{i}") for i in range(3)]
             listener, machines = cloud.app.state.services.listener, cloud.app.state.services.machines
             assert wait_until(lambda: listener.connected.is_set())
-            with psycopg.connect(admin, autocommit=True) as c:
-                # the listener goes, and while it is away K0's key is revoked (as another instance would)
+            with psycopg.connect(admin, autocommit=True) as c, \
+                    psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as there:
+                # the listener goes and cannot come back; meanwhile K0's key is revoked, unannounced
+                c.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false")
                 c.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = %s "
                           "AND application_name = 'tapshare-listener'", (name,))
-            assert wait_until(lambda: not listener.connected.is_set(), 5)
-            with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as c:
-                c.execute("UPDATE machines SET secret_enc = NULL WHERE machine_id = 'K0'")
+                assert wait_until(lambda: not listener.connected.is_set(), 5)
+                there.execute("UPDATE machines SET secret_enc = NULL WHERE machine_id = 'K0'")
+                c.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
             assert wait_until(lambda: listener.connected.is_set(), 15)
             assert machines.cached_secret("K0") is None
             assert all(machines.cached_secret(d.machine_id) is not None for d in devs[1:])

@@ -51,7 +51,10 @@ async def poll_commands(auth: Device, svc: Svc,
             wait_s = wait_ms / 1000 if again_ms is None else min(wait_ms / 1000, max(0.0, again_ms - svc.now()) / 1000)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ev.wait(), wait_s)
-            if ev.is_set() or again_ms is not None:
+            # woken by a command (marked maybe pending before the wake), or one handed out earlier is due again;
+            # woken because this instance is stopping, it answers at once without reading: every held poll of
+            # a stopping instance wakes together, and 3,000 reads then outlasted the graceful shutdown
+            if (ev.is_set() and auth.machine_id in commands.maybe_pending) or again_ms is not None:
                 cmds, _ = await run_in_threadpool(commands.pending, auth.machine_id, svc.now())
     return p.CommandsResponse(commands=cmds, server_time_ms=svc.now())
 
