@@ -129,9 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from cloud.gc_policy import GcPolicy
     GcPolicy(settings.gc_full_every_s).apply()       # after the app is built: what it holds is frozen
+    # stopping: TAPSHARE_DRAIN_S of 503 health, then up to 10 s for the requests in flight (a stopping instance's
+    # held polls answer at once; 3 s cancelled requests that waited for a database connection under a fleet's
+    # load); the unit's TimeoutStopSec (20) covers both
     GracefulServer(server_config(app, host=getattr(args, "host", "127.0.0.1"),
                                  port=getattr(args, "port", 8700), log_level=log_level,
-                                 header_timeout_s=settings.header_timeout_s, timeout_graceful_shutdown=3,
+                                 header_timeout_s=settings.header_timeout_s, timeout_graceful_shutdown=10,
                                  backlog=4096)).run()
     return 0
 

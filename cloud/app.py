@@ -159,12 +159,13 @@ def build_services(settings: CloudSettings) -> Services:
 
 
 async def health(svc: Svc) -> dict:
-    """For the load balancer: 200 while this instance serves; 503 once it is stopping (it drains: held long-polls
-    are answered, requests in flight finish, the balancer sends new ones elsewhere) or has had no answer from its
+    """For the load balancer: 200 while this instance serves; 503 once it is stopping (it drains: it serves as
+    usual while the balancer sends new requests elsewhere, then answers its held long-polls, lets the requests
+    in flight finish and exits) or has had no answer from its
     database for ``HEALTH_DATABASE_S``. Answered on the event loop from what the flusher last saw, not behind the
     requests waiting for a database connection: an instance busy with a burst of polls is slow, not dead, and a
     late answer took every instance out of the balancer at once (issue 21's benchmark at 10,000 machines)."""
-    if svc.hub.closing:
+    if svc.hub.draining or svc.hub.closing:
         raise Unavailable("draining", f"instance {svc.settings.instance_id} is stopping", retry_after_s=1)
     silent_s = time.monotonic() - svc.database_ok_at
     if silent_s > HEALTH_DATABASE_S:

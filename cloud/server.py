@@ -92,25 +92,31 @@ class GracefulServer(uvicorn.Server):
     """uvicorn's server that, when told to stop (SIGTERM, or ``should_exit`` from a thread), first answers every
     held long-poll (the app's command hub), so stopping takes milliseconds, not a minute, and fails no request.
 
-    Behind a load balancer (``TAPSHARE_DRAIN_S`` > 0) it drains first: for that long ``/healthz`` answers 503 and
-    long-polls are answered at once, while every request is still served, so the balancer's health check takes
-    the instance out before it stops listening; then requests in flight finish and it exits. A second signal
-    stops at once."""
+    Behind a load balancer (``TAPSHARE_DRAIN_S`` > 0) it drains first: for that long ``/healthz`` answers 503
+    while every request is served as usual (long-polls held too), so the balancer's health check takes the
+    instance out; then the held long-polls are answered (their machines poll again, through the balancer,
+    elsewhere), it stops listening, requests in flight finish and it exits. A second signal stops at once."""
 
     _draining = False
 
     def handle_exit(self, sig, frame) -> None:
-        _close_hub(self.config.app)
         settings = getattr(getattr(self.config.app, "state", None), "settings", None)
         drain_s = getattr(settings, "drain_s", 0)
         if self._draining or not drain_s:
-            super().handle_exit(sig, frame)
+            self._stop_now(sig, frame)
             return
         self._draining = True
+        hub = getattr(getattr(self.config.app, "state", None), "hub", None)
+        if hub is not None:
+            hub.drain()
         log.info("stopping: draining for %.1f s first (health check 503)", drain_s)
-        timer = threading.Timer(drain_s, super().handle_exit, (sig, frame))
+        timer = threading.Timer(drain_s, self._stop_now, (sig, frame))
         timer.daemon = True
         timer.start()
+
+    def _stop_now(self, sig, frame) -> None:
+        _close_hub(self.config.app)
+        super().handle_exit(sig, frame)
 
     def stop(self) -> None:
         _close_hub(self.config.app)

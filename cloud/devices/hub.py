@@ -28,7 +28,15 @@ class CommandHub:
         self._polling: dict[str, int] = {}
         self._last_poll_end: dict[str, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False    # stopping soon: health says so, polls are still held as usual
         self.closing = False
+
+    def drain(self) -> None:
+        """Safe from any thread: the server will stop after its drain. Until then everything is served as usual
+        (held polls too), while the balancer, told by /healthz, takes the instance out. Answering the held polls
+        now instead sent 3,000 machines straight back here (the fewest connections, for ``leastconn``), in a
+        loop of polls answered at once, until the balancer saw the health check."""
+        self.draining = True
 
     def close(self) -> None:
         """Safe from any thread (a signal handler): the server is stopping. Every held long-poll answers now (the
