@@ -433,111 +433,100 @@ def test_a_missed_notification_is_made_good_by_the_periodic_recheck(tmp_path):
         drop()
 
 
-def test_health_answers_at_once_and_says_when_the_database_has_gone(tmp_path):
+@pytest.fixture
+def pg_database():
+    """A fresh PostgreSQL database: its URL, its name and the server's address for psycopg; dropped after."""
+    if not PG_URL:
+        pytest.skip("no PostgreSQL (TAPSHARE_TEST_POSTGRES_URL)")
+    from tests.conftest import _fresh_postgres_database
+    url, drop = _fresh_postgres_database()
+    try:
+        yield url, url.rsplit("/", 1)[1], PG_URL.replace("postgresql+psycopg://", "postgresql://")
+    finally:
+        drop()
+
+
+def test_health_answers_at_once_and_says_when_the_database_has_gone(tmp_path, pg_database):
     """/healthz is the balancer's only question: it is answered on the event loop from the flusher's last answer
     from the database (asked each second), so a burst of requests waiting for database connections cannot make a
     live instance look dead; and an instance whose database is gone for HEALTH_DATABASE_S says so with 503, and
     serves again once it is back."""
-    if not PG_URL:
-        pytest.skip("no PostgreSQL (TAPSHARE_TEST_POSTGRES_URL)")
     import psycopg
 
     from cloud.app import HEALTH_DATABASE_S
     from tests.cloudkit import CloudServer
-    from tests.conftest import _fresh_postgres_database
-    url, drop = _fresh_postgres_database()
-    name = url.rsplit("/", 1)[1]
-    admin = PG_URL.replace("postgresql+psycopg://", "postgresql://")
-    try:
-        with CloudServer(tmp_path / "cloud", database_url=url) as cloud:
-            assert requests.get(cloud.url + "/healthz", timeout=5).status_code == 200
-            with psycopg.connect(admin, autocommit=True) as c:     # the database goes: no connection is let in
-                c.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false")
-                c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            t0 = time.monotonic()
+    url, name, admin = pg_database
+    with CloudServer(tmp_path / "cloud", database_url=url) as cloud:
+        assert requests.get(cloud.url + "/healthz", timeout=5).status_code == 200
+        with psycopg.connect(admin, autocommit=True) as c:     # the database goes: no connection is let in
+            c.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false")
+            c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        t0 = time.monotonic()
 
-            def unhealthy() -> bool:
-                r = requests.get(cloud.url + "/healthz", timeout=5)
-                return r.status_code == 503 and r.json()["error"] == "database_unreachable"
-            assert wait_until(unhealthy, HEALTH_DATABASE_S + 10)
-            assert time.monotonic() - t0 >= HEALTH_DATABASE_S - 1.5     # not at the first failed probe
-            with psycopg.connect(admin, autocommit=True) as c:
-                c.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
-            assert wait_until(lambda: requests.get(cloud.url + "/healthz", timeout=5).status_code == 200, 15)
-            cloud.app.state.database.dispose()
-    finally:
-        drop()
+        def unhealthy() -> bool:
+            r = requests.get(cloud.url + "/healthz", timeout=5)
+            return r.status_code == 503 and r.json()["error"] == "database_unreachable"
+        assert wait_until(unhealthy, HEALTH_DATABASE_S + 10)
+        assert time.monotonic() - t0 >= HEALTH_DATABASE_S - 1.5     # not at the first failed probe
+        with psycopg.connect(admin, autocommit=True) as c:
+            c.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
+        assert wait_until(lambda: requests.get(cloud.url + "/healthz", timeout=5).status_code == 200, 15)
+        cloud.app.state.database.dispose()
 
 
-def test_pooled_connections_cut_while_idle_are_replaced_before_they_are_used():
+def test_pooled_connections_cut_while_idle_are_replaced_before_they_are_used(pg_database):
     """PostgreSQL restarted (or ended the connections) while the pool held them: the next transactions are served,
     each on a connection that was checked first. One that has sat for PING_IDLE_S is pinged; one used a moment ago
     is checked without a round trip (the server has said goodbye on its socket), not pinged before every
     transaction as SQLAlchemy's pool_pre_ping would (a round trip per transaction under load)."""
-    if not PG_URL:
-        pytest.skip("no PostgreSQL (TAPSHARE_TEST_POSTGRES_URL)")
     import psycopg
     from sqlalchemy import text
 
     from cloud.db import PING_IDLE_S, Database
-    from tests.conftest import _fresh_postgres_database
-    url, drop = _fresh_postgres_database()
-    name = url.rsplit("/", 1)[1]
-    admin = PG_URL.replace("postgresql+psycopg://", "postgresql://")
+    url, name, admin = pg_database
     db = Database(url)
     db.create_all()
-    try:
-        for idle_s in (0, PING_IDLE_S + 0.3):          # cut right after use, and after a pause
-            with db.read() as conn, db.read() as other:     # two pooled connections
-                assert conn.execute(text("SELECT 1")).scalar() == other.execute(text("SELECT 1")).scalar() == 1
-            time.sleep(idle_s)
-            with psycopg.connect(admin, autocommit=True) as c:   # waits until each has ended
-                cut = c.execute("SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
-                                "WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchone()[0]
-            assert cut >= 2
-            for _ in range(4):
-                with db.read() as conn:
-                    assert conn.execute(text("SELECT count(*) FROM machines")).scalar() == 0
-    finally:
-        db.dispose()
-        drop()
+    for idle_s in (0, PING_IDLE_S + 0.3):          # cut right after use, and after a pause
+        with db.read() as conn, db.read() as other:     # two pooled connections
+            assert conn.execute(text("SELECT 1")).scalar() == other.execute(text("SELECT 1")).scalar() == 1
+        time.sleep(idle_s)
+        with psycopg.connect(admin, autocommit=True) as c:   # waits until each has ended
+            cut = c.execute("SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+                            "WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchone()[0]
+        assert cut >= 2
+        for _ in range(4):
+            with db.read() as conn:
+                assert conn.execute(text("SELECT count(*) FROM machines")).scalar() == 0
+    db.dispose()
 
 
-def test_a_listener_that_reconnects_reloads_the_keys_and_sees_a_revocation_it_missed(tmp_path):
+def test_a_listener_that_reconnects_reloads_the_keys_and_sees_a_revocation_it_missed(tmp_path, pg_database):
     """When its LISTEN session breaks, an instance may miss a key revoked at another one: on reconnecting it reads
     every key again, so the revoked one is refused and the others are still answered without a database read
     (dropping them all, as it did, made each machine's next request read its key: 10,000 reads after a blip)."""
-    if not PG_URL:
-        pytest.skip("no PostgreSQL (TAPSHARE_TEST_POSTGRES_URL)")
     import psycopg
 
     from tests.cloudkit import CloudServer
-    from tests.conftest import _fresh_postgres_database
-    url, drop = _fresh_postgres_database()
-    name = url.rsplit("/", 1)[1]
-    admin = PG_URL.replace("postgresql+psycopg://", "postgresql://")
-    try:
-        with CloudServer(tmp_path / "cloud", database_url=url) as cloud:
-            devs = [cloud.provision(f"K{i}") for i in range(3)]
-            listener, machines = cloud.app.state.services.listener, cloud.app.state.services.machines
-            assert wait_until(lambda: listener.connected.is_set())
-            with psycopg.connect(admin, autocommit=True) as c, \
-                    psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as there:
-                # the listener goes and cannot come back; meanwhile K0's key is revoked, unannounced
-                c.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false")
-                c.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = %s "
-                          "AND application_name = 'tapshare-listener'", (name,))
-                assert wait_until(lambda: not listener.connected.is_set(), 5)
-                there.execute("UPDATE machines SET secret_enc = NULL WHERE machine_id = 'K0'")
-                c.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
-            assert wait_until(lambda: listener.connected.is_set(), 15)
-            assert machines.cached_secret("K0") is None
-            assert all(machines.cached_secret(d.machine_id) is not None for d in devs[1:])
-            assert devs[0].heartbeat().status_code == 401
-            assert [d.heartbeat().status_code for d in devs[1:]] == [200, 200]
-            cloud.app.state.database.dispose()
-    finally:
-        drop()
+    url, name, admin = pg_database
+    with CloudServer(tmp_path / "cloud", database_url=url) as cloud:
+        devs = [cloud.provision(f"K{i}") for i in range(3)]
+        listener, machines = cloud.app.state.services.listener, cloud.app.state.services.machines
+        assert wait_until(lambda: listener.connected.is_set())
+        with psycopg.connect(admin, autocommit=True) as c, \
+                psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as there:
+            # the listener goes and cannot come back; meanwhile K0's key is revoked, unannounced
+            c.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false")
+            c.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = %s "
+                      "AND application_name = 'tapshare-listener'", (name,))
+            assert wait_until(lambda: not listener.connected.is_set(), 5)
+            there.execute("UPDATE machines SET secret_enc = NULL WHERE machine_id = 'K0'")
+            c.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
+        assert wait_until(lambda: listener.connected.is_set(), 15)
+        assert machines.cached_secret("K0") is None
+        assert all(machines.cached_secret(d.machine_id) is not None for d in devs[1:])
+        assert devs[0].heartbeat().status_code == 401
+        assert [d.heartbeat().status_code for d in devs[1:]] == [200, 200]
+        cloud.app.state.database.dispose()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
