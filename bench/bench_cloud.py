@@ -542,13 +542,18 @@ def cross_instance(fleet, machines, tokens, rate: float, seconds: float) -> dict
     return out
 
 
+def haproxy_stats(fleet, balancer: int) -> list[dict[str, str]]:
+    """HAProxy process ``balancer``'s ``show stat``: a row per frontend, backend and server."""
+    text = fleet.runtime("show stat", balancer) or ""
+    return [dict(zip(text.lstrip("# ").splitlines()[0].split(","), line.split(","), strict=False))
+            for line in text.splitlines()[1:] if line.strip()] if text else []
+
+
 def requests_answered(fleet) -> int:
     """HTTP requests the balancers have passed to the instances so far (HAProxy's req_tot of the backend)."""
     total = 0
     for b in range(fleet.n_balancers):
-        text = fleet.runtime("show stat", b) or ""
-        rows = [dict(zip(text.lstrip("# ").splitlines()[0].split(","), line.split(","), strict=False))
-                for line in text.splitlines()[1:] if line.strip()] if text else []
+        rows = haproxy_stats(fleet, b)
         total += sum(int(r.get("req_tot") or 0) for r in rows
                      if r["pxname"] == "tapshare_cloud" and r["svname"] == "BACKEND")
     return total
@@ -560,9 +565,7 @@ def where_connections_are(fleet) -> str:
     import requests
     parts = []
     for b in range(fleet.n_balancers):
-        text = fleet.runtime("show stat", b) or ""
-        rows = [dict(zip(text.lstrip("# ").splitlines()[0].split(","), line.split(","), strict=False))
-                for line in text.splitlines()[1:] if line.strip()] if text else []
+        rows = haproxy_stats(fleet, b)
         front = sum(int(r["scur"] or 0) for r in rows if r["svname"] == "FRONTEND")
         servers = [f"{r['svname']} {r['scur']} (queued {r['qcur']}, checks failed {r['chkfail']}, down "
                    f"{r['chkdown']} times, connections opened {r.get('connect', '?')}, reused "

@@ -106,7 +106,7 @@ class GracefulServer(uvicorn.Server):
             self._stop_now(sig, frame)
             return
         self._draining = True
-        hub = getattr(getattr(self.config.app, "state", None), "hub", None)
+        hub = _hub(self.config.app)
         if hub is not None:
             hub.drain()
         log.info("stopping: draining for %.1f s first (health check 503)", drain_s)
@@ -123,8 +123,12 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True
 
 
+def _hub(app):
+    return getattr(getattr(app, "state", None), "hub", None)
+
+
 def _close_hub(app) -> None:
-    hub = getattr(getattr(app, "state", None), "hub", None)
+    hub = _hub(app)
     if hub is not None:
         hub.close()
 

@@ -107,6 +107,12 @@ _POLLING_PG = ("UPDATE machines SET poll_until_ms = GREATEST(machines.poll_until
                "FROM unnest(%(m)s::varchar[], %(u)s::bigint[]) AS batch(m, u) WHERE machines.machine_id = batch.m")
 
 
+_until = bindparam("until", type_=t.machines.c.poll_until_ms.type)
+_POLLING_SQLITE = update(t.machines).where(t.machines.c.machine_id == bindparam("mid")).values(poll_until_ms=case(
+    (t.machines.c.poll_until_ms.is_(None), _until), (t.machines.c.poll_until_ms < _until, _until),
+    else_=t.machines.c.poll_until_ms))
+
+
 class Presence:
     """Whether a machine is reachable now: long-polling at this instance (the hub knows), or at another one.
 
@@ -150,18 +156,14 @@ class Presence:
                 self._written = {m: u for m, u in self._written.items() if u > now}
         if not due:
             return 0
-        mc = t.machines.c
-        until = bindparam("until", type_=mc.poll_until_ms.type)
-        stmt = update(t.machines).where(mc.machine_id == bindparam("mid")).values(poll_until_ms=case(
-            (mc.poll_until_ms.is_(None), until), (mc.poll_until_ms < until, until), else_=mc.poll_until_ms))
         try:
             with self.db.tx() as conn:
+                ids = sorted(due)
                 if conn.dialect.name == "postgresql":
-                    ids = sorted(due)
                     conn.exec_driver_sql(_LOCK_PG, {"m": ids})
                     conn.exec_driver_sql(_POLLING_PG, {"m": ids, "u": [due[m] for m in ids]})
                 else:
-                    conn.execute(stmt, [{"mid": m, "until": u} for m, u in sorted(due.items())])
+                    conn.execute(_POLLING_SQLITE, [{"mid": m, "until": due[m]} for m in ids])
         except Exception:
             with self._lock:                     # written with the next flush, not forgotten
                 for m, u in due.items():

@@ -63,11 +63,7 @@ class Machines:
         self._nonce_lock = threading.Lock()
         self._nonce_seq = 0            # nonces accepted so far
         self.nonces_durable_seq = 0    # ... of which this many are committed (answers wait for theirs)
-        with db.read() as conn:
-            # every enrolled machine's secret, decrypted once: a request never waits for the database
-            for mid, sealed in conn.execute(select(t.machines.c.machine_id, t.machines.c.secret_enc)
-                                            .where(t.machines.c.secret_enc.is_not(None))):
-                self._secrets[mid] = box.open(sealed, f"machine:{mid}")
+        self.reload_secrets()          # every enrolled machine's, decrypted once: a request never waits for them
 
     def provision(self, operator_id: str, machine_id: str, location: str, price_fen_per_l: int, limits: p.Limits,
                   now_ms: int) -> str:
