@@ -61,6 +61,10 @@ class Machines:
         self._replayed: dict[tuple[str, str], int] = {}   # nonces the database refused, until their request asks
         self._unflushed: list[dict[str, Any]] = []
         self._nonce_lock = threading.Lock()
+        # one flush at a time (the group commit and the flusher's timer both flush): a later flush that committed
+        # first must not mark an earlier one's nonces durable while they are still being written (a replay to
+        # another instance in that gap was accepted)
+        self._flush_lock = threading.Lock()
         self._nonce_seq = 0            # nonces accepted so far
         self.nonces_durable_seq = 0    # ... of which this many are committed (answers wait for theirs)
         self.reload_secrets()          # every enrolled machine's, decrypted once: a request never waits for them
@@ -217,6 +221,10 @@ class Machines:
         for the flush that holds its nonce before it is answered, so a crash forgets no nonce it answered). A
         nonce already in the database (used at another instance, or before a restart) is not written again but
         remembered as replayed, which its request learns from :meth:`replayed` once the flush is durable."""
+        with self._flush_lock:
+            return self._flush_nonces()
+
+    def _flush_nonces(self) -> int:
         with self._nonce_lock:
             rows, self._unflushed = self._unflushed, []
             seq = self._nonce_seq
