@@ -741,9 +741,10 @@ class Database:
         self.engine.dispose()
 
 
-def first_row(conn: Connection, stmt) -> dict[str, Any] | None:
-    """The first row of a query as a dict, or None."""
-    row = conn.execute(stmt).mappings().first()
+def first_row(conn: Connection, stmt, params: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The first row of a query as a dict, or None (``params``: the values of a prebuilt statement's
+    bindparams)."""
+    row = conn.execute(stmt, params).mappings().first()
     return dict(row) if row else None
 
 

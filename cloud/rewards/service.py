@@ -13,7 +13,7 @@ import secrets
 import uuid
 from typing import Any
 
-from sqlalchemy import Connection, and_, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from cloud import db as t
@@ -166,12 +166,18 @@ class Rewards:
             audit(conn, operator_id, "gift_picked_up", redemption_id, {}, now_ms)
 
 
+_EARN = update(t.users).where(t.users.c.user_id == bindparam("b_user_id")).values(
+    points=t.users.c.points + bindparam("b_points"))
+_POINTS_ENTRY = insert(t.points_entries)
+
+
 def earn_points(conn: Connection, user_id: str, points: int, session_id: str, now_ms: int) -> None:
+    """Every settled session's points (prebuilt statements: this is on every session's way)."""
     if points <= 0:
         return
-    conn.execute(update(t.users).where(t.users.c.user_id == user_id).values(points=t.users.c.points + points))
-    conn.execute(insert(t.points_entries).values(user_id=user_id, delta=points, kind="earn", ref=session_id,
-                                                 note="water bought", created_ms=now_ms))
+    conn.execute(_EARN, {"b_user_id": user_id, "b_points": points})
+    conn.execute(_POINTS_ENTRY, {"user_id": user_id, "delta": points, "kind": "earn", "ref": session_id,
+                                 "note": "water bought", "created_ms": now_ms})
 
 
 def new_pickup_code() -> str:

@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 import contract as p
@@ -38,6 +38,33 @@ MAX_SESSION_MS = p.LIMIT_BOUNDS["max_duration_ms"].max    # no grant lasts longe
 STALE_AFTER_MS = 10 * 60_000       # a session unconfirmed this long past any possible end, machine reachable: lost
 PRESENCE_TTL_MS = 5 * 60_000
 ALARM_KINDS = p.ALARM_EVENT_KINDS | p.CLOUD_ALARM_KINDS
+
+# The statements of a session's way (start, claim, settlement), built once: SQLAlchemy then finds each one's
+# compiled form by a key it keeps, where a statement built per call costs as much to build as to run
+_s, _m = t.sessions.c, t.machines.c
+_USER_SQLITE = select(t.users).where(t.users.c.user_id == bindparam("user_id"))
+_USER_LOCKED = _USER_SQLITE.with_for_update()
+_MACHINE_SQLITE = select(t.machines).where(_m.machine_id == bindparam("machine_id"))
+_MACHINE_LOCKED = _MACHINE_SQLITE.with_for_update()
+_RUNNING = select(_s.session_id, _s.machine_id).where(
+    and_(_s.user_id == bindparam("user_id"), _s.state.in_(("starting", "active"))))
+_BY_PRESENCE = select(_s.session_id).where(_s.presence_hash == bindparam("presence_hash"))
+_NEW_SESSION = insert(t.sessions)
+_SESSION = select(t.sessions).where(_s.session_id == bindparam("session_id"))
+_ENDED = update(t.sessions).where(and_(_s.session_id == bindparam("b_session_id"), _s.state == bindparam("b_state"))
+                                  ).values(state="ended")
+_FREED = update(t.machines).where(and_(_m.machine_id == bindparam("b_machine_id"),
+                                       _m.open_session_id == bindparam("b_session_id"))).values(open_session_id=None)
+_REPORT = select(t.reports).where(and_(t.reports.c.machine_id == bindparam("machine_id"),
+                                       t.reports.c.event_id == bindparam("event_id")))
+_NEW_REPORT, _NEW_BILL, _NEW_RECORD = insert(t.reports), insert(t.bills), insert(t.rental_records)
+_COMMAND = select(t.commands).where(t.commands.c.command_id == bindparam("command_id"))
+_ACKED = update(t.commands).where(and_(t.commands.c.command_id == bindparam("b_command_id"),
+                                       t.commands.c.acked_ms.is_(None))).values(
+    delivered_ms=func.coalesce(t.commands.c.delivered_ms, bindparam("b_now_ms")))
+_CLAIMED = update(t.sessions).where(and_(_s.session_id == bindparam("b_session_id"), _s.state == "starting")
+                                    ).values(state="active")
+_OCCUPY = update(t.machines).where(_m.machine_id == bindparam("b_machine_id"))   # an update's own names are b_*
 
 
 class Sessions:
@@ -64,38 +91,30 @@ class Sessions:
 
     def start(self, user_id: str, presence_token: str, expected_price_fen_per_l: int, now_ms: int) -> dict[str, Any]:
         """s2 + s3: check the user and balance, hold the credit, queue the start command."""
-        running = self.running_session(user_id)
-        if running is not None:            # the real reason comes first, even when the visit has expired too
-            raise Conflict("session_open", "you already have a session running", session_id=running["session_id"],
-                           machine_id=running["machine_id"])
-        machine_id = self.presence.check(presence_token, now_ms)
-        if machine_id is None:
-            raise Gone("scan_again", "your visit to this machine has expired: scan its QR code again")
-        presence_hash = token_hash(presence_token)
         with self.db.tx() as conn:
-            if first_row(conn, select(t.sessions.c.session_id).where(t.sessions.c.presence_hash == presence_hash)):
+            # the person's row first, locked on PostgreSQL: one balance cannot pay for two machines at once, and
+            # a running session is then seen by every later start (the real reason comes first, even when the
+            # visit has expired too)
+            user = first_row(conn, _USER_SQLITE if self.db.is_sqlite else _USER_LOCKED, {"user_id": user_id})
+            running = first_row(conn, _RUNNING, {"user_id": user_id})
+            if running:
+                raise Conflict("session_open", "you already have a session running",
+                               session_id=running["session_id"], machine_id=running["machine_id"])
+            machine_id = self.presence.check(presence_token, now_ms)
+            if machine_id is None:
+                raise Gone("scan_again", "your visit to this machine has expired: scan its QR code again")
+            presence_hash = token_hash(presence_token)
+            if first_row(conn, _BY_PRESENCE, {"presence_hash": presence_hash}):
                 raise Conflict("scan_again", "this scan already started a session: scan the QR code again")
-            users_q = select(t.users).where(t.users.c.user_id == user_id)
-            if not self.db.is_sqlite:
-                users_q = users_q.with_for_update()      # one balance cannot pay for two machines at once
-            user = first_row(conn, users_q)
             if user is None or not user["registered"]:
                 raise Forbidden("not_registered", "register with your real name before buying water")
-            machine_q = select(t.machines).where(t.machines.c.machine_id == machine_id)
-            if not self.db.is_sqlite:
-                machine_q = machine_q.with_for_update()    # one session per machine
-            m = first_row(conn, machine_q)
+            # one session per machine
+            m = first_row(conn, _MACHINE_SQLITE if self.db.is_sqlite else _MACHINE_LOCKED, {"machine_id": machine_id})
             if m is None:
                 raise NotFound("unknown_machine", f"machine {machine_id} does not exist")
             if m["price_fen_per_l"] != expected_price_fen_per_l:
                 raise Conflict("price_changed", "the price has changed; please confirm the new price",
                                price_fen_per_l=m["price_fen_per_l"])
-            s = t.sessions.c
-            running = first_row(conn, select(s.session_id, s.machine_id).where(
-                and_(s.user_id == user_id, s.state.in_(("starting", "active")))))
-            if running:
-                raise Conflict("session_open", "you already have a session running",
-                               session_id=running["session_id"], machine_id=running["machine_id"])
             if m["open_session_id"] is not None:
                 raise Conflict("machine_busy", "this machine is serving someone else; please wait")
             hb_state = (m["heartbeat"] or {}).get("state")
@@ -125,14 +144,13 @@ class Sessions:
                                min_dispense_ml=m["min_dispense_ml"], balance_fen=available)
             command_id = Commands.queue(conn, machine_id, "start", now_ms, ttl_ms=GRANT_DEADLINE_MS, grant=grant,
                                         session_id=session_id)
-            conn.execute(insert(t.sessions).values(
-                session_id=session_id, machine_id=machine_id, user_id=user_id, state="starting",
-                price_fen_per_l=m["price_fen_per_l"], credit_limit_fen=credit, command_id=command_id,
-                presence_hash=presence_hash, created_ms=now_ms, deadline_ms=deadline,
-                min_dispense_ml=m["min_dispense_ml"], max_volume_ml=m["max_volume_ml"]))
+            conn.execute(_NEW_SESSION, {
+                "session_id": session_id, "machine_id": machine_id, "user_id": user_id, "state": "starting",
+                "price_fen_per_l": m["price_fen_per_l"], "credit_limit_fen": credit, "command_id": command_id,
+                "presence_hash": presence_hash, "created_ms": now_ms, "deadline_ms": deadline,
+                "min_dispense_ml": m["min_dispense_ml"], "max_volume_ml": m["max_volume_ml"]})
             add_entry(conn, user_id, "hold", -credit, now_ms, session_id, "held while the machine pours")
-            conn.execute(update(t.machines).where(t.machines.c.machine_id == machine_id)
-                         .values(open_session_id=session_id))
+            conn.execute(_OCCUPY, {"b_machine_id": machine_id, "open_session_id": session_id})
         self._notify(machine_id)
         return {"session_id": session_id, "state": "starting", "machine_id": machine_id,
                 "price_fen_per_l": grant.price_fen_per_l, "credit_limit_fen": credit}
@@ -141,22 +159,18 @@ class Sessions:
         """A machine's answer to a command. For a start, ``ok`` is the claim: the session becomes active only if
         it is still starting (a conditional update), and the answer tells the machine whether to pour."""
         with self.db.tx() as conn:
-            cmd = first_row(conn, select(t.commands).where(t.commands.c.command_id == command_id))
+            cmd = first_row(conn, _COMMAND, {"command_id": command_id})
             if cmd is None or cmd["machine_id"] != machine_id:
                 raise NotFound("unknown_command", "no such command for this machine")
-            first = cmd["acked_ms"] is None
-            if first:
-                conn.execute(update(t.commands).where(and_(t.commands.c.command_id == command_id,
-                                                           t.commands.c.acked_ms.is_(None)))
-                             .values(acked_ms=now_ms, ack_ok=ack.ok, ack_reason=(ack.detail or ack.reason)[:200],
-                                     delivered_ms=func.coalesce(t.commands.c.delivered_ms, now_ms)))
+            if cmd["acked_ms"] is None:
+                conn.execute(_ACKED, {"b_command_id": command_id, "acked_ms": now_ms, "ack_ok": ack.ok,
+                                      "ack_reason": (ack.detail or ack.reason)[:200], "b_now_ms": now_ms})
             if cmd["kind"] != "start":
                 return p.AckResult()
             sid = cmd["body"]["session_id"]
             if ack.ok:
-                conn.execute(update(t.sessions).where(and_(t.sessions.c.session_id == sid,
-                                                           t.sessions.c.state == "starting"))
-                             .values(state="active", acked_ms=now_ms))
+                if conn.execute(_CLAIMED, {"b_session_id": sid, "acked_ms": now_ms}).rowcount == 1:
+                    return p.AckResult(session_state="active")    # the claim won: pour
             else:
                 s = first_row(conn, select(t.sessions).where(t.sessions.c.session_id == sid))
                 # refused before the claim, or after it the valve never opened: nothing was poured
@@ -352,30 +366,29 @@ class Sessions:
         body = json.dumps({"kind": ev.kind, "payload": ev.payload}, sort_keys=True, separators=(",", ":"))
         digest = hashlib.sha256(body.encode()).hexdigest()
         for attempt in (1, 2, 3):
-            prior = first_row(conn, select(t.reports).where(and_(t.reports.c.machine_id == machine_id,
-                                                             t.reports.c.event_id == ev.event_id)))
+            prior = first_row(conn, _REPORT, {"machine_id": machine_id, "event_id": ev.event_id})
             if prior is not None:
                 if prior["body_sha256"] != digest:
                     return p.EventResult(event_id=ev.event_id, status="rejected",
                                          detail="this event id was already used with a different body")
                 return p.EventResult(event_id=ev.event_id, status="duplicate", detail=prior["detail"])
             malformed = _malformed(ev)
+            report = {"machine_id": machine_id, "event_id": ev.event_id, "kind": ev.kind, "body_sha256": digest,
+                      "payload": {} if malformed else ev.payload, "received_ms": now_ms,
+                      "occurred_ms": now_ms - ev.age_ms}
             try:
-                with conn.begin_nested():    # this event alone: a copy racing it, or a refusal, undoes only it
-                    if malformed:
-                        status, detail = "rejected", malformed
-                    else:
-                        try:
-                            with conn.begin_nested():      # a refused event leaves no half-written rows behind
-                                status, detail = self._apply(conn, machine_id, ev, now_ms)
-                        except DomainError as e:
-                            if isinstance(e, Unavailable):
-                                raise        # not this report's fault: the whole batch is retried
-                            status, detail = "rejected", e.message
-                    conn.execute(insert(t.reports).values(
-                        machine_id=machine_id, event_id=ev.event_id, kind=ev.kind, body_sha256=digest, status=status,
-                        detail=detail[:300], payload={} if malformed else ev.payload, received_ms=now_ms,
-                        occurred_ms=now_ms - ev.age_ms))
+                try:
+                    # this event alone: a copy racing it, or a refusal, undoes only what it wrote
+                    with conn.begin_nested():
+                        status, detail = ("rejected", malformed) if malformed else \
+                            self._apply(conn, machine_id, ev, now_ms)
+                        conn.execute(_NEW_REPORT, {**report, "status": status, "detail": detail[:300]})
+                except DomainError as e:
+                    if isinstance(e, Unavailable):
+                        raise                # not this report's fault: the whole batch is retried
+                    status, detail = "rejected", e.message
+                    with conn.begin_nested():     # refused: nothing of it is left but its report
+                        conn.execute(_NEW_REPORT, {**report, "status": status, "detail": detail[:300]})
             except (IntegrityError, _Changed) as e:
                 if attempt == 3:
                     raise Unavailable("retry", "this session kept changing while it was settled; send it again",
@@ -396,7 +409,7 @@ class Sessions:
     def _settle(self, conn: Connection, machine_id: str, ev: p.DeviceEvent, now_ms: int) -> tuple[str, str]:
         """s6: the server recomputes the fee and settles it in one transaction; s7: the rental record."""
         r = p.SessionEndedPayload.model_validate(ev.payload)     # checked by _malformed already
-        s = first_row(conn, select(t.sessions).where(t.sessions.c.session_id == r.session_id))
+        s = first_row(conn, _SESSION, {"session_id": r.session_id})
         if s is None or s["machine_id"] != machine_id:
             raise NotFound("unknown_session", f"session {r.session_id} was not started on this machine")
         if s["state"] == "ended":
@@ -425,9 +438,8 @@ class Sessions:
             on_machine_event(conn, machine_id, p.EventKind.IMPLAUSIBLE_REPORT, detail, now_ms - ev.age_ms, now_ms)
             log.error("implausible report %s from %s: %s; billed %d fen", ev.event_id, machine_id,
                       "; ".join(implausible), fee)
-        changed = conn.execute(update(t.sessions).where(and_(t.sessions.c.session_id == s["session_id"],
-                                                             t.sessions.c.state == s["state"]))
-                               .values(state="ended")).rowcount
+        changed = conn.execute(_ENDED, {"b_session_id": s["session_id"], "b_state": s["state"], "ended_ms": now_ms,
+                                        "end_reason": r.reason, "fee_fen": fee, "volume_ml": expected_volume}).rowcount
         if changed != 1:     # another request changed it meanwhile (a void, a lost, a copy of this report)
             raise _Changed()
         if s["state"] in ("starting", "active"):
@@ -437,23 +449,19 @@ class Sessions:
                       f"{expected_volume} ml at {s['price_fen_per_l']} fen/l")
         points = p.points_for_fee(fee)
         earn_points(conn, s["user_id"], points, s["session_id"], now_ms)
-        conn.execute(update(t.sessions).where(t.sessions.c.session_id == s["session_id"]).values(
-            state="ended", ended_ms=now_ms, end_reason=r.reason, fee_fen=fee, volume_ml=expected_volume))
-        conn.execute(update(t.machines).where(and_(t.machines.c.machine_id == machine_id,
-                                                   t.machines.c.open_session_id == s["session_id"]))
-                     .values(open_session_id=None))
+        conn.execute(_FREED, {"b_machine_id": machine_id, "b_session_id": s["session_id"]})
         wq = dict(r.water_quality)
         wq.update(temp_start_c=r.temp_start_c, temp_end_c=r.temp_end_c)
         avg = expected_volume * 60_000 // r.duration_ms if r.duration_ms else 0
         started_at, closed_at = true_times(r, now_ms - ev.age_ms)
-        conn.execute(insert(t.bills).values(
-            session_id=s["session_id"], user_id=s["user_id"], machine_id=machine_id, started_at=started_at,
-            ended_at=closed_at, duration_ms=r.duration_ms, volume_ml=expected_volume, avg_flow_ml_per_min=avg,
-            amount_fen=fee, price_fen_per_l=s["price_fen_per_l"], water_quality=wq, points=points,
-            end_reason=r.reason, created_ms=now_ms))
-        conn.execute(insert(t.rental_records).values(
-            session_id=s["session_id"], machine_id=machine_id, user_id=s["user_id"], started_at=started_at,
-            ended_at=closed_at, started_ms=s["created_ms"], record=r.model_dump(mode="json")))
+        conn.execute(_NEW_BILL, {
+            "session_id": s["session_id"], "user_id": s["user_id"], "machine_id": machine_id,
+            "started_at": started_at, "ended_at": closed_at, "duration_ms": r.duration_ms, "volume_ml": expected_volume,
+            "avg_flow_ml_per_min": avg, "amount_fen": fee, "price_fen_per_l": s["price_fen_per_l"],
+            "water_quality": wq, "points": points, "end_reason": r.reason, "created_ms": now_ms})
+        conn.execute(_NEW_RECORD, {
+            "session_id": s["session_id"], "machine_id": machine_id, "user_id": s["user_id"], "started_at": started_at,
+            "ended_at": closed_at, "started_ms": s["created_ms"], "record": r.model_dump(mode="json")})
         note = "" if r.cost_fen == fee else f"device said {r.cost_fen} fen; billed {fee} fen by the server's tariff"
         if implausible:
             note = "implausible, capped by the grant: " + "; ".join(implausible)
