@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import Connection, and_, insert, or_, select, text, update
+from sqlalchemy import Connection, and_, bindparam, insert, or_, select, text, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 import contract as p
@@ -281,19 +281,26 @@ class Machines:
 
     def heartbeat(self, machine_id: str, hb: p.HeartbeatMsg, now_ms: int) -> dict[str, Any]:
         """Record the telemetry; returns the machine's settings row (price, time zone, hotline)."""
-        mc = t.machines.c
+        heartbeat = hb.model_dump()
         with self.db.tx() as conn:
-            values: dict[str, Any] = {"last_seen_ms": now_ms, "heartbeat": hb.model_dump()}
-            values["alarm_hint"] = self.alarm_hint(values["heartbeat"]) if self.alarm_hint else None
-            m = first_row(conn, select(mc.open_session_id, mc.price_fen_per_l, mc.timezone, mc.hotline)
-                     .where(mc.machine_id == machine_id))
+            m = first_row(conn, _HEARTBEAT, {"b_machine_id": machine_id, "last_seen_ms": now_ms, "heartbeat": heartbeat,
+                                             "alarm_hint": self.alarm_hint(heartbeat) if self.alarm_hint else None})
             if m and m["open_session_id"] and hb.session_id is None:
-                s = first_row(conn, select(t.sessions.c.state).where(t.sessions.c.session_id == m["open_session_id"]))
+                s = first_row(conn, _SESSION_STATE, {"session_id": m["open_session_id"]})
                 if s is None or s["state"] != "starting":   # the machine is free (a report may be on its way)
-                    values["open_session_id"] = None
-            conn.execute(update(t.machines).where(t.machines.c.machine_id == machine_id).values(**values))
-            self.samples.record(conn, machine_id, values["heartbeat"], now_ms)
+                    conn.execute(_FREED, {"b_machine_id": machine_id, "b_session_id": m["open_session_id"]})
+            self.samples.record(conn, machine_id, heartbeat, now_ms)
         return m or {"price_fen_per_l": 0, "timezone": "Asia/Shanghai", "hotline": ""}
+
+
+# a heartbeat's statements, built once (every machine sends one every few seconds): the telemetry written and the
+# settings read back in one statement
+_mc = t.machines.c
+_HEARTBEAT = update(t.machines).where(_mc.machine_id == bindparam("b_machine_id")).returning(
+    _mc.open_session_id, _mc.price_fen_per_l, _mc.timezone, _mc.hotline)
+_SESSION_STATE = select(t.sessions.c.state).where(t.sessions.c.session_id == bindparam("session_id"))
+_FREED = update(t.machines).where(and_(_mc.machine_id == bindparam("b_machine_id"),
+                                       _mc.open_session_id == bindparam("b_session_id"))).values(open_session_id=None)
 
 
 class Commands:

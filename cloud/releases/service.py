@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 import contract as p
@@ -63,6 +63,12 @@ def selected(rollout_id: int, machine_id: str, percent: int) -> bool:
 
 def bundle_url(version: str) -> str:
     return f"/device/v1/releases/{version}/bundle"
+
+
+# what a heartbeat's answer offers (asked at every heartbeat), built once
+_OFFERED = (select(mu.rollout_id, mu.step, ro.version, ro.state, r_.sha256, r_.size_bytes)
+            .join(t.rollouts, ro.rollout_id == mu.rollout_id).join(t.releases, r_.version == ro.version)
+            .where(and_(mu.machine_id == bindparam("machine_id"), ro.state.in_(OPEN), r_.withdrawn_ms.is_(None))))
 
 
 class Releases:
@@ -258,11 +264,8 @@ class Releases:
         """What a heartbeat's answer offers the machine: the release of its open rollout while that is active,
         the machine runs another version and has not ended its update. A heartbeat already running the
         rollout's version marks the machine healthy (the new release reached the cloud)."""
-        q = (select(mu.rollout_id, mu.step, ro.version, ro.state, r_.sha256, r_.size_bytes)
-             .join(t.rollouts, ro.rollout_id == mu.rollout_id).join(t.releases, r_.version == ro.version)
-             .where(and_(mu.machine_id == machine_id, ro.state.in_(OPEN), r_.withdrawn_ms.is_(None))))
         with self.db.read() as conn:
-            row = first_row(conn, q)
+            row = first_row(conn, _OFFERED, {"machine_id": machine_id})
         if row is None or row["step"] in ENDED_STEPS:
             return None
         if software_version == row["version"]:

@@ -58,6 +58,8 @@ _FREED = update(t.machines).where(and_(_m.machine_id == bindparam("b_machine_id"
 _REPORT = select(t.reports).where(and_(t.reports.c.machine_id == bindparam("machine_id"),
                                        t.reports.c.event_id == bindparam("event_id")))
 _NEW_REPORT, _NEW_BILL, _NEW_RECORD = insert(t.reports), insert(t.bills), insert(t.rental_records)
+_CLAIMED_BEFORE = select(t.sessions).where(and_(_s.machine_id == bindparam("machine_id"), _s.state == "active",
+                                                 _s.acked_ms < bindparam("before_ms")))
 _COMMAND = select(t.commands).where(t.commands.c.command_id == bindparam("command_id"))
 _ACKED = update(t.commands).where(and_(t.commands.c.command_id == bindparam("b_command_id"),
                                        t.commands.c.acked_ms.is_(None))).values(
@@ -227,11 +229,9 @@ class Sessions:
         way), is ended as ``lost`` and its hold released; a late report still settles it by the measured water."""
         if hb.outbox_depth:
             return []
-        s = t.sessions.c
         with self.db.read() as conn:
-            rows = conn.execute(select(t.sessions).where(and_(
-                s.machine_id == machine_id, s.state == "active", s.acked_ms < sent_ms - LOST_GRACE_MS))
-            ).mappings().all()
+            rows = conn.execute(_CLAIMED_BEFORE, {"machine_id": machine_id, "before_ms": sent_ms - LOST_GRACE_MS}
+                                ).mappings().all()
         rows = [dict(r) for r in rows if r["session_id"] != hb.session_id]
         return self._lose(rows, "the machine reported no such session (boot "
                                 f"{hb.boot_id}, state {hb.state})", now_ms) if rows else []
