@@ -92,10 +92,13 @@ def test_signed_requests(cloud):
     assert ghost.heartbeat().json()["error"] == "unknown_machine"
 
 
-def test_polls_arriving_together_share_a_flush_of_the_replay_guard_and_a_replay_is_still_refused(cloud):
+@pytest.mark.parametrize("kind", ["poll", "heartbeat"])
+def test_polls_arriving_together_share_a_flush_of_the_replay_guard_and_a_replay_is_still_refused(cloud, kind):
     """A long-poll's nonce joins a flush with the others that came within POLL_GATHER_S (a flush per poll was most
-    of the cost of a fleet's polls); it is still durable before the poll is answered, and a replayed poll is
-    refused at once."""
+    of the cost of a fleet's polls), and a heartbeat's within HEARTBEAT_GATHER_S; it is still durable before the
+    request is answered, and a replay is refused at once."""
+    method, path, body = ("GET", "/device/v1/commands?wait_ms=0", None) if kind == "poll" else \
+        ("POST", "/device/v1/heartbeat", {"state": "idle", "valve_open": False})
     from concurrent.futures import ThreadPoolExecutor
     machines = cloud.app.state.services.machines
     devs = [cloud.provision(f"G{i:02d}") for i in range(8)]
@@ -109,7 +112,7 @@ def test_polls_arriving_together_share_a_flush_of_the_replay_guard_and_a_replay_
     def poll(i: int) -> requests.Response:
         start.wait()
         time.sleep(0.004 * i)                                      # one every 4 ms: 28 ms for the eight
-        return devs[i].request("GET", "/device/v1/commands?wait_ms=0")
+        return devs[i].request(method, path, body)
     with ThreadPoolExecutor(len(devs)) as pool:
         answers = list(pool.map(poll, range(len(devs))))
     assert [r.status_code for r in answers] == [200] * len(devs)
@@ -117,9 +120,9 @@ def test_polls_arriving_together_share_a_flush_of_the_replay_guard_and_a_replay_
     assert sum(written) == len(devs) and len(written) <= 4, flushed     # gathered, not a flush a poll
     nonce = secrets.token_hex(16)
     t0 = time.monotonic()
-    assert devs[0].request("GET", "/device/v1/commands?wait_ms=0", nonce=nonce).status_code == 200
+    assert devs[0].request(method, path, body, nonce=nonce).status_code == 200
     assert time.monotonic() - t0 < 2                                # alone: answered after its short gather
-    replay = devs[0].request("GET", "/device/v1/commands?wait_ms=0", nonce=nonce)
+    replay = devs[0].request(method, path, body, nonce=nonce)
     assert replay.status_code == 401 and replay.json()["error"] == "replayed_nonce"
 
 
