@@ -150,6 +150,7 @@ class Bench:
         self.stop_phones: asyncio.Event | None = None   # set: the phones stop (instead of after ``seconds``)
         self.sent_at: dict[str, float] = {}          # session id -> when the phone sent the start
         self.got_at: dict[str, float] = {}           # session id -> when its dispenser had the command
+        self.answered_s: list[float] = []            # how long each start took to answer the phone
         self.completed = 0
         self.errors: dict[str, int] = {}
         self.idle = set(range(len(machines)))
@@ -281,6 +282,7 @@ class Bench:
                 body = json.dumps({"presence_token": scan["presence_token"], "expected_price_fen_per_l": 200})
                 t0 = time.perf_counter()
                 st, res = await c.request("POST", "/api/v1/sessions", body.encode(), auth)
+                self.answered_s.append(time.perf_counter() - t0)
                 if st == 200:                 # the command may reach the dispenser before this response
                     self.sent_at[res["session_id"]] = t0
                     self.label[res["session_id"]] = label
@@ -497,7 +499,7 @@ def generator(conn, machines, tokens, ports, rate: float, watchers: int, aligned
         return dict(lat=[b.got_at[sid] - t for sid, t in b.sent_at.items() if sid in b.got_at],
                     missing=sum(1 for sid in b.sent_at if sid not in b.got_at), started=len(b.sent_at),
                     completed=b.completed, elapsed=elapsed, errors=errors_during, status=b.status_s,
-                    connected=b.connected,
+                    connected=b.connected, answered=b.answered_s,
                     cpu=cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime)
 
     conn.send(("result", asyncio.run(go())))
@@ -716,6 +718,10 @@ def fleet_run(args, n: int) -> None:
             print(f"        {completed} sessions in {elapsed:.1f} s = {completed / elapsed:.1f}/s; start->command "
                   f"p50 {q(.5):.1f} ms, p95 {q(.95):.1f} ms, p99 {q(.99):.1f} ms (n={len(lat)}, started {started}, "
                   f"never received {missing}); errors {errors or 'none'}", flush=True)
+            answered = sorted(x for r in results for x in r["answered"])
+            if answered:      # where the time goes: the start itself, or the way of its command to the machine
+                print(f"        the start's own answer to the phone: p50 {pct(answered, .5) * 1000:.1f} ms, p95 "
+                      f"{pct(answered, .95) * 1000:.1f} ms, p99 {pct(answered, .99) * 1000:.1f} ms", flush=True)
             print(f"        CPU-s under load{rolling}: instances {', '.join(f'{x:.1f}' for x in busy)} = "
                   f"{sum(busy) / elapsed:.2f} cores, {1000 * sum(busy) / elapsed / max(held, 1):.4f} cores per "
                   f"1,000 held connections, {sum(busy) / max(completed, 1) * 1000:.1f} CPU-ms per session; HAProxy "
