@@ -90,18 +90,33 @@ class SharedRateLimiter:
     def __init__(self, db: Database, bucket: str, limit: int, window_ms: int) -> None:
         self.db, self.bucket, self.limit, self.window_ms = db, bucket, limit, window_ms
 
-    def hit(self, key: str, now_ms: int) -> int | None:
-        """Count a hit; ``None`` if allowed, else the seconds until the key's window ends (for Retry-After)."""
+    def hit(self, key: str, now_ms: int, conn: Connection | None = None) -> int | None:
+        """Count a hit (in ``conn``'s transaction, else in one of its own); ``None`` if allowed, else the seconds
+        until the key's window ends (for Retry-After)."""
+        if conn is None:
+            with self.db.tx() as conn:
+                return self.hit(key, now_ms, conn)
         window = now_ms - now_ms % self.window_ms
-        key = key[:200]
-        with self.db.tx() as conn:
-            ins = _insert(conn)(t.rate_hits).values(bucket=self.bucket, key=key, window_ms=window, hits=1,
-                                                    expires_ms=window + self.window_ms)
-            hits = conn.execute(ins.on_conflict_do_update(
-                index_elements=["bucket", "key", "window_ms"], set_={"hits": t.rate_hits.c.hits + 1})
-                .returning(t.rate_hits.c.hits)).scalar_one()
+        ins = _insert(conn)(t.rate_hits).values(bucket=self.bucket, key=key[:200], window_ms=window, hits=1,
+                                                expires_ms=window + self.window_ms)
+        hits = conn.execute(ins.on_conflict_do_update(
+            index_elements=["bucket", "key", "window_ms"], set_={"hits": t.rate_hits.c.hits + 1})
+            .returning(t.rate_hits.c.hits)).scalar_one()
         if hits > self.limit:
             return max(1, (window + self.window_ms - now_ms + 999) // 1000)
+        return None
+
+    @staticmethod
+    def hit_in_turn(db: Database, checks: list[tuple[SharedRateLimiter, str]], now_ms: int
+                    ) -> tuple[int, int] | None:
+        """Count a hit on each limit in turn, in one transaction (one commit, not one a limit), stopping at the
+        first that refuses: ``(its index, seconds to wait)``, or ``None`` if every limit allowed it. What was
+        counted stays counted, as with :meth:`hit` one after the other."""
+        with db.tx() as conn:
+            for i, (limiter, key) in enumerate(checks):
+                wait_s = limiter.hit(key, now_ms, conn)
+                if wait_s is not None:
+                    return i, wait_s
         return None
 
     @staticmethod

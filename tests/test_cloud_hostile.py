@@ -131,6 +131,32 @@ def test_qr_scans_are_rate_limited_per_network(cloud):
     assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1 and r.json()["error"] == "too_many_scans"
 
 
+def test_scan_limits_are_counted_in_turn_and_a_refused_scan_is_not_counted_further(cloud):
+    """The network's limit is counted first, then the machine's, in one transaction: a scan the network's limit
+    refuses does not use up the machine's, and each refusal names its limit."""
+    svc = cloud.app.state.services
+    svc.scans_by_network.limit, svc.scans_by_machine.limit = 5, 3        # as the settings would, smaller
+    devs = [cloud.provision(m) for m in ("L1", "L2")]
+    for d in devs:
+        connected(d)
+    http = requests.Session()
+
+    def scan(dev, code=None) -> requests.Response:
+        return http.get(cloud.url + "/api/v1/scan", params={"machine": dev.machine_id, "c": code or dev.qr()},
+                        timeout=10)
+    assert [scan(devs[0]).status_code for _ in range(3)] == [200] * 3
+    busy = scan(devs[0])                                       # the 4th scan of L1 this minute
+    assert busy.status_code == 429 and "this machine" in busy.json()["message"], busy.text
+    assert scan(devs[1]).status_code == 200                    # the network's 5th: L2 is another machine
+    over = scan(devs[1])                                        # the network's 6th
+    assert over.status_code == 429 and "this network" in over.json()["message"], over.text
+    assert int(over.headers["Retry-After"]) >= 1
+    with cloud.app.state.database.read() as conn:
+        hits = dict(conn.execute(select(t.rate_hits.c.key, t.rate_hits.c.hits)
+                                 .where(t.rate_hits.c.bucket == "scans_by_machine")).all())
+    assert hits == {"L1": 4, "L2": 1}                           # the refused 6th never reached L2's count
+
+
 # ---------------------------------------------------------------- 13: greedy clients are bounded
 
 def test_uploads_stops_and_orders_are_bounded(cloud):

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 import contract as p
+from cloud.cluster import SharedRateLimiter
 from cloud.deps import IdPath, MachinePath, Now, Svc, User
 from cloud.errors import ERRORS, Err, TooMany
 from cloud.schemas import OkOut
@@ -22,11 +23,12 @@ def scan(machine: Annotated[str, Query(min_length=1, max_length=64, pattern=p.MA
     """What opening the QR link does: checks the time-based code, consumes nothing. Limited per network and
     per machine (a code has 8 digits; guessing is made slow)."""
     ip = request.client.host if request.client else "?"
-    for limiter, key, what in ((svc.scans_by_network, ip, "network"), (svc.scans_by_machine, machine, "machine")):
-        wait_s = limiter.hit(key, now)
-        if wait_s is not None:
-            raise TooMany("too_many_scans", f"too many scans from this {what}; try again in {wait_s} s",
-                          retry_after_s=wait_s)
+    refused = SharedRateLimiter.hit_in_turn(svc.database, [(svc.scans_by_network, ip),
+                                                           (svc.scans_by_machine, machine)], now)
+    if refused is not None:
+        what, wait_s = ("network", "machine")[refused[0]], refused[1]
+        raise TooMany("too_many_scans", f"too many scans from this {what}; try again in {wait_s} s",
+                      retry_after_s=wait_s)
     token, info = svc.sessions.scan(machine, c, now)
     return {"presence_token": token, "machine": info}
 
