@@ -735,12 +735,13 @@ class Database:
             conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": key})
 
     @contextmanager
-    def read(self) -> Iterator[Connection]:
+    def read(self, streaming: bool = False) -> Iterator[Connection]:
         """A connection for reading. On PostgreSQL without a transaction (autocommit): under READ COMMITTED each
         statement sees what committed before it whether or not a transaction wraps it, and without one a read is
         one round trip, not three (BEGIN, the query, ROLLBACK) and three wake-ups of a server process. Write in
-        :meth:`tx`, never here."""
-        with self._reader.connect() as conn:
+        :meth:`tx`, never here. ``streaming``: rows read as they are used (``yield_per``), through a server-side
+        cursor, which PostgreSQL keeps only inside a transaction: one is opened."""
+        with (self.engine if streaming else self._reader).connect() as conn:
             yield conn
 
     def dispose(self) -> None:

@@ -234,6 +234,25 @@ def test_reports_are_idempotent(cloud):
     assert user.me()["available_fen"] == 900                                  # billed exactly once
 
 
+def test_the_sessions_csv_streams_every_session_on_either_database(cloud):
+    """The operators' export reads its rows as it writes them (a server-side cursor on PostgreSQL, which needs a
+    transaction although every other read runs without one): every settled session comes back, newest first."""
+    import csv
+    import io
+    dev = cloud.provision("CSV1")
+    user = cloud.user("13800009999", balance_fen=5_000)
+    sids = []
+    for n in range(3):
+        session, cmd = start_session(cloud, dev, user)
+        assert dev.ack(cmd["command_id"]).status_code == 200
+        assert dev.report_end(f"1-{n + 1}", session["session_id"], 450).json()["results"][0]["status"] == "accepted"
+        sids.append(session["session_id"])
+    r = cloud.op("GET", "/api/v1/operator/sessions", params={"format": "csv"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv"), r.text[:300]
+    rows = list(csv.reader(io.StringIO(r.content.decode("utf-8-sig"))))
+    assert [row[0] for row in rows[1:]] == sids[::-1]
+
+
 def test_the_server_bills_by_its_own_tariff(cloud):
     dev = cloud.provision("M3", price=200)
     user = cloud.user("13800000003", balance_fen=1_000)

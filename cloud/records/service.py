@@ -180,7 +180,7 @@ class Records:
         """Every session of the search as CSV rows (newest first), read from the database as they are written
         (a server-side cursor on PostgreSQL: a million rows never sit in memory)."""
         s, m, u = t.sessions.c, t.machines.c, t.users.c
-        with self.db.read() as conn:
+        with self.db.read(streaming=True) as conn:
             try:
                 user_id = self._user_id(conn, f.user)
             except NoSuchUser:
