@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,35 @@ def test_the_applier_checks_again_and_refuses_what_the_kiosk_should_not_have_pas
     events = json.loads((layout / "opt" / "state" / "events.json").read_text())["events"]
     assert [(e["step"], e["reason"]) for e in events] == [("refused", "tampered")]
     assert releases(layout) == ["0.2.0-base"] and current(layout) == "releases/0.2.0-base"
+
+
+def test_the_applier_leaves_a_switch_asked_for_too_long_ago_undone(bundles, machine):
+    """The kiosk asks root to switch only while its update hold keeps the machine idle, and says until when. A
+    request found after that (the applier was late, the hold may have lifted, a customer may be pouring) is
+    recorded as deferred and not carried out: the installed release stays beside the running one, nothing
+    restarts, and the kiosk asks again when it is idle."""
+    _cloud, layout = machine
+    updates = layout / "data" / "updates"
+    staged = updates / "0.3.0.bundle"
+    staged.write_bytes(bundles.good.read_bytes())
+    (updates / "apply.json").write_text(json.dumps({
+        "action": "install", "version": "0.3.0", "bundle": str(staged), "sha256": kit.sha256_file(staged),
+        "rollout_id": 7}))
+    unit = kit.PathUnit(layout, health_s=5)          # were it to switch, the trial would be short
+    r = unit.run_applier("run")
+    assert r.returncode == 0, r.stderr
+    installed = [name for name in releases(layout) if name.startswith("0.3.0-")]
+    assert installed and current(layout) == "releases/0.2.0-base"
+    now_ms = time.time_ns() // 1_000_000
+    (updates / "apply.json").write_text(json.dumps({"action": "switch", "version": "0.3.0", "rollout_id": 7,
+                                                    "not_after_ms": now_ms - 1_000}))
+    r = unit.run_applier("run")
+    assert r.returncode == 0, r.stderr
+    events = json.loads((layout / "opt" / "state" / "events.json").read_text())["events"]
+    assert (events[-1]["step"], events[-1]["reason"]) == ("deferred", "stale"), events
+    assert current(layout) == "releases/0.2.0-base" and releases(layout) == ["0.2.0-base", *installed]
+    assert not (layout / "opt" / "state" / "trial.json").exists()                 # no trial begun
+    assert not (updates / "apply.json").exists()                                  # the request is used up
 
 
 def test_a_release_that_crashes_at_start_is_rolled_back_and_reported(bundles, machine, tmp_path):
