@@ -288,7 +288,7 @@ class Machines:
             if m and m["open_session_id"] and hb.session_id is None:
                 s = first_row(conn, _SESSION_STATE, {"session_id": m["open_session_id"]})
                 if s is None or s["state"] != "starting":   # the machine is free (a report may be on its way)
-                    conn.execute(_FREED, {"b_machine_id": machine_id, "b_session_id": m["open_session_id"]})
+                    conn.execute(FREE_MACHINE, {"b_machine_id": machine_id, "b_session_id": m["open_session_id"]})
             self.samples.record(conn, machine_id, heartbeat, now_ms)
         return m or {"price_fen_per_l": 0, "timezone": "Asia/Shanghai", "hotline": ""}
 
@@ -299,8 +299,10 @@ _mc = t.machines.c
 _HEARTBEAT = update(t.machines).where(_mc.machine_id == bindparam("b_machine_id")).returning(
     _mc.open_session_id, _mc.price_fen_per_l, _mc.timezone, _mc.hotline)
 _SESSION_STATE = select(t.sessions.c.state).where(t.sessions.c.session_id == bindparam("session_id"))
-_FREED = update(t.machines).where(and_(_mc.machine_id == bindparam("b_machine_id"),
-                                       _mc.open_session_id == bindparam("b_session_id"))).values(open_session_id=None)
+# a machine freed from the session it was seen serving, and only from that one (a heartbeat, a settlement)
+FREE_MACHINE = update(t.machines).where(and_(_mc.machine_id == bindparam("b_machine_id"),
+                                             _mc.open_session_id == bindparam("b_session_id"))
+                                        ).values(open_session_id=None)
 
 
 class Commands:

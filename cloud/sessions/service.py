@@ -22,7 +22,7 @@ import contract as p
 from cloud import db as t
 from cloud.alarms.service import on_machine_event
 from cloud.db import Database, audit, first_row
-from cloud.devices.service import COMMAND_TTL_MS, RECENTLY_SEEN_MS, Commands, Machines
+from cloud.devices.service import COMMAND_TTL_MS, FREE_MACHINE, RECENTLY_SEEN_MS, Commands, Machines
 from cloud.errors import Conflict, DomainError, Forbidden, Gone, InsufficientFunds, NotFound, Unavailable
 from cloud.rewards.service import earn_points
 from cloud.security import PresenceTokens, token_hash
@@ -53,8 +53,6 @@ _NEW_SESSION = insert(t.sessions)
 _SESSION = select(t.sessions).where(_s.session_id == bindparam("session_id"))
 _ENDED = update(t.sessions).where(and_(_s.session_id == bindparam("b_session_id"), _s.state == bindparam("b_state"))
                                   ).values(state="ended")
-_FREED = update(t.machines).where(and_(_m.machine_id == bindparam("b_machine_id"),
-                                       _m.open_session_id == bindparam("b_session_id"))).values(open_session_id=None)
 _REPORT = select(t.reports).where(and_(t.reports.c.machine_id == bindparam("machine_id"),
                                        t.reports.c.event_id == bindparam("event_id")))
 _NEW_REPORT, _NEW_BILL, _NEW_RECORD = insert(t.reports), insert(t.bills), insert(t.rental_records)
@@ -449,7 +447,7 @@ class Sessions:
                       f"{expected_volume} ml at {s['price_fen_per_l']} fen/l")
         points = p.points_for_fee(fee)
         earn_points(conn, s["user_id"], points, s["session_id"], now_ms)
-        conn.execute(_FREED, {"b_machine_id": machine_id, "b_session_id": s["session_id"]})
+        conn.execute(FREE_MACHINE, {"b_machine_id": machine_id, "b_session_id": s["session_id"]})
         wq = dict(r.water_quality)
         wq.update(temp_start_c=r.temp_start_c, temp_end_c=r.temp_end_c)
         avg = expected_volume * 60_000 // r.duration_ms if r.duration_ms else 0
