@@ -19,6 +19,7 @@ import os
 import random
 import resource
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -394,6 +395,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def postgres_sessions(admin_url: str, name: str) -> int:
+    """Connections opened to the bench's database so far (``pg_stat_database.sessions``): a pool that opens and
+    closes connections under load makes PostgreSQL start a backend, and warm its caches, each time."""
+    import psycopg
+    with psycopg.connect(admin_url, autocommit=True) as c:
+        row = c.execute("SELECT sessions FROM pg_stat_database WHERE datname = %s", (name,)).fetchone()
+    return int(row[0]) if row and row[0] is not None else -1
+
+
 def postgres_cpu_seconds() -> float:
     """CPU of every PostgreSQL process on this machine (its backends, and those ended: counted to the server's
     main process when it reaped them); the bench's database shares the 2 cores with the rest."""
@@ -497,6 +507,7 @@ def generator(conn, machines, tokens, ports, rate: float, watchers: int, aligned
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         return dict(lat=[b.got_at[sid] - t for sid, t in b.sent_at.items() if sid in b.got_at],
+                    when=[(t, b.got_at[sid] - t) for sid, t in b.sent_at.items() if sid in b.got_at],
                     missing=sum(1 for sid in b.sent_at if sid not in b.got_at), started=len(b.sent_at),
                     completed=b.completed, elapsed=elapsed, errors=errors_during, status=b.status_s,
                     connected=b.connected, answered=b.answered_s,
@@ -653,11 +664,11 @@ def fleet_run(args, n: int) -> None:
             # idle: every machine holds its poll, nobody starts anything
             c0 = [cpu_seconds(pid) for pid in pids]
             h0 = [cpu_seconds(pid) for pid in hpids]
-            pg0, r0 = postgres_cpu_seconds(), requests_answered(fleet)
+            pg0, r0, ps0 = postgres_cpu_seconds(), requests_answered(fleet), postgres_sessions(plain_admin, name)
             time.sleep(args.idle_seconds)
             c1 = [cpu_seconds(pid) for pid in pids]
             h1 = [cpu_seconds(pid) for pid in hpids]
-            pg1, r1 = postgres_cpu_seconds(), requests_answered(fleet)
+            pg1, r1, ps1 = postgres_cpu_seconds(), requests_answered(fleet), postgres_sessions(plain_admin, name)
             idle_cores = sum(c1) - sum(c0)
             polls = max(r1 - r0, 1)
             print(f"        held {held} connections (ramp {ramp:.1f} s); idle {args.idle_seconds:.0f} s: instances "
@@ -666,7 +677,7 @@ def fleet_run(args, n: int) -> None:
                   f"HAProxy {sum(h1) - sum(h0):.2f} CPU-s, PostgreSQL {pg1 - pg0:.2f} CPU-s; {r1 - r0} polls renewed "
                   f"= {(r1 - r0) / args.idle_seconds:.0f}/s, CPU-ms per poll: instances "
                   f"{1000 * idle_cores / polls:.2f}, HAProxy {1000 * (sum(h1) - sum(h0)) / polls:.2f}, PostgreSQL "
-                  f"{1000 * (pg1 - pg0) / polls:.2f}", flush=True)
+                  f"{1000 * (pg1 - pg0) / polls:.2f}; PostgreSQL connections opened {ps1 - ps0}", flush=True)
             for pipe in pipes:
                 pipe.send("go")
             t0 = time.perf_counter()
@@ -692,7 +703,7 @@ def fleet_run(args, n: int) -> None:
             if rest > 0:
                 time.sleep(rest)
             c2 = [cpu_seconds(inst.proc.pid) for inst in fleet.instances]
-            pg2 = postgres_cpu_seconds()
+            pg2, ps2 = postgres_cpu_seconds(), postgres_sessions(plain_admin, name)
             h2 = [cpu_seconds(pid) for pid in hpids]
             rss = [rss_mb(inst.proc.pid) for inst in fleet.instances]
             print("        under load: " + where_connections_are(fleet), flush=True)
@@ -718,6 +729,7 @@ def fleet_run(args, n: int) -> None:
             print(f"        {completed} sessions in {elapsed:.1f} s = {completed / elapsed:.1f}/s; start->command "
                   f"p50 {q(.5):.1f} ms, p95 {q(.95):.1f} ms, p99 {q(.99):.1f} ms (n={len(lat)}, started {started}, "
                   f"never received {missing}); errors {errors or 'none'}", flush=True)
+            slow_at(sorted(x for r in results for x in r["when"]), t0, args.timeline)
             answered = sorted(x for r in results for x in r["answered"])
             if answered:      # where the time goes: the start itself, or the way of its command to the machine
                 print(f"        the start's own answer to the phone: p50 {pct(answered, .5) * 1000:.1f} ms, p95 "
@@ -725,7 +737,8 @@ def fleet_run(args, n: int) -> None:
             print(f"        CPU-s under load{rolling}: instances {', '.join(f'{x:.1f}' for x in busy)} = "
                   f"{sum(busy) / elapsed:.2f} cores, {1000 * sum(busy) / elapsed / max(held, 1):.4f} cores per "
                   f"1,000 held connections, {sum(busy) / max(completed, 1) * 1000:.1f} CPU-ms per session; HAProxy "
-                  f"{sum(h2) - sum(h1):.1f} CPU-s; PostgreSQL {pg2 - pg1:.1f} CPU-s; generators "
+                  f"{sum(h2) - sum(h1):.1f} CPU-s; PostgreSQL {pg2 - pg1:.1f} CPU-s, connections opened {ps2 - ps1}; "
+                  f"generators "
                   f"{sum(r['cpu'] for r in results):.1f} CPU-s", flush=True)
             print(f"        RSS: instances {', '.join(f'{x:.0f}' for x in rss)} MB; HAProxy "
                   f"{', '.join(f'{x:.0f}' for x in hrss)} MB", flush=True)
@@ -748,9 +761,34 @@ def fleet_run(args, n: int) -> None:
                       f"{args.cross_rate:g} starts/s, the others idle): A->A {fmt(aa)}; B->A {fmt(ba)}; "
                       + (f"B->A adds {(pct(ba, .5) - pct(aa, .5)) * 1000:.1f} ms at p50; " if aa and ba else "")
                       + f"never received {len(cross['missing'])}; errors {cross['errors'] or 'none'}", flush=True)
+            if args.keep_logs:
+                Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
+                for log_file in Path(d).glob("*.log"):
+                    shutil.copy(log_file, Path(args.keep_logs) / log_file.name)
     finally:
         with psycopg.connect(plain_admin, autocommit=True) as c:
             c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def slow_at(when: list[tuple[float, float]], t0: float, timeline: str | None) -> None:
+    """When the slowest 1 % of the starts were sent: spread over the run (the cores are short all the time) or
+    bunched in a few seconds (something stalls: a collection, a job, a restart). ``timeline``: a CSV of every start
+    (seconds into the run, start -> command ms)."""
+    if not when:
+        return
+    if timeline:
+        with open(timeline, "w") as f:
+            f.write("sent_s,start_to_command_ms\n")
+            f.writelines(f"{sent - t0:.3f},{lat * 1000:.1f}\n" for sent, lat in when)
+    cut = pct(sorted(lat for _, lat in when), .99)
+    seconds: dict[int, int] = {}
+    for sent, lat in when:
+        if lat >= cut:
+            seconds[int(sent - t0)] = seconds.get(int(sent - t0), 0) + 1
+    worst = sorted(seconds.items(), key=lambda kv: -kv[1])[:5]
+    print(f"        the slowest 1 % (>= {cut * 1000:.0f} ms, {sum(seconds.values())} starts) were sent in "
+          f"{len(seconds)} different seconds of the run; most in second " +
+          ", ".join(f"{s} ({k})" for s, k in worst) + (f"; every start: {timeline}" if timeline else ""), flush=True)
 
 
 def main() -> None:
@@ -782,6 +820,8 @@ def main() -> None:
     fl.add_argument("--alarm-check-s", type=float, default=0,
                     help="the instances' TAPSHARE_ALARM_CHECK_INTERVAL_S (0: the cloud's default, 5 s); a large value "
                          "shows what the operators' alarm rules cost the start->command latency")
+    fl.add_argument("--timeline", help="write every start (seconds into the run, start -> command ms) to this CSV")
+    fl.add_argument("--keep-logs", help="copy the instances' and balancers' logs into this folder at the end")
     fl.add_argument("--rolling-restart", action="store_true",
                     help="SIGTERM and restart every instance in turn during the phone phase")
     args = ap.parse_args()

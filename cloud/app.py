@@ -184,6 +184,7 @@ async def lifespan(app: FastAPI):
     loop = asyncio.get_running_loop()
     svc.hub.bind(loop)
     if not svc.database.is_sqlite:
+        await run_in_threadpool(svc.database.warm)
         svc.listener = listener(svc)
         svc.listener.start()
     tasks = [asyncio.create_task(job(svc)) for job in (flusher, background, payments_background, notify_background)]
