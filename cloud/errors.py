@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("tapshare.cloud")
@@ -87,6 +88,7 @@ class Err(BaseModel):
     message: str
 
 
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})   # PostgreSQL: deadlock detected, serialization failure
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": Err} for s in (400, 401, 403, 404, 409, 410, 413, 422)}
 
 
@@ -105,6 +107,24 @@ def install_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, f"http_{e.status_code}")
         return JSONResponse({"error": code, "message": str(e.detail)}, status_code=e.status_code,
                             headers=getattr(e, "headers", None))
+
+    @app.exception_handler(DBAPIError)
+    async def database_error(req: Request, e: DBAPIError) -> JSONResponse:
+        """A deadlock or a serialization failure (PostgreSQL chose this request to undo: two transactions took the
+        same rows in opposite orders) or a database that does not answer is nobody's bug and passes: 503 with
+        Retry-After, which devices, phones and the console retry. Anything else from the database is internal."""
+        state = getattr(e.orig, "sqlstate", None)
+        if state in RETRYABLE_SQLSTATES:
+            log.warning("%s %s undone by the database (%s): answered 503 to be retried", req.method, req.url.path,
+                        state)
+            return JSONResponse({"error": "database_busy", "message": "the database undid this request because "
+                                 "another one took the same rows at the same moment; nothing of it was kept: try "
+                                 "again"}, status_code=503, headers={"Retry-After": "1"})
+        if isinstance(e, OperationalError) or e.connection_invalidated:
+            log.error("%s %s: the database did not answer: %s", req.method, req.url.path, e.orig)
+            return JSONResponse({"error": "database_unavailable", "message": "the database did not answer; try "
+                                 "again"}, status_code=503, headers={"Retry-After": "2"})
+        return await internal_error(req, e)
 
     @app.exception_handler(Exception)
     async def internal_error(_req: Request, e: Exception) -> JSONResponse:

@@ -237,3 +237,56 @@ def test_an_instance_opens_its_connections_at_start_and_keeps_those_a_burst_open
         burst()
     assert _connections_opened(database.url) == opened
     assert database.engine.pool.checkedin() == PG_POOL_SIZE
+
+
+def test_a_start_the_database_undoes_in_a_deadlock_is_answered_503_and_holds_nothing(pg):
+    """Two transactions that take the same rows in opposite orders: PostgreSQL undoes one after a second. When
+    that is a person's start, the phone gets 503 ``database_busy`` with Retry-After (not a 500 "internal error"),
+    no money stays held, and the start made again goes through."""
+    import psycopg
+
+    from tests.test_cloud import connected
+    dev, user = pg.provision("DL1"), pg.user("13900000201", balance_fen=5_000)
+    connected(dev)
+    presence = user.scan(dev.machine_id, dev.qr()).json()["presence_token"]
+    url = pg.settings.database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url) as other, ThreadPoolExecutor(1) as ex:
+        # the other transaction holds the machine; the start takes the person, then waits for the machine
+        other.execute("SELECT 1 FROM machines WHERE machine_id = %s FOR UPDATE", (dev.machine_id,))
+        start = ex.submit(user.start, presence)
+        with psycopg.connect(url, autocommit=True) as watch:
+            for _ in range(100):
+                if watch.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                 "AND wait_event_type = 'Lock'").fetchone()[0]:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the start never waited for the machine")
+        # ... and now the other transaction wants the person: a cycle, which PostgreSQL breaks by undoing the start
+        # (it waited first, so its deadlock check runs first)
+        other.execute("SELECT 1 FROM users WHERE user_id = %s FOR UPDATE", (user.user_id,))
+        other.rollback()
+        r = start.result(20)
+    assert r.status_code == 503 and r.json()["error"] == "database_busy", r.text
+    assert r.headers["Retry-After"] == "1"
+    assert user.me()["held_fen"] == 0 and user.me()["available_fen"] == 5_000
+    again = user.start(presence)
+    assert again.status_code == 200, again.text
+    [cmd] = dev.poll()
+    assert cmd["kind"] == "start" and cmd["session_id"] == again.json()["session_id"]
+
+
+def test_a_database_that_is_gone_is_answered_503_not_an_internal_error(pg):
+    """The database dropped under a running instance (its connections cut, new ones refused): a person's request
+    is answered 503 ``database_unavailable`` with Retry-After, which the phone pages and devices retry, not 500
+    "internal error"."""
+    import psycopg
+    user = pg.user("13900000202", balance_fen=5_000)
+    assert user.call("GET", "/api/v1/me").status_code == 200
+    name = pg.settings.database_url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_URL.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as c:
+        c.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    r = user.call("GET", "/api/v1/me")
+    assert r.status_code == 503 and r.json()["error"] == "database_unavailable", r.text
+    assert r.headers["Retry-After"] == "2"
+    assert "internal" not in r.text

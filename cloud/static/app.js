@@ -217,6 +217,8 @@ const ERR_ZH = {
   network: "网络连接失败，请检查网络后重试。", nul_character: "输入包含无效字符。",
   session_over: "本次取水已经结束。", unknown_gift: "该礼品已下架。", consent_outdated: "同意书已更新，请重新阅读并同意。",
   already_submitted: "您的实名登记已提交，请勿重复提交。", bad_photo: "请先上传证件照片。", no_photo: "找不到证件照片，请重新上传。",
+  database_busy: "服务器繁忙，本次操作未生效，请重试。", database_unavailable: "服务器暂时无法访问数据，请稍后重试。",
+  internal: "服务器出错（已记录），请重试。",
   retry: "服务器繁忙，请重试。", topup_pending: "还有一笔充值正在支付，请在支付完成或关闭后（最多 15 分钟）再注销。",
 };
 
