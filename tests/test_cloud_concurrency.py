@@ -250,18 +250,23 @@ def test_a_start_the_database_undoes_in_a_deadlock_is_answered_503_and_holds_not
     connected(dev)
     presence = user.scan(dev.machine_id, dev.qr()).json()["presence_token"]
     url = pg.settings.database_url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(url) as other, ThreadPoolExecutor(1) as ex:
+    with psycopg.connect(url, autocommit=True) as watch:
+        for _ in range(100):               # the poll's presence written (its flush locks the machine row too)
+            if watch.execute("SELECT poll_until_ms FROM machines WHERE machine_id = %s",
+                             (dev.machine_id,)).fetchone()[0]:
+                break
+            time.sleep(0.05)
+    with psycopg.connect(url) as other, ThreadPoolExecutor(1) as ex, psycopg.connect(url, autocommit=True) as watch:
         # the other transaction holds the machine; the start takes the person, then waits for the machine
         other.execute("SELECT 1 FROM machines WHERE machine_id = %s FOR UPDATE", (dev.machine_id,))
         start = ex.submit(user.start, presence)
-        with psycopg.connect(url, autocommit=True) as watch:
-            for _ in range(100):
-                if watch.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                 "AND wait_event_type = 'Lock'").fetchone()[0]:
-                    break
-                time.sleep(0.05)
-            else:
-                pytest.fail("the start never waited for the machine")
+        for _ in range(100):
+            if watch.execute("SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid)) "
+                             "AND query LIKE '%%FROM machines%%'", (other.info.backend_pid,)).fetchone()[0]:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the start never waited for the machine")
         # ... and now the other transaction wants the person: a cycle, which PostgreSQL breaks by undoing the start
         # (it waited first, so its deadlock check runs first)
         other.execute("SELECT 1 FROM users WHERE user_id = %s FOR UPDATE", (user.user_id,))
