@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as SqlTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("tapshare.cloud")
@@ -89,6 +90,28 @@ class Err(BaseModel):
 
 
 RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})   # PostgreSQL: deadlock detected, serialization failure
+# PostgreSQL, besides class 08 (connection exceptions): shut down by an administrator or a crash, not accepting
+# connections yet (starting, recovering), too many connections, the database gone
+UNREACHABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "3D000"})
+
+
+def database_trouble(e: DBAPIError) -> str | None:
+    """``"busy"`` (undone in a deadlock or a serialization failure, SQLite's busy wait run out), ``"unavailable"``
+    (the database cannot be reached) or None: anything else (a constraint, a statement timeout, a wrong query) is a
+    bug, not a passing condition."""
+    state = getattr(e.orig, "sqlstate", None)
+    if state in RETRYABLE_SQLSTATES:
+        return "busy"
+    if e.connection_invalidated:
+        return "unavailable"
+    if not isinstance(e, OperationalError):
+        return None
+    if type(e.orig).__module__.startswith("psycopg"):
+        # no SQLSTATE: no answer from a server at all (refused, cut, timed out while connecting)
+        return "unavailable" if state is None or state.startswith("08") or state in UNREACHABLE_SQLSTATES else None
+    return "busy" if "database is locked" in str(e.orig) else None
+
+
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": Err} for s in (400, 401, 403, 404, 409, 410, 413, 422)}
 
 
@@ -111,20 +134,30 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(DBAPIError)
     async def database_error(req: Request, e: DBAPIError) -> JSONResponse:
         """A deadlock or a serialization failure (PostgreSQL chose this request to undo: two transactions took the
-        same rows in opposite orders) or a database that does not answer is nobody's bug and passes: 503 with
-        Retry-After, which devices, phones and the console retry. Anything else from the database is internal."""
-        state = getattr(e.orig, "sqlstate", None)
-        if state in RETRYABLE_SQLSTATES:
+        same rows in opposite orders) or a database that cannot be reached is nobody's bug and passes: 503 with
+        Retry-After (devices retry it from their outbox; the phone pages say it in words). Anything else from the
+        database (a constraint, a statement timeout, a wrong query) is a bug: 500, logged with its traceback."""
+        trouble = database_trouble(e)
+        if trouble == "busy":
             log.warning("%s %s undone by the database (%s): answered 503 to be retried", req.method, req.url.path,
-                        state)
+                        e.orig)
             return JSONResponse({"error": "database_busy", "message": "the database undid this request because "
                                  "another one took the same rows at the same moment; nothing of it was kept: try "
                                  "again"}, status_code=503, headers={"Retry-After": "1"})
-        if isinstance(e, OperationalError) or e.connection_invalidated:
-            log.error("%s %s: the database did not answer: %s", req.method, req.url.path, e.orig)
+        if trouble == "unavailable":
+            log.error("%s %s: the database cannot be reached: %s", req.method, req.url.path, e.orig)
             return JSONResponse({"error": "database_unavailable", "message": "the database did not answer; try "
                                  "again"}, status_code=503, headers={"Retry-After": "2"})
         return await internal_error(req, e)
+
+    @app.exception_handler(SqlTimeout)
+    async def pool_exhausted(req: Request, e: SqlTimeout) -> JSONResponse:
+        """Every pooled connection stayed in use for the pool's whole wait (30 s): overload, not a bug of this
+        request."""
+        log.error("%s %s: no database connection came free: %s", req.method, req.url.path, e)
+        return JSONResponse({"error": "database_busy", "message": "every connection to the database is in use; "
+                             "nothing of this request was done: try again"}, status_code=503,
+                            headers={"Retry-After": "2"})
 
     @app.exception_handler(Exception)
     async def internal_error(_req: Request, e: Exception) -> JSONResponse:
