@@ -44,6 +44,8 @@ from sqlalchemy.pool import NullPool
 
 import contract as p
 
+log = logging.getLogger("tapshare.cloud")
+
 metadata = MetaData()
 
 machines = Table(
@@ -572,7 +574,6 @@ SQLITE_CACHE_KIB = 512
 # a pooled PostgreSQL connection idle this long is asked whether it still works before it is used (SQLAlchemy's
 # pool_pre_ping asks at every checkout: a round trip to the database before each transaction, a fifth of the
 # database time under a fleet's load, for connections that were used a few milliseconds before)
-log = logging.getLogger("tapshare.cloud")
 PING_IDLE_S = 1.0
 PG_POOL_SIZE = 30           # an instance's connections to PostgreSQL, besides its listener's one
 PG_WARM_CONNECTIONS = 8     # of those, opened when the instance starts
@@ -751,12 +752,12 @@ class Database:
         with (self.engine if streaming else self._reader).connect() as conn:
             yield conn
 
-    def warm(self, n: int = PG_WARM_CONNECTIONS) -> int:
+    def warm(self, n: int = PG_WARM_CONNECTIONS) -> None:
         """Open ``n`` of the pool's connections now, together, and keep them (PostgreSQL): an instance that starts
-        (a rolling restart) otherwise opens each at a request that waits for it, a new backend each time. Returns
-        how many it opened; a database that does not answer is left to the requests (and the health check)."""
+        (a rolling restart) otherwise opens each at a request that waits for it, a new backend each time. A
+        database that does not answer is left to the requests (and the health check)."""
         if self.is_sqlite:
-            return 0
+            return
         held = []
         try:
             for _ in range(n):
@@ -769,7 +770,6 @@ class Database:
         finally:
             for conn in held:
                 conn.close()
-        return len(held)
 
     def dispose(self) -> None:
         self.engine.dispose()

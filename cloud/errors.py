@@ -141,13 +141,13 @@ def install_handlers(app: FastAPI) -> None:
         if trouble == "busy":
             log.warning("%s %s undone by the database (%s): answered 503 to be retried", req.method, req.url.path,
                         e.orig)
-            return JSONResponse({"error": "database_busy", "message": "the database undid this request because "
-                                 "another one took the same rows at the same moment; nothing of it was kept: try "
-                                 "again"}, status_code=503, headers={"Retry-After": "1"})
+            return await domain_error(req, Unavailable(
+                "database_busy", "the database undid this request because another one took the same rows at the "
+                "same moment; nothing of it was kept: try again", retry_after_s=1))
         if trouble == "unavailable":
             log.error("%s %s: the database cannot be reached: %s", req.method, req.url.path, e.orig)
-            return JSONResponse({"error": "database_unavailable", "message": "the database did not answer; try "
-                                 "again"}, status_code=503, headers={"Retry-After": "2"})
+            return await domain_error(req, Unavailable("database_unavailable", "the database did not answer; try again",
+                                                       retry_after_s=2))
         return await internal_error(req, e)
 
     @app.exception_handler(SqlTimeout)
@@ -155,9 +155,9 @@ def install_handlers(app: FastAPI) -> None:
         """Every pooled connection stayed in use for the pool's whole wait (30 s): overload, not a bug of this
         request."""
         log.error("%s %s: no database connection came free: %s", req.method, req.url.path, e)
-        return JSONResponse({"error": "database_busy", "message": "every connection to the database is in use; "
-                             "nothing of this request was done: try again"}, status_code=503,
-                            headers={"Retry-After": "2"})
+        return await domain_error(req, Unavailable(
+            "database_busy", "every connection to the database is in use; nothing of this request was done: try "
+            "again", retry_after_s=2))
 
     @app.exception_handler(Exception)
     async def internal_error(_req: Request, e: Exception) -> JSONResponse:
