@@ -4,6 +4,7 @@ code, logs in by SMS code, consents, registers with an ID photo, tops up in the 
 pour, stops at the machine and sees the bill. Screenshots at a phone viewport go to ``tests/screenshots/phone``.
 """
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -543,3 +544,29 @@ def test_the_phone_says_the_machine_is_updating_and_offers_no_start_until_it_is_
             d.rt.end_update("0.9.0", "switch_failed")
             page.wait_for_selector("#start:not([disabled])", timeout=2_000)
             page.close()
+
+
+def test_a_database_in_trouble_is_said_in_chinese_on_the_narrowest_phone(browser, tmp_path):
+    """The cloud's 503s for a database that undid or could not take a request (``database_busy``,
+    ``database_unavailable``), as a person sees them on a 320 px phone when asking for a login code: in Chinese,
+    inside the page, and the same button works again once the database does."""
+    with CloudServer(tmp_path / "cloud", **OPERATOR) as cloud:
+        page = browser.new_page(viewport={"width": 320, "height": 640}, locale="zh-CN")
+        answer = {"error": ""}
+        page.route("**/api/v1/auth/sms-code", lambda route: route.fulfill(
+            status=503, headers={"Retry-After": "1"}, content_type="application/json",
+            body=json.dumps({**answer, "message": "the database did not answer; try again"})))
+        page.goto(cloud.url + "/app#/login")
+        page.wait_for_load_state("networkidle")             # drawn once its settings came
+        page.fill("#phone", "138 0013 8000")
+        page.click("#agree-terms")                           # the box (the label's middle is a policy link here)
+        for i, (code, said) in enumerate([("database_busy", "服务器繁忙，本次操作未生效，请重试。"),
+                                          ("database_unavailable", "服务器暂时无法访问数据，请稍后重试。")]):
+            answer["error"] = code
+            page.click("#send")
+            page.wait_for_selector(f"#login-error:has-text('{said}')")
+            shot(page, f"20-database-trouble-{i + 1}-320")
+        page.unroute("**/api/v1/auth/sms-code")
+        page.click("#send")                                 # the database is back: the same button works
+        page.wait_for_selector("#sms-list .sms")
+        page.close()
