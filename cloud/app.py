@@ -183,6 +183,11 @@ async def lifespan(app: FastAPI):
     svc: Services = app.state.services
     loop = asyncio.get_running_loop()
     svc.hub.bind(loop)
+    # FastAPI builds an included router's routes (their parameters' and answers' models) at the first request
+    # that reaches the router, on the event loop: 0.3-0.5 s with every held long-poll waiting behind it, at the
+    # first phone start after each (rolling) restart. Building the API's description builds them all now, before
+    # the server listens (uvicorn binds its socket after this startup).
+    app.openapi()
     if not svc.database.is_sqlite:
         await run_in_threadpool(svc.database.warm)
         svc.listener = listener(svc)

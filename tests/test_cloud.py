@@ -36,6 +36,30 @@ def test_health_and_openapi(cloud):
     assert "/device/v1/events" in doc["paths"] and "GrantMsg" in doc["components"]["schemas"]
 
 
+def test_a_started_server_has_built_every_route_before_its_first_requests(tmp_path, monkeypatch):
+    """FastAPI builds an included router's routes at the first request that reaches it, on the event loop (0.3-0.5
+    s under a fleet's load, every held long-poll waiting): the server builds them while it starts instead. A
+    request for a path no router has tries every router in turn."""
+    from fastapi import routing
+
+    from tests.cloudkit import CloudServer
+    built: list[str] = []
+    original = routing._IncludedRouter._build_effective_context
+
+    def counting(self, route):
+        built.append(getattr(route, "path", "?"))
+        return original(self, route)
+    monkeypatch.setattr(routing._IncludedRouter, "_build_effective_context", counting)
+    with CloudServer(tmp_path / "cloud") as server:
+        assert built, "the server built no route while it started"
+        at_start = len(built)
+        r = requests.get(server.url + "/no/such/page", timeout=5)
+        assert r.status_code == 404
+        assert requests.get(server.url + "/device/v1/time", timeout=5).status_code == 200
+        assert requests.get(server.url + "/api/v1/machines/M1", timeout=5).status_code in (401, 404)
+        assert built[at_start:] == []
+
+
 def test_operator_endpoints_need_a_token_and_a_role(cloud):
     body = {"machine_id": "X1", "price_fen_per_l": 200}
     assert requests.post(cloud.url + "/api/v1/operator/machines", json=body, timeout=5).status_code == 401
