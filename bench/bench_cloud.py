@@ -713,7 +713,10 @@ def fleet_run(args, n: int) -> None:
             results = [pipe.recv()[1] for pipe in pipes]
             for proc in procs:
                 proc.join(30)
-            lat = sorted(x for r in results for x in r["lat"])
+            # the first --warmup-seconds of starts after the instances started are reported on their own line
+            when_all = sorted(x for r in results for x in r["when"])
+            warm = [lat for sent, lat in when_all if sent - t0 < args.warmup_seconds]
+            lat = sorted(lat for sent, lat in when_all if sent - t0 >= args.warmup_seconds)
             elapsed = max(r["elapsed"] for r in results)
             completed = sum(r["completed"] for r in results)
             started = sum(r["started"] for r in results)
@@ -728,8 +731,11 @@ def fleet_run(args, n: int) -> None:
                 if args.rolling_restart else ""
             print(f"        {completed} sessions in {elapsed:.1f} s = {completed / elapsed:.1f}/s; start->command "
                   f"p50 {q(.5):.1f} ms, p95 {q(.95):.1f} ms, p99 {q(.99):.1f} ms (n={len(lat)}, started {started}, "
-                  f"never received {missing}); errors {errors or 'none'}", flush=True)
-            slow_at(sorted(x for r in results for x in r["when"]), t0, args.timeline)
+                  f"never received {missing}); errors {errors or 'none'}"
+                  + (f"; starts sent in the first {args.warmup_seconds:g} s (the instances' first after their start) "
+                     f"left out of these and counted here: n={len(warm)}, p50 {pct(sorted(warm), .5) * 1000:.1f} ms, "
+                     f"p99 {pct(sorted(warm), .99) * 1000:.1f} ms" if warm else ""), flush=True)
+            slow_at([(sent, x) for sent, x in when_all if sent - t0 >= args.warmup_seconds], t0, args.timeline)
             answered = sorted(x for r in results for x in r["answered"])
             if answered:      # where the time goes: the start itself, or the way of its command to the machine
                 print(f"        the start's own answer to the phone: p50 {pct(answered, .5) * 1000:.1f} ms, p95 "
@@ -822,6 +828,9 @@ def main() -> None:
                          "shows what the operators' alarm rules cost the start->command latency")
     fl.add_argument("--timeline", help="write every start (seconds into the run, start -> command ms) to this CSV")
     fl.add_argument("--keep-logs", help="copy the instances' and balancers' logs into this folder at the end")
+    fl.add_argument("--warmup-seconds", type=float, default=0,
+                    help="the starts sent in the first W seconds of the phone phase (the instances' first starts "
+                         "since they started) are reported on their own, not in the p50/p95/p99")
     fl.add_argument("--rolling-restart", action="store_true",
                     help="SIGTERM and restart every instance in turn during the phone phase")
     args = ap.parse_args()

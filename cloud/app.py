@@ -247,6 +247,9 @@ async def flusher(svc: Services) -> None:
                 await run_in_threadpool(flush)
             except Exception:
                 log.exception("could not write this instance's %s (written with the next flush)", what)
+            else:
+                if what == "nonces":
+                    svc.durable.flushed()       # the long-polls waiting for this flush are answered by it
         if time.monotonic() - last_probe >= DATABASE_PROBE_S:
             last_probe = time.monotonic()
             try:

@@ -84,14 +84,19 @@ Now = Annotated[int, Depends(now_ms)]
 IdPath = Annotated[str, PathParam(max_length=64)]
 MachinePath = Annotated[str, PathParam(max_length=64, pattern=p.MACHINE_ID_RE.pattern)]
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-# a device's long-poll is mostly held for most of a minute, and at worst (a command already waiting) answered
-# this much later: its nonce joins a flush with the others' instead of asking for one of its own (at 20,000
-# machines, 370 polls a second)
+# a device's long-poll that will be held (most of a minute) is answered only after its nonce is written, and it is
+# written by the instance's periodic flush (every NONCE_FLUSH_S, 0.1 s, all the nonces that came meanwhile in one
+# transaction) instead of a flush of its own: a flush a poll was most of the cost of a fleet's polls, and at 20,000
+# machines a 20 ms gather still made a flush of two or three. HELD_POLL_GATHER_S is how long it waits at most if that
+# flush is late. A poll whose answer is awaited (``wait_ms=0``, or a command already waiting for its machine) joins
+# a flush within POLL_GATHER_S, with the others that came meanwhile.
+HELD_POLL_GATHER_S = 0.25
 POLL_GATHER_S = 0.02
+LONG_POLL = ("GET", "/device/v1/commands")
 # a heartbeat's answer (settings, an offered update) is not waited for either: at 100,000 machines 3,300 arrive a
 # second, and a flush each was a third of the database's work for them
 HEARTBEAT_GATHER_S = 0.02
-GATHER_S = {("GET", "/device/v1/commands"): POLL_GATHER_S, ("POST", "/device/v1/heartbeat"): HEARTBEAT_GATHER_S}
+GATHER_S = {LONG_POLL: POLL_GATHER_S, ("POST", "/device/v1/heartbeat"): HEARTBEAT_GATHER_S}
 TimeMs = Annotated[int, Query(ge=0, le=2**62)]
 MAX_ROW_ID = 2**31 - 1                    # integer primary keys (32-bit in PostgreSQL)
 RowIdQuery = Annotated[int, Query(ge=1, le=MAX_ROW_ID)]
@@ -115,8 +120,14 @@ async def device(request: Request) -> MachineAuth:
     else:
         auth = await run_in_threadpool(svc.machines.authenticate, request.method, path, headers, body, svc.now())
     # replay-safe across a crash before anything is answered; a long-poll or a heartbeat joins a flush within its
-    # GATHER_S with the others that came meanwhile; any other request asks for one at once
-    await svc.durable.durable(auth.nonce_seq, gather_s=GATHER_S.get((request.method, request.url.path), 0.0))
+    # GATHER_S with the others that came meanwhile (a poll that will be held: the instance's periodic one); any
+    # other request asks for one at once
+    what = (request.method, request.url.path)
+    gather_s = GATHER_S.get(what, 0.0)
+    if what == LONG_POLL and request.query_params.get("wait_ms") != "0" \
+            and auth.machine_id not in svc.commands.maybe_pending:
+        gather_s = HELD_POLL_GATHER_S             # held: written by the instance's next periodic flush
+    await svc.durable.durable(auth.nonce_seq, gather_s=gather_s)
     if svc.machines.replayed(auth):                # used before: at another instance, or before a restart
         raise Unauthenticated("replayed_nonce", "this nonce was already used (a replayed request)")
     return auth

@@ -150,6 +150,44 @@ def test_polls_arriving_together_share_a_flush_of_the_replay_guard_and_a_replay_
     assert replay.status_code == 401 and replay.json()["error"] == "replayed_nonce"
 
 
+def test_held_polls_are_written_by_the_periodic_flush_and_durable_while_they_are_held(cloud):
+    """A poll that will be held has its nonce written by the instance's periodic flush (every 0.1 s), with every
+    other that came meanwhile, not by a flush of its own (ten polls 25 ms apart made about ten flushes); the nonce
+    is in the database while the poll is still held, and a replay of it is refused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import func, select
+
+    from cloud import db as t
+    machines = cloud.app.state.services.machines
+    devs = [cloud.provision(f"W{i:02d}") for i in range(10)]
+    for d in devs:
+        assert d.heartbeat().status_code == 200                   # connections open, keys cached
+    flushed: list[int] = []
+    flush = machines.flush_nonces
+    machines.flush_nonces = lambda: flushed.append(flush()) or flushed[-1]
+    nonces = [secrets.token_hex(16) for _ in devs]
+
+    def poll(i: int) -> requests.Response:
+        time.sleep(0.025 * i)
+        return devs[i].request("GET", "/device/v1/commands?wait_ms=2500", None, nonce=nonces[i])
+    with ThreadPoolExecutor(len(devs)) as pool:
+        held = [pool.submit(poll, i) for i in range(len(devs))]
+        time.sleep(0.025 * len(devs) + 0.4)                        # all sent, each flush done; none answered yet
+        assert not any(f.done() for f in held)
+        with cloud.app.state.database.read() as conn:
+            stored = conn.execute(select(func.count()).select_from(t.nonces).where(
+                t.nonces.c.nonce.in_(nonces))).scalar()
+        assert stored == len(devs)                                 # durable while held
+        answers = [f.result() for f in held]
+    assert [r.status_code for r in answers] == [200] * len(devs)
+    assert all(r.json()["commands"] == [] for r in answers)
+    written = [n for n in flushed if n]
+    assert sum(written) >= len(devs) and len(written) <= 5, flushed
+    replay = devs[3].request("GET", "/device/v1/commands?wait_ms=0", None, nonce=nonces[3])
+    assert replay.status_code == 401 and replay.json()["error"] == "replayed_nonce"
+
+
 def test_a_stopping_instance_answers_its_held_polls_without_reading_and_still_hands_out_a_command(cloud):
     """Stopping wakes every held poll at once: those with nothing waiting answer without a database read (at
     10,000 machines, 3,000 reads at once outlasted the graceful shutdown and were cancelled as errors), and one

@@ -426,6 +426,17 @@ class DurableNonces:
         self._gathering = None
         self._wake.set()
 
+    def flushed(self) -> None:
+        """On the event loop, after the instance's periodic flush (:func:`cloud.app.flusher`) wrote the nonces: the
+        requests waiting for a flush are answered by that one (each checks it covered its nonce), and the gathering
+        flush they asked for is not needed."""
+        fut, self._next = self._next, None
+        if fut is not None and not fut.done():
+            fut.set_result(True)
+        if self._gathering is not None:
+            self._gathering.cancel()
+            self._gathering = None
+
     async def run(self) -> None:
         while True:
             await self._wake.wait()
