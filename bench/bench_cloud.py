@@ -681,6 +681,8 @@ def fleet_run(args, n: int) -> None:
             for pipe in pipes:
                 pipe.send("go")
             t0 = time.perf_counter()
+            if args.timeline:                           # to line the timeline up with the system's own records
+                print(f"        phones from {time.time():.3f} (Unix time; the timeline's second 0)", flush=True)
             lost_restart: list[str] = []
             before_restart = [0.0] * len(pids)        # CPU of the processes stopped, in this phase
             if args.rolling_restart:
