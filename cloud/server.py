@@ -94,8 +94,9 @@ class GracefulServer(uvicorn.Server):
 
     Behind a load balancer (``TAPSHARE_DRAIN_S`` > 0) it drains first: for that long ``/healthz`` answers 503
     while every request is served as usual (long-polls held too), so the balancer's health check takes the
-    instance out; then the held long-polls are answered (their machines poll again, through the balancer,
-    elsewhere), it stops listening, requests in flight finish and it exits. A second signal stops at once."""
+    instance out; then the held long-polls are answered, in turn over a few seconds (their machines poll again,
+    through the balancer, elsewhere: a stream, not a wave), it stops listening, requests in flight finish and it
+    exits. A second signal stops at once."""
 
     _draining = False
 
@@ -110,12 +111,12 @@ class GracefulServer(uvicorn.Server):
         if hub is not None:
             hub.drain()
         log.info("stopping: draining for %.1f s first (health check 503)", drain_s)
-        timer = threading.Timer(drain_s, self._stop_now, (sig, frame))
+        timer = threading.Timer(drain_s, self._stop_now, (sig, frame, True))
         timer.daemon = True
         timer.start()
 
-    def _stop_now(self, sig, frame) -> None:
-        _close_hub(self.config.app)
+    def _stop_now(self, sig, frame, drained: bool = False) -> None:
+        _close_hub(self.config.app, spread=drained)     # drained: the held polls answer in turn, not at once
         super().handle_exit(sig, frame)
 
     def stop(self) -> None:
@@ -127,10 +128,10 @@ def _hub(app):
     return getattr(getattr(app, "state", None), "hub", None)
 
 
-def _close_hub(app) -> None:
+def _close_hub(app, spread: bool = False) -> None:
     hub = _hub(app)
     if hub is not None:
-        hub.close()
+        hub.close(spread)
 
 
 def server_config(app, *, host: str, port: int, log_level: str = "info", header_timeout_s: float = HEADER_TIMEOUT_S,

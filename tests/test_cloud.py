@@ -215,6 +215,35 @@ def test_a_stopping_instance_answers_its_held_polls_without_reading_and_still_ha
     assert reads == []
 
 
+def test_a_drained_instance_answers_its_held_polls_in_turn_not_in_one_wave(cloud, monkeypatch):
+    """Behind a balancer, a drained instance that stops answers its held polls RELEASE_PER_S a second, so their
+    machines reach the other instances as a stream (3,333 at once kept two instances' cores busy for seconds);
+    every poll is answered, none waits for its own end, and a poll that arrives meanwhile is not held."""
+    from concurrent.futures import ThreadPoolExecutor
+    hub = cloud.app.state.hub
+    monkeypatch.setattr(hub, "RELEASE_PER_S", 20)                  # 24 polls: answered over 1.2 s
+    devs = [cloud.provision(f"R{i:02d}") for i in range(24)]
+    answered: dict[int, float] = {}
+
+    def poll(i: int) -> list:
+        cmds = devs[i].poll(30_000)
+        answered[i] = time.monotonic()
+        return cmds
+    with ThreadPoolExecutor(len(devs)) as pool:
+        held = [pool.submit(poll, i) for i in range(len(devs))]
+        assert wait_until(lambda: hub.connected_count == len(devs))
+        t0 = time.monotonic()
+        hub.close(spread=True)
+        late = devs[0].request("GET", "/device/v1/commands?wait_ms=30000", None)   # arrives while they answer
+        assert late.status_code == 200 and late.json()["commands"] == [] and time.monotonic() - t0 < 1.0
+        answers = [f.result(timeout=10) for f in held]
+    assert answers == [[]] * len(devs)
+    times = sorted(t - t0 for t in answered.values())
+    assert times[-1] < 5                                            # not held to their end (30 s)
+    assert times[-1] - times[0] >= 0.8, times                       # in turn: over about 1.2 s, not at once
+    assert sum(1 for t in times if t < 0.3) <= 10, times
+
+
 def test_the_body_is_signed(cloud):
     a = cloud.provision("A2")
     raw = b'{"state":"idle","valve_open":false}'

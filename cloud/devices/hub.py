@@ -38,15 +38,35 @@ class CommandHub:
         loop of polls answered at once, until the balancer saw the health check."""
         self.draining = True
 
-    def close(self) -> None:
-        """Safe from any thread (a signal handler): the server is stopping. Every held long-poll answers now (the
-        device polls again, through the load balancer, at once) and no new one waits."""
+    def close(self, spread: bool = False) -> None:
+        """Safe from any thread (a signal handler): the server is stopping. Every held long-poll answers (the
+        device polls again, through the load balancer, at once) and no new one waits. ``spread`` (a drained
+        instance behind a balancer): they answer in turn, RELEASE_PER_S a second (at most RELEASE_MAX_S), so
+        their machines reach the other instances as a stream, not one wave: 3,333 polls at once kept two
+        instances' cores busy for seconds, and every start meanwhile waited (rolling restart p99 1.5 s)."""
         self.closing = True
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._wake_all)
+            self._loop.call_soon_threadsafe(self._wake_all, spread)
 
-    def _wake_all(self) -> None:
-        for ev in self._events.values():
+    RELEASE_PER_S = 1_000
+    RELEASE_MAX_S = 5.0           # within uvicorn's graceful shutdown (10 s), after TAPSHARE_DRAIN_S
+    RELEASE_TICK_S = 0.02
+
+    def _wake_all(self, spread: bool = False) -> None:
+        events = list(self._events.values())
+        spread_s = min(self.RELEASE_MAX_S, len(events) / self.RELEASE_PER_S) if spread else 0.0
+        turns = min(int(spread_s / self.RELEASE_TICK_S), len(events))
+        if turns < 2:
+            self._set_all(events)
+            return
+        per = -(-len(events) // turns)
+        for i in range(turns):
+            if events[i * per:(i + 1) * per]:
+                self._loop.call_later(i * spread_s / turns, self._set_all, events[i * per:(i + 1) * per])
+
+    @staticmethod
+    def _set_all(events: list[asyncio.Event]) -> None:
+        for ev in events:
             ev.set()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
