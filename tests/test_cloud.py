@@ -116,6 +116,19 @@ def test_signed_requests(cloud):
     assert ghost.heartbeat().json()["error"] == "unknown_machine"
 
 
+def _ready_devices_counting_flushes(cloud, prefix: str, n: int) -> tuple[list, list[int]]:
+    """``n`` machines with their connections open and keys cached, and the rows each flush of the replay guard
+    wrote from now on."""
+    machines = cloud.app.state.services.machines
+    devs = [cloud.provision(f"{prefix}{i:02d}") for i in range(n)]
+    for d in devs:
+        assert d.heartbeat().status_code == 200
+    flushed: list[int] = []
+    flush = machines.flush_nonces
+    machines.flush_nonces = lambda: flushed.append(flush()) or flushed[-1]
+    return devs, flushed
+
+
 @pytest.mark.parametrize("kind", ["poll", "heartbeat"])
 def test_polls_arriving_together_share_a_flush_of_the_replay_guard_and_a_replay_is_still_refused(cloud, kind):
     """A long-poll's nonce joins a flush with the others that came within POLL_GATHER_S (a flush per poll was most
@@ -124,13 +137,7 @@ def test_polls_arriving_together_share_a_flush_of_the_replay_guard_and_a_replay_
     method, path, body = ("GET", "/device/v1/commands?wait_ms=0", None) if kind == "poll" else \
         ("POST", "/device/v1/heartbeat", {"state": "idle", "valve_open": False})
     from concurrent.futures import ThreadPoolExecutor
-    machines = cloud.app.state.services.machines
-    devs = [cloud.provision(f"G{i:02d}") for i in range(8)]
-    for d in devs:
-        assert d.heartbeat().status_code == 200                   # connections open, keys cached
-    flushed: list[int] = []
-    flush = machines.flush_nonces
-    machines.flush_nonces = lambda: flushed.append(flush()) or flushed[-1]
+    devs, flushed = _ready_devices_counting_flushes(cloud, "G", 8)
     start = threading.Barrier(len(devs))
 
     def poll(i: int) -> requests.Response:
@@ -159,13 +166,7 @@ def test_held_polls_are_written_by_the_periodic_flush_and_durable_while_they_are
     from sqlalchemy import func, select
 
     from cloud import db as t
-    machines = cloud.app.state.services.machines
-    devs = [cloud.provision(f"W{i:02d}") for i in range(10)]
-    for d in devs:
-        assert d.heartbeat().status_code == 200                   # connections open, keys cached
-    flushed: list[int] = []
-    flush = machines.flush_nonces
-    machines.flush_nonces = lambda: flushed.append(flush()) or flushed[-1]
+    devs, flushed = _ready_devices_counting_flushes(cloud, "W", 10)
     nonces = [secrets.token_hex(16) for _ in devs]
 
     def poll(i: int) -> requests.Response:
