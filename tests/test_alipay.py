@@ -326,6 +326,8 @@ def test_notifications_posted_over_http_repeated_and_concurrent(gw, pay):
         _wait(lambda: any(n.order_id == "o-h2" for n in rx.got))
         pay.refund(RefundRequest("r-h2", "o-h2", 800, 800, "test", ""))
         _wait(lambda: any(isinstance(n, RefundNotice) and n.refund_id == "r-h2" for n in rx.got))
+        # the stand-in notes a delivery once it has read the answer, a moment after the receiver took it in
+        _wait(lambda: sum(d.order_id == "o-h2" for d in gw.deliveries) == 2)
         assert [(d.kind, d.status, d.body) for d in gw.deliveries if d.order_id == "o-h2"] == \
             [("payment", 200, "success"), ("refund", 200, "success")]
     finally:

@@ -120,7 +120,7 @@ def test_an_operator_turns_on_the_second_factor_in_the_page_and_then_needs_a_fre
     page.click("#totp-start")
     page.fill("dialog [name=password]", "not my password")                  # the password first, and right
     page.click("dialog button[type=submit]")
-    page.wait_for_selector("dialog .field-error:has-text('password is wrong')")
+    page.wait_for_selector("dialog .field-error:has-text('密码错误')")
     page.fill("dialog [name=password]", PASSWORD)
     page.click("dialog button[type=submit]")
     page.wait_for_selector("#totp-secret")
@@ -210,6 +210,34 @@ def test_an_admin_creates_disables_and_re_roles_operators_in_the_page(cloud, bro
     page.click("dialog button[type=submit]")
     page.wait_for_selector("tr[data-key='li.na'] td:has-text('运营员')")
     assert [a["action"] for a in audit(cloud, "li.na")][:1] == ["operator_created"]
+    page.context.close()
+
+
+def test_the_console_says_the_servers_refusals_in_chinese(cloud, browser):
+    """A refusal is shown in the operator's language, not the server's English: the console's words for the
+    server's code (with the server's words after them where they carry the detail: which rule a password broke),
+    and for a code the console does not know, a sentence by the status with the server's words after it."""
+    page = open_console(browser, cloud, "boss", hash_="#/operators")
+    page.click("#new-operator")
+    page.fill("dialog [name=operator_id]", "boss")                            # taken
+    page.fill("dialog [name=display_name]", "王建国")
+    page.select_option("dialog [name=role]", "viewer")
+    page.fill("dialog [name=password]", "Qing-Quan-2027")
+    page.click("dialog button[type=submit]")
+    said = page.wait_for_selector("dialog .field-error:has-text('该用户名已被占用')").inner_text()
+    assert "taken" not in said
+    page.fill("dialog [name=operator_id]", "wang.jg")
+    page.fill("dialog [name=password]", "short")
+    page.click("dialog button[type=submit]")
+    said = page.wait_for_selector("dialog .field-error:has-text('密码强度不够')").inner_text()
+    assert "10" in said                                                        # the rule, from the server
+    shot(page, "refusal-in-chinese")
+    page.click("dialog button:has-text('取消')")
+    page.route("**/api/v1/console/operators*", lambda route: route.fulfill(
+        status=503, content_type="application/json", body='{"error": "brand_new_trouble", "message": "it is off"}'))
+    goto(page, "#/machines", "h1")
+    goto(page, "#/operators", ".card.bad")
+    assert "服务暂时不可用，请稍后再试（it is off）" in page.inner_text(".card.bad")
     page.context.close()
 
 

@@ -117,7 +117,7 @@ def test_an_operator_keeps_the_catalogue_and_hands_a_gift_over_once(cloud, brows
     page.click(f"{row} button:has-text('补货')")
     page.fill("dialog [name=stock_add]", "-4")
     page.click("dialog button[type=submit]")
-    page.wait_for_selector("dialog .field-error:has-text('below zero')")
+    page.wait_for_selector("dialog .field-error:has-text('库存不能低于零')")
     page.fill("dialog [name=stock_add]", "10")
     page.click("dialog button[type=submit]")
     page.wait_for_selector(f"{row} td.num:has-text('13')")

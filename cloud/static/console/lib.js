@@ -18,7 +18,24 @@ export function t(key, vars = {}) {
 
 // ------------------------------------------------------------------ the API
 export class ApiError extends Error {
-  constructor(status, code, message, body) { super(message); this.status = status; this.code = code; this.body = body; }
+  /** ``message``: in the operator's language (:func:`refusalText`); ``serverMessage``: the server's own words. */
+  constructor(status, code, message, body, serverMessage = message) {
+    super(message); this.status = status; this.code = code; this.body = body; this.serverMessage = serverMessage;
+  }
+}
+// in Chinese, the server's (English) words follow these as the detail: they name the field, the limit, the state
+const DETAILED = new Set(['invalid_request', 'weak_password', 'bad_date', 'period_too_long', 'forbidden', 'rollout_state',
+  'bad_refund', 'below_zero', 'machine_in_rollout', 'no_machines', 'bad_amount', 'bad_cursor', 'not_settled']);
+const BY_STATUS = { 400: 'err.s400', 401: 'err.s401', 403: 'err.s403', 404: 'err.s404', 405: 'err.s400', 409: 'err.s409',
+  410: 'err.s410', 413: 'err.s413', 415: 'err.s415', 422: 'err.s400', 429: 'err.s429', 500: 'err.s500', 503: 'err.s503' };
+/** What a refusal says in the operator's language: in Chinese the console's words for its code (with the server's
+ *  words after them where they carry the detail), or for a code it does not know, a sentence by the HTTP status
+ *  with the server's words after it; in English, the server's own words. */
+export function refusalText(status, code, message) {
+  if (state.lang !== 'zh') return message;
+  const words = STRINGS.zh[`err.${code}`];
+  if (words) return DETAILED.has(code) && message ? `${words}（${message}）` : words;
+  return `${STRINGS.zh[BY_STATUS[status] || 'err.other']}${message ? `（${message}）` : ''}`;
 }
 const SIGNED_OUT = ['signed_out', 'operator_disabled', 'unauthenticated'];
 /** JSON in and out; changes carry the CSRF token; a 401 means the session ended (the sign-in page shows). */
@@ -42,7 +59,8 @@ export async function api(method, path, body, retried = false) {
     }
     // the session is over (not: a wrong password typed again to change something)
     if (r.status === 401 && SIGNED_OUT.includes(data.error) && state.onSignedOut) state.onSignedOut(data);
-    throw new ApiError(r.status, data.error || String(r.status), data.message || r.statusText, data);
+    const code = data.error || String(r.status), said = data.message || r.statusText;
+    throw new ApiError(r.status, code, refusalText(r.status, code, said), data, said);
   }
   return data;
 }
@@ -294,6 +312,36 @@ addStrings({
   zh: {
     ok: '确定', cancel: '取消', csv: '导出 CSV', 'chart.time': '时间', 'chart.day': '日期', 'table.empty': '没有记录', 'table.all': '全选', loading: '加载中…',
     'err.network': '网络错误，请检查连接后重试', 'err.required': '请填写：{field}',
+    'err.s400': '请求有误', 'err.s401': '登录已失效，请重新登录', 'err.s403': '没有权限进行此操作', 'err.s404': '找不到要操作的对象',
+    'err.s409': '与当前状态冲突，请刷新后再试', 'err.s410': '已失效', 'err.s413': '内容太大', 'err.s415': '文件类型不对',
+    'err.s429': '操作太频繁，请稍后再试', 'err.s500': '服务器内部错误，已记录，请重试', 'err.s503': '服务暂时不可用，请稍后再试', 'err.other': '操作未完成',
+    'err.signed_out': '请先登录控制台', 'err.unauthenticated': '登录已失效，请重新登录', 'err.token_expired': '此操作员令牌已过期，请管理员重新签发',
+    'err.csrf': '页面已过期，请刷新后再试', 'err.forbidden': '您的角色不能进行此操作', 'err.operator_disabled': '此操作员已被管理员停用',
+    'err.bad_credentials': '密码错误', 'err.too_many_logins': '此网络登录尝试过多，请稍后再试',
+    'err.account_locked': '登录失败次数过多，账号已暂时锁定', 'err.totp_required': '请输入验证器应用中的 6 位动态码',
+    'err.bad_totp': '动态码错误或已使用过', 'err.totp_enabled': '双重验证已开启，请先关闭', 'err.totp_not_started': '请先开始设置双重验证',
+    'err.totp_off': '双重验证未开启', 'err.weak_password': '密码强度不够，请换一个', 'err.bad_operator_id': '用户名须为 2-64 位字母、数字或 . _ @ -，以字母或数字开头',
+    'err.operator_exists': '该用户名已被占用', 'err.last_admin': '这是最后一位可登录的管理员：请先设置另一位管理员',
+    'err.unknown_operator': '没有此操作员', 'err.unknown_machine': '没有此设备', 'err.bad_machine_id': '设备编号须为 1-64 位字母、数字、- 或 _',
+    'err.machine_exists': '此设备编号已存在', 'err.unknown_command': '没有此指令', 'err.unknown_session': '没有此订单',
+    'err.unknown_user': '没有此用户', 'err.account_deleted': '此账户已注销，个人信息已删除', 'err.below_zero': '调整后余额不能低于零',
+    'err.unknown_alarm': '没有此告警', 'err.bad_period': '结束时间早于开始时间', 'err.bad_amount_range': '最小金额大于最大金额',
+    'err.bad_cursor': '分页位置无效，请从第一页重新查询', 'err.bad_date': '日期格式应为 年-月-日（YYYY-MM-DD）',
+    'err.period_too_long': '报表时间范围太长', 'err.unknown_gift': '没有此礼品', 'err.stock_below_zero': '库存不能低于零',
+    'err.out_of_stock': '此礼品已无库存', 'err.unknown_redemption': '没有此兑换记录', 'err.already_picked_up': '此礼品已经领取过了',
+    'err.insufficient_points': '积分不足', 'err.no_registration': '此用户尚未实名登记', 'err.no_photo': '没有保存的证件照片（未上传或已删除）',
+    'err.not_pending': '此实名登记已处理过', 'err.reason_required': '请填写驳回原因（用户会看到）', 'err.document_in_use': '此证件已登记在另一个账户下',
+    'err.not_settled': '只有已结算的订单可以退款', 'err.bad_refund': '退款金额超出可退金额', 'err.not_refundable': '这部分余额无法原路退回',
+    'err.not_reconciled': '该日账单尚未对账', 'err.already_paid': '此退款已标记为已支付', 'err.provider_unavailable': '支付平台暂时无法确认，请稍后再试',
+    'err.unknown_refund': '支付平台不认识此退款', 'err.unknown_order': '支付平台不认识此订单',
+    'err.no_release': '没有此版本', 'err.withdrawn': '此版本已撤回', 'err.no_machine': '有设备编号不存在', 'err.targets': '请选择设备，或填写比例（二选一）',
+    'err.no_machines': '按此比例没有选中任何设备', 'err.machine_in_rollout': '有设备已在另一个未结束的推送批次中', 'err.no_rollout': '没有此推送批次',
+    'err.rollout_state': '推送批次当前状态不允许此操作', 'err.not_offered': '此版本未推送给该设备', 'err.version_exists': '此版本号已上传过',
+    'err.bundle_too_large': '升级包太大', 'err.empty': '文件是空的', 'err.content_type': '请以文件方式上传升级包', 'err.body_too_large': '提交的内容太大',
+    'err.session_changed': '订单刚刚有变化，请重新查看', 'err.session_over': '订单已结束', 'err.retry': '订单正在变化，请再试一次',
+    'err.busy': '服务器忙，请稍后再试', 'err.draining': '此服务器正在重启，请稍后再试', 'err.database_busy': '数据库繁忙，请稍后再试',
+    'err.database_unavailable': '数据库暂时无法连接，请稍后再试', 'err.internal': '服务器内部错误，已记录，请重试',
+    'err.invalid_request': '输入有误', 'err.not_found': '找不到要操作的对象', 'err.method_not_allowed': '请求有误',
     'time.never': '从未', 'time.seconds': '{n} 秒前', 'time.minutes': '{n} 分钟前', 'time.hours': '{n} 小时前', 'time.days': '{n} 天前',
   },
   en: {

@@ -1,7 +1,7 @@
 // Fleet updates: the signed release bundles (admins upload one, the server checks its signature and every file
 // before keeping it) and their rollouts to chosen machines or a percentage of the fleet, each machine's step, and
 // pause, resume and stop. Viewers see everything and change nothing; the server checks the admin role every time.
-import { t, addStrings, api, h, clear, table, act, heading, when, ago, can, state, toast, css } from '../lib.js';
+import { t, addStrings, api, h, clear, table, act, heading, when, ago, can, state, toast, css, refusalText } from '../lib.js';
 import { refresh } from '../app.js';
 
 addStrings({
@@ -91,7 +91,7 @@ const size = (n) => (n < 1048576 ? `${Math.max(1, Math.round(n / 1024))} KB` : `
 const known = (key) => t(key) !== key;
 const aside = (words, more) => (state.lang === 'zh' ? `${words}（${more}）` : `${words} (${more})`);
 /** A refusal in words (the server's own words after it, for the details). */
-const refusal = (e) => (known(`refusal.${e.code}`) ? aside(t(`refusal.${e.code}`), e.message) : e.message);
+const refusal = (e) => (known(`refusal.${e.code}`) ? aside(t(`refusal.${e.code}`), e.serverMessage ?? e.message) : e.message);
 /** A machine's reason code in words when it is one we know (the bundle's refusal codes, the heartbeat). */
 const reason = (code) => (known(`reason.${code}`) ? t(`reason.${code}`) : known(`refusal.${code}`) ? t(`refusal.${code}`) : code);
 
@@ -197,7 +197,8 @@ function upload(fileObj, box) {
       }
       box.className = 'upload bad';
       barEl.value = 0;
-      text.textContent = refusal({ code: data.error || String(xhr.status), message: data.message || xhr.statusText });
+      const code = data.error || String(xhr.status), said = data.message || xhr.statusText;
+      text.textContent = refusal({ code, message: refusalText(xhr.status, code, said), serverMessage: said });
       resolve(null);
     };
     xhr.onerror = () => { box.className = 'upload bad'; text.textContent = t('err.network'); resolve(null); };
