@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from cloud.app import CloudSettings, create_app
+from cloud.app import CloudSettings, build_routes, create_app
 from cloud.db import Database
 from cloud.operators.service import ROLES
 from cloud.operators.service import create_operator as _create_operator
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, SchemaMismatch, KeyError_) as e:      # production refusals, a database to move aside
         print(f"error: {e}", file=sys.stderr)
         return 2
+    build_routes(app)                                # not at the first requests, on the event loop
     from cloud.gc_policy import GcPolicy
     GcPolicy(settings.gc_full_every_s).apply()       # after the app is built: what it holds is frozen
     # stopping: TAPSHARE_DRAIN_S of 503 health, then up to 10 s for the requests in flight (a stopping instance's

@@ -36,12 +36,13 @@ def test_health_and_openapi(cloud):
     assert "/device/v1/events" in doc["paths"] and "GrantMsg" in doc["components"]["schemas"]
 
 
-def test_a_started_server_has_built_every_route_before_its_first_requests(tmp_path, monkeypatch):
+def test_a_server_whose_routes_were_built_builds_none_at_its_first_requests(tmp_path, monkeypatch):
     """FastAPI builds an included router's routes at the first request that reaches it, on the event loop (0.3-0.5
-    s under a fleet's load, every held long-poll waiting): the server builds them while it starts instead. A
-    request for a path no router has tries every router in turn."""
+    s under a fleet's load, every held long-poll waiting): ``build_routes`` builds them all beforehand. A request
+    for a path no router has tries every router in turn."""
     from fastapi import routing
 
+    from cloud.app import build_routes
     from tests.cloudkit import CloudServer
     built: list[str] = []
     original = routing._IncludedRouter._build_effective_context
@@ -51,13 +52,29 @@ def test_a_started_server_has_built_every_route_before_its_first_requests(tmp_pa
         return original(self, route)
     monkeypatch.setattr(routing._IncludedRouter, "_build_effective_context", counting)
     with CloudServer(tmp_path / "cloud") as server:
-        assert built, "the server built no route while it started"
+        assert build_routes(server.app) > 100
         at_start = len(built)
         r = requests.get(server.url + "/no/such/page", timeout=5)
         assert r.status_code == 404
         assert requests.get(server.url + "/device/v1/time", timeout=5).status_code == 200
         assert requests.get(server.url + "/api/v1/machines/M1", timeout=5).status_code in (401, 404)
         assert built[at_start:] == []
+
+
+def test_the_served_cloud_builds_its_routes_before_it_listens(tmp_path, monkeypatch):
+    """``python -m cloud serve`` builds every route, then lets the collector freeze what the app holds, then
+    listens."""
+    import cloud.__main__ as cli
+    import cloud.gc_policy
+    import cloud.server
+    done: list[str] = []
+    build = cli.build_routes
+    monkeypatch.setattr(cli, "build_routes", lambda app: done.append(f"routes {build(app)}"))
+    monkeypatch.setattr(cloud.gc_policy.GcPolicy, "apply", lambda self: done.append("freeze"))
+    monkeypatch.setattr(cloud.server.GracefulServer, "run", lambda self: done.append("listen"))
+    assert cli.main(["serve", "--data-dir", str(tmp_path / "data"), "--port", "0"]) == 0
+    assert len(done) == 3 and done[0].startswith("routes ") and int(done[0].split()[1]) > 100
+    assert done[1:] == ["freeze", "listen"]
 
 
 def test_operator_endpoints_need_a_token_and_a_role(cloud):
