@@ -246,14 +246,16 @@ async def flusher(svc: Services) -> None:
     last_recheck = last_probe = time.monotonic()
     while True:
         await asyncio.sleep(NONCE_FLUSH_S)
-        for what, flush in (("nonces", svc.machines.flush_nonces), ("polling machines", svc.presence.flush)):
+        # after the nonces: the long-polls waiting for a flush are answered by this one
+        for what, flush, then in (("nonces", svc.machines.flush_nonces, svc.durable.flushed),
+                                  ("polling machines", svc.presence.flush, None)):
             try:
                 await run_in_threadpool(flush)
             except Exception:
                 log.exception("could not write this instance's %s (written with the next flush)", what)
-            else:
-                if what == "nonces":
-                    svc.durable.flushed()       # the long-polls waiting for this flush are answered by it
+                continue
+            if then is not None:
+                then()
         if time.monotonic() - last_probe >= DATABASE_PROBE_S:
             last_probe = time.monotonic()
             try:
